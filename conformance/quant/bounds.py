@@ -1,0 +1,128 @@
+"""Analytic error bounds derived from a layer's quantization state.
+
+No tolerance in this project is a magic number: each one is computed here from what the
+quantized layer stores (codebook, block absmax, double-quant state, row statistics) and from
+the unit roundoff of the floating-point formats involved.
+
+4-bit (NF4/FP4, blockwise; bitsandbytes ``quantize_4bit``): a block of ``blocksize`` weights is
+scaled by its absmax ``a`` and each value rounded to the nearest of 16 codes in [-1, 1]. With ``g``
+the largest gap between adjacent codes, ``|w - a*c| <= a*g/2``. Double quant stores ``a`` itself
+8-bit blockwise (blocks of 256 absmaxes, dynamic code, offset = mean), so dequantization uses
+``a'`` with ``|a - a'| <= e_a = absmax2 * g2/2``; then ``|w - a'*c| <= a*g/2 + |a-a'|*|c|
+<= (a' + e_a)*g/2 + e_a``. Casting to and from the weight dtype adds ``(a' + e_a)*u`` twice.
+
+8-bit (LLM.int8 row-wise, ``int8_vectorwise_quant``): a row is scaled by its absmax ``s`` to
+[-127, 127] and rounded, so ``|w - q*s/127| <= s/254``, plus the fp16 cast of the input
+(``s*u16``) and the float32 dequantize (``s*u32``).
+
+A layer output ``y = x W^T`` then errs by at most ``sum_k bound_jk |x_k|`` (triangle inequality).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import bitsandbytes as bnb
+
+from .layers import bits_of, require_quantized, scb_of
+
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the machine epsilon: the relative error of one rounding to ``dtype``."""
+    try:
+        return UNIT_ROUNDOFF[dtype]
+    except KeyError:
+        raise ValueError(f"no unit roundoff known for {dtype}; use one of {sorted(map(str, UNIT_ROUNDOFF))}") from None
+
+
+def gamma(n: int, u: float) -> float:
+    """Higham's gamma_n = n*u / (1 - n*u): the relative error bound of an n-term dot product."""
+    nu = n * u
+    if nu >= 1:
+        raise ValueError(f"gamma undefined for n={n}, u={u}: n*u >= 1")
+    return nu / (1 - nu)
+
+
+def max_code_gap(code: torch.Tensor) -> float:
+    """Largest distance between adjacent values of a quantization codebook."""
+    c = torch.sort(code.double().flatten().unique()).values
+    return float((c[1:] - c[:-1]).max())
+
+
+def absmax_4bit(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a', e_a): the per-block absmax dequantization uses, and its double-quant error bound."""
+    qs = layer.weight.quant_state
+    if qs.nested:
+        a = bnb.functional.dequantize_blockwise(qs.absmax, qs.state2).double() + float(qs.offset)
+        g2 = max_code_gap(qs.state2.code)
+        per_chunk = qs.state2.absmax.double() * g2 / 2
+        e = per_chunk.repeat_interleave(qs.state2.blocksize)[: a.numel()]
+        # float32 storage of the dequantized absmax and the offset add: two roundings
+        e = e + a.abs() * 2 * UNIT_ROUNDOFF[torch.float32]
+        return a, e
+    a = qs.absmax.double()
+    return a, torch.zeros_like(a)
+
+
+def weight_bound(layer: nn.Module) -> torch.Tensor:
+    """Per-element bound on |W_stored - W_exact| (float64, shape out x in) for a quantized layer.
+
+    ``W_exact`` is the float weight that was handed to bitsandbytes; ``W_stored`` what
+    ``conformance.quant.dequantize`` returns.
+    """
+    require_quantized(layer)
+    if bits_of(layer) == 4:
+        qs = layer.weight.quant_state
+        a, e_a = absmax_4bit(layer)
+        g = max_code_gap(qs.code)
+        u = unit_roundoff(qs.dtype)
+        amax = a.abs() + e_a
+        per_block = amax * g / 2 + e_a + 2 * amax * u
+        out, inn = qs.shape
+        flat = per_block.repeat_interleave(qs.blocksize)[: out * inn]
+        return flat.reshape(out, inn)
+    s = scb_of(layer).double()
+    per_row = s / 254 + s * (UNIT_ROUNDOFF[torch.float16] + 2 * UNIT_ROUNDOFF[torch.float32])
+    return per_row[:, None].expand(layer.out_features, layer.in_features).clone()
+
+
+def output_bound(elem_bound: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Bound on |y - y_exact| for y = x W^T when each W_jk errs by at most elem_bound_jk.
+
+    ``sum_k bound_jk |x_k|``, for inputs of any leading shape.
+    """
+    return x.detach().double().abs() @ elem_bound.double().t()
+
+
+def matmul_rounding_bound(
+    x: torch.Tensor, w_abs: torch.Tensor, compute_dtype: torch.dtype, out_abs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bound on the floating-point error of ``x W^T`` evaluated in ``compute_dtype``.
+
+    Model (documented, not fitted): W is rounded once to ``compute_dtype`` (relative u_c), the dot
+    products accumulate in at least float32 (gamma_n with u_32 for half types, gamma_n with u_c for
+    float32 and float64), and the result is rounded once to ``compute_dtype`` (u_c * |y|).
+    """
+    u_c = unit_roundoff(compute_dtype)
+    n = w_abs.shape[-1]
+    u_acc = min(u_c, UNIT_ROUNDOFF[torch.float32])
+    mag = x.detach().double().abs() @ w_abs.double().t()
+    bound = (u_c + gamma(n, u_acc)) * mag
+    if out_abs is not None:
+        bound = bound + u_c * out_abs.double()
+    else:
+        bound = bound + u_c * mag
+    return bound
+
+
+def merged_weight_bound(layer_after: nn.Module) -> torch.Tensor:
+    """Bound on one merge's requantization error, from the state of the layer after the merge."""
+    return weight_bound(layer_after)

@@ -1,0 +1,208 @@
+"""Read and rewrite the weights of bitsandbytes layers.
+
+Every merge in this project is *dequantize -> modify -> requantize with the original
+settings* (seed 001, seed 003). These helpers are the only place that knows how a
+``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8bitLt`` stores its weight, so the reference
+layers, the bounds and the checks all read it the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+
+class BaseLayerError(TypeError):
+    """A base layer is not one of the bitsandbytes layers this project supports."""
+
+
+def bits_of(layer: nn.Module) -> int:
+    """4 for ``bnb.nn.Linear4bit``, 8 for ``bnb.nn.Linear8bitLt``; a clear error otherwise."""
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return 4
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return 8
+    raise BaseLayerError(
+        f"expected a bitsandbytes quantized linear layer (bnb.nn.Linear4bit or bnb.nn.Linear8bitLt), "
+        f"got {type(layer).__module__}.{type(layer).__qualname__}; quantize the layer first "
+        "(build it with bnb.nn.Linear4bit/Linear8bitLt and move it to a device)"
+    )
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """True once bitsandbytes has packed the weight (it does so on the first ``.to(device)``)."""
+    w = layer.weight
+    if bits_of(layer) == 4:
+        return bool(getattr(w, "bnb_quantized", False)) and w.quant_state is not None
+    return w.dtype == torch.int8
+
+
+def require_quantized(layer: nn.Module) -> None:
+    if not is_quantized(layer):
+        raise BaseLayerError(
+            f"the base layer {type(layer).__name__} holds an unquantized weight; bitsandbytes quantizes "
+            "on the first move to a device: call layer.to('cpu') or layer.to('cuda') first"
+        )
+
+
+def scb_of(layer: nn.Module) -> torch.Tensor:
+    """Row-wise absmax statistics of an 8-bit layer, wherever bitsandbytes keeps them now."""
+    scb = layer.weight.SCB if getattr(layer.weight, "SCB", None) is not None else layer.state.SCB
+    if scb is None:
+        raise BaseLayerError("8-bit layer has no SCB statistics: it was never quantized")
+    return scb
+
+
+def dequantize(layer: nn.Module) -> torch.Tensor:
+    """The weight as bitsandbytes would use it, in float32, shape (out_features, in_features)."""
+    require_quantized(layer)
+    if bits_of(layer) == 4:
+        w = layer.weight
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    return bnb.functional.int8_vectorwise_dequant(layer.weight.data, scb_of(layer).to(layer.weight.device)).float()
+
+
+def requantize(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Replace the layer's weight by ``weight`` quantized with the layer's original settings.
+
+    4-bit: quant type, blocksize, double quant (compress_statistics), quant storage and the
+    original weight dtype are kept (``quant_state.dtype`` is the dtype bitsandbytes quantized
+    from, so the new weight is cast to it first). 8-bit: ``has_fp16_weights`` and the layer's
+    ``MatmulLtState`` (threshold etc.) are kept; its cached statistics are reset so the next
+    forward reads the new ones.
+    """
+    require_quantized(layer)
+    device = layer.weight.device
+    if bits_of(layer) == 4:
+        old = layer.weight
+        qs = old.quant_state
+        data = weight.detach().to(dtype=qs.dtype, device="cpu").contiguous()
+        new = bnb.nn.Params4bit(
+            data,
+            requires_grad=False,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            module=layer,
+        )
+        layer.weight = new.to(device)
+    else:
+        old = layer.weight
+        data = weight.detach().to(dtype=torch.float16, device="cpu").contiguous()
+        new = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=old.has_fp16_weights)
+        layer.weight = new.to(device)
+        layer.state.reset_grads()
+
+
+@dataclass(frozen=True)
+class LayerSnapshot:
+    """Everything that defines a quantized base layer's weights, copied bit for bit."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def differences(self, other: LayerSnapshot) -> list[str]:
+        """Names of the entries whose bytes differ (empty when bit-identical)."""
+        out = []
+        for key in sorted(set(self.tensors) | set(other.tensors)):
+            a, b = self.tensors.get(key), other.tensors.get(key)
+            if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
+                out.append(key)
+            elif not torch.equal(a.view(torch.uint8) if a.dtype != torch.bool else a,
+                                 b.view(torch.uint8) if b.dtype != torch.bool else b):
+                out.append(key)
+        return out
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).clone() if t.numel() else t.reshape(-1).clone()
+
+
+def snapshot(layer: nn.Module) -> LayerSnapshot:
+    """Copy the packed weight, every quantization statistic and the bias, as raw bytes."""
+    t: dict[str, torch.Tensor] = {"weight": _flat_bytes(layer.weight.data)}
+    if getattr(layer, "bias", None) is not None:
+        t["bias"] = _flat_bytes(layer.bias.data)
+    if bits_of(layer) == 4:
+        qs = layer.weight.quant_state
+        for key, value in qs.as_dict(packed=False).items():
+            if isinstance(value, torch.Tensor):
+                t[f"quant_state.{key}"] = _flat_bytes(value)
+            else:
+                t[f"quant_state.{key}"] = _flat_bytes(torch.tensor(list(str(value).encode()), dtype=torch.uint8))
+    else:
+        t["SCB"] = _flat_bytes(scb_of(layer))
+    return LayerSnapshot(t)
+
+
+def quant_settings(layer: nn.Module) -> dict[str, Any]:
+    """The settings a requantization must keep, for messages and reports."""
+    if bits_of(layer) == 4:
+        w = layer.weight
+        return {
+            "bits": 4,
+            "quant_type": w.quant_type,
+            "blocksize": w.blocksize,
+            "double_quant": bool(w.compress_statistics),
+            "quant_storage": str(w.quant_storage),
+            "weight_dtype": str(w.quant_state.dtype),
+            "compute_dtype": str(layer.compute_dtype),
+        }
+    return {"bits": 8, "has_fp16_weights": bool(layer.weight.has_fp16_weights), "threshold": layer.state.threshold}
+
+
+def make_base_layer(
+    in_features: int,
+    out_features: int,
+    *,
+    bits: int = 4,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+    weight_dtype: torch.dtype = torch.float32,
+    bias: bool = True,
+    device: str | torch.device = "cpu",
+    weight: torch.Tensor | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Build and quantize a bitsandbytes layer from a float weight (random normal by default).
+
+    The suites build every base layer through this one function, so a case is fully
+    described by these arguments (OpInfo style).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if weight is None:
+        weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    if weight.shape != (out_features, in_features):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({out_features}, {in_features})")
+    b = torch.randn(out_features, generator=gen) * 0.1 if bias else None
+    if bits == 4:
+        layer = bnb.nn.Linear4bit(
+            in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+            compress_statistics=double_quant, quant_type=quant_type,
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight.to(weight_dtype), requires_grad=False, blocksize=blocksize,
+            compress_statistics=double_quant, quant_type=quant_type, module=layer,
+        )
+    elif bits == 8:
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False, threshold=0.0)
+        layer.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+    else:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if b is not None:
+        layer.bias = nn.Parameter(b.to(compute_dtype if bits == 4 else torch.float16), requires_grad=False)
+    layer = layer.to(device)
+    return layer
+
+
+def clone_layer(layer: nn.Module) -> nn.Module:
+    """An independent copy of a quantized layer (deep copy keeps the packed bytes and state)."""
+    return copy.deepcopy(layer)

@@ -1,0 +1,180 @@
+"""Reference LoRA over bitsandbytes 4-bit and 8-bit layers.
+
+Semantics follow PEFT (``peft/tuners/lora/layer.py``, ``peft/tuners/lora/bnb.py``):
+``y = base(x) + scaling * B(A(dropout(x)))`` with ``scaling = alpha/r`` (rsLoRA: ``alpha/sqrt(r)``),
+``lora_bias`` gives ``B`` a bias that is scaled like the rest of ``B``'s output and merged into the
+base bias as ``scaling * b_B`` (what PEFT's unquantized ``Linear`` does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .adapter_layer import BASE_ADAPTER, QuantAdapterLayer
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    init_lora_weights: bool = True
+    use_rslora: bool = False
+    lora_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer (the rank of the update), got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.init_lora_weights, bool):
+            raise ValueError(
+                f"init_lora_weights must be True (B = 0) or False (random B), got {self.init_lora_weights!r}"
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoraLinearQuant(QuantAdapterLayer):
+    method: ClassVar[str] = "lora"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        clone_base_output: bool = True,
+    ) -> None:
+        super().__init__(base_layer)
+        self.clone_base_output = clone_base_output
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.configs: dict[str, LoraConfig] = {}
+        self.scaling: dict[str, float] = {}
+        self.add_adapter(
+            adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            init_lora_weights=init_lora_weights, use_rslora=use_rslora, lora_bias=lora_bias,
+        )
+        self.set_adapter(adapter_name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.configs)
+
+    def _new_adapter(self, name: str, **kwargs: Any) -> None:
+        cfg = LoraConfig(**kwargs)
+        if cfg.lora_bias and getattr(self.base_layer, "bias", None) is None:
+            raise ValueError("lora_bias=True needs a base layer with a bias (it is merged into that bias)")
+        device = self.base_layer.weight.device
+        a = nn.Linear(self.in_features, cfg.r, bias=False, device=device)
+        b = nn.Linear(cfg.r, self.out_features, bias=cfg.lora_bias, device=device)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        if cfg.init_lora_weights:
+            nn.init.zeros_(b.weight)
+            if b.bias is not None:
+                nn.init.zeros_(b.bias)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_dropout[name] = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.configs[name] = cfg
+        self.scaling[name] = cfg.scaling
+        for p in (*a.parameters(), *b.parameters()):
+            p.requires_grad_(name in self.active_adapters)
+
+    def _drop_adapter(self, name: str) -> None:
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        del self.configs[name], self.scaling[name]
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        self._require_known([name])
+        out = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if self.lora_B[name].bias is not None:
+            out["lora_B.bias"] = self.lora_B[name].bias
+        return out
+
+    def adapter_config(self, name: str) -> dict[str, Any]:
+        return asdict(self.configs[name])
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``scaling * B @ A`` (out x in), in the adapter's dtype."""
+        self._require_known([adapter])
+        return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
+
+    def _merged_weights(self, name, weight, bias):
+        new_bias = bias
+        b = self.lora_B[name].bias
+        if b is not None:
+            new_bias = bias + self.scaling[name] * b.detach().float()
+        return weight + self.get_delta_weight(name).detach().float(), new_bias
+
+    def _unmerged_weights(self, name, weight, bias):
+        new_bias = bias
+        b = self.lora_B[name].bias
+        if b is not None:
+            new_bias = bias - self.scaling[name] * b.detach().float()
+        return weight - self.get_delta_weight(name).detach().float(), new_bias
+
+    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        h = self.lora_dropout[name](x.to(a.weight.dtype))
+        return torch.nn.functional.linear(torch.nn.functional.linear(h, a.weight), b.weight, b.bias)
+
+    def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+        self._check_input(x, adapter_names)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        if self.merged:
+            return self.base_layer(x)
+        result = self.base_layer(x)
+        # Seed 000 / peft lora/bnb.py: "As per Tim Dettmers, for 4bit, we need to defensively
+        # clone here" -- bnb may hand back a view that in-place updates must not touch.
+        if self.clone_base_output:
+            result = result.clone()
+        if adapter_names is not None:
+            for name, rows in self._groups(adapter_names).items():
+                if name == BASE_ADAPTER:
+                    continue
+                idx = torch.tensor(rows, device=x.device)
+                delta = self._lora(name, x.index_select(0, idx)) * self.scaling[name]
+                result.index_add_(0, idx, delta.to(result.dtype))
+            return result
+        for name in self.active_adapters:
+            # in place: this is the update the defensive clone exists to protect (seed 000)
+            result.add_(self._lora(name, x).to(result.dtype), alpha=self.scaling[name])
+        return result
+
+
+class LoraLinear4bit(LoraLinearQuant):
+    """LoRA over ``bnb.nn.Linear4bit`` (NF4/FP4)."""
+
+    bits: ClassVar[int] = 4
+    merge_warning: ClassVar[str] = "Merge lora module to 4-bit linear may get different generations due to rounding errors."
+    unmerge_warning: ClassVar[str] = (
+        "Unmerge lora module to 4-bit linear may get different generations due to rounding errors."
+    )
+
+
+class LoraLinear8bit(LoraLinearQuant):
+    """LoRA over ``bnb.nn.Linear8bitLt`` (LLM.int8 row-wise)."""
+
+    bits: ClassVar[int] = 8
+    merge_warning: ClassVar[str] = "Merge lora module to 8-bit linear may get different generations due to rounding errors."
+    unmerge_warning: ClassVar[str] = (
+        "Unmerge lora module to 8-bit linear may get different generations due to rounding errors."
+    )

@@ -1,0 +1,124 @@
+"""What a check gets to work with, and how it reports.
+
+A check is ``def check(ctx: CheckContext) -> None``. It builds layers through ``ctx.make_layer``
+(the implementation under test) and bases through ``ctx.make_base`` (so every case is described
+by data, OpInfo style), records numbers with ``ctx.measure`` and fails with ``ctx.fail`` or a
+plain ``assert``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from conformance.quant import layers as qlayers
+
+from .clauses import Clause
+from .implementation import AdapterSpec, Implementation
+
+
+class ClauseFailure(AssertionError):
+    """The implementation does not do what the clause says."""
+
+
+class ClauseSkipped(Exception):
+    """The clause does not apply (capability not declared, no GPU, ...); the reason says why."""
+
+
+@dataclass
+class CheckContext:
+    impl: Implementation
+    clause: Clause
+    device: str = "cpu"
+    seed: int = 0
+    measurements: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    # -- outcome helpers ---------------------------------------------------------------
+    def fail(self, message: str) -> None:
+        raise ClauseFailure(message)
+
+    def skip(self, reason: str) -> None:
+        raise ClauseSkipped(reason)
+
+    def check(self, condition: bool, message: str) -> None:
+        if not condition:
+            self.fail(message)
+
+    def measure(self, key: str, value: Any) -> None:
+        """Record a number (or small JSON value) for the report; floats keep 4 significant digits."""
+        if isinstance(value, torch.Tensor):
+            value = value.item() if value.numel() == 1 else value.tolist()
+        if isinstance(value, float):
+            value = float(f"{value:.4g}")
+        self.measurements[key] = value
+
+    def measure_max(self, key: str, value: float) -> None:
+        """Keep the largest value seen under ``key`` (worst case over a case family)."""
+        old = self.measurements.get(key)
+        if old is None or value > old:
+            self.measure(key, float(value))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    # -- what applies ------------------------------------------------------------------
+    def methods(self) -> list[str]:
+        """Methods both the clause and the implementation cover (skips if none)."""
+        got = sorted(self.clause.methods & self.impl.methods())
+        if not got:
+            self.skip(f"{self.impl.name} implements none of {sorted(self.clause.methods)}")
+        return got
+
+    def bits(self) -> list[int]:
+        got = sorted(self.clause.bits & self.impl.bits())
+        if not got:
+            self.skip(f"{self.impl.name} supports none of the bit widths {sorted(self.clause.bits)}")
+        return got
+
+    def cases(self) -> Iterator[tuple[str, int]]:
+        """(method, bits) pairs the clause applies to for this implementation."""
+        pairs = [(m, b) for m in self.methods() for b in self.bits()]
+        yield from pairs
+
+    def require(self, *capabilities: str) -> None:
+        missing = [c for c in capabilities if c not in self.impl.capabilities]
+        if missing:
+            self.skip(f"{self.impl.name} does not declare capability {', '.join(missing)}")
+
+    # -- builders ----------------------------------------------------------------------
+    def make_base(self, in_features: int = 64, out_features: int = 48, **kwargs: Any) -> nn.Module:
+        kwargs.setdefault("device", self.device)
+        kwargs.setdefault("seed", self.seed)
+        return qlayers.make_base_layer(in_features, out_features, **kwargs)
+
+    def make_layer(self, base: nn.Module, method: str, adapter_name: str = "default", **params: Any) -> nn.Module:
+        """The implementation's layer over ``base`` (warnings from construction are swallowed)."""
+        spec = AdapterSpec(method=method, adapter_name=adapter_name, params=params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(self.seed)
+            return self.impl.create(base, spec)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    def randn(self, *shape: int, dtype: torch.dtype = torch.float32, offset: int = 0) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator(offset)).to(device=self.device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def warning_texts(caught: Iterable[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught]

@@ -1,0 +1,1 @@
+"""Built-in implementations under test: ``reference`` (ours) and ``peft`` (the installed PEFT)."""
