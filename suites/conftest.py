@@ -20,6 +20,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--impl", action="append", default=[], help="implementation(s) under test (default: reference; "
                     "or $CONFORMANCE_IMPL)")
     group.addoption("--device", default="cpu", choices=["cpu", "cuda"], help="device for clause checks")
+    group.addoption("--xfails", default=None, help="xfail file: lines of 'CLAUSE_ID IMPL_PATTERN reason'")
     group.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 
 

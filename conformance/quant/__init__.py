@@ -1,10 +1,22 @@
 """Quantization math for bitsandbytes layers: read/rewrite weights, analytic error bounds."""
 
 from .bounds import (
-    gamma, matmul_rounding_bound, max_code_gap, output_bound, unit_roundoff, weight_bound,
+    gamma,
+    matmul_rounding_bound,
+    max_code_gap,
+    output_bound,
+    unit_roundoff,
+    weight_bound,
 )
 from .layers import (
-    BaseLayerError, LayerSnapshot, bits_of, dequantize, make_base_layer, quant_settings, requantize, snapshot,
+    BaseLayerError,
+    LayerSnapshot,
+    bits_of,
+    dequantize,
+    make_base_layer,
+    quant_settings,
+    requantize,
+    snapshot,
 )
 
 __all__ = [

@@ -20,10 +20,9 @@ A layer output ``y = x W^T`` then errs by at most ``sum_k bound_jk |x_k|`` (tria
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
-
-import bitsandbytes as bnb
 
 from .layers import bits_of, require_quantized, scb_of
 

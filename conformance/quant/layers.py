@@ -188,6 +188,11 @@ def make_base_layer(
             in_features, out_features, bias=bias, compute_dtype=compute_dtype,
             compress_statistics=double_quant, quant_type=quant_type,
         )
+        # bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks the weight on the first eval-mode,
+        # no-grad forward (``_convert_weight_packed_for_cpu``): absmax becomes bfloat16, the packed
+        # layout is no longer what ``dequantize_4bit`` reads, and out_features % 32 != 0 asserts.
+        # That CPU-only path is not the one under test (CUDA has none); keep the standard layout.
+        layer.support_avx512bf16_for_cpu = False
         layer.weight = bnb.nn.Params4bit(
             weight.to(weight_dtype), requires_grad=False, blocksize=blocksize,
             compress_statistics=double_quant, quant_type=quant_type, module=layer,

@@ -1,0 +1,37 @@
+"""The layer an implementation returns follows the protocol the other clauses rely on."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from conformance.quant import layers as qlayers
+
+from ..cases import adapter_cases
+from ..clauses import clause
+from ..context import CheckContext
+
+_REQUIRED = ("forward", "merge", "unmerge", "get_delta_weight", "add_adapter", "set_adapter", "adapter_parameters")
+_KEYS = {"lora": {"lora_A.weight", "lora_B.weight"}, "oft": {"oft_R.weight"}}
+
+
+@clause(
+    "LAYER-PROTOCOL-SURFACE", "MUST",
+    "The adapter layer is an nn.Module exposing forward, merge, unmerge, get_delta_weight, add_adapter, set_adapter, "
+    "adapter_parameters, merged, merged_adapters and base_layer, starting unmerged over the given bnb layer.",
+    source="conformance/spec/implementation.py (protocol); peft/tuners/tuners_utils.py BaseTunerLayer",
+    area="protocol",
+)
+def check_protocol_surface(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        case = adapter_cases(method)[0]
+        base = ctx.make_base(bits=bits)
+        layer = ctx.make_layer(base, method, **case.params)
+        where = f"{method} {bits}-bit"
+        ctx.check(isinstance(layer, nn.Module), f"{where}: create() returned {type(layer).__name__}, not an nn.Module")
+        missing = [m for m in _REQUIRED if not callable(getattr(layer, m, None))]
+        ctx.check(not missing, f"{where}: layer lacks {missing}")
+        ctx.check(layer.merged is False, f"{where}: a fresh layer reports merged={layer.merged!r}")
+        ctx.check(list(layer.merged_adapters) == [], f"{where}: fresh layer has merged_adapters={layer.merged_adapters}")
+        ctx.check(qlayers.bits_of(layer.base_layer) == bits, f"{where}: base_layer is {type(layer.base_layer).__name__}")
+        keys = set(layer.adapter_parameters("default"))
+        ctx.check(_KEYS[method] <= keys, f"{where}: adapter_parameters keys {sorted(keys)} lack {sorted(_KEYS[method])}")

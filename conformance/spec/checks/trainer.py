@@ -1,0 +1,418 @@
+"""transformers ``Trainer`` rules for quantized models (seed 004), checked against the real Trainer.
+
+These clauses test the environment (transformers + PEFT + bitsandbytes), not an adapter layer:
+they build whole tiny models (``conformance.tinymodels``), wrap them with ``peft.get_peft_model``
+and hand them to ``transformers.Trainer``. So they ``require`` the ``peft_model`` capability; an
+implementation that only builds layers (the reference) reports them skipped.
+
+Seed 004 quotes ``trainer.py:500-529`` of an older transformers. In the installed transformers
+(5.23.0) the same logic lives in ``transformers/trainer_utils.py:102-142``
+(``validate_quantization_for_training``), called from ``Trainer.__init__`` at ``trainer.py:456``.
+Every check records the location it found at run time (``validator`` / ``called_from``) and the
+transformers version, so a report from another version says what it tested.
+
+The rule as written there (and what the clauses expect):
+
+1. a quantized model that is not a ``PeftModel`` and whose quantizer is not QAT-trainable is
+   rejected ("purely quantized");
+2. a quantized model whose quantizer's ``is_trainable`` is False is rejected;
+3. a quantized model combined with ``torch.compile()`` is rejected (seed 004: "Quantized models
+   CANNOT be combined with torch.compile() ... The combination is explicitly blocked"). The code
+   only looks for ``_orig_mod`` on the object handed to the Trainer, so compiling in another way
+   may slip through; the compile clause tries every way and fails on the ones that do.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import tempfile
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from conformance import quant, tinymodels
+from conformance.spec.clauses import clause
+from conformance.spec.context import CheckContext
+
+SOURCE = (
+    "seed 004 (Rules 1-3; quotes trainer.py:500-529 of an older transformers); "
+    "transformers 5.23.0 trainer_utils.py:102-142 validate_quantization_for_training, "
+    "called from trainer.py:456 (Trainer.__init__)"
+)
+#: Path components that mark a PEFT adapter parameter (PEFT's ``adapter_layer_names`` for LoRA/OFT).
+ADAPTER_PREFIXES: tuple[str, ...] = ("lora_", "oft_")
+#: Configs under which a registered QAT quantizer also declares itself trainable (transformers 5.23:
+#: ``FPQuantHfQuantizer.is_trainable`` is ``store_master_weights``; ``BitNetHfQuantizer`` needs
+#: ``linear_class="autobitlinear"`` and ``quantization_mode="online"``). Default configs are tried too.
+QAT_CONFIG_VARIANTS: dict[str, list[dict[str, Any]]] = {
+    "fp_quant": [{"store_master_weights": True}],
+    "bitnet": [{"linear_class": "autobitlinear", "quantization_mode": "online"}],
+}
+TRAIN_STEPS = 5
+LEARNING_RATE = 1e-2
+
+
+# -- helpers (module level so suites can reuse and patch them) -------------------------------------
+def validator_location() -> dict[str, str]:
+    """Where the installed transformers checks quantized models, found at run time."""
+    import transformers
+    from transformers import trainer, trainer_utils
+
+    fn = trainer.validate_quantization_for_training
+    lines, start = inspect.getsourcelines(fn)
+    out = {
+        "transformers": transformers.__version__,
+        "validator": f"{fn.__module__.replace('.', '/')}.py:{start}-{start + len(lines) - 1} ({fn.__name__})",
+    }
+    init_lines, init_start = inspect.getsourcelines(trainer.Trainer.__init__)
+    for i, line in enumerate(init_lines):
+        if f"{fn.__name__}(" in line:
+            out["called_from"] = f"transformers/trainer.py:{init_start + i} (Trainer.__init__)"
+            break
+    if fn is not trainer_utils.validate_quantization_for_training:
+        out["note"] = "transformers.trainer.validate_quantization_for_training is patched"
+    return out
+
+
+def _record_source(ctx: CheckContext) -> None:
+    for key, value in validator_location().items():
+        ctx.measure(key, value)
+
+
+def peft_config(method: str, arch: str) -> Any:
+    """A small LoRA (r=4) or OFT (block size 8) config over the tiny model's attention projections."""
+    import peft
+
+    targets = tinymodels.ATTENTION_TARGETS[arch]
+    if method == "lora":
+        return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    if method == "oft":
+        return peft.OFTConfig(r=0, oft_block_size=8, module_dropout=0.0, target_modules=targets)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def make_peft_model(model: nn.Module, method: str, arch: str) -> nn.Module:
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        return peft.get_peft_model(model, peft_config(method, arch))
+
+
+def make_trainer(model: nn.Module, dataset: list[dict[str, torch.Tensor]] | None = None,
+                 max_steps: int = TRAIN_STEPS, learning_rate: float = LEARNING_RATE) -> Any:
+    """A real ``transformers.Trainer`` on the CPU: no saving, no reporting, no progress output."""
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="trainer-", dir=tinymodels._tmp_root()), max_steps=max_steps,
+        per_device_train_batch_size=len(dataset) if dataset else 4, learning_rate=learning_rate,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="steps", logging_steps=1, disable_tqdm=True, seed=0,
+        dataloader_num_workers=0,
+    )
+    with tinymodels._quiet_transformers():  # the validator logs warnings (FPQuant, MXFP4 is_trainable)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset or tinymodels.as_dataset(tinymodels.fixed_batch()))
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    return trainer
+
+
+def trainer_verdict(model: nn.Module) -> tuple[bool, str]:
+    """(accepted, message): whether ``Trainer(model=...)`` accepts the model; only ValueError is a rejection."""
+    try:
+        make_trainer(model)
+    except ValueError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def _short(msg: str) -> str:
+    return msg if len(msg) <= 90 else msg[:87] + "..."
+
+
+def _label(arch: str, bits: int, method: str | None = None) -> str:
+    q = "nf4" if bits == 4 else "int8"
+    return f"{arch}-{q}" + (f"-{method}" if method else "")
+
+
+def _eval_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    model.train(was)
+    return loss
+
+
+def _is_adapter_param(name: str) -> bool:
+    return any(part.startswith(ADAPTER_PREFIXES) for part in name.split("."))
+
+
+def _param_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone() for n, p in model.named_parameters()}
+
+
+def registry_quantizers(extra_configs: dict[str, list[dict[str, Any]]] | None = None) -> tuple[list[Any], list[str]]:
+    """Instances of every quantizer in transformers' ``AUTO_QUANTIZER_MAPPING`` that can be built offline.
+
+    Each is built from its registered config class (``AUTO_QUANTIZATION_CONFIG_MAPPING``) with
+    default arguments and with each variant in ``extra_configs[key]``; building a quantizer does
+    not load its kernels (``validate_environment`` is not called). Returns (quantizers, reasons
+    for the ones that could not be built or whose flags raise).
+    """
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    got, skipped = [], []
+    for key, cls in AUTO_QUANTIZER_MAPPING.items():
+        cfg_cls = AUTO_QUANTIZATION_CONFIG_MAPPING.get(key)
+        if cfg_cls is None:
+            skipped.append(f"{key}: no config class registered")
+            continue
+        for kwargs in [{}, *(extra_configs or {}).get(key, [])]:
+            tag = key + "".join(f" {k}={v}" for k, v in kwargs.items())
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    q = cls(cfg_cls(**kwargs))
+                    _flags(q)
+            except Exception as exc:  # optional backends missing, required arguments, ...
+                skipped.append(f"{tag}: {type(exc).__name__}")
+                continue
+            q._conformance_tag = tag
+            got.append(q)
+    return got, skipped
+
+
+def _flags(q: Any) -> tuple[bool, bool]:
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # FPQuant/MXFP4 log a warning when asked is_trainable
+    try:
+        return bool(q.is_trainable), bool(getattr(q, "is_qat_trainable", False))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _names_method(msg: str, q: Any) -> bool:
+    """The message names the quant method, as its value ("fp_quant") or as the enum member.
+
+    transformers formats ``f"{quant_method}"``; on Python >= 3.11 a ``(str, Enum)`` member then
+    renders as ``QuantizationMethod.FPQUANT``, not its value, so both spellings count.
+    """
+    m = q.quantization_config.quant_method
+    return str(getattr(m, "value", m)) in msg or str(m) in msg
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (where ``hf_quantizer`` lives), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# -- clauses -------------------------------------------------------------------------------------
+@clause(
+    "TRAINER-REJECT-PURELY-QUANTIZED", "MUST",
+    "Trainer rejects a bitsandbytes-quantized model without trainable adapters with a ValueError that says "
+    "it cannot fine-tune purely quantized models.",
+    source=SOURCE, requires=["peft_model"],
+)
+def check_reject_purely_quantized(ctx: CheckContext) -> None:
+    _record_source(ctx)
+    for bits in ctx.bits():
+        for arch in tinymodels.ARCHS:
+            label = _label(arch, bits)
+            model = tinymodels.load_quantized(arch, bits, seed=ctx.seed)
+            ctx.check(getattr(model, "is_quantized", False), f"{label}: the loaded model is not marked is_quantized")
+            accepted, msg = trainer_verdict(model)
+            ctx.check(not accepted, f"{label}: Trainer accepted a purely quantized model (no adapters); "
+                                    "expected ValueError('... purely quantized models ...')")
+            ctx.check("purely quantized" in msg, f"{label}: Trainer rejected the model but the message does not "
+                                                 f"name 'purely quantized': {_short(msg)!r}")
+
+
+@clause(
+    "TRAINER-PEFT-TRAINS", "MUST",
+    "Trainer accepts a quantized model with LoRA/OFT adapters from peft.get_peft_model and a few steps on a "
+    "fixed batch give finite, falling loss, change only adapter parameters and leave every bitsandbytes "
+    "layer bit-identical.",
+    source=SOURCE + "; seed 004 Best Practices (QLoRA setup pattern)", requires=["peft_model"],
+)
+def check_peft_trains(ctx: CheckContext) -> None:
+    _record_source(ctx)
+    batch = tinymodels.fixed_batch(seed=ctx.seed)
+    dataset = tinymodels.as_dataset(batch)
+    for method, bits in ctx.cases():
+        for arch in tinymodels.ARCHS:
+            label = _label(arch, bits, method)
+            model = make_peft_model(tinymodels.load_quantized(arch, bits, seed=ctx.seed), method, arch)
+            layers = tinymodels.bnb_layers(model)
+            ctx.check(bool(layers), f"{label}: no bitsandbytes layers in the PEFT model")
+            snaps = {name: quant.snapshot(layer) for name, layer in layers.items()}
+            before = _param_bytes(model)
+            loss_before = _eval_loss(model, batch)
+            try:
+                trainer = make_trainer(model, dataset, max_steps=TRAIN_STEPS)
+            except ValueError as exc:
+                ctx.fail(f"{label}: Trainer rejected a quantized model with {method} adapters: {_short(str(exc))!r}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trainer.train()
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            ctx.check(len(losses) == TRAIN_STEPS, f"{label}: expected {TRAIN_STEPS} logged losses, got {losses}")
+            ctx.check(all(math.isfinite(v) for v in losses), f"{label}: non-finite training loss {losses}")
+            loss_after = _eval_loss(model, batch)
+            ctx.check(math.isfinite(loss_after), f"{label}: loss on the fixed batch is {loss_after} after training")
+            ctx.check(loss_after < loss_before, f"{label}: loss on the fixed batch did not fall after {TRAIN_STEPS} "
+                                                f"steps: {loss_before:.6g} -> {loss_after:.6g}")
+            ctx.measure_max(f"loss_after_over_before.{method}.{bits}bit", loss_after / loss_before)
+            after = _param_bytes(model)
+            changed = [n for n in before if not torch.equal(before[n], after[n])]
+            foreign = [n for n in changed if not _is_adapter_param(n)]
+            ctx.check(not foreign, f"{label}: training changed non-adapter parameters {foreign[:4]}"
+                                   f"{' ...' if len(foreign) > 4 else ''}; expected only {ADAPTER_PREFIXES}*")
+            adapters = [n for n in before if _is_adapter_param(n)]
+            ctx.check(bool(changed), f"{label}: training changed no parameter (adapter tensors: {len(adapters)})")
+            ctx.measure_max(f"changed_adapter_tensors.{method}", float(len(changed)))
+            for name, layer in tinymodels.bnb_layers(model).items():
+                ctx.check(name in snaps, f"{label}: bitsandbytes layer {name} appeared during training")
+                diff = snaps[name].differences(quant.snapshot(layer))
+                ctx.check(diff == [], f"{label}: quantized weights of {name} changed during training: {diff}")
+
+
+def _compile_ways() -> dict[str, tuple[bool, Callable[[str, int, str, int], nn.Module]]]:
+    """Ways a user compiles a quantized model: name -> (has PEFT adapters, builder(arch, bits, method, seed))."""
+
+    def pure(arch: str, bits: int, method: str, seed: int) -> nn.Module:
+        return tinymodels.load_quantized(arch, bits, seed=seed)
+
+    def peft_(arch: str, bits: int, method: str, seed: int) -> nn.Module:
+        return make_peft_model(pure(arch, bits, method, seed), method, arch)
+
+    def compiled_first_layer(hf_model: nn.Module) -> None:
+        layers = hf_model.model.decoder.layers if hasattr(hf_model.model, "decoder") else hf_model.model.layers
+        layers[0] = torch.compile(layers[0])
+
+    def in_place(model: nn.Module) -> nn.Module:
+        model.compile()
+        return model
+
+    def sub(model: nn.Module) -> nn.Module:
+        compiled_first_layer(_hf_model(model))
+        return model
+
+    ways: dict[str, tuple[bool, Callable[[str, int, str, int], nn.Module]]] = {
+        "torch.compile(model)": (False, lambda a, b, m, s: torch.compile(pure(a, b, m, s))),
+        "model.compile()": (False, lambda a, b, m, s: in_place(pure(a, b, m, s))),
+        "decoder layer 0 = torch.compile(layer)": (False, lambda a, b, m, s: sub(pure(a, b, m, s))),
+        "torch.compile(peft_model)": (True, lambda a, b, m, s: torch.compile(peft_(a, b, m, s))),
+        "peft_model.compile()": (True, lambda a, b, m, s: in_place(peft_(a, b, m, s))),
+        "peft_model decoder layer 0 = torch.compile(layer)": (True, lambda a, b, m, s: sub(peft_(a, b, m, s))),
+        "get_peft_model(torch.compile(model))": (
+            True, lambda a, b, m, s: make_peft_model(torch.compile(pure(a, b, m, s)), m, a)),
+        "model.compile(); get_peft_model(model)": (
+            True, lambda a, b, m, s: make_peft_model(in_place(pure(a, b, m, s)), m, a)),
+    }
+    return ways
+
+
+@clause(
+    "TRAINER-REJECT-COMPILED", "MUST",
+    "Trainer rejects a compiled quantized model, with or without adapters, whichever way it was compiled "
+    "(torch.compile(model), model.compile(), compiled submodules, compiling before get_peft_model).",
+    source=SOURCE + "; seed 004 Rule 3 ('Quantized models CANNOT be combined with torch.compile()')",
+    requires=["peft_model"],
+)
+def check_reject_compiled(ctx: CheckContext) -> None:
+    """Only builds the Trainer: no compiled forward runs (torch.compile is lazy)."""
+    _record_source(ctx)
+    slipped: dict[str, list[str]] = {}
+    reasons: dict[str, set[str]] = {}
+    arch = "llama"  # the rule does not depend on the architecture; OPT is covered by the other clauses
+    for way, (with_peft, build) in _compile_ways().items():
+        pairs = list(ctx.cases()) if with_peft else [(None, b) for b in ctx.bits()]
+        for method, bits in pairs:
+            label = _label(arch, bits, method)
+            model = build(arch, bits, method or "lora", ctx.seed)
+            accepted, msg = trainer_verdict(model)
+            if accepted:
+                slipped.setdefault(way, []).append(label)
+            else:
+                reasons.setdefault(way, set()).add("torch.compile" if "torch.compile" in msg else
+                                                   "purely quantized" if "purely quantized" in msg else _short(msg))
+    ctx.measure("rejected_ways", {w: sorted(r) for w, r in reasons.items() if w not in slipped})
+    ctx.measure("slipped_ways", sorted(slipped))
+    if slipped:
+        ctx.fail("Trainer accepted compiled quantized models: " + "; ".join(
+            f"{way} [{', '.join(labels)}]" for way, labels in slipped.items()))
+
+
+@clause(
+    "TRAINER-REJECT-NOT-TRAINABLE", "MUST",
+    "Trainer rejects a quantized model (with or without adapters) whose quantization method declares "
+    "is_trainable False, naming the method, even when the method is QAT-trainable.",
+    source=SOURCE + "; seed 004 Rule 2; transformers/quantizers/auto.py AUTO_QUANTIZER_MAPPING",
+    requires=["peft_model"],
+)
+def check_reject_not_trainable(ctx: CheckContext) -> None:
+    """Swaps ``hf_quantizer`` of the bnb-loaded tiny model for a real registered quantizer instance.
+
+    The instance is built with its own config class (offline, no kernels): the Trainer reads only
+    ``hf_quantizer.is_trainable`` / ``is_qat_trainable`` / ``quantization_config.quant_method``.
+    ``model.quantization_method`` stays bitsandbytes so the Trainer does not try ``model.to``.
+    """
+    _record_source(ctx)
+    quantizers, unbuilt = registry_quantizers()
+    untrainable = [q for q in quantizers if not _flags(q)[0]]
+    if not untrainable:
+        ctx.skip(f"no registered quantizer with is_trainable False could be built offline ({unbuilt})")
+    ctx.measure("quantizers_checked", [q._conformance_tag for q in untrainable])
+    ctx.measure("quantizers_not_built", unbuilt)
+    arch = "llama"
+    for method, bits in ctx.cases():
+        for with_peft in (False, True):
+            model = tinymodels.load_quantized(arch, bits, seed=ctx.seed)
+            if with_peft:
+                model = make_peft_model(model, method, arch)
+            label = _label(arch, bits, method if with_peft else None)
+            for q in untrainable:
+                _hf_model(model).hf_quantizer = q
+                accepted, msg = trainer_verdict(model)
+                qat = _flags(q)[1]
+                ctx.check(not accepted, f"{label}: Trainer accepted a model quantized with {q._conformance_tag} "
+                                        f"(is_trainable False{', is_qat_trainable True' if qat else ''})")
+                if with_peft or qat:
+                    # past the purely-quantized rule, the not-trainable rule must be the one that fires
+                    ctx.check("support training" in msg and _names_method(msg, q),
+                              f"{label}: rejection for {q._conformance_tag} does not say that its method "
+                              f"{q.quantization_config.quant_method!s} does not support training: {_short(msg)!r}")
+
+
+@clause(
+    "TRAINER-ACCEPT-QAT", "MUST",
+    "Trainer accepts a quantized model without adapters when its quantization method is QAT-trainable and "
+    "trainable (is_qat_trainable and is_trainable True).",
+    source=SOURCE + "; seed 004 ('Some QAT (Quantization-Aware Training) methods'); "
+                    "transformers/quantizers/quantizer_fp_quant.py, quantizer_bitnet.py",
+    requires=["peft_model"],
+)
+def check_accept_qat(ctx: CheckContext) -> None:
+    _record_source(ctx)
+    quantizers, _ = registry_quantizers(QAT_CONFIG_VARIANTS)
+    qat = [q for q in quantizers if _flags(q) == (True, True)]
+    if not qat:
+        ctx.skip("no registered quantizer is both QAT-trainable and trainable when built offline")
+    ctx.measure("quantizers_checked", [q._conformance_tag for q in qat])
+    for bits in ctx.bits():
+        model = tinymodels.load_quantized("llama", bits, seed=ctx.seed)
+        for q in qat:
+            model.hf_quantizer = q
+            accepted, msg = trainer_verdict(model)
+            ctx.check(accepted, f"{_label('llama', bits)}: Trainer rejected a model whose quantizer "
+                                f"{q._conformance_tag} is QAT-trainable and trainable: {_short(msg)!r}")
+

@@ -1,0 +1,85 @@
+"""The environment's fingerprint: what a result was measured on (versions, GPU or CPU, git sha)."""
+
+from __future__ import annotations
+
+import platform
+import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import conformance
+
+PACKAGES = ("torch", "bitsandbytes", "transformers", "peft", "accelerate", "hypothesis", "pytest")
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_sha() -> str | None:
+    root = Path(conformance.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode:
+        return None
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def fingerprint(device: str = "cpu") -> dict[str, Any]:
+    """Versions, hardware and the suite's own version: goes into every report and baseline."""
+    import torch
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "torch_cuda": torch.version.cuda,
+        "device": device,
+        "cpu": _cpu_model(),
+        "cpu_count": __import__("os").cpu_count(),
+        "suite_version": conformance.__version__,
+        "suite_git_sha": git_sha(),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = {
+            "name": props.name,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "count": torch.cuda.device_count(),
+        }
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10)
+            env["gpu"]["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError, IndexError):
+            env["gpu"]["driver"] = None
+    return env
+
+
+def slug(env: dict[str, Any]) -> str:
+    """A file-name-safe label for an environment: device, torch and bnb versions."""
+    hw = env.get("gpu", {}).get("name") if env.get("device") == "cuda" else "cpu"
+    pk = env.get("packages", {})
+    raw = f"{hw}-torch{pk.get('torch')}-bnb{pk.get('bitsandbytes')}"
+    return re.sub(r"[^A-Za-z0-9.]+", "-", raw).strip("-").lower()

@@ -1,0 +1,375 @@
+"""The installed PEFT as an implementation under test (``--impl peft``).
+
+``PeftImplementation.create`` builds PEFT's *own* layer over the bitsandbytes base and returns a
+thin ``nn.Module`` wrapper (``PeftAdapterLayer``) that only translates the API to the protocol in
+``conformance.spec.implementation``: every call goes straight to PEFT, nothing is validated,
+fixed or re-computed here, so whatever PEFT does differently shows up in the clause results.
+
+Version awareness is by feature, not by version number:
+
+- LoRA on bnb (``peft/tuners/lora/bnb.py``): ``Linear4bit(base, name, config: LoraConfig, r,
+  lora_alpha)`` since PEFT 0.19; the hyper-parameters as keyword arguments (``r, lora_alpha,
+  lora_dropout, init_lora_weights, use_rslora, use_dora, lora_bias``) before. ``update_layer``
+  changed the same way; both are detected from their signatures.
+- OFT on bnb: PEFT 0.21 uses the generic ``oft.layer.Linear`` with a quantization backend
+  (``peft/utils/quantization_utils.py``, ``Bnb4bitBackend``/``Bnb8bitBackend``); 0.16-0.20 had
+  ``peft/tuners/oft/bnb.py`` (``Linear4bit``/``Linear8bitLt``; keyword hyper-parameters up to
+  0.18/0.19, ``config: OFTConfig`` after); 0.15 and older have no OFT for bitsandbytes at all
+  (and a different parametrisation, ``oft_r`` full blocks plus ``oft_s``), so ``oft`` is dropped
+  with the reason in ``unsupported``.
+
+Parameters a check does not pass take the protocol's defaults (the reference constructors'
+defaults, ``conformance.reference.LoraConfig``/``OftConfig``), not PEFT's config defaults: e.g.
+PEFT's ``OFTConfig`` defaults to ``oft_block_size=32`` and ``use_cayley_neumann=True``, which a
+check asking for ``r=4`` (and nothing else) must not get.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from conformance.quant.layers import bits_of
+from conformance.reference.lora import LoraConfig as _RefLoraConfig
+from conformance.reference.oft import OftConfig as _RefOftConfig
+
+from ..implementation import AdapterSpec, ImplementationBase, ImplementationUnsupported
+
+ALL_CAPABILITIES = frozenset(
+    {"lora", "oft", "4bit", "8bit", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters",
+     "delete_adapter", "cuda", "peft_model"}
+)
+
+LORA_PARAMS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(_RefLoraConfig)
+}
+OFT_PARAMS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(_RefOftConfig)}
+#: Known per-method limitations of PEFT that a global capability cannot express; they are passed
+#: through (PEFT raises), never worked around.  Filled in by ``_probe``.
+CLONE_MSG = (
+    "PEFT always clones the 4-bit base output before adding LoRA (peft/tuners/lora/bnb.py, "
+    "'As per Tim Dettmers ... defensively clone') and has no switch to turn that off; "
+    "clone_base_output=False cannot be expressed with PEFT"
+)
+
+
+def _has_param(fn: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _import(name: str) -> Any | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+class PeftApi:
+    """What the installed PEFT offers for bitsandbytes layers, found by feature detection."""
+
+    def __init__(self) -> None:
+        self.peft = _import("peft")
+        if self.peft is None:
+            raise ImplementationUnsupported("peft is not installed: pip install peft (0.15 or newer)")
+        self.version: str = getattr(self.peft, "__version__", "unknown")
+        self.unsupported: dict[str, str] = {}
+        self.limitations: dict[str, str] = {}
+        self.lora_classes: dict[int, type] = {}
+        self.oft_classes: dict[int, type] = {}
+        self.lora_config_api = False
+        self.oft_config_api = False
+        self.oft_style = ""  # "backend" (0.21+), "bnb" (0.16-0.20) or "" (none)
+        self._probe_lora()
+        self._probe_oft()
+        self._probe_layer_features()
+
+    # -- LoRA -------------------------------------------------------------------------
+    def _probe_lora(self) -> None:
+        mod = _import("peft.tuners.lora.bnb")
+        if mod is None:
+            self.unsupported["lora"] = f"peft {self.version}: peft.tuners.lora.bnb does not import (bitsandbytes?)"
+            return
+        for bits, cls_name in ((4, "Linear4bit"), (8, "Linear8bitLt")):
+            cls = getattr(mod, cls_name, None)
+            if cls is not None:
+                self.lora_classes[bits] = cls
+        if not self.lora_classes:
+            self.unsupported["lora"] = f"peft {self.version}: peft.tuners.lora.bnb has no Linear4bit/Linear8bitLt"
+            return
+        cls = next(iter(self.lora_classes.values()))
+        self.lora_config_api = _has_param(cls.__init__, "config")
+        if self.lora_config_api:
+            fields = {f.name for f in dataclasses.fields(self.peft.LoraConfig)}
+            has_bias = "lora_bias" in fields
+        else:
+            has_bias = _has_param(cls.__init__, "lora_bias")
+        if not has_bias:
+            self.unsupported["lora_bias"] = f"peft {self.version}: LoRA bnb layers take no lora_bias (added in 0.14)"
+        if not hasattr(cls, "_mixed_batch_forward"):
+            self.unsupported["mixed_batch"] = f"peft {self.version}: LoRA bnb layers have no _mixed_batch_forward"
+
+    # -- OFT --------------------------------------------------------------------------
+    def _probe_oft(self) -> None:
+        layer_mod = _import("peft.tuners.oft.layer")
+        if layer_mod is None or not hasattr(layer_mod, "OFTRotationModule"):
+            self.unsupported["oft"] = (
+                f"peft {self.version}: OFT has no OFTRotationModule (the oft_R.weight upper-triangle layout, PEFT "
+                ">= 0.16) and no OFT layer for bitsandbytes (peft/tuners/oft/bnb.py appeared in 0.16; 0.21 uses "
+                "quantization backends); its OFT (oft_r full blocks + oft_s) cannot run on bnb layers"
+            )
+            return
+        qutils = _import("peft.utils.quantization_utils")
+        linear = getattr(layer_mod, "Linear", None)
+        if (
+            qutils is not None and hasattr(qutils, "Bnb4bitBackend") and linear is not None
+            and "quantization_backend" in inspect.getsource(layer_mod.OFTLayer.__init__)
+        ):
+            self.oft_style = "backend"
+            self.oft_classes = {4: linear, 8: linear}
+            self.oft_config_api = _has_param(linear.__init__, "config")
+        else:
+            bnb_mod = _import("peft.tuners.oft.bnb")
+            if bnb_mod is None:
+                self.unsupported["oft"] = (
+                    f"peft {self.version}: no OFT layer for bitsandbytes (neither peft/tuners/oft/bnb.py nor "
+                    "a quantization backend for oft.layer.Linear)"
+                )
+                return
+            self.oft_style = "bnb"
+            for bits, cls_name in ((4, "Linear4bit"), (8, "Linear8bitLt")):
+                cls = getattr(bnb_mod, cls_name, None)
+                if cls is not None:
+                    self.oft_classes[bits] = cls
+            if not self.oft_classes:
+                self.unsupported["oft"] = f"peft {self.version}: peft.tuners.oft.bnb has no Linear4bit/Linear8bitLt"
+                return
+            self.oft_config_api = _has_param(next(iter(self.oft_classes.values())).__init__, "config")
+        self.limitations["mixed_batch/oft"] = (
+            "PEFT's OFT layers take no adapter_names: forward(x, adapter_names=...) hands the keyword on to the "
+            "bitsandbytes layer (TypeError); passed through unchanged"
+        )
+
+    # -- shared -----------------------------------------------------------------------
+    def _probe_layer_features(self) -> None:
+        tu = _import("peft.tuners.tuners_utils")
+        base = getattr(tu, "BaseTunerLayer", None)
+        if base is None or not hasattr(base, "enable_adapters"):
+            self.unsupported["disable_adapters"] = f"peft {self.version}: BaseTunerLayer has no enable_adapters"
+        if base is None or not hasattr(base, "delete_adapter"):
+            self.unsupported["delete_adapter"] = f"peft {self.version}: BaseTunerLayer has no delete_adapter"
+        if _import("transformers") is None or not hasattr(self.peft, "get_peft_model"):
+            self.unsupported["peft_model"] = "transformers does not import, so whole PEFT models cannot be built"
+        if not self.lora_classes.get(4) and not self.oft_classes.get(4):
+            self.unsupported["4bit"] = f"peft {self.version}: no adapter layer for bnb.nn.Linear4bit"
+        if not self.lora_classes.get(8) and not self.oft_classes.get(8):
+            self.unsupported["8bit"] = f"peft {self.version}: no adapter layer for bnb.nn.Linear8bitLt"
+        self.clone_base_output_settable = False
+        self.unsupported["clone_base_output=False"] = CLONE_MSG
+
+    def capabilities(self) -> frozenset[str]:
+        return frozenset(c for c in ALL_CAPABILITIES if c not in self.unsupported)
+
+    # -- translation of the protocol's keyword arguments ------------------------------
+    @staticmethod
+    def _params(method: str, params: dict[str, Any]) -> dict[str, Any]:
+        allowed = LORA_PARAMS if method == "lora" else OFT_PARAMS
+        extra = set(params) - set(allowed) - ({"clone_base_output"} if method == "lora" else set())
+        if extra:
+            raise TypeError(
+                f"unknown {method} parameter(s) {sorted(extra)}; the protocol's {method} parameters are {sorted(allowed)}"
+            )
+        if method == "lora" and params.get("clone_base_output", True) is not True:
+            raise ImplementationUnsupported(CLONE_MSG)
+        return {k: params.get(k, v) for k, v in allowed.items()}
+
+    def config(self, method: str, params: dict[str, Any]) -> Any:
+        """PEFT's own ``LoraConfig``/``OFTConfig`` for the protocol's parameters (PEFT validates them)."""
+        p = self._params(method, params)
+        if method == "lora":
+            if "lora_bias" in self.unsupported:
+                if p.pop("lora_bias"):
+                    raise ImplementationUnsupported(self.unsupported["lora_bias"])
+            return self.peft.LoraConfig(**p)
+        return self.peft.OFTConfig(**p)
+
+    def build(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
+        bits = bits_of(base_layer)
+        method = spec.method
+        if method not in ("lora", "oft"):
+            raise ValueError(f"unknown method {method!r}; PEFT is tested with 'lora' and 'oft'")
+        if method in self.unsupported:
+            raise ImplementationUnsupported(self.unsupported[method])
+        classes = self.lora_classes if method == "lora" else self.oft_classes
+        cls = classes.get(bits)
+        if cls is None:
+            raise ImplementationUnsupported(f"peft {self.version} has no {method} layer for {bits}-bit bnb layers")
+        p = self._params(method, dict(spec.params))
+        name = spec.adapter_name
+        if method == "lora":
+            if self.lora_config_api:
+                layer = cls(base_layer, name, config=self.config("lora", p), r=p["r"], lora_alpha=p["lora_alpha"])
+            else:
+                layer = cls(base_layer, name, **self._kwargs(cls.__init__, p))
+        else:
+            if self.oft_config_api:
+                layer = cls(base_layer, name, config=self.config("oft", p), r=p["r"])
+            else:
+                layer = cls(base_layer, name, **self._kwargs(cls.__init__, p))
+            if self.oft_style == "backend" and getattr(layer, "quantization_backend", None) is None:
+                raise ImplementationUnsupported(
+                    f"peft {self.version}: oft.layer.Linear found no quantization backend for "
+                    f"{type(base_layer).__name__} (peft.utils.quantization_utils.resolve_quantization_backend)"
+                )
+        return PeftAdapterLayer(layer, method, self)
+
+    def _kwargs(self, fn: Any, p: dict[str, Any]) -> dict[str, Any]:
+        """Keyword hyper-parameters for pre-config PEFT (<= 0.18): only those ``fn`` accepts."""
+        sig = inspect.signature(fn).parameters
+        missing = [k for k, v in p.items() if k not in sig and v != (LORA_PARAMS | OFT_PARAMS).get(k)]
+        if missing:
+            raise ImplementationUnsupported(f"peft {self.version}: {fn.__qualname__} takes no {missing}")
+        return {k: v for k, v in p.items() if k in sig}
+
+    def add_adapter(self, layer: nn.Module, method: str, name: str, params: dict[str, Any]) -> None:
+        """What PEFT's tuner model does for an existing adapter layer: ``update_layer``."""
+        p = self._params(method, params)
+        update = layer.update_layer
+        if _has_param(update, "config"):
+            if method == "lora":
+                update(name, p["r"], lora_alpha=p["lora_alpha"], config=self.config("lora", p))
+            else:
+                update(name, p["r"], config=self.config("oft", p))
+        else:
+            kwargs = self._kwargs(update, p)
+            kwargs.pop("r", None)
+            update(name, p["r"], **kwargs)
+
+
+class PeftAdapterLayer(nn.Module):
+    """Protocol wrapper around one PEFT tuner layer (``self.layer``); every call goes to PEFT."""
+
+    def __init__(self, layer: nn.Module, method: str, api: PeftApi) -> None:
+        super().__init__()
+        self.layer = layer
+        self.method = method
+        self._api = api
+
+    # -- forward / merge --------------------------------------------------------------
+    def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+        if adapter_names is None:
+            return self.layer(x)
+        return self.layer(x, adapter_names=adapter_names)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        self.layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge(self) -> None:
+        self.layer.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.layer.merged)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return self.layer.merged_adapters
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        return self.layer.get_delta_weight(name)
+
+    # -- adapters ---------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, **params: Any) -> None:
+        self._api.add_adapter(self.layer, self.method, adapter_name, params)
+
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        self.layer.set_adapter(adapter_names if isinstance(adapter_names, str) else list(adapter_names))
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.layer.active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.layer.active_adapter
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list((self.layer.lora_A if self.method == "lora" else self.layer.oft_R).keys())
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """PEFT's own Parameters (not copies), under the canonical names."""
+        if self.method == "lora":
+            a, b = self.layer.lora_A[name], self.layer.lora_B[name]
+            out = {"lora_A.weight": a.weight, "lora_B.weight": b.weight}
+            if b.bias is not None:
+                out["lora_B.bias"] = b.bias
+            return out
+        return {"oft_R.weight": self.layer.oft_R[name].weight}
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.layer.enable_adapters(enabled)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return bool(self.layer.disable_adapters)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.layer.delete_adapter(adapter_name)
+
+    # -- base layer -------------------------------------------------------------------
+    @property
+    def base_layer(self) -> nn.Module:
+        """PEFT's current base layer (merges replace its ``weight``; read it fresh each time)."""
+        return self.layer.get_base_layer()
+
+    @property
+    def in_features(self) -> int:
+        return self.layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layer.out_features
+
+    def extra_repr(self) -> str:
+        return f"peft {self._api.version}, method={self.method}"
+
+
+class PeftImplementation(ImplementationBase):
+    """The installed PEFT's LoRA/OFT layers for bitsandbytes (version-aware, see the module docstring)."""
+
+    name = "peft"
+
+    def __init__(self) -> None:
+        self._api = PeftApi()
+        self.capabilities = self._api.capabilities()
+        #: capability (or option) -> why this PEFT version does not support it
+        self.unsupported: dict[str, str] = dict(self._api.unsupported)
+        #: known per-method gaps that are passed through to PEFT (e.g. no mixed batches for OFT)
+        self.limitations: dict[str, str] = dict(self._api.limitations)
+
+    def version(self) -> str:
+        return self._api.version
+
+    def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
+        return self._api.build(base_layer, spec)
+
+    def peft_config(self, method: str, **params: Any) -> Any:
+        """PEFT's ``LoraConfig``/``OFTConfig`` for the protocol's parameters (for whole-model clauses)."""
+        return self._api.config(method, params)
+
+    def get_peft_model(self, model: nn.Module, method: str, target_modules: Sequence[str], **params: Any) -> nn.Module:
+        """``peft.get_peft_model`` with the protocol's parameters (capability ``peft_model``)."""
+        if "peft_model" in self.unsupported:
+            raise ImplementationUnsupported(self.unsupported["peft_model"])
+        cfg = self.peft_config(method, **params)
+        cfg.target_modules = set(target_modules)
+        return self._api.peft.get_peft_model(model, cfg)

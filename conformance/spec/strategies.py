@@ -1,0 +1,65 @@
+"""Hypothesis strategies over the case matrices of ``conformance.spec.cases`` (one source of truth).
+
+Widening a list in ``cases`` widens every property test and every hypothesis-driven clause.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+
+from . import cases
+
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@st.composite
+def base_cases(
+    draw: st.DrawFn, bits: int | None = None, *, dtypes: tuple[torch.dtype, ...] = cases.COMPUTE_DTYPES,
+    shapes: tuple[tuple[int, int], ...] = cases.SHAPES,
+) -> cases.BaseCase:
+    """A quantized base layer description: bits, shape, quant type, blocksize, double quant, compute dtype."""
+    b = draw(st.sampled_from((4, 8))) if bits is None else bits
+    i, o = draw(st.sampled_from(shapes))
+    dt = draw(st.sampled_from(dtypes))
+    if b == 8:
+        return cases.BaseCase(8, i, o, compute_dtype=dt)
+    return cases.BaseCase(
+        4, i, o, quant_type=draw(st.sampled_from(cases.QUANT_TYPES)), blocksize=draw(st.sampled_from(cases.BLOCKSIZES)),
+        double_quant=draw(st.booleans()), compute_dtype=dt,
+    )
+
+
+@st.composite
+def lora_params(draw: st.DrawFn, *, lora_bias: bool | None = False) -> dict[str, Any]:
+    """Non-trivial LoRA parameters (random B) with alpha != r and rsLoRA drawn."""
+    r = draw(st.sampled_from(cases.RANKS))
+    alpha = draw(st.sampled_from([a for a in cases.ALPHAS if a != r]))
+    params: dict[str, Any] = {"r": r, "lora_alpha": alpha, "init_lora_weights": False,
+                              "use_rslora": draw(st.booleans())}
+    if lora_bias is None:
+        params["lora_bias"] = draw(st.booleans())
+    elif lora_bias:
+        params["lora_bias"] = True
+    return params
+
+
+@st.composite
+def oft_params(draw: st.DrawFn, in_features: int) -> dict[str, Any]:
+    """Non-identity OFT parameters with a block size from ``cases.OFT_BLOCK_SIZES`` dividing ``in_features``."""
+    sizes = [b for b in cases.OFT_BLOCK_SIZES if in_features % b == 0]
+    bs = draw(st.sampled_from(sizes))
+    if draw(st.booleans()):
+        return {"r": in_features // bs, "oft_block_size": 0, "init_weights": False}
+    return {"r": 0, "oft_block_size": bs, "init_weights": False, "block_share": draw(st.booleans())}
+
+
+def adapter_params(method: str, in_features: int) -> st.SearchStrategy[dict[str, Any]]:
+    """``lora_params()`` or ``oft_params(in_features)``."""
+    if method == "lora":
+        return lora_params()
+    if method == "oft":
+        return oft_params(in_features)
+    raise ValueError(f"unknown method {method!r}")

@@ -1,0 +1,151 @@
+"""Tiny random causal-LM models, quantized by bitsandbytes through transformers, built in process.
+
+The Trainer clauses (``conformance.spec.checks.trainer``, seed 004) need whole
+``PreTrainedModel`` objects loaded the way users load them: ``from_pretrained(...,
+quantization_config=BitsAndBytesConfig(...))``. Nothing is downloaded: a random model is built
+from a small config (hidden size 64, 2 layers, vocabulary 96), saved once per process to a
+temporary directory, and loaded from there with ``local_files_only=True``. Loaded models are
+cached per (arch, bits, settings) and every caller gets a deep copy, so a check may wrap, compile
+or train what it gets without disturbing the next one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import functools
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+ARCHS: tuple[str, ...] = ("llama", "opt")
+VOCAB_SIZE = 96
+HIDDEN_SIZE = 64
+NUM_LAYERS = 2
+#: Linear layers that PEFT adapters target in the tiny models (both archs name them alike).
+ATTENTION_TARGETS: dict[str, list[str]] = {"llama": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"]}
+
+
+def tiny_config(arch: str) -> Any:
+    """A ``LlamaConfig`` / ``OPTConfig`` small enough to train a few steps on a CPU in about a second."""
+    import transformers
+
+    if arch == "llama":
+        return transformers.LlamaConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=HIDDEN_SIZE, intermediate_size=2 * HIDDEN_SIZE,
+            num_hidden_layers=NUM_LAYERS, num_attention_heads=4, num_key_value_heads=4,
+            max_position_embeddings=64, tie_word_embeddings=False,
+        )
+    if arch == "opt":
+        return transformers.OPTConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=HIDDEN_SIZE, ffn_dim=2 * HIDDEN_SIZE, num_hidden_layers=NUM_LAYERS,
+            num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=HIDDEN_SIZE,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        )
+    raise ValueError(f"unknown tiny arch {arch!r}; known: {', '.join(ARCHS)}")
+
+
+def _model_class(arch: str) -> Any:
+    import transformers
+
+    return {"llama": transformers.LlamaForCausalLM, "opt": transformers.OPTForCausalLM}[arch]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars, no info logs, no warnings while loading (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@functools.cache
+def _tmp_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="conformance-tiny-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+@functools.cache
+def saved_model_dir(arch: str, seed: int = 0) -> Path:
+    """Directory holding a random float32 ``arch`` model saved with ``save_pretrained`` (once per process)."""
+    path = _tmp_root() / f"{arch}-seed{seed}"
+    with _quiet_transformers():
+        torch.manual_seed(seed)
+        model = _model_class(arch)(tiny_config(arch))
+        model.save_pretrained(path)
+    return path
+
+
+def bnb_config(bits: int, *, quant_type: str = "nf4", double_quant: bool = False,
+               compute_dtype: torch.dtype = torch.float32) -> Any:
+    """The ``BitsAndBytesConfig`` users pass for 4-bit (NF4/FP4) or 8-bit loading."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+
+@functools.cache
+def _loaded(arch: str, bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
+            seed: int) -> nn.Module:
+    with _quiet_transformers():
+        return _model_class(arch).from_pretrained(
+            saved_model_dir(arch, seed), quantization_config=bnb_config(
+                bits, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype),
+            device_map="cpu", dtype=torch.float32, local_files_only=True,
+        )
+
+
+def load_quantized(arch: str, bits: int, *, quant_type: str = "nf4", double_quant: bool = False,
+                   compute_dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """A fresh (deep-copied) tiny ``arch`` causal LM loaded with a bitsandbytes ``bits``-bit config on the CPU.
+
+    The first call per setting runs ``from_pretrained(quantization_config=..., device_map="cpu")``;
+    later calls copy that model, so callers may mutate what they get.
+    """
+    model = _loaded(arch, bits, quant_type, double_quant, compute_dtype, seed)
+    return copy.deepcopy(model)
+
+
+def bnb_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8bitLt`` in ``model``, by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+def fixed_batch(batch_size: int = 4, seq_len: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A deterministic language-modelling batch (labels = input ids) over the tiny vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB_SIZE, (batch_size, seq_len), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def as_dataset(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The rows of ``batch`` as an in-memory map-style dataset (what ``Trainer`` takes)."""
+    n = next(iter(batch.values())).shape[0]
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
