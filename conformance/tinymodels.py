@@ -60,7 +60,7 @@ def _model_class(arch: str) -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """No progress bars, no info logs, no warnings while loading (restored afterwards)."""
     from transformers.utils import logging as hf_logging
 
@@ -79,7 +79,8 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 @functools.cache
-def _tmp_root() -> Path:
+def tmp_dir() -> Path:
+    """A per-process scratch directory (removed at exit) for saved tiny models and Trainer output."""
     root = Path(tempfile.mkdtemp(prefix="conformance-tiny-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return root
@@ -88,8 +89,8 @@ def _tmp_root() -> Path:
 @functools.cache
 def saved_model_dir(arch: str, seed: int = 0) -> Path:
     """Directory holding a random float32 ``arch`` model saved with ``save_pretrained`` (once per process)."""
-    path = _tmp_root() / f"{arch}-seed{seed}"
-    with _quiet_transformers():
+    path = tmp_dir() / f"{arch}-seed{seed}"
+    with quiet_transformers():
         torch.manual_seed(seed)
         model = _model_class(arch)(tiny_config(arch))
         model.save_pretrained(path)
@@ -114,7 +115,7 @@ def bnb_config(bits: int, *, quant_type: str = "nf4", double_quant: bool = False
 @functools.cache
 def _loaded(arch: str, bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
             seed: int) -> nn.Module:
-    with _quiet_transformers():
+    with quiet_transformers():
         return _model_class(arch).from_pretrained(
             saved_model_dir(arch, seed), quantization_config=bnb_config(
                 bits, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype),

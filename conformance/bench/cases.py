@@ -8,9 +8,9 @@ priority order (the runner stops at its time budget, so what matters most comes 
    and without the defensive clone), the reference's forward as first written (``reference-v0``)
    and PEFT;
 2. the same in fp16;
-3. 8-bit (``Linear8bitLt``, threshold 0) LoRA, bf16;
-4. OFT on 4-bit (reference and PEFT);
-5. merge / unmerge (reference and PEFT).
+3. merge / unmerge on 4-bit (reference and PEFT);
+4. 8-bit (``Linear8bitLt``, threshold 0) LoRA, bf16;
+5. OFT on 4-bit (reference and PEFT), 8-bit merge / unmerge.
 
 Shapes are ``(in_features, out_features)`` and labelled ``"{in}x{out}"``: 4096x11008 is a LLaMA-7B
 up-projection, 11008x4096 its down-projection, 8192x28672 a LLaMA-70B MLP projection. Base layers have
@@ -37,10 +37,11 @@ RANK = 16
 ALPHA = 16
 OFT_BLOCK_SIZE = 32  # PEFT's OFTConfig default
 
-#: Implementations: the bare bnb layer, the measured floor (torch.matmul on dequantized weights plus
-#: the dequantize kernels), the reference (defensive clone on / off), the reference's original forward
+#: Implementations: the bare bnb layer, the measured floors of the bare layer and of base + LoRA
+#: (torch.matmul on dequantized weights plus the dequantize kernels), the reference (defensive clone on / off), the reference's original forward
 #: (kept in conformance.bench.layers to show what the optimisation bought) and PEFT.
-IMPLS_LORA = ("bnb", "floor", "reference", "reference-noclone", "reference-v0", "peft")
+IMPLS_LORA = ("bnb", "floor-bare", "floor", "reference", "reference-noclone", "reference-v0", "reference-v0-noclone",
+              "peft")
 IMPLS_OFT = ("bnb", "reference", "peft")
 OPS_RUN = ("fwd", "fwdbwd")
 OPS_MERGE = ("merge", "unmerge")
@@ -64,7 +65,7 @@ def dtype_of(name: str) -> torch.dtype:
 class BenchCase:
     """One timed measurement: an implementation running one operation on one layer shape."""
 
-    impl: str  # bnb | floor | reference | reference-noclone | reference-v0 | peft
+    impl: str  # one of IMPLS_LORA
     method: str  # lora | oft ("bnb" rows carry the method of their group, the layer has no adapter)
     bits: int
     in_features: int
@@ -103,10 +104,10 @@ class BenchCase:
 
 
 def _run_cases(method: str, bits: int, impls: tuple[str, ...], shapes, tokens, dtypes, **kw: Any) -> list[BenchCase]:
-    out = []
+    out = []  # grouped by base layer (dtype, shape) so the runner builds each base once
     for dtype in dtypes:
-        for op in OPS_RUN:
-            for (i, o) in shapes:
+        for (i, o) in shapes:
+            for op in OPS_RUN:
                 for t in tokens:
                     for impl in impls:
                         out.append(BenchCase(impl, method, bits, i, o, t, dtype_name(dtype), op, **kw))
@@ -125,18 +126,18 @@ def matrix(device: str = "cuda", quick: bool = False) -> list[BenchCase]:
         shapes, tokens = QUICK_SHAPES, QUICK_TOKENS
         return (
             _run_cases("lora", 4, IMPLS_LORA, shapes, tokens, dt)
-            + _run_cases("lora", 8, ("bnb", "floor", "reference", "peft"), shapes, tokens, dt)
+            + _run_cases("lora", 8, ("bnb", "floor-bare", "floor", "reference", "peft"), shapes, tokens, dt)
             + _run_cases("oft", 4, ("reference", "peft"), shapes, tokens, dt)
             + _merge_cases("lora", 4, ("reference", "peft"), shapes, dt[0])
         )
     bf16, fp16 = torch.bfloat16, torch.float16
     return (
         _run_cases("lora", 4, IMPLS_LORA, GPU_SHAPES, GPU_TOKENS, (bf16,))
-        + _run_cases("lora", 4, ("bnb", "floor", "reference", "reference-noclone", "peft"), GPU_SHAPES, GPU_TOKENS,
+        + _run_cases("lora", 4, ("bnb", "floor-bare", "floor", "reference", "reference-noclone", "peft"), GPU_SHAPES, GPU_TOKENS,
                      (fp16,))
-        + _run_cases("lora", 8, ("bnb", "floor", "reference", "peft"), GPU_SHAPES, GPU_TOKENS, (bf16,))
-        + _run_cases("oft", 4, IMPLS_OFT, ((4096, 4096), (8192, 8192)), (1, 4096), (bf16,))
         + _merge_cases("lora", 4, ("reference", "peft"), GPU_SHAPES, bf16)
+        + _run_cases("lora", 8, ("bnb", "floor-bare", "floor", "reference", "peft"), GPU_SHAPES, GPU_TOKENS, (bf16,))
+        + _run_cases("oft", 4, IMPLS_OFT, ((4096, 4096), (8192, 8192)), (1, 4096), (bf16,))
         + _merge_cases("lora", 8, ("reference", "peft"), ((4096, 4096),), bf16)
     )
 

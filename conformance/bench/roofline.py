@@ -23,6 +23,8 @@ import torch
 
 from .cases import BenchCase
 
+BARE_IMPLS = ("bnb", "floor-bare")
+
 #: Datasheet dense peaks: (bf16/fp16 tensor FLOP/s, HBM bytes/s). Keyed by a substring of the CUDA
 #: device name, first match wins (so the more specific names come first).
 GPU_PEAKS: tuple[tuple[str, float, float], ...] = (
@@ -76,14 +78,15 @@ def flops(case: BenchCase) -> float:
     if case.op not in ("fwd", "fwdbwd"):
         return 0.0
     adapter = 0.0
-    if case.impl != "bnb" and case.method == "lora":
+    bare = case.impl in BARE_IMPLS
+    if not bare and case.method == "lora":
         adapter = 2.0 * t * r * (k + n)  # x A^T, (xA^T) B^T
-    elif case.impl != "bnb" and case.method == "oft":
+    elif not bare and case.method == "oft":
         adapter = 2.0 * t * k * 32  # block-diagonal rotation of x (block size 32)
     if case.op == "fwd":
         return base + adapter
     # backward: grad input through W (no weight grad: frozen), and for LoRA dB, d(xA), dA, dx += d(xA) A
-    return 2 * base + 3 * adapter if case.method == "lora" else 2 * base + 2 * adapter
+    return 2 * base + (3 if case.method == "lora" else 2) * adapter
 
 
 def min_bytes(case: BenchCase) -> float:

@@ -170,7 +170,7 @@ class QuantAdapterLayer(nn.Module):
         and nothing is marked merged. Without it a non-finite result is still written (as PEFT
         does) but never silently: a ``RuntimeWarning`` names the adapter (clause SAFE-UNSAFE-WARNS).
         """
-        for name in self._adapters_to_merge(adapter_names):
+        for name in self._merge_order(self._adapters_to_merge(adapter_names)):
             warnings.warn(self.merge_warning, UserWarning, stacklevel=2)
             weight, bias = self._current()
             new_weight, new_bias = self._merged_weights(name, weight, bias)
@@ -186,6 +186,10 @@ class QuantAdapterLayer(nn.Module):
                 )
             self._write_base(new_weight, new_bias)
             self.merged_adapters.append(name)
+
+    def _merge_order(self, names: list[str]) -> list[str]:
+        """Order in which ``merge`` applies ``names`` (LoRA deltas commute; OFT overrides)."""
+        return names
 
     def unmerge(self) -> None:
         """Undo every merge, most recent first (subtract the delta / apply the inverse rotation)."""

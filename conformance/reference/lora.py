@@ -133,6 +133,21 @@ class LoraLinearQuant(QuantAdapterLayer):
         h = self.lora_dropout[name](x.to(a.weight.dtype))
         return torch.nn.functional.linear(torch.nn.functional.linear(h, a.weight), b.weight, b.bias)
 
+    def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """``result + scaling * B(A(dropout(x)))``; ``result`` is written only when ``inplace``."""
+        a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        xa = torch.nn.functional.linear(self.lora_dropout[name](x.to(a.weight.dtype)), a.weight)  # one cast of x
+        if b.bias is None and xa.dtype == result.dtype:
+            # B's GEMM adds into the output with alpha=scaling (cuBLAS epilogue, beta=1): no delta tensor, no
+            # separate scale/add passes forward or backward. Out of place it moves the same bytes as in place
+            # and never writes bnb's output, which is all the defensive clone (seed 000) protects.
+            out = torch.addmm(result.reshape(-1, self.out_features), xa.reshape(-1, xa.shape[-1]), b.weight.t(),
+                              alpha=s)  # addmm wants 2-D operands: (tokens, out) += (tokens, r) @ (r, out)
+            return out.view(result.shape)
+        # lora_bias, or adapters in another dtype than the output: delta first (the bias is scaled with it)
+        delta = torch.nn.functional.linear(xa, b.weight, b.bias).to(result.dtype)
+        return result.add_(delta, alpha=s) if inplace else torch.add(result, delta, alpha=s)
+
     def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
         self._check_input(x, adapter_names)
         if self.disable_adapters:
@@ -143,10 +158,13 @@ class LoraLinearQuant(QuantAdapterLayer):
             return self.base_layer(x)
         result = self.base_layer(x)
         # Seed 000 / peft lora/bnb.py: "As per Tim Dettmers, for 4bit, we need to defensively
-        # clone here" -- bnb may hand back a view that in-place updates must not touch.
-        if self.clone_base_output:
-            result = result.clone()
+        # clone here" -- bnb may hand back a view that in-place updates must not touch. With
+        # clone_base_output the base output is never written in place: updates go out of place
+        # (a fresh tensor at no extra pass), and a result with nothing added is cloned.
+        writable = not self.clone_base_output
         if adapter_names is not None:
+            if not writable:
+                result = result.clone()
             for name, rows in self._groups(adapter_names).items():
                 if name == BASE_ADAPTER:
                     continue
@@ -155,9 +173,9 @@ class LoraLinearQuant(QuantAdapterLayer):
                 result.index_add_(0, idx, delta.to(result.dtype))
             return result
         for name in self.active_adapters:
-            # in place: this is the update the defensive clone exists to protect (seed 000)
-            result.add_(self._lora(name, x).to(result.dtype), alpha=self.scaling[name])
-        return result
+            result = self._add_lora(name, x, result, inplace=writable)
+            writable = True  # from here on result is our own tensor
+        return result if writable else result.clone()
 
 
 class LoraLinear4bit(LoraLinearQuant):

@@ -144,6 +144,14 @@ class OftLinearQuant(QuantAdapterLayer):
         r = self.get_delta_weight(name).detach().float()
         return weight @ r.t(), bias
 
+    def _merge_order(self, names: list[str]) -> list[str]:
+        """Forward rotates ``x`` by the active adapters in order (``x R_1 R_2``), while merging one
+        adapter at a time (``W <- W R^T``) composes in reverse (``W R_1^T R_2^T`` is ``x R_2 R_1``):
+        merge the adapter applied last first so the merged layer equals the stacked forward
+        (clause MERGE-MULTI)."""
+        pos = {n: i for i, n in enumerate(self.active_adapters)}
+        return sorted(names, key=lambda n: pos.get(n, -1), reverse=True)
+
     def _unmerged_weights(self, name, weight, bias):
         r = self.get_delta_weight(name).detach().double()
         # W' = W R^T  =>  W = W' R^{-T}; solve rather than invert (R^{-T} = R for exact Cayley)

@@ -400,3 +400,90 @@ def oft_unmerge_error(
     d = inverse_rotation_error(tensors, block_size)
     err = rotate_error(w1, r.abs(), d, n_blocks, block_size, torch.float32)
     return err + U32 * ((w1.double() @ r).abs() + err)
+
+
+# -- adapter parameters for checks ----------------------------------------------------------
+
+def fill_adapter(layer: nn.Module, name: str, gen: torch.Generator, *, scale: float = 1.0) -> None:
+    """Overwrite an adapter's tensors (read through ``adapter_parameters``) with seeded random values.
+
+    LoRA: ``A ~ N(0, 1/in)``, ``B ~ N(0, 1/r) * 0.2 * scale``, ``b_B ~ N(0, 0.01)``; OFT: the
+    upper-triangle parameters ``~ N(0, 0.05 * scale)``. Checks use it so that the adapter is
+    non-trivial whatever the implementation's own initialisation is.
+    """
+    tensors = layer.adapter_parameters(name)
+    with torch.no_grad():
+        for key, p in tensors.items():
+            if key == "lora_A.weight":
+                v = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
+            elif key == "lora_B.weight":
+                v = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5 * 0.2 * scale
+            elif key == "lora_B.bias":
+                v = torch.randn(p.shape, generator=gen) * 0.1
+            elif key == "oft_R.weight":
+                v = torch.randn(p.shape, generator=gen) * 0.05 * scale
+            else:
+                continue
+            p.copy_(v.to(device=p.device, dtype=p.dtype))
+
+
+def set_skew_norm(layer: nn.Module, name: str, block_size: int, norm2: float, gen: torch.Generator) -> float:
+    """Random OFT parameters scaled so every block's ``||Q||_2`` equals ``norm2``; returns it."""
+    p = layer.adapter_parameters(name)["oft_R.weight"]
+    v = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+    q = rotation.skew(v, block_size)
+    s = torch.linalg.matrix_norm(q, ord=2)
+    v = v * (norm2 / s)[:, None]
+    with torch.no_grad():
+        p.copy_(v.to(device=p.device, dtype=p.dtype))
+    q = rotation.skew(p.detach().double().cpu(), block_size)
+    return float(torch.linalg.matrix_norm(q, ord=2).max())
+
+
+# -- merge targets used by the merge and safe-merge clauses ---------------------------------
+
+def merge_target(
+    layer: nn.Module, method: str, name: str, params: Mapping[str, Any], w0: torch.Tensor, b0: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(W, W_err, b, b_err): what merging adapter ``name`` into (w0, b0) should give, exactly, and the
+    bound on the float32 arithmetic of forming it (requantization excluded: add ``weight_bound``).
+
+    LoRA's bias (``lora_bias``) merges as ``b + scaling * b_B`` (PEFT's unquantized ``Linear``), rounded
+    to the base bias dtype.
+    """
+    tensors = layer.adapter_parameters(name)
+    if method == "lora":
+        s = lora_scaling(params)
+        w, we = lora_merged_weight(w0, tensors, s)
+        bb = tensors.get("lora_B.bias")
+        if bb is None or b0 is None:
+            return w, we, b0, None if b0 is None else torch.zeros_like(b0)
+        sb = s * bb.detach().double().cpu()
+        bt = b0.double() + sb
+        u_b = qb.unit_roundoff(layer.base_layer.bias.dtype)
+        be = U32 * (sb.abs() + bt.abs()) * 2 + u_b * bt.abs() * (1 + U32)
+        return w, we, bt, be
+    n_blocks, bs = oft_layout(w0.shape[1], params)
+    w, we = oft_merged_weight(w0, tensors, n_blocks, bs)
+    return w, we, b0, None if b0 is None else torch.zeros_like(b0)
+
+
+def roundtrip_bound(
+    layer: nn.Module, method: str, name: str, params: Mapping[str, Any],
+    first_err: torch.Tensor, w1: torch.Tensor, wb2: torch.Tensor,
+) -> torch.Tensor:
+    """Bound on |W_after_unmerge - W0| given ``first_err`` >= |W1 - merge target| (requantization 1 plus
+    merge arithmetic), the merged weight ``w1`` and the second requantization's ``weight_bound``.
+
+    LoRA: ``W2 = Q(W1 - dW)`` so ``|W2 - W0| <= first_err + arith(W1 - dW) + wb2``. OFT: ``W2 = Q(W1 R)``
+    (the inverse rotation; ``R^{-T} = R``) so the first error passes through ``|R|``.
+    """
+    tensors = layer.adapter_parameters(name)
+    if method == "lora":
+        s = lora_scaling(params)
+        de = lora_delta_error(tensors, s)
+        w2t = w1.double() - lora_delta(tensors, s)
+        return first_err + de + U32 * (w2t.abs() + de) + wb2
+    n_blocks, bs = oft_layout(w1.shape[1], params)
+    r = oft_rotation(tensors, n_blocks, bs)
+    return first_err @ r.abs() + oft_unmerge_error(w1, tensors, n_blocks, bs) + wb2

@@ -15,19 +15,34 @@ from . import cases
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def cpu_blocksize_ok(in_features: int, blocksize: int) -> bool:
+    """bitsandbytes 0.50.2's native CPU ``dequantize_4bit`` kernel (``cdequantize_blockwise_cpu_*``) takes
+    (rows, in_features) and is only right when blocks do not straddle rows: ``in_features % blocksize
+    == 0``; otherwise it returns scrambled weights (the layer forward uses the same kernel, so it is
+    self-consistent, but every merge re-scrambles). Cases that compare weights against the float
+    weight or requantize keep to valid pairs (see suites/test_quant_bounds.py)."""
+    return in_features % blocksize == 0
+
+
 @st.composite
 def base_cases(
     draw: st.DrawFn, bits: int | None = None, *, dtypes: tuple[torch.dtype, ...] = cases.COMPUTE_DTYPES,
-    shapes: tuple[tuple[int, int], ...] = cases.SHAPES,
+    shapes: tuple[tuple[int, int], ...] = cases.SHAPES, cpu_safe: bool = True,
 ) -> cases.BaseCase:
-    """A quantized base layer description: bits, shape, quant type, blocksize, double quant, compute dtype."""
+    """A quantized base layer description: bits, shape, quant type, blocksize, double quant, compute dtype.
+
+    ``cpu_safe`` keeps 4-bit cases to ``in_features % blocksize == 0`` (``cpu_blocksize_ok``).
+    """
     b = draw(st.sampled_from((4, 8))) if bits is None else bits
+    if b == 4 and cpu_safe:
+        shapes = tuple(s for s in shapes if any(cpu_blocksize_ok(s[0], bs) for bs in cases.BLOCKSIZES))
     i, o = draw(st.sampled_from(shapes))
     dt = draw(st.sampled_from(dtypes))
     if b == 8:
         return cases.BaseCase(8, i, o, compute_dtype=dt)
     return cases.BaseCase(
-        4, i, o, quant_type=draw(st.sampled_from(cases.QUANT_TYPES)), blocksize=draw(st.sampled_from(cases.BLOCKSIZES)),
+        4, i, o, quant_type=draw(st.sampled_from(cases.QUANT_TYPES)),
+        blocksize=draw(st.sampled_from([bs for bs in cases.BLOCKSIZES if not cpu_safe or cpu_blocksize_ok(i, bs)])),
         double_quant=draw(st.booleans()), compute_dtype=dt,
     )
 

@@ -20,6 +20,11 @@ The rule as written there (and what the clauses expect):
    CANNOT be combined with torch.compile() ... The combination is explicitly blocked"). The code
    only looks for ``_orig_mod`` on the object handed to the Trainer, so compiling in another way
    may slip through; the compile clause tries every way and fails on the ones that do.
+
+Training itself (TRAINER-PEFT-TRAINS, TRAINER-EVAL-THEN-TRAIN) is checked on what a user sees:
+finite falling loss, non-zero gradient norms, only adapter parameters changed, bitsandbytes
+layers bit-identical (``conformance.quant.snapshot``), also when the Trainer evaluates in between.
+All clauses run on the CPU (``use_cpu=True``, ``device_map="cpu"``).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ QAT_CONFIG_VARIANTS: dict[str, list[dict[str, Any]]] = {
     "fp_quant": [{"store_master_weights": True}],
     "bitnet": [{"linear_class": "autobitlinear", "quantization_mode": "online"}],
 }
-TRAIN_STEPS = 5
+TRAIN_STEPS = 4
 LEARNING_RATE = 1e-2
 
 
@@ -105,18 +110,20 @@ def make_peft_model(model: nn.Module, method: str, arch: str) -> nn.Module:
 
 
 def make_trainer(model: nn.Module, dataset: list[dict[str, torch.Tensor]] | None = None,
-                 max_steps: int = TRAIN_STEPS, learning_rate: float = LEARNING_RATE) -> Any:
+                 max_steps: int = TRAIN_STEPS, learning_rate: float | None = None) -> Any:
     """A real ``transformers.Trainer`` on the CPU: no saving, no reporting, no progress output."""
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
+    learning_rate = LEARNING_RATE if learning_rate is None else learning_rate
+
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="trainer-", dir=tinymodels._tmp_root()), max_steps=max_steps,
+        output_dir=tempfile.mkdtemp(prefix="trainer-", dir=tinymodels.tmp_dir()), max_steps=max_steps,
         per_device_train_batch_size=len(dataset) if dataset else 4, learning_rate=learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, report_to=[], use_cpu=True,
         save_strategy="no", logging_strategy="steps", logging_steps=1, disable_tqdm=True, seed=0,
         dataloader_num_workers=0,
     )
-    with tinymodels._quiet_transformers():  # the validator logs warnings (FPQuant, MXFP4 is_trainable)
+    with tinymodels.quiet_transformers():  # the validator logs warnings (FPQuant, MXFP4 is_trainable)
         trainer = Trainer(model=model, args=args, train_dataset=dataset or tinymodels.as_dataset(tinymodels.fixed_batch()))
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
@@ -141,9 +148,16 @@ def _label(arch: str, bits: int, method: str | None = None) -> str:
     return f"{arch}-{q}" + (f"-{method}" if method else "")
 
 
-def _eval_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+def _probe_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """Loss on ``batch`` without gradients, measured in *training* mode (all dropouts are 0 here).
+
+    Not ``model.eval()``: on CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit``
+    weight in place on its first eval-mode no-grad forward (``_convert_weight_packed_for_cpu``),
+    after which its forward no longer backpropagates; measuring must not change what is measured.
+    TRAINER-EVAL-THEN-TRAIN checks that effect on its own.
+    """
     was = model.training
-    model.eval()
+    model.train()
     with torch.no_grad():
         loss = model(**batch).loss.item()
     model.train(was)
@@ -215,12 +229,27 @@ def _hf_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _each_case(ctx: CheckContext, run: Callable[[str, int], None]) -> None:
+    """Run every (method, bits) case, then fail once listing every failing case (not just the first)."""
+    failures, passed = [], []
+    for method, bits in ctx.cases():
+        try:
+            run(method, bits)
+        except AssertionError as exc:  # ClauseFailure included
+            failures.append(str(exc))
+        else:
+            passed.append(f"{method}-{bits}bit")
+    ctx.measure("cases_passed", passed)
+    if failures:
+        ctx.fail(" | ".join(failures))
+
+
 # -- clauses -------------------------------------------------------------------------------------
 @clause(
     "TRAINER-REJECT-PURELY-QUANTIZED", "MUST",
     "Trainer rejects a bitsandbytes-quantized model without trainable adapters with a ValueError that says "
     "it cannot fine-tune purely quantized models.",
-    source=SOURCE, requires=["peft_model"],
+    source=SOURCE, requires=["peft_model"], devices=["cpu"],
 )
 def check_reject_purely_quantized(ctx: CheckContext) -> None:
     _record_source(ctx)
@@ -236,53 +265,104 @@ def check_reject_purely_quantized(ctx: CheckContext) -> None:
                                                  f"name 'purely quantized': {_short(msg)!r}")
 
 
+#: Which tiny architecture trains each (method, bits) case: a Latin square, so every pair of
+#: (arch, bits), (arch, method), (method, bits) is covered with 4 trainings instead of 8.
+#: ``train_and_check`` runs any combination (the full matrix is in suites/test_trainer.py, slow).
+ARCH_FOR_CASE: dict[tuple[str, int], str] = {
+    ("lora", 4): "llama", ("lora", 8): "opt", ("oft", 4): "opt", ("oft", 8): "llama",
+}
+
+
+def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eval_steps: int = 0) -> None:
+    """Train a quantized ``arch`` model with ``method`` adapters for TRAIN_STEPS steps and check the outcome.
+
+    Finite per-step losses with non-zero gradient norms, a lower loss on the fixed training batch,
+    only adapter parameters changed, every bitsandbytes layer bit-identical. With ``eval_steps``
+    the Trainer also evaluates on the same batch every ``eval_steps`` steps (``eval_strategy``).
+    """
+    label = _label(arch, bits, method) + (f" (evaluating every {eval_steps} steps)" if eval_steps else "")
+    batch = tinymodels.fixed_batch(seed=ctx.seed)
+    dataset = tinymodels.as_dataset(batch)
+    model = make_peft_model(tinymodels.load_quantized(arch, bits, seed=ctx.seed), method, arch)
+    layers = tinymodels.bnb_layers(model)
+    ctx.check(bool(layers), f"{label}: no bitsandbytes layers in the PEFT model")
+    snaps = {name: quant.snapshot(layer) for name, layer in layers.items()}
+    before = _param_bytes(model)
+    loss_before = _probe_loss(model, batch)
+    try:
+        trainer = make_trainer(model, dataset, max_steps=TRAIN_STEPS)
+    except ValueError as exc:
+        ctx.fail(f"{label}: Trainer rejected a quantized model with {method} adapters: {_short(str(exc))!r}")
+    if eval_steps:
+        trainer.args.eval_strategy, trainer.args.eval_steps = "steps", eval_steps
+        trainer.eval_dataset = dataset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    # diagnostic only: bitsandbytes' CPU inference repacking (see TRAINER-EVAL-THEN-TRAIN)
+    repacked = sum(bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False))
+                   for m in tinymodels.bnb_layers(model).values())
+    ctx.measure_max(f"repacked_4bit_layers.{method}.{bits}bit", float(repacked))
+    steps = [h for h in trainer.state.log_history if "loss" in h and "grad_norm" in h]
+    if eval_steps:
+        evals = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
+        ctx.check(bool(evals), f"{label}: the Trainer did not evaluate (eval_strategy='steps')")
+    losses = [h["loss"] for h in steps]
+    ctx.check(len(steps) == TRAIN_STEPS, f"{label}: expected {TRAIN_STEPS} logged steps, got {len(steps)}")
+    ctx.check(all(math.isfinite(v) for v in losses), f"{label}: non-finite training loss {losses}")
+    layers_after = tinymodels.bnb_layers(model)
+    rewritten = {n: snaps[n].differences(quant.snapshot(m)) for n, m in layers_after.items() if n in snaps}
+    rewritten = {n: d for n, d in rewritten.items() if d}
+    why = (f"; {len(rewritten)} bitsandbytes layers were rewritten in place "
+           f"(e.g. {next(iter(rewritten))}: {next(iter(rewritten.values()))})" if rewritten else "")
+    dead = [h["step"] for h in steps if not (math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0)]
+    ctx.check(not dead, f"{label}: gradient norm zero or non-finite at steps {dead} (grad norms "
+                        f"{[round(h['grad_norm'], 4) for h in steps]}): the adapters stopped learning{why}")
+    for name in layers_after:
+        ctx.check(name in snaps, f"{label}: bitsandbytes layer {name} appeared during training")
+    for name, diff in rewritten.items():
+        ctx.fail(f"{label}: quantized weights of {name} changed during training: {diff}"
+                 f" ({len(rewritten)} layers changed)")
+    loss_after = _probe_loss(model, batch)
+    ctx.check(math.isfinite(loss_after), f"{label}: loss on the fixed batch is {loss_after} after training")
+    ctx.check(loss_after < loss_before, f"{label}: loss on the fixed batch did not fall after {TRAIN_STEPS} "
+                                        f"steps: {loss_before:.6g} -> {loss_after:.6g}")
+    ctx.measure_max(f"loss_after_over_before.{method}.{bits}bit", loss_after / loss_before)
+    after = _param_bytes(model)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    foreign = [n for n in changed if not _is_adapter_param(n)]
+    ctx.check(not foreign, f"{label}: training changed non-adapter parameters {foreign[:4]}"
+                           f"{' ...' if len(foreign) > 4 else ''}; expected only {ADAPTER_PREFIXES}*")
+    n_adapters = sum(_is_adapter_param(n) for n in before)
+    ctx.check(bool(changed), f"{label}: training changed no parameter (adapter tensors: {n_adapters})")
+    ctx.measure_max(f"changed_adapter_tensors.{method}", float(len(changed)))
+
+
 @clause(
     "TRAINER-PEFT-TRAINS", "MUST",
     "Trainer accepts a quantized model with LoRA/OFT adapters from peft.get_peft_model and a few steps on a "
     "fixed batch give finite, falling loss, change only adapter parameters and leave every bitsandbytes "
     "layer bit-identical.",
-    source=SOURCE + "; seed 004 Best Practices (QLoRA setup pattern)", requires=["peft_model"],
+    source=SOURCE + "; seed 004 Best Practices (QLoRA setup pattern)", requires=["peft_model"], devices=["cpu"],
 )
 def check_peft_trains(ctx: CheckContext) -> None:
     _record_source(ctx)
-    batch = tinymodels.fixed_batch(seed=ctx.seed)
-    dataset = tinymodels.as_dataset(batch)
-    for method, bits in ctx.cases():
-        for arch in tinymodels.ARCHS:
-            label = _label(arch, bits, method)
-            model = make_peft_model(tinymodels.load_quantized(arch, bits, seed=ctx.seed), method, arch)
-            layers = tinymodels.bnb_layers(model)
-            ctx.check(bool(layers), f"{label}: no bitsandbytes layers in the PEFT model")
-            snaps = {name: quant.snapshot(layer) for name, layer in layers.items()}
-            before = _param_bytes(model)
-            loss_before = _eval_loss(model, batch)
-            try:
-                trainer = make_trainer(model, dataset, max_steps=TRAIN_STEPS)
-            except ValueError as exc:
-                ctx.fail(f"{label}: Trainer rejected a quantized model with {method} adapters: {_short(str(exc))!r}")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                trainer.train()
-            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-            ctx.check(len(losses) == TRAIN_STEPS, f"{label}: expected {TRAIN_STEPS} logged losses, got {losses}")
-            ctx.check(all(math.isfinite(v) for v in losses), f"{label}: non-finite training loss {losses}")
-            loss_after = _eval_loss(model, batch)
-            ctx.check(math.isfinite(loss_after), f"{label}: loss on the fixed batch is {loss_after} after training")
-            ctx.check(loss_after < loss_before, f"{label}: loss on the fixed batch did not fall after {TRAIN_STEPS} "
-                                                f"steps: {loss_before:.6g} -> {loss_after:.6g}")
-            ctx.measure_max(f"loss_after_over_before.{method}.{bits}bit", loss_after / loss_before)
-            after = _param_bytes(model)
-            changed = [n for n in before if not torch.equal(before[n], after[n])]
-            foreign = [n for n in changed if not _is_adapter_param(n)]
-            ctx.check(not foreign, f"{label}: training changed non-adapter parameters {foreign[:4]}"
-                                   f"{' ...' if len(foreign) > 4 else ''}; expected only {ADAPTER_PREFIXES}*")
-            adapters = [n for n in before if _is_adapter_param(n)]
-            ctx.check(bool(changed), f"{label}: training changed no parameter (adapter tensors: {len(adapters)})")
-            ctx.measure_max(f"changed_adapter_tensors.{method}", float(len(changed)))
-            for name, layer in tinymodels.bnb_layers(model).items():
-                ctx.check(name in snaps, f"{label}: bitsandbytes layer {name} appeared during training")
-                diff = snaps[name].differences(quant.snapshot(layer))
-                ctx.check(diff == [], f"{label}: quantized weights of {name} changed during training: {diff}")
+    _each_case(ctx, lambda method, bits: train_and_check(ctx, ARCH_FOR_CASE[(method, bits)], method, bits))
+
+
+@clause(
+    "TRAINER-EVAL-THEN-TRAIN", "MUST",
+    "Evaluating during training (eval_strategy='steps') leaves the quantized weights bit-identical and the "
+    "adapters learning: every later step has a non-zero finite gradient norm and the loss still falls.",
+    source="seed 004 (quantized training with adapters) + transformers Trainer eval_strategy; found here: "
+           "bitsandbytes 0.50.2 nn/modules.py:609-620 Linear4bit.forward repacks the weight in place "
+           "(_convert_weight_packed_for_cpu) on an eval-mode no-grad CPU forward when AVX512-BF16 is present",
+    requires=["peft_model"], devices=["cpu"],
+)
+def check_eval_then_train(ctx: CheckContext) -> None:
+    """Trainer.evaluate runs ``model.eval()`` + no-grad forwards, then training resumes in train mode."""
+    _record_source(ctx)
+    _each_case(ctx, lambda method, bits: train_and_check(ctx, "llama", method, bits, eval_steps=2))
 
 
 def _compile_ways() -> dict[str, tuple[bool, Callable[[str, int, str, int], nn.Module]]]:
@@ -326,7 +406,7 @@ def _compile_ways() -> dict[str, tuple[bool, Callable[[str, int, str, int], nn.M
     "Trainer rejects a compiled quantized model, with or without adapters, whichever way it was compiled "
     "(torch.compile(model), model.compile(), compiled submodules, compiling before get_peft_model).",
     source=SOURCE + "; seed 004 Rule 3 ('Quantized models CANNOT be combined with torch.compile()')",
-    requires=["peft_model"],
+    requires=["peft_model"], devices=["cpu"],
 )
 def check_reject_compiled(ctx: CheckContext) -> None:
     """Only builds the Trainer: no compiled forward runs (torch.compile is lazy)."""
@@ -357,7 +437,7 @@ def check_reject_compiled(ctx: CheckContext) -> None:
     "Trainer rejects a quantized model (with or without adapters) whose quantization method declares "
     "is_trainable False, naming the method, even when the method is QAT-trainable.",
     source=SOURCE + "; seed 004 Rule 2; transformers/quantizers/auto.py AUTO_QUANTIZER_MAPPING",
-    requires=["peft_model"],
+    requires=["peft_model"], devices=["cpu"],
 )
 def check_reject_not_trainable(ctx: CheckContext) -> None:
     """Swaps ``hf_quantizer`` of the bnb-loaded tiny model for a real registered quantizer instance.
@@ -399,7 +479,7 @@ def check_reject_not_trainable(ctx: CheckContext) -> None:
     "trainable (is_qat_trainable and is_trainable True).",
     source=SOURCE + "; seed 004 ('Some QAT (Quantization-Aware Training) methods'); "
                     "transformers/quantizers/quantizer_fp_quant.py, quantizer_bitnet.py",
-    requires=["peft_model"],
+    requires=["peft_model"], devices=["cpu"],
 )
 def check_accept_qat(ctx: CheckContext) -> None:
     _record_source(ctx)

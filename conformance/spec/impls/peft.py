@@ -131,7 +131,7 @@ class PeftApi:
         linear = getattr(layer_mod, "Linear", None)
         if (
             qutils is not None and hasattr(qutils, "Bnb4bitBackend") and linear is not None
-            and "quantization_backend" in inspect.getsource(layer_mod.OFTLayer.__init__)
+            and hasattr(layer_mod, "resolve_quantization_backend")  # OFTLayer.__init__ resolves a backend
         ):
             self.oft_style = "backend"
             self.oft_classes = {4: linear, 8: linear}

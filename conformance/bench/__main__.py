@@ -1,0 +1,69 @@
+"""``python -m conformance.bench [--device cuda] [--quick] [--out DIR] [--compare OLD.json]``
+
+Runs the benchmark matrix (``conformance.bench.cases``), writes ``DIR/<environment-slug>.json`` and a
+PNG next to it, prints the summary table, and with ``--compare`` runs the noise-aware regression
+compare against an older result (exit 1 on a regression).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import cases as bench_cases
+from . import compare as bench_compare
+from .report import summary_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m conformance.bench", description=__doc__.split("\n\n")[1])
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--quick", action="store_true", help="tiny smoke matrix (256x256, 8 tokens)")
+    p.add_argument("--out", default="baselines/bench", help="directory for the JSON and PNG (baselines/bench)")
+    p.add_argument("--name", default=None, help="file stem (default: the environment slug)")
+    p.add_argument("--compare", default=None, metavar="OLD.json", help="compare with an older result")
+    p.add_argument("--threshold", type=float, default=0.05, help="regression threshold for --compare (0.05)")
+    p.add_argument("--filter", default=None, help="only cases whose key contains all these ,-separated parts")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop starting new cases after this long")
+    p.add_argument("--repeats", type=int, default=3, help="extra independent runs of the main cases (spread)")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    if device == "cpu" and args.quick:
+        torch.set_num_threads(1)  # the smoke runs on shared 2-core machines: one thread keeps medians steady
+    from .runner import run
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    matrix = bench_cases.select(bench_cases.matrix(device, args.quick), args.filter)
+    mem_shapes = list(bench_cases.QUICK_SHAPES if args.quick else bench_cases.GPU_SHAPES)
+    doc = run(matrix, device, args.quick, args.max_seconds, args.repeats, mem_shapes=mem_shapes,
+              partial_path=Path(args.out) / ".partial.json")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or doc["slug"] + ("-quick" if args.quick else "")
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    (out / ".partial.json").unlink(missing_ok=True)
+    print(summary_table(doc))
+    print(f"\nwrote {path}")
+    if not args.no_plot:
+        try:
+            from .plot import plot
+
+            print(f"wrote {plot(doc, path.with_suffix('.png'))}")
+        except ImportError as exc:  # matplotlib is an optional extra ([plot])
+            print(f"no plot: {exc}")
+    if args.compare:
+        return bench_compare.main([args.compare, str(path), "--threshold", str(args.threshold)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Build what a :class:`~conformance.bench.cases.BenchCase` times: layers, inputs and the timed call.
+
+Implementations:
+
+- ``bnb``: the bare ``bnb.nn.Linear4bit`` / ``Linear8bitLt``;
+- ``floor-bare`` / ``floor``: the measured floors (``conformance.bench.roofline.floor_fn``);
+- ``reference`` / ``reference-noclone``: ``conformance.reference`` with ``clone_base_output`` True/False;
+- ``reference-v0`` (``-noclone``): the reference LoRA with its forward as first written (delta tensor, ``add_``),
+  kept here, not in the reference, to show in the same run what the fused forward bought;
+- ``peft``: PEFT's own layer, built through ``conformance.spec.impls.peft`` when that imports (the
+  protocol wrapper is unwrapped, PEFT's layer is timed directly), else directly as
+  ``peft.tuners.lora.bnb.Linear4bit(base, "default", config=LoraConfig(r=16, lora_alpha=16), r=16,
+  lora_alpha=16)``.
+
+``CONFORMANCE_BENCH_INJECT_SLOWDOWN=0.10`` makes every ``reference*`` timed call 10% slower (a calibrated
+busy-wait on the host, or ``torch.cuda._sleep`` on the GPU) -- only to show that the regression
+compare fires; it never touches the reference layer itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from conformance.quant.layers import make_base_layer
+from conformance.reference import LoraLinear4bit, LoraLinear8bit, OftLinear4bit, OftLinear8bit
+from conformance.reference.adapter_layer import BASE_ADAPTER
+
+from . import roofline
+from .cases import BenchCase, dtype_of
+from .memory import stored_bytes
+from .timing import spin
+
+INJECT_ENV = "CONFORMANCE_BENCH_INJECT_SLOWDOWN"
+
+
+class _LoraV0Mixin:
+    """The reference LoRA forward as first written (git 1fb742a): delta tensor, then ``add_``."""
+
+    def forward(self, x: torch.Tensor, adapter_names: Any = None) -> torch.Tensor:
+        self._check_input(x, adapter_names)
+        if self.disable_adapters or self.merged or adapter_names is not None:
+            return super().forward(x, adapter_names)
+        result = self.base_layer(x)
+        if self.clone_base_output:
+            result = result.clone()
+        for name in self.active_adapters:
+            a, b = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x.to(a.weight.dtype))
+            delta = torch.nn.functional.linear(torch.nn.functional.linear(h, a.weight), b.weight, b.bias)
+            result.add_(delta.to(result.dtype), alpha=self.scaling[name])
+        return result
+
+
+class LoraV0Linear4bit(_LoraV0Mixin, LoraLinear4bit):
+    pass
+
+
+class LoraV0Linear8bit(_LoraV0Mixin, LoraLinear8bit):
+    pass
+
+
+assert BASE_ADAPTER  # imported for readers: mixed batches go through the current reference path
+
+
+def make_base(case: BenchCase, device: str, seed: int = 0) -> nn.Module:
+    """The quantized base layer of a case: NF4 (+ double quant) or int8, no bias, weight in the compute dtype."""
+    dtype = dtype_of(case.dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(case.out_features, case.in_features, generator=gen, device=device, dtype=dtype)
+    w.mul_(case.in_features ** -0.5)
+    if case.bits == 8:
+        w = w.cpu()  # bnb's Int8Params quantizes only on a move from the CPU
+    return make_base_layer(
+        case.in_features, case.out_features, bits=case.bits, quant_type=case.quant_type, blocksize=64,
+        double_quant=case.double_quant, compute_dtype=dtype, weight_dtype=dtype, bias=False, device=device,
+        weight=w,
+    )
+
+
+def _peft_layer(base: nn.Module, method: str, params: dict[str, Any]) -> nn.Module:
+    """PEFT's layer over ``base`` (through the project's PEFT wrapper when available)."""
+    try:
+        from conformance.spec.impls.peft import PeftImplementation
+        from conformance.spec.implementation import AdapterSpec
+
+        wrapped = PeftImplementation().create(base, AdapterSpec(method, "default", params))
+        return getattr(wrapped, "layer", wrapped)
+    except ImportError:
+        pass
+    if method != "lora":
+        raise RuntimeError("PEFT OFT needs conformance.spec.impls.peft")
+    import bitsandbytes as bnb
+    from peft import LoraConfig
+    from peft.tuners.lora import bnb as peft_bnb
+
+    cls = peft_bnb.Linear4bit if isinstance(base, bnb.nn.Linear4bit) else peft_bnb.Linear8bitLt
+    cfg = LoraConfig(r=params["r"], lora_alpha=params["lora_alpha"], init_lora_weights=False)
+    return cls(base, "default", config=cfg, r=params["r"], lora_alpha=params["lora_alpha"])
+
+
+def _adapter_tensors(layer: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter's trainable tensors of a reference or PEFT layer (canonical names)."""
+    if hasattr(layer, "adapter_parameters"):
+        return layer.adapter_parameters("default")
+    out = {}
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            out[name] = p
+    return out
+
+
+def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1) -> nn.Module:
+    """Reference / PEFT adapter layer of a case; LoRA adapters cast to the compute dtype, random A and B."""
+    dtype = dtype_of(case.dtype)
+    gen = torch.Generator(device=base.weight.device).manual_seed(seed)
+    if case.method == "lora":
+        params = {"r": case.rank, "lora_alpha": case.alpha, "init_lora_weights": False}
+        if case.impl == "peft":
+            layer = _peft_layer(base, "lora", params)
+        elif case.impl.startswith("reference-v0"):
+            cls = LoraV0Linear4bit if case.bits == 4 else LoraV0Linear8bit
+            layer = cls(base, "default", clone_base_output=not case.impl.endswith("-noclone"), **params)
+        else:
+            cls = LoraLinear4bit if case.bits == 4 else LoraLinear8bit
+            layer = cls(base, "default", clone_base_output=case.impl != "reference-noclone", **params)
+        for mod in (layer.lora_A, layer.lora_B):
+            mod.to(dtype)
+        with torch.no_grad():
+            for p in _adapter_tensors(layer).values():
+                p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) * 0.02)
+        return layer
+    # OFT: rotation parameters stay float32 in both implementations (the Cayley solve needs it)
+    params = {"r": 0, "oft_block_size": 32, "init_weights": False}
+    if case.impl == "peft":
+        layer = _peft_layer(base, "oft", params)
+    else:
+        cls = OftLinear4bit if case.bits == 4 else OftLinear8bit
+        layer = cls(base, "default", **params)
+    with torch.no_grad():
+        for p in _adapter_tensors(layer).values():
+            p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) * 0.02)
+    return layer
+
+
+def lora_tensors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, scaling) of a LoRA layer, for the measured floor."""
+    return layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach(), float(
+        layer.scaling["default"])
+
+
+@dataclass
+class Prepared:
+    """A case ready to time: ``fn`` is the timed call, ``setup`` runs untimed before each round."""
+
+    case: BenchCase
+    fn: Callable[[], Any]
+    setup: Callable[[], Any] | None = None
+    static_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _param_bytes(layer: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in layer.parameters() if p.dtype.is_floating_point)
+
+
+class Builder:
+    """Builds (and caches) base layers and adapter layers while the runner walks the matrix."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._base_key: tuple | None = None
+        self._base: nn.Module | None = None
+        self._layers: dict[str, nn.Module] = {}
+        self._lora_for_floor: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+    def base(self, case: BenchCase) -> nn.Module:
+        key = (case.method, case.bits, case.quant_type, case.double_quant, case.in_features, case.out_features,
+               case.dtype)
+        if key != self._base_key:
+            self._base = self._layers = None
+            self._lora_for_floor = None
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+            self._base = make_base(case, self.device)
+            self._base_key = key
+            self._layers = {}
+        return self._base
+
+    def layer(self, case: BenchCase) -> nn.Module:
+        base = self.base(case)
+        if case.impl == "bnb":
+            return base
+        if case.impl not in self._layers:
+            self._layers[case.impl] = make_adapter_layer(case, base)
+        return self._layers[case.impl]
+
+    def floor_lora(self, case: BenchCase) -> tuple[torch.Tensor, torch.Tensor, float]:
+        if self._lora_for_floor is None:
+            self._lora_for_floor = lora_tensors(self.layer(case.with_impl("reference")))
+        return self._lora_for_floor
+
+    def prepare(self, case: BenchCase) -> Prepared:
+        dev, dtype = self.device, dtype_of(case.dtype)
+        if case.op in ("merge", "unmerge"):
+            return self._prepare_merge(case)
+        base = self.base(case)
+        gen = torch.Generator(device=dev).manual_seed(2)
+        x = torch.randn(case.tokens, case.in_features, generator=gen, device=dev, dtype=dtype)
+        grad = torch.randn(case.tokens, case.out_features, generator=gen, device=dev, dtype=dtype) \
+            if case.op == "fwdbwd" else None
+        static = sum(stored_bytes(base).values())
+        if case.impl in ("floor", "floor-bare"):
+            lora = self.floor_lora(case) if case.impl == "floor" else None
+            fn = roofline.floor_fn(case, base, x, grad, lora)
+            return Prepared(case, fn, None, static)
+        layer = self.layer(case)
+        static += _param_bytes(layer) - _param_bytes(base) if layer is not base else 0
+        if case.op == "fwd":
+            def fwd() -> torch.Tensor:
+                with torch.no_grad():
+                    return layer(x)
+            return Prepared(case, fwd, None, static)
+        x.requires_grad_(True)
+        params = [p for p in layer.parameters() if p.requires_grad]
+
+        def setup() -> None:
+            x.grad = None
+            for p in params:
+                p.grad = None
+
+        def fwdbwd() -> torch.Tensor:
+            out = layer(x)
+            out.backward(grad)
+            return out
+
+        return Prepared(case, fwdbwd, setup, static)
+
+    def _prepare_merge(self, case: BenchCase) -> Prepared:
+        # merge mutates the base: a private copy, so the shared base of the run cases stays pristine
+        base = copy.deepcopy(self.base(case))
+        layer = make_adapter_layer(case, base)
+        static = sum(stored_bytes(base).values()) + _param_bytes(layer) - _param_bytes(base)
+        if case.op == "merge":
+            def setup() -> None:
+                if layer.merged:
+                    layer.unmerge()
+
+            fn = layer.merge
+        else:
+            def setup() -> None:
+                if not layer.merged:
+                    layer.merge()
+
+            fn = layer.unmerge
+        return Prepared(case, fn, setup, static)
+
+
+def inject_factor() -> float:
+    """The slowdown factor asked for through $CONFORMANCE_BENCH_INJECT_SLOWDOWN (0 when unset)."""
+    raw = os.environ.get(INJECT_ENV, "").strip()
+    if not raw:
+        return 0.0
+    value = float(raw)
+    if not 0 <= value < 10:
+        raise ValueError(f"${INJECT_ENV} must be a fraction such as 0.10, got {raw!r}")
+    return value
+
+
+def _cuda_sleep_rate() -> float:
+    """Cycles per second of ``torch.cuda._sleep`` (measured once)."""
+    cycles = 2_000_000
+    torch.cuda._sleep(cycles)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize()
+    return cycles / (start.elapsed_time(end) / 1e3)
+
+
+def with_slowdown(prep: Prepared, factor: float, device: str) -> Prepared:
+    """Wrap ``prep.fn`` so that it takes ``1 + factor`` times as long (calibrated on the spot)."""
+    if factor <= 0 or not prep.case.impl.startswith("reference"):
+        return prep
+    samples = []
+    for _ in range(7):
+        if prep.setup:
+            prep.setup()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        prep.fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t0)
+    delay = factor * statistics.median(samples)
+    inner = prep.fn
+    if device == "cuda":
+        cycles = int(delay * _cuda_sleep_rate())
+
+        def slowed() -> Any:
+            out = inner()
+            torch.cuda._sleep(cycles)
+            return out
+    else:
+        def slowed() -> Any:
+            out = inner()
+            spin(delay)
+            return out
+
+    prep.notes.append(f"injected slowdown {factor:.0%} ({delay * 1e6:.1f} us)")
+    return Prepared(prep.case, slowed, prep.setup, prep.static_bytes, prep.notes)

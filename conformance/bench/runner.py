@@ -1,0 +1,228 @@
+"""Walk the benchmark matrix, time every case, derive the figures, write the results.
+
+A result file (``conformance-bench/1``, documented in ``baselines/bench/README.md``) holds the
+environment fingerprint, the datasheet peak used, and one record per case: the timing summary
+(median, spread, rounds), tokens/s, achieved TFLOP/s and GB/s, the measured and peak floors and the
+fraction of each, peak memory, stored bytes, clone overhead and ratios to PEFT and to the bare layer.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import memory, roofline
+from .cases import BenchCase
+from .layers import Builder, inject_factor, with_slowdown
+from .timing import Budget, L2Flusher, measure, time_host
+
+FORMAT = "conformance-bench/1"
+MAIN_GROUP_PREFIX = "lora-nf4-dq/fwdbwd/4096x4096/t4096/"
+
+
+def budget_for(case: BenchCase, device: str, quick: bool) -> Budget:
+    """Warm-up and round caps: merges are slow (seconds on big layers), the CPU smoke is short."""
+    if case.op in ("merge", "unmerge"):
+        return Budget(warmup=1, min_rounds=3, max_rounds=5 if not quick else 4, max_seconds=8.0, flush_l2=False)
+    if device != "cuda":
+        return Budget(warmup=3, min_rounds=15, max_rounds=60 if quick else 200, max_seconds=0.25 if quick else 2.0,
+                      target_ci=0.02, flush_l2=False)
+    return Budget(warmup=3, min_rounds=10, max_rounds=300, max_seconds=0.6, target_ci=0.02, flush_l2=True)
+
+
+def environment(device: str) -> dict[str, Any]:
+    try:
+        from conformance.spec.environment import fingerprint
+
+        return fingerprint(device)
+    except Exception as exc:  # the fingerprint must never stop a benchmark run
+        import platform
+
+        return {"device": device, "python": platform.python_version(), "torch": torch.__version__,
+                "fingerprint_error": repr(exc)}
+
+
+def slug(env: dict[str, Any]) -> str:
+    try:
+        from conformance.spec.environment import slug as _slug
+
+        return _slug(env)
+    except Exception:
+        return f"{env.get('device', 'cpu')}-torch{torch.__version__}".replace("+", "-")
+
+
+def run_case(builder: Builder, case: BenchCase, device: str, quick: bool, flusher: L2Flusher | None,
+             inject: float) -> dict[str, Any]:
+    """Time one case; never raises (an error becomes the record's ``status``)."""
+    rec: dict[str, Any] = case.to_dict()
+    try:
+        prep = builder.prepare(case)
+        if inject:
+            prep = with_slowdown(prep, inject, device)
+        budget = budget_for(case, device, quick)
+        timing = measure(prep.fn, budget, prep.setup, device, flusher)
+        rec["timing"] = timing.summary()
+        rec["budget"] = budget.to_dict()
+        if device == "cuda" and case.tokens == 1 and case.op in ("fwd", "fwdbwd"):
+            # decode is host-bound in eager mode: the synchronising wall-clock time is what a user waits
+            host = time_host(prep.fn, Budget(warmup=2, min_rounds=10, max_rounds=50, max_seconds=0.2,
+                                             flush_l2=True), prep.setup, device, flusher)
+            rec["host_timing"] = host.summary()
+        if case.op in ("fwd", "fwdbwd"):
+            if prep.setup:
+                prep.setup()
+            rec["memory"] = memory.peak_memory(prep.fn, device)
+        rec["static_bytes"] = prep.static_bytes
+        rec["notes"] = prep.notes
+        rec["status"] = "ok"
+    except Exception as exc:
+        rec["status"] = "error"
+        rec["error"] = f"{type(exc).__name__}: {exc}"
+        rec["traceback"] = traceback.format_exc(limit=6)
+    return rec
+
+
+def derive(records: list[dict[str, Any]], peak: roofline.Peak | None) -> None:
+    """Add the derived figures in place (needs the whole run: floors and ratios join records)."""
+    by_key = {r["key"]: r for r in records if r.get("status") == "ok"}
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        case = BenchCase(**{k: r[k] for k in BenchCase.__dataclass_fields__})
+        med = r["timing"]["median_s"]
+        f, b = roofline.flops(case), roofline.min_bytes(case)
+        r["flops"], r["min_bytes"] = f, b
+        if case.op in ("fwd", "fwdbwd"):
+            r["tokens_per_s"] = case.tokens / med
+            r["tflops"] = f / med / 1e12
+            r["gbps"] = b / med / 1e9
+            floor_impl = "floor-bare" if case.impl in roofline.BARE_IMPLS else "floor"
+            fl = by_key.get(f"{case.group}/{floor_impl}") if case.method == "lora" else None
+            if fl is not None and case.impl != floor_impl:
+                fm = fl["timing"]["median_s"]
+                r["floor_measured_s"] = fm
+                r["x_measured_floor"] = med / fm
+                r["frac_measured_floor"] = fm / med
+            pf = roofline.peak_floor_s(case, peak)
+            if pf is not None:
+                r["floor_peak_s"] = pf
+                r["frac_peak_floor"] = pf / med
+                r["x_peak_floor"] = med / pf
+        noclone = f"{case.impl}-noclone" if case.impl in ("reference", "reference-v0") else None
+        for other, name in (("peft", "x_peft"), ("bnb", "x_bnb"), (noclone, "x_noclone")):
+            o = by_key.get(f"{case.group}/{other}") if other else None
+            if o is not None and o is not r:
+                r[name] = med / o["timing"]["median_s"]
+                if "host_timing" in r and "host_timing" in o:
+                    r[name + "_host"] = r["host_timing"]["median_s"] / o["host_timing"]["median_s"]
+        if "x_noclone" in r:
+            r["clone_overhead_pct"] = 100.0 * (r["x_noclone"] - 1.0)
+
+
+def memory_table(device: str, shapes: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Bytes/param of stored layers (NF4, NF4+DQ, FP4, int8) vs the format's prediction."""
+    from conformance.quant.layers import make_base_layer
+
+    rows = []
+    for (i, o) in shapes:
+        for bits, qt, dq in ((4, "nf4", False), (4, "nf4", True), (4, "fp4", False), (8, None, False)):
+            kw = {"quant_type": qt, "double_quant": dq} if bits == 4 else {}
+            # random normal weights; int8 must start on the CPU (Int8Params quantizes on a move from it)
+            w = torch.randn(o, i, device=device if bits == 4 else "cpu", dtype=torch.bfloat16)
+            layer = make_base_layer(i, o, bits=bits, bias=False, device=device, weight=w,
+                                    weight_dtype=torch.bfloat16, compute_dtype=torch.bfloat16, **kw)
+            m = memory.bytes_per_param(layer)
+            theory = memory.theoretical_bits(bits, 64, dq, in_features=i)
+            rows.append({"shape": f"{i}x{o}", "bits": bits, "quant_type": qt or "int8", "double_quant": dq,
+                         **{k: m[k] for k in ("params", "bytes", "parts", "bytes_per_param", "bits_per_param",
+                                              "stats_bits_per_param")},
+                         "theory_bits_per_param": theory["total"], "theory_stats_bits": theory["stats"]})
+            del layer, w
+    return rows
+
+
+def repeat_spread(builder: Builder, cases: list[BenchCase], device: str, quick: bool, flusher: L2Flusher | None,
+                  repeats: int) -> list[dict[str, Any]]:
+    """Time the same cases ``repeats`` times (independently) and report the spread of the medians."""
+    out = []
+    for case in cases:
+        meds = []
+        for _ in range(repeats):
+            rec = run_case(builder, case, device, quick, flusher, 0.0)
+            if rec["status"] != "ok":
+                break
+            meds.append(rec["timing"]["median_s"])
+        if len(meds) >= 2:
+            m = sorted(meds)[len(meds) // 2]
+            out.append({"key": case.key, "medians_s": meds, "spread_rel": (max(meds) - min(meds)) / m})
+    return out
+
+
+def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_seconds: float | None = None,
+        repeats: int = 0, log: Callable[[str], None] = print, mem_shapes: list[tuple[int, int]] | None = None,
+        partial_path: Path | None = None) -> dict[str, Any]:
+    """Run ``cases`` (in order, until ``max_seconds``), returning the result document."""
+    warnings.simplefilter("ignore")
+    env = environment(device)
+    gpu_name = env.get("gpu", {}).get("name") if device == "cuda" else None
+    peak = roofline.peak_for(gpu_name)
+    builder = Builder(device)
+    flusher = L2Flusher(device) if device == "cuda" else None
+    inject = inject_factor()
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    skipped = 0
+    for n, case in enumerate(cases):
+        if max_seconds is not None and time.perf_counter() - started > max_seconds:
+            records.append({**case.to_dict(), "status": "skipped", "error": "time budget of the run exhausted"})
+            skipped += 1
+            continue
+        rec = run_case(builder, case, device, quick, flusher, inject)
+        records.append(rec)
+        if rec["status"] == "ok":
+            t = rec["timing"]
+            log(f"[{n + 1}/{len(cases)}] {case.key:70s} {t['median_s'] * 1e3:10.4f} ms  ci {t['ci_rel']:.3f}  "
+                f"n={t['rounds']}")
+        else:
+            log(f"[{n + 1}/{len(cases)}] {case.key:70s} ERROR {rec['error'][:200]}")
+        if partial_path is not None and (n % 25 == 0):
+            partial_path.write_text(json.dumps({"format": FORMAT, "partial": True, "results": records}, default=str))
+    elapsed = time.perf_counter() - started
+    spread = []
+    if repeats:
+        main = [c for c in cases if c.group.startswith(MAIN_GROUP_PREFIX) and c.impl in ("reference", "peft", "floor")]
+        if quick:
+            main = [c for c in cases if c.op == "fwdbwd" and c.method == "lora" and c.bits == 4
+                    and c.impl in ("reference", "peft", "floor")]
+        spread = repeat_spread(builder, main, device, quick, flusher, repeats)
+    del builder
+    gc.collect()
+    mem = memory_table(device, mem_shapes or [(c.in_features, c.out_features) for c in cases[:1]])
+    derive(records, peak)
+    return {
+        "format": FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": env,
+        "slug": slug(env),
+        "config": {"device": device, "quick": quick, "max_seconds": max_seconds, "inject_slowdown": inject,
+                   "cases": len(cases), "skipped": skipped, "elapsed_s": elapsed},
+        "peak": None if peak is None else {"name": peak.name, "flops": peak.flops, "bandwidth": peak.bandwidth},
+        "results": records,
+        "repeat_spread": spread,
+        "memory": mem,
+        "memory_theory": {
+            "nf4_bits": memory.theoretical_bits(4, 64, False)["total"],
+            "nf4_dq_bits": memory.theoretical_bits(4, 64, True)["total"],
+            "double_quant_saving_bits": memory.double_quant_saving_bits(),
+            "llama7b_nf4_dq_gib": memory.model_gib(6.74e9, memory.theoretical_bits(4, 64, True)["total"]),
+        },
+    }

@@ -1,0 +1,4 @@
+"""Probes for maintainers: questions about torch/bitsandbytes behaviour, answered per environment.
+
+``python -m conformance probe clone``: is PEFT's defensive ``result.clone()`` (seed 000) still needed?
+"""

@@ -1,0 +1,439 @@
+"""Probe: is the defensive ``result = result.clone()`` before adding the adapter output still needed?
+
+Seed 000 (``peft/tuners/lora/bnb.py``): "As per Tim Dettmers, for 4bit, we need to defensively clone
+here. The reason is that in some cases, an error can occur that backprop does not work on a
+manipulated view. This issue may be solved with newer PyTorch versions but this would need extensive
+testing to be sure." This is that testing. For every case of the backprop matrix (bits / quant type,
+compute dtype, input rank, batch, input requiring grad, grad / no_grad / inference_mode, single or
+mixed batch) and every way of adding a LoRA output *in place* onto the RAW output of the bitsandbytes
+layer, it runs the uncloned and the cloned path and classifies each as
+
+* ``raises``: the in-place update or the backward raised (type and message recorded);
+* ``wrong``: output or a gradient (input, lora_A, lora_B) is outside the float64 bound of
+  ``conformance.spec.checks.backprop.expected`` (same oracle and bound as clause BACKPROP-GRAD-F64);
+* ``works``.
+
+The verdict names the cases where the uncloned path fails and cloning fixes it ("clone still
+required for: ..."), or says that none does on this torch/bitsandbytes. ``--compare baseline.json``
+shows what changed per case since a baseline (exit 1 when a case went from works to raises/wrong);
+a maintainer runs it on each new PyTorch release.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+
+from conformance.quant import layers as qlayers
+from conformance.spec.checks import backprop as bp
+
+SCHEMA_VERSION = 1
+RANK, ALPHA = 4, 8.0
+MIXED_NAMES = ("a", bp.BASE, "b")
+MODES = ("grad", "no_grad", "inference_mode")
+SINGLE_TECHNIQUES = ("iadd", "add_", "view_add_", "mul1_add_", "addmm_")
+MIXED_TECHNIQUES = ("index_add_", "setitem_iadd")
+TECHNIQUE_CODE = {
+    "iadd": "result += delta",
+    "add_": "result.add_(delta)",
+    "view_add_": "result.view(-1, out).add_(delta.view(-1, out))",
+    "mul1_add_": "result.mul_(1); result.add_(delta)",
+    "addmm_": "result.view(-1, out).addmm_(x A^T, B^T, alpha=scaling)",
+    "index_add_": "result.index_add_(0, rows, delta_rows) per adapter",
+    "setitem_iadd": "result[rows] += delta_rows per adapter (PEFT _mixed_batch_forward)",
+}
+FACTORS = ("quant", "dtype", "rank", "batch", "x_requires_grad", "mode", "batch_kind", "technique")
+
+BaseFactory = Callable[[int, str, torch.dtype, str], tuple[nn.Module, torch.Tensor, "torch.Tensor | None"]]
+
+
+@dataclass(frozen=True)
+class ProbeCase:
+    bits: int
+    quant: str  # nf4 / fp4 / int8
+    dtype: str  # float32 / float16 / bfloat16
+    rank: int
+    batch: int
+    x_requires_grad: bool
+    mode: str
+    batch_kind: str  # single / mixed
+    technique: str
+
+    @property
+    def id(self) -> str:
+        g = "xgrad" if self.x_requires_grad else "xnograd"
+        return (f"{self.quant}/{self.dtype}/rank{self.rank}-batch{self.batch}/{g}/{self.mode}/"
+                f"{self.batch_kind}/{self.technique}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def input_shape(self) -> tuple[int, ...]:
+        if self.rank == 1:
+            return (bp.IN_FEATURES,)
+        if self.rank == 2:
+            return (self.batch, bp.IN_FEATURES)
+        return (self.batch, bp.SEQ_LEN, bp.IN_FEATURES)
+
+
+def matrix(bits: Iterable[int] = (4, 8)) -> list[ProbeCase]:
+    """The full cross product (the probe is a measurement: no sampling)."""
+    out = []
+    dtypes = [str(d).removeprefix("torch.") for d in bp.DTYPES]
+    for (b, qt), dt, mode, xg in itertools.product(bp._quants_for(list(bits)), dtypes, MODES, (True, False)):
+        for rank in bp.INPUT_RANKS:
+            for batch in (bp.BATCH_SIZES if rank > 1 else (1,)):
+                out += [ProbeCase(b, qt, dt, rank, batch, xg, mode, "single", t) for t in SINGLE_TECHNIQUES]
+            if rank > 1:
+                out += [ProbeCase(b, qt, dt, rank, len(MIXED_NAMES), xg, mode, "mixed", t) for t in MIXED_TECHNIQUES]
+    return out
+
+
+def default_base(bits: int, quant: str, dtype: torch.dtype, device: str) -> tuple[nn.Module, torch.Tensor,
+                                                                                   torch.Tensor | None]:
+    """A bitsandbytes base layer, its dequantized weight and its bias (read before any forward)."""
+    base = qlayers.make_base_layer(bp.IN_FEATURES, bp.OUT_FEATURES, bits=bits,
+                                   quant_type=quant if bits == 4 else "nf4", compute_dtype=dtype, device=device)
+    bias = None if base.bias is None else base.bias.detach().double().cpu().clone()
+    return base, qlayers.dequantize(base).double().cpu(), bias
+
+
+# --------------------------------------------------------------------------------------------------
+def _adapters(device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1234)
+    out = {}
+    for name in ("a", "b"):
+        a = torch.randn(RANK, bp.IN_FEATURES, generator=gen) / bp.IN_FEATURES**0.5
+        b = torch.randn(bp.OUT_FEATURES, RANK, generator=gen) / RANK**0.5
+        out[name] = (a.to(device), b.to(device))
+    return out
+
+
+def _apply(technique: str, result: torch.Tensor, x: torch.Tensor, ad: dict[str, tuple[torch.Tensor, torch.Tensor]],
+           scaling: float) -> torch.Tensor:
+    """Add the LoRA output of adapter 'a' (single) or 'a'/'b' per row (mixed) onto ``result`` in place."""
+    out = result.shape[-1]
+
+    def delta(name: str, xs: torch.Tensor) -> torch.Tensor:
+        a, b = ad[name]
+        return ((xs.to(a.dtype) @ a.t()) @ b.t() * scaling).to(result.dtype)
+
+    if technique == "iadd":
+        result += delta("a", x)
+    elif technique == "add_":
+        result.add_(delta("a", x))
+    elif technique == "view_add_":
+        result.view(-1, out).add_(delta("a", x).reshape(-1, out))
+    elif technique == "mul1_add_":
+        result.mul_(1)
+        result.add_(delta("a", x))
+    elif technique == "addmm_":
+        a, b = ad["a"]
+        h = (x.to(a.dtype) @ a.t()).to(result.dtype).reshape(-1, a.shape[0])
+        result.view(-1, out).addmm_(h, b.t().to(result.dtype), alpha=scaling)
+    elif technique in MIXED_TECHNIQUES:
+        for name in ("a", "b"):
+            rows = [i for i, n in enumerate(MIXED_NAMES) if n == name]
+            idx = torch.tensor(rows, device=x.device)
+            d = delta(name, x.index_select(0, idx))
+            if technique == "index_add_":
+                result.index_add_(0, idx, d)
+            else:
+                result[rows] += d
+    else:
+        raise ValueError(f"unknown technique {technique!r}; known: {sorted(TECHNIQUE_CODE)}")
+    return result
+
+
+def _short(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split())
+    return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+def _run_path(case: ProbeCase, clone: bool, base: nn.Module, x0: torch.Tensor, g: torch.Tensor,
+              ad: dict[str, tuple[torch.Tensor, torch.Tensor]], exp: bp.Expected) -> dict[str, Any]:
+    """One path (cloned or not): outcome, where it raised, worst ratio to the bound, the output."""
+    params = {n: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for n, (a, b) in ad.items()}
+    x = x0.clone().requires_grad_(case.x_requires_grad)
+    ctxm = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[case.mode]
+    phase = "base forward"
+    rec: dict[str, Any] = {"outcome": "works"}
+    try:
+        with ctxm():
+            result = base(x)
+            rec["raw_is_view"] = bool(result._is_view())
+            rec["raw_grad_fn"] = type(result.grad_fn).__name__ if result.grad_fn is not None else None
+            if clone:
+                result = result.clone()
+            phase = "in-place update"
+            result = _apply(case.technique, result, x, params, bp.lora_scaling({"r": RANK, "lora_alpha": ALPHA}))
+            if case.mode == "grad":
+                phase = "backward"
+                (result * g).sum().backward()
+    except Exception as exc:  # noqa: BLE001  (what torch raises is the measurement)
+        rec.update(outcome="raises", phase=phase, error_type=type(exc).__name__, error=_short(exc))
+        return rec
+    checks = [("output", result, exp.y, exp.y_bound)]
+    if case.mode == "grad":
+        if case.x_requires_grad:
+            checks.append(("grad x", x.grad, exp.grads["x"], exp.grad_bounds["x"]))
+        for n, (a, b) in params.items():
+            if case.batch_kind == "single" and n != "a":
+                continue
+            checks.append((f"grad {n}.lora_A", a.grad, exp.grads[f"{n}:lora_A.weight"],
+                           exp.grad_bounds[f"{n}:lora_A.weight"]))
+            checks.append((f"grad {n}.lora_B", b.grad, exp.grads[f"{n}:lora_B.weight"],
+                           exp.grad_bounds[f"{n}:lora_B.weight"]))
+    worst, bad = 0.0, []
+    for what, got, e, bnd in checks:
+        if got is None:
+            worst, bad = math.inf, bad + [f"{what} is None"]
+            continue
+        ratio, where = bp.violation(got.detach().cpu(), e, bnd)
+        worst = max(worst, ratio)
+        if ratio > 1:
+            bad.append(f"{what}: ratio {ratio:.3g} ({where})")
+    rec["max_ratio"] = worst if math.isfinite(worst) else "inf"
+    if bad:
+        rec.update(outcome="wrong", error="; ".join(bad)[:500])
+    rec["_tensors"] = [t.detach().cpu().clone() if t is not None else None for _, t, _, _ in checks]
+    return rec
+
+
+def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
+              base_factory: BaseFactory | None = None, progress: TextIO | None = None) -> dict[str, Any]:
+    """Run every case, return the JSON-able report (schema_version, environment, cases, verdict)."""
+    cases = list(cases if cases is not None else matrix())
+    if base_factory is None:
+        # one bitsandbytes layer per (bits, quant, dtype): the in-place updates touch only its output
+        cache: dict[tuple, tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = {}
+
+        def factory(bits: int, quant: str, dtype: torch.dtype, dev: str) -> tuple[nn.Module, torch.Tensor,
+                                                                                    torch.Tensor | None]:
+            key = (bits, quant, dtype, dev)
+            if key not in cache:
+                cache[key] = default_base(bits, quant, dtype, dev)
+            return cache[key]
+    else:
+        factory = base_factory
+    ad = _adapters(device)
+    gen = torch.Generator().manual_seed(0)
+    expected_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, bp.Expected]] = {}
+    records = []
+    start = time.perf_counter()
+    for i, case in enumerate(cases):
+        if progress is not None and (i % 50 == 0 or i == len(cases) - 1):
+            print(f"[clone probe] {i + 1}/{len(cases)} {case.id} ({time.perf_counter() - start:.1f}s)",
+                  file=progress, flush=True)
+        base, w, bias = factory(case.bits, case.quant, case.torch_dtype, device)
+        key = (case.bits, case.quant, case.dtype, case.rank, case.batch, case.x_requires_grad, case.batch_kind)
+        if key not in expected_cache:
+            x0 = torch.randn(*case.input_shape(), generator=gen).to(device=device, dtype=case.torch_dtype)
+            g = torch.randn(*x0.shape[:-1], bp.OUT_FEATURES, generator=gen).to(device=device, dtype=case.torch_dtype)
+            names = list(MIXED_NAMES) if case.batch_kind == "mixed" else None
+            used = ("a", "b") if names else ("a",)
+            state = bp.LayerState(
+                w, bias, "lora", {n: {"r": RANK, "lora_alpha": ALPHA} for n in used},
+                {n: {"lora_A.weight": ad[n][0].double().cpu(), "lora_B.weight": ad[n][1].double().cpu()} for n in used},
+            )
+            exp = bp.expected(state, x0.cpu(), g.cpu(), compute_dtype=case.torch_dtype, names=names, active=["a"])
+            expected_cache[key] = (x0, g, exp)
+        x0, g, exp = expected_cache[key]
+        unc = _run_path(case, False, base, x0, g, ad, exp)
+        base, _, _ = factory(case.bits, case.quant, case.torch_dtype, device)
+        clo = _run_path(case, True, base, x0, g, ad, exp)
+        ut, ct = unc.pop("_tensors", None), clo.pop("_tensors", None)
+        if ut is not None and ct is not None:
+            unc["bitwise_equal_to_cloned"] = all(
+                (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                for a, b in zip(ut, ct))
+        records.append({
+            "id": case.id, **asdict(case),
+            "uncloned": unc, "cloned": clo,
+            "clone_required": unc["outcome"] != "works" and clo["outcome"] == "works",
+            "both_fail": unc["outcome"] != "works" and clo["outcome"] != "works",
+        })
+    elapsed = time.perf_counter() - start
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "environment": environment(device),
+        "probe": {"name": "clone", "seconds": round(elapsed, 2), "rank": RANK, "lora_alpha": ALPHA,
+                  "shape": [bp.IN_FEATURES, bp.OUT_FEATURES], "techniques": TECHNIQUE_CODE},
+        "cases": records,
+        "verdict": verdict(records, environment(device)),
+    }
+
+
+def environment(device: str) -> dict[str, Any]:
+    try:
+        from conformance.spec.environment import fingerprint
+    except ImportError:  # minimal fallback while the shared fingerprint is missing
+        import platform
+
+        import bitsandbytes
+
+        return {"python": platform.python_version(), "device": device,
+                "packages": {"torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__}}
+    return fingerprint(device)
+
+
+def _versions(env: dict[str, Any]) -> tuple[str, str]:
+    pk = env.get("packages", {})
+    return str(pk.get("torch") or torch.__version__), str(pk.get("bitsandbytes") or "?")
+
+
+# --------------------------------------------------------------------------------------------------
+def collapse(rows: Sequence[dict[str, Any]], universe: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Summarise case rows: factor by factor, a group of rows that differ only in that factor and
+    hold every value the ``universe`` has for it becomes one row with '*' there. Deterministic."""
+    cur = {tuple(r[f] for f in FACTORS) for r in rows}
+    uni = {tuple(r[f] for f in FACTORS) for r in universe}
+    for i, _ in enumerate(FACTORS):
+        def key(t: tuple, i: int = i) -> tuple:
+            return t[:i] + t[i + 1:]
+
+        possible: dict[tuple, set] = {}
+        for t in uni:
+            possible.setdefault(key(t), set()).add(t[i])
+        groups: dict[tuple, set] = {}
+        for t in cur:
+            groups.setdefault(key(t), set()).add(t[i])
+        nxt = set()
+        for k, vals in groups.items():
+            if len(vals) > 1 and vals == possible.get(k):
+                nxt.add(k[:i] + ("*",) + k[i:])
+            else:
+                nxt |= {k[:i] + (v,) + k[i:] for v in vals}
+        cur = nxt
+        uni |= {k[:i] + ("*",) + k[i:] for k, v in possible.items() if len(v) > 1}
+    return [dict(zip(FACTORS, t)) for t in sorted(cur, key=str)]
+
+
+def _pattern(r: dict[str, Any]) -> str:
+    return " ".join(f"{f}={r[f]}" for f in FACTORS if r[f] != "*") or "every case"
+
+
+def verdict(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:
+    tv, bv = _versions(env)
+    required = [r for r in records if r["clone_required"]]
+    both = [r for r in records if r["both_fail"]]
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["uncloned"]["outcome"]] = counts.get(r["uncloned"]["outcome"], 0) + 1
+    patterns = [_pattern(p) for p in collapse(required, records)] if required else []
+    if required:
+        line = f"clone still required for: {len(required)}/{len(records)} cases: " + "; ".join(patterns)
+    else:
+        line = f"not required in any case on torch {tv} / bnb {bv} ({len(records)} cases)"
+    if both:
+        line += f" [{len(both)} cases fail even with the clone: see both_fail]"
+    return {"clone_required": bool(required), "line": line, "patterns": patterns, "required": [r["id"] for r in required],
+            "both_fail": [r["id"] for r in both], "uncloned_outcomes": counts, "cases": len(records),
+            "torch": tv, "bitsandbytes": bv}
+
+
+def compare(current: dict[str, Any], baseline: dict[str, Any]) -> tuple[list[str], bool]:
+    """(lines describing what changed per case, whether some case regressed from works)."""
+    old = {c["id"]: c for c in baseline.get("cases", [])}
+    new = {c["id"]: c for c in current.get("cases", [])}
+    lines, regressed = [], False
+    for cid in sorted(set(old) | set(new)):
+        if cid not in new:
+            lines.append(f"- {cid}: only in the baseline")
+            continue
+        if cid not in old:
+            lines.append(f"+ {cid}: new case (uncloned {new[cid]['uncloned']['outcome']})")
+            continue
+        for path in ("uncloned", "cloned"):
+            a, b = old[cid][path]["outcome"], new[cid][path]["outcome"]
+            if a != b:
+                worse = a == "works" and b in ("raises", "wrong")
+                regressed |= worse
+                why = f": {new[cid][path].get('error_type', '')} {new[cid][path].get('error', '')}".rstrip(": ")
+                lines.append(f"{'!' if worse else '~'} {cid} [{path}]: {a} -> {b}{why if b != 'works' else ''}")
+    ov, nv = baseline.get("verdict", {}).get("line"), current.get("verdict", {}).get("line")
+    if ov != nv:
+        lines.append(f"verdict was: {ov}")
+        lines.append(f"verdict now: {nv}")
+    return lines, regressed
+
+
+def dumps(report: dict[str, Any]) -> str:
+    """JSON with one case per line (diffable, a third of the indented size)."""
+    head = {k: v for k, v in report.items() if k != "cases"}
+    text = json.dumps(head, indent=1)[:-2]
+    cases = ",\n  ".join(json.dumps(c, separators=(",", ":")) for c in report.get("cases", []))
+    return text + ',\n "cases": [\n  ' + cases + "\n ]\n}\n"
+
+
+def table(records: Sequence[dict[str, Any]]) -> str:
+    head = f"{'case':<72} {'uncloned':<8} {'cloned':<8} {'clone req':<9} detail"
+    out = [head, "-" * len(head)]
+    for r in records:
+        u = r["uncloned"]
+        detail = f"{u.get('error_type', '')}: {u.get('error', '')}"[:90] if u["outcome"] != "works" else ""
+        out.append(f"{r['id']:<72} {u['outcome']:<8} {r['cloned']['outcome']:<8} "
+                   f"{'yes' if r['clone_required'] else 'no':<9} {detail}")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to probe (default cpu)")
+    parser.add_argument("--json", metavar="OUT", help="write the full report (cases, verdict, environment) here")
+    parser.add_argument("--compare", metavar="BASELINE", help="report per-case changes against a baseline JSON; "
+                        "exit 1 if a case went from works to raises/wrong")
+    parser.add_argument("--bits", type=int, action="append", choices=[4, 8], help="only these bit widths")
+    parser.add_argument("--quiet", action="store_true", help="no table, only the verdict (and the comparison)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while probing (default 1: the "
+                        "shapes are tiny, more threads only add overhead; 0 keeps torch's setting)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("clone probe: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    baseline = None
+    if getattr(args, "compare", None):
+        try:
+            baseline = json.loads(Path(args.compare).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"clone probe: cannot read baseline {args.compare}: {exc}", file=sys.stderr)
+            return 2
+    threads = torch.get_num_threads()
+    if getattr(args, "threads", 1) > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        report = run_probe(args.device, cases=matrix(args.bits or (4, 8)), progress=sys.stderr)
+    except Exception:  # pragma: no cover - a crash of the probe itself, not a finding
+        traceback.print_exc()
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+    if not getattr(args, "quiet", False):
+        print(table(report["cases"]))
+    print(report["verdict"]["line"])
+    print(f"({len(report['cases'])} cases in {report['probe']['seconds']}s)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(dumps(report))
+    if baseline is not None:
+        lines, regressed = compare(report, baseline)
+        print(f"compared with {args.compare}: {len(lines)} change(s)")
+        for line in lines:
+            print("  " + line)
+        return 1 if regressed else 0
+    return 0

@@ -1,0 +1,440 @@
+"""Merge/unmerge clauses: merged forward, round trip and repeated cycles within analytic bounds; warnings;
+bookkeeping (twice, nothing merged, several adapters, subsets); lora_bias; requantization settings.
+
+Numbers come from ``conformance.spec.oracle`` (float64 value + bound); every bound that involves a
+requantization uses ``conformance.quant.weight_bound`` of the layer state *after* it (seed 001:
+merge = dequantize -> apply -> requantize with the original settings).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from conformance.quant import layers as ql
+from conformance.quant.bounds import weight_bound
+from conformance.spec import cases, oracle, strategies
+from conformance.spec.clauses import clause
+from conformance.spec.context import CheckContext, recorded_warnings, warning_texts
+
+SOURCE_MERGE = ("seed 001 (merge on 4/8-bit = dequantize, add, requantize); peft/tuners/lora/bnb.py merge/unmerge; "
+                "seed 003 (OFT merge = rotate W, unmerge = inverse rotation); peft/utils/integrations.py "
+                "dequantize_bnb_weight")
+
+
+def _property(ctx: CheckContext, max_examples: int) -> Callable[[Callable[..., None]], Callable[[], None]]:
+    """Run a hypothesis property inside a check: derandomized, no database, no shrinking (speed)."""
+    return settings(
+        max_examples=max_examples, derandomize=True, database=None, deadline=None, print_blob=False,
+        phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
+    )
+
+
+def _draw_case(ctx: CheckContext, data: st.DataObject) -> tuple[str, int, cases.BaseCase, dict[str, Any]]:
+    pairs = list(ctx.cases())
+    method, bits = data.draw(st.sampled_from(pairs), label="method, bits")
+    case = data.draw(strategies.base_cases(bits, cpu_safe=ctx.device == "cpu"), label="base")
+    params = data.draw(strategies.adapter_params(method, case.in_features), label="adapter")
+    return method, bits, case, params
+
+
+def _label(method: str, case: cases.BaseCase, params: dict[str, Any]) -> str:
+    return f"{cases.AdapterCase(method, params).label} on {case.label}"
+
+
+def _seed(label: str) -> int:
+    return zlib.crc32(label.encode())
+
+
+def _build(ctx: CheckContext, method: str, case: cases.BaseCase, params: dict[str, Any], name: str = "default",
+           seed: int = 0) -> torch.nn.Module:
+    base = ctx.make_base(case.in_features, case.out_features, seed=ctx.seed + seed % 1000, **case.kwargs())
+    layer = ctx.make_layer(base, method, adapter_name=name, **params)
+    oracle.fill_adapter(layer, name, ctx.generator(seed))
+    return layer
+
+
+def _merged_expected(layer: torch.nn.Module, method: str, name: str, params: dict[str, Any], x: torch.Tensor,
+                     w0: torch.Tensor, b0: torch.Tensor | None) -> tuple[oracle.Expected, torch.Tensor]:
+    """Expected merged-layer output and the bound on |W_merged - target| (requantization + arithmetic)."""
+    wt, we, bt, be = oracle.merge_target(layer, method, name, params, w0, b0)
+    err = weight_bound(layer.base_layer) + we
+    return oracle.linear_expected(layer.base_layer, x, x.dtype, weight=wt, weight_err=err, bias=bt,
+                                  bias_err=be), err
+
+
+@clause(
+    "MERGE-FORWARD-BOUND", "MUST",
+    "After merge() the layer's output matches the unmerged adapter forward within the analytic bound: one "
+    "requantization (weight_bound of the merged layer) plus the merge and matmul rounding (hypothesis over shapes, "
+    "ranks, alphas != r, rsLoRA, OFT block sizes/sharing, quant types, blocksizes, double quant, compute dtypes).",
+    source=SOURCE_MERGE,
+)
+def check_merge_forward(ctx: CheckContext) -> None:
+    @_property(ctx, 24)
+    @given(data=st.data())
+    def prop(data: st.DataObject) -> None:
+        method, bits, case, params = _draw_case(ctx, data)
+        label = _label(method, case, params)
+        layer = _build(ctx, method, case, params, seed=_seed(label))
+        x = ctx.randn(5, case.in_features, dtype=case.compute_dtype, offset=1)
+        with torch.no_grad():
+            exp_u = oracle.expected(layer, method, "default", params, x)
+            y_u = layer(x)
+            w0, b0 = oracle.base_weights(layer.base_layer)
+            with recorded_warnings():
+                layer.merge()
+            ctx.check(bool(layer.merged), f"{label}: merged is False after merge()")
+            exp_m, _ = _merged_expected(layer, method, "default", params, x, w0, b0)
+            y_m = layer(x)
+        r_u, r_m = exp_u.ratio(y_u), exp_m.ratio(y_m)
+        fam = f"{method}.{bits}bit"
+        ctx.measure_max(f"ratio.unmerged.{fam}", r_u)
+        ctx.measure_max(f"ratio.merged.{fam}", r_m)
+        if not r_u <= 1.0:
+            ctx.fail(f"{label}: unmerged forward outside the oracle bound {exp_u.describe(y_u)}")
+        if not r_m <= 1.0:
+            ctx.fail(f"{label}: merged forward outside the bound of one requantization {exp_m.describe(y_m)}")
+        gap = (y_m.double() - y_u.double()).abs().reshape(exp_u.bound.shape)
+        r = float((gap / (exp_u.bound + exp_m.bound)).max())
+        ctx.measure_max(f"ratio.merged_vs_unmerged.{fam}", r)
+        ctx.check(r <= 1.0, f"{label}: merged vs unmerged output differ by {gap.max():.3g}, beyond the sum of "
+                  f"their bounds (ratio {r:.3g})")
+
+    prop()
+
+
+def _roundtrip(ctx: CheckContext, layer: torch.nn.Module, method: str, params: dict[str, Any], label: str,
+               w0: torch.Tensor, b0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """merge + unmerge; returns (|W2 - W0| bound, W2, b2) after checking the bookkeeping."""
+    with recorded_warnings():
+        layer.merge()
+    wt, we, bt, be = oracle.merge_target(layer, method, "default", params, w0, b0)
+    first = weight_bound(layer.base_layer) + we
+    w1, b1 = oracle.base_weights(layer.base_layer)
+    with recorded_warnings():
+        layer.unmerge()
+    ctx.check(not layer.merged and list(layer.merged_adapters) == [],
+              f"{label}: after unmerge() merged={layer.merged}, merged_adapters={list(layer.merged_adapters)}")
+    bound = oracle.roundtrip_bound(layer, method, "default", params, first, w1, weight_bound(layer.base_layer))
+    w2, b2 = oracle.base_weights(layer.base_layer)
+    if b0 is not None and b1 is not None and be is not None:
+        u_b = 2 * oracle.qb.unit_roundoff(layer.base_layer.bias.dtype)
+        bias_bound = 2 * be + u_b * b0.abs()
+        if not bool(((b2 - b0).abs() <= bias_bound).all()):
+            ctx.fail(f"{label}: bias after merge+unmerge differs from the original by "
+                     f"{(b2 - b0).abs().max():.3g} > bound {bias_bound.max():.3g}")
+    return bound, w2, b2
+
+
+@clause(
+    "MERGE-ROUNDTRIP", "MUST",
+    "merge() then unmerge() returns the dequantized base weight within the bound of two requantizations plus the "
+    "merge/unmerge arithmetic (OFT: unmerge applies the inverse rotation, R^T for the exact Cayley transform), and "
+    "the layer reports merged=False.",
+    source=SOURCE_MERGE,
+)
+def check_roundtrip(ctx: CheckContext) -> None:
+    @_property(ctx, 24)
+    @given(data=st.data())
+    def prop(data: st.DataObject) -> None:
+        method, bits, case, params = _draw_case(ctx, data)
+        if method == "lora":
+            params = {**params, "lora_bias": data.draw(st.booleans(), label="lora_bias")}
+        label = _label(method, case, params)
+        layer = _build(ctx, method, case, params, seed=_seed(label))
+        with torch.no_grad():
+            w0, b0 = oracle.base_weights(layer.base_layer)
+            bound, w2, _ = _roundtrip(ctx, layer, method, params, label, w0, b0)
+        ratio = float(((w2 - w0).abs() / bound).max())
+        ctx.measure_max(f"ratio.roundtrip.{method}.{bits}bit", ratio)
+        if not ratio <= 1.0:
+            i = int(((w2 - w0).abs() / bound).flatten().argmax())
+            ctx.fail(f"{label}: merge+unmerge moved weight {divmod(i, w0.shape[1])} by "
+                     f"{(w2 - w0).abs().flatten()[i]:.3g} > bound {bound.flatten()[i]:.3g} (ratio {ratio:.3g})")
+
+    prop()
+
+
+CYCLES = 5
+
+
+@clause(
+    "MERGE-CYCLES", "MUST",
+    f"k merge/unmerge cycles (k = 1..{CYCLES}) move the base weight by no more than the sum of the k single-cycle "
+    "bounds (the drift does not compound beyond linear growth).",
+    source=SOURCE_MERGE,
+)
+def check_cycles(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        acase = cases.adapter_cases(method)[0]
+        variants = ([cases.BaseCase(4, quant_type=q, double_quant=dq) for q in cases.QUANT_TYPES for dq in (False, True)]
+                    if bits == 4 else [cases.BaseCase(8)])
+        for case in variants:
+            params = dict(acase.params)
+            label = _label(method, case, params)
+            layer = _build(ctx, method, case, params, seed=_seed(label))
+            with torch.no_grad():
+                w0, b0 = oracle.base_weights(layer.base_layer)
+                w_prev, b_prev = w0, b0
+                total = torch.zeros_like(w0)
+                first = None
+                for k in range(1, CYCLES + 1):
+                    bound, w_k, b_k = _roundtrip(ctx, layer, method, params, f"{label} cycle {k}", w_prev, b_prev)
+                    total = total + bound
+                    first = bound if first is None else first
+                    drift = (w_k - w0).abs()
+                    fam = f"{method}.{case.label.split('-b')[0]}"
+                    ctx.measure_max(f"drift_over_cycle1_bound.{fam}.k{k}", float((drift / first).max()))
+                    ctx.measure_max(f"drift_max.{fam}.k{k}", float(drift.max()))
+                    ratio = float((drift / total).max())
+                    ctx.measure_max(f"ratio.cycles.{method}.{bits}bit", ratio)
+                    if not ratio <= 1.0:
+                        ctx.fail(f"{label}: after {k} merge/unmerge cycles the weight drifted "
+                                 f"{drift.max():.3g}, beyond the sum of {k} cycle bounds (ratio {ratio:.3g})")
+                    w_prev, b_prev = w_k, b_k
+
+
+def _merge_warnings(layer: torch.nn.Module, **kwargs: Any) -> list[str]:
+    with recorded_warnings() as caught:
+        layer.merge(**kwargs)
+    return warning_texts(caught)
+
+
+@clause(
+    "MERGE-WARNS-LORA", "MUST",
+    "Merging LoRA into a quantized base emits the rounding warning 'Merge lora module to {4,8}-bit linear may get "
+    "different generations due to rounding errors.'",
+    source="seed 001; peft/tuners/lora/bnb.py merge",
+    methods=["lora"],
+)
+def check_warns_lora(ctx: CheckContext) -> None:
+    for _, bits in ctx.cases():
+        layer = _build(ctx, "lora", cases.BaseCase(bits), dict(cases.adapter_cases("lora")[0].params))
+        want = f"Merge lora module to {bits}-bit linear may get different generations due to rounding errors."
+        got = _merge_warnings(layer)
+        if want not in got:
+            ctx.fail(f"{bits}-bit: merge() did not warn {want!r}; warnings: {got}")
+
+
+@clause(
+    "MERGE-WARNS-OFT", "SHOULD",
+    "Merging OFT into a quantized base warns about rounding errors like LoRA does ('Merge oft module to "
+    "{4,8}-bit linear may get different generations due to rounding errors.').",
+    source="seed 001 (LoRA analogue); seed 003 ('Warning: May introduce rounding errors due to 4-bit precision')",
+    methods=["oft"],
+)
+def check_warns_oft(ctx: CheckContext) -> None:
+    for _, bits in ctx.cases():
+        layer = _build(ctx, "oft", cases.BaseCase(bits), dict(cases.adapter_cases("oft")[0].params))
+        got = _merge_warnings(layer)
+        ctx.measure(f"warnings.{bits}bit", got)
+        if not any("rounding error" in w.lower() for w in got):
+            ctx.fail(f"{bits}-bit: merge() of an OFT adapter emitted no rounding warning; warnings: {got}")
+
+
+@clause(
+    "MERGE-TWICE-WARNS", "MUST",
+    "Merging again when every requested adapter is already merged warns and changes nothing (weights bit-identical, "
+    "merged_adapters unchanged).",
+    source="peft/tuners/tuners_utils.py check_adapters_to_merge ('All adapters are already merged, nothing to do.')",
+)
+def check_merge_twice(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
+        with recorded_warnings():
+            layer.merge()
+        snap = ql.snapshot(layer.base_layer)
+        before = list(layer.merged_adapters)
+        got = _merge_warnings(layer)
+        label = f"{method} {bits}-bit"
+        ctx.check(any("already" in w.lower() for w in got), f"{label}: second merge() did not warn; warnings: {got}")
+        diff = snap.differences(ql.snapshot(layer.base_layer))
+        ctx.check(diff == [], f"{label}: second merge() changed the base layer ({diff})")
+        ctx.check(list(layer.merged_adapters) == before,
+                  f"{label}: merged_adapters {before} -> {list(layer.merged_adapters)} after a second merge()")
+
+
+@clause(
+    "MERGE-UNMERGE-NOTHING-WARNS", "MUST",
+    "unmerge() with nothing merged warns and leaves the base layer bit-identical.",
+    source="peft/tuners/lora/bnb.py unmerge ('Already unmerged. Nothing to do.')",
+)
+def check_unmerge_nothing(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
+        snap = ql.snapshot(layer.base_layer)
+        with recorded_warnings() as caught:
+            layer.unmerge()
+        got = warning_texts(caught)
+        label = f"{method} {bits}-bit"
+        ctx.check(any("unmerged" in w.lower() or "nothing" in w.lower() for w in got),
+                  f"{label}: unmerge() with nothing merged did not warn; warnings: {got}")
+        diff = snap.differences(ql.snapshot(layer.base_layer))
+        ctx.check(diff == [], f"{label}: unmerge() with nothing merged changed the base layer ({diff})")
+
+
+def _hypothetical_requant_bound(base: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """weight_bound of ``base``'s settings applied to ``weight`` (an intermediate state a check cannot see)."""
+    probe = ql.clone_layer(base)
+    ql.requantize(probe, weight.float())
+    return weight_bound(probe)
+
+
+@clause(
+    "MERGE-MULTI", "MUST",
+    "merge() with several active adapters merges all of them (merged_adapters lists each once) and the merged "
+    "output matches the stacked unmerged forward within the bound of one requantization per adapter.",
+    source=SOURCE_MERGE + "; peft/tuners/tuners_utils.py (merge loops over active adapters)",
+    requires=["multi_adapter"],
+)
+def check_merge_multi(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        acase = cases.adapter_cases(method)[0]
+        case = cases.BaseCase(bits)
+        label = f"{method} {bits}-bit, active ['default', 'second']"
+        # large OFT rotations: the merged order must match the forward order (rotations do not commute)
+        scale = 6.0 if method == "oft" else 1.0
+        layer = _build(ctx, method, case, dict(acase.params), seed=5)
+        oracle.fill_adapter(layer, "default", ctx.generator(5), scale=scale)
+        layer.add_adapter("second", **acase.params)
+        oracle.fill_adapter(layer, "second", ctx.generator(6), scale=scale)
+        layer.set_adapter(["default", "second"])
+        x = ctx.randn(4, case.in_features, offset=2)
+        with torch.no_grad():
+            y_u = layer(x)
+            w0, b0 = oracle.base_weights(layer.base_layer)
+            ta = oracle.merge_target(layer, method, "default", acase.params, w0, b0)
+            tb = oracle.merge_target(layer, method, "second", acase.params, w0, b0)
+            if method == "lora":
+                target = w0 + (ta[0] - w0) + (tb[0] - w0)
+                # either order: first requantization of W0 + delta_first, then arithmetic of both
+                inter = torch.maximum(_hypothetical_requant_bound(layer.base_layer, ta[0]),
+                                      _hypothetical_requant_bound(layer.base_layer, tb[0]))
+                arith = ta[1] + tb[1] + oracle.U32 * target.abs()
+            else:
+                n_blocks, bs = oracle.oft_layout(case.in_features, acase.params)
+                ra = oracle.oft_rotation(layer.adapter_parameters("default"), n_blocks, bs)
+                rb = oracle.oft_rotation(layer.adapter_parameters("second"), n_blocks, bs)
+                # forward order: x R_a R_b  =>  merged weight W0 (R_a R_b)^T = (W0 R_b^T) R_a^T
+                target = w0 @ (ra @ rb).t()
+                # the intermediate requantization (and first arithmetic) error passes through the
+                # second rotation; the order an implementation merges in is its own business
+                inter = torch.maximum(
+                    (_hypothetical_requant_bound(layer.base_layer, tb[0]) + tb[1]) @ ra.t().abs(),
+                    (_hypothetical_requant_bound(layer.base_layer, ta[0]) + ta[1]) @ rb.t().abs())
+                arith = ta[1] + tb[1] + oracle.U32 * target.abs()
+            with recorded_warnings():
+                layer.merge()
+            merged = list(layer.merged_adapters)
+            ctx.check(sorted(merged) == ["default", "second"],
+                      f"{label}: merged_adapters after merge() is {merged}, expected both adapters once")
+            err = weight_bound(layer.base_layer) + arith + inter
+            exp_m = oracle.linear_expected(layer.base_layer, x, x.dtype, weight=target, weight_err=err)
+            y_m = layer(x)
+        r = exp_m.ratio(y_m)
+        ctx.measure_max(f"ratio.multi.{method}.{bits}bit", r)
+        if not r <= 1.0:
+            dy = (y_m.double() - y_u.double()).abs().max()
+            ctx.fail(f"{label}: merged output is not the stacked adapters' output: {exp_m.describe(y_m)} "
+                     f"(max |merged - unmerged| {dy:.3g})")
+
+
+@clause(
+    "MERGE-SUBSET", "MUST",
+    "merge(adapter_names=[...]) merges exactly the named adapters (active or not) and nothing else.",
+    source="peft/tuners/lora/bnb.py merge(adapter_names=...)",
+    requires=["multi_adapter"],
+)
+def check_merge_subset(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        acase = cases.adapter_cases(method)[0]
+        case = cases.BaseCase(bits)
+        layer = _build(ctx, method, case, dict(acase.params), seed=7)
+        layer.add_adapter("other", **acase.params)
+        oracle.fill_adapter(layer, "other", ctx.generator(8))
+        label = f"{method} {bits}-bit, active ['default'], merge(adapter_names=['other'])"
+        x = ctx.randn(4, case.in_features, offset=3)
+        with torch.no_grad():
+            w0, b0 = oracle.base_weights(layer.base_layer)
+            with recorded_warnings():
+                layer.merge(adapter_names=["other"])
+            ctx.check(list(layer.merged_adapters) == ["other"],
+                      f"{label}: merged_adapters is {list(layer.merged_adapters)}, expected ['other']")
+            exp, _ = _merged_expected(layer, method, "other", acase.params, x, w0, b0)
+            y = layer(x)
+        r = exp.ratio(y)
+        ctx.measure_max(f"ratio.subset.{method}.{bits}bit", r)
+        ctx.check(r <= 1.0, f"{label}: the merged weights are not W0 + 'other' alone: {exp.describe(y)}")
+
+
+@clause(
+    "MERGE-LORA-BIAS", "MUST",
+    "With lora_bias=True, merge adds scaling * b_B to the base bias (the bias is part of B's output, scaled like it), "
+    "so the merged output matches the unmerged one also when lora_alpha != r.",
+    source="peft/tuners/lora/layer.py Linear.merge ('base_layer.bias.data += self.lora_B[active_adapter].bias * "
+    "self.scaling'); peft/tuners/lora/bnb.py (4/8-bit add b_B without scaling)",
+    methods=["lora"],
+    requires=["lora_bias"],
+)
+def check_lora_bias(ctx: CheckContext) -> None:
+    for _, bits in ctx.cases():
+        for dt in (torch.float32, torch.float16) if bits == 4 else (torch.float32,):
+            case = cases.BaseCase(bits, compute_dtype=dt)
+            params = {"r": 4, "lora_alpha": 16.0, "init_lora_weights": False, "lora_bias": True}
+            label = _label("lora", case, params)
+            layer = _build(ctx, "lora", case, params, seed=9)
+            x = ctx.randn(4, case.in_features, dtype=dt, offset=4)
+            with torch.no_grad():
+                _ = layer(x)  # settles the bias dtype (bnb 8-bit casts it to the input dtype)
+                w0, b0 = oracle.base_weights(layer.base_layer)
+                with recorded_warnings():
+                    layer.merge()
+                _, _, bt, be = oracle.merge_target(layer, "lora", "default", params, w0, b0)
+                _, b1 = oracle.base_weights(layer.base_layer)
+                assert bt is not None and be is not None and b1 is not None
+                r = float(((b1 - bt).abs() / be).max())
+                ctx.measure_max(f"ratio.bias.{bits}bit", r)
+                if not r <= 1.0:
+                    bb = layer.adapter_parameters("default")["lora_B.bias"].detach().double()
+                    unscaled = float((b1 - (b0 + bb)).abs().max())
+                    ctx.fail(f"{label}: merged bias is not b + scaling*b_B (scaling {oracle.lora_scaling(params)}): "
+                             f"max |diff| {(b1 - bt).abs().max():.3g} > bound {be.max():.3g}; "
+                             f"|b_merged - (b + b_B)| = {unscaled:.3g}")
+
+
+@clause(
+    "MERGE-KEEPS-QUANT-SETTINGS", "MUST",
+    "merge() and unmerge() requantize with the original settings: layer type, quant type, blocksize, double quant, "
+    "quant storage, weight dtype and compute dtype (4-bit), has_fp16_weights and threshold (8-bit) are unchanged.",
+    source="seed 001; seed 003 ('Re-quantize to 4-bit with original parameters')",
+)
+def check_keeps_settings(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        acase = cases.adapter_cases(method)[0]
+        if bits == 4:
+            variants = [cases.BaseCase(4, quant_type=q, blocksize=bs, double_quant=dq, compute_dtype=dt)
+                        for q, bs, dq, dt in (("fp4", 32, True, torch.float16), ("nf4", 128, False, torch.bfloat16),
+                                              ("fp4", 64, False, torch.float32))]
+        else:
+            variants = [cases.BaseCase(8)]
+        for case in variants:
+            layer = _build(ctx, method, case, dict(acase.params))
+            before = ql.quant_settings(layer.base_layer)
+            cls = type(layer.base_layer)
+            for step in ("merge", "unmerge"):
+                with recorded_warnings():
+                    getattr(layer, step)()
+                after = ql.quant_settings(layer.base_layer)
+                label = f"{method} on {case.label} after {step}()"
+                ctx.check(type(layer.base_layer) is cls,
+                          f"{label}: base layer became {type(layer.base_layer).__name__}, was {cls.__name__}")
+                changed = {k: (before[k], after.get(k)) for k in before if before[k] != after.get(k)}
+                if changed:
+                    ctx.fail(f"{label}: quantization settings changed {changed}")
+

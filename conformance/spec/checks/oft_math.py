@@ -1,0 +1,207 @@
+"""OFT rotation math: exact Cayley transform, orthogonality, Neumann convergence, COFT radius, block sharing.
+
+All tolerances are derived (``conformance.spec.oracle.rotation_error``: LU backward error of the
+solve; ``neumann_rounding``: Frobenius-norm error propagation through the power series), never fitted.
+
+Cayley: ``R = (I - Q)(I + Q)^{-1}`` for skew-symmetric ``Q`` (OFT paper code ``cayley_batch``, PEFT's
+exact path). Its Neumann approximation with n terms, ``(I - Q) sum_{k=0}^{n-2} (-Q)^k``, differs from
+``R`` by exactly ``R (-Q)^{n-1}``, so ``||R_n - R||_2 = ||Q||_2^{n-1}``: it must shrink with n.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from conformance.quant import bounds as qb
+from conformance.reference import rotation
+from conformance.spec import oracle
+from conformance.spec.clauses import clause
+from conformance.spec.context import CheckContext
+
+SOURCE = ("OFT paper arXiv:2306.07280 (Cayley parametrisation, COFT); peft/tuners/oft/layer.py "
+          "(_cayley_batch, _project_batch, block_share); seed 003")
+IN_FEATURES = 64
+
+
+def _blocks(r: torch.Tensor, n_blocks: int, size: int) -> tuple[torch.Tensor, float]:
+    """(k, b, b) diagonal blocks of a block-diagonal matrix, and the largest off-block magnitude."""
+    r = r.detach().double().cpu()
+    blocks = torch.stack([r[i * size:(i + 1) * size, i * size:(i + 1) * size] for i in range(n_blocks)])
+    mask = torch.block_diag(*[torch.ones(size, size, dtype=torch.bool)] * n_blocks)
+    off = float(r[~mask].abs().max()) if (~mask).any() else 0.0
+    return blocks, off
+
+
+def _oft_layer(ctx: CheckContext, bits: int, block_size: int, **extra: object) -> torch.nn.Module:
+    base = ctx.make_base(IN_FEATURES, 48, bits=bits)
+    return ctx.make_layer(base, "oft", r=IN_FEATURES // block_size, oft_block_size=0, init_weights=False, **extra)
+
+
+def _delta(layer: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return layer.get_delta_weight("default")
+
+
+NORMS = (0.1, 1.0, 4.0)  # ||Q||_2 per block: small, moderate, large rotations
+
+
+@clause(
+    "OFT-CAYLEY-EXACT", "MUST",
+    "With use_cayley_neumann=False, get_delta_weight is block-diagonal (off-block entries exactly 0) and each block "
+    "is the Cayley transform (I - Q)(I + Q)^{-1} of the stored parameters within the LU-solve error bound.",
+    source=SOURCE,
+    methods=["oft"],
+)
+def check_cayley_exact(ctx: CheckContext) -> None:
+    for _, bits in ctx.cases():
+        for bs in (4, 8, 16):
+            for norm in NORMS:
+                layer = _oft_layer(ctx, bits, bs)
+                oracle.set_skew_norm(layer, "default", bs, norm, ctx.generator(bs))
+                tensors = layer.adapter_parameters("default")
+                blocks, off = _blocks(_delta(layer), IN_FEATURES // bs, bs)
+                label = f"oft {bits}-bit block size {bs}, ||Q||_2 = {norm}"
+                ctx.check(off == 0.0, f"{label}: get_delta_weight has off-block entries (max {off:.3g})")
+                exact = oracle.oft_blocks(tensors, bs)
+                delta = oracle.rotation_error(tensors, bs)
+                err = torch.linalg.matrix_norm(blocks - exact, ord="fro")
+                ratio = float((err / delta).max())
+                ctx.measure_max(f"ratio.b{bs}", ratio)
+                if not ratio <= 1.0:
+                    t = torch.linalg.matrix_norm(blocks - exact.transpose(-2, -1), ord="fro").max()
+                    ctx.fail(f"{label}: rotation differs from (I-Q)(I+Q)^-1 by {err.max():.3g} (Frobenius) > "
+                             f"bound {delta.max():.3g}; distance to the transpose (I+Q)(I-Q)^-1: {t:.3g}")
+
+
+@clause(
+    "OFT-ORTHOGONAL", "MUST",
+    "Exact-Cayley OFT rotations are orthogonal: ||R_b^T R_b - I||_F <= 2 d + d^2 per block, d the solve error "
+    "bound derived from the unit roundoff and the block size.",
+    source=SOURCE,
+    methods=["oft"],
+)
+def check_orthogonal(ctx: CheckContext) -> None:
+    for _, bits in ctx.cases():
+        for bs in (4, 8, 16):
+            for norm in NORMS:
+                layer = _oft_layer(ctx, bits, bs)
+                oracle.set_skew_norm(layer, "default", bs, norm, ctx.generator(bs + 1))
+                blocks, _ = _blocks(_delta(layer), IN_FEATURES // bs, bs)
+                d = oracle.rotation_error(layer.adapter_parameters("default"), bs)
+                eye = torch.eye(bs, dtype=torch.float64)
+                defect = torch.linalg.matrix_norm(blocks.transpose(-2, -1) @ blocks - eye, ord="fro")
+                # plus the float64 evaluation of R^T R (gamma_b(u64) ||R||_F^2)
+                bound = 2 * d + d * d + qb.gamma(bs, qb.unit_roundoff(torch.float64)) * (math.sqrt(bs) + d) ** 2
+                ratio = float((defect / bound).max())
+                ctx.measure_max(f"ratio.b{bs}", ratio)
+                if not ratio <= 1.0:
+                    ctx.fail(f"oft {bits}-bit block size {bs}, ||Q||_2 = {norm}: ||R^T R - I||_F = "
+                             f"{defect.max():.3g} > bound {bound.max():.3g}")
+
+
+def neumann_rounding(q2: float, qf: float, b: int, n: int, dtype: torch.dtype) -> float:
+    """Bound on ||fl(series) - series||_F for an n-term Cayley-Neumann series computed in ``dtype``.
+
+    Powers ``Q^k`` by k-1 products (``||fl(AB) - AB||_F <= gamma_b ||A||_F ||B||_F``), coefficients
+    at most 2, n additions of partial sums bounded by ``M = sqrt(b) + 2 sum_k qf^k``, one final
+    product with ``I +- Q`` (``||I +- Q||_2 = sqrt(1 + q2^2)``).
+    """
+    u = qb.unit_roundoff(dtype)
+    g = qb.gamma(b, u)
+    m = math.sqrt(b) + 2 * sum(qf**k for k in range(1, n + 1))
+    err_s = sum(2 * (k - 1) * g * (1 + g) ** k * qf**k for k in range(2, n + 1)) + n * u * m
+    return math.sqrt(1 + q2 * q2) * err_s + g * (math.sqrt(b) + qf) * m + u * m
+
+
+NEUMANN_TERMS = tuple(range(2, 9))
+
+
+@clause(
+    "OFT-NEUMANN-CONVERGES", "MUST",
+    "The Cayley-Neumann rotation with n terms (n = 2..8) is within ||Q||_2^(n-1) (plus rounding) of the exact Cayley "
+    "rotation of the same parameters, so its error shrinks as n grows and it converges to the exact path's rotation "
+    "(not, e.g., to its transpose).",
+    source=SOURCE + "; Neumann series (I + Q)^{-1} = sum (-Q)^k for ||Q|| < 1",
+    methods=["oft"],
+)
+def check_neumann(ctx: CheckContext) -> None:
+    bs = 8
+    for _, bits in ctx.cases():
+        exact_layer = _oft_layer(ctx, bits, bs)
+        q2 = oracle.set_skew_norm(exact_layer, "default", bs, 0.5, ctx.generator(21))
+        params = exact_layer.adapter_parameters("default")["oft_R.weight"].detach().clone()
+        q = rotation.skew(params.double().cpu(), bs)
+        qf = float(torch.linalg.matrix_norm(q, ord="fro").max())
+        exact = oracle.oft_blocks({"oft_R.weight": params}, bs)
+        errors = []
+        for n in NEUMANN_TERMS:
+            layer = _oft_layer(ctx, bits, bs, use_cayley_neumann=True, num_cayley_neumann_terms=n)
+            with torch.no_grad():
+                layer.adapter_parameters("default")["oft_R.weight"].copy_(params)
+            blocks, _ = _blocks(_delta(layer), IN_FEATURES // bs, bs)
+            err = float(torch.linalg.matrix_norm(blocks - exact, ord=2).max())
+            errors.append(err)
+            bound = q2 ** (n - 1) + neumann_rounding(q2, qf, bs, n, params.dtype)
+            ctx.measure(f"error.{bits}bit.n{n}", err)
+            ctx.measure(f"bound.{bits}bit.n{n}", bound)
+            if not err <= bound:
+                t = float(torch.linalg.matrix_norm(blocks - exact.transpose(-2, -1), ord=2).max())
+                ctx.fail(f"oft {bits}-bit, {n} Neumann terms, ||Q||_2 = {q2:.3g}: ||R_neumann - R_cayley||_2 = "
+                         f"{err:.3g} > {bound:.3g} (= ||Q||^(n-1) + rounding); distance to the transpose of the "
+                         f"exact rotation: {t:.3g}; errors so far {[f'{e:.3g}' for e in errors]}")
+        ctx.check(errors[-1] < errors[0],
+                  f"oft {bits}-bit: Neumann error does not shrink with more terms: {[f'{e:.3g}' for e in errors]}")
+
+
+@clause(
+    "OFT-COFT-RADIUS", "MUST",
+    "With coft=True every rotation block stays within ||R_b - I||_F <= 2 eps / sqrt(blocks) (plus rounding), since "
+    "R - I = -2 Q (I + Q)^{-1}, ||(I + Q)^{-1}||_2 <= 1 and COFT projects ||Q_b||_F <= eps / sqrt(blocks).",
+    source=SOURCE,
+    methods=["oft"],
+)
+def check_coft(ctx: CheckContext) -> None:
+    for _, bits in ctx.cases():
+        for bs in (8, 16):
+            eps = 0.05
+            layer = _oft_layer(ctx, bits, bs, coft=True, eps=eps)
+            oracle.fill_adapter(layer, "default", ctx.generator(31), scale=20.0)  # far outside the ball
+            n_blocks = IN_FEATURES // bs
+            with torch.no_grad():
+                layer(ctx.randn(2, IN_FEATURES))  # PEFT projects in forward
+            blocks, _ = _blocks(_delta(layer), n_blocks, bs)
+            radius = eps / math.sqrt(n_blocks)
+            u = qb.unit_roundoff(torch.float32)
+            d = oracle.rotation_error(layer.adapter_parameters("default"), bs)
+            bound = 2 * radius * (1 + qb.gamma(bs * bs + 4, u)) + d
+            dist = torch.linalg.matrix_norm(blocks - torch.eye(bs, dtype=torch.float64), ord="fro")
+            ratio = float((dist / bound).max())
+            ctx.measure_max(f"ratio.b{bs}", ratio)
+            if not ratio <= 1.0:
+                ctx.fail(f"oft {bits}-bit block size {bs}, coft eps={eps}: ||R_b - I||_F = {dist.max():.3g} > "
+                         f"2 eps/sqrt({n_blocks}) + rounding = {bound.max():.3g}")
+
+
+@clause(
+    "OFT-BLOCK-SHARE", "MUST",
+    "With block_share=True all diagonal blocks of the rotation are identical (one shared block).",
+    source=SOURCE,
+    methods=["oft"],
+)
+def check_block_share(ctx: CheckContext) -> None:
+    for _, bits in ctx.cases():
+        for bs in (4, 8, 16):
+            base = ctx.make_base(IN_FEATURES, 48, bits=bits)
+            layer = ctx.make_layer(base, "oft", r=0, oft_block_size=bs, block_share=True, init_weights=False)
+            oracle.fill_adapter(layer, "default", ctx.generator(41), scale=4.0)
+            blocks, off = _blocks(_delta(layer), IN_FEATURES // bs, bs)
+            rows = layer.adapter_parameters("default")["oft_R.weight"].shape[0]
+            ctx.measure(f"param_rows.b{bs}", rows)
+            label = f"oft {bits}-bit block size {bs}, block_share=True"
+            ctx.check(off == 0.0, f"{label}: off-block entries (max {off:.3g})")
+            ctx.check(not torch.allclose(blocks[0], torch.eye(bs, dtype=torch.float64)),
+                      f"{label}: the shared block is the identity; the adapter parameters had no effect")
+            same = [bool(torch.equal(blocks[0], blocks[i])) for i in range(blocks.shape[0])]
+            ctx.check(all(same), f"{label}: blocks differ: identical to block 0: {same}")

@@ -1,0 +1,200 @@
+"""Safe-merge clauses: a non-finite adapter never reaches the quantized base weights.
+
+PEFT's text (``peft/tuners/lora/bnb.py``, seed 001): ``safe_merge=True`` checks the merged weights
+with ``torch.isfinite`` *before* writing them and raises ``ValueError("NaNs detected in the merged
+weights. The adapter {name} seems to be broken")``. The poison is one element set to NaN, +Inf or
+-Inf in each adapter tensor. For OFT a NaN parameter makes the whole rotation block NaN, an Inf
+may give NaN through the solve: either way the merged weights are non-finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from conformance.quant import layers as ql
+from conformance.quant.bounds import weight_bound
+from conformance.spec import cases, oracle
+from conformance.spec.clauses import clause
+from conformance.spec.context import CheckContext, recorded_warnings, warning_texts
+
+POISONS = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
+SOURCE = "seed 001 (safe_merge NaN check); peft/tuners/lora/bnb.py merge; peft/tuners/oft/layer.py merge"
+
+
+def nan_message(adapter: str) -> str:
+    """PEFT's safe-merge error text, verbatim."""
+    return f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken"
+
+
+def _params(method: str) -> dict[str, Any]:
+    if method == "lora":
+        return {"r": 4, "lora_alpha": 16.0, "init_lora_weights": False, "lora_bias": True}
+    return dict(cases.adapter_cases("oft")[0].params)
+
+
+def _keys(method: str) -> tuple[str, ...]:
+    return ("lora_A.weight", "lora_B.weight", "lora_B.bias") if method == "lora" else ("oft_R.weight",)
+
+
+def _poisoned_cases(ctx: CheckContext) -> Iterator[tuple[str, int, cases.BaseCase, str, str]]:
+    for method, bits in ctx.cases():
+        bases = ([cases.BaseCase(4), cases.BaseCase(4, quant_type="fp4", double_quant=True,
+                                                   compute_dtype=torch.float16)] if bits == 4 else [cases.BaseCase(8)])
+        for case in bases:
+            for key in _keys(method):
+                for poison in POISONS:
+                    yield method, bits, case, key, poison
+
+
+def _layer(ctx: CheckContext, method: str, case: cases.BaseCase, name: str = "broken") -> torch.nn.Module:
+    params = _params(method)
+    if method == "lora" and "lora_bias" not in ctx.impl.capabilities:
+        params.pop("lora_bias")
+    base = ctx.make_base(case.in_features, case.out_features, **case.kwargs())
+    layer = ctx.make_layer(base, method, adapter_name=name, **params)
+    oracle.fill_adapter(layer, name, ctx.generator(11))
+    return layer
+
+
+def _poison(layer: torch.nn.Module, name: str, key: str, value: float) -> bool:
+    tensors = layer.adapter_parameters(name)
+    if key not in tensors:
+        return False
+    with torch.no_grad():
+        tensors[key].view(-1)[0] = value
+    return True
+
+
+@clause(
+    "SAFE-MERGE-NONFINITE", "MUST",
+    "merge(safe_merge=True) with a NaN/+Inf/-Inf in any adapter tensor raises ValueError('NaNs detected in the "
+    "merged weights. The adapter {name} seems to be broken'), leaves the base layer bit-identical and merged False.",
+    source=SOURCE,
+)
+def check_safe_merge(ctx: CheckContext) -> None:
+    for method, _bits, case, key, poison in _poisoned_cases(ctx):
+        layer = _layer(ctx, method, case)
+        if not _poison(layer, "broken", key, POISONS[poison]):
+            continue
+        label = f"{method} on {case.label}, {key}[0] = {poison}"
+        snap = ql.snapshot(layer.base_layer)
+        try:
+            with recorded_warnings():
+                layer.merge(safe_merge=True)
+        except ValueError as exc:
+            if nan_message("broken") not in str(exc):
+                ctx.fail(f"{label}: ValueError raised, but its message is {str(exc)!r}; expected it to contain "
+                         f"{nan_message('broken')!r}")
+        except Exception as exc:
+            ctx.fail(f"{label}: merge(safe_merge=True) raised {type(exc).__name__}: {exc}; expected ValueError")
+        else:
+            ctx.fail(f"{label}: merge(safe_merge=True) did not raise (merged={layer.merged})")
+        diff = snap.differences(ql.snapshot(layer.base_layer))
+        ctx.check(diff == [], f"{label}: the failed safe merge modified the base layer: {diff}")
+        ctx.check(not layer.merged and list(layer.merged_adapters) == [],
+                  f"{label}: after the refused merge merged={layer.merged}, "
+                  f"merged_adapters={list(layer.merged_adapters)}")
+
+
+@clause(
+    "SAFE-MERGE-OTHER-ADAPTER", "MUST",
+    "After a refused safe merge of a broken adapter, a finite adapter on the same layer still merges (safe_merge="
+    "True) into weights within one requantization bound of the original base plus its delta.",
+    source=SOURCE,
+    requires=["multi_adapter"],
+)
+def check_other_adapter(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        case = cases.BaseCase(bits)
+        params = _params(method)
+        params.pop("lora_bias", None)  # lora_bias has its own clause (SAFE-MERGE-FINITE-BIAS)
+        base = ctx.make_base(case.in_features, case.out_features, **case.kwargs())
+        layer = ctx.make_layer(base, method, adapter_name="broken", **params)
+        oracle.fill_adapter(layer, "broken", ctx.generator(11))
+        layer.add_adapter("good", **params)
+        oracle.fill_adapter(layer, "good", ctx.generator(12))
+        _poison(layer, "broken", _keys(method)[0], math.nan)
+        label = f"{method} {bits}-bit"
+        with torch.no_grad():
+            w0, b0 = oracle.base_weights(layer.base_layer)
+            try:
+                with recorded_warnings():
+                    layer.merge(safe_merge=True, adapter_names=["broken"])
+            except ValueError:
+                pass
+            else:
+                ctx.fail(f"{label}: merging the NaN adapter with safe_merge=True did not raise")
+            with recorded_warnings():
+                layer.merge(safe_merge=True, adapter_names=["good"])
+            ctx.check(list(layer.merged_adapters) == ["good"],
+                      f"{label}: merged_adapters is {list(layer.merged_adapters)} after merging 'good'")
+            wt, we, _, _ = oracle.merge_target(layer, method, "good", params, w0, b0)
+            w1, _ = oracle.base_weights(layer.base_layer)
+            bound = weight_bound(layer.base_layer) + we
+        r = float(((w1 - wt).abs() / bound).max())
+        ctx.measure_max(f"ratio.{method}.{bits}bit", r)
+        ctx.check(r <= 1.0, f"{label}: weights after merging 'good' are off by ratio {r:.3g} of the bound")
+
+
+@clause(
+    "SAFE-MERGE-FINITE-BIAS", "MUST",
+    "merge(safe_merge=True) of a finite LoRA adapter with lora_bias=True succeeds and gives the same base layer as "
+    "merge(safe_merge=False) (bit for bit).",
+    source=SOURCE + " (PEFT checks the merged bias with `not torch.isfinite(bias_data)` on a vector)",
+    methods=["lora"],
+    requires=["lora_bias"],
+)
+def check_finite_bias(ctx: CheckContext) -> None:
+    for _, bits in ctx.cases():
+        case = cases.BaseCase(bits)
+        snaps = []
+        for safe in (True, False):
+            layer = _layer(ctx, "lora", case, name="good")
+            try:
+                with recorded_warnings():
+                    layer.merge(safe_merge=safe)
+            except Exception as exc:
+                ctx.fail(f"lora {bits}-bit, lora_bias=True, finite adapter: merge(safe_merge={safe}) raised "
+                         f"{type(exc).__name__}: {exc}")
+            ctx.check(list(layer.merged_adapters) == ["good"],
+                      f"lora {bits}-bit: merged_adapters {list(layer.merged_adapters)} after merge(safe_merge={safe})")
+            snaps.append(ql.snapshot(layer.base_layer))
+        diff = snaps[0].differences(snaps[1])
+        ctx.check(diff == [], f"lora {bits}-bit, lora_bias=True: safe and unsafe merge disagree on {diff}")
+
+
+NONFINITE_WORDS = ("nan", "inf", "finite", "broken")
+
+
+@clause(
+    "SAFE-UNSAFE-WARNS", "SHOULD",
+    "merge(safe_merge=False) with a non-finite adapter does not corrupt the base silently: it raises, or emits a "
+    "warning that names the non-finite values (the generic rounding warning does not count).",
+    source=SOURCE + " (PEFT writes the NaNs without a word)",
+)
+def check_unsafe_warns(ctx: CheckContext) -> None:
+    silent = []
+    for method, bits, case, key, poison in _poisoned_cases(ctx):
+        layer = _layer(ctx, method, case)
+        if not _poison(layer, "broken", key, POISONS[poison]):
+            continue
+        label = f"{method} on {case.label}, {key}[0] = {poison}"
+        outcome = "silent"
+        try:
+            with recorded_warnings() as caught:
+                layer.merge(safe_merge=False)
+        except Exception as exc:
+            outcome = f"raised {type(exc).__name__}"
+        else:
+            texts = [t for t in warning_texts(caught) if any(w in t.lower() for w in NONFINITE_WORDS)]
+            if texts:
+                outcome = "warned"
+        ctx.measure(f"outcome.{method}.{bits}bit.{key}.{poison}", outcome)
+        if outcome == "silent":
+            silent.append(label)
+    if silent:
+        ctx.fail(f"{len(silent)} unsafe merges wrote non-finite weights silently, e.g. {silent[:3]}")

@@ -1,0 +1,47 @@
+"""``python -m conformance.stateful --impl NAME --examples N [--steps S] [--device cuda] [--out DIR]``.
+
+Runs the state machine directly (not through the clause runner) and prints a summary: examples
+and steps run, worst observed/bound ratios, and every violation with its minimal sequence and the
+path of its reproducer script. Exit status 1 when a violation was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .machine import ENV_EXAMPLES, ENV_STEPS, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m conformance.stateful", description=__doc__.splitlines()[0])
+    p.add_argument("--impl", default=None, help="implementation (built-in name, entry point or package.module:attr)")
+    p.add_argument("--examples", type=int, default=None, help=f"examples per (method, bits) case (${ENV_EXAMPLES})")
+    p.add_argument("--steps", type=int, default=None, help=f"steps per example (${ENV_STEPS})")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", default=None, help="directory for reproducer scripts ($CONFORMANCE_REPORT_DIR, else a temp dir)")
+    p.add_argument("--case", action="append", default=[], help="restrict to METHOD/BITS, e.g. lora/4 (repeatable)")
+    p.add_argument("--random", action="store_true", help="do not derandomize (explore new sequences each run)")
+    args = p.parse_args(argv)
+
+    from conformance.spec.implementation import ImplementationNotFound, ImplementationUnsupported, load
+
+    try:
+        impl = load(args.impl)
+    except (ImplementationNotFound, ImplementationUnsupported) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cases = None
+    if args.case:
+        cases = []
+        for c in args.case:
+            m, _, b = c.partition("/")
+            cases.append((m, int(b.removesuffix("bit"))))
+    res = run(impl, args.device, examples=args.examples, steps=args.steps, cases=cases, out=args.out,
+              derandomize=not args.random)
+    print(res.summary())
+    return 1 if (res.failures or res.errors) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

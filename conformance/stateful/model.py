@@ -1,0 +1,349 @@
+"""Float64 model of an adapter layer's logical state, run beside the layer by the state machine.
+
+The model holds what the layer *should* be: the dequantized base weights and bias (float64, exactly
+what the base layer stores now), the adapters (their tensors, copied bit for bit in their dtype),
+which adapters are active / merged, whether adapters are disabled and the train/eval mode. It
+gives, for an input, the expected output and its analytic bound (``conformance.spec.oracle``:
+``weight_bound``/``matmul_rounding_bound`` based, never a magic tolerance).
+
+Merges and unmerges are *requantizations* (seed 001, seed 003: dequantize -> apply -> requantize
+with the original settings). The model tracks three chains of "exact value, bound on how far the
+stored weight may be from it" (:class:`Chain`):
+
+- ``step``: starts from the stored weights right before one ``merge()``/``unmerge()`` call; it
+  checks that call (clause STATE-MERGE-MATCHES-MODEL). A call that merges k adapters
+  requantizes k times; the k-1 intermediate states are not observable, so their requantization
+  bound is computed from the exact intermediate weights (:func:`requant_bound_from_exact`);
+- ``anchor``: starts from the stored weights when the merged stack was last empty; after the
+  stack is unmerged again, the weights must be back within its bound (STATE-UNMERGE-RESTORES);
+- ``orig``: starts at the weights the layer was built with; its bound is the sum over every
+  requantization so far of that requantization's bound, propagated through the later merges
+  (the "k x single-cycle" drift bound, STATE-DRIFT-BOUNDED).
+
+After each call the model's weights become the *actual* dequantized weights, so the output
+bound of every forward is per step (it does not grow with the number of merges).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import bitsandbytes as bnb  # noqa: F401  (quant_state types)
+import torch
+from torch import nn
+
+from conformance.quant import bounds as qb
+from conformance.quant import layers as ql
+from conformance.spec import oracle
+
+U32 = qb.unit_roundoff(torch.float32)
+U16 = qb.unit_roundoff(torch.float16)
+
+
+def _u(dtype: torch.dtype) -> float:
+    return 0.0 if dtype == torch.float64 else qb.unit_roundoff(dtype)
+
+
+@dataclass
+class AdapterModel:
+    """One adapter as the model knows it: method, constructor parameters, tensors (bit copies)."""
+
+    method: str
+    params: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    def t64(self) -> dict[str, torch.Tensor]:
+        return {k: v.double() for k, v in self.tensors.items()}
+
+
+def copy_tensors(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bit copies (on the CPU, same dtype) of an adapter's tensors."""
+    return {k: v.detach().cpu().clone() for k, v in params.items()}
+
+
+@dataclass
+class Chain:
+    """Exact float64 weights ``w``/``b`` and bounds ``ew``/``eb`` on |stored - exact|."""
+
+    w: torch.Tensor
+    ew: torch.Tensor
+    b: torch.Tensor | None
+    eb: torch.Tensor | None
+
+    @classmethod
+    def start(cls, w: torch.Tensor, b: torch.Tensor | None) -> Chain:
+        return cls(w.clone(), torch.zeros_like(w), None if b is None else b.clone(),
+                   None if b is None else torch.zeros_like(b))
+
+    def ratio(self, w_actual: torch.Tensor, b_actual: torch.Tensor | None) -> tuple[float, str]:
+        """max |actual - exact| / bound, and where the worst element is."""
+        return _ratio(w_actual, self.w, self.ew, "weight", b_actual, self.b, self.eb)
+
+
+def _ratio(w_act, w_ex, ew, what, b_act=None, b_ex=None, eb=None) -> tuple[float, str]:
+    err = (w_act - w_ex).abs()
+    worst, where = _worst(err, ew, what)
+    if b_act is not None and b_ex is not None:
+        rb, wb = _worst((b_act - b_ex).abs(), eb, "bias")
+        if rb > worst:
+            worst, where = rb, wb
+    return worst, where
+
+
+def _worst(err: torch.Tensor, bound: torch.Tensor, what: str) -> tuple[float, str]:
+    if not torch.isfinite(err).all():
+        return math.inf, f"{what} has non-finite entries"
+    r = torch.where(bound > 0, err / bound.clamp_min(1e-300),
+                    torch.where(err > 0, torch.full_like(err, math.inf), torch.zeros_like(err)))
+    if r.numel() == 0:
+        return 0.0, ""
+    i = int(r.flatten().argmax())
+    idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), r.shape))
+    return float(r.flatten()[i]), (f"{what}{list(idx)}: |stored - exact| {float(err.flatten()[i]):.3g} vs bound "
+                                   f"{float(bound.flatten()[i]):.3g}")
+
+
+# -- requantization bounds ---------------------------------------------------------------------
+
+def _blockmax(flat: torch.Tensor, block: int) -> torch.Tensor:
+    n = flat.numel()
+    pad = (-n) % block
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.reshape(-1, block).max(dim=1).values
+
+
+def requant_bound_from_exact(base: nn.Module, exact: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    """Bound on one requantization's error for a weight known only as ``exact +- err``.
+
+    Used for the states a multi-adapter merge/unmerge passes through without the caller seeing
+    them. Same model as ``conformance.quant.bounds.weight_bound`` with the stored statistics
+    replaced by upper bounds: 4-bit block absmax ``a <= max_block(|exact| + err)``; with double
+    quant the absmax error ``e_a <= absmax2 * g2 / 2`` where ``absmax2 = max |a_i - mean(a)| <=
+    max(a)`` (all ``a_i >= 0``), plus the float32 offset add; 8-bit row absmax ``s <= max_row
+    (|exact| + err)`` and its float16 cast.
+    """
+    mag = exact.double().abs() + err.double()
+    if ql.bits_of(base) == 4:
+        qs = base.weight.quant_state
+        g = qb.max_code_gap(qs.code)
+        u = qb.unit_roundoff(qs.dtype)
+        a = _blockmax(mag.flatten(), qs.blocksize) * (1 + 2 * u)  # the weight is cast to qs.dtype first
+        if qs.nested:
+            g2 = qb.max_code_gap(qs.state2.code)
+            e_a = float(a.max()) * g2 / 2 + a * 2 * U32
+        else:
+            e_a = torch.zeros_like(a)
+        amax = a + e_a
+        per_block = amax * g / 2 + e_a + 2 * amax * u
+        out, inn = exact.shape
+        return per_block.repeat_interleave(qs.blocksize)[: out * inn].reshape(out, inn)
+    s = mag.max(dim=1).values * (1 + U16)
+    per_row = s / 254 + s * (U16 + 2 * U32)
+    return per_row[:, None].expand_as(mag).clone()
+
+
+# -- one merge / unmerge operation on a chain ---------------------------------------------------
+
+def _lora_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: int, bias_dtype) -> Chain:
+    t = adapter.tensors
+    s = oracle.lora_scaling(adapter.params)
+    delta = oracle.lora_delta(t, s)
+    d_err = oracle.lora_delta_error(t, s)
+    # the delta is formed in the adapter dtype, cast to float32 and added to the float32 weights
+    w = chain.w + sign * delta
+    arith = d_err + U32 * (delta.abs() + d_err) + U32 * (w_in_abs + delta.abs() + d_err)
+    ew = chain.ew + arith
+    b, eb = chain.b, chain.eb
+    bb = t.get("lora_B.bias")
+    if bb is not None and b is not None:
+        sb = s * bb.double()
+        b = b + sign * sb
+        b_in = chain.b.abs() + chain.eb
+        eb = eb + (_u(bb.dtype) + 2 * U32) * sb.abs() + U32 * (b_in + sb.abs()) \
+            + _u(bias_dtype) * (b_in + sb.abs()) * (1 + 3 * U32)
+    return Chain(w, ew, b, eb)
+
+
+def _oft_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: int, in_features: int) -> Chain:
+    t = adapter.t64()
+    n_blocks, bs = oracle.oft_layout(in_features, adapter.params)
+    r = oracle.oft_rotation(t, n_blocks, bs)
+    pdt = adapter.tensors["oft_R.weight"].dtype
+    tens = dict(adapter.tensors)
+    if sign > 0:
+        # W' = W R^T, with R computed in the parameter dtype (rotation_error) and cast to float32
+        delta = oracle.rotation_error(tens, bs) + (U32 * math.sqrt(bs) if pdt != torch.float32 else 0.0)
+        w = chain.w @ r.t()
+        arith = oracle.rotate_error(w_in_abs, r.t().abs(), delta, n_blocks, bs, torch.float32)
+        arith = arith + U32 * ((w_in_abs @ r.t().abs()) + arith)
+        ew = chain.ew @ r.t().abs() + arith
+    else:
+        # W = W' R^{-T}: inverse of the computed rotation (oracle.oft_unmerge_error)
+        w = chain.w @ r
+        arith = oracle.oft_unmerge_error(w_in_abs, tens, n_blocks, bs)
+        if pdt != torch.float32:
+            arith = arith + oracle.block_norms(w_in_abs, n_blocks, bs) * U32 * math.sqrt(bs) * 2
+        ew = chain.ew @ r.abs() + arith
+    return Chain(w, ew, chain.b, chain.eb)
+
+
+def apply_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: int, base: nn.Module) -> Chain:
+    """The chain after merging (sign +1) or unmerging (-1) ``adapter``, before requantization.
+
+    ``w_in_abs`` bounds the magnitude of the (computed) weights the operation starts from: the
+    stored weights for the first operation of a call, ``|exact| + bound`` for later ones.
+    """
+    if adapter.method == "lora":
+        bias = getattr(base, "bias", None)
+        return _lora_op(chain, w_in_abs, adapter, sign, bias.dtype if bias is not None else torch.float32)
+    return _oft_op(chain, w_in_abs, adapter, sign, base.in_features)
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+@dataclass
+class LogicalModel:
+    """What the layer should be; see the module docstring."""
+
+    in_features: int
+    out_features: int
+    w: torch.Tensor
+    b: torch.Tensor | None
+    w_orig: torch.Tensor
+    b_orig: torch.Tensor | None
+    adapters: dict[str, AdapterModel] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)
+    disabled: bool = False
+    training: bool = True
+    requantizations: int = 0
+    anchor: Chain | None = None
+    orig: Chain | None = None
+    anchor_w: torch.Tensor | None = None
+    anchor_b: torch.Tensor | None = None
+
+    @classmethod
+    def from_base(cls, base: nn.Module) -> LogicalModel:
+        w, b = oracle.base_weights(base)
+        m = cls(base.in_features, base.out_features, w, b, w.clone(), None if b is None else b.clone())
+        m.reset_chains(original=True)
+        return m
+
+    def reset_chains(self, *, original: bool = False) -> None:
+        self.anchor = Chain.start(self.w, self.b)
+        self.anchor_w, self.anchor_b = self.w.clone(), None if self.b is None else self.b.clone()
+        if original:
+            self.orig = Chain.start(self.w, self.b)
+
+    def set_base(self, base: nn.Module) -> None:
+        self.w, self.b = oracle.base_weights(base)
+
+    # -- merge / unmerge -------------------------------------------------------------------
+    def run_ops(self, names: Sequence[str], sign: int, base_after: nn.Module) -> dict[str, Chain]:
+        """Advance step/anchor/orig chains through len(names) requantizations; the last one's
+        bound is read from ``base_after`` (observable), earlier ones from the exact weights."""
+        step = Chain.start(self.w, self.b)
+        chains = {"step": step, "anchor": self.anchor, "orig": self.orig}
+        w_in_abs = self.w.abs()
+        for i, name in enumerate(names):
+            ad = self.adapters[name]
+            chains = {k: apply_op(c, w_in_abs, ad, sign, base_after) for k, c in chains.items()}
+            last = i == len(names) - 1
+            s = chains["step"]
+            q = qb.weight_bound(base_after).double().cpu() if last else requant_bound_from_exact(
+                base_after, s.w, s.ew)
+            for c in chains.values():
+                c.ew = c.ew + q
+            w_in_abs = s.w.abs() + s.ew
+            self.requantizations += 1
+        self.anchor, self.orig = chains["anchor"], chains["orig"]
+        return chains
+
+    # -- forward ---------------------------------------------------------------------------
+    def expected(self, base: nn.Module, x: torch.Tensor, adapter_names: Sequence[str] | None = None
+                 ) -> oracle.Expected:
+        """Expected output (value, bound) for ``x`` in the current state (merged/disabled aware).
+
+        ``base`` only supplies the base layer's settings (bits, compute dtype, bias dtype); the
+        weights are the model's.
+        """
+        xd = x.detach().cpu()
+        use_adapters = not self.disabled and not self.merged
+        if not use_adapters:
+            return oracle.linear_expected(base, xd.double(), x.dtype, weight=self.w, bias=self.b,
+                                          training=self.training)
+        rows: list[tuple[list[str], torch.Tensor | None]]
+        if adapter_names is None:
+            rows = [(list(self.active), None)]
+        else:
+            groups: dict[str, list[int]] = {}
+            for i, n in enumerate(adapter_names):
+                groups.setdefault(n, []).append(i)
+            rows = [([] if n == "__base__" else [n], torch.tensor(idx)) for n, idx in groups.items()]
+        methods = {a.method for a in self.adapters.values()}
+        method = methods.pop() if methods else "lora"
+        if method == "lora":
+            return self._lora_expected(base, xd, rows)
+        return self._oft_expected(base, xd, rows)
+
+    def _lora_expected(self, base, x, rows) -> oracle.Expected:
+        y0 = oracle.linear_expected(base, x.double(), x.dtype, weight=self.w, bias=self.b, training=self.training)
+        value, bound = y0.value.clone(), y0.bound.clone()
+        mag = y0.value.abs() + y0.bound
+        adds = torch.zeros_like(value)
+        for names, idx in rows:
+            xs = x if idx is None else x.index_select(0, idx)
+            pv = torch.zeros_like(value if idx is None else value.index_select(0, idx))
+            pb, pm, n_add = torch.zeros_like(pv), torch.zeros_like(pv), 0
+            for n in names:
+                ad = self.adapters[n]
+                p = oracle.lora_path(ad.tensors, oracle.lora_scaling(ad.params), xs, x.dtype)
+                pv, pb, pm, n_add = pv + p.value, pb + p.bound, pm + p.value.abs() + p.bound, n_add + 1
+            if idx is None:
+                value, bound, adds = value + pv, bound + pb, adds + n_add * _u(x.dtype) * (mag + pm)
+            else:
+                value.index_add_(0, idx, pv)
+                bound.index_add_(0, idx, pb)
+                adds.index_add_(0, idx, n_add * _u(x.dtype) * (mag.index_select(0, idx) + pm))
+        return oracle.Expected(value, bound + adds)
+
+    def _oft_rotate(self, names: Sequence[str], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x R_1 R_2 ... (float64) and the bound on the computed rotated input (in x's dtype)."""
+        hv = x.double()
+        he = torch.zeros_like(hv)
+        for n in names:
+            ad = self.adapters[n]
+            n_blocks, bs = oracle.oft_layout(self.in_features, ad.params)
+            t = ad.tensors
+            pdt = t["oft_R.weight"].dtype
+            r = oracle.oft_rotation(t, n_blocks, bs)
+            delta = oracle.rotation_error(t, bs)
+            if pdt in (torch.float16, torch.bfloat16):
+                # rotation solved in float32 then rounded to the parameter dtype (PEFT) or in it
+                delta = delta + _u(pdt) * math.sqrt(bs)
+            m = hv.abs() + he
+            # input cast to the parameter dtype (from x's dtype or a previous adapter's)
+            e = he @ r.abs() + _u(pdt) * (m @ r.abs())
+            e = e + oracle.rotate_error(m * (1 + _u(pdt)), r.abs(), delta, n_blocks, bs, pdt)
+            hv = hv @ r
+            # cast back to the input dtype (the reference after each adapter, PEFT at the end)
+            e = e + _u(x.dtype) * (hv.abs() + e) * (1 + _u(x.dtype))
+            he = e
+        return hv, he
+
+    def _oft_expected(self, base, x, rows) -> oracle.Expected:
+        xv = x.double().clone()
+        xe = torch.zeros_like(xv)
+        for names, idx in rows:
+            if idx is None:
+                xv, xe = self._oft_rotate(names, x)
+            else:
+                hv, he = self._oft_rotate(names, x.index_select(0, idx))
+                xv.index_copy_(0, idx, hv)
+                xe.index_copy_(0, idx, he)
+        return oracle.linear_expected(base, xv, x.dtype, x_err=xe, weight=self.w, bias=self.b,
+                                      training=self.training)

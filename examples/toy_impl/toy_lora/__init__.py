@@ -1,0 +1,1 @@
+"""A toy third-party implementation for the conformance suite: LoRA over ``bnb.nn.Linear4bit``."""

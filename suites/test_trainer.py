@@ -1,0 +1,306 @@
+"""transformers Trainer clauses (``conformance.spec.checks.trainer``, seed 004) on this environment.
+
+The clauses test the installed transformers + PEFT + bitsandbytes, so they run here against a
+tiny in-test implementation that only declares capabilities (the checks build whole models with
+``conformance.tinymodels`` and ``peft.get_peft_model``). Each clause is also shown to fail on a
+deliberately broken environment (the Trainer's validator patched away or weakened, a quantizer's
+``is_trainable`` flipped, the learning rate zeroed, ...) and, for the clauses that fail here, to
+pass on a fixed one: a clause that cannot change its verdict checks nothing.
+
+Training runs are kept to one or two (method, bits) cases by narrowing the implementation's
+capabilities; the full arch x method x bits matrix is ``test_full_training_matrix`` (slow).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conformance import quant, tinymodels
+from conformance.spec import clauses
+from conformance.spec.checks import trainer as tc
+from conformance.spec.context import CheckContext
+from conformance.spec.implementation import ImplementationBase
+from conformance.spec.result import Result, run_clause
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+import transformers.trainer as hf_trainer  # noqa: E402
+from transformers.trainer_utils import validate_quantization_for_training as ORIGINAL_VALIDATOR  # noqa: E402
+
+ALL_CAPS = frozenset({"lora", "oft", "4bit", "8bit", "peft_model"})
+
+
+class EnvImpl(ImplementationBase):
+    """The environment under test: transformers + PEFT; builds no layers itself."""
+
+    def __init__(self, caps: frozenset[str] = ALL_CAPS, name: str = "env") -> None:
+        self.capabilities = frozenset(caps)
+        self.name = name
+
+    def version(self) -> str:
+        return f"transformers {transformers.__version__}"
+
+
+def run(clause_id: str, caps: frozenset[str] = ALL_CAPS) -> Result:
+    return run_clause(clauses.get(clause_id), EnvImpl(caps))
+
+
+def no_validator(model: object) -> None:
+    """A Trainer that checks nothing (the quantized-model rules removed)."""
+
+
+def rule1_only_validator(model: object) -> None:
+    """Only the purely-quantized rule, without the QAT exemption and without the not-trainable rule."""
+    from transformers.trainer_utils import _is_peft_model
+
+    if getattr(model, "is_quantized", False) and not _is_peft_model(model):
+        raise ValueError("You cannot perform fine-tuning on purely quantized models.")
+
+
+def strict_compile_validator(model: object) -> None:
+    """The installed rule plus: any compiled module anywhere in a quantized model is rejected."""
+    ORIGINAL_VALIDATOR(model)
+    mods = [model, *model.modules()]  # type: ignore[attr-defined]
+    if getattr(model, "is_quantized", False) and any(
+        hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None for m in mods
+    ):
+        raise ValueError("You cannot fine-tune quantized model with `torch.compile()` (strict)")
+
+
+# -- the registry ------------------------------------------------------------------------------
+TRAINER_IDS = [
+    "TRAINER-REJECT-PURELY-QUANTIZED", "TRAINER-PEFT-TRAINS", "TRAINER-EVAL-THEN-TRAIN",
+    "TRAINER-REJECT-COMPILED", "TRAINER-REJECT-NOT-TRAINABLE", "TRAINER-ACCEPT-QAT",
+]
+
+
+@pytest.mark.parametrize("cid", TRAINER_IDS)
+def test_registered_with_peft_model_requirement(cid: str) -> None:
+    c = clauses.get(cid)
+    assert c.area == "trainer"
+    assert "peft_model" in c.requires
+    assert c.devices == frozenset({"cpu"})
+    assert "transformers" in c.source or "seed 004" in c.source
+
+
+def test_skipped_without_peft_model_capability() -> None:
+    res = run("TRAINER-REJECT-PURELY-QUANTIZED", frozenset({"lora", "oft", "4bit", "8bit"}))
+    assert res.outcome == "skipped" and "peft_model" in res.message
+
+
+def test_validator_location_recorded() -> None:
+    loc = tc.validator_location()
+    assert loc["transformers"] == transformers.__version__
+    assert "validate_quantization_for_training" in loc["validator"]
+    assert loc["called_from"].startswith("transformers/trainer.py:")
+
+
+# -- tinymodels --------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", tinymodels.ARCHS)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiny_model_is_quantized_and_copies_are_independent(arch: str, bits: int) -> None:
+    a, b = tinymodels.load_quantized(arch, bits), tinymodels.load_quantized(arch, bits)
+    assert a.is_quantized and type(a.hf_quantizer).__name__ == f"Bnb{bits}BitHfQuantizer"
+    la, lb = tinymodels.bnb_layers(a), tinymodels.bnb_layers(b)
+    assert la and set(la) == set(lb)
+    name = next(iter(la))
+    assert la[name].weight.data.data_ptr() != lb[name].weight.data.data_ptr()
+    assert quant.snapshot(la[name]).differences(quant.snapshot(lb[name])) == []
+    out = a(**tinymodels.fixed_batch())
+    assert math.isfinite(out.loss.item())
+
+
+# -- outcomes on this environment ----------------------------------------------------------------
+def test_purely_quantized_rejected_here() -> None:
+    res = run("TRAINER-REJECT-PURELY-QUANTIZED")
+    assert res.outcome == "passed", res.message
+
+
+def test_peft_trains_here() -> None:
+    """Two trainings (lora-4bit on llama, oft-4bit on opt); 8-bit is in the slow full matrix."""
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "oft", "4bit", "peft_model"}))
+    assert res.outcome == "passed", res.message
+    assert res.measurements["loss_after_over_before.lora.4bit"] < 1
+    assert res.measurements["cases_passed"] == ["lora-4bit", "oft-4bit"]
+
+
+def test_not_trainable_rejected_here() -> None:
+    res = run("TRAINER-REJECT-NOT-TRAINABLE")
+    assert res.outcome == "passed", res.message
+    checked = res.measurements["quantizers_checked"]
+    assert "fp_quant" in checked  # QAT-trainable but not trainable: still rejected
+
+
+def test_qat_accepted_here() -> None:
+    res = run("TRAINER-ACCEPT-QAT")
+    assert res.outcome == "passed", res.message
+    assert any(t.startswith("fp_quant") for t in res.measurements["quantizers_checked"])
+
+
+def test_compiled_finding_here() -> None:
+    """transformers 5.23 only looks for ``_orig_mod`` on the object it gets: record what slips through.
+
+    Purely quantized models are rejected whichever way they are compiled (the purely-quantized rule
+    catches what the compile rule misses); with PEFT adapters, in-place ``.compile()`` and compiled
+    submodules are accepted. This is a finding about transformers, so the clause fails.
+    """
+    res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "peft_model"}))
+    assert res.outcome in ("passed", "failed"), res.message
+    rejected = res.measurements["rejected_ways"]
+    assert rejected["torch.compile(model)"] == ["torch.compile"]
+    assert rejected["torch.compile(peft_model)"] == ["torch.compile"]
+    if res.outcome == "failed":
+        assert set(res.measurements["slipped_ways"]) <= {w for w, (peft, _) in tc._compile_ways().items() if peft}
+        for way in res.measurements["slipped_ways"]:
+            assert way in res.message
+
+
+def test_eval_then_train_here() -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first evaluation: a finding."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    res = run("TRAINER-EVAL-THEN-TRAIN", frozenset({"lora", "4bit", "8bit", "peft_model"}))
+    assert res.outcome in ("passed", "failed"), res.message
+    assert "lora-8bit" in res.measurements["cases_passed"]
+    if has_avx512bf16():
+        assert res.outcome == "failed" and "nf4-lora" in res.message, res.message
+    else:
+        assert res.outcome == "passed", res.message
+
+
+# -- each clause can fail (and the failing ones can pass) ----------------------------------------
+def test_purely_quantized_fails_without_validator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", no_validator)
+    res = run("TRAINER-REJECT-PURELY-QUANTIZED", frozenset({"lora", "8bit", "peft_model"}))
+    assert res.outcome == "failed" and "accepted a purely quantized model" in res.message
+
+
+def test_purely_quantized_fails_on_wrong_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    def vague(model: object) -> None:
+        raise ValueError("cannot train this")
+
+    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", vague)
+    res = run("TRAINER-REJECT-PURELY-QUANTIZED", frozenset({"lora", "4bit", "peft_model"}))
+    assert res.outcome == "failed" and "does not name 'purely quantized'" in res.message
+
+
+def test_peft_trains_fails_when_bnb_declared_untrainable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    monkeypatch.setattr(Bnb4BitHfQuantizer, "is_trainable", property(lambda self: False))
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "4bit", "peft_model"}))
+    assert res.outcome == "failed" and "Trainer rejected" in res.message
+
+
+def test_peft_trains_fails_when_base_parameters_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An environment that leaves the (non-quantized) norm weights trainable changes non-adapter parameters."""
+    original = tc.make_peft_model
+
+    def leaky(model: torch.nn.Module, method: str, arch: str) -> torch.nn.Module:
+        out = original(model, method, arch)
+        for name, p in out.named_parameters():
+            if "norm" in name:
+                p.requires_grad_(True)
+        return out
+
+    monkeypatch.setattr(tc, "make_peft_model", leaky)
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "8bit", "peft_model"}))
+    assert res.outcome == "failed" and "non-adapter parameters" in res.message
+
+
+def test_peft_trains_fails_when_quantized_weights_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training step that requantizes a base weight (a lossy write) breaks bit-identity."""
+    from transformers import TrainerCallback
+
+    class Requantize(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
+            if state.global_step == 1:
+                layer = next(iter(tinymodels.bnb_layers(model).values()))
+                quant.requantize(layer, quant.dequantize(layer) * 1.5)
+
+    original = tc.make_trainer
+
+    def with_callback(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        t = original(*args, **kwargs)
+        t.add_callback(Requantize())
+        return t
+
+    monkeypatch.setattr(tc, "make_trainer", with_callback)
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "8bit", "peft_model"}))
+    assert res.outcome == "failed" and "quantized weights of" in res.message, res.message
+
+
+def test_peft_trains_fails_when_nothing_learns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tc, "LEARNING_RATE", 0.0)
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"oft", "8bit", "peft_model"}))
+    assert res.outcome == "failed" and "did not fall" in res.message, res.message
+
+
+def test_eval_then_train_passes_without_cpu_repacking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With bitsandbytes' AVX512-BF16 inference repacking off, 4-bit training survives evaluation."""
+    original = tinymodels.load_quantized
+
+    def no_repack(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        model = original(*args, **kwargs)
+        for layer in tinymodels.bnb_layers(model).values():
+            if hasattr(layer, "support_avx512bf16_for_cpu"):
+                layer.support_avx512bf16_for_cpu = False
+        return model
+
+    monkeypatch.setattr(tinymodels, "load_quantized", no_repack)
+    res = run("TRAINER-EVAL-THEN-TRAIN", frozenset({"lora", "4bit", "peft_model"}))
+    assert res.outcome == "passed", res.message
+
+
+def test_compiled_fails_without_validator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", no_validator)
+    res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "peft_model"}))
+    assert res.outcome == "failed" and "torch.compile(model)" in res.measurements["slipped_ways"]
+
+
+def test_compiled_passes_with_strict_validator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", strict_compile_validator)
+    res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "oft", "4bit", "8bit", "peft_model"}))
+    assert res.outcome == "passed", res.message
+    assert res.measurements["slipped_ways"] == []
+
+
+def test_not_trainable_fails_without_trainability_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", rule1_only_validator)
+    res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"lora", "4bit", "peft_model"}))
+    # the QAT-but-untrainable fp_quant is now rejected by the wrong rule; with adapters, nothing rejects
+    assert res.outcome == "failed", res.message
+    assert "accepted a model quantized with" in res.message or "does not support training" in res.message
+
+
+def test_not_trainable_fails_on_wrong_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rejection that does not say the method does not support training is not the rule firing."""
+
+    def terse(model: object) -> None:
+        quantizer = getattr(model, "hf_quantizer", None)
+        if getattr(model, "is_quantized", False) and quantizer is not None and not quantizer.is_trainable:
+            raise ValueError("no")
+        ORIGINAL_VALIDATOR(model)
+
+    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", terse)
+    res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"lora", "4bit", "peft_model"}))
+    assert res.outcome == "failed" and "does not support training" in res.message
+
+
+def test_accept_qat_fails_without_qat_exemption(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", rule1_only_validator)
+    res = run("TRAINER-ACCEPT-QAT", frozenset({"lora", "4bit", "peft_model"}))
+    assert res.outcome == "failed" and "QAT-trainable" in res.message
+
+
+# -- the full matrix (slow) --------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", tinymodels.ARCHS)
+@pytest.mark.parametrize("method", ["lora", "oft"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_full_training_matrix(arch: str, method: str, bits: int) -> None:
+    ctx = CheckContext(impl=EnvImpl(), clause=clauses.get("TRAINER-PEFT-TRAINS"))
+    tc.train_and_check(ctx, arch, method, bits)
