@@ -70,8 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for info in infos:
             print(f"running {len(chosen)} clauses for {info.name} {info.version} on {args.device}", file=sys.stderr,
                   flush=True)
-            results += runner.run_implementation(info.name, chosen, device=args.device, seed=args.seed,
-                                                 timeout_scale=args.timeout_scale)
+            results += runner.run_implementation(info.target, chosen, device=args.device, seed=args.seed,
+                                                 timeout_scale=args.timeout_scale, label=info.name)
     except runner.UsageError as exc:
         return _usage(str(exc))
     runner.apply_xfails(results, entries)

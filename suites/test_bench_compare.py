@@ -197,3 +197,18 @@ def test_matrix_keys_unique_and_select() -> None:
     assert sel and all("8192x28672" in c.key and "t16384" in c.key for c in sel)
     quick = matrix("cpu", quick=True)
     assert all(c.in_features * c.out_features <= 256 * 256 for c in quick)
+
+
+def test_normalize_cancels_machine_drift_but_not_a_slowdown() -> None:
+    # the whole machine is 40% slower in the new run (load), and the reference 10% on top of that
+    old = _doc({"g/bnb": _run(1e-3, 0.02, seed=20), "g/reference": _run(2e-3, 0.02, seed=21),
+                "g/peft": _run(3e-3, 0.02, seed=22)})
+    new = _doc({"g/bnb": _run(1.4e-3, 0.02, seed=23), "g/reference": _run(2e-3 * 1.4 * 1.1, 0.02, seed=24),
+                "g/peft": _run(3e-3 * 1.4, 0.02, seed=25)})
+    raw = {v.key: v.status for v in compare.compare([_stats(old)], [_stats(new)])}
+    assert raw["g/peft"] == "regression"  # absolute times see the drift everywhere
+    norm = {v.key: v for v in compare.compare([compare.normalize(_stats(old), "bnb")],
+                                              [compare.normalize(_stats(new), "bnb")])}
+    assert set(norm) == {"g/reference", "g/peft"}
+    assert norm["g/peft"].status != "regression"
+    assert norm["g/reference"].status == "regression" and norm["g/reference"].ratio == pytest.approx(1.1, abs=0.03)

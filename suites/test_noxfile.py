@@ -219,3 +219,19 @@ def test_newest_baseline_without_dates_prefers_newest_versions(noxfile: ModuleTy
     for name, torch in (("x.json", "2.13.0+cu128"), ("y.json", "2.9.1+cu128")):
         (tmp_path / name).write_text(json.dumps({"environment": {"device": "cuda", "packages": {"torch": torch}}}))
     assert noxfile._newest_baseline(tmp_path, "cuda").name == "x.json"
+
+
+def test_gpu_session_fails_at_once_without_cuda() -> None:
+    """`nox -s gpu` on a machine without CUDA: a clear message, nothing run or installed."""
+    pytest.importorskip("nox")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    out = subprocess.run([sys.executable, "-m", "nox", "--no-venv", "-f", str(ROOT / "noxfile.py"), "-s", "gpu",
+                          "--", "--interpreter", sys.executable, "--reports-dir", "/nonexistent/never-written"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "no CUDA device visible" in text and "torch.cuda.is_available() == False" in text, text[-2000:]
+    assert "step pytest" not in text and not Path("/nonexistent/never-written").exists()

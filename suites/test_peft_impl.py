@@ -30,7 +30,13 @@ pytest.importorskip("peft")
 import peft  # noqa: E402
 from packaging.version import Version  # noqa: E402
 
-from conformance.quant.bounds import gamma, matmul_rounding_bound, unit_roundoff  # noqa: E402
+from conformance.quant.bounds import (  # noqa: E402
+    gamma,
+    matmul_rounding_bound,
+    output_bound,
+    unit_roundoff,
+    weight_bound,
+)
 from conformance.quant.layers import dequantize, make_base_layer  # noqa: E402
 from conformance.reference import rotation  # noqa: E402
 from conformance.spec.cases import BaseCase, base_cases  # noqa: E402
@@ -448,6 +454,36 @@ def test_difference_safe_merge_with_lora_bias_crashes(bits: int) -> None:
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="ambiguous"):
             pl.merge(safe_merge=True)
+
+
+def test_difference_oft_multi_merge_order() -> None:
+    """With two active OFT adapters PEFT's forward rotates ``x R1 R2`` but merging writes
+    ``W R1^T`` then ``(W R1^T) R2^T``, i.e. the merged layer computes ``x R2 R1 W^T``: the merged
+    output follows the reversed product (peft/tuners/oft/layer.py ``merge``; rotations do not
+    commute). 8-bit, whose requantization error is small enough to tell the two orders apart."""
+    _needs("oft", "8bit", "multi_adapter")
+    layer = IMPL.create(make_base_layer(64, 48, bits=8), AdapterSpec("oft", "default", {"r": 4, "init_weights": False}))
+    layer.add_adapter("second", r=4, init_weights=False)
+    layer.set_adapter(["default", "second"])
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4)).double()
+    w0, bias = dequantize(layer.base_layer).double(), layer.base_layer.bias.double()
+    r1, r2 = (layer.get_delta_weight(n).detach().double() for n in ("default", "second"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer.merge(adapter_names=["default"])
+        wb1 = weight_bound(layer.base_layer)
+        layer.merge(adapter_names=["second"])
+    wb2 = weight_bound(layer.base_layer)
+    y = layer(x.float()).double()
+    # |W2 - W R1^T R2^T| <= wb2 + wb1 |R2|^T + float32 rounding of the two rotations of W
+    rot = gamma(2 * 64, U) * (w0.abs() @ r1.abs().t() @ r2.abs().t())
+    w_err = wb2 + wb1 @ r2.abs().t() + 2 * rot
+    bound = output_bound(w_err, x) + matmul_rounding_bound(x, w0.abs(), torch.float32)
+    reversed_order = x @ r2 @ r1 @ w0.t() + bias
+    forward_order = x @ r1 @ r2 @ w0.t() + bias
+    _assert_within(f"peft {peft.__version__}: merged output vs x R2 R1 W^T", y, reversed_order, bound)
+    assert bool(((y - forward_order).abs() > bound).any()), (
+        f"peft {peft.__version__}: the merged layer now follows the forward order x R1 R2 W^T; update this test")
 
 
 def test_difference_oft_merge_warning() -> None:

@@ -25,9 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="file stem (default: the environment slug)")
     p.add_argument("--compare", default=None, metavar="OLD.json", help="compare with an older result")
     p.add_argument("--threshold", type=float, default=0.05, help="regression threshold for --compare (0.05)")
+    p.add_argument("--normalize", default=None, metavar="IMPL", help="--compare relative to this implementation "
+                   "of the same group (e.g. bnb): cancels machine-speed drift between the runs")
     p.add_argument("--filter", default=None, help="only cases whose key contains all these ,-separated parts")
     p.add_argument("--max-seconds", type=float, default=None, help="stop starting new cases after this long")
     p.add_argument("--repeats", type=int, default=3, help="extra independent runs of the main cases (spread)")
+    p.add_argument("--passes", type=int, default=1, help="walk the matrix N times and pool the rounds (shared "
+                   "machines: every case sees the same load drift)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
 
@@ -44,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     matrix = bench_cases.select(bench_cases.matrix(device, args.quick), args.filter)
     mem_shapes = list(bench_cases.QUICK_SHAPES if args.quick else bench_cases.GPU_SHAPES)
     doc = run(matrix, device, args.quick, args.max_seconds, args.repeats, mem_shapes=mem_shapes,
-              partial_path=Path(args.out) / ".partial.json")
+              partial_path=Path(args.out) / ".partial.json", passes=args.passes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or doc["slug"] + ("-quick" if args.quick else "")
     path = out / f"{stem}.json"
-    path.write_text(json.dumps(doc, indent=1, default=str))
+    path.write_text(json.dumps(doc, default=str, separators=(",", ":")))
     (out / ".partial.json").unlink(missing_ok=True)
     print(summary_table(doc))
     print(f"\nwrote {path}")
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as exc:  # matplotlib is an optional extra ([plot])
             print(f"no plot: {exc}")
     if args.compare:
-        return bench_compare.main([args.compare, str(path), "--threshold", str(args.threshold)])
+        extra = ["--normalize", args.normalize] if args.normalize else []
+        return bench_compare.main([args.compare, str(path), "--threshold", str(args.threshold), *extra])
     return 0
 
 

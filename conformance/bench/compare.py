@@ -8,6 +8,10 @@ repeated runs is compared (one file per run; several files per side are pooled b
 
     python -m conformance.bench.compare OLD.json NEW.json [--threshold 0.05] [--z 3] [--filter reference]
     python -m conformance.bench.compare --old a.json --old b.json --new c.json --new d.json
+    python -m conformance.bench.compare OLD.json NEW.json --normalize bnb   # relative to the bare layer
+
+``--normalize IMPL`` divides each case by the same group's IMPL from the same run, which cancels
+machine-speed drift between runs (a loaded shared CI box); it cannot see a slowdown of IMPL itself.
 
 Exit status: 0 when nothing regressed, 1 on a regression, 2 on unusable input.
 """
@@ -78,6 +82,26 @@ def load_stats(data: dict[str, Any]) -> dict[str, Stat]:
     raise ValueError("not a benchmark result: expected 'results' (conformance-bench) or 'benchmarks' (pytest-benchmark)")
 
 
+def normalize(stats: dict[str, Stat], control: str) -> dict[str, Stat]:
+    """Each case relative to the ``control`` implementation of its group in the same run.
+
+    Keys are ``group/impl``; a case becomes ``median / median(group/control)``, its IQR scaled so that
+    the relative noise of both adds (in quadrature). Machine-speed drift between runs (other jobs on a
+    shared runner, clocks) cancels; a change in one implementation does not. Groups without the
+    control are dropped, and so is the control itself (always 1).
+    """
+    out = {}
+    for key, st in stats.items():
+        group, _, impl = key.rpartition("/")
+        ctl = stats.get(f"{group}/{control}")
+        if ctl is None or impl == control or ctl.median <= 0:
+            continue
+        ratio = st.median / ctl.median
+        rel = math.hypot(st.iqr / st.median if st.median else 0.0, ctl.iqr / ctl.median)
+        out[key] = Stat(ratio, ratio * rel, min(st.rounds, ctl.rounds) if st.rounds and ctl.rounds else 0)
+    return out
+
+
 def pool(runs: list[Stat]) -> Pooled:
     """Median of the runs' medians; its noise is the larger of within-run and between-run error."""
     meds = [s.median for s in runs]
@@ -119,13 +143,14 @@ def regressions(verdicts: list[Verdict]) -> list[Verdict]:
     return [v for v in verdicts if v.status == "regression"]
 
 
-def format_table(verdicts: list[Verdict], only_changes: bool = False) -> str:
-    lines = [f"{'case':72s} {'old':>11s} {'new':>11s} {'change':>8s} {'noise':>8s}  status"]
+def format_table(verdicts: list[Verdict], only_changes: bool = False, unit: str = "ms") -> str:
+    scale = 1e3 if unit == "ms" else 1.0
+    lines = [f"{'case':72s} {'old ' + unit:>11s} {'new ' + unit:>11s} {'change':>8s} {'noise':>8s}  status"]
     for v in verdicts:
         if only_changes and v.status == "same":
             continue
         noise_pct = 100 * v.noise / v.old if v.old == v.old and v.old > 0 else math.nan
-        lines.append(f"{v.key[:72]:72s} {v.old * 1e3:10.4f}m {v.new * 1e3:10.4f}m {100 * v.change:+7.1f}% "
+        lines.append(f"{v.key[:72]:72s} {v.old * scale:11.4f} {v.new * scale:11.4f} {100 * v.change:+7.1f}% "
                      f"{noise_pct:7.1f}%  {v.status}")
     return "\n".join(lines)
 
@@ -143,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--z", type=float, default=3.0, help="how many standard errors a change must exceed (3)")
     p.add_argument("--filter", default=None, help="only cases whose key contains this")
     p.add_argument("--all", action="store_true", help="print unchanged cases too")
+    p.add_argument("--normalize", default=None, metavar="IMPL",
+                   help="compare each case relative to this implementation of its group in the same run (e.g. bnb)")
     args = p.parse_args(argv)
     old, new = list(args.old), list(args.new)
     if args.files:
@@ -152,11 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     if not old or not new:
         p.error("need at least one old and one new result file")
     try:
-        verdicts = compare([_read(f) for f in old], [_read(f) for f in new], args.threshold, args.z, args.filter)
+        olds, news = [_read(f) for f in old], [_read(f) for f in new]
+        if args.normalize:
+            olds = [normalize(r, args.normalize) for r in olds]
+            news = [normalize(r, args.normalize) for r in news]
+        verdicts = compare(olds, news, args.threshold, args.z, args.filter)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         print(f"compare: {exc}", file=sys.stderr)
         return 2
-    print(format_table(verdicts, only_changes=not args.all))
+    print(format_table(verdicts, only_changes=not args.all, unit="x" if args.normalize else "ms"))
     bad = regressions(verdicts)
     counts = {s: sum(v.status == s for v in verdicts) for s in ("same", "noisy", "improvement", "regression")}
     print(f"\n{len(verdicts)} cases: " + ", ".join(f"{n} {s}" for s, n in counts.items())

@@ -23,7 +23,7 @@ import torch
 from . import memory, roofline
 from .cases import BenchCase
 from .layers import Builder, inject_factor, with_slowdown
-from .timing import Budget, L2Flusher, measure, time_host
+from .timing import Budget, L2Flusher, Timing, measure, time_host
 
 FORMAT = "conformance-bench/1"
 MAIN_GROUP_PREFIX = "lora-nf4-dq/fwdbwd/4096x4096/t4096/"
@@ -71,7 +71,7 @@ def run_case(builder: Builder, case: BenchCase, device: str, quick: bool, flushe
         budget = budget_for(case, device, quick)
         timing = measure(prep.fn, budget, prep.setup, device, flusher)
         rec["timing"] = timing.summary()
-        rec["budget"] = budget.to_dict()
+        rec["_samples"] = timing.samples
         if device == "cuda" and case.tokens == 1 and case.op in ("fwd", "fwdbwd"):
             # decode is host-bound in eager mode: the synchronising wall-clock time is what a user waits
             host = time_host(prep.fn, Budget(warmup=2, min_rounds=10, max_rounds=50, max_seconds=0.2,
@@ -82,7 +82,8 @@ def run_case(builder: Builder, case: BenchCase, device: str, quick: bool, flushe
                 prep.setup()
             rec["memory"] = memory.peak_memory(prep.fn, device)
         rec["static_bytes"] = prep.static_bytes
-        rec["notes"] = prep.notes
+        if prep.notes:
+            rec["notes"] = prep.notes
         rec["status"] = "ok"
     except Exception as exc:
         rec["status"] = "error"
@@ -169,8 +170,12 @@ def repeat_spread(builder: Builder, cases: list[BenchCase], device: str, quick: 
 
 def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_seconds: float | None = None,
         repeats: int = 0, log: Callable[[str], None] = print, mem_shapes: list[tuple[int, int]] | None = None,
-        partial_path: Path | None = None) -> dict[str, Any]:
-    """Run ``cases`` (in order, until ``max_seconds``), returning the result document."""
+        partial_path: Path | None = None, passes: int = 1) -> dict[str, Any]:
+    """Run ``cases`` (in order, until ``max_seconds``), returning the result document.
+
+    ``passes > 1`` walks the whole matrix that many times and pools each case's rounds: on a shared
+    machine whose load drifts over seconds, every case then samples the same mix of load.
+    """
     warnings.simplefilter("ignore")
     env = environment(device)
     gpu_name = env.get("gpu", {}).get("name") if device == "cuda" else None
@@ -181,6 +186,13 @@ def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_se
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     skipped = 0
+    pooled: dict[str, list[float]] = {}
+    for extra in range(passes - 1):  # earlier passes only contribute rounds to the pooled samples
+        for case in cases:
+            rec = run_case(builder, case, device, quick, flusher, inject)
+            if rec["status"] == "ok":
+                pooled.setdefault(case.key, []).extend(rec["_samples"])
+        log(f"pass {extra + 1}/{passes} done")
     for n, case in enumerate(cases):
         if max_seconds is not None and time.perf_counter() - started > max_seconds:
             records.append({**case.to_dict(), "status": "skipped", "error": "time budget of the run exhausted"})
@@ -189,6 +201,9 @@ def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_se
         rec = run_case(builder, case, device, quick, flusher, inject)
         records.append(rec)
         if rec["status"] == "ok":
+            if case.key in pooled:
+                rec["timing"] = Timing(pooled[case.key] + rec["_samples"], rec["timing"]["timer"]).summary()
+                rec["timing"]["passes"] = passes
             t = rec["timing"]
             log(f"[{n + 1}/{len(cases)}] {case.key:70s} {t['median_s'] * 1e3:10.4f} ms  ci {t['ci_rel']:.3f}  "
                 f"n={t['rounds']}")
@@ -207,6 +222,8 @@ def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_se
     del builder
     gc.collect()
     mem = memory_table(device, mem_shapes or [(c.in_features, c.out_features) for c in cases[:1]])
+    for r in records:
+        r.pop("_samples", None)
     derive(records, peak)
     return {
         "format": FORMAT,
@@ -214,7 +231,8 @@ def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_se
         "environment": env,
         "slug": slug(env),
         "config": {"device": device, "quick": quick, "max_seconds": max_seconds, "inject_slowdown": inject,
-                   "cases": len(cases), "skipped": skipped, "elapsed_s": elapsed},
+                   "passes": passes, "cases": len(cases), "skipped": skipped, "elapsed_s": elapsed,
+                   "budget": budget_for(cases[0], device, quick).to_dict() if cases else None},
         "peak": None if peak is None else {"name": peak.name, "flops": peak.flops, "bandwidth": peak.bandwidth},
         "results": records,
         "repeat_spread": spread,

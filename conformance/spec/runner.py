@@ -29,7 +29,8 @@ class UsageError(Exception):
 
 @dataclass
 class ImplInfo:
-    name: str
+    name: str  # the implementation's declared name (what reports and xfail files use)
+    target: str = ""  # what --impl said (built-in name, entry point or package.module:attr)
     version: str = "unknown"
     capabilities: list[str] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)
@@ -87,7 +88,7 @@ def describe(impl: str, timeout_s: float = 300.0) -> ImplInfo:
         if ev["event"] == "fatal":
             raise UsageError(ev["message"])
         if ev["event"] == "loaded":
-            return ImplInfo(impl, ev["version"], ev["capabilities"], ev.get("unsupported", {}))
+            return ImplInfo(ev["implementation"], impl, ev["version"], ev["capabilities"], ev.get("unsupported", {}))
     tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
     raise UsageError(f"implementation {impl!r} could not be loaded (worker exit {proc.returncode}): {tail[0]}")
 
@@ -111,8 +112,13 @@ def run_implementation(
     seed: int = 0,
     timeout_scale: float = 1.0,
     progress: Progress = _stderr,
+    label: str | None = None,
 ) -> list[Result]:
-    """Run ``clauses`` for one implementation in worker processes; never raises for the implementation's faults."""
+    """Run ``clauses`` for one implementation in worker processes; never raises for the implementation's faults.
+
+    ``impl`` is what to load (``--impl``); results carry the implementation's declared name.
+    """
+    label = label or impl
     by_id = {c.id: c for c in clauses}
     todo = [c.id for c in clauses]
     results: list[Result] = []
@@ -139,7 +145,7 @@ def run_implementation(
                             results.append(res)
                             todo.remove(res.clause)
                             current = None
-                            progress(f"[{impl}] {len(results)}/{total} {res.clause:<34} {res.outcome:<8} "
+                            progress(f"[{label}] {len(results)}/{total} {res.clause:<34} {res.outcome:<8} "
                                      f"({res.duration_s:.1f}s)")
                     if proc.poll() is not None:
                         evs, offset = _read_events(events, offset)
@@ -151,11 +157,11 @@ def run_implementation(
                         if time.monotonic() - started > limit:
                             proc.kill()
                             proc.wait()
-                            res = Result(current, impl, "error", f"timed out after {limit:.0f}s (worker killed)",
+                            res = Result(current, label, "error", f"timed out after {limit:.0f}s (worker killed)",
                                          limit, level=by_id[current].level, device=device)
                             results.append(res)
                             todo.remove(current)
-                            progress(f"[{impl}] {len(results)}/{total} {current:<34} error    (timeout {limit:.0f}s)")
+                            progress(f"[{label}] {len(results)}/{total} {current:<34} error    (timeout {limit:.0f}s)")
                             current = None
                             break
                     time.sleep(0.05)
@@ -169,15 +175,15 @@ def run_implementation(
                 msg = f"worker {_describe_exit(proc.returncode)} while running this clause"
                 if tail:
                     msg += ": " + " | ".join(tail)
-                results.append(Result(current, impl, "error", msg, time.monotonic() - started,
+                results.append(Result(current, label, "error", msg, time.monotonic() - started,
                                       level=by_id[current].level, device=device))
                 todo.remove(current)
-                progress(f"[{impl}] {len(results)}/{total} {current:<34} error    ({_describe_exit(proc.returncode)})")
+                progress(f"[{label}] {len(results)}/{total} {current:<34} error    ({_describe_exit(proc.returncode)})")
             elif proc.returncode not in (0, None) and todo:
                 errlog.seek(0)
                 tail = (errlog.read().strip().splitlines() or ["no output"])[-1]
                 for cid in todo:
-                    results.append(Result(cid, impl, "error", f"worker {_describe_exit(proc.returncode)} before this "
+                    results.append(Result(cid, label, "error", f"worker {_describe_exit(proc.returncode)} before this "
                                           f"clause started: {tail}", level=by_id[cid].level, device=device))
                 todo = []
             errlog.close()

@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     for cid in [c for c in args.clauses.split(",") if c]:
         _emit(args.events, {"event": "start", "clause": cid, "t": time.time()})
         result = run_clause(reg[cid], impl, args.device, args.seed)
-        result.implementation = args.impl if impl.name != args.impl and ":" in args.impl else impl.name
         _emit(args.events, {"event": "result", **result.to_json()})
     return 0
 

@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="directory for reproducer scripts ($CONFORMANCE_REPORT_DIR, else a temp dir)")
     p.add_argument("--case", action="append", default=[], help="restrict to METHOD/BITS, e.g. lora/4 (repeatable)")
     p.add_argument("--random", action="store_true", help="do not derandomize (explore new sequences each run)")
+    p.add_argument("--exclude-invalid", default="", help="comma-separated invalid-step kinds to leave out "
+                   "(to look past a known finding), e.g. set_unknown,merge_unknown")
+    p.add_argument("--shrink-s", type=float, default=None, help="seconds of shrinking per case after its first "
+                   "violation ($CONFORMANCE_STATEFUL_SHRINK_S, default 20)")
     args = p.parse_args(argv)
 
     from conformance.spec.implementation import ImplementationNotFound, ImplementationUnsupported, load
@@ -38,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             m, _, b = c.partition("/")
             cases.append((m, int(b.removesuffix("bit"))))
     res = run(impl, args.device, examples=args.examples, steps=args.steps, cases=cases, out=args.out,
-              derandomize=not args.random)
+              derandomize=not args.random, shrink_s=args.shrink_s,
+              exclude_invalid=[k for k in args.exclude_invalid.split(",") if k])
     print(res.summary())
     return 1 if (res.failures or res.errors) else 0
 

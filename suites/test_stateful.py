@@ -1,0 +1,240 @@
+"""Stateful conformance (issue #8): the machine passes for the reference, catches broken layers,
+and writes runnable reproducers.
+
+The broken implementations are defined here; reproducers import them as ``test_stateful:NAME``
+(the script puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from torch import nn
+
+from conformance.reference import layer_class
+from conformance.spec.clauses import registry
+from conformance.spec.implementation import AdapterSpec
+from conformance.spec.impls.reference import ReferenceImplementation
+from conformance.spec.result import run_clause
+from conformance.stateful import machine as sm
+from conformance.stateful.reproducer import load_steps
+
+STATE_CLAUSES = [c for c in registry().values() if c.area == "stateful"]
+
+
+# -- deliberately broken implementations ---------------------------------------------------------
+
+class _UnmergeForgetsRequantize:
+    """unmerge() clears the bookkeeping but never writes the weights back."""
+
+    def unmerge(self) -> None:
+        self.merged_adapters.clear()
+
+
+class _MergeForgetsFlags:
+    """merge() rewrites the weights but leaves merged_adapters empty."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        self.merged_adapters.clear()
+
+
+class _DeepcopyLosesAdapter:
+    """copy.deepcopy drops the most recently added adapter (when there are several)."""
+
+    def __deepcopy__(self, memo: dict) -> nn.Module:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        if len(new.adapter_names) > 1:
+            last = new.adapter_names[-1]
+            new._drop_adapter(last)
+            new.active_adapters = [n for n in new.active_adapters if n != last] or new.adapter_names[:1]
+        return new
+
+
+class _SilentUnknownAdapter:
+    """set_adapter() accepts unknown names silently (what a layer without validation does)."""
+
+    def set_adapter(self, adapter_names: Any) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.active_adapters = names
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+class _Broken(ReferenceImplementation):
+    mixin: type = object
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = f"broken-{type(self).__name__}"
+
+    def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
+        layer = super().create(base_layer, spec)
+        key = (self.mixin, type(layer))
+        if key not in _CLASSES:
+            _CLASSES[key] = type(f"{self.mixin.__name__.strip('_')}{type(layer).__name__}", key, {})
+        layer.__class__ = _CLASSES[key]
+        return layer
+
+
+class UnmergeForgetsRequantize(_Broken):
+    mixin = _UnmergeForgetsRequantize
+
+
+class MergeForgetsFlags(_Broken):
+    mixin = _MergeForgetsFlags
+
+
+class DeepcopyLosesAdapter(_Broken):
+    mixin = _DeepcopyLosesAdapter
+
+
+class SilentUnknownAdapter(_Broken):
+    mixin = _SilentUnknownAdapter
+
+
+# -- the reference passes --------------------------------------------------------------------------
+
+def test_reference_ci_budget_passes() -> None:
+    """The CI budget (derandomized) finds nothing in the reference and stays well under 60 s."""
+    start = time.perf_counter()
+    res = sm.run(ReferenceImplementation())
+    wall = time.perf_counter() - start
+    assert not res.failures and not res.errors, res.summary()
+    assert res.stats.examples >= 4 * sm.DEFAULT_EXAMPLES // 2, res.summary()
+    for op in ("forward", "merge", "unmerge", "train_step", "state_dict_roundtrip", "deepcopy", "invalid"):
+        assert res.stats.ops.get(op, 0) > 0, f"the CI budget never ran {op}: {res.summary()}"
+    for cid in (sm.OUTPUT, sm.MERGE, sm.UNMERGE, sm.DRIFT):
+        assert 0 < res.stats.worst[cid] <= 1, (cid, res.stats.worst)
+    assert wall < 60, f"CI budget took {wall:.1f}s"
+
+
+def test_stateful_clauses_registered_and_pass_for_reference() -> None:
+    ids = {c.id for c in STATE_CLAUSES}
+    assert set(sm.CLAUSE_IDS) <= ids
+    impl = ReferenceImplementation()
+    for c in STATE_CLAUSES:
+        res = run_clause(c, impl)
+        assert res.outcome == "passed", f"{c.id}: {res.outcome} {res.message}"
+        assert res.measurements["examples"] > 0
+
+
+def test_fixed_sequence_reference() -> None:
+    """A hand-written sequence through every kind of step (no hypothesis): no violation."""
+    cfg = {"method": "lora", "bits": 4, "in_features": 64, "out_features": 40, "quant_type": "nf4",
+           "double_quant": True, "blocksize": 64, "bias": True, "variant": 2, "seed": 3}
+    steps = [
+        {"op": "forward", "lead": [2, 3], "dtype": "bfloat16", "grad_mode": "inference_mode", "seed": 1},
+        {"op": "add_adapter", "variant": 1, "seed": 4},
+        {"op": "set_adapter", "adapter_names": ["a0", "a1"]},
+        {"op": "train_step", "lead": [3], "seed": 2},
+        {"op": "merge", "adapter_names": ["a1", "a0"], "safe_merge": True},
+        {"op": "invalid", "kind": "merge_merged", "seed": 0},
+        {"op": "forward", "lead": [3], "dtype": "float16", "grad_mode": "no_grad", "seed": 5},
+        {"op": "unmerge"},
+        {"op": "merge", "adapter_names": None, "safe_merge": False},
+        {"op": "enable_adapters", "enabled": False},
+        {"op": "forward", "lead": [1], "dtype": "float32", "grad_mode": "grad", "seed": 6},  # unmerges
+        {"op": "enable_adapters", "enabled": True},
+        {"op": "mixed_forward", "adapter_names": ["a1", "__base__", "a0"], "dtype": "float32", "seed": 7},
+        {"op": "dtype_move", "dtype": "bfloat16"},
+        {"op": "state_dict_roundtrip", "seed": 9},
+        {"op": "deepcopy"},
+        {"op": "set_mode", "training": False},
+        {"op": "forward", "lead": [3], "dtype": "float32", "grad_mode": "no_grad", "seed": 8},
+        {"op": "delete_adapter", "name": "a1"},
+        {"op": "invalid", "kind": "unmerge_unmerged", "seed": 0},
+        {"op": "invalid", "kind": "set_unknown", "seed": 0},
+    ]
+    seen: list[str] = []
+    v = sm.replay(ReferenceImplementation(), cfg, steps, verbose=seen.append)
+    assert v is None, f"{v.clause}: {v.message}"
+    assert len(seen) == len(steps) + 1
+
+
+# -- broken layers are caught ------------------------------------------------------------------------
+
+def _run_broken(impl: _Broken, tmp_path: Any) -> sm.RunResult:
+    return sm.run(impl, examples=12, steps=8, cases=[("lora", 4)], out=str(tmp_path), shrink_s=6)
+
+
+@pytest.mark.parametrize(("impl", "clauses"), [
+    (UnmergeForgetsRequantize(), {sm.MERGE, sm.UNMERGE, sm.DRIFT}),
+    (MergeForgetsFlags(), {sm.FLAGS}),
+    (DeepcopyLosesAdapter(), {sm.ADAPTERS}),
+    (SilentUnknownAdapter(), {sm.INVALID}),
+], ids=lambda v: type(v).__name__ if isinstance(v, _Broken) else "")
+def test_broken_layer_caught(impl: _Broken, clauses: set[str], tmp_path: Any) -> None:
+    res = _run_broken(impl, tmp_path)
+    found = set(res.failures)
+    assert found & clauses, f"expected one of {clauses}, got {sorted(found)}\n{res.summary()}"
+    for fails in res.failures.values():
+        for f in fails:
+            assert f.reproducer and os.path.isfile(f.reproducer), f.reproducer
+            cfg, steps = load_steps(f.reproducer)
+            assert cfg == f.config and len(steps) == len(f.trace) - 1
+            # the minimal sequence replays to the same violation (deterministic)
+            v = sm.replay(impl, cfg, steps)
+            assert v is not None and v.clause == f.clause, (f.clause, v)
+    cid = sorted(found & clauses)[0]
+    shortest = min(len(f.trace) for f in res.failures[cid])
+    assert shortest <= 6, f"{cid}: minimal sequence has {shortest} steps\n{res.summary()}"
+
+
+def test_reproducer_script_runs_and_shows_divergence(tmp_path: Any) -> None:
+    res = _run_broken(UnmergeForgetsRequantize(), tmp_path)
+    f = next(iter(res.failures.values()))[0]
+    env = dict(os.environ, BITSANDBYTES_NOWELCOME="1")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, f.reproducer], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "DIVERGENCE" in proc.stdout and f.clause in proc.stdout, proc.stdout
+
+
+def test_clause_reports_reproducer(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the clause runner: the clause fails, names the sequence and records the reproducer path."""
+    from conformance.spec.checks import stateful as checks
+
+    monkeypatch.setenv(sm.ENV_EXAMPLES, "8")
+    monkeypatch.setenv(sm.ENV_STEPS, "6")
+    monkeypatch.setenv(sm.ENV_SHRINK_S, "4")
+    monkeypatch.setenv(sm.ENV_REPORT_DIR, str(tmp_path))
+    impl = MergeForgetsFlags()
+    checks.clear_cache()
+    monkeypatch.setattr(type(impl), "methods", lambda self: frozenset({"lora"}))
+    monkeypatch.setattr(type(impl), "bits", lambda self: frozenset({8}))
+    try:
+        res = run_clause(registry()[sm.FLAGS], impl)
+    finally:
+        checks.clear_cache()
+    assert res.outcome == "failed", res
+    assert "minimal sequence" in res.message and "merge" in res.message
+    path = res.measurements["reproducer"]
+    assert path.startswith(str(tmp_path)) and os.path.isfile(path)
+
+
+@pytest.mark.slow
+def test_reference_long_run() -> None:
+    """The long run (issue #8): 2000 sequences on the CPU, nothing found."""
+    res = sm.run(ReferenceImplementation(), examples=500, steps=15)
+    assert not res.failures and not res.errors, res.summary()
+
+
+def test_layer_class_sanity() -> None:
+    # the broken classes keep the reference behaviour they do not override
+    impl = MergeForgetsFlags()
+    from conformance.quant.layers import make_base_layer
+
+    layer = impl.create(make_base_layer(64, 40, bits=8), AdapterSpec("lora", "a0", {"r": 4}))
+    assert isinstance(layer, layer_class("lora", 8))
