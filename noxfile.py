@@ -85,8 +85,19 @@ _TORCH_PROBE = (
 )
 
 
-def _torch_info(python: str, env: dict[str, str] | None = None) -> dict:
-    """What ``python`` sees: torch version, CUDA build, whether a CUDA device is usable."""
+def _torch_info(python: str, env: dict[str, str] | None = None, fresh: bool = False) -> dict:
+    """What ``python`` sees: torch version, CUDA build, whether a CUDA device is usable (cached;
+    ``fresh`` after an install)."""
+    key = (python, json.dumps(env or {}, sort_keys=True))
+    if fresh or key not in _TORCH_INFO:
+        _TORCH_INFO[key] = _probe_torch(python, env)
+    return _TORCH_INFO[key]
+
+
+_TORCH_INFO: dict[tuple[str, str], dict] = {}
+
+
+def _probe_torch(python: str, env: dict[str, str] | None) -> dict:
     try:
         out = subprocess.run([python, "-c", _TORCH_PROBE], capture_output=True, text=True, timeout=300,
                              env={**os.environ, **(env or {})})
@@ -95,13 +106,13 @@ def _torch_info(python: str, env: dict[str, str] | None = None) -> dict:
         return {"torch": None, "error": f"cannot run {python}: {exc}"}
 
 
-def _pick_interpreter(session: nox.Session, explicit: str | None) -> str:
+def _pick_interpreter(session: nox.Session, explicit: str | None, env: dict[str, str] | None = None) -> str:
     """The interpreter of the already-installed environment: --interpreter, else the first of
     `python`/`python3` on PATH and nox's own interpreter that imports torch."""
     cands = [explicit] if explicit else [shutil.which("python"), shutil.which("python3"), sys.executable]
     tried = []
     for c in dict.fromkeys(p for p in cands if p):
-        info = _torch_info(c)
+        info = _torch_info(c, env)
         if info.get("torch"):
             session.log(f"using the installed environment of {c} (torch {info['torch']}, CUDA build "
                         f"{info.get('cuda_build')}); nothing is installed")
@@ -112,8 +123,9 @@ def _pick_interpreter(session: nox.Session, explicit: str | None) -> str:
     raise AssertionError  # unreachable: session.error raises
 
 
-def _require_cuda(session: nox.Session, python: str, env: dict[str, str] | None = None, hint: str = "") -> dict:
-    info = _torch_info(python, env)
+def _require_cuda(session: nox.Session, python: str, env: dict[str, str] | None = None, hint: str = "",
+                  fresh: bool = False) -> dict:
+    info = _torch_info(python, env, fresh=fresh)
     if not info.get("torch"):
         session.error(f"{python} cannot import torch: {info.get('error')}. {hint}")
     if not info.get("cuda"):
@@ -347,7 +359,7 @@ def gpu(session: nox.Session) -> None:
         mode = "offline (installed packages)" if offline else f"wheels from {opts.wheels}" if opts.wheels else \
             "venv .nox/gpu, pip install -e .[test] (torch unpinned)"
         lines = [f"gpu plan: {mode}; artefacts -> {out}"]
-        python = _pick_interpreter(session, opts.interpreter) if offline else sys.executable
+        python = _pick_interpreter(session, opts.interpreter, env) if offline else sys.executable
         for st in plan:
             missing = [m for m in (st["module"], *st.get("needs", ())) if not _module_exists(python, m, env)]
             lines.append(f"  {st['name']:<12} python -m {st['module']} {shlex.join(st['args'])}"
@@ -357,7 +369,7 @@ def gpu(session: nox.Session) -> None:
         session.log("\n".join(lines))
         return
     if offline:
-        python = _pick_interpreter(session, opts.interpreter)
+        python = _pick_interpreter(session, opts.interpreter, env)
         _require_cuda(session, python, env, hint="The gpu session needs a CUDA device and a CUDA build of torch.")
     else:
         venv_python = str(Path(session.bin) / "python")
@@ -376,8 +388,8 @@ def gpu(session: nox.Session) -> None:
             session.install("--no-index", "--find-links", wheels, *_project_requirements("test"))
         else:
             session.install("-e", ".[test]")  # never pin torch here: the runner's index gives its CUDA build
-        _require_cuda(session, venv_python, env, hint="pip installed a torch without CUDA; pass --wheels DIR "
-                      "with a CUDA torch wheel, or --offline on a machine that has one.")
+        _require_cuda(session, venv_python, env, fresh=True, hint="pip installed a torch without CUDA; pass "
+                      "--wheels DIR with a CUDA torch wheel, or --offline on a machine that has one.")
         python = venv_python
     out.mkdir(parents=True, exist_ok=True)
     session.log(f"artefacts go to {out}")
@@ -467,7 +479,7 @@ def matrix(session: nox.Session, torch: str, bnb: str) -> None:
                       f"bnb {got_b}; remove .nox/{session.name} and retry")
     python = str(Path(session.bin) / "python")
     if device == "cuda":
-        _require_cuda(session, python, hint=f"cell {c.id} installed a torch that cannot use the GPU.")
+        _require_cuda(session, python, fresh=True, hint=f"cell {c.id} installed a torch that cannot use the GPU.")
     env = dict(BASE_ENV)
     run = _Steps(session, python, env, out)
     conf_ok = run.run("conformance", "conformance",
@@ -546,7 +558,7 @@ def regress(session: nox.Session) -> None:
         python = str(Path(session.bin) / "python")
     else:
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        python = _pick_interpreter(session, opts.interpreter)
+        python = _pick_interpreter(session, opts.interpreter, env)
     info = _torch_info(python, env)
     device = opts.device or ("cuda" if info.get("cuda") else "cpu")
     if device == "cuda":

@@ -59,6 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     chosen = select(args.clauses, include_slow=args.slow)
     if not chosen:
         return _usage(f"no clause matches {args.clauses}; list them with `python -m conformance clauses`")
+    if args.report:  # stateful reproducers and other artefacts land next to the report
+        os.environ.setdefault("CONFORMANCE_REPORT_DIR", str(Path(args.report).resolve().parent / "reproducers"))
     for path in (args.report, args.markdown):
         if path and not Path(path).parent.exists():
             Path(path).parent.mkdir(parents=True, exist_ok=True)

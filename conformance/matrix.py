@@ -282,7 +282,9 @@ def markdown(doc: dict[str, Any]) -> str:
                         f"fail ({s.get('must_failures', 0)} MUST) / {s.get('skipped', 0)} skip")
         ver = {cells[i]["implementations"].get(impl) for i in ids} - {None}
         out.append(f"| {impl} ({', '.join(sorted(ver))}) | " + " | ".join(vals) + " |")
-    out += ["", "## Clause outcomes", "", "Rows whose outcome differs between cells are marked **Δ**.", "",
+    out += ["", "## Clause outcomes", "",
+            "Rows whose outcome differs between cells are marked **Δ**; — means the clause was not in that "
+            "cell's run (registered later, or the implementation was not loaded).", "",
             "| implementation | clause | level | " + " | ".join(f"`{i}`" for i in ids) + " |",
             "|---|---|---|" + "---|" * len(ids)]
     for r in doc["rows"]:

@@ -24,6 +24,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    # the suites use tiny shapes: one thread avoids oversubscribing small CI machines
+    torch.set_num_threads(int(os.environ.get("CONFORMANCE_TORCH_THREADS", "1")))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

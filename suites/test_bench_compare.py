@@ -152,7 +152,7 @@ def test_flops_bytes_and_peak_floor() -> None:
 
 def test_measured_floor_matches_autograd_on_cpu() -> None:
     """The hand-written floor computes the same gradient of x as autograd through the reference."""
-    from conformance.bench.layers import Builder, make_adapter_layer, lora_tensors
+    from conformance.bench.layers import Builder, lora_tensors, make_adapter_layer
 
     case = BenchCase("floor", "lora", 4, 64, 48, 5, "float32", "fwdbwd")
     base = Builder("cpu").base(case)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     matrix = bench_cases.select(bench_cases.matrix(device, args.quick), args.filter)
-    mem_shapes = list(bench_cases.QUICK_SHAPES if args.quick else bench_cases.GPU_SHAPES)
+    mem_shapes = sorted({(c.in_features, c.out_features) for c in matrix})  # only the shapes that were run
     doc = run(matrix, device, args.quick, args.max_seconds, args.repeats, mem_shapes=mem_shapes,
               partial_path=Path(args.out) / ".partial.json", passes=args.passes)
     out = Path(args.out)

@@ -32,12 +32,11 @@ from torch import nn
 
 from conformance.quant.layers import make_base_layer
 from conformance.reference import LoraLinear4bit, LoraLinear8bit, OftLinear4bit, OftLinear8bit
-from conformance.reference.adapter_layer import BASE_ADAPTER
 
 from . import roofline
 from .cases import BenchCase, dtype_of
 from .memory import stored_bytes
-from .timing import spin
+from .timing import host_clock, spin
 
 INJECT_ENV = "CONFORMANCE_BENCH_INJECT_SLOWDOWN"
 
@@ -68,8 +67,6 @@ class LoraV0Linear8bit(_LoraV0Mixin, LoraLinear8bit):
     pass
 
 
-assert BASE_ADAPTER  # imported for readers: mixed batches go through the current reference path
-
 
 def make_base(case: BenchCase, device: str, seed: int = 0) -> nn.Module:
     """The quantized base layer of a case: NF4 (+ double quant) or int8, no bias, weight in the compute dtype."""
@@ -89,8 +86,8 @@ def make_base(case: BenchCase, device: str, seed: int = 0) -> nn.Module:
 def _peft_layer(base: nn.Module, method: str, params: dict[str, Any]) -> nn.Module:
     """PEFT's layer over ``base`` (through the project's PEFT wrapper when available)."""
     try:
-        from conformance.spec.impls.peft import PeftImplementation
         from conformance.spec.implementation import AdapterSpec
+        from conformance.spec.impls.peft import PeftImplementation
 
         wrapped = PeftImplementation().create(base, AdapterSpec(method, "default", params))
         return getattr(wrapped, "layer", wrapped)
@@ -291,17 +288,18 @@ def with_slowdown(prep: Prepared, factor: float, device: str) -> Prepared:
     """Wrap ``prep.fn`` so that it takes ``1 + factor`` times as long (calibrated on the spot)."""
     if factor <= 0 or not prep.case.impl.startswith("reference"):
         return prep
+    clock = time.perf_counter if device == "cuda" else host_clock()  # the clock the CPU timings use
     samples = []
-    for _ in range(7):
+    for _ in range(9):
         if prep.setup:
             prep.setup()
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         prep.fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        samples.append(time.perf_counter() - t0)
+        samples.append(clock() - t0)
     delay = factor * statistics.median(samples)
     inner = prep.fn
     if device == "cuda":
@@ -314,7 +312,7 @@ def with_slowdown(prep: Prepared, factor: float, device: str) -> Prepared:
     else:
         def slowed() -> Any:
             out = inner()
-            spin(delay)
+            spin(delay, clock)
             return out
 
     prep.notes.append(f"injected slowdown {factor:.0%} ({delay * 1e6:.1f} us)")

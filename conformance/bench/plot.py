@@ -75,7 +75,7 @@ def plot(doc: dict[str, Any], out: str | Path) -> Path:
                  f"bnb {env.get('packages', {}).get('bitsandbytes')}", fontsize=10)
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=60)
     plt.close(fig)
     return out
 

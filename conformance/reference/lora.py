@@ -141,9 +141,13 @@ class LoraLinearQuant(QuantAdapterLayer):
             # B's GEMM adds into the output with alpha=scaling (cuBLAS epilogue, beta=1): no delta tensor, no
             # separate scale/add passes forward or backward. Out of place it moves the same bytes as in place
             # and never writes bnb's output, which is all the defensive clone (seed 000) protects.
-            out = torch.addmm(result.reshape(-1, self.out_features), xa.reshape(-1, xa.shape[-1]), b.weight.t(),
-                              alpha=s)  # addmm wants 2-D operands: (tokens, out) += (tokens, r) @ (r, out)
-            return out.view(result.shape)
+            xa2, bt = xa.reshape(-1, xa.shape[-1]), b.weight.t()  # addmm wants 2-D: (tokens, r) @ (r, out)
+            if inplace:
+                # clone_base_output=False: write bnb's output through a 2-D view, the update the
+                # defensive clone exists to protect (the clone probe's "addmm_" pattern)
+                result.view(-1, self.out_features).addmm_(xa2, bt, alpha=s)
+                return result
+            return torch.addmm(result.reshape(-1, self.out_features), xa2, bt, alpha=s).view(result.shape)
         # lora_bias, or adapters in another dtype than the output: delta first (the bias is scaled with it)
         delta = torch.nn.functional.linear(xa, b.weight, b.bias).to(result.dtype)
         return result.add_(delta, alpha=s) if inplace else torch.add(result, delta, alpha=s)

@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--describe", action="store_true", help="only load the implementation and describe it")
     args = p.parse_args(argv)
 
+    import torch
+
+    # clause checks use tiny shapes: one thread avoids oversubscribing small CI machines
+    torch.set_num_threads(int(os.environ.get("CONFORMANCE_TORCH_THREADS", "1")))
+
     from .implementation import ImplementationNotFound, ImplementationUnsupported, load
 
     try:

@@ -148,7 +148,7 @@ def requant_bound_from_exact(base: nn.Module, exact: torch.Tensor, err: torch.Te
 
 # -- one merge / unmerge operation on a chain ---------------------------------------------------
 
-def _lora_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: int, bias_dtype) -> Chain:
+def _lora_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: int, u_bias: float) -> Chain:
     t = adapter.tensors
     s = oracle.lora_scaling(adapter.params)
     delta = oracle.lora_delta(t, s)
@@ -164,7 +164,7 @@ def _lora_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: 
         b = b + sign * sb
         b_in = chain.b.abs() + chain.eb
         eb = eb + (_u(bb.dtype) + 2 * U32) * sb.abs() + U32 * (b_in + sb.abs()) \
-            + _u(bias_dtype) * (b_in + sb.abs()) * (1 + 3 * U32)
+            + u_bias * (b_in + sb.abs()) * (1 + 3 * U32)
     return Chain(w, ew, b, eb)
 
 
@@ -199,7 +199,12 @@ def apply_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: 
     """
     if adapter.method == "lora":
         bias = getattr(base, "bias", None)
-        return _lora_op(chain, w_in_abs, adapter, sign, bias.dtype if bias is not None else torch.float32)
+        u_bias = _u(bias.dtype) if bias is not None else U32
+        if ql.bits_of(base) == 8:
+            # Linear8bitLt re-types its bias to each forward's input dtype (bitsandbytes/nn/modules.py), so
+            # the dtype the merge wrote in may differ from the one seen afterwards: bound with float16's
+            u_bias = max(u_bias, U16)
+        return _lora_op(chain, w_in_abs, adapter, sign, u_bias)
     return _oft_op(chain, w_in_abs, adapter, sign, base.in_features)
 
 

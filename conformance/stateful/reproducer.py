@@ -72,7 +72,7 @@ def script_text(impl: Implementation, failure: Failure, device: str) -> str:
         "Minimal sequence (the calls made on the layer):",
         plain,
         "",
-        f"Run: python {{this file}}  (exit 1 when the divergence reproduces, 0 when it does not)",
+        "Run: python {this file}  (exit 1 when the divergence reproduces, 0 when it does not)",
         '"""',
         "import json",
         "import sys",

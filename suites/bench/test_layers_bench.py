@@ -6,7 +6,8 @@
   select with ``-k``); rounds from ``$CONFORMANCE_BENCH_ROUNDS`` (default 20).
 
 The timed call synchronises the device (pytest-benchmark's timer is ``perf_counter``); the L2 flush and
-the untimed setup run in pytest-benchmark's ``setup`` hook. ``extra_info`` carries the case key, FLOPs,
+the untimed setup run in pytest-benchmark's ``setup`` hook. On a shared, oversubscribed CPU runner use
+``--benchmark-timer=time.thread_time`` with ``CONFORMANCE_BENCH_CLOCK=thread`` (see baselines/bench/README.md). ``extra_info`` carries the case key, FLOPs,
 minimal bytes and the peak floor; ``python -m conformance.bench`` gives the full derived table.
 """
 

@@ -263,6 +263,12 @@ class PeftAdapterLayer(nn.Module):
         self.method = method
         self._api = api
 
+    def __deepcopy__(self, memo: dict) -> PeftAdapterLayer:
+        """Copy the PEFT layer; share the API object (it holds imported modules, which do not copy)."""
+        import copy
+
+        return PeftAdapterLayer(copy.deepcopy(self.layer, memo), self.method, self._api)
+
     # -- forward / merge --------------------------------------------------------------
     def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
         if adapter_names is None:
