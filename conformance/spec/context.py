@@ -70,11 +70,26 @@ class CheckContext:
 
     # -- what applies ------------------------------------------------------------------
     def methods(self) -> list[str]:
-        """Methods both the clause and the implementation cover (skips if none)."""
+        """Methods both the clause and the implementation cover (skips if none).
+
+        A method for which the implementation declares a limitation on one of the clause's required
+        capabilities (``limitations["mixed_batch/oft"] = reason``) is left out, with a note.
+        """
         got = sorted(self.clause.methods & self.impl.methods())
         if not got:
             self.skip(f"{self.impl.name} implements none of {sorted(self.clause.methods)}")
-        return got
+        limits = getattr(self.impl, "limitations", None) or {}
+        kept = []
+        for m in got:
+            hit = [f"{cap}/{m}" for cap in sorted(self.clause.requires) if f"{cap}/{m}" in limits]
+            if hit:
+                self.note(f"{m} left out: {limits[hit[0]]}")
+                self.measure(f"excluded.{m}", hit[0])
+            else:
+                kept.append(m)
+        if not kept:
+            self.skip("; ".join(self.notes) or f"{self.impl.name} declares limitations for every method")
+        return kept
 
     def bits(self) -> list[int]:
         got = sorted(self.clause.bits & self.impl.bits())

@@ -16,7 +16,9 @@ The layer it returns is an ``nn.Module`` with this interface (what the reference
 - optional, declared as capabilities: ``enable_adapters(bool)``, ``delete_adapter(name)``.
 
 Optional capabilities are declared in ``Implementation.capabilities``; a clause that needs one the
-implementation lacks is reported ``skipped`` with the reason, never ``failed``.
+implementation lacks is reported ``skipped`` with the reason, never ``failed``. A capability that holds
+for one method only is narrowed by an optional ``limitations`` mapping, ``{"CAPABILITY/METHOD": reason}``
+(e.g. ``"mixed_batch/oft"``): clauses needing it leave that method out and say so in their notes.
 """
 
 from __future__ import annotations
