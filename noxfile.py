@@ -306,9 +306,10 @@ def _gpu_plan(out: Path, opts: argparse.Namespace) -> list[dict]:
     probe = ["probe", "clone", "--device", "cuda", "--quiet", "--json", str(out / "clone_probe.json")]
     if baseline:
         probe += ["--compare", str(baseline)]
-    # the full benchmark matrix (gpu and bench markers) is the `bench` step's job, not pytest's here
+    # the full benchmark matrix (gpu and bench markers) is the `bench` step's job, and device-independent
+    # tooling tests (cpu_only: runner isolation, nox wiring) are the CPU job's; neither runs here
     plan = [
-        {"name": "pytest", "module": "pytest", "args": ["suites", "--device", "cuda", "-m", "not (gpu and bench)", "-q", "-ra", "-p",
+        {"name": "pytest", "module": "pytest", "args": ["suites", "--device", "cuda", "-m", "not (gpu and bench) and not cpu_only", "-q", "-ra", "-p",
                                                          "no:cacheprovider", "--junitxml", str(out / "pytest.xml")],
          "artefacts": ("pytest.xml",)},
         # exit 1 = a MUST clause failed: for PEFT a finding (in the report); for the reference it

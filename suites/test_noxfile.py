@@ -19,6 +19,9 @@ import pytest
 
 from conformance import matrix as mx
 
+# tooling, not device code: CPU CI runs it; the gpu session leaves it out
+pytestmark = pytest.mark.cpu_only
+
 ROOT = Path(__file__).resolve().parents[1]
 SESSIONS = ("tests", "report", "lint", "gpu", "matrix_report", "regress", "bench", "compare", "stateful")
 GPU_LABELS = ["self-hosted", "linux", "x64", "gpu"]

@@ -14,6 +14,9 @@ from conformance.spec import report, runner, xfails
 from conformance.spec.clauses import get
 from conformance.spec.result import Result
 
+# tooling, not device code: CPU CI runs it; the gpu session leaves it out
+pytestmark = pytest.mark.cpu_only
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
