@@ -60,14 +60,14 @@ def absmax_4bit(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(a', e_a): the per-block absmax dequantization uses, and its double-quant error bound."""
     qs = layer.weight.quant_state
     if qs.nested:
-        a = bnb.functional.dequantize_blockwise(qs.absmax, qs.state2).double() + float(qs.offset)
+        a = bnb.functional.dequantize_blockwise(qs.absmax, qs.state2).double().cpu() + float(qs.offset)
         g2 = max_code_gap(qs.state2.code)
-        per_chunk = qs.state2.absmax.double() * g2 / 2
+        per_chunk = qs.state2.absmax.double().cpu() * g2 / 2
         e = per_chunk.repeat_interleave(qs.state2.blocksize)[: a.numel()]
         # float32 storage of the dequantized absmax and the offset add: two roundings
         e = e + a.abs() * 2 * UNIT_ROUNDOFF[torch.float32]
         return a, e
-    a = qs.absmax.double()
+    a = qs.absmax.double().cpu()
     return a, torch.zeros_like(a)
 
 
@@ -75,7 +75,8 @@ def weight_bound(layer: nn.Module) -> torch.Tensor:
     """Per-element bound on |W_stored - W_exact| (float64, shape out x in) for a quantized layer.
 
     ``W_exact`` is the float weight that was handed to bitsandbytes; ``W_stored`` what
-    ``conformance.quant.dequantize`` returns.
+    ``conformance.quant.dequantize`` returns. Always on the CPU, like every bound here: float64
+    oracle arithmetic happens there whatever device the layer is on.
     """
     require_quantized(layer)
     if bits_of(layer) == 4:
@@ -87,8 +88,8 @@ def weight_bound(layer: nn.Module) -> torch.Tensor:
         per_block = amax * g / 2 + e_a + 2 * amax * u
         out, inn = qs.shape
         flat = per_block.repeat_interleave(qs.blocksize)[: out * inn]
-        return flat.reshape(out, inn)
-    s = scb_of(layer).double()
+        return flat.reshape(out, inn).cpu()
+    s = scb_of(layer).double().cpu()
     per_row = s / 254 + s * (UNIT_ROUNDOFF[torch.float16] + 2 * UNIT_ROUNDOFF[torch.float32])
     return per_row[:, None].expand(layer.out_features, layer.in_features).clone()
 
@@ -98,7 +99,7 @@ def output_bound(elem_bound: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
     ``sum_k bound_jk |x_k|``, for inputs of any leading shape.
     """
-    return x.detach().double().abs() @ elem_bound.double().t()
+    return x.detach().double().cpu().abs() @ elem_bound.double().cpu().t()
 
 
 def matmul_rounding_bound(
@@ -113,10 +114,10 @@ def matmul_rounding_bound(
     u_c = unit_roundoff(compute_dtype)
     n = w_abs.shape[-1]
     u_acc = min(u_c, UNIT_ROUNDOFF[torch.float32])
-    mag = x.detach().double().abs() @ w_abs.double().t()
+    mag = x.detach().double().cpu().abs() @ w_abs.double().cpu().t()
     bound = (u_c + gamma(n, u_acc)) * mag
     if out_abs is not None:
-        bound = bound + u_c * out_abs.double()
+        bound = bound + u_c * out_abs.double().cpu()
     else:
         bound = bound + u_c * mag
     return bound

@@ -205,6 +205,16 @@ class QuantAdapterLayer(nn.Module):
             self.merged_adapters.pop()
 
     # -- forward helpers ---------------------------------------------------------------
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output; a 1-D input goes through as one row.
+
+        bitsandbytes 0.50's CUDA int8 matmul rejects 1-D inputs ("Only two or three dimensional
+        matrices are supported for argument A", backends/cuda/ops.py), as does its CPU eval path.
+        """
+        if x.dim() == 1:
+            return self.base_layer(x.unsqueeze(0)).squeeze(0)
+        return self.base_layer(x)
+
     def _check_input(self, x: torch.Tensor, adapter_names: Sequence[str] | None) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")

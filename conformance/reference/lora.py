@@ -157,10 +157,10 @@ class LoraLinearQuant(QuantAdapterLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x)
+            return self._base_forward(x)
         if self.merged:
-            return self.base_layer(x)
-        result = self.base_layer(x)
+            return self._base_forward(x)
+        result = self._base_forward(x)
         # Seed 000 / peft lora/bnb.py: "As per Tim Dettmers, for 4bit, we need to defensively
         # clone here" -- bnb may hand back a view that in-place updates must not touch. With
         # clone_base_output the base output is never written in place: updates go out of place

@@ -179,9 +179,9 @@ class OftLinearQuant(QuantAdapterLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x)
+            return self._base_forward(x)
         if self.merged:
-            return self.base_layer(x)
+            return self._base_forward(x)
         if adapter_names is not None:
             rotated = x.clone()
             for name, rows in self._groups(adapter_names).items():
@@ -189,11 +189,11 @@ class OftLinearQuant(QuantAdapterLayer):
                     continue
                 idx = torch.tensor(rows, device=x.device)
                 rotated = rotated.index_copy(0, idx, self._rotate(name, x.index_select(0, idx)).to(x.dtype))
-            return self.base_layer(rotated)
+            return self._base_forward(rotated)
         h = x
         for name in self.active_adapters:
             h = self._rotate(name, h).to(x.dtype)
-        return self.base_layer(h)
+        return self._base_forward(h)
 
 
 class OftLinear4bit(OftLinearQuant):

@@ -155,7 +155,9 @@ def linear_expected(
         b_dtype = base.bias.dtype if b is not None else c
         bound = bound + cast_error(b_dtype, c) * b_abs + qb.unit_roundoff(c) * (mag + b_abs)
         bound = bound + cast_error(c, x_dtype) * (mag + b_abs) * (1 + 3 * qb.unit_roundoff(c))
-    elif is_training:
+    elif is_training and base.weight.device.type in ("cpu", "xpu"):
+        # bitsandbytes autograd/_functions.py matmul(): MatMul8bitFp only on cpu/xpu in training mode;
+        # CUDA always takes MatMul8bitLt, the int8 x int8 path below (the input is quantized too)
         d = x_dtype
         # CB.to(d) * (SCB * (1/127)): two roundings in d; the stored (float32) weight two in float32
         bound = bound + (2 * qb.unit_roundoff(d) + 2 * U32) * mag

@@ -694,7 +694,13 @@ class Driver:
 
     def device_move(self, device: str) -> None:
         self._record("device_move", device=device)
-        self.layer = self._call(f"layer.to({device!r})", lambda: self.layer.to(device))
+        def move() -> nn.Module:
+            moved = self.layer.to(device)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # attribute an asynchronous CUDA fault to this step
+            return moved
+
+        self.layer = self._call(f"layer.to({device!r})", move)
         self.device = device
         self._check_state()
 
@@ -920,7 +926,8 @@ def make_machine(impl: Implementation, configs: Sequence[MachineConfig], device:
     stats = stats if stats is not None else Stats()
     caps = frozenset(impl.capabilities)
     seeds = st.integers(0, 2**16)
-    cuda = torch.cuda.is_available() and "cuda" in caps
+    # CPU<->CUDA moves only in a machine run for CUDA: a CPU run on a GPU host stays on the CPU
+    cuda = device == "cuda" and torch.cuda.is_available() and "cuda" in caps
     in_dtypes = INPUT_DTYPES_8BIT if any(c.bits == 8 for c in configs) else INPUT_DTYPES
 
     class AdapterLayerMachine(RuleBasedStateMachine):

@@ -78,6 +78,10 @@ def script_text(impl: Implementation, failure: Failure, device: str) -> str:
         "import sys",
         "",
     ]
+    import conformance
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(conformance.__file__)))
+    head += [f"sys.path.insert(0, {root!r})  # the conformance checkout that wrote this script", ""]
     if path:
         head += [f"sys.path.insert(0, {path!r})  # where the implementation under test is defined", ""]
     body = [

@@ -221,6 +221,9 @@ class LayerState:
     params: dict[str, dict[str, Any]]  # adapter name -> spec params
     tensors: dict[str, dict[str, torch.Tensor]]  # adapter name -> canonical key -> float64 tensor
     param_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # adapter name -> its tensors' dtype
+    # bitsandbytes' CUDA int8 path (autograd/_functions.py MatMul8bitLt, always taken on CUDA) quantizes
+    # the base layer's input row-wise to int8 after a float16 cast: |h - h_q| <= absmax_row(h)/254 + u16|h|
+    int8_input: bool = False
 
 
 @dataclass
@@ -297,7 +300,7 @@ def expected(state: LayerState, x: torch.Tensor, g: torch.Tensor, *, compute_dty
     """Float64 output and gradients of ``L = sum(y * g)`` with componentwise bounds (module docstring)."""
     u_c = qbounds.unit_roundoff(compute_dtype)
     u_32 = qbounds.unit_roundoff(torch.float32)
-    x64, g64 = x.detach().double(), g.detach().double()
+    x64, g64 = x.detach().double().cpu(), g.detach().double().cpu()
 
     leaves = {"W": state.weight, **({"b": state.bias} if state.bias is not None else {})}
     for name, ts in state.tensors.items():
@@ -344,7 +347,13 @@ def expected(state: LayerState, x: torch.Tensor, g: torch.Tensor, *, compute_dty
     small = {k: v.abs() for k, v in leaves.items()}
     big = {k: v.abs() + errs.get(k, 0) for k, v in leaves.items()}
     y_s, m_s = run(small, x64.abs(), g64.abs(), True, s_abs)
-    y_b, m_b = run(big, x64.abs(), g64.abs(), True, {n: s_abs[n] + s_err[n] for n in s_abs})
+    x_big = x64.abs()
+    if state.int8_input:
+        # error of the int8-quantized base input, entered at x (conservative: for OFT the base input is
+        # h = x R with |h_i| <= ||x_row||_2, and propagating an error e at x through |R| gives >= e at h)
+        row = x64.abs().amax(dim=-1, keepdim=True) if state.method == "lora" else x64.norm(dim=-1, keepdim=True)
+        x_big = x_big + row / 254 + qbounds.unit_roundoff(torch.float16) * row
+    y_b, m_b = run(big, x_big, g64.abs(), True, {n: s_abs[n] + s_err[n] for n in s_abs})
 
     def bound(b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         # an infinite leaf error (ill-conditioned solve) gives no bound: inf, never NaN
@@ -358,24 +367,25 @@ def expected(state: LayerState, x: torch.Tensor, g: torch.Tensor, *, compute_dty
 def read_state(layer: nn.Module, method: str, params: dict[str, dict[str, Any]]) -> LayerState:
     """The base weight/bias (call before the first forward: bnb may cast the bias) and adapter tensors."""
     base = layer.base_layer
-    w = qlayers.dequantize(base).double()
+    w = qlayers.dequantize(base).double().cpu()  # the float64 oracle runs on the CPU, whatever the device
     bias = getattr(base, "bias", None)
     return LayerState(
-        w, None if bias is None else bias.detach().double().clone(), method, dict(params),
-        {n: {k: v.detach().double().clone() for k, v in layer.adapter_parameters(n).items()} for n in params},
+        w, None if bias is None else bias.detach().double().cpu().clone(), method, dict(params),
+        {n: {k: v.detach().double().cpu().clone() for k, v in layer.adapter_parameters(n).items()} for n in params},
         {n: next(iter(layer.adapter_parameters(n).values())).dtype for n in params},
+        int8_input=qlayers.bits_of(base) == 8 and base.weight.device.type == "cuda",
     )
 
 
 def refresh_adapters(state: LayerState, layer: nn.Module) -> None:
     """Re-read adapter tensors after the forward (COFT projects its parameters in place there)."""
     for n in state.tensors:
-        state.tensors[n] = {k: v.detach().double().clone() for k, v in layer.adapter_parameters(n).items()}
+        state.tensors[n] = {k: v.detach().double().cpu().clone() for k, v in layer.adapter_parameters(n).items()}
 
 
 def violation(got: torch.Tensor, exp: torch.Tensor, bound: torch.Tensor) -> tuple[float, str]:
     """(worst |got - exp| / bound, description of the worst entry); inf where the bound is 0 and got differs."""
-    err = (got.detach().double() - exp).abs()
+    err = (got.detach().double().cpu() - exp).abs()
     if got.shape != exp.shape:
         return math.inf, f"shape {tuple(got.shape)} != expected {tuple(exp.shape)}"
     if not torch.isfinite(err).all():

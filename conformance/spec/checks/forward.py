@@ -164,7 +164,7 @@ def check_mixed_batch(ctx: CheckContext) -> None:
                 if not ratio_m <= 1.0:
                     ctx.fail(f"{label}: sample {k} ({name!r}) of the mixed batch is outside the bound of its "
                              f"single-adapter forward: {exp.describe(y[k:k + 1])}")
-                diff = (y[k:k + 1].double() - single.double()).abs()
+                diff = (y[k:k + 1].double() - single.double()).abs().cpu()
                 ctx.check(bool((diff <= 2 * exp.bound).all()) and ratio_s <= 1.0,
                           f"{label}: sample {k} ({name!r}): mixed vs single forward differ by {diff.max():.3g}")
             layer.set_adapter("default")
