@@ -248,6 +248,7 @@ def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
             state = bp.LayerState(
                 w, bias, "lora", {n: {"r": RANK, "lora_alpha": ALPHA} for n in used},
                 {n: {"lora_A.weight": ad[n][0].double().cpu(), "lora_B.weight": ad[n][1].double().cpu()} for n in used},
+                int8_input=case.bits == 8 and str(device).startswith("cuda"),
             )
             exp = bp.expected(state, x0.cpu(), g.cpu(), compute_dtype=case.torch_dtype, names=names, active=["a"])
             expected_cache[key] = (x0, g, exp)

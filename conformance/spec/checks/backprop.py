@@ -385,6 +385,7 @@ def refresh_adapters(state: LayerState, layer: nn.Module) -> None:
 
 def violation(got: torch.Tensor, exp: torch.Tensor, bound: torch.Tensor) -> tuple[float, str]:
     """(worst |got - exp| / bound, description of the worst entry); inf where the bound is 0 and got differs."""
+    exp, bound = exp.detach().double().cpu(), bound.detach().double().cpu()
     err = (got.detach().double().cpu() - exp).abs()
     if got.shape != exp.shape:
         return math.inf, f"shape {tuple(got.shape)} != expected {tuple(exp.shape)}"

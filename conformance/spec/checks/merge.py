@@ -100,7 +100,7 @@ def check_merge_forward(ctx: CheckContext) -> None:
             ctx.fail(f"{label}: unmerged forward outside the oracle bound {exp_u.describe(y_u)}")
         if not r_m <= 1.0:
             ctx.fail(f"{label}: merged forward outside the bound of one requantization {exp_m.describe(y_m)}")
-        gap = (y_m.double() - y_u.double()).abs().reshape(exp_u.bound.shape)
+        gap = (y_m.double() - y_u.double()).abs().cpu().reshape(exp_u.bound.shape)
         r = float((gap / (exp_u.bound + exp_m.bound)).max())
         ctx.measure_max(f"ratio.merged_vs_unmerged.{fam}", r)
         ctx.check(r <= 1.0, f"{label}: merged vs unmerged output differ by {gap.max():.3g}, beyond the sum of "
