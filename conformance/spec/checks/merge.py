@@ -401,7 +401,7 @@ def check_lora_bias(ctx: CheckContext) -> None:
                 r = float(((b1 - bt).abs() / be).max())
                 ctx.measure_max(f"ratio.bias.{bits}bit", r)
                 if not r <= 1.0:
-                    bb = layer.adapter_parameters("default")["lora_B.bias"].detach().double()
+                    bb = layer.adapter_parameters("default")["lora_B.bias"].detach().double().cpu()
                     unscaled = float((b1 - (b0 + bb)).abs().max())
                     ctx.fail(f"{label}: merged bias is not b + scaling*b_B (scaling {oracle.lora_scaling(params)}): "
                              f"max |diff| {(b1 - bt).abs().max():.3g} > bound {be.max():.3g}; "
