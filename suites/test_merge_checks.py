@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,14 +25,6 @@ from conformance.spec.result import run_clause
 
 Patch = Callable[[nn.Module, AdapterSpec], None]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices: intra-op threads only add contention on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 class Broken(ReferenceImplementation):

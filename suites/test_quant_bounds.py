@@ -15,7 +15,7 @@ xfail test documents the bug.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -30,13 +30,6 @@ WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = ("normal", "midpoint", "outlier", "constant", "zero_block", "row_scales")
 RATIOS: dict[str, float] = {}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def make_weight(kind: str, rows: int, cols: int, blocksize: int, gen: torch.Generator,
