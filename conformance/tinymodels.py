@@ -91,7 +91,7 @@ def saved_model_dir(arch: str, seed: int = 0) -> Path:
     """Directory holding a random float32 ``arch`` model saved with ``save_pretrained`` (once per process)."""
     path = tmp_dir() / f"{arch}-seed{seed}"
     with quiet_transformers():
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # CPU generator only: see cpu_rng()
         model = _model_class(arch)(tiny_config(arch))
         model.save_pretrained(path)
     return path
@@ -150,3 +150,28 @@ def as_dataset(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """The rows of ``batch`` as an in-memory map-style dataset (what ``Trainer`` takes)."""
     n = next(iter(batch.values())).shape[0]
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+@contextlib.contextmanager
+def cpu_rng() -> Iterator[None]:
+    """Seeding inside the block touches the CPU generator only, never CUDA.
+
+    ``torch.manual_seed`` (torch/random.py) and ``transformers.set_seed`` (called by
+    ``Trainer.__init__``) also run ``torch.cuda.manual_seed_all``, which executes at once when
+    the process already initialised CUDA. The trainer clauses run on the CPU only; on a GPU host
+    a CUDA context another test broke (an illegal memory access is sticky) would make them err
+    in seeding. Inside this block the CUDA seeding calls are no-ops.
+    """
+    import torch.cuda
+
+    saved = torch.cuda.manual_seed_all, torch.cuda.manual_seed
+    torch.cuda.manual_seed_all = _no_cuda_seed
+    torch.cuda.manual_seed = _no_cuda_seed
+    try:
+        yield
+    finally:
+        torch.cuda.manual_seed_all, torch.cuda.manual_seed = saved
+
+
+def _no_cuda_seed(seed: int) -> None:  # noqa: ARG001  (stands in for torch.cuda.manual_seed[_all])
+    return None

@@ -12,11 +12,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from torch import nn
 
+import conformance
 from conformance.reference import layer_class
 from conformance.spec.clauses import registry
 from conformance.spec.implementation import AdapterSpec
@@ -200,8 +202,13 @@ def test_broken_layer_caught(impl: _Broken, clauses: set[str], tmp_path: Any) ->
 def test_reproducer_script_runs_and_shows_divergence(tmp_path: Any) -> None:
     res = _run_broken(UnmergeForgetsRequantize(), tmp_path)
     f = next(iter(res.failures.values()))[0]
+    # the script puts the checkout on sys.path itself (it must run from anywhere) ...
+    root = str(Path(conformance.__file__).resolve().parents[1])
+    assert f"sys.path.insert(0, {root!r})" in Path(f.reproducer).read_text(encoding="utf-8")
+    # ... and the subprocess sees the checkout first whether it is pip-installed or used via
+    # PYTHONPATH (the GPU box's nox session), run from an unrelated directory
     env = dict(os.environ, BITSANDBYTES_NOWELCOME="1")
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     proc = subprocess.run([sys.executable, f.reproducer], capture_output=True, text=True, env=env, timeout=300,
                           cwd=str(tmp_path))
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -244,3 +251,51 @@ def test_layer_class_sanity() -> None:
 
     layer = impl.create(make_base_layer(64, 40, bits=8), AdapterSpec("lora", "a0", {"r": 4}))
     assert isinstance(layer, layer_class("lora", 8))
+
+
+def test_device_move_only_in_cuda_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU-device run on a GPU host never draws device_move (it would touch CUDA)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    impl = ReferenceImplementation()
+    stats = sm.Stats()
+    machine = sm.make_machine(impl, sm.configs_for("lora", 8), "cpu", stats)
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    run_state_machine_as_test(machine, settings=settings(max_examples=3, stateful_step_count=8, derandomize=True,
+                                                         deadline=None, database=None,
+                                                         suppress_health_check=list(HealthCheck)))
+    assert stats.steps > 0 and "device_move" not in stats.ops
+
+
+def test_device_move_reports_tensors_left_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move that leaves bitsandbytes state on the old device is a STATE-VALID-NEVER-RAISES violation
+    naming device_move, raised before any kernel could run on it."""
+    import torch
+
+    d = sm.Driver(ReferenceImplementation(), sm.MachineConfig("lora", 8, 32, 24))
+    d.forward([2], "float32", "no_grad", 1)  # Linear8bitLt moves CB/SCB into its MatmulLtState
+    assert sm.cuda_stale_tensors(d.layer, "cpu") == []
+    assert any("state.CB" in s for s in sm.cuda_stale_tensors(d.layer, "cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(type(d.layer), "to", lambda self, *a, **k: self)  # a move that moves nothing
+    with pytest.raises(sm.Violation) as exc:
+        d.device_move("cuda")
+    assert exc.value.clause == sm.VALID and "device_move" in exc.value.message and "state.CB" in exc.value.message
+
+
+def test_cpu_seeding_never_touches_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from conformance import tinymodels
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(s))
+    sm.seed_for("cpu", 3)
+    with tinymodels.cpu_rng():
+        torch.manual_seed(4)
+    assert calls == []
+    torch.manual_seed(5)
+    assert calls == [5]

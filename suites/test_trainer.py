@@ -33,6 +33,14 @@ from transformers.trainer_utils import validate_quantization_for_training as ORI
 ALL_CAPS = frozenset({"lora", "oft", "4bit", "8bit", "peft_model"})
 
 
+@pytest.fixture(autouse=True)
+def _cpu_only_seeding() -> object:
+    """Trainer clauses are CPU-only: seeding here must never touch a (possibly broken) CUDA context."""
+    with tinymodels.cpu_rng():
+        yield
+
+
+
 class EnvImpl(ImplementationBase):
     """The environment under test: transformers + PEFT; builds no layers itself."""
 

@@ -123,6 +123,66 @@ def dtype_of(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def seed_for(device: str, seed: int) -> None:
+    """Seed the generators a step on ``device`` uses: the CPU one only unless the machine runs on CUDA.
+
+    ``torch.manual_seed`` also seeds CUDA when the process initialised it; a CPU run on a GPU
+    host must not touch the CUDA context (another test may have broken it).
+    """
+    if str(device).startswith("cuda"):
+        torch.manual_seed(seed)
+    else:
+        torch.random.default_generator.manual_seed(seed)
+
+
+def _is_cuda_fault(exc: BaseException) -> bool:
+    """A CUDA error that poisons the context (illegal memory access, launch failure, ...)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__ == "AcceleratorError" or "CUDA error" in text
+
+
+def cuda_stale_tensors(layer: nn.Module, device: str) -> list[str]:
+    """Tensors of ``layer`` (parameters, buffers and the bitsandbytes state kept outside them) not on ``device``.
+
+    bitsandbytes 0.50.2 keeps quantization state in plain attributes that ``nn.Module.to()``
+    does not see: ``Params4bit.quant_state`` (moved in place by ``Params4bit.to``),
+    ``Int8Params.CB``/``SCB`` and ``Linear8bitLt.state.CB``/``SCB`` (moved only by
+    ``Linear8bitLt.to()`` itself). A kernel handed a tensor of another device reads a foreign
+    pointer: on CUDA an illegal memory access that breaks the process' CUDA context.
+    """
+    want = torch.device(device).type
+    out: list[str] = []
+
+    def look(name: str, t: Any) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type not in (want, "meta"):
+            out.append(f"{name} on {t.device}")
+
+    for mname, mod in layer.named_modules():
+        pre = f"{mname}." if mname else ""
+        for pname, p in mod.named_parameters(recurse=False):
+            look(pre + pname, p)
+        for bname, b in mod.named_buffers(recurse=False):
+            look(pre + bname, b)
+        w = getattr(mod, "weight", None)
+        qs = getattr(w, "quant_state", None)
+        if qs is not None:
+            for k in ("absmax", "code", "offset"):
+                look(f"{pre}weight.quant_state.{k}", getattr(qs, k, None))
+            s2 = getattr(qs, "state2", None)
+            if s2 is not None:
+                for k in ("absmax", "code"):
+                    look(f"{pre}weight.quant_state.state2.{k}", getattr(s2, k, None))
+            if getattr(qs, "packing_format_for_cpu", False) and want != "cpu":
+                out.append(f"{pre}weight is in bitsandbytes' CPU packing format (packing_format_for_cpu)")
+        for k in ("CB", "SCB"):
+            look(f"{pre}weight.{k}", getattr(w, k, None))
+        st_ = getattr(mod, "state", None)
+        if st_ is not None and type(st_).__name__ == "MatmulLtState":
+            for k in ("CB", "SCB", "CBt", "SCBt"):
+                look(f"{pre}state.{k}", getattr(st_, k, None))
+    return out
+
+
 @dataclass(frozen=True)
 class MachineConfig:
     """The layer a machine example starts from (JSON-able; the reproducer embeds it)."""
@@ -187,6 +247,8 @@ class Stats:
     shrink_s: float = DEFAULT_SHRINK_S
     deadline: float | None = None
     stopped: bool = False
+    #: set when a step raised a CUDA fault: the context is broken, the run stops (see Stats.tick)
+    cuda_fault: str | None = None
 
     def record(self, v: Violation) -> None:
         """Keep the shortest failing sequence per clause (hypothesis' shrinking replays feed it)."""
@@ -197,6 +259,11 @@ class Stats:
             self.deadline = time.monotonic() + self.shrink_s
 
     def tick(self) -> None:
+        if self.cuda_fault is not None:
+            # every later CUDA call fails (the error is sticky), at points that depend on timing:
+            # continuing would only make hypothesis see inconsistent runs (FlakyStrategyDefinition)
+            self.stopped = True
+            raise StopRun("CUDA context broken")
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.stopped = True
             raise StopRun("shrink budget spent")
@@ -240,7 +307,7 @@ class Driver:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.manual_seed(config.seed)
+                seed_for(device, config.seed)
                 self.layer = impl.create(base, AdapterSpec(self.method, "a0", params))
         except Exception as exc:
             self._fail(VALID, f"impl.create(base, AdapterSpec({self.method!r}, 'a0', {params})) raised "
@@ -286,12 +353,21 @@ class Driver:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return fn()
+                out = fn()
+            if torch.cuda.is_available() and (str(self.device).startswith("cuda")
+                                              or self.trace[-1].get("op") == "device_move"):
+                # CUDA reports a kernel's fault at the next synchronisation: wait here so a fault is
+                # attributed to the step that caused it, in every replay alike (hypothesis needs the
+                # same choices to end the same way: see make_machine)
+                torch.cuda.synchronize()
+            return out
         except Violation:
             raise
         except Exception as exc:
             tb = traceback.extract_tb(exc.__traceback__)
             where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
+            if _is_cuda_fault(exc):
+                self.stats.cuda_fault = f"valid step {what} ({render_step(self.trace[-1])}) raised {exc}"
             self._fail(VALID, f"valid step {what} raised {type(exc).__name__}: {exc}{where}")
 
     @property
@@ -589,7 +665,7 @@ class Driver:
         self._record("add_adapter", name=name, variant=variant, params=params, seed=seed)
 
         def go() -> None:
-            torch.manual_seed(seed)
+            seed_for(self.device, seed)
             self.layer.add_adapter(name, **params)
 
         self._call(f"add_adapter({name!r})", go)
@@ -639,7 +715,7 @@ class Driver:
         holder: dict[str, Any] = {}
 
         def go() -> None:
-            torch.manual_seed(seed)
+            seed_for(self.device, seed)
             fresh = self.impl.create(self._fresh_base(), AdapterSpec(self.method, names[0], dict(first.params)))
             for n in names[1:]:
                 fresh.add_adapter(n, **self.model.adapters[n].params)
@@ -694,14 +770,17 @@ class Driver:
 
     def device_move(self, device: str) -> None:
         self._record("device_move", device=device)
-        def move() -> nn.Module:
-            moved = self.layer.to(device)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # attribute an asynchronous CUDA fault to this step
-            return moved
-
-        self.layer = self._call(f"layer.to({device!r})", move)
+        self.layer = self._call(f"layer.to({device!r})", lambda: self.layer.to(device))
         self.device = device
+        # Checked before any kernel runs on the moved layer: a tensor left on the other device is
+        # reported here instead of crashing the process at the next forward (see cuda_stale_tensors;
+        # finding: bitsandbytes 0.50.2 Linear8bitLt.state.CB/SCB stay behind when a parent module is
+        # moved, because nn.Module.to() reaches children through _apply, not their .to()).
+        stale = cuda_stale_tensors(self.layer, device)
+        if stale:
+            self._fail(VALID, f"device_move: layer.to({device!r}) left tensors on another device: "
+                              f"{', '.join(stale[:6])}{' ...' if len(stale) > 6 else ''}; a forward would hand "
+                              "them to the kernels of the new device (on CUDA: an illegal memory access)")
         self._check_state()
 
     # -- invalid steps -----------------------------------------------------------------------------
@@ -1111,6 +1190,9 @@ def _run_cases(impl: Implementation, device: str, pairs: Sequence[tuple[str, int
 
     total = result.stats
     for method, bits in pairs:
+        if total.cuda_fault is not None:
+            result.errors.append(f"{method}/{bits}bit: not run: the CUDA context broke in an earlier case")
+            continue
         cs = Stats(shrink_s=shrink)
         machine = make_machine(impl, configs_for(method, bits), device, cs, exclude_invalid)
         conf = settings(max_examples=n_ex, stateful_step_count=n_steps, derandomize=derandomize, deadline=None,
@@ -1131,8 +1213,13 @@ def _run_cases(impl: Implementation, device: str, pairs: Sequence[tuple[str, int
                     continue
                 tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-3:])
                 result.errors.append(f"{method}/{bits}bit: {type(e).__name__}: {e} {tb}")
+        if cs.cuda_fault is not None:
+            total.cuda_fault = cs.cuda_fault
+            result.errors.append(f"{method}/{bits}bit: the CUDA context broke (sticky error; the run stops here): "
+                                 f"{cs.cuda_fault}")
         for v in cs.best.values():
-            v = minimize(impl, v, device, min(10.0, shrink), exclude_invalid)
+            if cs.cuda_fault is None:  # replays would fail anywhere once the context is broken
+                v = minimize(impl, v, device, min(10.0, shrink), exclude_invalid)
             f = Failure(v.clause, v.message, v.config, v.trace)
             try:
                 f.reproducer = write_reproducer(impl, f, device, report_dir(out))

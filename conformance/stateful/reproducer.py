@@ -80,7 +80,9 @@ def script_text(impl: Implementation, failure: Failure, device: str) -> str:
     ]
     import conformance
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(conformance.__file__)))
+    # the checkout (Path(conformance.__file__).parents[1]): the script runs from anywhere, whether the
+    # package is pip-installed or only on PYTHONPATH where it was written
+    root = os.path.dirname(os.path.dirname(os.path.realpath(conformance.__file__)))
     head += [f"sys.path.insert(0, {root!r})  # the conformance checkout that wrote this script", ""]
     if path:
         head += [f"sys.path.insert(0, {path!r})  # where the implementation under test is defined", ""]

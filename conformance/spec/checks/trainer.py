@@ -105,7 +105,7 @@ def make_peft_model(model: nn.Module, method: str, arch: str) -> nn.Module:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.manual_seed(0)
+        torch.random.default_generator.manual_seed(0)  # CPU only (tinymodels.cpu_rng)
         return peft.get_peft_model(model, peft_config(method, arch))
 
 
@@ -133,7 +133,8 @@ def make_trainer(model: nn.Module, dataset: list[dict[str, torch.Tensor]] | None
 def trainer_verdict(model: nn.Module) -> tuple[bool, str]:
     """(accepted, message): whether ``Trainer(model=...)`` accepts the model; only ValueError is a rejection."""
     try:
-        make_trainer(model)
+        with tinymodels.cpu_rng():
+            make_trainer(model)
     except ValueError as exc:
         return False, str(exc)
     return True, ""
@@ -234,7 +235,8 @@ def _each_case(ctx: CheckContext, run: Callable[[str, int], None]) -> None:
     failures, passed = [], []
     for method, bits in ctx.cases():
         try:
-            run(method, bits)
+            with tinymodels.cpu_rng():  # CPU-only clauses: Trainer's set_seed must not touch CUDA
+                run(method, bits)
         except AssertionError as exc:  # ClauseFailure included
             failures.append(str(exc))
         else:
