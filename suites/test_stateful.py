@@ -19,6 +19,7 @@ import pytest
 from torch import nn
 
 import conformance
+from conformance.quant import layers as ql
 from conformance.reference import layer_class
 from conformance.spec.clauses import registry
 from conformance.spec.implementation import AdapterSpec
@@ -277,8 +278,8 @@ def test_device_move_reports_tensors_left_behind(monkeypatch: pytest.MonkeyPatch
 
     d = sm.Driver(ReferenceImplementation(), sm.MachineConfig("lora", 8, 32, 24))
     d.forward([2], "float32", "no_grad", 1)  # Linear8bitLt moves CB/SCB into its MatmulLtState
-    assert sm.cuda_stale_tensors(d.layer, "cpu") == []
-    assert any("state.CB" in s for s in sm.cuda_stale_tensors(d.layer, "cuda"))
+    assert ql.tensors_off_device(d.layer, "cpu") == []
+    assert any("state.CB" in s for s in ql.tensors_off_device(d.layer, "cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(type(d.layer), "to", lambda self, *a, **k: self)  # a move that moves nothing
     with pytest.raises(sm.Violation) as exc:

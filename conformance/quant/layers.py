@@ -58,6 +58,84 @@ def scb_of(layer: nn.Module) -> torch.Tensor:
     return scb
 
 
+def follow_weight_device(module: nn.Module) -> None:
+    """Move the 8-bit statistics bitsandbytes keeps outside parameters to their weight's device.
+
+    ``nn.Module.to()`` on a *parent* of a ``bnb.nn.Linear8bitLt`` moves the weight through
+    ``Int8Params.to()`` but keeps only its data (``param.data = moved``): the ``CB``/``SCB``
+    attributes of the weight and ``Linear8bitLt.state`` still point at the old device, and the
+    next forward writes ``state.CB`` back into the weight. Only ``Linear8bitLt.to()`` called on the
+    layer itself moves them (bitsandbytes 0.50.2, ``nn/modules.py``). On CUDA a forward after
+    such a move reads CPU pointers: an illegal memory access. Clause STATE-VALID-NEVER-RAISES.
+    Aliases survive the move: a tensor shared by the weight and the state stays shared.
+    """
+    for mod in module.modules():
+        if isinstance(mod, bnb.nn.Linear8bitLt):
+            _follow_int8(mod)
+
+
+def _follow_int8(layer: nn.Module) -> None:
+    w, state = layer.weight, layer.state
+    dev = w.device
+    moved: dict[int, torch.Tensor] = {}
+    if w.dtype == torch.int8 and getattr(w, "CB", None) is not None and w.CB.device != dev:
+        moved[id(w.CB)] = w.data  # Int8Params.to() makes CB the moved data itself
+
+    def follow(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.device == dev or t.device.type == "meta":
+            return t
+        if id(t) not in moved:
+            moved[id(t)] = t.to(dev)
+        return moved[id(t)]
+
+    for obj, keys in ((w, ("CB", "SCB")), (state, ("CB", "SCB", "CBt", "SCBt"))):
+        for k in keys:
+            if hasattr(obj, k):
+                setattr(obj, k, follow(getattr(obj, k)))
+
+
+def tensors_off_device(layer: nn.Module, device: str) -> list[str]:
+    """Tensors of ``layer`` (parameters, buffers and the bitsandbytes state kept outside them) not on ``device``.
+
+    bitsandbytes 0.50.2 keeps quantization state in plain attributes that ``nn.Module.to()``
+    does not see: ``Params4bit.quant_state`` (moved in place by ``Params4bit.to``),
+    ``Int8Params.CB``/``SCB`` and ``Linear8bitLt.state.CB``/``SCB`` (moved only by
+    ``Linear8bitLt.to()`` itself). A kernel handed a tensor of another device reads a foreign
+    pointer: on CUDA an illegal memory access that breaks the process' CUDA context.
+    """
+    want = torch.device(device).type
+    out: list[str] = []
+
+    def look(name: str, t: Any) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type not in (want, "meta"):
+            out.append(f"{name} on {t.device}")
+
+    for mname, mod in layer.named_modules():
+        pre = f"{mname}." if mname else ""
+        for pname, p in mod.named_parameters(recurse=False):
+            look(pre + pname, p)
+        for bname, b in mod.named_buffers(recurse=False):
+            look(pre + bname, b)
+        w = getattr(mod, "weight", None)
+        qs = getattr(w, "quant_state", None)
+        if qs is not None:
+            for k in ("absmax", "code", "offset"):
+                look(f"{pre}weight.quant_state.{k}", getattr(qs, k, None))
+            s2 = getattr(qs, "state2", None)
+            if s2 is not None:
+                for k in ("absmax", "code"):
+                    look(f"{pre}weight.quant_state.state2.{k}", getattr(s2, k, None))
+            if getattr(qs, "packing_format_for_cpu", False) and want != "cpu":
+                out.append(f"{pre}weight is in bitsandbytes' CPU packing format (packing_format_for_cpu)")
+        for k in ("CB", "SCB"):
+            look(f"{pre}weight.{k}", getattr(w, k, None))
+        st_ = getattr(mod, "state", None)
+        if st_ is not None and type(st_).__name__ == "MatmulLtState":
+            for k in ("CB", "SCB", "CBt", "SCBt"):
+                look(f"{pre}state.{k}", getattr(st_, k, None))
+    return out
+
+
 def dequantize(layer: nn.Module) -> torch.Tensor:
     """The weight as bitsandbytes would use it, in float32, shape (out_features, in_features)."""
     require_quantized(layer)

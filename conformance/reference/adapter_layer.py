@@ -52,6 +52,12 @@ class QuantAdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
 
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantAdapterLayer:
+        """``nn.Module._apply`` plus the bitsandbytes 8-bit state it leaves behind on a device move."""
+        super()._apply(fn, recurse)
+        qlayers.follow_weight_device(self)
+        return self
+
     # -- adapter registry --------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:

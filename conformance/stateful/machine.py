@@ -141,48 +141,6 @@ def _is_cuda_fault(exc: BaseException) -> bool:
     return type(exc).__name__ == "AcceleratorError" or "CUDA error" in text
 
 
-def cuda_stale_tensors(layer: nn.Module, device: str) -> list[str]:
-    """Tensors of ``layer`` (parameters, buffers and the bitsandbytes state kept outside them) not on ``device``.
-
-    bitsandbytes 0.50.2 keeps quantization state in plain attributes that ``nn.Module.to()``
-    does not see: ``Params4bit.quant_state`` (moved in place by ``Params4bit.to``),
-    ``Int8Params.CB``/``SCB`` and ``Linear8bitLt.state.CB``/``SCB`` (moved only by
-    ``Linear8bitLt.to()`` itself). A kernel handed a tensor of another device reads a foreign
-    pointer: on CUDA an illegal memory access that breaks the process' CUDA context.
-    """
-    want = torch.device(device).type
-    out: list[str] = []
-
-    def look(name: str, t: Any) -> None:
-        if isinstance(t, torch.Tensor) and t.device.type not in (want, "meta"):
-            out.append(f"{name} on {t.device}")
-
-    for mname, mod in layer.named_modules():
-        pre = f"{mname}." if mname else ""
-        for pname, p in mod.named_parameters(recurse=False):
-            look(pre + pname, p)
-        for bname, b in mod.named_buffers(recurse=False):
-            look(pre + bname, b)
-        w = getattr(mod, "weight", None)
-        qs = getattr(w, "quant_state", None)
-        if qs is not None:
-            for k in ("absmax", "code", "offset"):
-                look(f"{pre}weight.quant_state.{k}", getattr(qs, k, None))
-            s2 = getattr(qs, "state2", None)
-            if s2 is not None:
-                for k in ("absmax", "code"):
-                    look(f"{pre}weight.quant_state.state2.{k}", getattr(s2, k, None))
-            if getattr(qs, "packing_format_for_cpu", False) and want != "cpu":
-                out.append(f"{pre}weight is in bitsandbytes' CPU packing format (packing_format_for_cpu)")
-        for k in ("CB", "SCB"):
-            look(f"{pre}weight.{k}", getattr(w, k, None))
-        st_ = getattr(mod, "state", None)
-        if st_ is not None and type(st_).__name__ == "MatmulLtState":
-            for k in ("CB", "SCB", "CBt", "SCBt"):
-                look(f"{pre}state.{k}", getattr(st_, k, None))
-    return out
-
-
 @dataclass(frozen=True)
 class MachineConfig:
     """The layer a machine example starts from (JSON-able; the reproducer embeds it)."""
@@ -773,10 +731,10 @@ class Driver:
         self.layer = self._call(f"layer.to({device!r})", lambda: self.layer.to(device))
         self.device = device
         # Checked before any kernel runs on the moved layer: a tensor left on the other device is
-        # reported here instead of crashing the process at the next forward (see cuda_stale_tensors;
+        # reported here instead of crashing the process at the next forward (see conformance.quant.layers.tensors_off_device;
         # finding: bitsandbytes 0.50.2 Linear8bitLt.state.CB/SCB stay behind when a parent module is
         # moved, because nn.Module.to() reaches children through _apply, not their .to()).
-        stale = cuda_stale_tensors(self.layer, device)
+        stale = ql.tensors_off_device(self.layer, device)
         if stale:
             self._fail(VALID, f"device_move: layer.to({device!r}) left tensors on another device: "
                               f"{', '.join(stale[:6])}{' ...' if len(stale) > 6 else ''}; a forward would hand "
