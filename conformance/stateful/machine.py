@@ -30,6 +30,7 @@ from torch import nn
 
 from conformance.quant import layers as ql
 from conformance.spec import oracle
+from conformance.spec.context import implementation_warnings
 from conformance.spec.implementation import BUILTIN, AdapterSpec, Implementation
 
 from .model import AdapterModel, LogicalModel, _ratio, copy_tensors
@@ -788,7 +789,7 @@ class Driver:
                     fn()
             except Exception as exc:
                 raised = exc
-        warned = [str(w.message) for w in caught if str(w.message).strip()]
+        warned = [t for t in implementation_warnings(caught) if t.strip()]
         self.stats.notes.add(f"invalid {kind}: " + (f"raises {type(raised).__name__}" if raised else
                                                     "warns" if warned else "silent"))
         where = f"invalid step {what}: "
