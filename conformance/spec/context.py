@@ -147,8 +147,10 @@ _LIBRARIES = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, bnb))
 def implementation_warnings(caught: Iterable[warnings.WarningMessage]) -> list[str]:
     """Texts of the warnings not issued inside torch or bitsandbytes.
 
-    bitsandbytes warns "MatMul8bitLt: inputs will be cast ..." on every float32 forward of an
-    8-bit layer in eval mode: that is not the implementation telling the user about a bad step, and
-    must not count as the "warns clearly" of an invalid-step clause (STATE-INVALID-STEP-SAFE).
+    A warning raised inside the libraries below the implementation (a torch deprecation, a
+    bitsandbytes ``UserWarning``) is not the implementation telling the user about a bad step, and
+    must not count as the "warns clearly" of an invalid-step clause (STATE-INVALID-STEP-SAFE):
+    otherwise an implementation that silently accepts the step passes whenever the library happens
+    to warn during it.
     """
     return [str(w.message) for w in caught if not os.path.abspath(w.filename).startswith(_LIBRARIES)]

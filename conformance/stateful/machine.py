@@ -248,6 +248,7 @@ class Driver:
         self.impl = impl
         self.config = config
         self.device = device
+        self.quant_device = device  # where the example's base layer was quantized
         self.stats = stats if stats is not None else Stats()
         self.stats.tick()
         self.verbose = verbose
@@ -284,8 +285,16 @@ class Driver:
             self.verbose(render_step(step))
 
     def _fresh_base(self) -> nn.Module:
+        """A base layer as the example's first one: quantized on the device the example started on.
+
+        After a CPU<->CUDA move the layer lives elsewhere, but a fresh base quantized there would not
+        be the same weights (bitsandbytes 0.50.2's CPU and CUDA ``quantize_4bit`` with double quant
+        give different bytes for the same float weight), so it is quantized where the original was
+        and then moved.
+        """
         c = self.config
-        return ql.make_base_layer(c.in_features, c.out_features, device=self.device, **c.base_kwargs())
+        base = ql.make_base_layer(c.in_features, c.out_features, device=self.quant_device, **c.base_kwargs())
+        return ql.move_base_layer(base, self.device)
 
     def _variant_ok(self, params: dict[str, Any]) -> bool:
         return not params.get("lora_bias") or ("lora_bias" in self.caps and self.config.bias)
