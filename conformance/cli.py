@@ -169,4 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
     args = build_parser().parse_args(argv)
+    from conformance.quant.layers import quiet_int8_cast_notice
+
+    quiet_int8_cast_notice()
     return int(args.func(args) or 0)

@@ -318,3 +318,17 @@ def test_a_library_warning_is_not_the_implementation_warning() -> None:
         warnings.warn("the implementation's own warning", UserWarning, stacklevel=1)
     assert len(caught) == 3
     assert implementation_warnings(caught) == ["the implementation's own warning"]
+
+
+def test_replay_refuses_a_step_the_machine_could_not_have_drawn() -> None:
+    """The minimizer deletes steps; a merge naming an adapter whose add_adapter it deleted is an
+    invalid step, and must not be replayed as a valid one (it once shrank a PEFT finding that way)."""
+    d = sm.Driver(ReferenceImplementation(), sm.MachineConfig("lora", 8, 32, 24))
+    with pytest.raises(sm.StepNotApplicable):
+        sm.apply_step(d, {"op": "merge", "adapter_names": ["a0", "a1"], "safe_merge": True})
+    with pytest.raises(sm.StepNotApplicable):
+        sm.apply_step(d, {"op": "unmerge"})
+    sm.apply_step(d, {"op": "merge", "adapter_names": ["a0"], "safe_merge": True})
+    assert d.layer.merged_adapters == ["a0"]
+    with pytest.raises(sm.StepNotApplicable):
+        sm.apply_step(d, {"op": "mixed_forward", "adapter_names": ["a0", "__base__"], "dtype": "float32", "seed": 0})

@@ -105,6 +105,18 @@ def move_base_layer(layer: nn.Module, device: str | torch.device) -> nn.Module:
     return layer
 
 
+def quiet_int8_cast_notice() -> None:
+    """Silence bitsandbytes' "MatMul8bitLt: inputs will be cast from ... to float16" log line.
+
+    bitsandbytes 0.50.2 logs it (``logging``, not ``warnings``) on every non-fp16 CUDA forward of
+    an 8-bit layer in eval mode; the oracle models that cast (``conformance.spec.oracle``), and the
+    2220 copies one ``nox -s gpu`` run printed buried its output. Command-line entry points call this.
+    """
+    import logging
+
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+
+
 def tensors_off_device(layer: nn.Module, device: str) -> list[str]:
     """Tensors of ``layer`` (parameters, buffers and the bitsandbytes state kept outside them) not on ``device``.
 

@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from conformance.quant.layers import quiet_int8_cast_notice
+
+    quiet_int8_cast_notice()
+
     # clause checks use tiny shapes: one thread avoids oversubscribing small CI machines
     torch.set_num_threads(int(os.environ.get("CONFORMANCE_TORCH_THREADS", "1")))
 

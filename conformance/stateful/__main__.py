@@ -8,7 +8,6 @@ path of its reproducer script. Exit status 1 when a violation was found.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .machine import ENV_EXAMPLES, ENV_STEPS, run
@@ -28,10 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shrink-s", type=float, default=None, help="seconds of shrinking per case after its first "
                    "violation ($CONFORMANCE_STATEFUL_SHRINK_S, default 20)")
     args = p.parse_args(argv)
-    # bitsandbytes logs "MatMul8bitLt: inputs will be cast from ... to float16" (logging, not warnings)
-    # on every non-fp16 CUDA forward of an 8-bit layer in eval mode; the oracle models that cast
-    # (conformance.spec.oracle), and hundreds of copies would bury the summary
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    from conformance.quant.layers import quiet_int8_cast_notice
+
+    quiet_int8_cast_notice()
 
     from conformance.spec.implementation import ImplementationNotFound, ImplementationUnsupported, load
 

@@ -880,15 +880,48 @@ def render_step(step: dict[str, Any]) -> str:
     return f"{op}({a})"
 
 
+class StepNotApplicable(ValueError):
+    """A recorded step that the machine would not have drawn in the replayed state (e.g. it names an
+    adapter whose ``add_adapter`` the minimizer deleted): replaying it would test an invalid step as
+    if it were valid."""
+
+
+def _applies(d: Driver, op: str, a: dict[str, Any]) -> bool:
+    """The machine's own preconditions (``make_machine``'s ``ok`` and draws) for a recorded step."""
+    merged = d.model.merged
+    if op == "merge":
+        names = a["adapter_names"]
+        if names is None:
+            return any(n not in merged for n in d.model.active)
+        return bool(names) and all(n in d.names and n not in merged for n in names)
+    if op == "unmerge":
+        return bool(merged)
+    if op == "set_adapter":
+        return bool(a["adapter_names"]) and all(n in d.names for n in a["adapter_names"])
+    if op == "delete_adapter":
+        return a["name"] in d.names and a["name"] not in merged and len(d.names) > 1
+    if op == "mixed_forward":
+        return not merged and all(n in ("__base__", *d.names) for n in a["adapter_names"])
+    if op == "add_adapter":
+        return len(d.names) < MAX_ADAPTERS
+    if op in ("state_dict_roundtrip", "dtype_move"):
+        return not merged
+    if op == "device_move":
+        return a["device"] != str(d.device)
+    return True
+
+
 def apply_step(driver: Driver, step: dict[str, Any]) -> None:
-    """Re-run one recorded step on ``driver``."""
+    """Re-run one recorded step on ``driver``; ``StepNotApplicable`` if the machine could not have drawn it."""
     op = step["op"]
     a = {k: v for k, v in step.items() if k != "op"}
+    if not _applies(driver, op, a):
+        raise StepNotApplicable(f"step {render_step(step)} does not apply after the steps before it")
     if op == "forward":
         driver.forward(a["lead"], a["dtype"], a["grad_mode"], a["seed"])
     elif op == "mixed_forward":
         names = ["__base__", *driver.names]
-        driver.mixed_forward([names.index(n) if n in names else 0 for n in a["adapter_names"]], a["dtype"], a["seed"])
+        driver.mixed_forward([names.index(n) for n in a["adapter_names"]], a["dtype"], a["seed"])
     elif op == "train_step":
         driver.train_step(a["lead"], a["seed"])
     elif op == "set_mode":

@@ -18,7 +18,7 @@ Minimal sequence (the calls made on the layer):
     3. torch.manual_seed(224); layer.add_adapter('a2', **{'r': 2, 'lora_alpha': 4.0, 'init_lora_weights': False, 'use_rslora': True})
     4. x = randn((2, in), seed=101).to(float32); y = layer(x, adapter_names=['a2', 'a0'])
 
-Run: python {this file}  (exit 1 when the divergence reproduces, 0 when it does not)
+Run: python {this file} [--device cpu|cuda]  (exit 1 when the divergence reproduces, 0 when it does not)
 """
 import json
 import sys
@@ -29,7 +29,7 @@ from conformance.spec.implementation import load
 from conformance.stateful.machine import replay
 
 IMPL = 'peft'
-DEVICE = 'cpu'
+DEVICE = sys.argv[sys.argv.index('--device') + 1] if '--device' in sys.argv else 'cpu'
 EXPECTED_CLAUSE = 'STATE-OUTPUT-MATCHES-MODEL'
 CONFIG = json.loads("{\"method\": \"lora\", \"bits\": 4, \"in_features\": 64, \"out_features\": 40, \"quant_type\": \"nf4\", \"double_quant\": false, \"blocksize\": 64, \"bias\": true, \"variant\": 0, \"seed\": 0}")
 STEPS = json.loads("[{\"op\": \"dtype_move\", \"dtype\": \"bfloat16\"}, {\"op\": \"add_adapter\", \"name\": \"a1\", \"variant\": 0, \"params\": {\"r\": 4, \"lora_alpha\": 8.0, \"init_lora_weights\": false}, \"seed\": 57}, {\"op\": \"add_adapter\", \"name\": \"a2\", \"variant\": 1, \"params\": {\"r\": 2, \"lora_alpha\": 4.0, \"init_lora_weights\": false, \"use_rslora\": true}, \"seed\": 224}, {\"op\": \"mixed_forward\", \"adapter_names\": [\"a2\", \"a0\"], \"dtype\": \"float32\", \"seed\": 101}]")

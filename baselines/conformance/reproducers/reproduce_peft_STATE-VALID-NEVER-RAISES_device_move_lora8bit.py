@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Reproducer: STATE-VALID-NEVER-RAISES violated by implementation 'peft' on cuda.
+
+Found by the stateful conformance machine (conformance.stateful), shrunk by hypothesis.
+
+Violation:
+    [lora-int8-64x40-v0, step 1: layer = layer.to('cpu')] device_move: layer.to('cpu') left tensors on another
+    device: layer.weight.CB on cuda:0, layer.weight.SCB on cuda:0, layer.base_layer.weight.CB on cuda:0,
+    layer.base_layer.weight.SCB on cuda:0; a forward would hand them to the kernels of the new device (on CUDA: an
+    illegal memory access)
+
+Versions: python 3.12.3, torch 2.11.0+cu130, bitsandbytes 0.50.2, conformance 0.1.0, implementation peft 0.21.0, peft 0.21.0
+
+Minimal sequence (the calls made on the layer):
+    0. base = make_base_layer(64, 40, **{'bits': 8, 'bias': True, 'seed': 0}); torch.manual_seed(0); layer = impl.create(base, AdapterSpec('lora', 'a0', {'r': 4, 'lora_alpha': 8.0, 'init_lora_weights': False}))
+    1. layer = layer.to('cpu')
+
+Run: python {this file} [--device cpu|cuda]  (exit 1 when the divergence reproduces, 0 when it does not)
+"""
+import json
+import sys
+
+sys.path.insert(0, '/work/main')  # the conformance checkout that wrote this script
+
+from conformance.spec.implementation import load
+from conformance.stateful.machine import replay
+
+IMPL = 'peft'
+DEVICE = sys.argv[sys.argv.index('--device') + 1] if '--device' in sys.argv else 'cuda'
+EXPECTED_CLAUSE = 'STATE-VALID-NEVER-RAISES'
+CONFIG = json.loads("{\"method\": \"lora\", \"bits\": 8, \"in_features\": 64, \"out_features\": 40, \"quant_type\": \"nf4\", \"double_quant\": false, \"blocksize\": 64, \"bias\": true, \"variant\": 0, \"seed\": 0}")
+STEPS = json.loads("[{\"op\": \"device_move\", \"device\": \"cpu\"}]")
+
+
+def main() -> int:
+    impl = load(IMPL)
+    print(f'implementation {impl.name} {impl.version()} on {DEVICE}; replaying {len(STEPS)} steps')
+    violation = replay(impl, CONFIG, STEPS, device=DEVICE, verbose=lambda s: print('  >', s))
+    if violation is None:
+        print('no violation: the divergence does not reproduce')
+        return 0
+    print(f'DIVERGENCE ({violation.clause}): {violation.message}')
+    if violation.clause != EXPECTED_CLAUSE:
+        print(f'(recorded as {EXPECTED_CLAUSE})')
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
