@@ -301,8 +301,8 @@ def _gpu_plan(out: Path, opts: argparse.Namespace) -> list[dict]:
     baseline = _newest_baseline(ROOT / "baselines" / "clone_probe", "cuda")
     conf = ["run", "--impl", "reference", "--impl", "peft", "--device", "cuda",
             "--report", str(out / "conformance.json"), "--markdown", str(out / "conformance.md")]
-    if opts.xfails:
-        conf += ["--xfails", opts.xfails]
+    for path in opts.xfails or []:
+        conf += ["--xfails", path]
     probe = ["probe", "clone", "--device", "cuda", "--quiet", "--json", str(out / "clone_probe.json")]
     if baseline:
         probe += ["--compare", str(baseline)]
@@ -342,7 +342,7 @@ def gpu(session: nox.Session) -> None:
     p.add_argument("--wheels", default=None)
     p.add_argument("--reports-dir", default=str(REPORTS / "gpu"))
     p.add_argument("--examples", type=int, default=100)
-    p.add_argument("--xfails", default=None)
+    p.add_argument("--xfails", action="append", default=None)
     p.add_argument("--steps", default=",".join(GPU_STEPS))
     p.add_argument("--plan", action="store_true")
     opts = _parse(session, p)

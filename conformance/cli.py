@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             return _usage("--device cuda but no CUDA device is visible (torch.cuda.is_available() is False)")
     try:
-        entries = xf.load(args.xfails) if args.xfails else []
+        entries = [e for path in (args.xfails or []) for e in xf.load(path)]
     except xf.XfailFileError as exc:
         return _usage(str(exc))
     chosen = select(args.clauses, include_slow=args.slow)
@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     r.add_argument("--clauses", action="append", default=[], metavar="PATTERN",
                    help="glob over clause IDs, e.g. 'MERGE-*' (repeatable)")
-    r.add_argument("--xfails", metavar="FILE", help="lines of 'CLAUSE_ID IMPL_PATTERN reason'")
+    r.add_argument("--xfails", metavar="FILE", action="append",
+                   help="lines of 'CLAUSE_ID IMPL_PATTERN reason' (repeatable: e.g. a common and a CUDA-only list)")
     r.add_argument("--report", metavar="OUT.json", help="write the JSON report here")
     r.add_argument("--markdown", metavar="OUT.md", help="write the Markdown report here")
     r.add_argument("--seed", type=int, default=0)

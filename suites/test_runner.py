@@ -87,12 +87,16 @@ def test_cli_run_writes_reports_and_exit_code(tmp_path: Path) -> None:
     assert "not an nn.Module" in text
     assert "[reference] 1/1 LAYER-PROTOCOL-SURFACE" in proc.stderr  # progress output
 
-    # an xfail entry turns the failure into xfailed and the exit code into 0
+    # an xfail entry turns the failure into xfailed and the exit code into 0; --xfails is repeatable
+    # (a common list plus a device-specific one), and an entry in the second file counts
+    common = tmp_path / "common.txt"
+    common.write_text("MERGE-* not_a_* unrelated entry\n")
     xf = tmp_path / "xfails.txt"
     xf.write_text("LAYER-PROTOCOL-* not_a_* returns a plain object on purpose\n")
     proc = subprocess.run(
         [sys.executable, "-m", "conformance", "run", "--impl", "broken_impls:not_a_module", "--clauses",
-         "LAYER-PROTOCOL-SURFACE", "--xfails", str(xf), "--report", str(out)], capture_output=True, text=True)
+         "LAYER-PROTOCOL-SURFACE", "--xfails", str(common), "--xfails", str(xf), "--report", str(out)],
+        capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(out.read_text())["results"][0]["outcome"] == "xfailed"
 

@@ -144,16 +144,20 @@ def _enough(samples: list[float], budget: Budget, started: float) -> bool:
     return t.ci_rel <= budget.target_ci
 
 
-def time_cuda(fn: Callable[[], Any], budget: Budget, setup: Callable[[], Any] | None = None,
-              device: torch.device | str = "cuda", flusher: L2Flusher | None = None) -> Timing:
-    """Device time of ``fn`` per round with CUDA events (flush + setup untimed before each round)."""
-    dev = torch.device(device)
-    flusher = flusher if flusher is not None else (L2Flusher(dev) if budget.flush_l2 else None)
+def _warm_up(fn: Callable[[], Any], budget: Budget, setup: Callable[[], Any] | None, dev: torch.device) -> None:
     for _ in range(budget.warmup):
         if setup:
             setup()
         fn()
     _sync(dev)
+
+
+def time_cuda(fn: Callable[[], Any], budget: Budget, setup: Callable[[], Any] | None = None,
+              device: torch.device | str = "cuda", flusher: L2Flusher | None = None) -> Timing:
+    """Device time of ``fn`` per round with CUDA events (flush + setup untimed before each round)."""
+    dev = torch.device(device)
+    flusher = flusher if flusher is not None else (L2Flusher(dev) if budget.flush_l2 else None)
+    _warm_up(fn, budget, setup, dev)
     samples: list[float] = []
     started = time.perf_counter()
     batch = max(1, min(budget.min_rounds, 10))
@@ -182,11 +186,7 @@ def time_host(fn: Callable[[], Any], budget: Budget, setup: Callable[[], Any] | 
     """
     dev = torch.device(device)
     clock = time.perf_counter if dev.type == "cuda" else host_clock()
-    for _ in range(budget.warmup):
-        if setup:
-            setup()
-        fn()
-    _sync(dev)
+    _warm_up(fn, budget, setup, dev)
     samples: list[float] = []
     started = time.perf_counter()
     while not _enough(samples, budget, started):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from typing import Any, ClassVar
 
 import torch
@@ -35,6 +36,16 @@ class QuantAdapterLayer(nn.Module):
     merge_warning: ClassVar[str] = ""
     unmerge_warning: ClassVar[str] = ""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give each concrete (method, bits) class PEFT's rounding warnings, verbatim
+        (``peft/tuners/lora/bnb.py``, ``peft/tuners/oft/bnb.py`` up to 0.20: "Merge lora module to
+        4-bit linear may get different generations due to rounding errors.")."""
+        super().__init_subclass__(**kwargs)
+        if cls.method and cls.bits:
+            tail = f" {cls.method} module to {cls.bits}-bit linear may get different generations due to rounding errors."
+            cls.merge_warning = "Merge" + tail
+            cls.unmerge_warning = "Unmerge" + tail
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         actual = qlayers.bits_of(base_layer)
@@ -51,6 +62,7 @@ class QuantAdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
+        self.configs: dict[str, Any] = {}  # adapter name -> its config dataclass (LoraConfig / OftConfig)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantAdapterLayer:
         """``nn.Module._apply`` plus the bitsandbytes 8-bit state it leaves behind on a device move."""
@@ -61,7 +73,10 @@ class QuantAdapterLayer(nn.Module):
     # -- adapter registry --------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
-        raise NotImplementedError
+        return list(self.configs)
+
+    def adapter_config(self, name: str) -> dict[str, Any]:
+        return asdict(self.configs[name])
 
     def _new_adapter(self, name: str, **kwargs: Any) -> None:
         raise NotImplementedError

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -63,17 +63,12 @@ class LoraLinearQuant(QuantAdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
-        self.configs: dict[str, LoraConfig] = {}
         self.scaling: dict[str, float] = {}
         self.add_adapter(
             adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             init_lora_weights=init_lora_weights, use_rslora=use_rslora, lora_bias=lora_bias,
         )
         self.set_adapter(adapter_name)
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.configs)
 
     def _new_adapter(self, name: str, **kwargs: Any) -> None:
         cfg = LoraConfig(**kwargs)
@@ -105,9 +100,6 @@ class LoraLinearQuant(QuantAdapterLayer):
         if self.lora_B[name].bias is not None:
             out["lora_B.bias"] = self.lora_B[name].bias
         return out
-
-    def adapter_config(self, name: str) -> dict[str, Any]:
-        return asdict(self.configs[name])
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``scaling * B @ A`` (out x in), in the adapter's dtype."""
@@ -186,17 +178,9 @@ class LoraLinear4bit(LoraLinearQuant):
     """LoRA over ``bnb.nn.Linear4bit`` (NF4/FP4)."""
 
     bits: ClassVar[int] = 4
-    merge_warning: ClassVar[str] = "Merge lora module to 4-bit linear may get different generations due to rounding errors."
-    unmerge_warning: ClassVar[str] = (
-        "Unmerge lora module to 4-bit linear may get different generations due to rounding errors."
-    )
 
 
 class LoraLinear8bit(LoraLinearQuant):
     """LoRA over ``bnb.nn.Linear8bitLt`` (LLM.int8 row-wise)."""
 
     bits: ClassVar[int] = 8
-    merge_warning: ClassVar[str] = "Merge lora module to 8-bit linear may get different generations due to rounding errors."
-    unmerge_warning: ClassVar[str] = (
-        "Unmerge lora module to 8-bit linear may get different generations due to rounding errors."
-    )

@@ -12,7 +12,7 @@ reference refuses it with a message that lists the valid values.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -86,17 +86,12 @@ class OftLinearQuant(QuantAdapterLayer):
     ) -> None:
         super().__init__(base_layer)
         self.oft_R = nn.ParameterDict()
-        self.configs: dict[str, OftConfig] = {}
         self.add_adapter(
             adapter_name, r=r, oft_block_size=oft_block_size, module_dropout=module_dropout, coft=coft, eps=eps,
             block_share=block_share, init_weights=init_weights, use_cayley_neumann=use_cayley_neumann,
             num_cayley_neumann_terms=num_cayley_neumann_terms,
         )
         self.set_adapter(adapter_name)
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.configs)
 
     def _new_adapter(self, name: str, **kwargs: Any) -> None:
         cfg = OftConfig(**kwargs)
@@ -115,9 +110,6 @@ class OftLinearQuant(QuantAdapterLayer):
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         self._require_known([name])
         return {"oft_R.weight": self.oft_R[name]}
-
-    def adapter_config(self, name: str) -> dict[str, Any]:
-        return asdict(self.configs[name])
 
     def layout(self, name: str) -> tuple[int, int]:
         return self.configs[name].layout(self.in_features)
@@ -200,17 +192,9 @@ class OftLinear4bit(OftLinearQuant):
     """OFT over ``bnb.nn.Linear4bit`` (NF4/FP4)."""
 
     bits: ClassVar[int] = 4
-    merge_warning: ClassVar[str] = "Merge oft module to 4-bit linear may get different generations due to rounding errors."
-    unmerge_warning: ClassVar[str] = (
-        "Unmerge oft module to 4-bit linear may get different generations due to rounding errors."
-    )
 
 
 class OftLinear8bit(OftLinearQuant):
     """OFT over ``bnb.nn.Linear8bitLt``."""
 
     bits: ClassVar[int] = 8
-    merge_warning: ClassVar[str] = "Merge oft module to 8-bit linear may get different generations due to rounding errors."
-    unmerge_warning: ClassVar[str] = (
-        "Unmerge oft module to 8-bit linear may get different generations due to rounding errors."
-    )

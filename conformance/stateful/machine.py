@@ -833,6 +833,23 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> str:
 
 # -- rendering and replay -----------------------------------------------------------------------
 
+#: steps rendered by a format string over the recorded arguments (``name`` and ``device`` quoted)
+_RENDER = {
+    "merge": "layer.merge(safe_merge={safe_merge}, adapter_names={adapter_names})",
+    "unmerge": "layer.unmerge()",
+    "add_adapter": "torch.manual_seed({seed}); layer.add_adapter({name}, **{params})",
+    "set_adapter": "layer.set_adapter({adapter_names})",
+    "delete_adapter": "layer.delete_adapter({name})",
+    "enable_adapters": "layer.enable_adapters({enabled})",
+    "state_dict_roundtrip": "fresh = impl.create(fresh base, same adapters, seed {seed}); "
+                            "fresh.load_state_dict(adapter entries of layer.state_dict()); layer = fresh",
+    "deepcopy": "layer = copy.deepcopy(layer)",
+    "dtype_move": "for every adapter parameter p: p.data = p.data.to(torch.{dtype})",
+    "device_move": "layer = layer.to({device})",
+    "invalid": "<invalid step {kind}> (must raise or warn and change nothing)",
+}
+
+
 def render_step(step: dict[str, Any]) -> str:
     """A step as the plain calls it makes on the layer (for messages and reproducers)."""
     op = step["op"]
@@ -854,29 +871,8 @@ def render_step(step: dict[str, Any]) -> str:
                 f"SGD(adapter params with grad, lr={a['lr']}).step()")
     if op == "set_mode":
         return "layer.train()" if a["training"] else "layer.eval()"
-    if op == "merge":
-        return f"layer.merge(safe_merge={a['safe_merge']}, adapter_names={a['adapter_names']})"
-    if op == "unmerge":
-        return "layer.unmerge()"
-    if op == "add_adapter":
-        return f"torch.manual_seed({a['seed']}); layer.add_adapter({a['name']!r}, **{a['params']})"
-    if op == "set_adapter":
-        return f"layer.set_adapter({a['adapter_names']})"
-    if op == "delete_adapter":
-        return f"layer.delete_adapter({a['name']!r})"
-    if op == "enable_adapters":
-        return f"layer.enable_adapters({a['enabled']})"
-    if op == "state_dict_roundtrip":
-        return ("fresh = impl.create(fresh base, same adapters, seed "
-                f"{a['seed']}); fresh.load_state_dict(adapter entries of layer.state_dict()); layer = fresh")
-    if op == "deepcopy":
-        return "layer = copy.deepcopy(layer)"
-    if op == "dtype_move":
-        return f"for every adapter parameter p: p.data = p.data.to(torch.{a['dtype']})"
-    if op == "device_move":
-        return f"layer = layer.to({a['device']!r})"
-    if op == "invalid":
-        return f"<invalid step {a['kind']}> (must raise or warn and change nothing)"
+    if op in _RENDER:
+        return _RENDER[op].format(**{k: repr(v) if k in ("name", "device") else v for k, v in a.items()})
     return f"{op}({a})"
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,31 +88,13 @@ def script_text(impl: Implementation, failure: Failure, device: str) -> str:
     if path:
         head += [f"sys.path.insert(0, {path!r})  # where the implementation under test is defined", ""]
     body = [
-        "from conformance.spec.implementation import load",
-        "from conformance.stateful.machine import replay",
+        "from conformance.stateful.reproducer import reproduce",
         "",
-        f"IMPL = {spec!r}",
-        f"DEVICE = sys.argv[sys.argv.index('--device') + 1] if '--device' in sys.argv else {device!r}",
-        f"EXPECTED_CLAUSE = {failure.clause!r}",
         f"CONFIG = json.loads({json.dumps(json.dumps(failure.config))})",
         f"STEPS = json.loads({json.dumps(json.dumps(steps))})",
         "",
-        "",
-        "def main() -> int:",
-        "    impl = load(IMPL)",
-        "    print(f'implementation {impl.name} {impl.version()} on {DEVICE}; replaying {len(STEPS)} steps')",
-        "    violation = replay(impl, CONFIG, STEPS, device=DEVICE, verbose=lambda s: print('  >', s))",
-        "    if violation is None:",
-        "        print('no violation: the divergence does not reproduce')",
-        "        return 0",
-        "    print(f'DIVERGENCE ({violation.clause}): {violation.message}')",
-        "    if violation.clause != EXPECTED_CLAUSE:",
-        "        print(f'(recorded as {EXPECTED_CLAUSE})')",
-        "    return 1",
-        "",
-        "",
         'if __name__ == "__main__":',
-        "    sys.exit(main())",
+        f"    sys.exit(reproduce({spec!r}, {failure.clause!r}, CONFIG, STEPS, {device!r}, sys.argv[1:]))",
         "",
     ]
     return "\n".join(head + body)
@@ -139,6 +122,31 @@ def write_reproducer(impl: Implementation, failure: Failure, device: str, direct
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(script_text(impl, failure, device))
     return path
+
+
+def reproduce(impl_spec: str, clause: str, config: dict[str, Any], steps: list[dict[str, Any]], device: str,
+              argv: Sequence[str] = ()) -> int:
+    """What a reproducer script runs: replay ``steps`` on ``impl_spec`` and print the divergence.
+
+    ``--device cpu|cuda`` in ``argv`` replays on another device than the one the failure was found on.
+    Exit status 1 when the divergence reproduces, 0 when it does not.
+    """
+    from conformance.spec.implementation import load
+    from conformance.stateful.machine import replay
+
+    argv = list(argv)
+    if "--device" in argv:
+        device = argv[argv.index("--device") + 1]
+    impl = load(impl_spec)
+    print(f"implementation {impl.name} {impl.version()} on {device}; replaying {len(steps)} steps")
+    violation = replay(impl, config, steps, device=device, verbose=lambda s: print("  >", s))
+    if violation is None:
+        print("no violation: the divergence does not reproduce")
+        return 0
+    print(f"DIVERGENCE ({violation.clause}): {violation.message}")
+    if violation.clause != clause:
+        print(f"(recorded as {clause})")
+    return 1
 
 
 def load_steps(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

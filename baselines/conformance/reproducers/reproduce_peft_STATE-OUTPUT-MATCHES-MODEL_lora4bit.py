@@ -25,28 +25,10 @@ import sys
 
 sys.path.insert(0, '/work/main')  # the conformance checkout that wrote this script
 
-from conformance.spec.implementation import load
-from conformance.stateful.machine import replay
+from conformance.stateful.reproducer import reproduce
 
-IMPL = 'peft'
-DEVICE = sys.argv[sys.argv.index('--device') + 1] if '--device' in sys.argv else 'cpu'
-EXPECTED_CLAUSE = 'STATE-OUTPUT-MATCHES-MODEL'
 CONFIG = json.loads("{\"method\": \"lora\", \"bits\": 4, \"in_features\": 64, \"out_features\": 40, \"quant_type\": \"nf4\", \"double_quant\": false, \"blocksize\": 64, \"bias\": true, \"variant\": 0, \"seed\": 0}")
 STEPS = json.loads("[{\"op\": \"dtype_move\", \"dtype\": \"bfloat16\"}, {\"op\": \"add_adapter\", \"name\": \"a1\", \"variant\": 0, \"params\": {\"r\": 4, \"lora_alpha\": 8.0, \"init_lora_weights\": false}, \"seed\": 57}, {\"op\": \"add_adapter\", \"name\": \"a2\", \"variant\": 1, \"params\": {\"r\": 2, \"lora_alpha\": 4.0, \"init_lora_weights\": false, \"use_rslora\": true}, \"seed\": 224}, {\"op\": \"mixed_forward\", \"adapter_names\": [\"a2\", \"a0\"], \"dtype\": \"float32\", \"seed\": 101}]")
 
-
-def main() -> int:
-    impl = load(IMPL)
-    print(f'implementation {impl.name} {impl.version()} on {DEVICE}; replaying {len(STEPS)} steps')
-    violation = replay(impl, CONFIG, STEPS, device=DEVICE, verbose=lambda s: print('  >', s))
-    if violation is None:
-        print('no violation: the divergence does not reproduce')
-        return 0
-    print(f'DIVERGENCE ({violation.clause}): {violation.message}')
-    if violation.clause != EXPECTED_CLAUSE:
-        print(f'(recorded as {EXPECTED_CLAUSE})')
-    return 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(reproduce('peft', 'STATE-OUTPUT-MATCHES-MODEL', CONFIG, STEPS, 'cpu', sys.argv[1:]))

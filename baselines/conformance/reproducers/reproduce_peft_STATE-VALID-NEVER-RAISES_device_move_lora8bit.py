@@ -22,28 +22,10 @@ import sys
 
 sys.path.insert(0, '/work/main')  # the conformance checkout that wrote this script
 
-from conformance.spec.implementation import load
-from conformance.stateful.machine import replay
+from conformance.stateful.reproducer import reproduce
 
-IMPL = 'peft'
-DEVICE = sys.argv[sys.argv.index('--device') + 1] if '--device' in sys.argv else 'cuda'
-EXPECTED_CLAUSE = 'STATE-VALID-NEVER-RAISES'
 CONFIG = json.loads("{\"method\": \"lora\", \"bits\": 8, \"in_features\": 64, \"out_features\": 40, \"quant_type\": \"nf4\", \"double_quant\": false, \"blocksize\": 64, \"bias\": true, \"variant\": 0, \"seed\": 0}")
 STEPS = json.loads("[{\"op\": \"device_move\", \"device\": \"cpu\"}]")
 
-
-def main() -> int:
-    impl = load(IMPL)
-    print(f'implementation {impl.name} {impl.version()} on {DEVICE}; replaying {len(STEPS)} steps')
-    violation = replay(impl, CONFIG, STEPS, device=DEVICE, verbose=lambda s: print('  >', s))
-    if violation is None:
-        print('no violation: the divergence does not reproduce')
-        return 0
-    print(f'DIVERGENCE ({violation.clause}): {violation.message}')
-    if violation.clause != EXPECTED_CLAUSE:
-        print(f'(recorded as {EXPECTED_CLAUSE})')
-    return 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(reproduce('peft', 'STATE-VALID-NEVER-RAISES', CONFIG, STEPS, 'cuda', sys.argv[1:]))

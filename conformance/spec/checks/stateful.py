@@ -68,74 +68,40 @@ def report(ctx: CheckContext) -> None:
         ctx.fail(f"{len(fails)} case(s) violate {cid}:\n" + "\n\n".join(parts))
 
 
-@clause(sm.OUTPUT, "MUST",
-        "After any valid sequence of steps (train/eval, grad modes, input shapes and dtypes, training steps, merges, "
-        "adapter changes, deepcopy, state_dict round trips, dtype moves), the layer's output equals the float64 "
-        "model of its logical state within the analytic bound of the current base weights.",
-        source=SOURCE, area="stateful")
-def check_state_output(ctx: CheckContext) -> None:
-    report(ctx)
+#: (clause id, text, extra source): one clause per invariant, all reported from the one shared run
+STATE_CLAUSES: tuple[tuple[str, str, str], ...] = (
+    (sm.OUTPUT,
+     "After any valid sequence of steps (train/eval, grad modes, input shapes and dtypes, training steps, merges, "
+     "adapter changes, deepcopy, state_dict round trips, dtype and device moves), the layer's output equals the float64 "
+     "model of its logical state within the analytic bound of the current base weights.", ""),
+    (sm.BASE,
+     "The base layer's packed bytes and quantization state are unchanged, and dequantize gives the same "
+     "weights, after every step that is not a merge or unmerge.", "; conformance.quant.snapshot"),
+    (sm.FLAGS,
+     "merged and merged_adapters always match the merges and unmerges the sequence made (including the unmerge "
+     "a forward with disabled adapters performs).", ""),
+    (sm.MERGE,
+     "Each merge()/unmerge() call leaves weights within the requantization bound of dequantize -> apply/remove "
+     "the adapters -> requantize of the weights before the call, with the quantization settings kept.",
+     "; conformance.quant.bounds.weight_bound"),
+    (sm.UNMERGE,
+     "Unmerging everything restores the pre-merge weights within the bound accumulated by the merges and "
+     "unmerges in between.", ""),
+    (sm.DRIFT,
+     "Across any number of merge/unmerge cycles the stored weights stay within the sum of the per-requantization "
+     "bounds of the original weights (with the merged adapters applied exactly): drift does not compound.", ""),
+    (sm.ADAPTERS,
+     "Adapters (names, tensors, active set, enabled flag) change only through the steps meant to change them: "
+     "optimizer steps change only trained adapters, and deepcopy and state_dict round trips keep every adapter.", ""),
+    (sm.VALID,
+     "No step of a valid sequence raises, and a device move leaves no tensor of the layer (bitsandbytes state "
+     "included) on the old device.", ""),
+    (sm.INVALID,
+     "An invalid step (unknown adapter, unmerge with nothing merged, merging a merged adapter, deleting a merged "
+     "adapter, re-adding an existing name, mixed batch while merged, wrong input width) raises or warns and "
+     "changes nothing: base bytes, merged flags, adapters and active set stay as they were.",
+     "; peft tuners_utils check_adapters_to_merge / unmerge warnings"),
+)
 
-
-@clause(sm.BASE, "MUST",
-        "The base layer's packed bytes and quantization state are unchanged, and dequantize gives the same "
-        "weights, after every step that is not a merge or unmerge.",
-        source=SOURCE + "; conformance.quant.snapshot", area="stateful")
-def check_state_base(ctx: CheckContext) -> None:
-    report(ctx)
-
-
-@clause(sm.FLAGS, "MUST",
-        "merged and merged_adapters always match the merges and unmerges the sequence made (including the unmerge "
-        "a forward with disabled adapters performs).",
-        source=SOURCE, area="stateful")
-def check_state_flags(ctx: CheckContext) -> None:
-    report(ctx)
-
-
-@clause(sm.MERGE, "MUST",
-        "Each merge()/unmerge() call leaves weights within the requantization bound of dequantize -> apply/remove "
-        "the adapters -> requantize of the weights before the call, with the quantization settings kept.",
-        source=SOURCE + "; conformance.quant.bounds.weight_bound", area="stateful")
-def check_state_merge(ctx: CheckContext) -> None:
-    report(ctx)
-
-
-@clause(sm.UNMERGE, "MUST",
-        "Unmerging everything restores the pre-merge weights within the bound accumulated by the merges and "
-        "unmerges in between.",
-        source=SOURCE, area="stateful")
-def check_state_unmerge(ctx: CheckContext) -> None:
-    report(ctx)
-
-
-@clause(sm.DRIFT, "MUST",
-        "Across any number of merge/unmerge cycles the stored weights stay within the sum of the per-requantization "
-        "bounds of the original weights (with the merged adapters applied exactly): drift does not compound.",
-        source=SOURCE, area="stateful")
-def check_state_drift(ctx: CheckContext) -> None:
-    report(ctx)
-
-
-@clause(sm.ADAPTERS, "MUST",
-        "Adapters (names, tensors, active set, enabled flag) change only through the steps meant to change them: "
-        "optimizer steps change only trained adapters, and deepcopy and state_dict round trips keep every adapter.",
-        source=SOURCE, area="stateful")
-def check_state_adapters(ctx: CheckContext) -> None:
-    report(ctx)
-
-
-@clause(sm.VALID, "MUST",
-        "No step of a valid sequence raises.",
-        source=SOURCE, area="stateful")
-def check_state_valid(ctx: CheckContext) -> None:
-    report(ctx)
-
-
-@clause(sm.INVALID, "MUST",
-        "An invalid step (unknown adapter, unmerge with nothing merged, merging a merged adapter, deleting a merged "
-        "adapter, re-adding an existing name, mixed batch while merged, wrong input width) raises or warns and "
-        "changes nothing: base bytes, merged flags, adapters and active set stay as they were.",
-        source=SOURCE + "; peft tuners_utils check_adapters_to_merge / unmerge warnings", area="stateful")
-def check_state_invalid(ctx: CheckContext) -> None:
-    report(ctx)
+for _id, _text, _extra in STATE_CLAUSES:
+    clause(_id, "MUST", _text, source=SOURCE + _extra, area="stateful")(report)
