@@ -118,3 +118,20 @@ def test_xfail_file_parsing(tmp_path: Path) -> None:
     assert entries[0].matches("MERGE-BOUND", "peft") and not entries[0].matches("MERGE-BOUND", "reference")
     with pytest.raises(xfails.XfailFileError, match="<xfails>:1"):
         xfails.parse("ONLY-ID\n")
+
+
+def test_fingerprint_names_the_sources_that_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source hash changes with any suite source file, whatever git says (device copies carry a stale .git)."""
+    import conformance
+    from conformance.spec import environment
+
+    pkg = tmp_path / "conformance"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("x = 1\n")
+    monkeypatch.setattr(conformance, "__file__", str(pkg / "__init__.py"))
+    first = environment.source_sha()
+    (pkg / "__init__.py").write_text("x = 2\n")
+    second = environment.source_sha()
+    assert len(first) == 12 and first != second
+    env = {"suite_version": "0.1.0", "suite_git_sha": "abc-dirty", "suite_source_sha256": second}
+    assert f"(sources {second})" in report._fmt_env(env)

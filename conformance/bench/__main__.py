@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                    "machines: every case sees the same load drift)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    from conformance.quant.layers import quiet_int8_cast_notice
+
+    quiet_int8_cast_notice()
 
     import torch
 

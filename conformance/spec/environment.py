@@ -45,6 +45,22 @@ def git_sha() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def source_sha() -> str:
+    """sha256 (12 hex) of the suite's own Python sources, in path order.
+
+    The git sha alone can mislead: a copy of a working tree (a CI runner's checkout of a patch, the
+    device machine's copy) may carry a ``.git`` of another commit, shown as ``<sha>-dirty``. This
+    hash names the code that ran whatever the ``.git`` beside it says.
+    """
+    import hashlib
+
+    root = Path(conformance.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def fingerprint(device: str = "cpu") -> dict[str, Any]:
     """Versions, hardware and the suite's own version: goes into every report and baseline."""
     import torch
@@ -59,6 +75,7 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
         "cpu_count": __import__("os").cpu_count(),
         "suite_version": conformance.__version__,
         "suite_git_sha": git_sha(),
+        "suite_source_sha256": source_sha(),
     }
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -81,7 +81,8 @@ def _fmt_env(env: dict[str, Any]) -> str:
     hw = env.get("gpu", {}).get("name") if env.get("gpu") else env.get("cpu")
     return (f"Python {env.get('python')} · torch {pk.get('torch')} (CUDA {env.get('torch_cuda')}) · "
             f"bitsandbytes {pk.get('bitsandbytes')} · transformers {pk.get('transformers')} · peft {pk.get('peft')} · "
-            f"device {env.get('device')} ({hw}) · suite {env.get('suite_version')} @ {env.get('suite_git_sha')}")
+            f"device {env.get('device')} ({hw}) · suite {env.get('suite_version')} @ {env.get('suite_git_sha')}"
+            + (f" (sources {env['suite_source_sha256']})" if env.get("suite_source_sha256") else ""))
 
 
 def markdown(doc: dict[str, Any]) -> str:
