@@ -98,8 +98,6 @@ def move_base_layer(layer: nn.Module, device: str | torch.device) -> nn.Module:
     """``layer.to(device)`` for a bitsandbytes layer, with the 8-bit state it leaves behind moved too
     (see ``follow_weight_device``: bitsandbytes 0.50.2's ``Linear8bitLt.to()`` moves ``state.CB``/``SCB``
     but not ``weight.CB``/``SCB``)."""
-    if layer.weight.device == torch.device(device):
-        return layer
     layer = layer.to(device)
     follow_weight_device(layer)
     return layer

@@ -299,6 +299,14 @@ class Driver:
     def _variant_ok(self, params: dict[str, Any]) -> bool:
         return not params.get("lora_bias") or ("lora_bias" in self.caps and self.config.bias)
 
+    def _bounded(self, clause: str, ratio: float, message: Callable[[], str]) -> None:
+        """Record ``ratio`` (observed / analytic bound) for ``clause``; a violation unless it is <= 1 (NaN fails).
+
+        ``message`` is built only on failure (``Expected.describe`` scans the whole output)."""
+        self.stats.ratio(clause, ratio)
+        if not ratio <= 1.0:
+            self._fail(clause, f"{message()} (ratio {ratio:.3g})")
+
     def _fail(self, clause: str, message: str) -> None:
         v = VIOLATIONS[clause](f"[{self.config.label}, step {len(self.trace) - 1}: {render_step(self.trace[-1])}] "
                                f"{message}", self.trace, asdict(self.config))
@@ -433,13 +441,10 @@ class Driver:
         if y.dtype != x.dtype:
             self._fail(OUTPUT, f"output dtype {y.dtype} for a {x.dtype} input")
         exp = self.model.expected(self.layer.base_layer, x, adapter_names)
-        r = exp.ratio(y)
-        self.stats.ratio(OUTPUT, r)
-        if not r <= 1.0:
-            state = (f"active={self.model.active}, merged={self.model.merged}, disabled={self.model.disabled}, "
-                     f"training={self.model.training}, requantizations={self.model.requantizations}")
-            self._fail(OUTPUT, f"output differs from the float64 model beyond the analytic bound: {exp.describe(y)}; "
-                               f"state: {state}")
+        self._bounded(OUTPUT, exp.ratio(y), lambda: (
+            f"output differs from the float64 model beyond the analytic bound: {exp.describe(y)}; state: "
+            f"active={self.model.active}, merged={self.model.merged}, disabled={self.model.disabled}, "
+            f"training={self.model.training}, requantizations={self.model.requantizations}"))
 
     def _after_requant(self, names: Sequence[str], sign: int, what: str) -> None:
         """Check one merge/unmerge call that requantized once per name, then adopt the stored weights."""
@@ -452,17 +457,14 @@ class Driver:
             self._fail(MERGE, f"{what} changed the quantization settings: {self._settings} -> {ql.quant_settings(base)}")
         chains = self.model.run_ops(names, sign, base)
         r, where = chains["step"].ratio(w_act, b_act)
-        self.stats.ratio(MERGE, r)
-        if not r <= 1.0:
-            self._fail(MERGE, f"{what} of {list(names)}: stored weights are not dequantize -> "
-                              f"{'apply' if sign > 0 else 'remove'} -> requantize of the previous weights "
-                              f"within the bound: {where} (ratio {r:.3g})")
+        self._bounded(MERGE, r, lambda: (
+            f"{what} of {list(names)}: stored weights are not dequantize -> {'apply' if sign > 0 else 'remove'} "
+            f"-> requantize of the previous weights within the bound: {where}"))
         r, where = chains["orig"].ratio(w_act, b_act)
-        self.stats.ratio(DRIFT, r)
-        if not r <= 1.0:
-            self._fail(DRIFT, f"after {self.model.requantizations} requantizations the stored weights drifted from "
-                              f"the original weights (with the merged adapters applied exactly) beyond the sum of "
-                              f"the per-requantization bounds: {where} (ratio {r:.3g})")
+        self._bounded(DRIFT, r, lambda: (
+            f"after {self.model.requantizations} requantizations the stored weights drifted from the original "
+            f"weights (with the merged adapters applied exactly) beyond the sum of the per-requantization bounds: "
+            f"{where}"))
         self.model.w, self.model.b = w_act, b_act
         self.snap = ql.snapshot(base)
 
@@ -474,10 +476,7 @@ class Driver:
         ew = ch.ew + resid_w
         eb = None if ch.eb is None else ch.eb + (ch.b - self.model.anchor_b).abs()
         r, where = _ratio(self.model.w, self.model.anchor_w, ew, "weight", self.model.b, self.model.anchor_b, eb)
-        self.stats.ratio(UNMERGE, r)
-        if not r <= 1.0:
-            self._fail(UNMERGE, f"unmerge did not restore the pre-merge weights within the bound: {where} "
-                                f"(ratio {r:.3g})")
+        self._bounded(UNMERGE, r, lambda: f"unmerge did not restore the pre-merge weights within the bound: {where}")
         self.model.reset_chains()
 
     @property
@@ -882,26 +881,38 @@ class StepNotApplicable(ValueError):
     if it were valid."""
 
 
+def op_applies(d: Driver, op: str, cuda: bool) -> bool:
+    """Whether the machine may draw ``op`` now: the implementation's capabilities and the layer's state."""
+    caps, merged = d.caps, d.model.merged
+    return {
+        "mixed_forward": d.mixed_ok() and not merged,
+        "unmerge": bool(merged),
+        "add_adapter": "multi_adapter" in caps and len(d.names) < MAX_ADAPTERS,
+        "set_adapter": "multi_adapter" in caps,
+        "delete_adapter": "delete_adapter" in caps and len(d.names) > 1 and any(n not in merged for n in d.names),
+        "enable_adapters": "disable_adapters" in caps,
+        "state_dict_roundtrip": not merged,
+        "dtype_move": not merged,
+        "device_move": cuda,
+    }.get(op, True)
+
+
 def _applies(d: Driver, op: str, a: dict[str, Any]) -> bool:
-    """The machine's own preconditions (``make_machine``'s ``ok`` and draws) for a recorded step."""
+    """``op_applies`` plus what the machine's draws guarantee about a recorded step's arguments."""
+    if not op_applies(d, op, cuda=op == "device_move"):
+        return False
     merged = d.model.merged
     if op == "merge":
         names = a["adapter_names"]
         if names is None:
             return any(n not in merged for n in d.model.active)
         return bool(names) and all(n in d.names and n not in merged for n in names)
-    if op == "unmerge":
-        return bool(merged)
     if op == "set_adapter":
         return bool(a["adapter_names"]) and all(n in d.names for n in a["adapter_names"])
     if op == "delete_adapter":
-        return a["name"] in d.names and a["name"] not in merged and len(d.names) > 1
+        return a["name"] in d.names and a["name"] not in merged
     if op == "mixed_forward":
-        return not merged and all(n in ("__base__", *d.names) for n in a["adapter_names"])
-    if op == "add_adapter":
-        return len(d.names) < MAX_ADAPTERS
-    if op in ("state_dict_roundtrip", "dtype_move"):
-        return not merged
+        return all(n in ("__base__", *d.names) for n in a["adapter_names"])
     if op == "device_move":
         return a["device"] != str(d.device)
     return True
@@ -1025,19 +1036,7 @@ def make_machine(impl: Implementation, configs: Sequence[MachineConfig], device:
             per-rule selection with swarm testing starved merges and forwards in small budgets.
             """
             d = self.d
-            ok = {
-                "mixed_forward": d.mixed_ok() and not d.merged,
-                "unmerge": d.merged,
-                "add_adapter": "multi_adapter" in caps and len(d.names) < MAX_ADAPTERS,
-                "set_adapter": "multi_adapter" in caps,
-                "delete_adapter": "delete_adapter" in caps and len(d.names) > 1
-                and any(n not in d.model.merged for n in d.names),
-                "enable_adapters": "disable_adapters" in caps,
-                "state_dict_roundtrip": not d.merged,
-                "dtype_move": not d.merged,
-                "device_move": cuda,
-            }
-            ops = [op for op, w in OP_WEIGHTS for _ in range(w) if ok.get(op, True)]
+            ops = [op for op, w in OP_WEIGHTS for _ in range(w) if op_applies(d, op, cuda)]
             op = data.draw(st.sampled_from(ops), label="op")
             if op == "forward":
                 d.forward(data.draw(st.sampled_from(INPUT_SHAPES)), data.draw(st.sampled_from(in_dtypes)),
