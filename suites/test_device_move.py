@@ -49,8 +49,9 @@ def test_round_trip_cpu_cuda_cpu_keeps_state_and_output(method: str, bits: int) 
 
 
 @pytest.mark.parametrize(("method", "bits"), CASES)
-def test_merge_after_move_reads_moved_state(method: str, bits: int) -> None:
-    layer = _layer(method, bits).to("cuda")
+def test_merge_and_unmerge_after_a_move_keep_everything_on_cuda(method: str, bits: int) -> None:
+    layer = _layer(method, bits).to("cuda")  # quantized on the CPU, then moved
+    assert ql.tensors_off_device(layer, "cuda") == []
     x = torch.randn(3, 32, device="cuda")
     with torch.no_grad():
         layer.merge()
