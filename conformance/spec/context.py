@@ -9,9 +9,10 @@ plain ``assert``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,14 @@ class CheckContext:
         old = self.measurements.get(key)
         if old is None or value > old:
             self.measure(key, float(value))
+
+    def bounded(self, key: str, ratio: float, message: Callable[[], str]) -> None:
+        """The clauses' one bound test: keep the worst observed/bound ``ratio`` under ``key`` (a
+        non-finite ratio is recorded as inf) and fail with ``message()`` unless ``ratio <= 1`` (NaN fails).
+        ``message`` is called only on failure: describing the worst element scans the whole tensor."""
+        self.measure_max(key, ratio if math.isfinite(ratio) else float("inf"))
+        if not ratio <= 1.0:
+            self.fail(message())
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -67,12 +67,10 @@ def check_cayley_exact(ctx: CheckContext) -> None:
                 exact = oracle.oft_blocks(tensors, bs)
                 delta = oracle.rotation_error(tensors, bs)
                 err = torch.linalg.matrix_norm(blocks - exact, ord="fro")
-                ratio = float((err / delta).max())
-                ctx.measure_max(f"ratio.b{bs}", ratio)
-                if not ratio <= 1.0:
-                    t = torch.linalg.matrix_norm(blocks - exact.transpose(-2, -1), ord="fro").max()
-                    ctx.fail(f"{label}: rotation differs from (I-Q)(I+Q)^-1 by {err.max():.3g} (Frobenius) > "
-                             f"bound {delta.max():.3g}; distance to the transpose (I+Q)(I-Q)^-1: {t:.3g}")
+                ctx.bounded(f"ratio.b{bs}", float((err / delta).max()), lambda: (
+                    f"{label}: rotation differs from (I-Q)(I+Q)^-1 by {err.max():.3g} (Frobenius) > bound "
+                    f"{delta.max():.3g}; distance to the transpose (I+Q)(I-Q)^-1: "
+                    f"{torch.linalg.matrix_norm(blocks - exact.transpose(-2, -1), ord='fro').max():.3g}"))
 
 
 @clause(
@@ -94,11 +92,9 @@ def check_orthogonal(ctx: CheckContext) -> None:
                 defect = torch.linalg.matrix_norm(blocks.transpose(-2, -1) @ blocks - eye, ord="fro")
                 # plus the float64 evaluation of R^T R (gamma_b(u64) ||R||_F^2)
                 bound = 2 * d + d * d + qb.gamma(bs, qb.unit_roundoff(torch.float64)) * (math.sqrt(bs) + d) ** 2
-                ratio = float((defect / bound).max())
-                ctx.measure_max(f"ratio.b{bs}", ratio)
-                if not ratio <= 1.0:
-                    ctx.fail(f"oft {bits}-bit block size {bs}, ||Q||_2 = {norm}: ||R^T R - I||_F = "
-                             f"{defect.max():.3g} > bound {bound.max():.3g}")
+                ctx.bounded(f"ratio.b{bs}", float((defect / bound).max()), lambda: (
+                    f"oft {bits}-bit block size {bs}, ||Q||_2 = {norm}: ||R^T R - I||_F = "
+                    f"{defect.max():.3g} > bound {bound.max():.3g}"))
 
 
 def neumann_rounding(q2: float, qf: float, b: int, n: int, dtype: torch.dtype) -> float:
@@ -177,11 +173,9 @@ def check_coft(ctx: CheckContext) -> None:
             d = oracle.rotation_error(layer.adapter_parameters("default"), bs)
             bound = 2 * radius * (1 + qb.gamma(bs * bs + 4, u)) + d
             dist = torch.linalg.matrix_norm(blocks - torch.eye(bs, dtype=torch.float64), ord="fro")
-            ratio = float((dist / bound).max())
-            ctx.measure_max(f"ratio.b{bs}", ratio)
-            if not ratio <= 1.0:
-                ctx.fail(f"oft {bits}-bit block size {bs}, coft eps={eps}: ||R_b - I||_F = {dist.max():.3g} > "
-                         f"2 eps/sqrt({n_blocks}) + rounding = {bound.max():.3g}")
+            ctx.bounded(f"ratio.b{bs}", float((dist / bound).max()), lambda: (
+                f"oft {bits}-bit block size {bs}, coft eps={eps}: ||R_b - I||_F = {dist.max():.3g} > "
+                f"2 eps/sqrt({n_blocks}) + rounding = {bound.max():.3g}"))
 
 
 @clause(
