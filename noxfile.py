@@ -318,7 +318,7 @@ def _gpu_plan(out: Path, opts: argparse.Namespace) -> list[dict]:
          "artefacts": ("conformance.json", "conformance.md"), "expect": ("conformance.json",)},
         {"name": "clone_probe", "module": "conformance", "args": probe, "needs": ("conformance.probe.clone",),
          "artefacts": ("clone_probe.json",), "baseline": str(baseline) if baseline else None},
-        {"name": "stateful", "module": "conformance.stateful",
+        {"name": "stateful", "module": "conformance.spec.stateful",
          "args": ["--impl", "reference", "--device", "cuda", "--examples", str(opts.examples),
                   "--out", str(out / "stateful")], "artefacts": ("stateful",)},
         {"name": "bench", "module": "conformance.bench",
@@ -626,4 +626,4 @@ def stateful(session: nox.Session) -> None:
         args = ["--impl", "reference", *args]
     if "--device" not in args and device == "cuda":
         args += ["--device", "cuda"]
-    session.run("python", "-m", "conformance.stateful", *args, env=BASE_ENV)
+    session.run("python", "-m", "conformance.spec.stateful", *args, env=BASE_ENV)

@@ -41,10 +41,11 @@ def cmd_clauses(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .spec import report, runner
-    from .spec import xfails as xf
+    from conformance.harness import report, runner
+    from conformance.harness import xfails as xf
+    from conformance.harness.environment import fingerprint
+
     from .spec.clauses import select
-    from .spec.environment import fingerprint
 
     impls = args.impl or [os.environ.get("CONFORMANCE_IMPL") or "reference"]
     if args.device == "cuda":
@@ -96,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .spec import report
+    from conformance.harness import report
 
     try:
         old, new = report.load(args.old), report.load(args.new)
@@ -108,7 +109,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_markdown(args: argparse.Namespace) -> int:
-    from .spec import report
+    from conformance.harness import report
 
     try:
         doc = report.load(args.report)

@@ -17,10 +17,12 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
-from .spec import xfails as xf
+from conformance.harness import xfails as xf
+from conformance.harness.execute import run_clause
+from conformance.harness.loader import load
+from conformance.spec.interface import Implementation
+
 from .spec.clauses import Clause, select
-from .spec.implementation import Implementation, load
-from .spec.result import run_clause
 
 
 def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entries: Sequence[xf.Xfail] = ()) -> None:

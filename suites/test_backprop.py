@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
+from conformance.harness.execute import run_clause
+from conformance.harness.results import Result
+from conformance.impls.reference import ReferenceImplementation
 from conformance.spec import AdapterSpec, clauses
 from conformance.spec.checks import backprop as bp
-from conformance.spec.impls.reference import ReferenceImplementation
-from conformance.spec.result import Result, run_clause
 
 GRAD, MIXED, NOGRAD = "BACKPROP-GRAD-F64", "BACKPROP-MIXED-GRAD-F64", "BACKPROP-NOGRAD-FORWARD"
 

@@ -36,8 +36,8 @@ _IMPLS: dict[str, object] = {}
 
 
 def test_clause(clause, impl_name, request: pytest.FixtureRequest) -> None:
-    from conformance.spec import xfails as xf
-    from conformance.spec.implementation import load
+    from conformance.harness import xfails as xf
+    from conformance.harness.loader import load
 
     impl = _IMPLS.get(impl_name) or _IMPLS.setdefault(impl_name, load(impl_name))
     path = request.config.getoption("--xfails")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conformance.spec import implementation
+from conformance.harness import loader as implementation
+from conformance.harness.execute import run_clause
+from conformance.harness.results import applicability
 from conformance.spec.clauses import registry
-from conformance.spec.result import applicability, run_clause
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy_impl"
 # clauses a plain LoRA-on-Linear4bit should pass, if the registry has them

@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch import nn
 
+from conformance.harness.execute import run_clause
+from conformance.impls.reference import ReferenceImplementation
 from conformance.quant import layers as ql
 from conformance.reference import rotation
 from conformance.spec.clauses import get
-from conformance.spec.implementation import AdapterSpec
-from conformance.spec.impls.reference import ReferenceImplementation
-from conformance.spec.result import run_clause
+from conformance.spec.interface import AdapterSpec
 
 Patch = Callable[[nn.Module, AdapterSpec], None]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conformance.spec import report, runner, xfails
+from conformance.harness import report, runner, xfails
+from conformance.harness.results import Result
 from conformance.spec.clauses import get
-from conformance.spec.result import Result
 
 # tooling, not device code: CPU CI runs it; the gpu session leaves it out
 pytestmark = pytest.mark.cpu_only
@@ -123,7 +123,7 @@ def test_xfail_file_parsing(tmp_path: Path) -> None:
 def test_fingerprint_names_the_sources_that_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The source hash changes with any suite source file, whatever git says (device copies carry a stale .git)."""
     import conformance
-    from conformance.spec import environment
+    from conformance.harness import environment
 
     pkg = tmp_path / "conformance"
     pkg.mkdir()

@@ -19,14 +19,14 @@ import pytest
 from torch import nn
 
 import conformance
+from conformance.harness.execute import run_clause
+from conformance.impls.reference import ReferenceImplementation
 from conformance.quant import layers as ql
 from conformance.reference import layer_class
 from conformance.spec.clauses import registry
-from conformance.spec.implementation import AdapterSpec
-from conformance.spec.impls.reference import ReferenceImplementation
-from conformance.spec.result import run_clause
-from conformance.stateful import machine as sm
-from conformance.stateful.reproducer import load_steps
+from conformance.spec.interface import AdapterSpec
+from conformance.spec.stateful import machine as sm
+from conformance.spec.stateful.reproducer import load_steps
 
 STATE_CLAUSES = [c for c in registry().values() if c.area == "stateful"]
 
@@ -310,7 +310,7 @@ def test_a_library_warning_is_not_the_implementation_warning() -> None:
     import bitsandbytes as bnb
     import torch
 
-    from conformance.spec.context import implementation_warnings, recorded_warnings
+    from conformance.spec.observe import implementation_warnings, recorded_warnings
 
     with recorded_warnings() as caught:
         warnings.warn_explicit("from bitsandbytes", UserWarning, filename=bnb.functional.__file__, lineno=1)

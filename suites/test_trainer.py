@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from conformance import quant, tinymodels
+from conformance.harness.context import CheckContext
+from conformance.harness.execute import run_clause
+from conformance.harness.results import Result
 from conformance.spec import clauses
 from conformance.spec.checks import trainer as tc
-from conformance.spec.context import CheckContext
-from conformance.spec.implementation import ImplementationBase
-from conformance.spec.result import Result, run_clause
+from conformance.spec.interface import ImplementationBase
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")

@@ -7,7 +7,7 @@ Implementations:
 - ``reference`` / ``reference-noclone``: ``conformance.reference`` with ``clone_base_output`` True/False;
 - ``reference-v0`` (``-noclone``): the reference LoRA with its forward as first written (delta tensor, ``add_``),
   kept here, not in the reference, to show in the same run what the fused forward bought;
-- ``peft``: PEFT's own layer, built through ``conformance.spec.impls.peft`` when that imports (the
+- ``peft``: PEFT's own layer, built through ``conformance.impls.peft`` when that imports (the
   protocol wrapper is unwrapped, PEFT's layer is timed directly), else directly as
   ``peft.tuners.lora.bnb.Linear4bit(base, "default", config=LoraConfig(r=16, lora_alpha=16), r=16,
   lora_alpha=16)``.
@@ -86,15 +86,15 @@ def make_base(case: BenchCase, device: str, seed: int = 0) -> nn.Module:
 def _peft_layer(base: nn.Module, method: str, params: dict[str, Any]) -> nn.Module:
     """PEFT's layer over ``base`` (through the project's PEFT wrapper when available)."""
     try:
-        from conformance.spec.implementation import AdapterSpec
-        from conformance.spec.impls.peft import PeftImplementation
+        from conformance.impls.peft import PeftImplementation
+        from conformance.spec.interface import AdapterSpec
 
         wrapped = PeftImplementation().create(base, AdapterSpec(method, "default", params))
         return getattr(wrapped, "layer", wrapped)
     except ImportError:
         pass
     if method != "lora":
-        raise RuntimeError("PEFT OFT needs conformance.spec.impls.peft")
+        raise RuntimeError("PEFT OFT needs conformance.impls.peft")
     import bitsandbytes as bnb
     from peft import LoraConfig
     from peft.tuners.lora import bnb as peft_bnb

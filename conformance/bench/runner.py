@@ -41,7 +41,7 @@ def budget_for(case: BenchCase, device: str, quick: bool) -> Budget:
 
 def environment(device: str) -> dict[str, Any]:
     try:
-        from conformance.spec.environment import fingerprint
+        from conformance.harness.environment import fingerprint
 
         return fingerprint(device)
     except Exception as exc:  # the fingerprint must never stop a benchmark run
@@ -53,7 +53,7 @@ def environment(device: str) -> dict[str, Any]:
 
 def slug(env: dict[str, Any]) -> str:
     try:
-        from conformance.spec.environment import slug as _slug
+        from conformance.harness.environment import slug as _slug
 
         return _slug(env)
     except Exception:

@@ -280,7 +280,7 @@ def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
 
 def environment(device: str) -> dict[str, Any]:
     try:
-        from conformance.spec.environment import fingerprint
+        from conformance.harness.environment import fingerprint
     except ImportError:  # minimal fallback while the shared fingerprint is missing
         import platform
 

@@ -1,10 +1,15 @@
-"""The spec harness: clauses, implementations, runner and reports."""
+"""The spec: clauses (``catalog`` as data, ``checks`` as code), the implementation protocol
+(``interface``), case vocabularies (``cases``), hypothesis strategies (``strategies``) and the
+stateful engine (``stateful``).
 
-from .clauses import Clause, clause, registry, select
-from .context import CheckContext, ClauseFailure, ClauseSkipped
-from .implementation import AdapterSpec, Implementation, ImplementationBase, load
+Nothing here imports the harness that runs it (``conformance.harness``); importing this package
+imports no torch.
+"""
+
+from .clauses import Clause, ClauseFailure, ClauseSkipped, check, declare, registry, select
+from .interface import AdapterSpec, Implementation, ImplementationBase
 
 __all__ = [
-    "AdapterSpec", "CheckContext", "Clause", "ClauseFailure", "ClauseSkipped", "Implementation",
-    "ImplementationBase", "clause", "load", "registry", "select",
+    "AdapterSpec", "Clause", "ClauseFailure", "ClauseSkipped", "Implementation", "ImplementationBase",
+    "check", "declare", "registry", "select",
 ]

@@ -1,20 +1,26 @@
 """The clause registry: every requirement the suites check, with a stable ID.
 
-One source of truth (array-api-tests style): a check function is registered with the
-``@clause(...)`` decorator next to its code in ``conformance.spec.checks``; the CLI runner and the
-pytest suites both iterate ``registry()`` and call the same function.
+One source of truth, in two halves that never disagree:
+
+- ``conformance.spec.catalog`` declares every clause as data (``declare(...)``: ID, level, text,
+  source, scope). It imports no torch, so listing clauses (``python -m conformance clauses``) is fast.
+- ``conformance.spec.checks`` binds a check function to each ID with ``@check("ID")``.
+
+``catalog()`` gives the declared clauses (torch-free); ``registry()`` imports the checks too and
+fails loudly if an ID is declared without a check or checked without a declaration.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from .context import CheckContext
+    from conformance.harness.context import CheckContext
 
 Level = Literal["MUST", "SHOULD"]
 METHODS = frozenset({"lora", "oft"})
@@ -31,7 +37,6 @@ class Clause:
     level: Level
     text: str
     source: str
-    check: Callable[[CheckContext], None] = field(compare=False, repr=False)
     methods: frozenset[str] = METHODS
     bits: frozenset[int] = BITS
     devices: frozenset[str] = DEVICES
@@ -39,6 +44,7 @@ class Clause:
     area: str = ""
     slow: bool = False
     timeout_s: float = 300.0
+    check: Callable[[CheckContext], None] | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
         return {
@@ -48,10 +54,24 @@ class Clause:
         }
 
 
-_REGISTRY: dict[str, Clause] = {}
+class ClauseFailure(AssertionError):
+    """The implementation does not do what the clause says."""
 
 
-def clause(
+class ClauseSkipped(Exception):
+    """The clause does not apply (capability not declared, no GPU, ...); the reason says why."""
+
+
+class ClauseInconclusive(Exception):
+    """The check ran but the implementation cut it short (steps raised or were refused), so too little ran to
+    give a verdict; the reason says how much ran against the clause's documented floor."""
+
+
+_CATALOG: dict[str, Clause] = {}
+_CHECKS: dict[str, Callable[[CheckContext], None]] = {}
+
+
+def declare(
     id: str,
     level: Level,
     text: str,
@@ -61,51 +81,74 @@ def clause(
     bits: Iterable[int] = BITS,
     devices: Iterable[str] = DEVICES,
     requires: Iterable[str] = (),
-    area: str = "",
+    area: str,
     slow: bool = False,
     timeout_s: float = 300.0,
-) -> Callable[[Callable[[CheckContext], None]], Callable[[CheckContext], None]]:
-    """Register the decorated ``check(ctx)`` as the check of clause ``id``.
-
-    A check raises ``ClauseFailure`` (``ctx.fail``) or ``AssertionError`` to fail, ``ClauseSkipped``
-    (``ctx.skip``) to skip, records numbers with ``ctx.measure`` and returns normally to pass.
-    """
+) -> Clause:
+    """Declare clause ``id`` (called at import time of a ``conformance.spec.catalog`` module)."""
     if not _ID.match(id):
         raise ValueError(f"clause id {id!r} must look like AREA-WHAT (upper case, dashes)")
     if level not in ("MUST", "SHOULD"):
         raise ValueError(f"clause {id}: level must be MUST or SHOULD, got {level!r}")
     if not source:
-        raise ValueError(f"clause {id}: a source (seed file, upstream file or paper) is required")
+        raise ValueError(f"clause {id}: a source (upstream file and version, PR or paper) is required")
     methods_, bits_, devices_ = frozenset(methods), frozenset(bits), frozenset(devices)
     if not methods_ <= METHODS or not bits_ <= BITS or not devices_ <= DEVICES:
         raise ValueError(f"clause {id}: methods/bits/devices must be subsets of {METHODS}/{BITS}/{DEVICES}")
+    if id in _CATALOG:
+        raise ValueError(f"clause {id} declared twice")
+    c = Clause(id=id, level=level, text=text, source=source, methods=methods_, bits=bits_, devices=devices_,
+               requires=frozenset(requires), area=area, slow=slow, timeout_s=timeout_s)
+    _CATALOG[id] = c
+    return c
 
-    def register(fn: Callable[[CheckContext], None]) -> Callable[[CheckContext], None]:
-        if id in _REGISTRY and _REGISTRY[id].check is not fn:
-            raise ValueError(f"clause {id} registered twice ({_REGISTRY[id].check.__module__} and {fn.__module__})")
-        _REGISTRY[id] = Clause(
-            id=id, level=level, text=text, source=source, check=fn, methods=methods_, bits=bits_,
-            devices=devices_, requires=frozenset(requires), area=area or fn.__module__.rsplit(".", 1)[-1],
-            slow=slow, timeout_s=timeout_s,
-        )
-        fn.clause_id = id  # type: ignore[attr-defined]
+
+def check(id: str) -> Callable[[Callable[[CheckContext], None]], Callable[[CheckContext], None]]:
+    """Bind the decorated ``check(ctx)`` to clause ``id``.
+
+    A check raises ``ClauseFailure`` (``ctx.fail``) or ``AssertionError`` to fail, ``ClauseSkipped``
+    (``ctx.skip``) to skip, records numbers with ``ctx.measure`` and returns normally to pass.
+    """
+
+    def bind(fn: Callable[[CheckContext], None]) -> Callable[[CheckContext], None]:
+        if id in _CHECKS and _CHECKS[id] is not fn:
+            raise ValueError(f"clause {id} checked twice ({_CHECKS[id].__module__} and {fn.__module__})")
+        _CHECKS[id] = fn
+        if not getattr(fn, "clause_ids", None):
+            fn.clause_ids = []  # type: ignore[attr-defined]
+        fn.clause_ids.append(id)  # type: ignore[attr-defined]
         return fn
 
-    return register
+    return bind
+
+
+def catalog() -> dict[str, Clause]:
+    """Every declared clause, by ID, in declaration order, without its check (imports no torch)."""
+    importlib.import_module("conformance.spec.catalog")  # declares the clauses
+
+    return dict(_CATALOG)
 
 
 def registry() -> dict[str, Clause]:
-    """All clauses, by ID, in registration order (importing every check module first)."""
-    from . import checks  # noqa: F401  (registers the clauses)
+    """Every clause with its check bound (imports the check modules, hence torch and bitsandbytes)."""
+    importlib.import_module("conformance.spec.checks")  # binds the checks
 
-    return dict(_REGISTRY)
+    declared = catalog()
+    unchecked = sorted(set(declared) - set(_CHECKS))
+    undeclared = sorted(set(_CHECKS) - set(declared))
+    if unchecked or undeclared:
+        raise RuntimeError(f"clauses declared without a check: {unchecked}; checks of undeclared clauses: {undeclared}")
+    return {cid: replace(c, check=_CHECKS[cid]) for cid, c in declared.items()}
 
 
-def select(patterns: Iterable[str] | None = None, *, include_slow: bool = True) -> list[Clause]:
-    """Clauses whose ID matches any glob pattern (``MERGE-*``), or all of them."""
+def select(patterns: Iterable[str] | None = None, *, include_slow: bool = True, bound: bool = True) -> list[Clause]:
+    """Clauses whose ID matches any glob pattern (``MERGE-*``), or all of them.
+
+    ``bound=False`` selects from the torch-free catalog (no checks attached).
+    """
     pats = [p for p in (patterns or []) if p]
     out = []
-    for c in registry().values():
+    for c in (registry() if bound else catalog()).values():
         if pats and not any(fnmatch.fnmatchcase(c.id, p.upper()) for p in pats):
             continue
         if c.slow and not include_slow:
@@ -114,8 +157,8 @@ def select(patterns: Iterable[str] | None = None, *, include_slow: bool = True) 
     return out
 
 
-def get(clause_id: str) -> Clause:
-    reg = registry()
+def get(clause_id: str, *, bound: bool = True) -> Clause:
+    reg = registry() if bound else catalog()
     try:
         return reg[clause_id]
     except KeyError:

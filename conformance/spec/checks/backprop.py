@@ -49,15 +49,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.harness.context import CheckContext
 from conformance.quant import bounds as qbounds
 from conformance.quant import layers as qlayers
 from conformance.reference import rotation
+from conformance.spec.clauses import check
 
 from ..cases import AdapterCase, BaseCase, adapter_cases
-from ..clauses import clause
-from ..context import CheckContext
 
-SOURCE = "seed 000 / peft/tuners/lora/bnb.py (defensive clone) / peft/tuners/oft/layer.py"
 BASE = "__base__"
 STORE_ROUNDINGS = 8
 """Values stored in the compute dtype along the longest forward+backward path (module docstring)."""
@@ -473,23 +472,12 @@ def _method_bits(ctx: CheckContext) -> Iterator[tuple[str, list[int]]]:
         yield method, sorted(b for m, b in pairs if m == method)
 
 
-@clause(
-    "BACKPROP-GRAD-F64", "MUST",
-    "Gradients of a loss w.r.t. the input and the adapter parameters (and the output) match a float64 "
-    "computation on the dequantized base weight within the rounding bound of the compute dtype, for 4-bit "
-    "(nf4, fp4) and 8-bit bases, fp32/fp16/bf16, 1-D/2-D/3-D inputs, batch 1 and more, input requiring grad or not.",
-    source=SOURCE,
-)
+@check("BACKPROP-GRAD-F64")
 def check_grad_f64(ctx: CheckContext) -> None:
     _run_matrix(ctx, mixed=False)
 
 
-@clause(
-    "BACKPROP-MIXED-GRAD-F64", "MUST",
-    "With adapter_names (one adapter per sample, '__base__' for none), output and gradients match the float64 "
-    "per-sample computation within the rounding bound of the compute dtype.",
-    source=SOURCE + " (_mixed_batch_forward)", requires=["mixed_batch"],
-)
+@check("BACKPROP-MIXED-GRAD-F64")
 def check_mixed_grad_f64(ctx: CheckContext) -> None:
     _run_matrix(ctx, mixed=True)
 
@@ -497,13 +485,7 @@ def check_mixed_grad_f64(ctx: CheckContext) -> None:
 MODES: dict[str, Callable[[], Any]] = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 
-@clause(
-    "BACKPROP-NOGRAD-FORWARD", "MUST",
-    "Forward under torch.inference_mode() and torch.no_grad() works, returns a tensor that does not require grad "
-    "and equals the grad-mode output (within twice the rounding bound: kernels may differ), and a later "
-    "grad-mode forward+backward on the same layer still works.",
-    source=SOURCE,
-)
+@check("BACKPROP-NOGRAD-FORWARD")
 def check_nograd_forward(ctx: CheckContext) -> None:
     n = bitwise = 0
     for method, bits in _method_bits(ctx):

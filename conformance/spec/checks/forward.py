@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
+from conformance.harness.context import CheckContext
 from conformance.spec import cases, oracle
-from conformance.spec.clauses import clause
-from conformance.spec.context import CheckContext, recorded_warnings
+from conformance.spec.clauses import check
+from conformance.spec.observe import recorded_warnings
 
 INPUT_SHAPES = ((), (3,), (2, 3))  # leading dims: 1-D, 2-D, 3-D inputs
 
@@ -29,13 +30,7 @@ def _forward_cases(bits: int) -> list[cases.BaseCase]:
     return cases.base_cases(bits, dtypes=cases.COMPUTE_DTYPES)
 
 
-@clause(
-    "FWD-INIT-IDENTITY", "MUST",
-    "With default initialisation (LoRA B = 0, OFT R = I) the adapter layer's output is bit-for-bit the base "
-    "layer's output, for every quant type, double quant setting and compute dtype.",
-    source="peft/tuners/lora/layer.py (init_lora_weights=True zeros B); peft/tuners/oft/layer.py (init_weights=True "
-    "gives R = I); seed 003",
-)
+@check("FWD-INIT-IDENTITY")
 def check_init_identity(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         for i, case in enumerate(_forward_cases(bits)):
@@ -56,14 +51,7 @@ def check_init_identity(ctx: CheckContext) -> None:
                          "expected exactly the base output")
 
 
-@clause(
-    "FWD-ORACLE", "MUST",
-    "The unmerged adapter forward matches the float64 oracle (LoRA: x W^T + b + scaling*(B(Ax) + b_B); OFT: "
-    "(x R) W^T + b on the dequantized base weight) within the analytic rounding bound, for NF4/FP4 with and without "
-    "double quant and 8-bit, compute dtypes fp32/fp16/bf16, 1-D/2-D/3-D inputs (8-bit: train and eval mode).",
-    source="peft/tuners/lora/bnb.py forward; peft/tuners/oft/layer.py forward; OFT paper arXiv:2306.07280; "
-    "conformance.spec.oracle (error model)",
-)
+@check("FWD-ORACLE")
 def check_oracle(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         for ai, acase in enumerate(cases.adapter_cases(method)):
@@ -91,13 +79,7 @@ def check_oracle(ctx: CheckContext) -> None:
                                 lambda: f"{label}: output outside the oracle bound {exp.describe(y)}")
 
 
-@clause(
-    "FWD-LORA-DELTA", "MUST",
-    "LoRA get_delta_weight(name) equals scaling * B @ A with scaling = lora_alpha / r (rsLoRA: lora_alpha / "
-    "sqrt(r)) within the rounding bound of computing it in the adapter dtype.",
-    source="peft/tuners/lora/layer.py (update_layer scaling, get_delta_weight); rsLoRA arXiv:2312.03732",
-    methods=["lora"],
-)
+@check("FWD-LORA-DELTA")
 def check_lora_delta(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         base_case = cases.BaseCase(bits)
@@ -120,14 +102,7 @@ def check_lora_delta(ctx: CheckContext) -> None:
                         f"{label}: get_delta_weight != scaling*B@A with scaling {s:.6g}: {want.describe(got)}"))
 
 
-@clause(
-    "FWD-MIXED-BATCH", "MUST",
-    "A mixed-batch forward (adapter_names, one name per sample, '__base__' = no adapter) gives each sample what a "
-    "single-adapter forward (or the base layer) gives it, within the oracle bounds of both.",
-    source="peft/tuners/lora/layer.py _mixed_batch_forward; peft docs 'Inference with different LoRA adapters in "
-    "the same batch'",
-    requires=["mixed_batch", "multi_adapter"],
-)
+@check("FWD-MIXED-BATCH")
 def check_mixed_batch(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
@@ -164,14 +139,7 @@ def check_mixed_batch(ctx: CheckContext) -> None:
             layer.set_adapter("default")
 
 
-@clause(
-    "FWD-DISABLED", "MUST",
-    "With adapters disabled (enable_adapters(False)) the layer returns exactly the base layer's output; "
-    "enabling them again restores the adapter output.",
-    source="peft/tuners/tuners_utils.py BaseTunerLayer.enable_adapters; peft/tuners/lora/bnb.py forward "
-    "(disable_adapters branch)",
-    requires=["disable_adapters"],
-)
+@check("FWD-DISABLED")
 def check_disabled(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
@@ -215,12 +183,7 @@ def _expect_error(
     return ""
 
 
-@clause(
-    "FWD-ERR-SHAPE", "MUST",
-    "An input whose last dimension is not in_features raises an error naming the mismatching size (never a "
-    "silent broadcast or a wrong-shaped output).",
-    source="peft/tuners/lora/bnb.py forward (delegates to the bnb matmul, which rejects the shapes)",
-)
+@check("FWD-ERR-SHAPE")
 def check_err_shape(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         case = cases.BaseCase(bits)
@@ -233,13 +196,7 @@ def check_err_shape(ctx: CheckContext) -> None:
             ctx.measure(f"raised.{method}.{bits}bit", got)
 
 
-@clause(
-    "FWD-ERR-ADAPTER-NAME", "MUST",
-    "A mixed-batch forward naming an adapter the layer does not have raises ValueError (or KeyError) naming it; "
-    "it is never silently treated as the base model.",
-    source="peft/peft_model.py _check_forward_args ('Trying to infer with non-existing adapter(s)')",
-    requires=["mixed_batch"],
-)
+@check("FWD-ERR-ADAPTER-NAME")
 def check_err_adapter_name(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         case = cases.BaseCase(bits)
@@ -251,12 +208,7 @@ def check_err_adapter_name(ctx: CheckContext) -> None:
                       ["no_such_adapter"])
 
 
-@clause(
-    "FWD-ERR-RANK", "MUST",
-    "LoRA with r <= 0 is refused with a ValueError that names r.",
-    source="peft/tuners/lora/layer.py update_layer ('`r` should be a positive integer value')",
-    methods=["lora"],
-)
+@check("FWD-ERR-RANK")
 def check_err_rank(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         for r in (0, -2):
@@ -265,14 +217,7 @@ def check_err_rank(ctx: CheckContext) -> None:
                           (ValueError,), ["`r`", "r must", "r=", "rank"])
 
 
-@clause(
-    "FWD-ERR-OFT-LAYOUT", "SHOULD",
-    "An OFT r (number of blocks) or oft_block_size that does not divide in_features is refused with a ValueError "
-    "naming the value, instead of being silently adjusted.",
-    source="peft/tuners/oft/layer.py update_layer (PEFT adjusts r/oft_block_size with a warning instead); "
-    "conformance/reference/oft.py OftConfig.layout",
-    methods=["oft"],
-)
+@check("FWD-ERR-OFT-LAYOUT")
 def check_err_oft_layout(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         case = cases.BaseCase(bits)  # in_features 64

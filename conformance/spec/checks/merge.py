@@ -16,15 +16,13 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from conformance.harness.context import CheckContext
 from conformance.quant import layers as ql
 from conformance.quant.bounds import weight_bound
 from conformance.spec import cases, oracle, strategies
-from conformance.spec.clauses import clause
-from conformance.spec.context import CheckContext, recorded_warnings, warning_texts
-
-SOURCE_MERGE = ("seed 001 (merge on 4/8-bit = dequantize, add, requantize); peft/tuners/lora/bnb.py merge/unmerge; "
-                "seed 003 (OFT merge = rotate W, unmerge = inverse rotation); peft/utils/integrations.py "
-                "dequantize_bnb_weight")
+from conformance.spec.catalog.merge import CYCLES
+from conformance.spec.clauses import check
+from conformance.spec.observe import recorded_warnings, warning_texts
 
 
 def _property(ctx: CheckContext, max_examples: int) -> Callable[[Callable[..., None]], Callable[[], None]]:
@@ -68,13 +66,7 @@ def _merged_expected(layer: torch.nn.Module, method: str, name: str, params: dic
                                   bias_err=be), err
 
 
-@clause(
-    "MERGE-FORWARD-BOUND", "MUST",
-    "After merge() the layer's output matches the unmerged adapter forward within the analytic bound: one "
-    "requantization (weight_bound of the merged layer) plus the merge and matmul rounding (hypothesis over shapes, "
-    "ranks, alphas != r, rsLoRA, OFT block sizes/sharing, quant types, blocksizes, double quant, compute dtypes).",
-    source=SOURCE_MERGE,
-)
+@check("MERGE-FORWARD-BOUND")
 def check_merge_forward(ctx: CheckContext) -> None:
     @_property(ctx, 24)
     @given(data=st.data())
@@ -131,13 +123,7 @@ def _roundtrip(ctx: CheckContext, layer: torch.nn.Module, method: str, params: d
     return bound, w2, b2
 
 
-@clause(
-    "MERGE-ROUNDTRIP", "MUST",
-    "merge() then unmerge() returns the dequantized base weight within the bound of two requantizations plus the "
-    "merge/unmerge arithmetic (OFT: unmerge applies the inverse rotation, R^T for the exact Cayley transform), and "
-    "the layer reports merged=False.",
-    source=SOURCE_MERGE,
-)
+@check("MERGE-ROUNDTRIP")
 def check_roundtrip(ctx: CheckContext) -> None:
     @_property(ctx, 24)
     @given(data=st.data())
@@ -163,15 +149,9 @@ def check_roundtrip(ctx: CheckContext) -> None:
     prop()
 
 
-CYCLES = 5
 
 
-@clause(
-    "MERGE-CYCLES", "MUST",
-    f"k merge/unmerge cycles (k = 1..{CYCLES}) move the base weight by no more than the sum of the k single-cycle "
-    "bounds (the drift does not compound beyond linear growth).",
-    source=SOURCE_MERGE,
-)
+@check("MERGE-CYCLES")
 def check_cycles(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
@@ -207,13 +187,7 @@ def _merge_warnings(layer: torch.nn.Module, **kwargs: Any) -> list[str]:
     return warning_texts(caught)
 
 
-@clause(
-    "MERGE-WARNS-LORA", "MUST",
-    "Merging LoRA into a quantized base emits the rounding warning 'Merge lora module to {4,8}-bit linear may get "
-    "different generations due to rounding errors.'",
-    source="seed 001; peft/tuners/lora/bnb.py merge",
-    methods=["lora"],
-)
+@check("MERGE-WARNS-LORA")
 def check_warns_lora(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         layer = _build(ctx, "lora", cases.BaseCase(bits), dict(cases.adapter_cases("lora")[0].params))
@@ -223,13 +197,7 @@ def check_warns_lora(ctx: CheckContext) -> None:
             ctx.fail(f"{bits}-bit: merge() did not warn {want!r}; warnings: {got}")
 
 
-@clause(
-    "MERGE-WARNS-OFT", "SHOULD",
-    "Merging OFT into a quantized base warns about rounding errors like LoRA does ('Merge oft module to "
-    "{4,8}-bit linear may get different generations due to rounding errors.').",
-    source="seed 001 (LoRA analogue); seed 003 ('Warning: May introduce rounding errors due to 4-bit precision')",
-    methods=["oft"],
-)
+@check("MERGE-WARNS-OFT")
 def check_warns_oft(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         layer = _build(ctx, "oft", cases.BaseCase(bits), dict(cases.adapter_cases("oft")[0].params))
@@ -239,12 +207,7 @@ def check_warns_oft(ctx: CheckContext) -> None:
             ctx.fail(f"{bits}-bit: merge() of an OFT adapter emitted no rounding warning; warnings: {got}")
 
 
-@clause(
-    "MERGE-TWICE-WARNS", "MUST",
-    "Merging again when every requested adapter is already merged warns and changes nothing (weights bit-identical, "
-    "merged_adapters unchanged).",
-    source="peft/tuners/tuners_utils.py check_adapters_to_merge ('All adapters are already merged, nothing to do.')",
-)
+@check("MERGE-TWICE-WARNS")
 def check_merge_twice(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
@@ -261,11 +224,7 @@ def check_merge_twice(ctx: CheckContext) -> None:
                   f"{label}: merged_adapters {before} -> {list(layer.merged_adapters)} after a second merge()")
 
 
-@clause(
-    "MERGE-UNMERGE-NOTHING-WARNS", "MUST",
-    "unmerge() with nothing merged warns and leaves the base layer bit-identical.",
-    source="peft/tuners/lora/bnb.py unmerge ('Already unmerged. Nothing to do.')",
-)
+@check("MERGE-UNMERGE-NOTHING-WARNS")
 def check_unmerge_nothing(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
@@ -287,13 +246,7 @@ def _hypothetical_requant_bound(base: torch.nn.Module, weight: torch.Tensor) -> 
     return weight_bound(probe)
 
 
-@clause(
-    "MERGE-MULTI", "MUST",
-    "merge() with several active adapters merges all of them (merged_adapters lists each once) and the merged "
-    "output matches the stacked unmerged forward within the bound of one requantization per adapter.",
-    source=SOURCE_MERGE + "; peft/tuners/tuners_utils.py (merge loops over active adapters)",
-    requires=["multi_adapter"],
-)
+@check("MERGE-MULTI")
 def check_merge_multi(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
@@ -343,12 +296,7 @@ def check_merge_multi(ctx: CheckContext) -> None:
             f"(max |merged - unmerged| {(y_m.double() - y_u.double()).abs().max():.3g})"))
 
 
-@clause(
-    "MERGE-SUBSET", "MUST",
-    "merge(adapter_names=[...]) merges exactly the named adapters (active or not) and nothing else.",
-    source="peft/tuners/lora/bnb.py merge(adapter_names=...)",
-    requires=["multi_adapter"],
-)
+@check("MERGE-SUBSET")
 def check_merge_subset(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
@@ -371,15 +319,7 @@ def check_merge_subset(ctx: CheckContext) -> None:
                     lambda: f"{label}: the merged weights are not W0 + 'other' alone: {exp.describe(y)}")
 
 
-@clause(
-    "MERGE-LORA-BIAS", "MUST",
-    "With lora_bias=True, merge adds scaling * b_B to the base bias (the bias is part of B's output, scaled like it), "
-    "so the merged output matches the unmerged one also when lora_alpha != r.",
-    source="peft/tuners/lora/layer.py Linear.merge ('base_layer.bias.data += self.lora_B[active_adapter].bias * "
-    "self.scaling'); peft/tuners/lora/bnb.py (4/8-bit add b_B without scaling)",
-    methods=["lora"],
-    requires=["lora_bias"],
-)
+@check("MERGE-LORA-BIAS")
 def check_lora_bias(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         for dt in (torch.float32, torch.float16) if bits == 4 else (torch.float32,):
@@ -405,12 +345,7 @@ def check_lora_bias(ctx: CheckContext) -> None:
                 ctx.bounded(f"ratio.bias.{bits}bit", float(((b1 - bt).abs() / be).max()), unscaled)
 
 
-@clause(
-    "MERGE-KEEPS-QUANT-SETTINGS", "MUST",
-    "merge() and unmerge() requantize with the original settings: layer type, quant type, blocksize, double quant, "
-    "quant storage, weight dtype and compute dtype (4-bit), has_fp16_weights and threshold (8-bit) are unchanged.",
-    source="seed 001; seed 003 ('Re-quantize to 4-bit with original parameters')",
-)
+@check("MERGE-KEEPS-QUANT-SETTINGS")
 def check_keeps_settings(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]

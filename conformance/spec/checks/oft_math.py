@@ -14,14 +14,12 @@ import math
 
 import torch
 
+from conformance.harness.context import CheckContext
 from conformance.quant import bounds as qb
 from conformance.reference import rotation
 from conformance.spec import oracle
-from conformance.spec.clauses import clause
-from conformance.spec.context import CheckContext
+from conformance.spec.clauses import check
 
-SOURCE = ("OFT paper arXiv:2306.07280 (Cayley parametrisation, COFT); peft/tuners/oft/layer.py "
-          "(_cayley_batch, _project_batch, block_share); seed 003")
 IN_FEATURES = 64
 
 
@@ -47,13 +45,7 @@ def _delta(layer: torch.nn.Module) -> torch.Tensor:
 NORMS = (0.1, 1.0, 4.0)  # ||Q||_2 per block: small, moderate, large rotations
 
 
-@clause(
-    "OFT-CAYLEY-EXACT", "MUST",
-    "With use_cayley_neumann=False, get_delta_weight is block-diagonal (off-block entries exactly 0) and each block "
-    "is the Cayley transform (I - Q)(I + Q)^{-1} of the stored parameters within the LU-solve error bound.",
-    source=SOURCE,
-    methods=["oft"],
-)
+@check("OFT-CAYLEY-EXACT")
 def check_cayley_exact(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         for bs in (4, 8, 16):
@@ -73,13 +65,7 @@ def check_cayley_exact(ctx: CheckContext) -> None:
                     f"{torch.linalg.matrix_norm(blocks - exact.transpose(-2, -1), ord='fro').max():.3g}"))
 
 
-@clause(
-    "OFT-ORTHOGONAL", "MUST",
-    "Exact-Cayley OFT rotations are orthogonal: ||R_b^T R_b - I||_F <= 2 d + d^2 per block, d the solve error "
-    "bound derived from the unit roundoff and the block size.",
-    source=SOURCE,
-    methods=["oft"],
-)
+@check("OFT-ORTHOGONAL")
 def check_orthogonal(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         for bs in (4, 8, 16):
@@ -114,14 +100,7 @@ def neumann_rounding(q2: float, qf: float, b: int, n: int, dtype: torch.dtype) -
 NEUMANN_TERMS = tuple(range(2, 9))
 
 
-@clause(
-    "OFT-NEUMANN-CONVERGES", "MUST",
-    "The Cayley-Neumann rotation with n terms (n = 2..8) is within ||Q||_2^(n-1) (plus rounding) of the exact Cayley "
-    "rotation of the same parameters, so its error shrinks as n grows and it converges to the exact path's rotation "
-    "(not, e.g., to its transpose).",
-    source=SOURCE + "; Neumann series (I + Q)^{-1} = sum (-Q)^k for ||Q|| < 1",
-    methods=["oft"],
-)
+@check("OFT-NEUMANN-CONVERGES")
 def check_neumann(ctx: CheckContext) -> None:
     bs = 8
     for _, bits in ctx.cases():
@@ -151,13 +130,7 @@ def check_neumann(ctx: CheckContext) -> None:
                   f"oft {bits}-bit: Neumann error does not shrink with more terms: {[f'{e:.3g}' for e in errors]}")
 
 
-@clause(
-    "OFT-COFT-RADIUS", "MUST",
-    "With coft=True every rotation block stays within ||R_b - I||_F <= 2 eps / sqrt(blocks) (plus rounding), since "
-    "R - I = -2 Q (I + Q)^{-1}, ||(I + Q)^{-1}||_2 <= 1 and COFT projects ||Q_b||_F <= eps / sqrt(blocks).",
-    source=SOURCE,
-    methods=["oft"],
-)
+@check("OFT-COFT-RADIUS")
 def check_coft(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         for bs in (8, 16):
@@ -178,12 +151,7 @@ def check_coft(ctx: CheckContext) -> None:
                 f"2 eps/sqrt({n_blocks}) + rounding = {bound.max():.3g}"))
 
 
-@clause(
-    "OFT-BLOCK-SHARE", "MUST",
-    "With block_share=True all diagonal blocks of the rotation are identical (one shared block).",
-    source=SOURCE,
-    methods=["oft"],
-)
+@check("OFT-BLOCK-SHARE")
 def check_block_share(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         for bs in (4, 8, 16):

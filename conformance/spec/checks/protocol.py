@@ -4,23 +4,17 @@ from __future__ import annotations
 
 from torch import nn
 
+from conformance.harness.context import CheckContext
 from conformance.quant import layers as qlayers
+from conformance.spec.clauses import check
 
 from ..cases import adapter_cases
-from ..clauses import clause
-from ..context import CheckContext
 
 _REQUIRED = ("forward", "merge", "unmerge", "get_delta_weight", "add_adapter", "set_adapter", "adapter_parameters")
 _KEYS = {"lora": {"lora_A.weight", "lora_B.weight"}, "oft": {"oft_R.weight"}}
 
 
-@clause(
-    "LAYER-PROTOCOL-SURFACE", "MUST",
-    "The adapter layer is an nn.Module exposing forward, merge, unmerge, get_delta_weight, add_adapter, set_adapter, "
-    "adapter_parameters, merged, merged_adapters and base_layer, starting unmerged over the given bnb layer.",
-    source="conformance/spec/implementation.py (protocol); peft/tuners/tuners_utils.py BaseTunerLayer",
-    area="protocol",
-)
+@check("LAYER-PROTOCOL-SURFACE")
 def check_protocol_surface(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         case = adapter_cases(method)[0]

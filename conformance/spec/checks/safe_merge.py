@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
+from conformance.harness.context import CheckContext
 from conformance.quant import layers as ql
 from conformance.quant.bounds import weight_bound
 from conformance.spec import cases, oracle
-from conformance.spec.clauses import clause
-from conformance.spec.context import CheckContext, recorded_warnings, warning_texts
+from conformance.spec.clauses import check
+from conformance.spec.observe import recorded_warnings, warning_texts
 
 POISONS = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
-SOURCE = "seed 001 (safe_merge NaN check); peft/tuners/lora/bnb.py merge; peft/tuners/oft/layer.py merge"
 
 
 def nan_message(adapter: str) -> str:
@@ -69,12 +69,7 @@ def _poison(layer: torch.nn.Module, name: str, key: str, value: float) -> bool:
     return True
 
 
-@clause(
-    "SAFE-MERGE-NONFINITE", "MUST",
-    "merge(safe_merge=True) with a NaN/+Inf/-Inf in any adapter tensor raises ValueError('NaNs detected in the "
-    "merged weights. The adapter {name} seems to be broken'), leaves the base layer bit-identical and merged False.",
-    source=SOURCE,
-)
+@check("SAFE-MERGE-NONFINITE")
 def check_safe_merge(ctx: CheckContext) -> None:
     for method, _bits, case, key, poison in _poisoned_cases(ctx):
         layer = _layer(ctx, method, case)
@@ -100,13 +95,7 @@ def check_safe_merge(ctx: CheckContext) -> None:
                   f"merged_adapters={list(layer.merged_adapters)}")
 
 
-@clause(
-    "SAFE-MERGE-OTHER-ADAPTER", "MUST",
-    "After a refused safe merge of a broken adapter, a finite adapter on the same layer still merges (safe_merge="
-    "True) into weights within one requantization bound of the original base plus its delta.",
-    source=SOURCE,
-    requires=["multi_adapter"],
-)
+@check("SAFE-MERGE-OTHER-ADAPTER")
 def check_other_adapter(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         case = cases.BaseCase(bits)
@@ -140,14 +129,7 @@ def check_other_adapter(ctx: CheckContext) -> None:
                     lambda: f"{label}: weights after merging 'good' are off by ratio {r:.3g} of the bound")
 
 
-@clause(
-    "SAFE-MERGE-FINITE-BIAS", "MUST",
-    "merge(safe_merge=True) of a finite LoRA adapter with lora_bias=True succeeds and gives the same base layer as "
-    "merge(safe_merge=False) (bit for bit).",
-    source=SOURCE + " (PEFT checks the merged bias with `not torch.isfinite(bias_data)` on a vector)",
-    methods=["lora"],
-    requires=["lora_bias"],
-)
+@check("SAFE-MERGE-FINITE-BIAS")
 def check_finite_bias(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         case = cases.BaseCase(bits)
@@ -170,12 +152,7 @@ def check_finite_bias(ctx: CheckContext) -> None:
 NONFINITE_WORDS = ("nan", "inf", "finite", "broken")
 
 
-@clause(
-    "SAFE-UNSAFE-WARNS", "SHOULD",
-    "merge(safe_merge=False) with a non-finite adapter does not corrupt the base silently: it raises, or emits a "
-    "warning that names the non-finite values (the generic rounding warning does not count).",
-    source=SOURCE + " (PEFT writes the NaNs without a word)",
-)
+@check("SAFE-UNSAFE-WARNS")
 def check_unsafe_warns(ctx: CheckContext) -> None:
     silent = []
     for method, bits, case, key, poison in _poisoned_cases(ctx):

@@ -40,14 +40,9 @@ import torch
 from torch import nn
 
 from conformance import quant, tinymodels
-from conformance.spec.clauses import clause
-from conformance.spec.context import CheckContext
+from conformance.harness.context import CheckContext
+from conformance.spec.clauses import check
 
-SOURCE = (
-    "seed 004 (Rules 1-3; quotes trainer.py:500-529 of an older transformers); "
-    "transformers 5.23.0 trainer_utils.py:102-142 validate_quantization_for_training, "
-    "called from trainer.py:456 (Trainer.__init__)"
-)
 #: Path components that mark a PEFT adapter parameter (PEFT's ``adapter_layer_names`` for LoRA/OFT).
 ADAPTER_PREFIXES: tuple[str, ...] = ("lora_", "oft_")
 #: Configs under which a registered QAT quantizer also declares itself trainable (transformers 5.23:
@@ -247,12 +242,7 @@ def _each_case(ctx: CheckContext, run: Callable[[str, int], None]) -> None:
 
 
 # -- clauses -------------------------------------------------------------------------------------
-@clause(
-    "TRAINER-REJECT-PURELY-QUANTIZED", "MUST",
-    "Trainer rejects a bitsandbytes-quantized model without trainable adapters with a ValueError that says "
-    "it cannot fine-tune purely quantized models.",
-    source=SOURCE, requires=["peft_model"], devices=["cpu"],
-)
+@check("TRAINER-REJECT-PURELY-QUANTIZED")
 def check_reject_purely_quantized(ctx: CheckContext) -> None:
     _record_source(ctx)
     for bits in ctx.bits():
@@ -340,27 +330,13 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
     ctx.measure_max(f"changed_adapter_tensors.{method}", float(len(changed)))
 
 
-@clause(
-    "TRAINER-PEFT-TRAINS", "MUST",
-    "Trainer accepts a quantized model with LoRA/OFT adapters from peft.get_peft_model and a few steps on a "
-    "fixed batch give finite, falling loss, change only adapter parameters and leave every bitsandbytes "
-    "layer bit-identical.",
-    source=SOURCE + "; seed 004 Best Practices (QLoRA setup pattern)", requires=["peft_model"], devices=["cpu"],
-)
+@check("TRAINER-PEFT-TRAINS")
 def check_peft_trains(ctx: CheckContext) -> None:
     _record_source(ctx)
     _each_case(ctx, lambda method, bits: train_and_check(ctx, ARCH_FOR_CASE[(method, bits)], method, bits))
 
 
-@clause(
-    "TRAINER-EVAL-THEN-TRAIN", "MUST",
-    "Evaluating during training (eval_strategy='steps') leaves the quantized weights bit-identical and the "
-    "adapters learning: every later step has a non-zero finite gradient norm and the loss still falls.",
-    source="seed 004 (quantized training with adapters) + transformers Trainer eval_strategy; found here: "
-           "bitsandbytes 0.50.2 nn/modules.py:609-620 Linear4bit.forward repacks the weight in place "
-           "(_convert_weight_packed_for_cpu) on an eval-mode no-grad CPU forward when AVX512-BF16 is present",
-    requires=["peft_model"], devices=["cpu"],
-)
+@check("TRAINER-EVAL-THEN-TRAIN")
 def check_eval_then_train(ctx: CheckContext) -> None:
     """Trainer.evaluate runs ``model.eval()`` + no-grad forwards, then training resumes in train mode."""
     _record_source(ctx)
@@ -403,13 +379,7 @@ def _compile_ways() -> dict[str, tuple[bool, Callable[[str, int, str, int], nn.M
     return ways
 
 
-@clause(
-    "TRAINER-REJECT-COMPILED", "MUST",
-    "Trainer rejects a compiled quantized model, with or without adapters, whichever way it was compiled "
-    "(torch.compile(model), model.compile(), compiled submodules, compiling before get_peft_model).",
-    source=SOURCE + "; seed 004 Rule 3 ('Quantized models CANNOT be combined with torch.compile()')",
-    requires=["peft_model"], devices=["cpu"],
-)
+@check("TRAINER-REJECT-COMPILED")
 def check_reject_compiled(ctx: CheckContext) -> None:
     """Only builds the Trainer: no compiled forward runs (torch.compile is lazy)."""
     _record_source(ctx)
@@ -434,13 +404,7 @@ def check_reject_compiled(ctx: CheckContext) -> None:
             f"{way} [{', '.join(labels)}]" for way, labels in slipped.items()))
 
 
-@clause(
-    "TRAINER-REJECT-NOT-TRAINABLE", "MUST",
-    "Trainer rejects a quantized model (with or without adapters) whose quantization method declares "
-    "is_trainable False, naming the method, even when the method is QAT-trainable.",
-    source=SOURCE + "; seed 004 Rule 2; transformers/quantizers/auto.py AUTO_QUANTIZER_MAPPING",
-    requires=["peft_model"], devices=["cpu"],
-)
+@check("TRAINER-REJECT-NOT-TRAINABLE")
 def check_reject_not_trainable(ctx: CheckContext) -> None:
     """Swaps ``hf_quantizer`` of the bnb-loaded tiny model for a real registered quantizer instance.
 
@@ -475,14 +439,7 @@ def check_reject_not_trainable(ctx: CheckContext) -> None:
                               f"{q.quantization_config.quant_method!s} does not support training: {_short(msg)!r}")
 
 
-@clause(
-    "TRAINER-ACCEPT-QAT", "MUST",
-    "Trainer accepts a quantized model without adapters when its quantization method is QAT-trainable and "
-    "trainable (is_qat_trainable and is_trainable True).",
-    source=SOURCE + "; seed 004 ('Some QAT (Quantization-Aware Training) methods'); "
-                    "transformers/quantizers/quantizer_fp_quant.py, quantizer_bitnet.py",
-    requires=["peft_model"], devices=["cpu"],
-)
+@check("TRAINER-ACCEPT-QAT")
 def check_accept_qat(ctx: CheckContext) -> None:
     _record_source(ctx)
     quantizers, _ = registry_quantizers(QAT_CONFIG_VARIANTS)

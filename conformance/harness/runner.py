@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import xfails as xf
-from .clauses import Clause
-from .result import Result
+from conformance.harness import xfails as xf
+from conformance.harness.results import Result, exit_status  # noqa: F401  (re-exported)
+from conformance.spec.clauses import Clause
 
 
 class UsageError(Exception):
@@ -44,7 +44,7 @@ def _stderr(msg: str) -> None:
 
 
 def _worker_cmd(impl: str, device: str, seed: int, events: str, clauses: Sequence[str], describe: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "conformance.spec.worker", "--impl", impl, "--device", device, "--seed", str(seed),
+    cmd = [sys.executable, "-m", "conformance.harness.worker", "--impl", impl, "--device", device, "--seed", str(seed),
            "--events", events]
     if describe:
         cmd.append("--describe")
@@ -201,8 +201,3 @@ def apply_xfails(results: list[Result], entries: list[xf.Xfail]) -> None:
             r.outcome, r.message = "xfailed", f"{r.message} [xfail: {entry.reason}]"
         elif r.outcome == "passed":
             r.outcome, r.message = "xpassed", f"passed although listed as xfail ({entry.reason})"
-
-
-def exit_status(results: list[Result]) -> int:
-    """1 if any MUST clause failed or errored (xfailed excepted), else 0."""
-    return int(any(r.outcome in ("failed", "error") and r.level == "MUST" for r in results))

@@ -1,4 +1,4 @@
-"""``python -m conformance.stateful --impl NAME --examples N [--steps S] [--device cuda] [--out DIR]``.
+"""``python -m conformance.spec.stateful --impl NAME --examples N [--steps S] [--device cuda] [--out DIR]``.
 
 Runs the state machine directly (not through the clause runner) and prints a summary: examples
 and steps run, worst observed/bound ratios, and every violation with its minimal sequence and the
@@ -14,7 +14,7 @@ from .machine import ENV_EXAMPLES, ENV_STEPS, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m conformance.stateful", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m conformance.spec.stateful", description=__doc__.splitlines()[0])
     p.add_argument("--impl", default=None, help="implementation (built-in name, entry point or package.module:attr)")
     p.add_argument("--examples", type=int, default=None, help=f"examples per (method, bits) case (${ENV_EXAMPLES})")
     p.add_argument("--steps", type=int, default=None, help=f"steps per example (${ENV_STEPS})")
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_int8_cast_notice()
 
-    from conformance.spec.implementation import ImplementationNotFound, ImplementationUnsupported, load
+    from conformance.harness.loader import load
+    from conformance.spec.interface import ImplementationNotFound, ImplementationUnsupported
 
     try:
         impl = load(args.impl)

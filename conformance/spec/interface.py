@@ -2,7 +2,7 @@
 
 An implementation turns a bitsandbytes base layer plus an ``AdapterSpec`` into an adapter layer.
 The layer it returns is an ``nn.Module`` with this interface (what the reference layers have;
-``conformance.spec.impls.peft`` shows how to wrap a library whose API differs):
+``conformance.impls.peft`` shows how to wrap a library whose API differs):
 
 - ``forward(x, adapter_names=None)``: ``adapter_names`` is a per-sample list for mixed batches,
   ``"__base__"`` meaning no adapter;
@@ -23,16 +23,11 @@ for one method only is narrowed by an optional ``limitations`` mapping, ``{"CAPA
 
 from __future__ import annotations
 
-import importlib
-import os
 from dataclasses import dataclass, field
-from importlib import metadata
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from torch import nn
-
-ENV_VAR = "CONFORMANCE_IMPL"
-ENTRY_POINT_GROUP = "conformance.implementations"
+if TYPE_CHECKING:
+    from torch import nn
 
 CAPABILITIES = {
     "lora": "LoRA adapters",
@@ -103,67 +98,3 @@ class ImplementationNotFound(LookupError):
 
 class ImplementationUnsupported(RuntimeError):
     """The implementation exists but cannot run here (e.g. an unsupported PEFT version)."""
-
-
-BUILTIN = {
-    "reference": "conformance.spec.impls.reference:ReferenceImplementation",
-    "peft": "conformance.spec.impls.peft:PeftImplementation",
-}
-
-
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def available() -> list[str]:
-    """Names usable with ``--impl`` (built-ins and installed entry points)."""
-    return sorted({*BUILTIN, *_entry_points()})
-
-
-def _from_target(target: str) -> Any:
-    module_name, _, attr = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImplementationNotFound(f"cannot import {module_name!r} for implementation {target!r}: {exc}") from exc
-    obj: Any = module
-    for part in attr.split(".") if attr else []:
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ImplementationNotFound(f"module {module_name!r} has no attribute {attr!r}") from None
-    return obj
-
-
-def _instantiate(obj: Any, label: str) -> Implementation:
-    if isinstance(obj, type):
-        obj = obj()
-    elif callable(obj) and not hasattr(obj, "create"):
-        obj = obj()
-    for attr in ("name", "capabilities", "create", "version"):
-        if not hasattr(obj, attr):
-            raise ImplementationNotFound(
-                f"{label} is not an implementation: it lacks {attr!r} (see conformance.spec.implementation)"
-            )
-    if not hasattr(obj, "methods"):
-        # duck-typed third-party object without the convenience methods
-        caps = frozenset(obj.capabilities)
-        obj.methods = lambda: frozenset(m for m in ("lora", "oft") if m in caps)  # type: ignore[attr-defined]
-        obj.bits = lambda: frozenset(b for b in (4, 8) if f"{b}bit" in caps)  # type: ignore[attr-defined]
-    return obj
-
-
-def load(name: str | None = None) -> Implementation:
-    """Resolve an implementation: built-in name, entry point, ``package.module:attr``, or $CONFORMANCE_IMPL."""
-    name = name or os.environ.get(ENV_VAR) or "reference"
-    if name in BUILTIN:
-        return _instantiate(_from_target(BUILTIN[name]), name)
-    eps = _entry_points()
-    if name in eps:
-        return _instantiate(eps[name].load(), name)
-    if ":" in name or "." in name:
-        return _instantiate(_from_target(name), name)
-    raise ImplementationNotFound(
-        f"unknown implementation {name!r}; known: {', '.join(available())}, "
-        "or give package.module:attr (or set $CONFORMANCE_IMPL)"
-    )

@@ -1,6 +1,6 @@
 """The per-implementation worker process: runs clauses and appends one JSON event per line.
 
-Started by ``conformance.spec.runner``; an implementation that segfaults, aborts or hangs takes
+Started by ``conformance.harness.runner``; an implementation that segfaults, aborts or hangs takes
 only this process down, and the runner records the clause as ``error`` and starts a new worker
 for the rest.
 """
@@ -22,7 +22,7 @@ def _emit(path: str, event: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m conformance.spec.worker")
+    p = argparse.ArgumentParser(prog="python -m conformance.harness.worker")
     p.add_argument("--impl", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     # clause checks use tiny shapes: one thread avoids oversubscribing small CI machines
     torch.set_num_threads(int(os.environ.get("CONFORMANCE_TORCH_THREADS", "1")))
 
-    from .implementation import ImplementationNotFound, ImplementationUnsupported, load
+    from conformance.harness.loader import load
+    from conformance.spec.interface import ImplementationNotFound, ImplementationUnsupported
 
     try:
         impl = load(args.impl)
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.describe:
         return 0
 
-    from .clauses import registry
-    from .result import run_clause
+    from conformance.harness.execute import run_clause
+    from conformance.spec.clauses import registry
 
     reg = registry()
     for cid in [c for c in args.clauses.split(",") if c]:

@@ -28,25 +28,29 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 from torch import nn
 
+from conformance.harness.loader import BUILTIN
 from conformance.quant import layers as ql
 from conformance.spec import oracle
-from conformance.spec.context import implementation_warnings
-from conformance.spec.implementation import BUILTIN, AdapterSpec, Implementation
+
+# -- clauses ---------------------------------------------------------------------------------------
+from conformance.spec.catalog.stateful import (
+    ADAPTERS,
+    BASE,
+    DRIFT,
+    FLAGS,
+    INVALID,
+    MERGE,
+    OUTPUT,
+    STATE_IDS,
+    UNMERGE,
+    VALID,
+)
+from conformance.spec.interface import AdapterSpec, Implementation
+from conformance.spec.observe import implementation_warnings
 
 from .model import AdapterModel, LogicalModel, _ratio, copy_tensors
 
-# -- clauses ---------------------------------------------------------------------------------------
-
-OUTPUT = "STATE-OUTPUT-MATCHES-MODEL"
-BASE = "STATE-BASE-UNCHANGED-WITHOUT-MERGE"
-FLAGS = "STATE-MERGED-FLAGS"
-MERGE = "STATE-MERGE-MATCHES-MODEL"
-UNMERGE = "STATE-UNMERGE-RESTORES"
-DRIFT = "STATE-DRIFT-BOUNDED"
-ADAPTERS = "STATE-ADAPTERS-PRESERVED"
-VALID = "STATE-VALID-NEVER-RAISES"
-INVALID = "STATE-INVALID-STEP-SAFE"
-CLAUSE_IDS = (OUTPUT, BASE, FLAGS, MERGE, UNMERGE, DRIFT, ADAPTERS, VALID, INVALID)
+CLAUSE_IDS = STATE_IDS
 
 ENV_EXAMPLES = "CONFORMANCE_STATEFUL_EXAMPLES"
 ENV_STEPS = "CONFORMANCE_STATEFUL_STEPS"
@@ -184,11 +188,11 @@ def configs_for(method: str, bits: int) -> list[MachineConfig]:
 
 
 def impl_spec(impl: Implementation) -> str:
-    """A string ``conformance.spec.implementation.load`` resolves back to ``impl``."""
+    """A string ``conformance.spec.interface.load`` resolves back to ``impl``."""
     spec = getattr(impl, "load_spec", None)
     if spec:
         return str(spec)
-    if impl.name in BUILTIN and type(impl).__module__.startswith("conformance.spec.impls"):
+    if impl.name in BUILTIN and type(impl).__module__.startswith("conformance.impls"):
         return impl.name
     return f"{type(impl).__module__}:{type(impl).__qualname__}"
 

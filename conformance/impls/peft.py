@@ -2,7 +2,7 @@
 
 ``PeftImplementation.create`` builds PEFT's *own* layer over the bitsandbytes base and returns a
 thin ``nn.Module`` wrapper (``PeftAdapterLayer``) that only translates the API to the protocol in
-``conformance.spec.implementation``: every call goes straight to PEFT, nothing is validated,
+``conformance.spec.interface``: every call goes straight to PEFT, nothing is validated,
 fixed or re-computed here, so whatever PEFT does differently shows up in the clause results.
 
 Version awareness is by feature, not by version number:
@@ -38,8 +38,7 @@ from torch import nn
 from conformance.quant.layers import bits_of
 from conformance.reference.lora import LoraConfig as _RefLoraConfig
 from conformance.reference.oft import OftConfig as _RefOftConfig
-
-from ..implementation import AdapterSpec, ImplementationBase, ImplementationUnsupported
+from conformance.spec.interface import AdapterSpec, ImplementationBase, ImplementationUnsupported
 
 ALL_CAPABILITIES = frozenset(
     {"lora", "oft", "4bit", "8bit", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters",

@@ -7,8 +7,7 @@ from torch import nn
 import conformance
 from conformance.quant.layers import bits_of
 from conformance.reference import layer_class
-
-from ..implementation import AdapterSpec, ImplementationBase
+from conformance.spec.interface import AdapterSpec, ImplementationBase
 
 
 class ReferenceImplementation(ImplementationBase):

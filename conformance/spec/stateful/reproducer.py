@@ -1,7 +1,7 @@
 """Write a shrunk failing sequence as a standalone, runnable reproducer script.
 
 The script embeds the layer configuration and the steps as data, lists them as the plain calls
-they make, and replays them with :func:`conformance.stateful.machine.replay` (which builds the
+they make, and replays them with :func:`conformance.spec.stateful.machine.replay` (which builds the
 layer through the implementation protocol and checks every invariant after every step), printing
 each step and then the divergence. Exit status 1 when the violation reproduces, 0 otherwise.
 """
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from conformance.spec.implementation import Implementation
+    from conformance.spec.interface import Implementation
 
     from .machine import Failure
 
@@ -63,7 +63,7 @@ def script_text(impl: Implementation, failure: Failure, device: str) -> str:
         "#!/usr/bin/env python",
         f'"""Reproducer: {failure.clause} violated by implementation {impl.name!r} on {device}.',
         "",
-        "Found by the stateful conformance machine (conformance.stateful), shrunk by hypothesis.",
+        "Found by the stateful conformance machine (conformance.spec.stateful), shrunk by hypothesis.",
         "",
         "Violation:",
         *[f"    {line}" for line in _wrap(failure.message)],
@@ -88,7 +88,7 @@ def script_text(impl: Implementation, failure: Failure, device: str) -> str:
     if path:
         head += [f"sys.path.insert(0, {path!r})  # where the implementation under test is defined", ""]
     body = [
-        "from conformance.stateful.reproducer import reproduce",
+        "from conformance.spec.stateful.reproducer import reproduce",
         "",
         f"CONFIG = json.loads({json.dumps(json.dumps(failure.config))})",
         f"STEPS = json.loads({json.dumps(json.dumps(steps))})",
@@ -131,8 +131,8 @@ def reproduce(impl_spec: str, clause: str, config: dict[str, Any], steps: list[d
     ``--device cpu|cuda`` in ``argv`` replays on another device than the one the failure was found on.
     Exit status 1 when the divergence reproduces, 0 when it does not.
     """
-    from conformance.spec.implementation import load
-    from conformance.stateful.machine import replay
+    from conformance.harness.loader import load
+    from conformance.spec.stateful.machine import replay
 
     argv = list(argv)
     if "--device" in argv:

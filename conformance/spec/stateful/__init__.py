@@ -2,7 +2,7 @@
 
 ``machine`` drives a layer through random valid (and invalid) step sequences beside a float64
 ``model`` of its logical state; ``reproducer`` writes a shrunk failing sequence as a runnable
-script. The clauses are in ``conformance.spec.checks.stateful``; ``python -m conformance.stateful``
+script. The clauses are in ``conformance.spec.checks.stateful``; ``python -m conformance.spec.stateful``
 runs the machine directly.
 """
 

@@ -8,30 +8,19 @@ plain ``assert``.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import bitsandbytes as bnb
 import torch
 from torch import nn
 
 from conformance.quant import layers as qlayers
-
-from .clauses import Clause
-from .implementation import AdapterSpec, Implementation
-
-
-class ClauseFailure(AssertionError):
-    """The implementation does not do what the clause says."""
-
-
-class ClauseSkipped(Exception):
-    """The clause does not apply (capability not declared, no GPU, ...); the reason says why."""
+from conformance.spec.budget import Budget
+from conformance.spec.clauses import Clause, ClauseFailure, ClauseInconclusive, ClauseSkipped
+from conformance.spec.interface import AdapterSpec, Implementation
 
 
 @dataclass
@@ -40,6 +29,7 @@ class CheckContext:
     clause: Clause
     device: str = "cpu"
     seed: int = 0
+    budget: Budget = field(default_factory=Budget)
     measurements: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -49,6 +39,10 @@ class CheckContext:
 
     def skip(self, reason: str) -> None:
         raise ClauseSkipped(reason)
+
+    def inconclusive(self, reason: str) -> None:
+        """End the check as ``inconclusive``: the implementation cut it short (see ``ClauseInconclusive``)."""
+        raise ClauseInconclusive(reason)
 
     def check(self, condition: bool, message: str) -> None:
         if not condition:
@@ -137,29 +131,3 @@ class CheckContext:
 
     def randn(self, *shape: int, dtype: torch.dtype = torch.float32, offset: int = 0) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator(offset)).to(device=self.device, dtype=dtype)
-
-
-@contextlib.contextmanager
-def recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield caught
-
-
-def warning_texts(caught: Iterable[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in caught]
-
-
-_LIBRARIES = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, bnb))
-
-
-def implementation_warnings(caught: Iterable[warnings.WarningMessage]) -> list[str]:
-    """Texts of the warnings not issued inside torch or bitsandbytes.
-
-    A warning raised inside the libraries below the implementation (a torch deprecation, a
-    bitsandbytes ``UserWarning``) is not the implementation telling the user about a bad step, and
-    must not count as the "warns clearly" of an invalid-step clause (STATE-INVALID-STEP-SAFE):
-    otherwise an implementation that silently accepts the step passes whenever the library happens
-    to warn during it.
-    """
-    return [str(w.message) for w in caught if not os.path.abspath(w.filename).startswith(_LIBRARIES)]

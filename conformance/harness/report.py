@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .clauses import Clause
-from .result import OUTCOMES, Result
-from .runner import ImplInfo, exit_status
+from conformance.harness.results import OUTCOMES, Result, exit_status
+from conformance.harness.runner import ImplInfo
+from conformance.spec.clauses import Clause
 
 SCHEMA_VERSION = "1"
-MARKS = {"passed": "✅", "failed": "❌", "error": "💥", "skipped": "➖", "xfailed": "⚠️ xfail", "xpassed": "❗ xpass"}
+MARKS = {"passed": "✅", "failed": "❌", "error": "💥", "inconclusive": "❔", "skipped": "➖", "xfailed": "⚠️ xfail", "xpassed": "❗ xpass"}
 
 
 class ReportError(ValueError):

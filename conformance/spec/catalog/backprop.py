@@ -1,0 +1,31 @@
+"""Clauses of area ``backprop``: backprop through cloned views (checks: ``conformance.spec.checks.backprop``)."""
+
+from conformance.spec.clauses import declare
+
+SOURCE = "seed 000 / peft/tuners/lora/bnb.py (defensive clone) / peft/tuners/oft/layer.py"
+
+declare(
+    "BACKPROP-GRAD-F64", "MUST",
+    "Gradients of a loss w.r.t. the input and the adapter parameters (and the output) match a float64 "
+    "computation on the dequantized base weight within the rounding bound of the compute dtype, for 4-bit "
+    "(nf4, fp4) and 8-bit bases, fp32/fp16/bf16, 1-D/2-D/3-D inputs, batch 1 and more, input requiring grad or not.",
+    source=SOURCE,
+    area='backprop',
+)
+
+declare(
+    "BACKPROP-MIXED-GRAD-F64", "MUST",
+    "With adapter_names (one adapter per sample, '__base__' for none), output and gradients match the float64 "
+    "per-sample computation within the rounding bound of the compute dtype.",
+    source=SOURCE + " (_mixed_batch_forward)", requires=["mixed_batch"],
+    area='backprop',
+)
+
+declare(
+    "BACKPROP-NOGRAD-FORWARD", "MUST",
+    "Forward under torch.inference_mode() and torch.no_grad() works, returns a tensor that does not require grad "
+    "and equals the grad-mode output (within twice the rounding bound: kernels may differ), and a later "
+    "grad-mode forward+backward on the same layer still works.",
+    source=SOURCE,
+    area='backprop',
+)

@@ -1,0 +1,103 @@
+"""Clauses of area ``merge``: merge and unmerge (checks: ``conformance.spec.checks.merge``)."""
+
+from conformance.spec.clauses import declare
+
+SOURCE_MERGE = ("seed 001 (merge on 4/8-bit = dequantize, add, requantize); peft/tuners/lora/bnb.py merge/unmerge; "
+                "seed 003 (OFT merge = rotate W, unmerge = inverse rotation); peft/utils/integrations.py "
+                "dequantize_bnb_weight")
+CYCLES = 5
+
+declare(
+    "MERGE-FORWARD-BOUND", "MUST",
+    "After merge() the layer's output matches the unmerged adapter forward within the analytic bound: one "
+    "requantization (weight_bound of the merged layer) plus the merge and matmul rounding (hypothesis over shapes, "
+    "ranks, alphas != r, rsLoRA, OFT block sizes/sharing, quant types, blocksizes, double quant, compute dtypes).",
+    source=SOURCE_MERGE,
+    area='merge',
+)
+
+declare(
+    "MERGE-ROUNDTRIP", "MUST",
+    "merge() then unmerge() returns the dequantized base weight within the bound of two requantizations plus the "
+    "merge/unmerge arithmetic (OFT: unmerge applies the inverse rotation, R^T for the exact Cayley transform), and "
+    "the layer reports merged=False.",
+    source=SOURCE_MERGE,
+    area='merge',
+)
+
+declare(
+    "MERGE-CYCLES", "MUST",
+    f"k merge/unmerge cycles (k = 1..{CYCLES}) move the base weight by no more than the sum of the k single-cycle "
+    "bounds (the drift does not compound beyond linear growth).",
+    source=SOURCE_MERGE,
+    area='merge',
+)
+
+declare(
+    "MERGE-WARNS-LORA", "MUST",
+    "Merging LoRA into a quantized base emits the rounding warning 'Merge lora module to {4,8}-bit linear may get "
+    "different generations due to rounding errors.'",
+    source="seed 001; peft/tuners/lora/bnb.py merge",
+    methods=["lora"],
+    area='merge',
+)
+
+declare(
+    "MERGE-WARNS-OFT", "SHOULD",
+    "Merging OFT into a quantized base warns about rounding errors like LoRA does ('Merge oft module to "
+    "{4,8}-bit linear may get different generations due to rounding errors.').",
+    source="seed 001 (LoRA analogue); seed 003 ('Warning: May introduce rounding errors due to 4-bit precision')",
+    methods=["oft"],
+    area='merge',
+)
+
+declare(
+    "MERGE-TWICE-WARNS", "MUST",
+    "Merging again when every requested adapter is already merged warns and changes nothing (weights bit-identical, "
+    "merged_adapters unchanged).",
+    source="peft/tuners/tuners_utils.py check_adapters_to_merge ('All adapters are already merged, nothing to do.')",
+    area='merge',
+)
+
+declare(
+    "MERGE-UNMERGE-NOTHING-WARNS", "MUST",
+    "unmerge() with nothing merged warns and leaves the base layer bit-identical.",
+    source="peft/tuners/lora/bnb.py unmerge ('Already unmerged. Nothing to do.')",
+    area='merge',
+)
+
+declare(
+    "MERGE-MULTI", "MUST",
+    "merge() with several active adapters merges all of them (merged_adapters lists each once) and the merged "
+    "output matches the stacked unmerged forward within the bound of one requantization per adapter.",
+    source=SOURCE_MERGE + "; peft/tuners/tuners_utils.py (merge loops over active adapters)",
+    requires=["multi_adapter"],
+    area='merge',
+)
+
+declare(
+    "MERGE-SUBSET", "MUST",
+    "merge(adapter_names=[...]) merges exactly the named adapters (active or not) and nothing else.",
+    source="peft/tuners/lora/bnb.py merge(adapter_names=...)",
+    requires=["multi_adapter"],
+    area='merge',
+)
+
+declare(
+    "MERGE-LORA-BIAS", "MUST",
+    "With lora_bias=True, merge adds scaling * b_B to the base bias (the bias is part of B's output, scaled like it), "
+    "so the merged output matches the unmerged one also when lora_alpha != r.",
+    source="peft/tuners/lora/layer.py Linear.merge ('base_layer.bias.data += self.lora_B[active_adapter].bias * "
+    "self.scaling'); peft/tuners/lora/bnb.py (4/8-bit add b_B without scaling)",
+    methods=["lora"],
+    requires=["lora_bias"],
+    area='merge',
+)
+
+declare(
+    "MERGE-KEEPS-QUANT-SETTINGS", "MUST",
+    "merge() and unmerge() requantize with the original settings: layer type, quant type, blocksize, double quant, "
+    "quant storage, weight dtype and compute dtype (4-bit), has_fp16_weights and threshold (8-bit) are unchanged.",
+    source="seed 001; seed 003 ('Re-quantize to 4-bit with original parameters')",
+    area='merge',
+)

@@ -1,0 +1,40 @@
+"""Clauses of area ``safe_merge``: NaN-guarded safe merge (checks: ``conformance.spec.checks.safe_merge``)."""
+
+from conformance.spec.clauses import declare
+
+SOURCE = "seed 001 (safe_merge NaN check); peft/tuners/lora/bnb.py merge; peft/tuners/oft/layer.py merge"
+
+declare(
+    "SAFE-MERGE-NONFINITE", "MUST",
+    "merge(safe_merge=True) with a NaN/+Inf/-Inf in any adapter tensor raises ValueError('NaNs detected in the "
+    "merged weights. The adapter {name} seems to be broken'), leaves the base layer bit-identical and merged False.",
+    source=SOURCE,
+    area='safe_merge',
+)
+
+declare(
+    "SAFE-MERGE-OTHER-ADAPTER", "MUST",
+    "After a refused safe merge of a broken adapter, a finite adapter on the same layer still merges (safe_merge="
+    "True) into weights within one requantization bound of the original base plus its delta.",
+    source=SOURCE,
+    requires=["multi_adapter"],
+    area='safe_merge',
+)
+
+declare(
+    "SAFE-MERGE-FINITE-BIAS", "MUST",
+    "merge(safe_merge=True) of a finite LoRA adapter with lora_bias=True succeeds and gives the same base layer as "
+    "merge(safe_merge=False) (bit for bit).",
+    source=SOURCE + " (PEFT checks the merged bias with `not torch.isfinite(bias_data)` on a vector)",
+    methods=["lora"],
+    requires=["lora_bias"],
+    area='safe_merge',
+)
+
+declare(
+    "SAFE-UNSAFE-WARNS", "SHOULD",
+    "merge(safe_merge=False) with a non-finite adapter does not corrupt the base silently: it raises, or emits a "
+    "warning that names the non-finite values (the generic rounding warning does not count).",
+    source=SOURCE + " (PEFT writes the NaNs without a word)",
+    area='safe_merge',
+)

@@ -1,0 +1,57 @@
+"""Clauses of area ``stateful``: invariants of an adapter layer's lifecycle (checks: ``conformance.spec.checks.stateful``,
+engine: ``conformance.spec.stateful``)."""
+
+from conformance.spec.clauses import declare
+
+OUTPUT = "STATE-OUTPUT-MATCHES-MODEL"
+BASE = "STATE-BASE-UNCHANGED-WITHOUT-MERGE"
+FLAGS = "STATE-MERGED-FLAGS"
+MERGE = "STATE-MERGE-MATCHES-MODEL"
+UNMERGE = "STATE-UNMERGE-RESTORES"
+DRIFT = "STATE-DRIFT-BOUNDED"
+ADAPTERS = "STATE-ADAPTERS-PRESERVED"
+VALID = "STATE-VALID-NEVER-RAISES"
+INVALID = "STATE-INVALID-STEP-SAFE"
+
+SOURCE = ("issue #8; hypothesis RuleBasedStateMachine (zarr store state-machine tests); "
+          "peft/tuners/tuners_utils.py BaseTunerLayer; seeds 001, 003 (merge = dequantize, apply, requantize)")
+
+#: (clause id, text, extra source): one clause per invariant, all reported from the one shared run
+STATE_CLAUSES: tuple[tuple[str, str, str], ...] = (
+    (OUTPUT,
+     "After any valid sequence of steps (train/eval, grad modes, input shapes and dtypes, training steps, merges, "
+     "adapter changes, deepcopy, state_dict round trips, dtype and device moves), the layer's output equals the float64 "
+     "model of its logical state within the analytic bound of the current base weights.", ""),
+    (BASE,
+     "The base layer's packed bytes and quantization state are unchanged, and dequantize gives the same "
+     "weights, after every step that is not a merge or unmerge.", "; conformance.quant.snapshot"),
+    (FLAGS,
+     "merged and merged_adapters always match the merges and unmerges the sequence made (including the unmerge "
+     "a forward with disabled adapters performs).", ""),
+    (MERGE,
+     "Each merge()/unmerge() call leaves weights within the requantization bound of dequantize -> apply/remove "
+     "the adapters -> requantize of the weights before the call, with the quantization settings kept.",
+     "; conformance.quant.bounds.weight_bound"),
+    (UNMERGE,
+     "Unmerging everything restores the pre-merge weights within the bound accumulated by the merges and "
+     "unmerges in between.", ""),
+    (DRIFT,
+     "Across any number of merge/unmerge cycles the stored weights stay within the sum of the per-requantization "
+     "bounds of the original weights (with the merged adapters applied exactly): drift does not compound.", ""),
+    (ADAPTERS,
+     "Adapters (names, tensors, active set, enabled flag) change only through the steps meant to change them: "
+     "optimizer steps change only trained adapters, and deepcopy and state_dict round trips keep every adapter.", ""),
+    (VALID,
+     "No step of a valid sequence raises, and a device move leaves no tensor of the layer (bitsandbytes state "
+     "included) on the old device.", ""),
+    (INVALID,
+     "An invalid step (unknown adapter, unmerge with nothing merged, merging a merged adapter, deleting a merged "
+     "adapter, re-adding an existing name, mixed batch while merged, wrong input width) raises or warns and "
+     "changes nothing: base bytes, merged flags, adapters and active set stay as they were.",
+     "; peft tuners_utils check_adapters_to_merge / unmerge warnings"),
+)
+
+for _id, _text, _extra in STATE_CLAUSES:
+    declare(_id, "MUST", _text, source=SOURCE + _extra, area="stateful")
+
+STATE_IDS: tuple[str, ...] = tuple(c[0] for c in STATE_CLAUSES)

@@ -1,0 +1,65 @@
+"""Clauses of area ``trainer``: transformers Trainer rules (checks: ``conformance.spec.checks.trainer``)."""
+
+from conformance.spec.clauses import declare
+
+SOURCE = (
+    "seed 004 (Rules 1-3; quotes trainer.py:500-529 of an older transformers); "
+    "transformers 5.23.0 trainer_utils.py:102-142 validate_quantization_for_training, "
+    "called from trainer.py:456 (Trainer.__init__)"
+)
+
+declare(
+    "TRAINER-REJECT-PURELY-QUANTIZED", "MUST",
+    "Trainer rejects a bitsandbytes-quantized model without trainable adapters with a ValueError that says "
+    "it cannot fine-tune purely quantized models.",
+    source=SOURCE, requires=["peft_model"], devices=["cpu"],
+    area='trainer',
+)
+
+declare(
+    "TRAINER-PEFT-TRAINS", "MUST",
+    "Trainer accepts a quantized model with LoRA/OFT adapters from peft.get_peft_model and a few steps on a "
+    "fixed batch give finite, falling loss, change only adapter parameters and leave every bitsandbytes "
+    "layer bit-identical.",
+    source=SOURCE + "; seed 004 Best Practices (QLoRA setup pattern)", requires=["peft_model"], devices=["cpu"],
+    area='trainer',
+)
+
+declare(
+    "TRAINER-EVAL-THEN-TRAIN", "MUST",
+    "Evaluating during training (eval_strategy='steps') leaves the quantized weights bit-identical and the "
+    "adapters learning: every later step has a non-zero finite gradient norm and the loss still falls.",
+    source="seed 004 (quantized training with adapters) + transformers Trainer eval_strategy; found here: "
+           "bitsandbytes 0.50.2 nn/modules.py:609-620 Linear4bit.forward repacks the weight in place "
+           "(_convert_weight_packed_for_cpu) on an eval-mode no-grad CPU forward when AVX512-BF16 is present",
+    requires=["peft_model"], devices=["cpu"],
+    area='trainer',
+)
+
+declare(
+    "TRAINER-REJECT-COMPILED", "MUST",
+    "Trainer rejects a compiled quantized model, with or without adapters, whichever way it was compiled "
+    "(torch.compile(model), model.compile(), compiled submodules, compiling before get_peft_model).",
+    source=SOURCE + "; seed 004 Rule 3 ('Quantized models CANNOT be combined with torch.compile()')",
+    requires=["peft_model"], devices=["cpu"],
+    area='trainer',
+)
+
+declare(
+    "TRAINER-REJECT-NOT-TRAINABLE", "MUST",
+    "Trainer rejects a quantized model (with or without adapters) whose quantization method declares "
+    "is_trainable False, naming the method, even when the method is QAT-trainable.",
+    source=SOURCE + "; seed 004 Rule 2; transformers/quantizers/auto.py AUTO_QUANTIZER_MAPPING",
+    requires=["peft_model"], devices=["cpu"],
+    area='trainer',
+)
+
+declare(
+    "TRAINER-ACCEPT-QAT", "MUST",
+    "Trainer accepts a quantized model without adapters when its quantization method is QAT-trainable and "
+    "trainable (is_qat_trainable and is_trainable True).",
+    source=SOURCE + "; seed 004 ('Some QAT (Quantization-Aware Training) methods'); "
+                    "transformers/quantizers/quantizer_fp_quant.py, quantizer_bitnet.py",
+    requires=["peft_model"], devices=["cpu"],
+    area='trainer',
+)
