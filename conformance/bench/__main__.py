@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from .plot import plot
 
-            print(f"wrote {plot(doc, path.with_suffix('.png'))}")
+            for fig in plot(doc, path.with_suffix(".png")):
+                print(f"wrote {fig}")
         except ImportError as exc:  # matplotlib is an optional extra ([plot])
             print(f"no plot: {exc}")
     if args.compare:
