@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 
+from conformance import numerics
 from conformance.harness.context import CheckContext
-from conformance.spec import cases, oracle
+from conformance.spec import cases
 from conformance.spec.clauses import check
 from conformance.spec.observe import recorded_warnings
 
-INPUT_SHAPES = ((), (3,), (2, 3))  # leading dims: 1-D, 2-D, 3-D inputs
+INPUT_SHAPES = cases.INPUT_LEADS  # leading dims: 1-D, 2-D, 3-D inputs
 
 
 def _dt(dtype: torch.dtype) -> str:
@@ -65,11 +66,11 @@ def check_oracle(ctx: CheckContext) -> None:
                         lead = (2,)
                     base = _base(ctx, case)
                     layer = ctx.make_layer(base, method, **acase.params)
-                    oracle.fill_adapter(layer, "default", ctx.generator(100 + i))
+                    cases.fill_adapter(layer, "default", ctx.generator(100 + i))
                     layer.train(training)
                     x = _x(ctx, lead, case.in_features, case.compute_dtype, offset=i)
                     with torch.no_grad():
-                        exp = oracle.expected(layer, method, "default", acase.params, x)
+                        exp = numerics.expected(layer, method, "default", acase.params, x)
                         y = layer(x)
                     label = (f"{acase.label} on {case.label} ({'train' if training else 'eval'}), "
                              f"input {tuple(x.shape)}")
@@ -89,10 +90,10 @@ def check_lora_delta(ctx: CheckContext) -> None:
                     params: dict[str, Any] = {"r": r, "lora_alpha": alpha, "init_lora_weights": False,
                                               "use_rslora": rs}
                     layer = ctx.make_layer(_base(ctx, base_case), "lora", **params)
-                    oracle.fill_adapter(layer, "default", ctx.generator(j))
+                    cases.fill_adapter(layer, "default", ctx.generator(j))
                     tensors = layer.adapter_parameters("default")
-                    s = oracle.lora_scaling(params)
-                    want = oracle.Expected(oracle.lora_delta(tensors, s), oracle.lora_delta_error(tensors, s))
+                    s = numerics.lora_scaling(params)
+                    want = numerics.Expected(numerics.lora_delta(tensors, s), numerics.lora_delta_error(tensors, s))
                     with torch.no_grad():
                         got = layer.get_delta_weight("default")
                     label = f"lora r={r} alpha={alpha} rslora={rs} ({bits}-bit)"
@@ -110,8 +111,8 @@ def check_mixed_batch(ctx: CheckContext) -> None:
             base = _base(ctx, case)
             layer = ctx.make_layer(base, method, **acase.params)
             layer.add_adapter("other", **acase.params)
-            oracle.fill_adapter(layer, "default", ctx.generator(1))
-            oracle.fill_adapter(layer, "other", ctx.generator(2))
+            cases.fill_adapter(layer, "default", ctx.generator(1))
+            cases.fill_adapter(layer, "other", ctx.generator(2))
             names = ["default", "__base__", "other", "default", "other", "__base__"]
             x = _x(ctx, (len(names), 2), case.in_features, case.compute_dtype)
             with torch.no_grad():
@@ -122,11 +123,11 @@ def check_mixed_batch(ctx: CheckContext) -> None:
                 xs = x[k:k + 1]
                 with torch.no_grad():
                     if name == "__base__":
-                        exp = oracle.base_expected(layer.base_layer, xs)
+                        exp = numerics.base_expected(layer.base_layer, xs)
                         single = layer.base_layer(xs)
                     else:
                         layer.set_adapter(name)
-                        exp = oracle.expected(layer, method, name, acase.params, xs)
+                        exp = numerics.expected(layer, method, name, acase.params, xs)
                         single = layer(xs)
                 ratio_m = exp.ratio(y[k:k + 1])
                 ratio_s = exp.ratio(single)
@@ -146,7 +147,7 @@ def check_disabled(ctx: CheckContext) -> None:
         case = cases.BaseCase(bits)
         base = _base(ctx, case)
         layer = ctx.make_layer(base, method, **acase.params)
-        oracle.fill_adapter(layer, "default", ctx.generator(3))
+        cases.fill_adapter(layer, "default", ctx.generator(3))
         x = _x(ctx, (4,), case.in_features, case.compute_dtype)
         with torch.no_grad():
             y_on = layer(x)
@@ -155,7 +156,7 @@ def check_disabled(ctx: CheckContext) -> None:
             y_base = layer.base_layer(x)
             layer.enable_adapters(True)
             y_on2 = layer(x)
-            exp = oracle.expected(layer, method, "default", acase.params, x)
+            exp = numerics.expected(layer, method, "default", acase.params, x)
         label = f"{acase.label} on {case.label}"
         if not torch.equal(y_off, y_base):
             ctx.fail(f"{label}: disabled adapters still change the output "
