@@ -37,7 +37,7 @@ def test_round_trip_cpu_cuda_cpu_keeps_state_and_output(method: str, bits: int) 
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = layer(x)  # Linear8bitLt copies CB/SCB into its MatmulLtState on the first forward
-        want = numerics.expected(layer, method, "a", PARAMS[method], x)
+        want = numerics.layer_expected(layer, method, "a", PARAMS[method], x)
         layer.to("cuda")
         assert ql.tensors_off_device(layer, "cuda") == []
         on_cuda = layer(x.cuda())

@@ -38,7 +38,7 @@ yardstick is checked against this, not against itself), ``conformance.spec`` or 
 
 from .blocks import block_diagonal, block_norms, expand_blocks, oft_layout, oft_rotation, rotate_error, rotate_input
 from .cayley import (
-    cayley,
+    cayley_exact,
     coft_bound,
     inverse_rotation_error,
     lu_growth,
@@ -56,7 +56,7 @@ from .expected import (
     Expected,
     base_expected,
     base_weights,
-    expected,
+    layer_expected,
     linear_expected,
     lora_delta,
     lora_delta_error,
@@ -82,8 +82,8 @@ from .rounding import INT8_DEQUANT_ERROR, INT8_DEQUANT_SCALE_ERROR, U16, U32, U6
 __all__ = [
     "BASE", "INT8_DEQUANT_ERROR", "INT8_DEQUANT_SCALE_ERROR", "U16", "U32", "U64", "Expected", "GradExpected",
     "LayerState", "base_expected", "base_weights", "bias_roundtrip_bound", "block_diagonal", "block_norms",
-    "cast_error", "cayley", "coft_bound", "compare", "expand_blocks", "expected", "gamma_n", "grad_expected",
-    "hypothetical_requant_bound", "inverse_rotation_error", "linear_expected", "lora_delta", "lora_delta_error",
+    "cast_error", "cayley_exact", "coft_bound", "compare", "expand_blocks", "gamma_n", "grad_expected",
+    "hypothetical_requant_bound", "inverse_rotation_error", "layer_expected", "linear_expected", "lora_delta", "lora_delta_error",
     "lora_expected", "lora_merged_weight", "lora_path", "lora_scaling", "lora_tensors", "lu_growth", "max_ratio",
     "merge_target", "neumann", "neumann_bound", "neumann_rounding", "observed", "oft_blocks", "oft_expected",
     "oft_layout", "oft_merged_weight", "oft_rotation", "oft_unmerge_error", "orthogonality_bound", "ratios",

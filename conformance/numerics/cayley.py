@@ -40,7 +40,7 @@ def _eye_like(q: torch.Tensor) -> torch.Tensor:
     return torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
 
 
-def cayley(q: torch.Tensor) -> torch.Tensor:
+def cayley_exact(q: torch.Tensor) -> torch.Tensor:
     """Exact Cayley rotation ``(I - Q)(I + Q)^{-1}`` of a (k, b, b) skew-symmetric batch (differentiable)."""
     eye = _eye_like(q)
     return torch.linalg.solve(eye + q, eye - q)
@@ -63,7 +63,7 @@ def neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
 def rotation_blocks(theta: torch.Tensor, block_size: int, neumann_terms: int | None = None) -> torch.Tensor:
     """(k, b, b) rotation blocks of parameters ``theta`` in float64 (exact Cayley, or Neumann with n terms)."""
     q = skew(theta.double(), block_size)
-    return cayley(q) if neumann_terms is None else neumann(q, neumann_terms)
+    return cayley_exact(q) if neumann_terms is None else neumann(q, neumann_terms)
 
 
 def oft_blocks(tensors: Mapping[str, torch.Tensor], block_size: int, neumann_terms: int | None = None

@@ -231,7 +231,7 @@ def oft_expected(
     return linear_expected(base, xr, x.dtype, x_err=err, training=training)
 
 
-def expected(
+def layer_expected(
     layer: nn.Module, method: str, name: str, params: Mapping[str, Any], x: torch.Tensor,
     *, training: bool | None = None,
 ) -> Expected:

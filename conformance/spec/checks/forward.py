@@ -70,7 +70,7 @@ def check_oracle(ctx: CheckContext) -> None:
                     layer.train(training)
                     x = _x(ctx, lead, case.in_features, case.compute_dtype, offset=i)
                     with torch.no_grad():
-                        exp = numerics.expected(layer, method, "default", acase.params, x)
+                        exp = numerics.layer_expected(layer, method, "default", acase.params, x)
                         y = layer(x)
                     label = (f"{acase.label} on {case.label} ({'train' if training else 'eval'}), "
                              f"input {tuple(x.shape)}")
@@ -127,7 +127,7 @@ def check_mixed_batch(ctx: CheckContext) -> None:
                         single = layer.base_layer(xs)
                     else:
                         layer.set_adapter(name)
-                        exp = numerics.expected(layer, method, name, acase.params, xs)
+                        exp = numerics.layer_expected(layer, method, name, acase.params, xs)
                         single = layer(xs)
                 ratio_m = exp.ratio(y[k:k + 1])
                 ratio_s = exp.ratio(single)
@@ -156,7 +156,7 @@ def check_disabled(ctx: CheckContext) -> None:
             y_base = layer.base_layer(x)
             layer.enable_adapters(True)
             y_on2 = layer(x)
-            exp = numerics.expected(layer, method, "default", acase.params, x)
+            exp = numerics.layer_expected(layer, method, "default", acase.params, x)
         label = f"{acase.label} on {case.label}"
         if not torch.equal(y_off, y_base):
             ctx.fail(f"{label}: disabled adapters still change the output "

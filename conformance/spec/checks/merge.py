@@ -77,7 +77,7 @@ def check_merge_forward(ctx: CheckContext) -> None:
         layer = _build(ctx, method, case, params, seed=_seed(label))
         x = ctx.randn(5, case.in_features, dtype=case.compute_dtype, offset=1)
         with torch.no_grad():
-            exp_u = numerics.expected(layer, method, "default", params, x)
+            exp_u = numerics.layer_expected(layer, method, "default", params, x)
             y_u = layer(x)
             w0, b0 = numerics.base_weights(layer.base_layer)
             with recorded_warnings():
