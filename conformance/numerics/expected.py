@@ -102,22 +102,27 @@ def linear_expected(
     mag = x_abs @ w_abs.t()
     bits = qlayers.bits_of(base)
     is_training = base.training if training is None else training
+    # each rounding below is relative to the magnitude of what is rounded: the exact value's magnitude
+    # plus every rounding before it (``rnd``), so products of (1 + delta) need no slack factor
     if bits == 4:
         c = base.compute_dtype or x_dtype
-        bound = bound + cast_error(x_dtype, c) * mag
-        bound = bound + qbounds.matmul_rounding_bound(x_abs, w_abs, c)
         b_dtype = base.bias.dtype if b is not None else c
-        bound = bound + cast_error(b_dtype, c) * b_abs + qbounds.unit_roundoff(c) * (mag + b_abs)
-        bound = bound + cast_error(c, x_dtype) * (mag + b_abs) * (1 + 3 * qbounds.unit_roundoff(c))
+        # x cast to c, x W^T in c (its rounding model: quant.matmul_rounding_bound), bias cast to c
+        rnd = cast_error(x_dtype, c) * mag
+        rnd = rnd + qbounds.matmul_rounding_bound(x_abs * (1 + cast_error(x_dtype, c)), w_abs, c)
+        rnd = rnd + cast_error(b_dtype, c) * b_abs
+        rnd = rnd + qbounds.unit_roundoff(c) * (mag + b_abs + rnd)       # bias add in c
+        bound = bound + rnd + cast_error(c, x_dtype) * (mag + b_abs + rnd)  # cast back to the input dtype
     elif is_training and base.weight.device.type in ("cpu", "xpu"):
         # bitsandbytes autograd/_functions.py matmul(): MatMul8bitFp only on cpu/xpu in training mode;
         # CUDA always takes MatMul8bitLt, the int8 x int8 path below (the input is quantized too)
         d = x_dtype
-        # CB.to(d) * (SCB * (1/127)): two roundings in d; the stored (float32) weight two in float32
-        bound = bound + (2 * qbounds.unit_roundoff(d) + 2 * U32) * mag
-        bound = bound + qbounds.matmul_rounding_bound(x_abs, w_abs, d)
         b_dtype = base.bias.dtype if b is not None else d
-        bound = bound + cast_error(b_dtype, d) * b_abs + qbounds.unit_roundoff(d) * (mag + b_abs)
+        # CB.to(d) * (SCB * (1/127)): two roundings in d; the stored (float32) weight two in float32
+        w_err = 2 * qbounds.unit_roundoff(d) + 2 * U32
+        rnd = w_err * mag + qbounds.matmul_rounding_bound(x_abs, w_abs * (1 + w_err), d)
+        rnd = rnd + cast_error(b_dtype, d) * b_abs
+        bound = bound + rnd + qbounds.unit_roundoff(d) * (mag + b_abs + rnd)  # bias add in d
     else:
         d = x_dtype
         x16 = x_abs * (1 + cast_error(d, torch.float16))
@@ -126,7 +131,8 @@ def linear_expected(
         bound = bound + cast_error(d, torch.float16) * mag
         bound = bound + (s_x / 254) * w_abs.sum(dim=1)          # input quantization
         bound = bound + 2 * U32 * mag                           # stored weight vs CB*SCB/127
-        y_abs = mag + (s_x / 254) * w_abs.sum(dim=1)            # |int32 acc * row * col / 127^2|
+        # |int32 acc * row * col / 127^2| = |x_q W_q^T|: |x_q| <= x16 + s_x/254, |W_q| <= w_abs (1 + 2 u32)
+        y_abs = (x16 @ w_abs.t() + (s_x / 254) * w_abs.sum(dim=1)) * (1 + 2 * U32)
         # float32 dequant A*(row*col)*6.200124e-05: three roundings and the constant's offset, multiplied
         # out (rounding.INT8_DEQUANT_ERROR); the values it hands on are at most y_abs * (1 + that)
         bound = bound + INT8_DEQUANT_ERROR * y_abs

@@ -13,16 +13,18 @@ model is in its docstring); the sampled case matrix is ``conformance.spec.cases.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from conformance import numerics
-from conformance.harness.context import CheckContext
 from conformance.spec.clauses import check
 
 from ..cases import BASE, GradCase, grad_matrix
+
+if TYPE_CHECKING:
+    from conformance.harness.context import CheckContext  # the spec never imports the harness at run time
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from conformance import numerics
-from conformance.harness.context import CheckContext
 from conformance.spec import cases
 from conformance.spec.clauses import check
 from conformance.spec.observe import recorded_warnings
+
+if TYPE_CHECKING:
+    from conformance.harness.context import CheckContext  # the spec never imports the harness at run time
 
 INPUT_SHAPES = cases.INPUT_LEADS  # leading dims: 1-D, 2-D, 3-D inputs
 
@@ -135,7 +137,7 @@ def check_mixed_batch(ctx: CheckContext) -> None:
                     f"{label}: sample {k} ({name!r}) of the mixed batch is outside the bound of its "
                     f"single-adapter forward: {exp.describe(y[k:k + 1])}"))
                 diff = (y[k:k + 1].double() - single.double()).abs().cpu()
-                ctx.check(bool((diff <= 2 * exp.bound).all()) and ratio_s <= 1.0,
+                ctx.check(numerics.max_ratio(diff.reshape(exp.bound.shape), 2 * exp.bound) <= 1.0 and ratio_s <= 1.0,
                           f"{label}: sample {k} ({name!r}): mixed vs single forward differ by {diff.max():.3g}")
             layer.set_adapter("default")
 

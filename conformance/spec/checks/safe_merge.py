@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from conformance import numerics
-from conformance.harness.context import CheckContext
 from conformance.quant import bounds as qbounds
 from conformance.quant import layers as qlayers
 from conformance.spec import cases
 from conformance.spec.clauses import check
 from conformance.spec.observe import recorded_warnings, warning_texts
+
+if TYPE_CHECKING:
+    from conformance.harness.context import CheckContext  # the spec never imports the harness at run time
 
 POISONS = cases.POISONS
 
