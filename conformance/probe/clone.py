@@ -38,11 +38,20 @@ from torch import nn
 
 from conformance import numerics
 from conformance.quant import layers as qlayers
-from conformance.spec import cases
+from conformance.spec.cases import (
+    BASE,
+    GRAD_BATCH_SIZES,
+    GRAD_DTYPES,
+    GRAD_IN_FEATURES,
+    GRAD_INPUT_RANKS,
+    GRAD_OUT_FEATURES,
+    grad_input_shape,
+    quants_for,
+)
 
 SCHEMA_VERSION = 1
 RANK, ALPHA = 4, 8.0
-MIXED_NAMES = ("a", cases.BASE, "b")
+MIXED_NAMES = ("a", BASE, "b")
 MODES = ("grad", "no_grad", "inference_mode")
 SINGLE_TECHNIQUES = ("iadd", "add_", "view_add_", "mul1_add_", "addmm_")
 MIXED_TECHNIQUES = ("index_add_", "setitem_iadd")
@@ -83,16 +92,16 @@ class ProbeCase:
         return getattr(torch, self.dtype)
 
     def input_shape(self) -> tuple[int, ...]:
-        return cases.grad_input_shape(self.rank, self.batch)
+        return grad_input_shape(self.rank, self.batch)
 
 
 def matrix(bits: Iterable[int] = (4, 8)) -> list[ProbeCase]:
     """The full cross product (the probe is a measurement: no sampling)."""
     out = []
-    dtypes = [str(d).removeprefix("torch.") for d in cases.GRAD_DTYPES]
-    for (b, qt), dt, mode, xg in itertools.product(cases.quants_for(list(bits)), dtypes, MODES, (True, False)):
-        for rank in cases.GRAD_INPUT_RANKS:
-            for batch in (cases.GRAD_BATCH_SIZES if rank > 1 else (1,)):
+    dtypes = [str(d).removeprefix("torch.") for d in GRAD_DTYPES]
+    for (b, qt), dt, mode, xg in itertools.product(quants_for(list(bits)), dtypes, MODES, (True, False)):
+        for rank in GRAD_INPUT_RANKS:
+            for batch in (GRAD_BATCH_SIZES if rank > 1 else (1,)):
                 out += [ProbeCase(b, qt, dt, rank, batch, xg, mode, "single", t) for t in SINGLE_TECHNIQUES]
             if rank > 1:
                 out += [ProbeCase(b, qt, dt, rank, len(MIXED_NAMES), xg, mode, "mixed", t) for t in MIXED_TECHNIQUES]
@@ -102,7 +111,7 @@ def matrix(bits: Iterable[int] = (4, 8)) -> list[ProbeCase]:
 def default_base(bits: int, quant: str, dtype: torch.dtype, device: str) -> tuple[nn.Module, torch.Tensor,
                                                                                    torch.Tensor | None]:
     """A bitsandbytes base layer, its dequantized weight and its bias (read before any forward)."""
-    base = qlayers.make_base_layer(cases.GRAD_IN_FEATURES, cases.GRAD_OUT_FEATURES, bits=bits,
+    base = qlayers.make_base_layer(GRAD_IN_FEATURES, GRAD_OUT_FEATURES, bits=bits,
                                    quant_type=quant if bits == 4 else "nf4", compute_dtype=dtype, device=device)
     bias = None if base.bias is None else base.bias.detach().double().cpu().clone()
     return base, qlayers.dequantize(base).double().cpu(), bias
@@ -113,8 +122,8 @@ def _adapters(device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1234)
     out = {}
     for name in ("a", "b"):
-        a = torch.randn(RANK, cases.GRAD_IN_FEATURES, generator=gen) / cases.GRAD_IN_FEATURES**0.5
-        b = torch.randn(cases.GRAD_OUT_FEATURES, RANK, generator=gen) / RANK**0.5
+        a = torch.randn(RANK, GRAD_IN_FEATURES, generator=gen) / GRAD_IN_FEATURES**0.5
+        b = torch.randn(GRAD_OUT_FEATURES, RANK, generator=gen) / RANK**0.5
         out[name] = (a.to(device), b.to(device))
     return out
 
@@ -239,7 +248,7 @@ def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
         key = (case.bits, case.quant, case.dtype, case.rank, case.batch, case.x_requires_grad, case.batch_kind)
         if key not in expected_cache:
             x0 = torch.randn(*case.input_shape(), generator=gen).to(device=device, dtype=case.torch_dtype)
-            g = torch.randn(*x0.shape[:-1], cases.GRAD_OUT_FEATURES, generator=gen).to(device=device, dtype=case.torch_dtype)
+            g = torch.randn(*x0.shape[:-1], GRAD_OUT_FEATURES, generator=gen).to(device=device, dtype=case.torch_dtype)
             names = list(MIXED_NAMES) if case.batch_kind == "mixed" else None
             used = ("a", "b") if names else ("a",)
             state = numerics.LayerState(
@@ -269,7 +278,7 @@ def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
         "schema_version": SCHEMA_VERSION,
         "environment": environment(device),
         "probe": {"name": "clone", "seconds": round(elapsed, 2), "rank": RANK, "lora_alpha": ALPHA,
-                  "shape": [cases.GRAD_IN_FEATURES, cases.GRAD_OUT_FEATURES], "techniques": TECHNIQUE_CODE},
+                  "shape": [GRAD_IN_FEATURES, GRAD_OUT_FEATURES], "techniques": TECHNIQUE_CODE},
         "cases": records,
         "verdict": verdict(records, environment(device)),
     }
