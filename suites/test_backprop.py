@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
+from conformance import numerics
 from conformance.harness.execute import run_clause
 from conformance.harness.results import Result
 from conformance.impls.reference import ReferenceImplementation
-from conformance.spec import AdapterSpec, clauses
-from conformance.spec.checks import backprop as bp
+from conformance.spec import AdapterSpec, cases, clauses
 
 GRAD, MIXED, NOGRAD = "BACKPROP-GRAD-F64", "BACKPROP-MIXED-GRAD-F64", "BACKPROP-NOGRAD-FORWARD"
 
@@ -162,8 +162,8 @@ def test_nograd_fails_when_output_requires_grad() -> None:
 # -- the pieces ---------------------------------------------------------------------------------------
 def test_pairwise_covers_every_pair_deterministically() -> None:
     factors = {"a": (1, 2, 3), "b": ("x", "y"), "c": (True, False), "d": (0, 1, 2)}
-    got = bp.pairwise(factors)
-    assert got == bp.pairwise(factors)
+    got = cases.pairwise(factors)
+    assert got == cases.pairwise(factors)
     assert len(got) < len(list(itertools.product(*factors.values())))
     for (f1, v1), (f2, v2) in itertools.combinations([(f, v) for f in factors for v in factors[f]], 2):
         if f1 != f2:
@@ -171,25 +171,25 @@ def test_pairwise_covers_every_pair_deterministically() -> None:
 
 
 def test_pairwise_respects_constraints() -> None:
-    cases = bp.grad_matrix("lora", [4, 8])
-    assert all(c.rank > 1 or c.batch == 1 for c in cases)
-    assert {c.rank for c in cases} == {1, 2, 3} and {c.dtype for c in cases} == set(bp.DTYPES)
-    assert {c.quant_type for c in cases} == {"nf4", "fp4", "int8"} and {c.x_requires_grad for c in cases} == {True, False}
-    assert all(c.mixed and c.rank > 1 for c in bp.grad_matrix("oft", [4], mixed=True))
+    matrix = cases.grad_matrix("lora", [4, 8])
+    assert all(c.rank > 1 or c.batch == 1 for c in matrix)
+    assert {c.rank for c in matrix} == {1, 2, 3} and {c.dtype for c in matrix} == set(cases.GRAD_DTYPES)
+    assert {c.quant_type for c in matrix} == {"nf4", "fp4", "int8"} and {c.x_requires_grad for c in matrix} == {True, False}
+    assert all(c.mixed and c.rank > 1 for c in cases.grad_matrix("oft", [4], mixed=True))
 
 
 def test_oracle_is_exact_in_float64_and_bound_scales_with_dtype() -> None:
     gen = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 64, generator=gen).double(), torch.randn(48, generator=gen).double()
     a, bb = torch.randn(4, 64, generator=gen).double(), torch.randn(48, 4, generator=gen).double()
-    state = bp.LayerState(w, b, "lora", {"default": {"r": 4, "lora_alpha": 8.0}},
+    state = numerics.LayerState(w, b, "lora", {"default": {"r": 4, "lora_alpha": 8.0}},
                           {"default": {"lora_A.weight": a, "lora_B.weight": bb}})
     x, g = torch.randn(3, 64, generator=gen).double(), torch.randn(3, 48, generator=gen).double()
-    exp = bp.expected(state, x, g, compute_dtype=torch.float32)
+    exp = numerics.grad_expected(state, x, g, compute_dtype=torch.float32)
     torch.testing.assert_close(exp.y, x @ w.t() + b + 2.0 * (x @ a.t()) @ bb.t(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(exp.grads["x"], g @ w + 2.0 * (g @ bb) @ a, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(exp.grads["default:lora_A.weight"], 2.0 * (g @ bb).t() @ x, rtol=1e-12, atol=1e-12)
-    bf = bp.expected(state, x, g, compute_dtype=torch.bfloat16)
+    bf = numerics.grad_expected(state, x, g, compute_dtype=torch.bfloat16)
     assert (exp.y_bound > 0).all() and (bf.y_bound > 10 * exp.y_bound).all()
 
 
@@ -199,10 +199,10 @@ def test_oracle_oft_matches_reference_rotation() -> None:
     gen = torch.Generator().manual_seed(1)
     theta = 0.1 * torch.randn(4, rotation.n_elements(16), generator=gen).double()
     w = torch.randn(48, 64, generator=gen).double()
-    state = bp.LayerState(w, None, "oft", {"default": {"r": 4, "oft_block_size": 0}},
+    state = numerics.LayerState(w, None, "oft", {"default": {"r": 4, "oft_block_size": 0}},
                           {"default": {"oft_R.weight": theta}})
     x, g = torch.randn(2, 64, generator=gen).double(), torch.randn(2, 48, generator=gen).double()
-    exp = bp.expected(state, x, g, compute_dtype=torch.float32)
+    exp = numerics.grad_expected(state, x, g, compute_dtype=torch.float32)
     r = rotation.block_diagonal(rotation.cayley(rotation.skew(theta, 16)), 4)
     torch.testing.assert_close(exp.y, x @ r @ w.t(), rtol=1e-12, atol=1e-12)
     assert torch.isfinite(exp.grad_bounds["default:oft_R.weight"]).all()

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from conformance import numerics
 from conformance.quant import layers as ql
 from conformance.reference import layer_class
-from conformance.spec import oracle
+from conformance.spec import cases
 
 pytestmark = pytest.mark.gpu
 
@@ -26,7 +27,7 @@ PARAMS = {"lora": {"r": 4, "lora_alpha": 8}, "oft": {"r": 4}}
 
 def _layer(method: str, bits: int) -> nn.Module:
     layer = layer_class(method, bits)(ql.make_base_layer(32, 24, bits=bits, seed=1), "a", **PARAMS[method])
-    oracle.fill_adapter(layer, "a", torch.Generator().manual_seed(2))
+    cases.fill_adapter(layer, "a", torch.Generator().manual_seed(2))
     return layer.eval()
 
 
@@ -36,7 +37,7 @@ def test_round_trip_cpu_cuda_cpu_keeps_state_and_output(method: str, bits: int) 
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = layer(x)  # Linear8bitLt copies CB/SCB into its MatmulLtState on the first forward
-        want = oracle.expected(layer, method, "a", PARAMS[method], x)
+        want = numerics.layer_expected(layer, method, "a", PARAMS[method], x)
         layer.to("cuda")
         assert ql.tensors_off_device(layer, "cuda") == []
         on_cuda = layer(x.cuda())

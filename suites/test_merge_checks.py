@@ -18,7 +18,7 @@ from torch import nn
 
 from conformance.harness.execute import run_clause
 from conformance.impls.reference import ReferenceImplementation
-from conformance.quant import layers as ql
+from conformance.quant import layers as qlayers
 from conformance.reference import rotation
 from conformance.spec.clauses import get
 from conformance.spec.interface import AdapterSpec
@@ -188,12 +188,12 @@ def default_requant_settings(layer: nn.Module, spec: AdapterSpec) -> None:
     """Requantize with bnb defaults (nf4, blocksize 64, no double quant) instead of the layer's."""
     def write(self: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         base = self.base_layer
-        if ql.bits_of(base) == 4:
+        if qlayers.bits_of(base) == 4:
             import bitsandbytes as bnb
             base.weight = bnb.nn.Params4bit(weight.detach().float().contiguous(), requires_grad=False,
                                             module=base).to(base.weight.device)
         else:
-            ql.requantize(base, weight)
+            qlayers.requantize(base, weight)
             base.state.threshold = 6.0
         if bias is not None:
             base.bias.data = bias.to(base.bias.dtype)
@@ -205,7 +205,7 @@ def writes_before_check(layer: nn.Module, spec: AdapterSpec) -> None:
 
     def merge(self: nn.Module, safe_merge: bool = False, adapter_names: Any = None) -> None:
         orig(False, adapter_names)
-        if safe_merge and not torch.isfinite(ql.dequantize(self.base_layer)).all():
+        if safe_merge and not torch.isfinite(qlayers.dequantize(self.base_layer)).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {self.merged_adapters[-1]} "
                              "seems to be broken")
     bind(layer, "merge", merge)

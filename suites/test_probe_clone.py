@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conformance.probe import clone
-from conformance.spec.checks import backprop as bp
+from conformance.spec import cases
 
 BASELINES = Path(__file__).resolve().parent.parent / "baselines" / "clone_probe"
 
@@ -53,8 +53,8 @@ class FakeBase(nn.Module):
     def __init__(self, fn: type[torch.autograd.Function], dtype: torch.dtype) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(0)
-        self.w = (torch.randn(bp.OUT_FEATURES, bp.IN_FEATURES, generator=gen) / 8).to(dtype)
-        self.b = (0.1 * torch.randn(bp.OUT_FEATURES, generator=gen)).to(dtype)
+        self.w = (torch.randn(cases.GRAD_OUT_FEATURES, cases.GRAD_IN_FEATURES, generator=gen) / 8).to(dtype)
+        self.b = (0.1 * torch.randn(cases.GRAD_OUT_FEATURES, generator=gen)).to(dtype)
         self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

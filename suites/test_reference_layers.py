@@ -21,7 +21,7 @@ from conformance.reference import (
     nan_message,
     rotation,
 )
-from conformance.spec import oracle
+from conformance.spec import cases
 
 
 @pytest.fixture(autouse=True)
@@ -190,7 +190,7 @@ def test_oft_multi_adapter_merge_matches_forward_order() -> None:
     layer = OftLinear8bit(make_base_layer(64, 48, bits=8), "a", r=4, init_weights=False)
     layer.add_adapter("b", r=4, init_weights=False)
     for name, seed in (("a", 1), ("b", 2)):
-        oracle.fill_adapter(layer, name, torch.Generator().manual_seed(seed), scale=6.0)
+        cases.fill_adapter(layer, name, torch.Generator().manual_seed(seed), scale=6.0)
     layer.set_adapter(["a", "b"])
     x = torch.randn(4, 64)
     with torch.no_grad():

@@ -10,7 +10,7 @@ layer, it runs the uncloned and the cloned path and classifies each as
 
 * ``raises``: the in-place update or the backward raised (type and message recorded);
 * ``wrong``: output or a gradient (input, lora_A, lora_B) is outside the float64 bound of
-  ``conformance.spec.checks.backprop.expected`` (same oracle and bound as clause BACKPROP-GRAD-F64);
+  ``conformance.numerics.grad_expected`` (same oracle and bound as clause BACKPROP-GRAD-F64);
 * ``works``.
 
 The verdict names the cases where the uncloned path fails and cloning fixes it ("clone still
@@ -36,12 +36,22 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
+from conformance import numerics
 from conformance.quant import layers as qlayers
-from conformance.spec.checks import backprop as bp
+from conformance.spec.cases import (
+    BASE,
+    GRAD_BATCH_SIZES,
+    GRAD_DTYPES,
+    GRAD_IN_FEATURES,
+    GRAD_INPUT_RANKS,
+    GRAD_OUT_FEATURES,
+    grad_input_shape,
+    quants_for,
+)
 
 SCHEMA_VERSION = 1
 RANK, ALPHA = 4, 8.0
-MIXED_NAMES = ("a", bp.BASE, "b")
+MIXED_NAMES = ("a", BASE, "b")
 MODES = ("grad", "no_grad", "inference_mode")
 SINGLE_TECHNIQUES = ("iadd", "add_", "view_add_", "mul1_add_", "addmm_")
 MIXED_TECHNIQUES = ("index_add_", "setitem_iadd")
@@ -82,20 +92,16 @@ class ProbeCase:
         return getattr(torch, self.dtype)
 
     def input_shape(self) -> tuple[int, ...]:
-        if self.rank == 1:
-            return (bp.IN_FEATURES,)
-        if self.rank == 2:
-            return (self.batch, bp.IN_FEATURES)
-        return (self.batch, bp.SEQ_LEN, bp.IN_FEATURES)
+        return grad_input_shape(self.rank, self.batch)
 
 
 def matrix(bits: Iterable[int] = (4, 8)) -> list[ProbeCase]:
     """The full cross product (the probe is a measurement: no sampling)."""
     out = []
-    dtypes = [str(d).removeprefix("torch.") for d in bp.DTYPES]
-    for (b, qt), dt, mode, xg in itertools.product(bp._quants_for(list(bits)), dtypes, MODES, (True, False)):
-        for rank in bp.INPUT_RANKS:
-            for batch in (bp.BATCH_SIZES if rank > 1 else (1,)):
+    dtypes = [str(d).removeprefix("torch.") for d in GRAD_DTYPES]
+    for (b, qt), dt, mode, xg in itertools.product(quants_for(list(bits)), dtypes, MODES, (True, False)):
+        for rank in GRAD_INPUT_RANKS:
+            for batch in (GRAD_BATCH_SIZES if rank > 1 else (1,)):
                 out += [ProbeCase(b, qt, dt, rank, batch, xg, mode, "single", t) for t in SINGLE_TECHNIQUES]
             if rank > 1:
                 out += [ProbeCase(b, qt, dt, rank, len(MIXED_NAMES), xg, mode, "mixed", t) for t in MIXED_TECHNIQUES]
@@ -105,7 +111,7 @@ def matrix(bits: Iterable[int] = (4, 8)) -> list[ProbeCase]:
 def default_base(bits: int, quant: str, dtype: torch.dtype, device: str) -> tuple[nn.Module, torch.Tensor,
                                                                                    torch.Tensor | None]:
     """A bitsandbytes base layer, its dequantized weight and its bias (read before any forward)."""
-    base = qlayers.make_base_layer(bp.IN_FEATURES, bp.OUT_FEATURES, bits=bits,
+    base = qlayers.make_base_layer(GRAD_IN_FEATURES, GRAD_OUT_FEATURES, bits=bits,
                                    quant_type=quant if bits == 4 else "nf4", compute_dtype=dtype, device=device)
     bias = None if base.bias is None else base.bias.detach().double().cpu().clone()
     return base, qlayers.dequantize(base).double().cpu(), bias
@@ -116,8 +122,8 @@ def _adapters(device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1234)
     out = {}
     for name in ("a", "b"):
-        a = torch.randn(RANK, bp.IN_FEATURES, generator=gen) / bp.IN_FEATURES**0.5
-        b = torch.randn(bp.OUT_FEATURES, RANK, generator=gen) / RANK**0.5
+        a = torch.randn(RANK, GRAD_IN_FEATURES, generator=gen) / GRAD_IN_FEATURES**0.5
+        b = torch.randn(GRAD_OUT_FEATURES, RANK, generator=gen) / RANK**0.5
         out[name] = (a.to(device), b.to(device))
     return out
 
@@ -164,7 +170,7 @@ def _short(exc: BaseException) -> str:
 
 
 def _run_path(case: ProbeCase, clone: bool, base: nn.Module, x0: torch.Tensor, g: torch.Tensor,
-              ad: dict[str, tuple[torch.Tensor, torch.Tensor]], exp: bp.Expected) -> dict[str, Any]:
+              ad: dict[str, tuple[torch.Tensor, torch.Tensor]], exp: numerics.GradExpected) -> dict[str, Any]:
     """One path (cloned or not): outcome, where it raised, worst ratio to the bound, the output."""
     params = {n: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for n, (a, b) in ad.items()}
     x = x0.clone().requires_grad_(case.x_requires_grad)
@@ -179,7 +185,7 @@ def _run_path(case: ProbeCase, clone: bool, base: nn.Module, x0: torch.Tensor, g
             if clone:
                 result = result.clone()
             phase = "in-place update"
-            result = _apply(case.technique, result, x, params, bp.lora_scaling({"r": RANK, "lora_alpha": ALPHA}))
+            result = _apply(case.technique, result, x, params, numerics.lora_scaling({"r": RANK, "lora_alpha": ALPHA}))
             if case.mode == "grad":
                 phase = "backward"
                 (result * g).sum().backward()
@@ -202,7 +208,7 @@ def _run_path(case: ProbeCase, clone: bool, base: nn.Module, x0: torch.Tensor, g
         if got is None:
             worst, bad = math.inf, bad + [f"{what} is None"]
             continue
-        ratio, where = bp.violation(got.detach().cpu(), e, bnd)
+        ratio, where = numerics.compare(got.detach().cpu(), e, bnd)
         worst = max(worst, ratio)
         if ratio > 1:
             bad.append(f"{what}: ratio {ratio:.3g} ({where})")
@@ -231,7 +237,7 @@ def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
         factory = base_factory
     ad = _adapters(device)
     gen = torch.Generator().manual_seed(0)
-    expected_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, bp.Expected]] = {}
+    expected_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, numerics.GradExpected]] = {}
     records = []
     start = time.perf_counter()
     for i, case in enumerate(cases):
@@ -242,15 +248,15 @@ def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
         key = (case.bits, case.quant, case.dtype, case.rank, case.batch, case.x_requires_grad, case.batch_kind)
         if key not in expected_cache:
             x0 = torch.randn(*case.input_shape(), generator=gen).to(device=device, dtype=case.torch_dtype)
-            g = torch.randn(*x0.shape[:-1], bp.OUT_FEATURES, generator=gen).to(device=device, dtype=case.torch_dtype)
+            g = torch.randn(*x0.shape[:-1], GRAD_OUT_FEATURES, generator=gen).to(device=device, dtype=case.torch_dtype)
             names = list(MIXED_NAMES) if case.batch_kind == "mixed" else None
             used = ("a", "b") if names else ("a",)
-            state = bp.LayerState(
+            state = numerics.LayerState(
                 w, bias, "lora", {n: {"r": RANK, "lora_alpha": ALPHA} for n in used},
                 {n: {"lora_A.weight": ad[n][0].double().cpu(), "lora_B.weight": ad[n][1].double().cpu()} for n in used},
                 int8_input=case.bits == 8 and str(device).startswith("cuda"),
             )
-            exp = bp.expected(state, x0.cpu(), g.cpu(), compute_dtype=case.torch_dtype, names=names, active=["a"])
+            exp = numerics.grad_expected(state, x0.cpu(), g.cpu(), compute_dtype=case.torch_dtype, names=names, active=["a"])
             expected_cache[key] = (x0, g, exp)
         x0, g, exp = expected_cache[key]
         unc = _run_path(case, False, base, x0, g, ad, exp)
@@ -272,7 +278,7 @@ def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
         "schema_version": SCHEMA_VERSION,
         "environment": environment(device),
         "probe": {"name": "clone", "seconds": round(elapsed, 2), "rank": RANK, "lora_alpha": ALPHA,
-                  "shape": [bp.IN_FEATURES, bp.OUT_FEATURES], "techniques": TECHNIQUE_CODE},
+                  "shape": [GRAD_IN_FEATURES, GRAD_OUT_FEATURES], "techniques": TECHNIQUE_CODE},
         "cases": records,
         "verdict": verdict(records, environment(device)),
     }

@@ -107,7 +107,7 @@ def quiet_int8_cast_notice() -> None:
     """Silence bitsandbytes' "MatMul8bitLt: inputs will be cast from ... to float16" log line.
 
     bitsandbytes 0.50.2 logs it (``logging``, not ``warnings``) on every non-fp16 CUDA forward of
-    an 8-bit layer in eval mode; the oracle models that cast (``conformance.spec.oracle``), and the
+    an 8-bit layer in eval mode; the oracle models that cast (``conformance.numerics.expected``), and the
     2220 copies one ``nox -s gpu`` run printed buried its output. Command-line entry points call this.
     """
     import logging

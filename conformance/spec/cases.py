@@ -1,24 +1,51 @@
 """Case matrices: the data the checks iterate (torch OpInfo style). One place, imported everywhere.
 
-A ``BaseCase`` describes a quantized base layer, an ``AdapterCase`` the adapter put on it.
-Checks combine them; hypothesis strategies in ``conformance.spec.strategies`` draw from the same
-value lists, so widening a list here widens every suite.
+A ``BaseCase`` describes a quantized base layer, an ``AdapterCase`` the adapter put on it, a
+``GradCase`` one forward/backward of the backprop matrix (sampled with ``pairwise``). Checks and the
+clone probe (``conformance.probe.clone``) combine them; hypothesis strategies in
+``conformance.spec.strategies`` draw from the same value lists, so widening a list here widens every
+suite. ``fill_adapter`` / ``set_skew_norm`` put the seeded adapter values of a case into a layer.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+
+from conformance.numerics import cayley
+from conformance.numerics.grads import BASE as BASE  # re-exported: adapter_names entry of the base alone
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128)
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the float weight handed to bitsandbytes
 SHAPES = ((64, 48), (48, 64), (64, 64), (96, 40))  # (in_features, out_features): square and not
 RANKS = (1, 4, 8)
 ALPHAS = (1.0, 8.0, 16.0)
 OFT_BLOCK_SIZES = (4, 8, 16)
+OFT_SKEW_NORMS = (0.1, 1.0, 4.0)  # ||Q||_2 per block: small, moderate, large rotations
+OFT_IN_FEATURES = 64  # the OFT rotation clauses' base layer (every OFT_BLOCK_SIZES entry divides it)
+NEUMANN_TERMS = tuple(range(2, 9))
+NEUMANN_BLOCK_SIZE = 8
+COFT_BLOCK_SIZES = (8, 16)
+INPUT_LEADS = ((), (3,), (2, 3))  # leading dims of forward inputs: 1-D, 2-D, 3-D
+POISONS = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}  # what a broken adapter holds
+
+# the backprop matrix (BACKPROP-* clauses and the clone probe)
+GRAD_IN_FEATURES, GRAD_OUT_FEATURES = 64, 48
+GRAD_BATCH_SIZES = (1, 3)
+GRAD_INPUT_RANKS = (1, 2, 3)
+GRAD_SEQ_LEN = 2
+GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GRAD_QUANTS = ((4, "nf4"), (4, "fp4"), (8, "int8"))  # (bits, quant type); 8-bit has no quant type
+MIXED_BATCH_SIZE = 4
+MIXED_INPUT_RANKS = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -86,3 +113,127 @@ def adapter_cases(method: str) -> list[AdapterCase]:
             AdapterCase("oft", {"r": 0, "oft_block_size": 8, "init_weights": False, "block_share": True}),
         ]
     raise ValueError(f"unknown method {method!r}")
+
+
+# -- the backprop matrix ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GradCase:
+    """One forward/backward: base layer, adapter, input layout, and (mixed batch) per-sample names."""
+
+    method: str
+    bits: int
+    quant_type: str
+    dtype: torch.dtype
+    rank: int
+    batch: int
+    x_requires_grad: bool
+    adapter: AdapterCase
+    mixed: bool = False
+    second: AdapterCase | None = field(default=None, compare=False)
+
+    @property
+    def base(self) -> BaseCase:
+        qt = self.quant_type if self.bits == 4 else "nf4"
+        return BaseCase(self.bits, GRAD_IN_FEATURES, GRAD_OUT_FEATURES, quant_type=qt, compute_dtype=self.dtype)
+
+    def input_shape(self) -> tuple[int, ...]:
+        return grad_input_shape(self.rank, self.batch)
+
+    @property
+    def label(self) -> str:
+        shape = "x".join(map(str, self.input_shape()))
+        grad = "xgrad" if self.x_requires_grad else "xnograd"
+        mixed = "-mixed" if self.mixed else ""
+        return f"{self.adapter.label}/{self.base.label}/in{shape}-{grad}{mixed}"
+
+
+def grad_input_shape(rank: int, batch: int) -> tuple[int, ...]:
+    """The input of a backprop case: (in,), (batch, in) or (batch, seq, in)."""
+    if rank == 1:
+        return (GRAD_IN_FEATURES,)
+    if rank == 2:
+        return (batch, GRAD_IN_FEATURES)
+    return (batch, GRAD_SEQ_LEN, GRAD_IN_FEATURES)
+
+
+def pairwise(factors: Mapping[str, Sequence[Any]], valid: Callable[[dict[str, Any]], bool] | None = None
+             ) -> list[dict[str, Any]]:
+    """Deterministic all-pairs covering of a cross product (greedy, first-best in product order).
+
+    Every pair of values of two factors that occurs in some valid combination occurs in a chosen
+    one; a handful of cases instead of the full product (Cohen et al., AETG, 1997).
+    """
+    names = list(factors)
+    full = [dict(zip(names, combo)) for combo in itertools.product(*factors.values())]
+    full = [c for c in full if valid is None or valid(c)]
+
+    def pairs(c: dict[str, Any]) -> set[tuple[str, Any, str, Any]]:
+        return {(a, repr(c[a]), b, repr(c[b])) for i, a in enumerate(names) for b in names[i + 1:]}
+
+    uncovered: set[tuple[str, Any, str, Any]] = set().union(*(pairs(c) for c in full)) if full else set()
+    chosen: list[dict[str, Any]] = []
+    while uncovered:
+        best = max(full, key=lambda c: len(pairs(c) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
+def quants_for(bits: Sequence[int]) -> list[tuple[int, str]]:
+    """The ``GRAD_QUANTS`` entries of the given bit widths."""
+    return [q for q in GRAD_QUANTS if q[0] in bits]
+
+
+def grad_matrix(method: str, bits: Sequence[int], *, mixed: bool = False) -> list[GradCase]:
+    """The sampled matrix of the BACKPROP clauses (pairwise over every factor), one method."""
+    adapters = adapter_cases(method)
+    factors: dict[str, Sequence[Any]] = {
+        "quant": quants_for(bits), "dtype": GRAD_DTYPES, "rank": MIXED_INPUT_RANKS if mixed else GRAD_INPUT_RANKS,
+        "batch": (MIXED_BATCH_SIZE,) if mixed else GRAD_BATCH_SIZES, "xgrad": (True, False),
+        "adapter": range(len(adapters)),
+    }
+    out = []
+    for c in pairwise(factors, valid=lambda c: c["rank"] > 1 or c["batch"] == 1):
+        (b, qt), a = c["quant"], c["adapter"]
+        out.append(GradCase(method, b, qt, c["dtype"], c["rank"], c["batch"], c["xgrad"], adapters[a], mixed,
+                            second=adapters[(a + 1) % len(adapters)] if mixed else None))
+    return out
+
+
+# -- adapter values of a case ------------------------------------------------------------------
+
+def fill_adapter(layer: nn.Module, name: str, gen: torch.Generator, *, scale: float = 1.0) -> None:
+    """Overwrite an adapter's tensors (read through ``adapter_parameters``) with seeded random values.
+
+    LoRA: ``A ~ N(0, 1/in)``, ``B ~ N(0, 1/r) * 0.2 * scale``, ``b_B ~ N(0, 0.01)``; OFT: the
+    upper-triangle parameters ``~ N(0, 0.05 * scale)``. Checks use it so that the adapter is
+    non-trivial whatever the implementation's own initialisation is.
+    """
+    tensors = layer.adapter_parameters(name)
+    with torch.no_grad():
+        for key, p in tensors.items():
+            if key == "lora_A.weight":
+                v = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
+            elif key == "lora_B.weight":
+                v = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5 * 0.2 * scale
+            elif key == "lora_B.bias":
+                v = torch.randn(p.shape, generator=gen) * 0.1
+            elif key == "oft_R.weight":
+                v = torch.randn(p.shape, generator=gen) * 0.05 * scale
+            else:
+                continue
+            p.copy_(v.to(device=p.device, dtype=p.dtype))
+
+
+def set_skew_norm(layer: nn.Module, name: str, block_size: int, norm2: float, gen: torch.Generator) -> float:
+    """Random OFT parameters scaled so every block's ``||Q||_2`` equals ``norm2``; returns the largest
+    ``||Q||_2`` of what the layer stores (after rounding to its dtype)."""
+    p = layer.adapter_parameters(name)["oft_R.weight"]
+    v = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+    s = torch.linalg.matrix_norm(cayley.skew(v, block_size), ord=2)
+    v = v * (norm2 / s)[:, None]
+    with torch.no_grad():
+        p.copy_(v.to(device=p.device, dtype=p.dtype))
+    q = cayley.skew(p.detach().double().cpu(), block_size)
+    return float(torch.linalg.matrix_norm(q, ord=2).max())

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from . import cases
 
-WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_DTYPES = cases.WEIGHT_DTYPES
 
 
 def cpu_blocksize_ok(in_features: int, blocksize: int) -> bool:

@@ -1,7 +1,7 @@
 """Merge/unmerge clauses: merged forward, round trip and repeated cycles within analytic bounds; warnings;
 bookkeeping (twice, nothing merged, several adapters, subsets); lora_bias; requantization settings.
 
-Numbers come from ``conformance.spec.oracle`` (float64 value + bound); every bound that involves a
+Numbers come from ``conformance.numerics`` (float64 value + bound, observed/bound ratio); every bound that involves a
 requantization uses ``conformance.quant.weight_bound`` of the layer state *after* it (seed 001:
 merge = dequantize -> apply -> requantize with the original settings).
 """
@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conformance.harness.context import CheckContext
-from conformance.quant import layers as ql
-from conformance.quant.bounds import weight_bound
-from conformance.spec import cases, oracle, strategies
+from conformance import numerics
+from conformance.quant import bounds as qbounds
+from conformance.quant import layers as qlayers
+from conformance.spec import cases, strategies
 from conformance.spec.catalog.merge import CYCLES
 from conformance.spec.clauses import check
 from conformance.spec.observe import recorded_warnings, warning_texts
+
+if TYPE_CHECKING:
+    from conformance.harness.context import CheckContext  # the spec never imports the harness at run time
 
 
 def _property(ctx: CheckContext, max_examples: int) -> Callable[[Callable[..., None]], Callable[[], None]]:
@@ -53,22 +56,22 @@ def _build(ctx: CheckContext, method: str, case: cases.BaseCase, params: dict[st
            seed: int = 0) -> torch.nn.Module:
     base = ctx.make_base(case.in_features, case.out_features, seed=ctx.seed + seed % 1000, **case.kwargs())
     layer = ctx.make_layer(base, method, adapter_name=name, **params)
-    oracle.fill_adapter(layer, name, ctx.generator(seed))
+    cases.fill_adapter(layer, name, ctx.generator(seed))
     return layer
 
 
 def _merged_expected(layer: torch.nn.Module, method: str, name: str, params: dict[str, Any], x: torch.Tensor,
-                     w0: torch.Tensor, b0: torch.Tensor | None) -> tuple[oracle.Expected, torch.Tensor]:
+                     w0: torch.Tensor, b0: torch.Tensor | None) -> tuple[numerics.Expected, torch.Tensor]:
     """Expected merged-layer output and the bound on |W_merged - target| (requantization + arithmetic)."""
-    wt, we, bt, be = oracle.merge_target(layer, method, name, params, w0, b0)
-    err = weight_bound(layer.base_layer) + we
-    return oracle.linear_expected(layer.base_layer, x, x.dtype, weight=wt, weight_err=err, bias=bt,
+    wt, we, bt, be = numerics.merge_target(layer, method, name, params, w0, b0)
+    err = qbounds.weight_bound(layer.base_layer) + we
+    return numerics.linear_expected(layer.base_layer, x, x.dtype, weight=wt, weight_err=err, bias=bt,
                                   bias_err=be), err
 
 
 @check("MERGE-FORWARD-BOUND")
 def check_merge_forward(ctx: CheckContext) -> None:
-    @_property(ctx, 24)
+    @_property(ctx, ctx.budget.property_examples)
     @given(data=st.data())
     def prop(data: st.DataObject) -> None:
         method, bits, case, params = _draw_case(ctx, data)
@@ -76,9 +79,9 @@ def check_merge_forward(ctx: CheckContext) -> None:
         layer = _build(ctx, method, case, params, seed=_seed(label))
         x = ctx.randn(5, case.in_features, dtype=case.compute_dtype, offset=1)
         with torch.no_grad():
-            exp_u = oracle.expected(layer, method, "default", params, x)
+            exp_u = numerics.layer_expected(layer, method, "default", params, x)
             y_u = layer(x)
-            w0, b0 = oracle.base_weights(layer.base_layer)
+            w0, b0 = numerics.base_weights(layer.base_layer)
             with recorded_warnings():
                 layer.merge()
             ctx.check(bool(layer.merged), f"{label}: merged is False after merge()")
@@ -92,7 +95,7 @@ def check_merge_forward(ctx: CheckContext) -> None:
         ctx.bounded(f"ratio.merged.{fam}", r_m,
                     lambda: f"{label}: merged forward outside the bound of one requantization {exp_m.describe(y_m)}")
         gap = (y_m.double() - y_u.double()).abs().cpu().reshape(exp_u.bound.shape)
-        r = float((gap / (exp_u.bound + exp_m.bound)).max())
+        r = numerics.max_ratio(gap, exp_u.bound + exp_m.bound)
         ctx.bounded(f"ratio.merged_vs_unmerged.{fam}", r, lambda: (
             f"{label}: merged vs unmerged output differ by {gap.max():.3g}, beyond the sum of their bounds "
             f"(ratio {r:.3g})"))
@@ -105,19 +108,18 @@ def _roundtrip(ctx: CheckContext, layer: torch.nn.Module, method: str, params: d
     """merge + unmerge; returns (|W2 - W0| bound, W2, b2) after checking the bookkeeping."""
     with recorded_warnings():
         layer.merge()
-    wt, we, bt, be = oracle.merge_target(layer, method, "default", params, w0, b0)
-    first = weight_bound(layer.base_layer) + we
-    w1, b1 = oracle.base_weights(layer.base_layer)
+    wt, we, bt, be = numerics.merge_target(layer, method, "default", params, w0, b0)
+    first = qbounds.weight_bound(layer.base_layer) + we
+    w1, b1 = numerics.base_weights(layer.base_layer)
     with recorded_warnings():
         layer.unmerge()
     ctx.check(not layer.merged and list(layer.merged_adapters) == [],
               f"{label}: after unmerge() merged={layer.merged}, merged_adapters={list(layer.merged_adapters)}")
-    bound = oracle.roundtrip_bound(layer, method, "default", params, first, w1, weight_bound(layer.base_layer))
-    w2, b2 = oracle.base_weights(layer.base_layer)
+    bound = numerics.roundtrip_bound(layer, method, "default", params, first, w1, qbounds.weight_bound(layer.base_layer))
+    w2, b2 = numerics.base_weights(layer.base_layer)
     if b0 is not None and b1 is not None and be is not None:
-        u_b = 2 * oracle.qb.unit_roundoff(layer.base_layer.bias.dtype)
-        bias_bound = 2 * be + u_b * b0.abs()
-        if not bool(((b2 - b0).abs() <= bias_bound).all()):
+        bias_bound = numerics.bias_roundtrip_bound(b0, be, layer.base_layer.bias.dtype)
+        if not numerics.observed(b2, b0, bias_bound) <= 1.0:
             ctx.fail(f"{label}: bias after merge+unmerge differs from the original by "
                      f"{(b2 - b0).abs().max():.3g} > bound {bias_bound.max():.3g}")
     return bound, w2, b2
@@ -125,7 +127,7 @@ def _roundtrip(ctx: CheckContext, layer: torch.nn.Module, method: str, params: d
 
 @check("MERGE-ROUNDTRIP")
 def check_roundtrip(ctx: CheckContext) -> None:
-    @_property(ctx, 24)
+    @_property(ctx, ctx.budget.property_examples)
     @given(data=st.data())
     def prop(data: st.DataObject) -> None:
         method, bits, case, params = _draw_case(ctx, data)
@@ -134,13 +136,11 @@ def check_roundtrip(ctx: CheckContext) -> None:
         label = _label(method, case, params)
         layer = _build(ctx, method, case, params, seed=_seed(label))
         with torch.no_grad():
-            w0, b0 = oracle.base_weights(layer.base_layer)
+            w0, b0 = numerics.base_weights(layer.base_layer)
             bound, w2, _ = _roundtrip(ctx, layer, method, params, label, w0, b0)
-        rel = (w2 - w0).abs() / bound
-        ratio = float(rel.max())
+        ratio, i = numerics.worst((w2 - w0).abs(), bound)
 
         def moved() -> str:
-            i = int(rel.flatten().argmax())
             return (f"{label}: merge+unmerge moved weight {divmod(i, w0.shape[1])} by "
                     f"{(w2 - w0).abs().flatten()[i]:.3g} > bound {bound.flatten()[i]:.3g} (ratio {ratio:.3g})")
 
@@ -162,7 +162,7 @@ def check_cycles(ctx: CheckContext) -> None:
             label = _label(method, case, params)
             layer = _build(ctx, method, case, params, seed=_seed(label))
             with torch.no_grad():
-                w0, b0 = oracle.base_weights(layer.base_layer)
+                w0, b0 = numerics.base_weights(layer.base_layer)
                 w_prev, b_prev = w0, b0
                 total = torch.zeros_like(w0)
                 first = None
@@ -172,9 +172,9 @@ def check_cycles(ctx: CheckContext) -> None:
                     first = bound if first is None else first
                     drift = (w_k - w0).abs()
                     fam = f"{method}.{case.label.split('-b')[0]}"
-                    ctx.measure_max(f"drift_over_cycle1_bound.{fam}.k{k}", float((drift / first).max()))
+                    ctx.measure_max(f"drift_over_cycle1_bound.{fam}.k{k}", numerics.max_ratio(drift, first))
                     ctx.measure_max(f"drift_max.{fam}.k{k}", float(drift.max()))
-                    ratio = float((drift / total).max())
+                    ratio = numerics.max_ratio(drift, total)
                     ctx.bounded(f"ratio.cycles.{method}.{bits}bit", ratio, lambda: (
                         f"{label}: after {k} merge/unmerge cycles the weight drifted {drift.max():.3g}, beyond "
                         f"the sum of {k} cycle bounds (ratio {ratio:.3g})"))
@@ -213,12 +213,12 @@ def check_merge_twice(ctx: CheckContext) -> None:
         layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
         with recorded_warnings():
             layer.merge()
-        snap = ql.snapshot(layer.base_layer)
+        snap = qlayers.snapshot(layer.base_layer)
         before = list(layer.merged_adapters)
         got = _merge_warnings(layer)
         label = f"{method} {bits}-bit"
         ctx.check(any("already" in w.lower() for w in got), f"{label}: second merge() did not warn; warnings: {got}")
-        diff = snap.differences(ql.snapshot(layer.base_layer))
+        diff = snap.differences(qlayers.snapshot(layer.base_layer))
         ctx.check(diff == [], f"{label}: second merge() changed the base layer ({diff})")
         ctx.check(list(layer.merged_adapters) == before,
                   f"{label}: merged_adapters {before} -> {list(layer.merged_adapters)} after a second merge()")
@@ -228,22 +228,15 @@ def check_merge_twice(ctx: CheckContext) -> None:
 def check_unmerge_nothing(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
-        snap = ql.snapshot(layer.base_layer)
+        snap = qlayers.snapshot(layer.base_layer)
         with recorded_warnings() as caught:
             layer.unmerge()
         got = warning_texts(caught)
         label = f"{method} {bits}-bit"
         ctx.check(any("unmerged" in w.lower() or "nothing" in w.lower() for w in got),
                   f"{label}: unmerge() with nothing merged did not warn; warnings: {got}")
-        diff = snap.differences(ql.snapshot(layer.base_layer))
+        diff = snap.differences(qlayers.snapshot(layer.base_layer))
         ctx.check(diff == [], f"{label}: unmerge() with nothing merged changed the base layer ({diff})")
-
-
-def _hypothetical_requant_bound(base: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """weight_bound of ``base``'s settings applied to ``weight`` (an intermediate state a check cannot see)."""
-    probe = ql.clone_layer(base)
-    ql.requantize(probe, weight.float())
-    return weight_bound(probe)
 
 
 @check("MERGE-MULTI")
@@ -255,41 +248,41 @@ def check_merge_multi(ctx: CheckContext) -> None:
         # large OFT rotations: the merged order must match the forward order (rotations do not commute)
         scale = 6.0 if method == "oft" else 1.0
         layer = _build(ctx, method, case, dict(acase.params), seed=5)
-        oracle.fill_adapter(layer, "default", ctx.generator(5), scale=scale)
+        cases.fill_adapter(layer, "default", ctx.generator(5), scale=scale)
         layer.add_adapter("second", **acase.params)
-        oracle.fill_adapter(layer, "second", ctx.generator(6), scale=scale)
+        cases.fill_adapter(layer, "second", ctx.generator(6), scale=scale)
         layer.set_adapter(["default", "second"])
         x = ctx.randn(4, case.in_features, offset=2)
         with torch.no_grad():
             y_u = layer(x)
-            w0, b0 = oracle.base_weights(layer.base_layer)
-            ta = oracle.merge_target(layer, method, "default", acase.params, w0, b0)
-            tb = oracle.merge_target(layer, method, "second", acase.params, w0, b0)
+            w0, b0 = numerics.base_weights(layer.base_layer)
+            ta = numerics.merge_target(layer, method, "default", acase.params, w0, b0)
+            tb = numerics.merge_target(layer, method, "second", acase.params, w0, b0)
             if method == "lora":
                 target = w0 + (ta[0] - w0) + (tb[0] - w0)
                 # either order: first requantization of W0 + delta_first, then arithmetic of both
-                inter = torch.maximum(_hypothetical_requant_bound(layer.base_layer, ta[0]),
-                                      _hypothetical_requant_bound(layer.base_layer, tb[0]))
-                arith = ta[1] + tb[1] + oracle.U32 * target.abs()
+                inter = torch.maximum(numerics.hypothetical_requant_bound(layer.base_layer, ta[0]),
+                                      numerics.hypothetical_requant_bound(layer.base_layer, tb[0]))
+                arith = ta[1] + tb[1] + numerics.U32 * target.abs()
             else:
-                n_blocks, bs = oracle.oft_layout(case.in_features, acase.params)
-                ra = oracle.oft_rotation(layer.adapter_parameters("default"), n_blocks, bs)
-                rb = oracle.oft_rotation(layer.adapter_parameters("second"), n_blocks, bs)
+                n_blocks, bs = numerics.oft_layout(case.in_features, acase.params)
+                ra = numerics.oft_rotation(layer.adapter_parameters("default"), n_blocks, bs)
+                rb = numerics.oft_rotation(layer.adapter_parameters("second"), n_blocks, bs)
                 # forward order: x R_a R_b  =>  merged weight W0 (R_a R_b)^T = (W0 R_b^T) R_a^T
                 target = w0 @ (ra @ rb).t()
                 # the intermediate requantization (and first arithmetic) error passes through the
                 # second rotation; the order an implementation merges in is its own business
                 inter = torch.maximum(
-                    (_hypothetical_requant_bound(layer.base_layer, tb[0]) + tb[1]) @ ra.t().abs(),
-                    (_hypothetical_requant_bound(layer.base_layer, ta[0]) + ta[1]) @ rb.t().abs())
-                arith = ta[1] + tb[1] + oracle.U32 * target.abs()
+                    (numerics.hypothetical_requant_bound(layer.base_layer, tb[0]) + tb[1]) @ ra.t().abs(),
+                    (numerics.hypothetical_requant_bound(layer.base_layer, ta[0]) + ta[1]) @ rb.t().abs())
+                arith = ta[1] + tb[1] + numerics.U32 * target.abs()
             with recorded_warnings():
                 layer.merge()
             merged = list(layer.merged_adapters)
             ctx.check(sorted(merged) == ["default", "second"],
                       f"{label}: merged_adapters after merge() is {merged}, expected both adapters once")
-            err = weight_bound(layer.base_layer) + arith + inter
-            exp_m = oracle.linear_expected(layer.base_layer, x, x.dtype, weight=target, weight_err=err)
+            err = qbounds.weight_bound(layer.base_layer) + arith + inter
+            exp_m = numerics.linear_expected(layer.base_layer, x, x.dtype, weight=target, weight_err=err)
             y_m = layer(x)
         ctx.bounded(f"ratio.multi.{method}.{bits}bit", exp_m.ratio(y_m), lambda: (
             f"{label}: merged output is not the stacked adapters' output: {exp_m.describe(y_m)} "
@@ -303,11 +296,11 @@ def check_merge_subset(ctx: CheckContext) -> None:
         case = cases.BaseCase(bits)
         layer = _build(ctx, method, case, dict(acase.params), seed=7)
         layer.add_adapter("other", **acase.params)
-        oracle.fill_adapter(layer, "other", ctx.generator(8))
+        cases.fill_adapter(layer, "other", ctx.generator(8))
         label = f"{method} {bits}-bit, active ['default'], merge(adapter_names=['other'])"
         x = ctx.randn(4, case.in_features, offset=3)
         with torch.no_grad():
-            w0, b0 = oracle.base_weights(layer.base_layer)
+            w0, b0 = numerics.base_weights(layer.base_layer)
             with recorded_warnings():
                 layer.merge(adapter_names=["other"])
             ctx.check(list(layer.merged_adapters) == ["other"],
@@ -330,19 +323,19 @@ def check_lora_bias(ctx: CheckContext) -> None:
             x = ctx.randn(4, case.in_features, dtype=dt, offset=4)
             with torch.no_grad():
                 _ = layer(x)  # settles the bias dtype (bnb 8-bit casts it to the input dtype)
-                w0, b0 = oracle.base_weights(layer.base_layer)
+                w0, b0 = numerics.base_weights(layer.base_layer)
                 with recorded_warnings():
                     layer.merge()
-                _, _, bt, be = oracle.merge_target(layer, "lora", "default", params, w0, b0)
-                _, b1 = oracle.base_weights(layer.base_layer)
+                _, _, bt, be = numerics.merge_target(layer, "lora", "default", params, w0, b0)
+                _, b1 = numerics.base_weights(layer.base_layer)
                 assert bt is not None and be is not None and b1 is not None
                 def unscaled() -> str:
                     bb = layer.adapter_parameters("default")["lora_B.bias"].detach().double().cpu()
-                    return (f"{label}: merged bias is not b + scaling*b_B (scaling {oracle.lora_scaling(params)}): "
+                    return (f"{label}: merged bias is not b + scaling*b_B (scaling {numerics.lora_scaling(params)}): "
                             f"max |diff| {(b1 - bt).abs().max():.3g} > bound {be.max():.3g}; "
                             f"|b_merged - (b + b_B)| = {float((b1 - (b0 + bb)).abs().max()):.3g}")
 
-                ctx.bounded(f"ratio.bias.{bits}bit", float(((b1 - bt).abs() / be).max()), unscaled)
+                ctx.bounded(f"ratio.bias.{bits}bit", numerics.observed(b1, bt, be), unscaled)
 
 
 @check("MERGE-KEEPS-QUANT-SETTINGS")
@@ -357,12 +350,12 @@ def check_keeps_settings(ctx: CheckContext) -> None:
             variants = [cases.BaseCase(8)]
         for case in variants:
             layer = _build(ctx, method, case, dict(acase.params))
-            before = ql.quant_settings(layer.base_layer)
+            before = qlayers.quant_settings(layer.base_layer)
             cls = type(layer.base_layer)
             for step in ("merge", "unmerge"):
                 with recorded_warnings():
                     getattr(layer, step)()
-                after = ql.quant_settings(layer.base_layer)
+                after = qlayers.quant_settings(layer.base_layer)
                 label = f"{method} on {case.label} after {step}()"
                 ctx.check(type(layer.base_layer) is cls,
                           f"{label}: base layer became {type(layer.base_layer).__name__}, was {cls.__name__}")

@@ -1,7 +1,9 @@
 """OFT rotation math: exact Cayley transform, orthogonality, Neumann convergence, COFT radius, block sharing.
 
-All tolerances are derived (``conformance.spec.oracle.rotation_error``: LU backward error of the
-solve; ``neumann_rounding``: Frobenius-norm error propagation through the power series), never fitted.
+All tolerances are derived in ``conformance.numerics.cayley`` (``rotation_error``: LU backward error of
+the solve; ``neumann_rounding``: Frobenius-norm error propagation through the power series;
+``orthogonality_bound``, ``coft_bound``), never fitted; the exact rotation is computed there in float64,
+independently of the reference's code.
 
 Cayley: ``R = (I - Q)(I + Q)^{-1}`` for skew-symmetric ``Q`` (OFT paper code ``cayley_batch``, PEFT's
 exact path). Its Neumann approximation with n terms, ``(I - Q) sum_{k=0}^{n-2} (-Q)^k``, differs from
@@ -11,16 +13,18 @@ exact path). Its Neumann approximation with n terms, ``(I - Q) sum_{k=0}^{n-2} (
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from conformance.harness.context import CheckContext
-from conformance.quant import bounds as qb
-from conformance.reference import rotation
-from conformance.spec import oracle
+from conformance import numerics
+from conformance.spec import cases
 from conformance.spec.clauses import check
 
-IN_FEATURES = 64
+if TYPE_CHECKING:
+    from conformance.harness.context import CheckContext  # the spec never imports the harness at run time
+
+IN_FEATURES = cases.OFT_IN_FEATURES
 
 
 def _blocks(r: torch.Tensor, n_blocks: int, size: int) -> tuple[torch.Tensor, float]:
@@ -42,24 +46,24 @@ def _delta(layer: torch.nn.Module) -> torch.Tensor:
         return layer.get_delta_weight("default")
 
 
-NORMS = (0.1, 1.0, 4.0)  # ||Q||_2 per block: small, moderate, large rotations
+NORMS = cases.OFT_SKEW_NORMS
 
 
 @check("OFT-CAYLEY-EXACT")
 def check_cayley_exact(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
-        for bs in (4, 8, 16):
+        for bs in cases.OFT_BLOCK_SIZES:
             for norm in NORMS:
                 layer = _oft_layer(ctx, bits, bs)
-                oracle.set_skew_norm(layer, "default", bs, norm, ctx.generator(bs))
+                cases.set_skew_norm(layer, "default", bs, norm, ctx.generator(bs))
                 tensors = layer.adapter_parameters("default")
                 blocks, off = _blocks(_delta(layer), IN_FEATURES // bs, bs)
                 label = f"oft {bits}-bit block size {bs}, ||Q||_2 = {norm}"
                 ctx.check(off == 0.0, f"{label}: get_delta_weight has off-block entries (max {off:.3g})")
-                exact = oracle.oft_blocks(tensors, bs)
-                delta = oracle.rotation_error(tensors, bs)
+                exact = numerics.oft_blocks(tensors, bs)
+                delta = numerics.rotation_error(tensors, bs)
                 err = torch.linalg.matrix_norm(blocks - exact, ord="fro")
-                ctx.bounded(f"ratio.b{bs}", float((err / delta).max()), lambda: (
+                ctx.bounded(f"ratio.b{bs}", numerics.max_ratio(err, delta), lambda: (
                     f"{label}: rotation differs from (I-Q)(I+Q)^-1 by {err.max():.3g} (Frobenius) > bound "
                     f"{delta.max():.3g}; distance to the transpose (I+Q)(I-Q)^-1: "
                     f"{torch.linalg.matrix_norm(blocks - exact.transpose(-2, -1), ord='fro').max():.3g}"))
@@ -68,48 +72,33 @@ def check_cayley_exact(ctx: CheckContext) -> None:
 @check("OFT-ORTHOGONAL")
 def check_orthogonal(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
-        for bs in (4, 8, 16):
+        for bs in cases.OFT_BLOCK_SIZES:
             for norm in NORMS:
                 layer = _oft_layer(ctx, bits, bs)
-                oracle.set_skew_norm(layer, "default", bs, norm, ctx.generator(bs + 1))
+                cases.set_skew_norm(layer, "default", bs, norm, ctx.generator(bs + 1))
                 blocks, _ = _blocks(_delta(layer), IN_FEATURES // bs, bs)
-                d = oracle.rotation_error(layer.adapter_parameters("default"), bs)
+                d = numerics.rotation_error(layer.adapter_parameters("default"), bs)
                 eye = torch.eye(bs, dtype=torch.float64)
                 defect = torch.linalg.matrix_norm(blocks.transpose(-2, -1) @ blocks - eye, ord="fro")
-                # plus the float64 evaluation of R^T R (gamma_b(u64) ||R||_F^2)
-                bound = 2 * d + d * d + qb.gamma(bs, qb.unit_roundoff(torch.float64)) * (math.sqrt(bs) + d) ** 2
-                ctx.bounded(f"ratio.b{bs}", float((defect / bound).max()), lambda: (
+                bound = numerics.orthogonality_bound(d, bs)
+                ctx.bounded(f"ratio.b{bs}", numerics.max_ratio(defect, bound), lambda: (
                     f"oft {bits}-bit block size {bs}, ||Q||_2 = {norm}: ||R^T R - I||_F = "
                     f"{defect.max():.3g} > bound {bound.max():.3g}"))
 
 
-def neumann_rounding(q2: float, qf: float, b: int, n: int, dtype: torch.dtype) -> float:
-    """Bound on ||fl(series) - series||_F for an n-term Cayley-Neumann series computed in ``dtype``.
-
-    Powers ``Q^k`` by k-1 products (``||fl(AB) - AB||_F <= gamma_b ||A||_F ||B||_F``), coefficients
-    at most 2, n additions of partial sums bounded by ``M = sqrt(b) + 2 sum_k qf^k``, one final
-    product with ``I +- Q`` (``||I +- Q||_2 = sqrt(1 + q2^2)``).
-    """
-    u = qb.unit_roundoff(dtype)
-    g = qb.gamma(b, u)
-    m = math.sqrt(b) + 2 * sum(qf**k for k in range(1, n + 1))
-    err_s = sum(2 * (k - 1) * g * (1 + g) ** k * qf**k for k in range(2, n + 1)) + n * u * m
-    return math.sqrt(1 + q2 * q2) * err_s + g * (math.sqrt(b) + qf) * m + u * m
-
-
-NEUMANN_TERMS = tuple(range(2, 9))
+NEUMANN_TERMS = cases.NEUMANN_TERMS
 
 
 @check("OFT-NEUMANN-CONVERGES")
 def check_neumann(ctx: CheckContext) -> None:
-    bs = 8
+    bs = cases.NEUMANN_BLOCK_SIZE
     for _, bits in ctx.cases():
         exact_layer = _oft_layer(ctx, bits, bs)
-        q2 = oracle.set_skew_norm(exact_layer, "default", bs, 0.5, ctx.generator(21))
+        q2 = cases.set_skew_norm(exact_layer, "default", bs, 0.5, ctx.generator(21))
         params = exact_layer.adapter_parameters("default")["oft_R.weight"].detach().clone()
-        q = rotation.skew(params.double().cpu(), bs)
+        q = numerics.skew(params.double().cpu(), bs)
         qf = float(torch.linalg.matrix_norm(q, ord="fro").max())
-        exact = oracle.oft_blocks({"oft_R.weight": params}, bs)
+        exact = numerics.oft_blocks({"oft_R.weight": params}, bs)
         errors = []
         for n in NEUMANN_TERMS:
             layer = _oft_layer(ctx, bits, bs, use_cayley_neumann=True, num_cayley_neumann_terms=n)
@@ -118,7 +107,7 @@ def check_neumann(ctx: CheckContext) -> None:
             blocks, _ = _blocks(_delta(layer), IN_FEATURES // bs, bs)
             err = float(torch.linalg.matrix_norm(blocks - exact, ord=2).max())
             errors.append(err)
-            bound = q2 ** (n - 1) + neumann_rounding(q2, qf, bs, n, params.dtype)
+            bound = numerics.neumann_bound(q2, qf, bs, n, params.dtype)
             ctx.measure(f"error.{bits}bit.n{n}", err)
             ctx.measure(f"bound.{bits}bit.n{n}", bound)
             if not err <= bound:
@@ -133,20 +122,19 @@ def check_neumann(ctx: CheckContext) -> None:
 @check("OFT-COFT-RADIUS")
 def check_coft(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
-        for bs in (8, 16):
+        for bs in cases.COFT_BLOCK_SIZES:
             eps = 0.05
             layer = _oft_layer(ctx, bits, bs, coft=True, eps=eps)
-            oracle.fill_adapter(layer, "default", ctx.generator(31), scale=20.0)  # far outside the ball
+            cases.fill_adapter(layer, "default", ctx.generator(31), scale=20.0)  # far outside the ball
             n_blocks = IN_FEATURES // bs
             with torch.no_grad():
                 layer(ctx.randn(2, IN_FEATURES))  # PEFT projects in forward
             blocks, _ = _blocks(_delta(layer), n_blocks, bs)
             radius = eps / math.sqrt(n_blocks)
-            u = qb.unit_roundoff(torch.float32)
-            d = oracle.rotation_error(layer.adapter_parameters("default"), bs)
-            bound = 2 * radius * (1 + qb.gamma(bs * bs + 4, u)) + d
+            d = numerics.rotation_error(layer.adapter_parameters("default"), bs)
+            bound = numerics.coft_bound(radius, bs, d)
             dist = torch.linalg.matrix_norm(blocks - torch.eye(bs, dtype=torch.float64), ord="fro")
-            ctx.bounded(f"ratio.b{bs}", float((dist / bound).max()), lambda: (
+            ctx.bounded(f"ratio.b{bs}", numerics.max_ratio(dist, bound), lambda: (
                 f"oft {bits}-bit block size {bs}, coft eps={eps}: ||R_b - I||_F = {dist.max():.3g} > "
                 f"2 eps/sqrt({n_blocks}) + rounding = {bound.max():.3g}"))
 
@@ -154,10 +142,10 @@ def check_coft(ctx: CheckContext) -> None:
 @check("OFT-BLOCK-SHARE")
 def check_block_share(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
-        for bs in (4, 8, 16):
+        for bs in cases.OFT_BLOCK_SIZES:
             base = ctx.make_base(IN_FEATURES, 48, bits=bits)
             layer = ctx.make_layer(base, "oft", r=0, oft_block_size=bs, block_share=True, init_weights=False)
-            oracle.fill_adapter(layer, "default", ctx.generator(41), scale=4.0)
+            cases.fill_adapter(layer, "default", ctx.generator(41), scale=4.0)
             blocks, off = _blocks(_delta(layer), IN_FEATURES // bs, bs)
             rows = layer.adapter_parameters("default")["oft_R.weight"].shape[0]
             ctx.measure(f"param_rows.b{bs}", rows)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from conformance.harness.context import CheckContext
 from conformance.quant import layers as qlayers
 from conformance.spec.clauses import check
 
 from ..cases import adapter_cases
+
+if TYPE_CHECKING:
+    from conformance.harness.context import CheckContext  # the spec never imports the harness at run time
 
 _REQUIRED = ("forward", "merge", "unmerge", "get_delta_weight", "add_adapter", "set_adapter", "adapter_parameters")
 _KEYS = {"lora": {"lora_A.weight", "lora_B.weight"}, "oft": {"oft_R.weight"}}

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from conformance.harness.context import CheckContext
-from conformance.quant import layers as ql
-from conformance.quant.bounds import weight_bound
-from conformance.spec import cases, oracle
+from conformance import numerics
+from conformance.quant import bounds as qbounds
+from conformance.quant import layers as qlayers
+from conformance.spec import cases
 from conformance.spec.clauses import check
 from conformance.spec.observe import recorded_warnings, warning_texts
 
-POISONS = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
+if TYPE_CHECKING:
+    from conformance.harness.context import CheckContext  # the spec never imports the harness at run time
+
+POISONS = cases.POISONS
 
 
 def nan_message(adapter: str) -> str:
@@ -56,7 +59,7 @@ def _layer(ctx: CheckContext, method: str, case: cases.BaseCase, name: str = "br
         params.pop("lora_bias")
     base = ctx.make_base(case.in_features, case.out_features, **case.kwargs())
     layer = ctx.make_layer(base, method, adapter_name=name, **params)
-    oracle.fill_adapter(layer, name, ctx.generator(11))
+    cases.fill_adapter(layer, name, ctx.generator(11))
     return layer
 
 
@@ -76,7 +79,7 @@ def check_safe_merge(ctx: CheckContext) -> None:
         if not _poison(layer, "broken", key, POISONS[poison]):
             continue
         label = f"{method} on {case.label}, {key}[0] = {poison}"
-        snap = ql.snapshot(layer.base_layer)
+        snap = qlayers.snapshot(layer.base_layer)
         try:
             with recorded_warnings():
                 layer.merge(safe_merge=True)
@@ -88,7 +91,7 @@ def check_safe_merge(ctx: CheckContext) -> None:
             ctx.fail(f"{label}: merge(safe_merge=True) raised {type(exc).__name__}: {exc}; expected ValueError")
         else:
             ctx.fail(f"{label}: merge(safe_merge=True) did not raise (merged={layer.merged})")
-        diff = snap.differences(ql.snapshot(layer.base_layer))
+        diff = snap.differences(qlayers.snapshot(layer.base_layer))
         ctx.check(diff == [], f"{label}: the failed safe merge modified the base layer: {diff}")
         ctx.check(not layer.merged and list(layer.merged_adapters) == [],
                   f"{label}: after the refused merge merged={layer.merged}, "
@@ -103,13 +106,13 @@ def check_other_adapter(ctx: CheckContext) -> None:
         params.pop("lora_bias", None)  # lora_bias has its own clause (SAFE-MERGE-FINITE-BIAS)
         base = ctx.make_base(case.in_features, case.out_features, **case.kwargs())
         layer = ctx.make_layer(base, method, adapter_name="broken", **params)
-        oracle.fill_adapter(layer, "broken", ctx.generator(11))
+        cases.fill_adapter(layer, "broken", ctx.generator(11))
         layer.add_adapter("good", **params)
-        oracle.fill_adapter(layer, "good", ctx.generator(12))
+        cases.fill_adapter(layer, "good", ctx.generator(12))
         _poison(layer, "broken", _keys(method)[0], math.nan)
         label = f"{method} {bits}-bit"
         with torch.no_grad():
-            w0, b0 = oracle.base_weights(layer.base_layer)
+            w0, b0 = numerics.base_weights(layer.base_layer)
             try:
                 with recorded_warnings():
                     layer.merge(safe_merge=True, adapter_names=["broken"])
@@ -121,10 +124,10 @@ def check_other_adapter(ctx: CheckContext) -> None:
                 layer.merge(safe_merge=True, adapter_names=["good"])
             ctx.check(list(layer.merged_adapters) == ["good"],
                       f"{label}: merged_adapters is {list(layer.merged_adapters)} after merging 'good'")
-            wt, we, _, _ = oracle.merge_target(layer, method, "good", params, w0, b0)
-            w1, _ = oracle.base_weights(layer.base_layer)
-            bound = weight_bound(layer.base_layer) + we
-        r = float(((w1 - wt).abs() / bound).max())
+            wt, we, _, _ = numerics.merge_target(layer, method, "good", params, w0, b0)
+            w1, _ = numerics.base_weights(layer.base_layer)
+            bound = qbounds.weight_bound(layer.base_layer) + we
+        r = numerics.observed(w1, wt, bound)
         ctx.bounded(f"ratio.{method}.{bits}bit", r,
                     lambda: f"{label}: weights after merging 'good' are off by ratio {r:.3g} of the bound")
 
@@ -144,7 +147,7 @@ def check_finite_bias(ctx: CheckContext) -> None:
                          f"{type(exc).__name__}: {exc}")
             ctx.check(list(layer.merged_adapters) == ["good"],
                       f"lora {bits}-bit: merged_adapters {list(layer.merged_adapters)} after merge(safe_merge={safe})")
-            snaps.append(ql.snapshot(layer.base_layer))
+            snaps.append(qlayers.snapshot(layer.base_layer))
         diff = snaps[0].differences(snaps[1])
         ctx.check(diff == [], f"lora {bits}-bit, lora_bias=True: safe and unsafe merge disagree on {diff}")
 

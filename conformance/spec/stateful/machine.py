@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 from torch import nn
 
+from conformance import numerics
 from conformance.harness.loader import BUILTIN
 from conformance.quant import layers as ql
-from conformance.spec import oracle
 
 # -- clauses ---------------------------------------------------------------------------------------
 from conformance.spec.catalog.stateful import (
@@ -423,7 +423,7 @@ class Driver:
         if diff:
             self._fail(BASE, f"{where}the base layer's packed bytes / quant state changed ({', '.join(diff)}) "
                              "although no merge or unmerge happened")
-        w, b = oracle.base_weights(base)
+        w, b = numerics.base_weights(base)
         if not w.equal(self.model.w):
             self._fail(BASE, f"{where}dequantize() of the base layer gives other weights than before "
                              f"(max |diff| {float((w - self.model.w).abs().max()):.3g})")
@@ -454,7 +454,7 @@ class Driver:
         """Check one merge/unmerge call that requantized once per name, then adopt the stored weights."""
         base = self.layer.base_layer
         try:
-            w_act, b_act = oracle.base_weights(base)
+            w_act, b_act = numerics.base_weights(base)
         except Exception as exc:
             self._fail(MERGE, f"after {what} the base layer cannot be dequantized: {exc}")
         if ql.quant_settings(base) != self._settings:
@@ -711,7 +711,7 @@ class Driver:
             self._fail(ADAPTERS, f"state_dict round trip: keys missing in the saved state {missing}, unexpected "
                                  f"{list(res.unexpected_keys)}")
         self.layer = fresh
-        self.model.w, self.model.b = oracle.base_weights(fresh.base_layer)
+        self.model.w, self.model.b = numerics.base_weights(fresh.base_layer)
         if not self.model.w.equal(self.model.w_orig):
             self._fail(BASE, "a fresh base built with the same settings dequantizes to other weights than the "
                              "original one")

@@ -3,7 +3,7 @@
 The model holds what the layer *should* be: the dequantized base weights and bias (float64, exactly
 what the base layer stores now), the adapters (their tensors, copied bit for bit in their dtype),
 which adapters are active / merged, whether adapters are disabled and the train/eval mode. It
-gives, for an input, the expected output and its analytic bound (``conformance.spec.oracle``:
+gives, for an input, the expected output and its analytic bound (``conformance.numerics``:
 ``weight_bound``/``matmul_rounding_bound`` based, never a magic tolerance).
 
 Merges and unmerges are *requantizations* (seed 001, seed 003: dequantize -> apply -> requantize
@@ -35,16 +35,18 @@ import bitsandbytes as bnb  # noqa: F401  (quant_state types)
 import torch
 from torch import nn
 
-from conformance.quant import bounds as qb
-from conformance.quant import layers as ql
-from conformance.spec import oracle
+from conformance import numerics
+from conformance.numerics.ratio import stored_vs_exact as _ratio
+from conformance.numerics.requant import requant_bound_from_exact
+from conformance.numerics.rounding import U16, U32
+from conformance.quant import bounds as qbounds
+from conformance.quant import layers as qlayers
 
-U32 = qb.unit_roundoff(torch.float32)
-U16 = qb.unit_roundoff(torch.float16)
+__all__ = ["AdapterModel", "Chain", "LogicalModel", "_ratio", "apply_op", "copy_tensors", "requant_bound_from_exact"]
 
 
 def _u(dtype: torch.dtype) -> float:
-    return 0.0 if dtype == torch.float64 else qb.unit_roundoff(dtype)
+    return 0.0 if dtype == torch.float64 else qbounds.unit_roundoff(dtype)
 
 
 @dataclass
@@ -83,76 +85,13 @@ class Chain:
         return _ratio(w_actual, self.w, self.ew, "weight", b_actual, self.b, self.eb)
 
 
-def _ratio(w_act, w_ex, ew, what, b_act=None, b_ex=None, eb=None) -> tuple[float, str]:
-    err = (w_act - w_ex).abs()
-    worst, where = _worst(err, ew, what)
-    if b_act is not None and b_ex is not None:
-        rb, wb = _worst((b_act - b_ex).abs(), eb, "bias")
-        if rb > worst:
-            worst, where = rb, wb
-    return worst, where
-
-
-def _worst(err: torch.Tensor, bound: torch.Tensor, what: str) -> tuple[float, str]:
-    if not torch.isfinite(err).all():
-        return math.inf, f"{what} has non-finite entries"
-    r = torch.where(bound > 0, err / bound.clamp_min(1e-300),
-                    torch.where(err > 0, torch.full_like(err, math.inf), torch.zeros_like(err)))
-    if r.numel() == 0:
-        return 0.0, ""
-    i = int(r.flatten().argmax())
-    idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), r.shape))
-    return float(r.flatten()[i]), (f"{what}{list(idx)}: |stored - exact| {float(err.flatten()[i]):.3g} vs bound "
-                                   f"{float(bound.flatten()[i]):.3g}")
-
-
-# -- requantization bounds ---------------------------------------------------------------------
-
-def _blockmax(flat: torch.Tensor, block: int) -> torch.Tensor:
-    n = flat.numel()
-    pad = (-n) % block
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.reshape(-1, block).max(dim=1).values
-
-
-def requant_bound_from_exact(base: nn.Module, exact: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
-    """Bound on one requantization's error for a weight known only as ``exact +- err``.
-
-    Used for the states a multi-adapter merge/unmerge passes through without the caller seeing
-    them. Same model as ``conformance.quant.bounds.weight_bound`` with the stored statistics
-    replaced by upper bounds: 4-bit block absmax ``a <= max_block(|exact| + err)``; with double
-    quant the absmax error ``e_a <= absmax2 * g2 / 2`` where ``absmax2 = max |a_i - mean(a)| <=
-    max(a)`` (all ``a_i >= 0``), plus the float32 offset add; 8-bit row absmax ``s <= max_row
-    (|exact| + err)`` and its float16 cast.
-    """
-    mag = exact.double().abs() + err.double()
-    if ql.bits_of(base) == 4:
-        qs = base.weight.quant_state
-        g = qb.max_code_gap(qs.code)
-        u = qb.unit_roundoff(qs.dtype)
-        a = _blockmax(mag.flatten(), qs.blocksize) * (1 + 2 * u)  # the weight is cast to qs.dtype first
-        if qs.nested:
-            g2 = qb.max_code_gap(qs.state2.code)
-            e_a = float(a.max()) * g2 / 2 + a * 2 * U32
-        else:
-            e_a = torch.zeros_like(a)
-        amax = a + e_a
-        per_block = amax * g / 2 + e_a + 2 * amax * u
-        out, inn = exact.shape
-        return per_block.repeat_interleave(qs.blocksize)[: out * inn].reshape(out, inn)
-    s = mag.max(dim=1).values * (1 + U16)
-    per_row = s / 254 + s * (U16 + 2 * U32)
-    return per_row[:, None].expand_as(mag).clone()
-
-
 # -- one merge / unmerge operation on a chain ---------------------------------------------------
 
 def _lora_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: int, u_bias: float) -> Chain:
     t = adapter.tensors
-    s = oracle.lora_scaling(adapter.params)
-    delta = oracle.lora_delta(t, s)
-    d_err = oracle.lora_delta_error(t, s)
+    s = numerics.lora_scaling(adapter.params)
+    delta = numerics.lora_delta(t, s)
+    d_err = numerics.lora_delta_error(t, s)
     # the delta is formed in the adapter dtype, cast to float32 and added to the float32 weights
     w = chain.w + sign * delta
     arith = d_err + U32 * (delta.abs() + d_err) + U32 * (w_in_abs + delta.abs() + d_err)
@@ -170,23 +109,23 @@ def _lora_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: 
 
 def _oft_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: int, in_features: int) -> Chain:
     t = adapter.t64()
-    n_blocks, bs = oracle.oft_layout(in_features, adapter.params)
-    r = oracle.oft_rotation(t, n_blocks, bs)
+    n_blocks, bs = numerics.oft_layout(in_features, adapter.params)
+    r = numerics.oft_rotation(t, n_blocks, bs)
     pdt = adapter.tensors["oft_R.weight"].dtype
     tens = dict(adapter.tensors)
     if sign > 0:
         # W' = W R^T, with R computed in the parameter dtype (rotation_error) and cast to float32
-        delta = oracle.rotation_error(tens, bs) + (U32 * math.sqrt(bs) if pdt != torch.float32 else 0.0)
+        delta = numerics.rotation_error(tens, bs) + (U32 * math.sqrt(bs) if pdt != torch.float32 else 0.0)
         w = chain.w @ r.t()
-        arith = oracle.rotate_error(w_in_abs, r.t().abs(), delta, n_blocks, bs, torch.float32)
+        arith = numerics.rotate_error(w_in_abs, r.t().abs(), delta, n_blocks, bs, torch.float32)
         arith = arith + U32 * ((w_in_abs @ r.t().abs()) + arith)
         ew = chain.ew @ r.t().abs() + arith
     else:
-        # W = W' R^{-T}: inverse of the computed rotation (oracle.oft_unmerge_error)
+        # W = W' R^{-T}: inverse of the computed rotation (numerics.oft_unmerge_error)
         w = chain.w @ r
-        arith = oracle.oft_unmerge_error(w_in_abs, tens, n_blocks, bs)
+        arith = numerics.oft_unmerge_error(w_in_abs, tens, n_blocks, bs)
         if pdt != torch.float32:
-            arith = arith + oracle.block_norms(w_in_abs, n_blocks, bs) * U32 * math.sqrt(bs) * 2
+            arith = arith + numerics.block_norms(w_in_abs, n_blocks, bs) * U32 * math.sqrt(bs) * 2
         ew = chain.ew @ r.abs() + arith
     return Chain(w, ew, chain.b, chain.eb)
 
@@ -200,7 +139,7 @@ def apply_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: 
     if adapter.method == "lora":
         bias = getattr(base, "bias", None)
         u_bias = _u(bias.dtype) if bias is not None else U32
-        if ql.bits_of(base) == 8:
+        if qlayers.bits_of(base) == 8:
             # Linear8bitLt re-types its bias to each forward's input dtype (bitsandbytes/nn/modules.py), so
             # the dtype the merge wrote in may differ from the one seen afterwards: bound with float16's
             u_bias = max(u_bias, U16)
@@ -233,7 +172,7 @@ class LogicalModel:
 
     @classmethod
     def from_base(cls, base: nn.Module) -> LogicalModel:
-        w, b = oracle.base_weights(base)
+        w, b = numerics.base_weights(base)
         m = cls(base.in_features, base.out_features, w, b, w.clone(), None if b is None else b.clone())
         m.reset_chains(original=True)
         return m
@@ -245,7 +184,7 @@ class LogicalModel:
             self.orig = Chain.start(self.w, self.b)
 
     def set_base(self, base: nn.Module) -> None:
-        self.w, self.b = oracle.base_weights(base)
+        self.w, self.b = numerics.base_weights(base)
 
     # -- merge / unmerge -------------------------------------------------------------------
     def run_ops(self, names: Sequence[str], sign: int, base_after: nn.Module) -> dict[str, Chain]:
@@ -259,7 +198,7 @@ class LogicalModel:
             chains = {k: apply_op(c, w_in_abs, ad, sign, base_after) for k, c in chains.items()}
             last = i == len(names) - 1
             s = chains["step"]
-            q = qb.weight_bound(base_after).double().cpu() if last else requant_bound_from_exact(
+            q = qbounds.weight_bound(base_after).double().cpu() if last else requant_bound_from_exact(
                 base_after, s.w, s.ew)
             for c in chains.values():
                 c.ew = c.ew + q
@@ -270,7 +209,7 @@ class LogicalModel:
 
     # -- forward ---------------------------------------------------------------------------
     def expected(self, base: nn.Module, x: torch.Tensor, adapter_names: Sequence[str] | None = None
-                 ) -> oracle.Expected:
+                 ) -> numerics.Expected:
         """Expected output (value, bound) for ``x`` in the current state (merged/disabled aware).
 
         ``base`` only supplies the base layer's settings (bits, compute dtype, bias dtype); the
@@ -279,7 +218,7 @@ class LogicalModel:
         xd = x.detach().cpu()
         use_adapters = not self.disabled and not self.merged
         if not use_adapters:
-            return oracle.linear_expected(base, xd.double(), x.dtype, weight=self.w, bias=self.b,
+            return numerics.linear_expected(base, xd.double(), x.dtype, weight=self.w, bias=self.b,
                                           training=self.training)
         rows: list[tuple[list[str], torch.Tensor | None]]
         if adapter_names is None:
@@ -295,8 +234,8 @@ class LogicalModel:
             return self._lora_expected(base, xd, rows)
         return self._oft_expected(base, xd, rows)
 
-    def _lora_expected(self, base, x, rows) -> oracle.Expected:
-        y0 = oracle.linear_expected(base, x.double(), x.dtype, weight=self.w, bias=self.b, training=self.training)
+    def _lora_expected(self, base, x, rows) -> numerics.Expected:
+        y0 = numerics.linear_expected(base, x.double(), x.dtype, weight=self.w, bias=self.b, training=self.training)
         value, bound = y0.value.clone(), y0.bound.clone()
         mag = y0.value.abs() + y0.bound
         adds = torch.zeros_like(value)
@@ -306,7 +245,7 @@ class LogicalModel:
             pb, pm, n_add = torch.zeros_like(pv), torch.zeros_like(pv), 0
             for n in names:
                 ad = self.adapters[n]
-                p = oracle.lora_path(ad.tensors, oracle.lora_scaling(ad.params), xs, x.dtype)
+                p = numerics.lora_path(ad.tensors, numerics.lora_scaling(ad.params), xs, x.dtype)
                 pv, pb, pm, n_add = pv + p.value, pb + p.bound, pm + p.value.abs() + p.bound, n_add + 1
             if idx is None:
                 value, bound, adds = value + pv, bound + pb, adds + n_add * _u(x.dtype) * (mag + pm)
@@ -314,7 +253,7 @@ class LogicalModel:
                 value.index_add_(0, idx, pv)
                 bound.index_add_(0, idx, pb)
                 adds.index_add_(0, idx, n_add * _u(x.dtype) * (mag.index_select(0, idx) + pm))
-        return oracle.Expected(value, bound + adds)
+        return numerics.Expected(value, bound + adds)
 
     def _oft_rotate(self, names: Sequence[str], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x R_1 R_2 ... (float64) and the bound on the computed rotated input (in x's dtype)."""
@@ -322,25 +261,25 @@ class LogicalModel:
         he = torch.zeros_like(hv)
         for n in names:
             ad = self.adapters[n]
-            n_blocks, bs = oracle.oft_layout(self.in_features, ad.params)
+            n_blocks, bs = numerics.oft_layout(self.in_features, ad.params)
             t = ad.tensors
             pdt = t["oft_R.weight"].dtype
-            r = oracle.oft_rotation(t, n_blocks, bs)
-            delta = oracle.rotation_error(t, bs)
+            r = numerics.oft_rotation(t, n_blocks, bs)
+            delta = numerics.rotation_error(t, bs)
             if pdt in (torch.float16, torch.bfloat16):
                 # rotation solved in float32 then rounded to the parameter dtype (PEFT) or in it
                 delta = delta + _u(pdt) * math.sqrt(bs)
             m = hv.abs() + he
             # input cast to the parameter dtype (from x's dtype or a previous adapter's)
             e = he @ r.abs() + _u(pdt) * (m @ r.abs())
-            e = e + oracle.rotate_error(m * (1 + _u(pdt)), r.abs(), delta, n_blocks, bs, pdt)
+            e = e + numerics.rotate_error(m * (1 + _u(pdt)), r.abs(), delta, n_blocks, bs, pdt)
             hv = hv @ r
             # cast back to the input dtype (the reference after each adapter, PEFT at the end)
             e = e + _u(x.dtype) * (hv.abs() + e) * (1 + _u(x.dtype))
             he = e
         return hv, he
 
-    def _oft_expected(self, base, x, rows) -> oracle.Expected:
+    def _oft_expected(self, base, x, rows) -> numerics.Expected:
         xv = x.double().clone()
         xe = torch.zeros_like(xv)
         for names, idx in rows:
@@ -350,5 +289,5 @@ class LogicalModel:
                 hv, he = self._oft_rotate(names, x.index_select(0, idx))
                 xv.index_copy_(0, idx, hv)
                 xe.index_copy_(0, idx, he)
-        return oracle.linear_expected(base, xv, x.dtype, x_err=xe, weight=self.w, bias=self.b,
+        return numerics.linear_expected(base, xv, x.dtype, x_err=xe, weight=self.w, bias=self.b,
                                       training=self.training)

@@ -1,0 +1,103 @@
+"""What a merge / unmerge should produce, exactly in float64, and the bound on its float32 arithmetic.
+
+Requantization is excluded here: add ``conformance.quant.weight_bound`` of the layer after the merge
+(observable) or ``conformance.numerics.requant`` (an intermediate state nobody can see).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from conformance.quant import bounds as qbounds
+
+from .blocks import oft_layout, oft_rotation, rotate_error
+from .cayley import inverse_rotation_error, rotation_error
+from .expected import lora_delta, lora_delta_error, lora_scaling
+from .rounding import U32
+
+
+def lora_merged_weight(w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], scaling: float) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """(W0 + scaling*B@A exactly, bound on the float32 arithmetic of forming it; requantization excluded)."""
+    delta = lora_delta(tensors, scaling)
+    target = w0.double() + delta
+    de = lora_delta_error(tensors, scaling)
+    return target, de + U32 * (target.abs() + de)
+
+
+def oft_merged_weight(
+    w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], n_blocks: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W0 R^T exactly, bound on computing it in float32 with the computed rotation)."""
+    r = oft_rotation(tensors, n_blocks, block_size)
+    delta = rotation_error(tensors, block_size)
+    target = w0.double() @ r.t()
+    err = rotate_error(w0, r.t().abs(), delta, n_blocks, block_size, torch.float32)
+    return target, err + U32 * (target.abs() + err)
+
+
+def oft_unmerge_error(
+    w1: torch.Tensor, tensors: Mapping[str, torch.Tensor], n_blocks: int, block_size: int
+) -> torch.Tensor:
+    """Bound on |computed W1 R^{-T} - W1 R| (unmerge with the computed rotation's inverse)."""
+    r = oft_rotation(tensors, n_blocks, block_size)
+    d = inverse_rotation_error(tensors, block_size)
+    err = rotate_error(w1, r.abs(), d, n_blocks, block_size, torch.float32)
+    return err + U32 * ((w1.double() @ r).abs() + err)
+
+
+def merge_target(
+    layer: nn.Module, method: str, name: str, params: Mapping[str, Any], w0: torch.Tensor, b0: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(W, W_err, b, b_err): what merging adapter ``name`` into (w0, b0) should give, exactly, and the
+    bound on the float32 arithmetic of forming it (requantization excluded: add ``weight_bound``).
+
+    LoRA's bias (``lora_bias``) merges as ``b + scaling * b_B`` (PEFT's unquantized ``Linear``), rounded
+    to the base bias dtype.
+    """
+    tensors = layer.adapter_parameters(name)
+    if method == "lora":
+        s = lora_scaling(params)
+        w, we = lora_merged_weight(w0, tensors, s)
+        bb = tensors.get("lora_B.bias")
+        if bb is None or b0 is None:
+            return w, we, b0, None if b0 is None else torch.zeros_like(b0)
+        sb = s * bb.detach().double().cpu()
+        bt = b0.double() + sb
+        u_b = qbounds.unit_roundoff(layer.base_layer.bias.dtype)
+        be = U32 * (sb.abs() + bt.abs()) * 2 + u_b * bt.abs() * (1 + U32)
+        return w, we, bt, be
+    n_blocks, bs = oft_layout(w0.shape[1], params)
+    w, we = oft_merged_weight(w0, tensors, n_blocks, bs)
+    return w, we, b0, None if b0 is None else torch.zeros_like(b0)
+
+
+def roundtrip_bound(
+    layer: nn.Module, method: str, name: str, params: Mapping[str, Any],
+    first_err: torch.Tensor, w1: torch.Tensor, wb2: torch.Tensor,
+) -> torch.Tensor:
+    """Bound on |W_after_unmerge - W0| given ``first_err`` >= |W1 - merge target| (requantization 1 plus
+    merge arithmetic), the merged weight ``w1`` and the second requantization's ``weight_bound``.
+
+    LoRA: ``W2 = Q(W1 - dW)`` so ``|W2 - W0| <= first_err + arith(W1 - dW) + wb2``. OFT: ``W2 = Q(W1 R)``
+    (the inverse rotation; ``R^{-T} = R``) so the first error passes through ``|R|``.
+    """
+    tensors = layer.adapter_parameters(name)
+    if method == "lora":
+        s = lora_scaling(params)
+        de = lora_delta_error(tensors, s)
+        w2t = w1.double() - lora_delta(tensors, s)
+        return first_err + de + U32 * (w2t.abs() + de) + wb2
+    n_blocks, bs = oft_layout(w1.shape[1], params)
+    r = oft_rotation(tensors, n_blocks, bs)
+    return first_err @ r.abs() + oft_unmerge_error(w1, tensors, n_blocks, bs) + wb2
+
+
+def bias_roundtrip_bound(b0: torch.Tensor, b_err: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
+    """Bound on |b_after_unmerge - b0|: the merge's and the unmerge's arithmetic (``b_err`` each) plus
+    one rounding to the bias dtype each way."""
+    return 2 * b_err + 2 * qbounds.unit_roundoff(bias_dtype) * b0.abs()
