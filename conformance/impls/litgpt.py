@@ -147,7 +147,8 @@ class LitgptApi:
             kw["lora_dropout"] = params["lora_dropout"]
         return kw, params.get("init_lora_weights", True) is False
 
-    def build(self, base_layer: nn.Module, spec: AdapterSpec) -> LitgptAdapterLayer:
+    def build(self, base_layer: nn.Module, spec: AdapterSpec, dtype: torch.dtype | None = None) -> LitgptAdapterLayer:
+        """LitGPT's layer over ``base_layer``; ``dtype`` overrides the adapter dtype of ``spec``."""
         if spec.method != "lora":
             raise ImplementationUnsupported(self.unsupported.get(spec.method, f"unknown method {spec.method!r}"))
         bits = bits_of(base_layer)  # a bnb Linear4bit/Linear8bitLt, or a one-line error
@@ -155,7 +156,7 @@ class LitgptApi:
             raise ImplementationUnsupported(self.unsupported[f"{bits}bit"])
         kw, random_b = self.kwargs(dict(spec.params))
         device = base_layer.weight.device
-        with _init_context(device, _dtype_of(spec)):
+        with _init_context(device, dtype or _dtype_of(spec)):
             layer = self.lora_cls(base_layer.in_features, base_layer.out_features, **kw)
         layer.linear = base_layer  # the only glue: where Fabric's bnb precision puts its bnb layer
         if random_b and isinstance(getattr(layer, "lora_B", None), nn.Parameter):
