@@ -6,7 +6,9 @@ torch + bitsandbytes + litgpt and its own dependency lightning (Fabric), no conf
 ``BitsandbytesPrecision(quantize[4:], dtype)`` to ``Fabric`` and builds the model under
 ``fabric.init_module``, where ``torch.nn.Linear`` is Fabric's ``_NF4DQLinear`` / ``_Linear8bitLt``, so
 ``LoRALinear.linear`` is that layer. ``LoRALinear.merge()`` then leaves the 4-bit layer with a dense
-weight and the stale quant state (see ``litgpt_merge_4bit_not_requantized.py``) and raises on int8.
+weight and the stale quant state (see ``litgpt_merge_4bit_not_requantized.py``): on CUDA the merged
+forward is silently wrong. ``int8-training`` is run as the control: Fabric's ``_Linear8bitLt`` keeps fp16
+weights there (``has_fp16_weights=True``), so its merge is a dense fp16 add and matches.
 
 Run: ``python litgpt_fabric_qlora_merge.py``. Exit 1 while either mode reproduces, 2 without CUDA.
 """

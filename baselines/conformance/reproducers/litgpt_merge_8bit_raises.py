@@ -2,12 +2,15 @@
 """LitGPT: ``LoRALinear.merge()`` on a bitsandbytes 8-bit base raises a dtype error instead of merging.
 
 Plain torch + bitsandbytes + litgpt, no conformance import. Found by ``SAFE-UNSAFE-WARNS`` and the
-merge clauses (``--impl litgpt``). LitGPT's QLoRA offers ``--quantize bnb.int8-training`` (Lightning
-Fabric's ``_Linear8bitLt``, ``has_fp16_weights=False``), but ``litgpt/lora.py`` (0.5.13)
-``LoRALinear.merge`` only special-cases ``torch.uint8`` (4-bit) weights; an int8 weight takes the
-dense branch ``self.linear.weight.data += lora_data``, an in-place add of a float tensor into int8:
+merge clauses (``--impl litgpt``). The base is an int8-stored ``Linear8bitLt`` (``has_fp16_weights=False``):
+Lightning Fabric's ``BitsandbytesPrecision("int8")`` (``_Int8LinearInference``), i.e. LitGPT's
+``--quantize bnb.int8`` of generate/chat/serve and ``LLM.load``. ``litgpt/lora.py`` (0.5.13)
+``LoRALinear.merge`` only special-cases ``torch.uint8`` (4-bit) weights; an int8 weight takes the dense
+branch ``self.linear.weight.data += lora_data``, an in-place add of a float tensor into int8:
 ``RuntimeError: result type Float can't be cast to the desired output type Char``. The error does not
-say that merging into 8-bit layers is unsupported, and nothing is dequantized or requantized.
+say that merging into int8 layers is unsupported; the layer is left intact. (finetune_lora's
+``bnb.int8-training`` keeps fp16 weights, ``has_fp16_weights=True``, where merge is a plain fp16 add and
+works: ``litgpt_fabric_qlora_merge.py``.)
 
 Run: ``python litgpt_merge_8bit_raises.py [cpu|cuda]`` (default: cuda when available).
 Exit 1 while it reproduces (merge raises, or the merged forward is wrong), 0 when it merges.
