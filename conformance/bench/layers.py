@@ -11,6 +11,9 @@ Implementations:
   protocol wrapper is unwrapped, PEFT's layer is timed directly), else directly as
   ``peft.tuners.lora.bnb.Linear4bit(base, "default", config=LoraConfig(r=16, lora_alpha=16), r=16,
   lora_alpha=16)``.
+- ``litgpt``: LitGPT's own ``litgpt.lora.LoRALinear`` with the bnb layer as its ``linear``, built through
+  ``conformance.impls.litgpt`` (unwrapped, timed directly; LoRA forward/backward only: LitGPT has no OFT and no
+  unmerge, and its 4-bit merge does not requantize, see the README's findings). Needs litgpt importable.
 
 ``CONFORMANCE_BENCH_INJECT_SLOWDOWN=0.10`` makes every ``reference*`` timed call 10% slower (a calibrated
 busy-wait on the host, or ``torch.cuda._sleep`` on the GPU) -- only to show that the regression
@@ -104,6 +107,14 @@ def _peft_layer(base: nn.Module, method: str, params: dict[str, Any]) -> nn.Modu
     return cls(base, "default", config=cfg, r=params["r"], lora_alpha=params["lora_alpha"])
 
 
+def _litgpt_layer(base: nn.Module, params: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """LitGPT's ``LoRALinear`` over ``base``, its ``lora_A``/``lora_B`` created in ``dtype`` (as under Fabric)."""
+    from conformance.impls.litgpt import LitgptApi
+    from conformance.spec.interface import AdapterSpec
+
+    return LitgptApi().build(base, AdapterSpec("lora", "default", params), dtype=dtype).layer
+
+
 def _adapter_tensors(layer: nn.Module) -> dict[str, nn.Parameter]:
     """The adapter's trainable tensors of a reference or PEFT layer (canonical names)."""
     if hasattr(layer, "adapter_parameters"):
@@ -121,7 +132,9 @@ def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1) -> nn.Mo
     gen = torch.Generator(device=base.weight.device).manual_seed(seed)
     if case.method == "lora":
         params = {"r": case.rank, "lora_alpha": case.alpha, "init_lora_weights": False}
-        if case.impl == "peft":
+        if case.impl == "litgpt":
+            layer = _litgpt_layer(base, params, dtype)
+        elif case.impl == "peft":
             layer = _peft_layer(base, "lora", params)
         elif case.impl.startswith("reference-v0"):
             cls = LoraV0Linear4bit if case.bits == 4 else LoraV0Linear8bit
@@ -129,8 +142,9 @@ def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1) -> nn.Mo
         else:
             cls = LoraLinear4bit if case.bits == 4 else LoraLinear8bit
             layer = cls(base, "default", clone_base_output=case.impl != "reference-noclone", **params)
-        for mod in (layer.lora_A, layer.lora_B):
-            mod.to(dtype)
+        if case.impl != "litgpt":  # LitGPT's lora_A/lora_B are Parameters, already built in dtype
+            for mod in (layer.lora_A, layer.lora_B):
+                mod.to(dtype)
         with torch.no_grad():
             for p in _adapter_tensors(layer).values():
                 p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) * 0.02)
@@ -242,6 +256,8 @@ class Builder:
         return Prepared(case, fwdbwd, setup, static)
 
     def _prepare_merge(self, case: BenchCase) -> Prepared:
+        if case.impl == "litgpt":
+            raise ValueError("litgpt is benchmarked for fwd/fwdbwd only: LoRALinear has no unmerge (merge is one-way)")
         # merge mutates the base: a private copy, so the shared base of the run cases stays pristine
         base = copy.deepcopy(self.base(case))
         layer = make_adapter_layer(case, base)

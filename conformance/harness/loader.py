@@ -18,6 +18,7 @@ ENTRY_POINT_GROUP = "conformance.implementations"
 BUILTIN = {
     "reference": "conformance.impls.reference:ReferenceImplementation",
     "peft": "conformance.impls.peft:PeftImplementation",
+    "litgpt": "conformance.impls.litgpt:LitgptImplementation",
 }
 
 

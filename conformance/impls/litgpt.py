@@ -1,0 +1,302 @@
+"""LitGPT's own LoRA layer as an implementation under test (``--impl litgpt``).
+
+What is tested is ``litgpt.lora.LoRALinear`` (``litgpt/lora.py``): ``forward``, ``merge``,
+``get_lora_AB`` and its ``lora_A``/``lora_B`` Parameters, with the bitsandbytes layer the check hands
+over put in as its ``linear``. That placement is the only glue: in LitGPT's QLoRA path
+(``litgpt finetune_lora --quantize bnb.nf4``) Lightning Fabric's ``BitsandbytesPrecision`` patches
+``torch.nn.Linear`` with its subclass of that bnb layer while the model is built
+(``module_init_context``), so the bnb layer lands exactly in ``LoRALinear.linear``. The layer is built
+the way that context builds it: on the base layer's device, with the default dtype set to the
+adapter dtype (Fabric's ``_DtypeContextManager``), so ``lora_A``/``lora_B`` have that dtype.
+
+``LitgptAdapterLayer`` translates names only:
+
+- the one adapter LitGPT holds has no name; the protocol's name for it is the ``adapter_name`` it
+  was created with, and any other name is refused with ``ImplementationUnsupported``;
+- ``adapter_parameters(name)`` returns LitGPT's own Parameters (not copies): ``lora_A.weight`` is
+  ``LoRALinear.lora_A`` (r x in) and ``lora_B.weight`` is ``LoRALinear.lora_B`` (out x r), the same
+  layout as PEFT's (no transposition); the scaling is LitGPT's ``lora_alpha / r`` (PEFT's, no rsLoRA);
+- ``get_delta_weight(name)`` is ``LoRALinear.get_lora_AB()`` (``(B @ A) * scaling``);
+- ``merged_adapters`` is ``[name]`` while ``LoRALinear.merged`` is True, else ``[]``.
+
+One convention on state, not behaviour: ``init_lora_weights=False`` (the protocol's "random B") is
+expressed by giving ``lora_B`` the values a trained checkpoint would give it, drawn like LitGPT
+draws ``lora_A`` (``kaiming_uniform_(a=sqrt(5))``, what ``nn.Linear`` and the reference use); LitGPT
+itself always starts with ``B = 0``.
+
+What LitGPT 0.5.13 does not have is not declared and not filled in (capabilities are found by
+feature detection on ``LoRALinear``): no OFT, one adapter per layer (no add/set/delete, no mixed
+batches), no unmerge, no safe merge (``merge()`` takes no arguments), no rsLoRA, no LoRA bias, no
+switch to disable the adapter, and no cast of the input to the adapter dtype (``forward`` multiplies
+``x`` with ``lora_A`` as it comes). Asking for any of these raises ``ImplementationUnsupported``
+with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import math
+from collections.abc import Iterator, Sequence
+from importlib import metadata
+from typing import Any
+
+import torch
+from torch import nn
+
+from conformance.quant.layers import bits_of
+from conformance.spec.interface import AdapterSpec, ImplementationBase, ImplementationUnsupported
+
+INSTALL = ("pip install --no-deps litgpt==0.5.13 lightning lightning-utilities torchmetrics tqdm pyyaml "
+           "safetensors psutil==7.2.2 (in a venv of its own: LitGPT caps huggingface-hub below what transformers needs)")
+
+#: the protocol's LoRA parameters and the value LitGPT's LoRALinear behaves as (None: LitGPT takes it)
+LORA_PARAMS: dict[str, Any] = {
+    "r": None, "lora_alpha": None, "lora_dropout": None, "init_lora_weights": True, "use_rslora": False,
+    "lora_bias": False, "clone_base_output": True,
+}
+
+
+def _import(name: str) -> Any | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _params_of(fn: Any) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+class LitgptApi:
+    """What the installed LitGPT's ``LoRALinear`` offers, found by feature detection."""
+
+    def __init__(self) -> None:
+        lora = _import("litgpt.lora")
+        if lora is None or not hasattr(lora, "LoRALinear"):
+            raise ImplementationUnsupported(f"litgpt.lora does not import: {INSTALL}")
+        self.lora_cls: type = lora.LoRALinear
+        try:
+            self.version: str = metadata.version("litgpt")
+        except metadata.PackageNotFoundError:
+            self.version = "unknown"
+        self.unsupported: dict[str, str] = {}
+        self._probe()
+
+    def _gap(self, capability: str, what: str) -> None:
+        self.unsupported[capability] = f"litgpt {self.version}: {what}"
+
+    def _probe(self) -> None:
+        cls = self.lora_cls
+        init = _params_of(cls.__init__)
+        merge = _params_of(cls.merge)
+        self._gap("oft", "has no OFT (litgpt/lora.py is LoRA only)")
+        self._gap("multi_adapter", "LoRALinear holds one unnamed adapter (lora_A/lora_B), no add_adapter/set_adapter")
+        self._gap("mixed_batch", "LoRALinear.forward(x) takes no adapter_names")
+        self._gap("delete_adapter", "LoRALinear has no delete_adapter")
+        self._gap("peft_model", "not a PEFT model; LitGPT builds its own GPT (litgpt.lora.GPT), no transformers Trainer")
+        if not hasattr(cls, "unmerge"):
+            self._gap("unmerge", "LoRALinear has merge() but no unmerge()")
+        if "safe_merge" not in merge:
+            self._gap("safe_merge", "LoRALinear.merge() takes no safe_merge (no check of the merged weights)")
+        if "use_rslora" not in init:
+            self._gap("rslora", "LoRALinear scales by lora_alpha / r only (no use_rslora)")
+        if "lora_bias" not in init:
+            self._gap("lora_bias", "LoRALinear's B has no bias (no lora_bias)")
+        if not hasattr(cls, "enable_adapters"):
+            self._gap("disable_adapters", "LoRALinear has no switch to disable its adapter (only r=0 at construction)")
+        if "lora_dropout" not in init:
+            self._gap("dropout", "LoRALinear takes no lora_dropout")
+        # forward computes `self.lora_dropout(x) @ self.lora_A.transpose(0, 1)` (litgpt/lora.py, 0.5.13): x as it comes
+        self._gap("casts_input", "LoRALinear.forward multiplies x with lora_A without casting x to the adapter dtype")
+        fabric_bnb = _import("lightning.fabric.plugins.precision.bitsandbytes")
+        modes = getattr(getattr(fabric_bnb, "BitsandbytesPrecision", None), "__init__", None)
+        if fabric_bnb is None or modes is None:
+            self._gap("4bit", "lightning.fabric's BitsandbytesPrecision (LitGPT's --quantize bnb.*) does not import")
+            self._gap("8bit", "lightning.fabric's BitsandbytesPrecision (LitGPT's --quantize bnb.*) does not import")
+        self.clone_base_output_settable = False
+        self.unsupported["clone_base_output=False"] = (
+            f"litgpt {self.version}: LoRALinear.forward returns `pretrained + lora` (never writes the base output "
+            "in place) and has no switch for an in-place add"
+        )
+
+    def capabilities(self) -> frozenset[str]:
+        every = {"lora", "oft", "4bit", "8bit", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters",
+                 "delete_adapter", "cuda", "peft_model", "unmerge", "safe_merge", "rslora", "dropout", "casts_input"}
+        return frozenset(c for c in every if c not in self.unsupported)
+
+    def kwargs(self, params: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """LoRALinear keyword arguments for the protocol's parameters, and whether B starts random."""
+        extra = set(params) - set(LORA_PARAMS)
+        if extra:
+            raise TypeError(f"unknown lora parameter(s) {sorted(extra)}; the protocol's lora parameters are "
+                            f"{sorted(LORA_PARAMS)}")
+        for key, capability in (("use_rslora", "rslora"), ("lora_bias", "lora_bias")):
+            if params.get(key, False) and capability in self.unsupported:
+                raise ImplementationUnsupported(self.unsupported[capability])
+        if params.get("clone_base_output", True) is not True:
+            raise ImplementationUnsupported(self.unsupported["clone_base_output=False"])
+        if params.get("lora_dropout", 0.0) and "dropout" in self.unsupported:
+            raise ImplementationUnsupported(self.unsupported["dropout"])
+        kw = {"r": params.get("r", 8), "lora_alpha": params.get("lora_alpha", 8)}
+        if "lora_dropout" in params:
+            kw["lora_dropout"] = params["lora_dropout"]
+        return kw, params.get("init_lora_weights", True) is False
+
+    def build(self, base_layer: nn.Module, spec: AdapterSpec, dtype: torch.dtype | None = None) -> LitgptAdapterLayer:
+        """LitGPT's layer over ``base_layer``; ``dtype`` overrides the adapter dtype of ``spec``."""
+        if spec.method != "lora":
+            raise ImplementationUnsupported(self.unsupported.get(spec.method, f"unknown method {spec.method!r}"))
+        bits = bits_of(base_layer)  # a bnb Linear4bit/Linear8bitLt, or a one-line error
+        if f"{bits}bit" in self.unsupported:
+            raise ImplementationUnsupported(self.unsupported[f"{bits}bit"])
+        kw, random_b = self.kwargs(dict(spec.params))
+        device = base_layer.weight.device
+        with _init_context(device, dtype or _dtype_of(spec)):
+            layer = self.lora_cls(base_layer.in_features, base_layer.out_features, **kw)
+        layer.linear = base_layer  # the only glue: where Fabric's bnb precision puts its bnb layer
+        if random_b and isinstance(getattr(layer, "lora_B", None), nn.Parameter):
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(layer.lora_B, a=math.sqrt(5))
+        return LitgptAdapterLayer(layer, spec.adapter_name, self.version, dict(self.unsupported))
+
+
+def _dtype_of(spec: AdapterSpec) -> torch.dtype:
+    """The adapter dtype the spec asks for (``AdapterSpec.dtype`` where the protocol has it), float32 otherwise."""
+    dtype = getattr(spec, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"adapter dtype must be a floating torch dtype, got {getattr(spec, 'dtype', None)!r}")
+    return dtype
+
+
+@contextlib.contextmanager
+def _init_context(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """What Fabric's ``init_module`` does while LitGPT builds the model: device and default dtype set."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class LitgptAdapterLayer(nn.Module):
+    """Protocol names for one ``litgpt.lora.LoRALinear`` (``self.layer``); every call goes to LitGPT."""
+
+    def __init__(self, layer: nn.Module, adapter_name: str, version: str, unsupported: dict[str, str]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.adapter_name = adapter_name
+        self._version = version
+        self._unsupported = unsupported
+
+    def _refuse(self, capability: str) -> None:
+        raise ImplementationUnsupported(self._unsupported[capability])
+
+    def _own(self, names: Sequence[str]) -> None:
+        other = [n for n in names if n != self.adapter_name]
+        if other:
+            raise ImplementationUnsupported(
+                f"litgpt {self._version}: LoRALinear holds one adapter (here {self.adapter_name!r}), not {other}"
+            )
+
+    # -- forward / merge --------------------------------------------------------------
+    def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+        if adapter_names is None:
+            return self.layer(x)
+        return self.layer(x, adapter_names=adapter_names)  # LitGPT's forward takes none: its TypeError
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        if safe_merge and "safe_merge" in self._unsupported:
+            self._refuse("safe_merge")
+        if adapter_names is not None:
+            self._own(list(adapter_names))
+        if safe_merge:
+            self.layer.merge(safe_merge=True)
+        else:
+            self.layer.merge()
+
+    def unmerge(self) -> None:
+        if "unmerge" in self._unsupported:
+            self._refuse("unmerge")
+        self.layer.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.layer.merged)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return [self.adapter_name] if self.layer.merged else []
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        self._own([name])
+        return self.layer.get_lora_AB()
+
+    # -- adapters ---------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, **params: Any) -> None:
+        self._refuse("multi_adapter")
+
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        """Only the one adapter, which is always active in LitGPT: naming it changes nothing."""
+        self._own([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.adapter_name]
+
+    @property
+    def active_adapter(self) -> str:
+        return self.adapter_name
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [self.adapter_name]
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """LitGPT's own Parameters (not copies): lora_A (r x in), lora_B (out x r)."""
+        self._own([name])
+        return {"lora_A.weight": self.layer.lora_A, "lora_B.weight": self.layer.lora_B}
+
+    # -- base layer -------------------------------------------------------------------
+    @property
+    def base_layer(self) -> nn.Module:
+        """LitGPT's ``linear`` (its merge replaces the weight Parameter; read it fresh each time)."""
+        return self.layer.linear
+
+    @property
+    def in_features(self) -> int:
+        return self.layer.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layer.linear.out_features
+
+    def extra_repr(self) -> str:
+        return f"litgpt {self._version}, adapter {self.adapter_name!r}"
+
+
+class LitgptImplementation(ImplementationBase):
+    """The installed LitGPT's ``LoRALinear`` over bitsandbytes layers (see the module docstring)."""
+
+    name = "litgpt"
+
+    def __init__(self) -> None:
+        self._api = LitgptApi()
+        self.capabilities = self._api.capabilities()
+        #: capability (or option) -> why this LitGPT does not support it
+        self.unsupported: dict[str, str] = dict(self._api.unsupported)
+        self.limitations: dict[str, str] = {}
+
+    def version(self) -> str:
+        return self._api.version
+
+    def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
+        return self._api.build(base_layer, spec)
