@@ -20,7 +20,6 @@ from .sessions import BASE_ENV
 from .steps import Steps
 
 
-
 def cell_env(c: Cell, device: str) -> envs.EnvSpec:
     """The cell's environment; a CPU cell on CPU takes torch under constraints/cpu.txt (the +cpu build)."""
     constraints = (CPU_CONSTRAINTS,) if device == "cpu" and not c.needs_gpu else ()
