@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import time
 from pathlib import Path
 
 from . import envs
@@ -69,6 +70,7 @@ def main(opts: argparse.Namespace) -> int:
 
     save()
     log(f"cell {c.id}: {' '.join(c.pins())} on {device}; reports -> {out}")
+    t0 = time.perf_counter()
     try:
         python = envs.ensure(spec, fresh=opts.fresh)
     except CIError:
@@ -76,8 +78,8 @@ def main(opts: argparse.Namespace) -> int:
         save()
         raise
     installed = installed_versions(python, VERSIONS)
-    info = torch_info(python, fresh=True)
-    meta.update(installed=installed, torch_build=torch_label(info), install_seconds=_stamp_seconds(spec))
+    log(f"cell {c.id}: {torch_label(torch_info(python, fresh=True))}")
+    meta.update(installed=installed, environment_seconds=round(time.perf_counter() - t0, 1))
     wrong = {p.split("==")[0]: (p.split("==")[1], installed.get(p.split("==")[0].replace("-", "_")))
              for p in c.pins()}
     wrong = {k: v for k, v in wrong.items() if (v[1] or "").split("+")[0] != v[0]}
@@ -113,10 +115,3 @@ def main(opts: argparse.Namespace) -> int:
     save()
     run.finish(c.session)
     return 0
-
-
-def _stamp_seconds(spec: envs.EnvSpec) -> float | None:
-    try:
-        return json.loads((spec.path / envs.STAMP).read_text())["install_seconds"]
-    except (OSError, ValueError, KeyError):
-        return None

@@ -60,7 +60,8 @@ class EnvSpec:
 
     def digest(self) -> str:
         h = hashlib.sha256()
-        for part in (self.base_python, *self.pip_args(), *(c.read_text(encoding="utf-8") for c in self.constraints),
+        # the real interpreter, not the spelling: nox runs venv/bin/python3, a shell venv/bin/python
+        for part in (os.path.realpath(self.base_python), *self.pip_args(), *(c.read_text(encoding="utf-8") for c in self.constraints),
                      project_table() if any(r.startswith((".", "-e")) for r in self.requirements) else ""):
             h.update(part.encode() + b"\0")
         return h.hexdigest()[:16]
