@@ -428,3 +428,12 @@ def test_workflows_are_valid_and_use_the_documented_labels(nox_list: dict[str, s
     gpu_cells = gpu["jobs"]["torch-axis"]["strategy"]["matrix"]["cell"]
     assert cpu_cells == [c.id for c in mx.CELLS if "bnb-axis" in c.tags]
     assert gpu_cells == [c.id for c in mx.CELLS if "torch-axis" in c.tags]
+
+
+def test_installed_versions_asks_the_interpreter() -> None:
+    from importlib.metadata import version
+
+    from conformance.ci.probe import installed_versions
+
+    got = installed_versions(sys.executable, ("pytest", "no-such-distribution-xyz"))
+    assert got == {"pytest": version("pytest"), "no-such-distribution-xyz": None}

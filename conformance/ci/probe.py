@@ -108,17 +108,16 @@ def module_exists(python: str, module: str, env: dict[str, str] | None = None) -
         return False
 
 
-_VERSIONS = ("import json, importlib.metadata as m\n"
+_VERSIONS = ("import json, sys, importlib.metadata as m\n"
              "out = {}\n"
-             "for p in {pkgs!r}:\n"
+             "for p in sys.argv[1:]:\n"
              "    try:\n        out[p] = m.version(p)\n    except m.PackageNotFoundError:\n        out[p] = None\n"
              "print(json.dumps(out))\n")
 
 
 def installed_versions(python: str, packages: tuple[str, ...]) -> dict[str, str | None]:
     """Distribution versions as ``python`` sees them (None: not installed)."""
-    out = subprocess.run([python, "-c", _VERSIONS.format(pkgs=tuple(packages))], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([python, "-c", _VERSIONS, *packages], capture_output=True, text=True, timeout=300)
     if out.returncode:
         raise CIError(f"{python} cannot list its packages: {out.stderr.strip()[-300:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
