@@ -73,7 +73,7 @@ def test_noxfile_sessions_only_call_the_package() -> None:
     assert "torch==" not in (ROOT / "noxfile.py").read_text(), "the CPU torch pin lives in constraints/cpu.txt alone"
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: f"cmd-{c}")  # not `gpu`: a marker keyword
 def test_every_command_answers_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         ci_main([command, "--help"])
