@@ -433,7 +433,7 @@ def test_workflows_are_valid_and_use_the_documented_labels(nox_list: dict[str, s
 def test_installed_versions_asks_the_interpreter() -> None:
     from importlib.metadata import version
 
-    from conformance.ci.probe import installed_versions
+    from conformance.ci.interpreters import installed_versions
 
     got = installed_versions(sys.executable, ("pytest", "no-such-distribution-xyz"))
     assert got == {"pytest": version("pytest"), "no-such-distribution-xyz": None}

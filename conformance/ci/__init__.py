@@ -5,7 +5,7 @@ import: it runs under nox's interpreter and asks other interpreters about torch 
 - :mod:`.options`: the command line, one subcommand per nox session (``-- --help`` is answered here);
 - :mod:`.envs`: environment creation and reuse (a stamp of the pin set), pip progress and heartbeat;
 - :mod:`.steps`: the step runner (a failing step fails the run at the end, never silently);
-- :mod:`.probe`: interpreter, torch and GPU probing (in subprocesses);
+- :mod:`.interpreters`: interpreter, torch and GPU probing (in subprocesses);
 - :mod:`.baselines`: which stored baseline a run compares with;
 - :mod:`.postprocess`: reading report summaries and the clone verdict;
 - :mod:`.sessions` (tests, report, lint, bench, compare, stateful), :mod:`.gpu`, :mod:`.cell`

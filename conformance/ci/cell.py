@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 from . import envs
+from .interpreters import gpu_visible, installed_versions, require_cuda, torch_info, torch_label
 from .log import CIError, log
 from .matrix import CPU_CONSTRAINTS, Cell, cell
 from .matrix_report import VERSIONS
 from .postprocess import summary, summary_lines
-from .probe import gpu_visible, installed_versions, require_cuda, torch_info, torch_label
 from .sessions import BASE_ENV
 from .steps import Steps
 

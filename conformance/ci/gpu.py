@@ -13,10 +13,10 @@ from pathlib import Path
 
 from . import envs
 from .baselines import CLONE_PROBE_BASELINES, newest_baseline
+from .interpreters import gpu_visible, module_exists, pick_interpreter, require_cuda, torch_info
 from .log import CIError, log, warn
 from .options import GPU_STEPS
 from .postprocess import summary, summary_lines
-from .probe import gpu_visible, module_exists, pick_interpreter, require_cuda, torch_info
 from .sessions import BASE_ENV, checkout_env
 from .steps import Steps
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from . import envs
 from .baselines import CLONE_PROBE_BASELINES, newest_baseline
+from .interpreters import gpu_visible, pick_interpreter, require_cuda, torch_info, torch_label
 from .log import banner, log, warn
 from .matrix import CPU_CONSTRAINTS, CPU_TORCH, torch_cell
 from .postprocess import verdict_line
-from .probe import gpu_visible, pick_interpreter, require_cuda, torch_info, torch_label
 from .sessions import BASE_ENV, checkout_env
 from .steps import Steps
 

@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 
 from . import envs
+from .interpreters import gpu_visible
 from .log import CIError, log
 from .matrix import ROOT
-from .probe import gpu_visible
 
 BASE_ENV = {"BITSANDBYTES_NOWELCOME": "1", "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "ci")}
 LINT_PATHS = ("conformance", "suites", "examples", "noxfile.py")

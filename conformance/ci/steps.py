@@ -13,9 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from .interpreters import module_exists
 from .log import CIError, banner, log, warn
 from .matrix import ROOT
-from .probe import module_exists
 
 
 class Steps:
