@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -168,9 +169,11 @@ def _create(spec: EnvSpec) -> None:
 def pip(python: str, args: list[str], *, label: str, heartbeat_s: float = HEARTBEAT_S) -> None:
     """``python -m pip *args`` with its output streamed and a heartbeat while it is quiet; CIError on failure."""
     cmd = [python, "-m", "pip", *args]
-    log(f"{label}: {' '.join(cmd)}")
+    log(f"{label}: {shlex.join(cmd)}")
+    # no PYTHONPATH: packages on it would count as installed in the new environment
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     rc = stream(cmd, label=f"pip install ({label})", heartbeat_s=heartbeat_s,
-                env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+                env={**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     if rc:
         raise CIError(f"pip install for {label} failed (rc={rc}); the environment is left without a stamp, "
                       "so the next run installs again")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def checkout_env() -> dict[str, str]:
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> int:
-    log(" ".join(cmd))
+    log(shlex.join(cmd))
     return subprocess.run(cmd, env={**os.environ, **BASE_ENV, **(env or {})}).returncode
 
 
