@@ -61,6 +61,17 @@ def source_sha() -> str:
     return h.hexdigest()[:12]
 
 
+def _torch_build(torch: Any, device: str) -> str:
+    """``2.15.0+cu132 (CUDA build, no GPU: ran on CPU)``: what the torch build is and where it ran,
+    so a CUDA wheel on a CPU machine does not read as a GPU run."""
+    ver, cuda = torch.__version__, torch.version.cuda
+    if not cuda:
+        return f"{ver} (CPU build)"
+    if not torch.cuda.is_available():
+        return f"{ver} (CUDA build, no GPU: ran on CPU)"
+    return f"{ver} (CUDA {cuda} build" + (", GPU present: ran on CPU)" if device != "cuda" else ")")
+
+
 def fingerprint(device: str = "cpu") -> dict[str, Any]:
     """Versions, hardware and the suite's own version: goes into every report and baseline."""
     import torch
@@ -70,6 +81,7 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
         "platform": platform.platform(),
         "packages": {p: _version(p) for p in PACKAGES},
         "torch_cuda": torch.version.cuda,
+        "torch_build": _torch_build(torch, device),
         "device": device,
         "cpu": _cpu_model(),
         "cpu_count": __import__("os").cpu_count(),

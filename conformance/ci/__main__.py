@@ -1,0 +1,77 @@
+"""``python -m conformance.ci COMMAND [options]``: the CI steps; ``COMMAND --help`` lists options."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .log import CIError, log
+from .matrix import CELLS, ROOT, versions_table
+from .options import parse
+
+
+def _list(opts) -> int:  # noqa: ANN001 - argparse.Namespace
+    cells = [c for c in CELLS if opts.tag is None or opts.tag in c.tags]
+    if not cells:
+        raise CIError(f"no cell has tag {opts.tag!r}")
+    if opts.json:
+        print(json.dumps([c.to_json() for c in cells], indent=2))
+    else:
+        lines = versions_table().splitlines()
+        keep = {f"`{c.id}`" for c in cells}
+        print("\n".join(lines[:2] + [ln for ln in lines[2:] if ln.split(" | ")[0].lstrip("| ") in keep]))
+    return 0
+
+
+def _matrix_report(opts) -> int:  # noqa: ANN001
+    from .matrix_report import join, markdown
+
+    root = Path(opts.root)
+    doc = join(root)
+    if not doc["cells"]:
+        raise CIError(f"no cell reports under {root}: run `nox -t bnb-axis` (or one matrix cell) first")
+    js, md = root / "matrix.json", root / "matrix.md"
+    js.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    md.write_text(markdown(doc), encoding="utf-8")
+    log(f"wrote {js} and {md}")
+    print(md.read_text(encoding="utf-8"), end="")
+    if opts.save:
+        dest = ROOT / "baselines" / "matrix"
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in (js, md):
+            shutil.copyfile(src, dest / f"{opts.save}{src.suffix}")
+        log(f"saved {dest / opts.save}.json and .md")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts, rest = parse(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if opts.cmd in ("tests", "report", "lint", "bench", "compare", "stateful"):
+            from . import sessions
+
+            return getattr(sessions, opts.cmd)(opts, rest)
+        if opts.cmd == "gpu":
+            from . import gpu
+
+            return gpu.main(opts)
+        if opts.cmd == "matrix":
+            from . import cell
+
+            return cell.main(opts)
+        if opts.cmd == "regress":
+            from . import regress
+
+            return regress.main(opts)
+        if opts.cmd == "matrix_report":
+            return _matrix_report(opts)
+        return _list(opts)
+    except CIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Joins ``reports/matrix/<cell.id>/`` directories into one table (JSON and Markdown). Stdlib only.
+
+Columns are the cells found on disk plus the matrix cells without a directory ("not run"); rows are
+(implementation, clause) outcomes, marked when they differ between cells, and the clone verdicts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .matrix import CELLS, Cell
+
+MARKS = {"passed": "pass", "failed": "FAIL", "error": "ERROR", "skipped": "skip", "xfailed": "xfail",
+         "xpassed": "XPASS"}
+#: the versions a cell's column lists (cell.json "installed", else the report's environment)
+VERSIONS = ("torch", "bitsandbytes", "peft", "transformers", "accelerate", "huggingface_hub")
+CELL_FILES = ("cell.json", "conformance.json", "clone.json")  # what a full cell writes
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def load_cell(directory: Path) -> dict[str, Any]:
+    """What one cell directory holds, normalised: versions, clause outcomes, clone verdict.
+
+    Missing files are reported as missing (a cell that crashed before its probe still shows its
+    clause outcomes), never silently dropped."""
+    meta = _read_json(directory / "cell.json") or {}
+    conf = _read_json(directory / "conformance.json")
+    clone = _read_json(directory / "clone.json")
+    env = (conf or {}).get("environment") or (clone or {}).get("environment") or {}
+    pk = dict(env.get("packages") or {})
+    pk.update({k: v for k, v in (meta.get("installed") or {}).items() if v})
+    out: dict[str, Any] = {
+        "id": meta.get("id") or directory.name,
+        "torch": meta.get("torch"), "bnb": meta.get("bnb"),
+        "device": meta.get("device") or env.get("device"),
+        "status": meta.get("status", "unknown"),
+        "installed": {k: pk.get(k) for k in VERSIONS},
+        "torch_build": env.get("torch_build"),
+        "missing": [f for f in (meta.get("files") or CELL_FILES) if not (directory / f).is_file()],
+        "steps": meta.get("steps", {}),
+        "outcomes": {},  # implementation -> clause -> outcome
+        "messages": {},  # "impl clause" -> message (failures only)
+        "summary": (conf or {}).get("summary", {}).get("implementations", {}),
+        "clauses": (conf or {}).get("clauses", {}),
+        "implementations": {k: v.get("version") for k, v in ((conf or {}).get("implementations") or {}).items()},
+        "clone": None,
+    }
+    for r in (conf or {}).get("results", []):
+        out["outcomes"].setdefault(r["implementation"], {})[r["clause"]] = r["outcome"]
+        if r["outcome"] in ("failed", "error"):
+            out["messages"][f"{r['implementation']} {r['clause']}"] = str(r.get("message", ""))[:300]
+    if clone is not None:
+        v = clone.get("verdict") or {}
+        out["clone"] = {"clone_required": v.get("clone_required"), "line": v.get("line"),
+                        "cases": v.get("cases", len(clone.get("cases", []))),
+                        "required": len(v.get("required", [])), "both_fail": len(v.get("both_fail", [])),
+                        "uncloned_outcomes": v.get("uncloned_outcomes", {})}
+    return out
+
+
+def join(root: str | Path, cells: Iterable[Cell] | None = None) -> dict[str, Any]:
+    """Join every cell directory under ``root`` (reports/matrix/) into one document.
+
+    Columns are the cells found on disk plus the matrix cells that have no directory (shown as
+    "not run"), in matrix order; rows are (implementation, clause) and the clone verdict."""
+    root = Path(root)
+    found = {p.name: load_cell(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / "cell.json").is_file()
+             or p.is_dir() and (p / "conformance.json").is_file()} if root.is_dir() else {}
+    order = [c.id for c in (CELLS if cells is None else cells)]
+    ids = [i for i in order if i in found] + sorted(i for i in found if i not in order)
+    not_run = [i for i in order if i not in found]
+    impls = sorted({i for c in found.values() for i in c["outcomes"]}, key=lambda s: (s != "reference", s))
+    clause_ids = sorted({k for c in found.values() for o in c["outcomes"].values() for k in o})
+    levels = {}
+    for c in found.values():
+        for k, v in c["clauses"].items():
+            levels.setdefault(k, v.get("level"))
+    rows = []
+    for impl in impls:
+        for k in clause_ids:
+            row = {"implementation": impl, "clause": k, "level": levels.get(k),
+                   "outcomes": {i: found[i]["outcomes"].get(impl, {}).get(k) for i in ids}}
+            row["varies"] = len({o for o in row["outcomes"].values() if o is not None}) > 1
+            rows.append(row)
+    return {
+        "schema_version": "1",
+        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cells": {i: {k: v for k, v in found[i].items() if k not in ("outcomes", "clauses")} for i in ids},
+        "not_run": not_run,
+        "rows": rows,
+    }
+
+
+def _mark(outcome: str | None) -> str:
+    return "—" if outcome is None else MARKS.get(outcome, outcome)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The joined matrix as Markdown: versions, clone verdicts, then clause outcomes by cell."""
+    ids = list(doc["cells"])
+    if not ids:
+        return "# Conformance matrix\n\nNo cell reports found.\n"
+    cells = doc["cells"]
+    out = ["# Conformance matrix (torch x bitsandbytes x PEFT)", "",
+           f"Generated {doc['generated_at']}. Cells: {len(ids)}"
+           + (f"; not run here: {', '.join(doc['not_run'])}" if doc.get("not_run") else "") + ".", ""]
+    head = "| | " + " | ".join(f"`{i}`" for i in ids) + " |"
+    sep = "|---|" + "---|" * len(ids)
+    out += ["## Versions", "", head, sep]
+    for pkg in VERSIONS:
+        out.append(f"| {pkg} | " + " | ".join(str(cells[i]["installed"].get(pkg) or "?") for i in ids) + " |")
+    out.append("| torch build | " + " | ".join(str(cells[i].get("torch_build") or "?") for i in ids) + " |")
+    out.append("| device | " + " | ".join(str(cells[i].get("device") or "?") for i in ids) + " |")
+    out.append("| status | " + " | ".join(str(cells[i].get("status")) + (
+        f" (missing {', '.join(cells[i]['missing'])})" if cells[i]["missing"] else "") for i in ids) + " |")
+    out += ["", "## Clone probe (is the defensive clone in PEFT's bnb forward still needed?)", "", head, sep]
+
+    def clone_cell(c: dict[str, Any] | None) -> str:
+        if not c:
+            return "not run"
+        req = c.get("clone_required")
+        word = "**required**" if req else ("not required" if req is False else "?")
+        return f"{word}: {c.get('required', 0)}/{c.get('cases', '?')} cases" + (
+            f", {c['both_fail']} fail even cloned" if c.get("both_fail") else "")
+
+    out.append("| verdict | " + " | ".join(clone_cell(cells[i]["clone"]) for i in ids) + " |")
+    out += ["", "## Summary", "", head, sep]
+    impls = sorted({r["implementation"] for r in doc["rows"]}, key=lambda s: (s != "reference", s))
+    for impl in impls:
+        vals = []
+        for i in ids:
+            s = cells[i]["summary"].get(impl)
+            vals.append("—" if not s else f"{s.get('passed', 0)} pass / {s.get('failed', 0) + s.get('error', 0)} "
+                        f"fail ({s.get('must_failures', 0)} MUST) / {s.get('skipped', 0)} skip")
+        ver = {cells[i]["implementations"].get(impl) for i in ids} - {None}
+        out.append(f"| {impl} ({', '.join(sorted(ver))}) | " + " | ".join(vals) + " |")
+    out += ["", "## Clause outcomes", "",
+            "Rows whose outcome differs between cells are marked **Δ**; — means the clause was not in that "
+            "cell's run (registered later, or the implementation was not loaded).", "",
+            "| implementation | clause | level | " + " | ".join(f"`{i}`" for i in ids) + " |",
+            "|---|---|---|" + "---|" * len(ids)]
+    for r in doc["rows"]:
+        out.append(f"| {r['implementation']} | {r['clause']}{' **Δ**' if r['varies'] else ''} | {r['level'] or ''} | "
+                   + " | ".join(_mark(r["outcomes"].get(i)) for i in ids) + " |")
+    msgs = [(i, k, m) for i in ids for k, m in sorted(cells[i].get("messages", {}).items())]
+    if msgs:
+        out += ["", "## Failure messages", ""]
+        for i, k, m in msgs:
+            out.append(f"- `{i}` {k}: {m.replace('|', '/')}")
+    return "\n".join(out) + "\n"
