@@ -13,8 +13,9 @@ from .config import MachineConfig, Stats, StepNotApplicable, Violation
 from .driver import Driver
 from .machine import make_machine
 from .ops import OPS, run_step
-from .run import RunResult, run
+from .run import RunResult
 from .shrink import replay
 
+# ``run`` is the module (``conformance.spec.stateful.run.run`` runs the machine), not re-exported as a function
 __all__ = ["OPS", "Driver", "MachineConfig", "RunResult", "Stats", "StepNotApplicable", "Violation", "make_machine",
-           "replay", "run", "run_step"]
+           "replay", "run_step"]

@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -79,8 +80,9 @@ def script_text(impl: Implementation, failure: Failure, device: str, target: str
         "",
         *(["Drawn values the finding needs (other draws do not show it):",
            *[f"    {line}" for d in failure.depends for line in _wrap(d)], ""] if failure.depends else []),
-        "Run: python {this file} [--device cpu|cuda]  (exit 1 when the divergence reproduces, 0 when it does not,",
-        "2 when it cannot be replayed here)",
+        "Run: python {this file} [--device cpu|cuda] [--hash-seeds N]  (exit 1 when the divergence reproduces, 0 when",
+        "it does not, 2 when it cannot be replayed here; --hash-seeds N lists the PYTHONHASHSEED values of 0..N-1",
+        "that show it, for a finding that depends on set iteration order)",
         '"""',
         "import json",
         "import sys",
@@ -101,11 +103,13 @@ def script_text(impl: Implementation, failure: Failure, device: str, target: str
         f"TARGET = {spec!r}" + ("" if keeps_args else
                                "  # rebuilt from its class without arguments: give module:attr of the configured object"),
         f"CLAUSE = {failure.clause!r}",
+        f"HASHSEED = {os.environ.get('PYTHONHASHSEED') or None!r}  # PYTHONHASHSEED of the run that found it "
+        "(None: random; try --hash-seeds N)",
         f"CONFIG = json.loads({json.dumps(json.dumps(failure.config))})",
         f"STEPS = json.loads({json.dumps(json.dumps(steps))})",
         "",
         'if __name__ == "__main__":',
-        f"    sys.exit(reproduce(load(TARGET), CLAUSE, CONFIG, STEPS, {device!r}, sys.argv[1:]))",
+        f"    sys.exit(reproduce(load(TARGET), CLAUSE, CONFIG, STEPS, {device!r}, sys.argv[1:], HASHSEED))",
         "",
     ]
     return "\n".join(head + body)
@@ -136,11 +140,30 @@ def write_reproducer(impl: Implementation, failure: Failure, device: str, direct
     return path
 
 
+def _hash_sweep(n: int, argv: list[str]) -> int:
+    """Re-run this script under PYTHONHASHSEED=0..n-1 (set iteration order, e.g. PEFT's mixed batches)."""
+    shows = []
+    for h in range(n):
+        proc = subprocess.run([sys.executable, os.path.abspath(sys.argv[0]), *argv], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(h), HASHSEED_FORCE: "1"}, check=False)
+        if proc.returncode == 1:
+            shows.append(h)
+    print(f"PYTHONHASHSEED values that show the divergence: {shows or 'none'} (of 0..{n - 1})")
+    return 1 if shows else 0
+
+
+#: set by a hash sweep: run under the PYTHONHASHSEED given, not the script's HASHSEED
+HASHSEED_FORCE = "CONFORMANCE_REPRODUCE_HASHSEED_GIVEN"
+
+
 def reproduce(impl: Implementation, clause: str, config: dict[str, Any], steps: list[dict[str, Any]], device: str,
-              argv: Sequence[str] = ()) -> int:
+              argv: Sequence[str] = (), hashseed: str | None = None) -> int:
     """What a reproducer script runs: replay ``steps`` on ``impl`` and print the divergence.
 
-    ``--device cpu|cuda`` in ``argv`` replays on another device than the one the failure was found on.
+    ``--device cpu|cuda`` in ``argv`` replays on another device than the one the failure was found on;
+    ``--hash-seeds N`` re-runs the script under PYTHONHASHSEED=0..N-1 and lists those that show it (a
+    finding that depends on set iteration order inside the implementation). ``hashseed``: the
+    PYTHONHASHSEED the finding needs (the script re-executes itself under it).
     Exit status 1 when the divergence reproduces, 0 when it does not, 2 when the sequence cannot be
     replayed here (a CUDA sequence without a CUDA device, a step the machine could not have drawn).
     """
@@ -148,6 +171,14 @@ def reproduce(impl: Implementation, clause: str, config: dict[str, Any], steps: 
     from .shrink import replay
 
     argv = list(argv)
+    if "--hash-seeds" in argv:
+        i = argv.index("--hash-seeds")
+        return _hash_sweep(int(argv[i + 1]), argv[:i] + argv[i + 2:])
+    if hashseed is not None and os.environ.get("PYTHONHASHSEED") != hashseed and not os.environ.get(HASHSEED_FORCE):
+        script = os.path.abspath(sys.argv[0])
+        os.execve(sys.executable, [sys.executable, script, *argv], {**os.environ, "PYTHONHASHSEED": hashseed})
+    if os.environ.get("PYTHONHASHSEED"):
+        print(f"PYTHONHASHSEED={os.environ['PYTHONHASHSEED']}")
     if "--device" in argv:
         device = argv[argv.index("--device") + 1]
     needs_cuda = device.startswith("cuda") or any(s["op"] == "device_move" for s in steps)
