@@ -190,10 +190,15 @@ def _outcome(ctx: CheckContext) -> tuple[str, str]:
 
 # -- the reference passes --------------------------------------------------------------------------
 
+#: one reference object: its CI-budget run is cached by the clause check and shared by the tests below
+_REF = ReferenceImplementation()
+
+
 def test_reference_ci_budget_passes() -> None:
     """The CI budget (derandomized) finds nothing in the reference and runs every op, each clause
     above its floor (durations are measurements, never asserted)."""
-    res = sr.run(ReferenceImplementation())
+    res = checks.machine_run(_ctx(_REF, OUTPUT))
+    assert (res.examples_per_case, res.steps_per_example) == (CI.stateful_examples, CI.stateful_steps)
     assert not res.failures and not res.errors, res.summary()
     assert res.stats.examples >= 4 * CI.stateful_examples // 2, res.summary()
     for op in ("forward", "merge", "unmerge", "train_step", "state_dict_roundtrip", "deepcopy", "invalid",
@@ -209,9 +214,8 @@ def test_reference_ci_budget_passes() -> None:
 def test_stateful_clauses_registered_and_pass_for_reference() -> None:
     ids = {c.id for c in STATE_CLAUSES}
     assert set(STATE_IDS) <= ids and set(FLOORS) == set(STATE_IDS)
-    impl = ReferenceImplementation()
     for c in STATE_CLAUSES:
-        res = run_clause(c, impl)
+        res = run_clause(c, _REF)
         assert res.outcome == "passed", f"{c.id}: {res.outcome} {res.message}"
         m = res.measurements
         assert m["examples"] > 0 and m["steps_per_example"] > 0 and m["machine_wall_s"] > 0
@@ -287,17 +291,6 @@ def test_broken_layer_caught(impl: _Broken, clauses: set[str], tmp_path: Any) ->
     assert shortest <= 4, f"{cid}: minimal sequence has {shortest} steps\n{res.summary()}"
 
 
-def test_reproducer_script_runs_and_shows_divergence(tmp_path: Any) -> None:
-    res = _run_broken(UnmergeForgetsRequantize(), tmp_path)
-    f = next(iter(res.failures.values()))[0]
-    # the script puts the checkout on sys.path itself (it must run from anywhere) ...
-    root = str(Path(conformance.__file__).resolve().parents[1])
-    assert f"sys.path.insert(0, {root!r})" in Path(f.reproducer).read_text(encoding="utf-8")
-    proc = _run_script(f.reproducer, tmp_path)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "DIVERGENCE" in proc.stdout and f.clause in proc.stdout, proc.stdout
-
-
 def _run_script(path: str, cwd: Any, *args: str) -> subprocess.CompletedProcess:
     """Run a script as a user would: from an unrelated directory, with the checkout first on PYTHONPATH
     (whether the package is pip-installed or used via PYTHONPATH, as in the GPU box's nox session)."""
@@ -308,17 +301,22 @@ def _run_script(path: str, cwd: Any, *args: str) -> subprocess.CompletedProcess:
                           cwd=str(cwd), check=False)
 
 
-def test_reproducer_rebuilds_a_configured_implementation_from_its_target(tmp_path: Any) -> None:
-    """An implementation loaded as module:attr is rebuilt from that string in the script, so an
-    object built with constructor arguments comes back as it was (not a zero-argument rebuild)."""
+def test_reproducer_script_rebuilds_the_implementation_and_shows_divergence(tmp_path: Any) -> None:
+    """The script runs from anywhere and exits 1 with the divergence. An implementation loaded as
+    module:attr is rebuilt from that string, so an object built with constructor arguments comes
+    back as it was (not a zero-argument rebuild)."""
     impl = load(f"{__name__}:CONFIGURED")
     assert impl.__conformance_target__ == f"{__name__}:CONFIGURED"
     res = sr.run(impl, examples=8, steps=6, cases=[("lora", 8)], out=str(tmp_path), shrink_s=3)
     f = res.failures[FLAGS][0]
     text = Path(f.reproducer).read_text(encoding="utf-8")
     assert f"TARGET = {impl.__conformance_target__!r}\n" in text
+    # the script puts the checkout on sys.path itself (it must run from anywhere) and shows the divergence
+    root = str(Path(conformance.__file__).resolve().parents[1])
+    assert f"sys.path.insert(0, {root!r})" in text
     proc = _run_script(f.reproducer, tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "DIVERGENCE" in proc.stdout and f.clause in proc.stdout, proc.stdout
     assert "implementation broken-MergeForgetsFlags-configured" in proc.stdout, proc.stdout
     # built directly (not through the loader): the class, and the script says what is lost
     direct = sr.impl_target(MergeForgetsFlags(tag="-x"))
@@ -561,3 +559,14 @@ def test_replay_refuses_a_step_the_machine_could_not_have_drawn() -> None:
         ops.run_step(d, {"op": "mixed_forward", "adapter_names": ["a0", "__base__"], "dtype": "float32", "seed": 0})
     with pytest.raises(ValueError, match="unknown step"):
         ops.run_step(d, {"op": "teleport"})
+
+
+def test_long_run_cli_takes_examples_and_steps(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m conformance.spec.stateful --examples/--steps`` runs the machine with that budget."""
+    from conformance.spec.stateful.__main__ import main
+
+    assert main(["--impl", "reference", "--examples", "3", "--steps", "4", "--case", "lora/8",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(3 examples x <= 4 steps each)" in out and "no violations" in out, out
+    assert main(["--impl", "no-such-impl"]) == 2
