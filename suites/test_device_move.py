@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from conformance import numerics
-from conformance.quant import layers as ql
+from conformance.quant import layers as qlayers
 from conformance.reference import layer_class
 from conformance.spec import cases
 
@@ -26,7 +26,7 @@ PARAMS = {"lora": {"r": 4, "lora_alpha": 8}, "oft": {"r": 4}}
 
 
 def _layer(method: str, bits: int) -> nn.Module:
-    layer = layer_class(method, bits)(ql.make_base_layer(32, 24, bits=bits, seed=1), "a", **PARAMS[method])
+    layer = layer_class(method, bits)(qlayers.make_base_layer(32, 24, bits=bits, seed=1), "a", **PARAMS[method])
     cases.fill_adapter(layer, "a", torch.Generator().manual_seed(2))
     return layer.eval()
 
@@ -39,11 +39,11 @@ def test_round_trip_cpu_cuda_cpu_keeps_state_and_output(method: str, bits: int) 
         before = layer(x)  # Linear8bitLt copies CB/SCB into its MatmulLtState on the first forward
         want = numerics.layer_expected(layer, method, "a", PARAMS[method], x)
         layer.to("cuda")
-        assert ql.tensors_off_device(layer, "cuda") == []
+        assert qlayers.tensors_off_device(layer, "cuda") == []
         on_cuda = layer(x.cuda())
         torch.cuda.synchronize()
         layer.to("cpu")
-        assert ql.tensors_off_device(layer, "cpu") == []
+        assert qlayers.tensors_off_device(layer, "cpu") == []
         back = layer(x)
     assert want.ratio(on_cuda) <= 1.0, want.describe(on_cuda)
     torch.testing.assert_close(back, before, atol=0, rtol=0)  # same kernels, same stored bytes
@@ -52,27 +52,27 @@ def test_round_trip_cpu_cuda_cpu_keeps_state_and_output(method: str, bits: int) 
 @pytest.mark.parametrize(("method", "bits"), CASES)
 def test_merge_and_unmerge_after_a_move_keep_everything_on_cuda(method: str, bits: int) -> None:
     layer = _layer(method, bits).to("cuda")  # quantized on the CPU, then moved
-    assert ql.tensors_off_device(layer, "cuda") == []
+    assert qlayers.tensors_off_device(layer, "cuda") == []
     x = torch.randn(3, 32, device="cuda")
     with torch.no_grad():
         layer.merge()
         torch.cuda.synchronize()
-        assert ql.tensors_off_device(layer, "cuda") == []
+        assert qlayers.tensors_off_device(layer, "cuda") == []
         got = layer(x)
         torch.cuda.synchronize()
     assert torch.isfinite(got).all()
     layer.unmerge()
     torch.cuda.synchronize()
-    assert ql.tensors_off_device(layer, "cuda") == []
+    assert qlayers.tensors_off_device(layer, "cuda") == []
 
 
 def test_bitsandbytes_parent_move_leaves_int8_state_behind() -> None:
     """The upstream behaviour (bitsandbytes 0.50.2): a plain container moved to CUDA keeps the
     8-bit statistics of its Linear8bitLt on the CPU. If a bitsandbytes release moves them, this
     test fails and follow_weight_device can be retired for that release."""
-    base = ql.make_base_layer(32, 24, bits=8, seed=1)
+    base = qlayers.make_base_layer(32, 24, bits=8, seed=1)
     with torch.no_grad():
         base(torch.randn(2, 32))
     parent = nn.Sequential(base).to("cuda")
-    left = ql.tensors_off_device(parent, "cuda")
+    left = qlayers.tensors_off_device(parent, "cuda")
     assert any("SCB" in s for s in left), left

@@ -8,24 +8,43 @@ The broken implementations are defined here; reproducers import them as ``test_s
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from torch import nn
 
 import conformance
+from conformance.harness.context import CheckContext
 from conformance.harness.execute import run_clause
+from conformance.harness.loader import load
 from conformance.impls.reference import ReferenceImplementation
-from conformance.quant import layers as ql
+from conformance.quant import layers as qlayers
 from conformance.reference import layer_class
-from conformance.spec.clauses import registry
+from conformance.spec.budget import CI, Budget
+from conformance.spec.catalog.stateful import (
+    ADAPTERS,
+    DRIFT,
+    FLAGS,
+    FLOORS,
+    INVALID,
+    MERGE,
+    OUTPUT,
+    STATE_IDS,
+    UNMERGE,
+    VALID,
+)
+from conformance.spec.checks import stateful as checks
+from conformance.spec.clauses import ClauseFailure, ClauseInconclusive, ClauseSkipped, registry
 from conformance.spec.interface import AdapterSpec
-from conformance.spec.stateful import machine as sm
+from conformance.spec.stateful import config as sc
+from conformance.spec.stateful import ops, shrink
+from conformance.spec.stateful import run as sr
 from conformance.spec.stateful.reproducer import load_steps
 
 STATE_CLAUSES = [c for c in registry().values() if c.area == "stateful"]
@@ -63,6 +82,32 @@ class _DeepcopyLosesAdapter:
         return new
 
 
+class _MergeRaises:
+    """merge() always raises (a library whose merges are broken): the examples end at the first merge."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
+        raise RuntimeError("merge is broken")
+
+
+class _OutputOffForPositiveInput:
+    """forward adds 1 to the output when the input's first element is positive: a finding that needs
+    the drawn input seed."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = super().forward(x, *args, **kwargs)
+        return y + 1 if float(x.flatten()[0]) > 0 else y
+
+
+class _RecordsMerges:
+    """merge() records its safe_merge argument (to see what the machine drew)."""
+
+    calls: list[bool] = []
+
+    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
+        type(self).calls.append(bool(safe_merge))
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+
 class _SilentUnknownAdapter:
     """set_adapter() accepts unknown names silently (what a layer without validation does)."""
 
@@ -77,9 +122,9 @@ _CLASSES: dict[tuple[type, type], type] = {}
 class _Broken(ReferenceImplementation):
     mixin: type = object
 
-    def __init__(self) -> None:
+    def __init__(self, tag: str = "") -> None:
         super().__init__()
-        self.name = f"broken-{type(self).__name__}"
+        self.name = f"broken-{type(self).__name__}{tag}"
 
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
         layer = super().create(base_layer, spec)
@@ -106,30 +151,75 @@ class SilentUnknownAdapter(_Broken):
     mixin = _SilentUnknownAdapter
 
 
+class MergeRaises(_Broken):
+    mixin = _MergeRaises
+
+
+class OutputOffForPositiveInput(_Broken):
+    mixin = _OutputOffForPositiveInput
+
+
+class Minimal(_Broken):
+    """The reference declaring none of the optional capabilities (no unmerge, safe merge, rsLoRA, LoRA bias, ...)."""
+
+    mixin = _RecordsMerges
+    capabilities = frozenset({"lora", "oft", "4bit", "8bit"})
+
+
+#: a configured object: a reproducer must rebuild it from "test_stateful:CONFIGURED", tag included
+CONFIGURED = MergeForgetsFlags(tag="-configured")
+
+
+
+def _ctx(impl: Any, clause: str, tmp_path: Any = None, **budget: Any) -> CheckContext:
+    return CheckContext(impl=impl, clause=registry()[clause], budget=Budget(**budget),
+                        report_dir=None if tmp_path is None else str(tmp_path))
+
+
+def _outcome(ctx: CheckContext) -> tuple[str, str]:
+    try:
+        checks.report(ctx)
+    except ClauseFailure as exc:
+        return "failed", str(exc)
+    except ClauseInconclusive as exc:
+        return "inconclusive", str(exc)
+    except ClauseSkipped as exc:
+        return "skipped", str(exc)
+    return "passed", ""
+
+
 # -- the reference passes --------------------------------------------------------------------------
 
+#: one reference object: its CI-budget run is cached by the clause check and shared by the tests below
+_REF = ReferenceImplementation()
+
+
 def test_reference_ci_budget_passes() -> None:
-    """The CI budget (derandomized) finds nothing in the reference and stays well under 60 s."""
-    start = time.perf_counter()
-    res = sm.run(ReferenceImplementation())
-    wall = time.perf_counter() - start
+    """The CI budget (derandomized) finds nothing in the reference and runs every op, each clause
+    above its floor (durations are measurements, never asserted)."""
+    res = checks.machine_run(_ctx(_REF, OUTPUT))
+    assert (res.examples_per_case, res.steps_per_example) == (CI.stateful_examples, CI.stateful_steps)
     assert not res.failures and not res.errors, res.summary()
-    assert res.stats.examples >= 4 * sm.DEFAULT_EXAMPLES // 2, res.summary()
-    for op in ("forward", "merge", "unmerge", "train_step", "state_dict_roundtrip", "deepcopy", "invalid"):
+    assert res.stats.examples >= 4 * CI.stateful_examples // 2, res.summary()
+    for op in ("forward", "merge", "unmerge", "train_step", "state_dict_roundtrip", "deepcopy", "invalid",
+               "add_adapter", "set_adapter", "delete_adapter", "enable_adapters", "mixed_forward", "dtype_move"):
         assert res.stats.ops.get(op, 0) > 0, f"the CI budget never ran {op}: {res.summary()}"
-    for cid in (sm.OUTPUT, sm.MERGE, sm.UNMERGE, sm.DRIFT):
+    for cid in (OUTPUT, MERGE, UNMERGE, DRIFT):
         assert 0 < res.stats.worst[cid] <= 1, (cid, res.stats.worst)
-    assert wall < 60, f"CI budget took {wall:.1f}s"
+    for cid in STATE_IDS:
+        assert checks.shortfall(cid, res) is None, (cid, checks.shortfall(cid, res))
+    assert res.stats.ended_early == 0 and res.stats.explore_examples == res.stats.examples
 
 
 def test_stateful_clauses_registered_and_pass_for_reference() -> None:
     ids = {c.id for c in STATE_CLAUSES}
-    assert set(sm.CLAUSE_IDS) <= ids
-    impl = ReferenceImplementation()
+    assert set(STATE_IDS) <= ids and set(FLOORS) == set(STATE_IDS)
     for c in STATE_CLAUSES:
-        res = run_clause(c, impl)
+        res = run_clause(c, _REF)
         assert res.outcome == "passed", f"{c.id}: {res.outcome} {res.message}"
-        assert res.measurements["examples"] > 0
+        m = res.measurements
+        assert m["examples"] > 0 and m["steps_per_example"] > 0 and m["machine_wall_s"] > 0
+        assert sum(m["reached_by_op"].values()) >= FLOORS[c.id]["reached"], (c.id, m["reached_by_op"])
 
 
 def test_fixed_sequence_reference() -> None:
@@ -138,9 +228,9 @@ def test_fixed_sequence_reference() -> None:
            "double_quant": True, "blocksize": 64, "bias": True, "variant": 2, "seed": 3}
     steps = [
         {"op": "forward", "lead": [2, 3], "dtype": "bfloat16", "grad_mode": "inference_mode", "seed": 1},
-        {"op": "add_adapter", "variant": 1, "seed": 4},
+        {"op": "add_adapter", "name": "a1", "variant": 1, "params": sc.LORA_VARIANTS[1], "seed": 4},
         {"op": "set_adapter", "adapter_names": ["a0", "a1"]},
-        {"op": "train_step", "lead": [3], "seed": 2},
+        {"op": "train_step", "lead": [3], "seed": 2, "lr": ops.LR},
         {"op": "merge", "adapter_names": ["a1", "a0"], "safe_merge": True},
         {"op": "invalid", "kind": "merge_merged", "seed": 0},
         {"op": "forward", "lead": [3], "dtype": "float16", "grad_mode": "no_grad", "seed": 5},
@@ -160,28 +250,29 @@ def test_fixed_sequence_reference() -> None:
         {"op": "invalid", "kind": "set_unknown", "seed": 0},
     ]
     seen: list[str] = []
-    v = sm.replay(ReferenceImplementation(), cfg, steps, verbose=seen.append)
+    v = shrink.replay(ReferenceImplementation(), cfg, steps, verbose=seen.append)
     assert v is None, f"{v.clause}: {v.message}"
     assert len(seen) == len(steps) + 1
+    assert {s["op"] for s in steps} == set(ops.OPS) - {"device_move"}  # every op but the CUDA-only one
 
 
 # -- broken layers are caught ------------------------------------------------------------------------
 
-_BROKEN_RUNS: dict[type, sm.RunResult] = {}
+_BROKEN_RUNS: dict[type, sr.RunResult] = {}
 
 
-def _run_broken(impl: _Broken, tmp_path: Any) -> sm.RunResult:
+def _run_broken(impl: _Broken, tmp_path: Any) -> sr.RunResult:
     if type(impl) not in _BROKEN_RUNS:
-        _BROKEN_RUNS[type(impl)] = sm.run(impl, examples=40, steps=12, cases=[("lora", 4)], out=str(tmp_path),
+        _BROKEN_RUNS[type(impl)] = sr.run(impl, examples=40, steps=12, cases=[("lora", 4)], out=str(tmp_path),
                                           shrink_s=5)
     return _BROKEN_RUNS[type(impl)]
 
 
 @pytest.mark.parametrize(("impl", "clauses"), [
-    (UnmergeForgetsRequantize(), {sm.MERGE, sm.UNMERGE, sm.DRIFT}),
-    (MergeForgetsFlags(), {sm.FLAGS}),
-    (DeepcopyLosesAdapter(), {sm.ADAPTERS}),
-    (SilentUnknownAdapter(), {sm.INVALID}),
+    (UnmergeForgetsRequantize(), {MERGE, UNMERGE, DRIFT}),
+    (MergeForgetsFlags(), {FLAGS}),
+    (DeepcopyLosesAdapter(), {ADAPTERS}),
+    (SilentUnknownAdapter(), {INVALID}),
 ], ids=lambda v: type(v).__name__ if isinstance(v, _Broken) else "")
 def test_broken_layer_caught(impl: _Broken, clauses: set[str], tmp_path: Any) -> None:
     res = _run_broken(impl, tmp_path)
@@ -193,55 +284,187 @@ def test_broken_layer_caught(impl: _Broken, clauses: set[str], tmp_path: Any) ->
             cfg, steps = load_steps(f.reproducer)
             assert cfg == f.config and len(steps) == len(f.trace) - 1
             # the minimal sequence replays to the same violation (deterministic)
-            v = sm.replay(impl, cfg, steps)
+            v = shrink.replay(impl, cfg, steps)
             assert v is not None and v.clause == f.clause, (f.clause, v)
     cid = sorted(found & clauses)[0]
     shortest = min(len(f.trace) for f in res.failures[cid])
     assert shortest <= 4, f"{cid}: minimal sequence has {shortest} steps\n{res.summary()}"
 
 
-def test_reproducer_script_runs_and_shows_divergence(tmp_path: Any) -> None:
-    res = _run_broken(UnmergeForgetsRequantize(), tmp_path)
-    f = next(iter(res.failures.values()))[0]
-    # the script puts the checkout on sys.path itself (it must run from anywhere) ...
+def _run_script(path: str, cwd: Any, *args: str) -> subprocess.CompletedProcess:
+    """Run a script as a user would: from an unrelated directory, with the checkout first on PYTHONPATH
+    (whether the package is pip-installed or used via PYTHONPATH, as in the GPU box's nox session)."""
     root = str(Path(conformance.__file__).resolve().parents[1])
-    assert f"sys.path.insert(0, {root!r})" in Path(f.reproducer).read_text(encoding="utf-8")
-    # ... and the subprocess sees the checkout first whether it is pip-installed or used via
-    # PYTHONPATH (the GPU box's nox session), run from an unrelated directory
     env = dict(os.environ, BITSANDBYTES_NOWELCOME="1")
     env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
-    proc = subprocess.run([sys.executable, f.reproducer], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=str(tmp_path))
+    return subprocess.run([sys.executable, path, *args], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=str(cwd), check=False)
+
+
+def test_reproducer_script_rebuilds_the_implementation_and_shows_divergence(tmp_path: Any) -> None:
+    """The script runs from anywhere and exits 1 with the divergence. An implementation loaded as
+    module:attr is rebuilt from that string, so an object built with constructor arguments comes
+    back as it was (not a zero-argument rebuild)."""
+    impl = load(f"{__name__}:CONFIGURED")
+    assert impl.__conformance_target__ == f"{__name__}:CONFIGURED"
+    res = sr.run(impl, examples=8, steps=6, cases=[("lora", 8)], out=str(tmp_path), shrink_s=3)
+    f = res.failures[FLAGS][0]
+    text = Path(f.reproducer).read_text(encoding="utf-8")
+    assert f"TARGET = {impl.__conformance_target__!r}\n" in text
+    # the script puts the checkout on sys.path itself (it must run from anywhere) and shows the divergence
+    root = str(Path(conformance.__file__).resolve().parents[1])
+    assert f"sys.path.insert(0, {root!r})" in text
+    proc = _run_script(f.reproducer, tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "DIVERGENCE" in proc.stdout and f.clause in proc.stdout, proc.stdout
+    assert "implementation broken-MergeForgetsFlags-configured" in proc.stdout, proc.stdout
+    # built directly (not through the loader): the class, and the script says what is lost
+    direct = sr.impl_target(MergeForgetsFlags(tag="-x"))
+    assert direct == (f"{MergeForgetsFlags.__module__}:MergeForgetsFlags", False)
 
 
 def test_clause_reports_reproducer(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through the clause runner: the clause fails, names the sequence and records the reproducer path."""
-    from conformance.spec.checks import stateful as checks
-
-    monkeypatch.setenv(sm.ENV_EXAMPLES, "8")
-    monkeypatch.setenv(sm.ENV_STEPS, "6")
-    monkeypatch.setenv(sm.ENV_SHRINK_S, "4")
-    monkeypatch.setenv(sm.ENV_REPORT_DIR, str(tmp_path))
+    """Through the clause check: the clause fails, names the sequence and records the reproducer path
+    in the report directory the context carries, with the budget the context carries."""
     impl = MergeForgetsFlags()
-    checks.clear_cache()
     monkeypatch.setattr(type(impl), "methods", lambda self: frozenset({"lora"}))
     monkeypatch.setattr(type(impl), "bits", lambda self: frozenset({8}))
+    checks.clear_cache()
     try:
-        res = run_clause(registry()[sm.FLAGS], impl)
+        ctx = _ctx(impl, FLAGS, tmp_path, stateful_examples=8, stateful_steps=6, stateful_shrink_s=4)
+        outcome, message = _outcome(ctx)
     finally:
         checks.clear_cache()
-    assert res.outcome == "failed", res
-    assert "minimal sequence" in res.message and "merge" in res.message
-    path = res.measurements["reproducer"]
+    assert outcome == "failed", message
+    assert "minimal sequence" in message and "merge" in message
+    path = ctx.measurements["reproducer"]
     assert path.startswith(str(tmp_path)) and os.path.isfile(path)
+    assert ctx.measurements["budget"] == {"examples": 8, "steps": 6, "shrink_s": 4}
+
+
+def test_steps_that_raise_make_the_other_clauses_inconclusive(tmp_path: Any) -> None:
+    """A library whose merges raise: VALID fails; the clauses whose invariant only merges reach
+    are inconclusive (never reached), not passed; the counts are measurements."""
+    impl = MergeRaises()
+    checks.clear_cache()
+    try:
+        got = {cid: _outcome(_ctx(impl, cid, tmp_path, stateful_examples=10, stateful_steps=10,
+                                  stateful_shrink_s=2)) for cid in (VALID, MERGE, UNMERGE, DRIFT)}
+        ctx = _ctx(impl, UNMERGE, tmp_path, stateful_examples=10, stateful_steps=10, stateful_shrink_s=2)
+        _outcome(ctx)
+    finally:
+        checks.clear_cache()
+    assert got[VALID][0] == "failed" and "merge is broken" in got[VALID][1], got[VALID]
+    for cid in (MERGE, UNMERGE, DRIFT):
+        assert got[cid][0] == "inconclusive", (cid, got[cid])
+        assert "reached the clause's invariant 0 times" in got[cid][1], got[cid]
+    m = ctx.measurements
+    assert m["reached_by_op"] == {} and m["examples_ended_early"] > 0 and m["steps_per_op"]["merge"] > 0
+
+
+def test_thin_examples_are_inconclusive() -> None:
+    """The steps-per-example floor: a run whose exploring examples averaged fewer steps than the floor
+    is inconclusive for every clause, whatever its invariants reached."""
+    res = sr.RunResult("x", "0", "cpu", 10, 15, ["lora/4bit"])
+    res.stats.explore_examples, res.stats.explore_steps, res.stats.ended_early = 10, 20, 9
+    res.stats.reached = {cid: {"forward": 100} for cid in STATE_IDS}
+    for cid in STATE_IDS:
+        why = checks.shortfall(cid, res)
+        assert why and "2.0 steps on average" in why and "9 examples early" in why, (cid, why)
+    res.stats.explore_steps = 150
+    assert all(checks.shortfall(cid, res) is None for cid in STATE_IDS)
+
+
+def test_undeclared_capabilities_are_never_drawn(tmp_path: Any) -> None:
+    """Ops and options needing an undeclared capability are not drawn (so they cannot end an example
+    early); a clause none of whose ops can be drawn is skipped with the reason."""
+    impl = Minimal()
+    _RecordsMerges.calls.clear()
+    res = sr.run(impl, examples=15, steps=10, cases=[("lora", 4)], out=str(tmp_path))
+    assert not res.failures and not res.errors, res.summary()
+    for op in ("unmerge", "add_adapter", "set_adapter", "delete_adapter", "enable_adapters", "mixed_forward",
+               "device_move"):
+        assert op not in res.stats.ops, (op, res.stats.ops)
+    assert res.stats.ops.get("merge", 0) > 0 and _RecordsMerges.calls and not any(_RecordsMerges.calls)
+    assert sc.allowed_variants("lora", impl.capabilities, True) == [0]  # no rsLoRA, no lora_bias
+    reason = checks.unreachable(UNMERGE, impl.capabilities)
+    assert reason and "unmerge needs capability unmerge" in reason
+    outcome, message = _outcome(_ctx(impl, UNMERGE))
+    assert outcome == "skipped" and "unmerge" in message, message
+    assert checks.unreachable(MERGE, impl.capabilities) is None
+
+
+def test_a_finding_that_needs_a_drawn_seed_says_so() -> None:
+    """The forward's input seed decides whether the broken layer shows the finding: the report names
+    the seed that shows it and those that do not; a seed-independent finding names none."""
+    impl = OutputOffForPositiveInput()
+
+    def first(seed: int) -> float:
+        return float(torch.randn(1, 32, generator=torch.Generator().manual_seed(seed))[0, 0])
+
+    seed = next(s for s in range(100) if first(s) > 0)
+    cfg = {"method": "lora", "bits": 8, "in_features": 32, "out_features": 24, "variant": 0, "seed": 0}
+    v = shrink.replay(impl, cfg, [{"op": "forward", "lead": [1], "dtype": "float32", "grad_mode": "no_grad",
+                                   "seed": seed}])
+    assert v is not None and v.clause == OUTPUT
+    lines = shrink.seed_dependence(impl, v)
+    lost = [s for s in shrink.ALTERNATIVE_SEEDS if first(s) <= 0]
+    if lost:
+        assert len(lines) == 1 and f"seed={seed} shows it" in lines[0] and "step 1" in lines[0], lines
+    else:
+        assert lines == []
+    broken = UnmergeForgetsRequantize()
+    steps = [{"op": "merge", "adapter_names": None, "safe_merge": False}, {"op": "unmerge"}]
+    v = shrink.replay(broken, cfg, steps)
+    assert v is not None and v.clause in (MERGE, UNMERGE, DRIFT)
+    assert shrink.seed_dependence(broken, v) == []
+
+
+STORED = sorted(Path(__file__).resolve().parents[1].joinpath("baselines", "conformance", "reproducers")
+                .glob("reproduce_*.py"))
+
+#: runs each stored script as ``__main__`` in one interpreter (one torch/PEFT import for all), under
+#: the PYTHONHASHSEED the OUTPUT finding needs (the scripts re-execute themselves otherwise)
+_RUN_ALL = """
+import json, runpy, sys
+codes = {}
+for path in sys.argv[1:]:
+    sys.argv = [path, "--device", "cpu"]
+    try:
+        runpy.run_path(path, run_name="__main__")
+        codes[path] = 0
+    except SystemExit as exc:
+        codes[path] = exc.code
+print("CODES " + json.dumps(codes))
+"""
+
+
+def test_stored_reproducers_run(tmp_path: Any) -> None:
+    """The stored PEFT reproducers run from this checkout: on the CPU the ones that reproduce there exit 1
+    (PEFT 0.21.2), the CUDA-only one (a device move) exits 2 without a CUDA device."""
+    pytest.importorskip("peft")
+    assert len(STORED) == 3, STORED
+    root = str(Path(conformance.__file__).resolve().parents[1])
+    env = dict(os.environ, BITSANDBYTES_NOWELCOME="1", PYTHONHASHSEED="3")
+    env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    proc = subprocess.run([sys.executable, "-c", _RUN_ALL, *map(str, STORED)], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=str(tmp_path), check=False)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("CODES ")), None)
+    assert line, proc.stdout + proc.stderr
+    codes = json.loads(line.removeprefix("CODES "))
+    for path in STORED:
+        cuda_only = "device_move" in path.name
+        want = 2 if cuda_only and not torch.cuda.is_available() else 1
+        assert codes[str(path)] == want, (path.name, codes[str(path)], proc.stdout[-3000:])
+    assert proc.stdout.count("DIVERGENCE") == sum(1 for p in STORED if "device_move" not in p.name
+                                                 or torch.cuda.is_available())
+    assert "no CUDA device" in proc.stdout or torch.cuda.is_available()
 
 
 @pytest.mark.slow
 def test_reference_long_run() -> None:
     """The long run (issue #8): 2000 sequences on the CPU, nothing found."""
-    res = sm.run(ReferenceImplementation(), examples=500, steps=15)
+    res = sr.run(ReferenceImplementation(), examples=500, steps=15)
     assert not res.failures and not res.errors, res.summary()
 
 
@@ -256,15 +479,14 @@ def test_layer_class_sanity() -> None:
 
 def test_device_move_only_in_cuda_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU-device run on a GPU host never draws device_move (it would touch CUDA)."""
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    impl = ReferenceImplementation()
-    stats = sm.Stats()
-    machine = sm.make_machine(impl, sm.configs_for("lora", 8), "cpu", stats)
     from hypothesis import HealthCheck, settings
     from hypothesis.stateful import run_state_machine_as_test
 
+    from conformance.spec.stateful.machine import make_machine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    stats = sc.Stats()
+    machine = make_machine(ReferenceImplementation(), sc.configs_for("lora", 8), "cpu", stats)
     run_state_machine_as_test(machine, settings=settings(max_examples=3, stateful_step_count=8, derandomize=True,
                                                          deadline=None, database=None,
                                                          suppress_health_check=list(HealthCheck)))
@@ -274,27 +496,31 @@ def test_device_move_only_in_cuda_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_device_move_reports_tensors_left_behind(monkeypatch: pytest.MonkeyPatch) -> None:
     """A move that leaves bitsandbytes state on the old device is a STATE-VALID-NEVER-RAISES violation
     naming device_move, raised before any kernel could run on it."""
-    import torch
-
-    d = sm.Driver(ReferenceImplementation(), sm.MachineConfig("lora", 8, 32, 24))
-    d.forward([2], "float32", "no_grad", 1)  # Linear8bitLt moves CB/SCB into its MatmulLtState
-    assert ql.tensors_off_device(d.layer, "cpu") == []
-    assert any("state.CB" in s for s in ql.tensors_off_device(d.layer, "cuda"))
+    d = sc_driver()
+    ops.run_step(d, {"op": "forward", "lead": [2], "dtype": "float32", "grad_mode": "no_grad", "seed": 1})
+    # Linear8bitLt moved CB/SCB into its MatmulLtState
+    assert qlayers.tensors_off_device(d.layer, "cpu") == []
+    assert any("state.CB" in s for s in qlayers.tensors_off_device(d.layer, "cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(type(d.layer), "to", lambda self, *a, **k: self)  # a move that moves nothing
-    with pytest.raises(sm.Violation) as exc:
-        d.device_move("cuda")
-    assert exc.value.clause == sm.VALID and "device_move" in exc.value.message and "state.CB" in exc.value.message
+    d.record({"op": "device_move", "device": "cuda"})
+    with pytest.raises(sc.Violation) as exc:
+        ops.OPS["device_move"].apply(d, {"device": "cuda"})
+    assert exc.value.clause == VALID and "device_move" in exc.value.message and "state.CB" in exc.value.message
+
+
+def sc_driver() -> Any:
+    from conformance.spec.stateful.driver import Driver
+
+    return Driver(ReferenceImplementation(), sc.MachineConfig("lora", 8, 32, 24))
 
 
 def test_cpu_seeding_never_touches_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
     from conformance import tinymodels
 
     calls: list[int] = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(s))
-    sm.seed_for("cpu", 3)
+    sc.seed_for("cpu", 3)
     with tinymodels.cpu_rng():
         torch.manual_seed(4)
     assert calls == []
@@ -308,7 +534,6 @@ def test_a_library_warning_is_not_the_implementation_warning() -> None:
     import warnings
 
     import bitsandbytes as bnb
-    import torch
 
     from conformance.spec.observe import implementation_warnings, recorded_warnings
 
@@ -321,14 +546,27 @@ def test_a_library_warning_is_not_the_implementation_warning() -> None:
 
 
 def test_replay_refuses_a_step_the_machine_could_not_have_drawn() -> None:
-    """The minimizer deletes steps; a merge naming an adapter whose add_adapter it deleted is an
+    """A deletion pass removes steps; a merge naming an adapter whose add_adapter it deleted is an
     invalid step, and must not be replayed as a valid one (it once shrank a PEFT finding that way)."""
-    d = sm.Driver(ReferenceImplementation(), sm.MachineConfig("lora", 8, 32, 24))
-    with pytest.raises(sm.StepNotApplicable):
-        sm.apply_step(d, {"op": "merge", "adapter_names": ["a0", "a1"], "safe_merge": True})
-    with pytest.raises(sm.StepNotApplicable):
-        sm.apply_step(d, {"op": "unmerge"})
-    sm.apply_step(d, {"op": "merge", "adapter_names": ["a0"], "safe_merge": True})
+    d = sc_driver()
+    with pytest.raises(sc.StepNotApplicable):
+        ops.run_step(d, {"op": "merge", "adapter_names": ["a0", "a1"], "safe_merge": True})
+    with pytest.raises(sc.StepNotApplicable):
+        ops.run_step(d, {"op": "unmerge"})
+    ops.run_step(d, {"op": "merge", "adapter_names": ["a0"], "safe_merge": True})
     assert d.layer.merged_adapters == ["a0"]
-    with pytest.raises(sm.StepNotApplicable):
-        sm.apply_step(d, {"op": "mixed_forward", "adapter_names": ["a0", "__base__"], "dtype": "float32", "seed": 0})
+    with pytest.raises(sc.StepNotApplicable):
+        ops.run_step(d, {"op": "mixed_forward", "adapter_names": ["a0", "__base__"], "dtype": "float32", "seed": 0})
+    with pytest.raises(ValueError, match="unknown step"):
+        ops.run_step(d, {"op": "teleport"})
+
+
+def test_long_run_cli_takes_examples_and_steps(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m conformance.spec.stateful --examples/--steps`` runs the machine with that budget."""
+    from conformance.spec.stateful.__main__ import main
+
+    assert main(["--impl", "reference", "--examples", "3", "--steps", "4", "--case", "lora/8",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(3 examples x <= 4 steps each)" in out and "no violations" in out, out
+    assert main(["--impl", "no-such-impl"]) == 2

@@ -61,6 +61,7 @@ def _instantiate(obj: Any, label: str) -> Implementation:
         caps = frozenset(obj.capabilities)
         obj.methods = lambda: frozenset(m for m in ("lora", "oft") if m in caps)  # type: ignore[attr-defined]
         obj.bits = lambda: frozenset(b for b in (4, 8) if f"{b}bit" in caps)  # type: ignore[attr-defined]
+    obj.__conformance_target__ = label  # the string that rebuilds it (stateful reproducers call load() on it)
     return obj
 
 

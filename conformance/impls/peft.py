@@ -42,7 +42,7 @@ from conformance.spec.interface import AdapterSpec, ImplementationBase, Implemen
 
 ALL_CAPABILITIES = frozenset(
     {"lora", "oft", "4bit", "8bit", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters",
-     "delete_adapter", "cuda", "peft_model"}
+     "delete_adapter", "cuda", "peft_model", "unmerge", "safe_merge", "rslora", "dropout"}
 )
 
 LORA_PARAMS: dict[str, Any] = {

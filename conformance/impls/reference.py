@@ -14,7 +14,7 @@ class ReferenceImplementation(ImplementationBase):
     name = "reference"
     capabilities = frozenset(
         {"lora", "oft", "4bit", "8bit", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters",
-         "delete_adapter", "cuda"}
+         "delete_adapter", "cuda", "unmerge", "safe_merge", "rslora", "dropout"}
     )
 
     def __init__(self, clone_base_output: bool = True) -> None:

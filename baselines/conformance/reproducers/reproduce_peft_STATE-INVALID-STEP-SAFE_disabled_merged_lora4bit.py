@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproducer: STATE-INVALID-STEP-SAFE violated by implementation 'peft' on cuda.
 
-Found by the stateful conformance machine (conformance.stateful), shrunk by hypothesis.
+Found by the stateful conformance machine (conformance.spec.stateful), shrunk by hypothesis.
 
 Violation:
     [lora-nf4-64x40-v0, step 3: <invalid step wrong_in_features> (must raise or warn and change nothing)] invalid
@@ -16,17 +16,24 @@ Minimal sequence (the calls made on the layer):
     2. layer.enable_adapters(False)
     3. <invalid step wrong_in_features> (must raise or warn and change nothing)
 
-Run: python {this file} [--device cpu|cuda]  (exit 1 when the divergence reproduces, 0 when it does not)
+Run: python {this file} [--device cpu|cuda] [--hash-seeds N]  (exit 1 when the divergence reproduces, 0 when it does not,
+2 when it cannot be replayed here)
 """
 import json
+import os
 import sys
 
-sys.path.insert(0, '/work/main')  # the conformance checkout that wrote this script
+# the checkout this stored script lives in (baselines/conformance/reproducers/ -> its root)
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..', '..')))
 
-from conformance.stateful.reproducer import reproduce
+from conformance.harness.loader import load
+from conformance.spec.stateful.reproducer import reproduce
 
+TARGET = 'peft'
+HASHSEED = None  # PYTHONHASHSEED the finding needs (None: any; try --hash-seeds N)
+CLAUSE = 'STATE-INVALID-STEP-SAFE'
 CONFIG = json.loads("{\"method\": \"lora\", \"bits\": 4, \"in_features\": 64, \"out_features\": 40, \"quant_type\": \"nf4\", \"double_quant\": false, \"blocksize\": 64, \"bias\": true, \"variant\": 0, \"seed\": 0}")
 STEPS = json.loads("[{\"op\": \"merge\", \"adapter_names\": null, \"safe_merge\": false}, {\"op\": \"enable_adapters\", \"enabled\": false}, {\"op\": \"invalid\", \"kind\": \"wrong_in_features\", \"seed\": 60743}]")
 
 if __name__ == "__main__":
-    sys.exit(reproduce('peft', 'STATE-INVALID-STEP-SAFE', CONFIG, STEPS, 'cuda', sys.argv[1:]))
+    sys.exit(reproduce(load(TARGET), CLAUSE, CONFIG, STEPS, 'cuda', sys.argv[1:], HASHSEED))

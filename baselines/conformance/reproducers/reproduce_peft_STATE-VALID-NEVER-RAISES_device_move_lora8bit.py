@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproducer: STATE-VALID-NEVER-RAISES violated by implementation 'peft' on cuda.
 
-Found by the stateful conformance machine (conformance.stateful), shrunk by hypothesis.
+Found by the stateful conformance machine (conformance.spec.stateful), shrunk by hypothesis.
 
 Violation:
     [lora-int8-64x40-v0, step 1: layer = layer.to('cpu')] device_move: layer.to('cpu') left tensors on another
@@ -15,17 +15,24 @@ Minimal sequence (the calls made on the layer):
     0. base = make_base_layer(64, 40, **{'bits': 8, 'bias': True, 'seed': 0}); torch.manual_seed(0); layer = impl.create(base, AdapterSpec('lora', 'a0', {'r': 4, 'lora_alpha': 8.0, 'init_lora_weights': False}))
     1. layer = layer.to('cpu')
 
-Run: python {this file} [--device cpu|cuda]  (exit 1 when the divergence reproduces, 0 when it does not)
+Run: python {this file} [--device cpu|cuda] [--hash-seeds N]  (exit 1 when the divergence reproduces, 0 when it does not,
+2 when it cannot be replayed here)
 """
 import json
+import os
 import sys
 
-sys.path.insert(0, '/work/main')  # the conformance checkout that wrote this script
+# the checkout this stored script lives in (baselines/conformance/reproducers/ -> its root)
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..', '..')))
 
-from conformance.stateful.reproducer import reproduce
+from conformance.harness.loader import load
+from conformance.spec.stateful.reproducer import reproduce
 
+TARGET = 'peft'
+HASHSEED = None  # PYTHONHASHSEED the finding needs (None: any; try --hash-seeds N)
+CLAUSE = 'STATE-VALID-NEVER-RAISES'
 CONFIG = json.loads("{\"method\": \"lora\", \"bits\": 8, \"in_features\": 64, \"out_features\": 40, \"quant_type\": \"nf4\", \"double_quant\": false, \"blocksize\": 64, \"bias\": true, \"variant\": 0, \"seed\": 0}")
 STEPS = json.loads("[{\"op\": \"device_move\", \"device\": \"cpu\"}]")
 
 if __name__ == "__main__":
-    sys.exit(reproduce('peft', 'STATE-VALID-NEVER-RAISES', CONFIG, STEPS, 'cuda', sys.argv[1:]))
+    sys.exit(reproduce(load(TARGET), CLAUSE, CONFIG, STEPS, 'cuda', sys.argv[1:], HASHSEED))

@@ -55,3 +55,29 @@ for _id, _text, _extra in STATE_CLAUSES:
     declare(_id, "MUST", _text, source=SOURCE + _extra, area="stateful")
 
 STATE_IDS: tuple[str, ...] = tuple(c[0] for c in STATE_CLAUSES)
+
+#: What a stateful clause needs from one run before a pass means anything (issue 13). A clause whose
+#: run falls short is ``inconclusive``, not ``passed``:
+#:
+#: - ``steps_per_example``: exploring examples (those hypothesis generated before the case's first
+#:   violation, shrinking excluded) ran at least this fraction of the budgeted steps per example on
+#:   average; an example ends early only when a step raised or was refused;
+#: - ``ops`` / ``reached``: the steps whose outcome the clause's invariant checks ("*": every step)
+#:   reached that invariant at least ``reached`` times.
+#:
+#: An op the implementation cannot be given (a capability it does not declare) is never drawn; a clause
+#: none of whose ``ops`` can be drawn is ``skipped`` with the reason.
+STEPS_PER_EXAMPLE = 1 / 3
+FLOORS: dict[str, dict[str, object]] = {
+    OUTPUT: {"ops": ("forward", "mixed_forward", "train_step"), "reached": 10},
+    BASE: {"ops": ("*",), "reached": 10},
+    FLAGS: {"ops": ("*",), "reached": 10},
+    MERGE: {"ops": ("merge", "unmerge"), "reached": 3},
+    UNMERGE: {"ops": ("unmerge",), "reached": 1},
+    DRIFT: {"ops": ("merge", "unmerge"), "reached": 3},
+    ADAPTERS: {"ops": ("*",), "reached": 10},
+    VALID: {"ops": ("*",), "reached": 10},
+    INVALID: {"ops": ("invalid",), "reached": 3},
+}
+for _id in STATE_IDS:
+    FLOORS[_id].setdefault("steps_per_example", STEPS_PER_EXAMPLE)

@@ -10,22 +10,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .machine import ENV_EXAMPLES, ENV_STEPS, run
+from conformance.spec.budget import CI
+
+from .run import run
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m conformance.spec.stateful", description=__doc__.splitlines()[0])
     p.add_argument("--impl", default=None, help="implementation (built-in name, entry point or package.module:attr)")
-    p.add_argument("--examples", type=int, default=None, help=f"examples per (method, bits) case (${ENV_EXAMPLES})")
-    p.add_argument("--steps", type=int, default=None, help=f"steps per example (${ENV_STEPS})")
+    p.add_argument("--examples", type=int, default=None, help=f"examples per (method, bits) case (default {CI.stateful_examples})")
+    p.add_argument("--steps", type=int, default=None, help=f"steps per example (default {CI.stateful_steps})")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default=None, help="directory for reproducer scripts ($CONFORMANCE_REPORT_DIR, else a temp dir)")
+    p.add_argument("--out", default=None, help="directory for reproducer scripts (default: a fresh temporary directory)")
     p.add_argument("--case", action="append", default=[], help="restrict to METHOD/BITS, e.g. lora/4 (repeatable)")
     p.add_argument("--random", action="store_true", help="do not derandomize (explore new sequences each run)")
     p.add_argument("--exclude-invalid", default="", help="comma-separated invalid-step kinds to leave out "
                    "(to look past a known finding), e.g. set_unknown,merge_unknown")
     p.add_argument("--shrink-s", type=float, default=None, help="seconds of shrinking per case after its first "
-                   "violation ($CONFORMANCE_STATEFUL_SHRINK_S, default 20)")
+                   f"violation (default {CI.stateful_shrink_s:g})")
     args = p.parse_args(argv)
     from conformance.quant.layers import quiet_int8_cast_notice
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in args.case:
             m, _, b = c.partition("/")
             cases.append((m, int(b.removesuffix("bit"))))
-    res = run(impl, args.device, examples=args.examples, steps=args.steps, cases=cases, out=args.out,
+    res = run(impl, args.device, target=args.impl, examples=args.examples, steps=args.steps, cases=cases, out=args.out,
               derandomize=not args.random, shrink_s=args.shrink_s,
               exclude_invalid=[k for k in args.exclude_invalid.split(",") if k])
     print(res.summary())

@@ -1,9 +1,12 @@
 """Write a shrunk failing sequence as a standalone, runnable reproducer script.
 
 The script embeds the layer configuration and the steps as data, lists them as the plain calls
-they make, and replays them with :func:`conformance.spec.stateful.machine.replay` (which builds the
-layer through the implementation protocol and checks every invariant after every step), printing
-each step and then the divergence. Exit status 1 when the violation reproduces, 0 otherwise.
+they make, rebuilds the implementation from the string it was loaded from
+(``conformance.harness.loader.load(TARGET)``, constructor arguments included when it was given as
+``module:attr``) and replays the steps with :func:`conformance.spec.stateful.shrink.replay` (which
+builds the layer through the implementation protocol and checks every invariant after every step),
+printing each step and then the divergence. Exit status 1 when the violation reproduces, 0 when it
+does not, 2 when it cannot be replayed here.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import inspect
 import json
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,7 +25,7 @@ import torch
 if TYPE_CHECKING:
     from conformance.spec.interface import Implementation
 
-    from .machine import Failure
+    from .run import Failure
 
 
 def versions(impl: Implementation) -> dict[str, str]:
@@ -51,10 +55,11 @@ def _impl_path(impl: Implementation) -> str | None:
         return None
 
 
-def script_text(impl: Implementation, failure: Failure, device: str) -> str:
-    from .machine import impl_spec, render_step
+def script_text(impl: Implementation, failure: Failure, device: str, target: str | None = None) -> str:
+    from .ops import render_step
+    from .run import impl_target
 
-    spec = impl_spec(impl)
+    spec, keeps_args = impl_target(impl, target)
     vers = versions(impl)
     steps = [s for s in failure.trace if s["op"] != "create"]
     plain = "\n".join(f"    {i}. {render_step(s)}" for i, s in enumerate(failure.trace))
@@ -73,7 +78,11 @@ def script_text(impl: Implementation, failure: Failure, device: str) -> str:
         "Minimal sequence (the calls made on the layer):",
         plain,
         "",
-        "Run: python {this file} [--device cpu|cuda]  (exit 1 when the divergence reproduces, 0 when it does not)",
+        *(["Drawn values the finding needs (other draws do not show it):",
+           *[f"    {line}" for d in failure.depends for line in _wrap(d)], ""] if failure.depends else []),
+        "Run: python {this file} [--device cpu|cuda] [--hash-seeds N]  (exit 1 when the divergence reproduces, 0 when",
+        "it does not, 2 when it cannot be replayed here; --hash-seeds N lists the PYTHONHASHSEED values of 0..N-1",
+        "that show it, for a finding that depends on set iteration order)",
         '"""',
         "import json",
         "import sys",
@@ -88,13 +97,19 @@ def script_text(impl: Implementation, failure: Failure, device: str) -> str:
     if path:
         head += [f"sys.path.insert(0, {path!r})  # where the implementation under test is defined", ""]
     body = [
+        "from conformance.harness.loader import load",
         "from conformance.spec.stateful.reproducer import reproduce",
         "",
+        f"TARGET = {spec!r}" + ("" if keeps_args else
+                               "  # rebuilt from its class without arguments: give module:attr of the configured object"),
+        f"CLAUSE = {failure.clause!r}",
+        f"HASHSEED = {os.environ.get('PYTHONHASHSEED') or None!r}  # PYTHONHASHSEED of the run that found it "
+        "(None: random; try --hash-seeds N)",
         f"CONFIG = json.loads({json.dumps(json.dumps(failure.config))})",
         f"STEPS = json.loads({json.dumps(json.dumps(steps))})",
         "",
         'if __name__ == "__main__":',
-        f"    sys.exit(reproduce({spec!r}, {failure.clause!r}, CONFIG, STEPS, {device!r}, sys.argv[1:]))",
+        f"    sys.exit(reproduce(load(TARGET), CLAUSE, CONFIG, STEPS, {device!r}, sys.argv[1:], HASHSEED))",
         "",
     ]
     return "\n".join(head + body)
@@ -114,32 +129,70 @@ def _wrap(text: str, width: int = 110) -> list[str]:
     return out
 
 
-def write_reproducer(impl: Implementation, failure: Failure, device: str, directory: str) -> str:
+def write_reproducer(impl: Implementation, failure: Failure, device: str, directory: str,
+                     target: str | None = None) -> str:
     """Write the script into ``directory``; its path."""
     label = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{impl.name}_{failure.clause}_{failure.config.get('method')}"
                    f"{failure.config.get('bits')}bit")
     path = os.path.join(directory, f"reproduce_{label}.py")
     with open(path, "w", encoding="utf-8") as fh:
-        fh.write(script_text(impl, failure, device))
+        fh.write(script_text(impl, failure, device, target))
     return path
 
 
-def reproduce(impl_spec: str, clause: str, config: dict[str, Any], steps: list[dict[str, Any]], device: str,
-              argv: Sequence[str] = ()) -> int:
-    """What a reproducer script runs: replay ``steps`` on ``impl_spec`` and print the divergence.
+def _hash_sweep(n: int, argv: list[str]) -> int:
+    """Re-run this script under PYTHONHASHSEED=0..n-1 (set iteration order, e.g. PEFT's mixed batches)."""
+    shows = []
+    for h in range(n):
+        proc = subprocess.run([sys.executable, os.path.abspath(sys.argv[0]), *argv], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(h), HASHSEED_FORCE: "1"}, check=False)
+        if proc.returncode == 1:
+            shows.append(h)
+    print(f"PYTHONHASHSEED values that show the divergence: {shows or 'none'} (of 0..{n - 1})")
+    return 1 if shows else 0
 
-    ``--device cpu|cuda`` in ``argv`` replays on another device than the one the failure was found on.
-    Exit status 1 when the divergence reproduces, 0 when it does not.
+
+#: set by a hash sweep: run under the PYTHONHASHSEED given, not the script's HASHSEED
+HASHSEED_FORCE = "CONFORMANCE_REPRODUCE_HASHSEED_GIVEN"
+
+
+def reproduce(impl: Implementation, clause: str, config: dict[str, Any], steps: list[dict[str, Any]], device: str,
+              argv: Sequence[str] = (), hashseed: str | None = None) -> int:
+    """What a reproducer script runs: replay ``steps`` on ``impl`` and print the divergence.
+
+    ``--device cpu|cuda`` in ``argv`` replays on another device than the one the failure was found on;
+    ``--hash-seeds N`` re-runs the script under PYTHONHASHSEED=0..N-1 and lists those that show it (a
+    finding that depends on set iteration order inside the implementation). ``hashseed``: the
+    PYTHONHASHSEED the finding needs (the script re-executes itself under it).
+    Exit status 1 when the divergence reproduces, 0 when it does not, 2 when the sequence cannot be
+    replayed here (a CUDA sequence without a CUDA device, a step the machine could not have drawn).
     """
-    from conformance.harness.loader import load
-    from conformance.spec.stateful.machine import replay
+    from .config import StepNotApplicable
+    from .shrink import replay
 
     argv = list(argv)
+    if "--hash-seeds" in argv:
+        i = argv.index("--hash-seeds")
+        return _hash_sweep(int(argv[i + 1]), argv[:i] + argv[i + 2:])
+    if hashseed is not None and os.environ.get("PYTHONHASHSEED") != hashseed and not os.environ.get(HASHSEED_FORCE):
+        script = os.path.abspath(sys.argv[0])
+        os.execve(sys.executable, [sys.executable, script, *argv], {**os.environ, "PYTHONHASHSEED": hashseed})
+    if os.environ.get("PYTHONHASHSEED"):
+        print(f"PYTHONHASHSEED={os.environ['PYTHONHASHSEED']}")
     if "--device" in argv:
         device = argv[argv.index("--device") + 1]
-    impl = load(impl_spec)
+    needs_cuda = device.startswith("cuda") or any(s["op"] == "device_move" for s in steps)
+    if needs_cuda and not torch.cuda.is_available():
+        print(f"cannot replay here: the sequence runs on CUDA (device {device!r}"
+              f"{', a device move' if any(s['op'] == 'device_move' for s in steps) else ''}) and no CUDA device "
+              "is visible")
+        return 2
     print(f"implementation {impl.name} {impl.version()} on {device}; replaying {len(steps)} steps")
-    violation = replay(impl, config, steps, device=device, verbose=lambda s: print("  >", s))
+    try:
+        violation = replay(impl, config, steps, device=device, verbose=lambda s: print("  >", s))
+    except StepNotApplicable as exc:
+        print(f"cannot replay here: {exc}")
+        return 2
     if violation is None:
         print("no violation: the divergence does not reproduce")
         return 0

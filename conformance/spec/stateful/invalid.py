@@ -1,0 +1,92 @@
+"""Invalid steps (clause STATE-INVALID-STEP-SAFE): each must raise or warn, and change nothing.
+
+``KINDS`` maps a kind to (capability it needs, whether the state allows it, the call it makes).
+An invalid step is checked with the same invariants as a valid one (``Driver.check_invariants``);
+a broken one is reported as STATE-INVALID-STEP-SAFE, naming the invariant's own clause.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from conformance.spec.catalog.stateful import INVALID
+from conformance.spec.observe import implementation_warnings
+
+from .config import VIOLATIONS, Violation
+
+if TYPE_CHECKING:
+    from .driver import Driver
+
+#: kind -> (capability needed or None, applies(d), (description, call) for d)
+KINDS: dict[str, tuple[str | None, Callable[[Driver], bool], Callable[[Driver, int], tuple[str, Callable[[], Any]]]]] = {
+    "set_unknown": (None, lambda d: True,
+                    lambda d, s: ("set_adapter(['nope'])", lambda: d.layer.set_adapter(["nope"]))),
+    "merge_unknown": (None, lambda d: True,
+                      lambda d, s: ("merge(adapter_names=['nope'])", lambda: d.layer.merge(adapter_names=["nope"]))),
+    "unmerge_unmerged": ("unmerge", lambda d: not d.merged,
+                         lambda d, s: ("unmerge() with nothing merged", d.layer.unmerge)),
+    "merge_merged": (None, lambda d: d.merged,
+                     lambda d, s: (f"merge(adapter_names={d.model.merged[:1]}) of a merged adapter",
+                                   lambda: d.layer.merge(adapter_names=d.model.merged[:1]))),
+    "delete_unknown": ("delete_adapter", lambda d: True,
+                       lambda d, s: ("delete_adapter('nope')", lambda: d.layer.delete_adapter("nope"))),
+    "delete_merged": ("delete_adapter", lambda d: d.merged,
+                      lambda d, s: (f"delete_adapter({d.model.merged[:1]}) of a merged adapter",
+                                    lambda: d.layer.delete_adapter(d.model.merged[0]))),
+    "add_existing": ("multi_adapter", lambda d: True,
+                     lambda d, s: (f"add_adapter({d.names[0]!r}) of an existing adapter",
+                                   lambda: d.layer.add_adapter(d.names[0], **d.model.adapters[d.names[0]].params))),
+    "mixed_when_merged": ("mixed_batch", lambda d: d.merged and d.mixed_ok(),
+                          lambda d, s: ("forward(x, adapter_names=...) while merged",
+                                        lambda: d.layer(d.input((2,), "float32", s), adapter_names=[d.names[0],
+                                                                                                  "__base__"]))),
+    "mixed_unknown": ("mixed_batch", lambda d: not d.merged and d.mixed_ok(),
+                      lambda d, s: ("forward(x, adapter_names=['nope', ...])",
+                                    lambda: d.layer(d.input((2,), "float32", s), adapter_names=["nope", d.names[0]]))),
+    "wrong_in_features": (None, lambda d: True,
+                          lambda d, s: ("forward of an input with in_features + 1",
+                                        lambda: d.layer(d.input((2,), "float32", s, d.config.in_features + 1)))),
+}
+INVALID_KINDS = tuple(KINDS)
+
+
+def applicable_kinds(d: Driver) -> list[str]:
+    """The invalid kinds the machine may draw now (capabilities, state, and ``exclude_invalid``)."""
+    return [k for k, (cap, ok, _) in KINDS.items()
+            if k not in d.exclude_invalid and (cap is None or d.has(cap)) and ok(d)]
+
+
+def run_invalid(d: Driver, a: dict[str, Any]) -> None:
+    kind = a["kind"]
+    what, fn = KINDS[kind][2](d, a["seed"])
+    raised: BaseException | None = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with torch.no_grad():
+                fn()
+        except Exception as exc:
+            raised = exc
+    warned = [t for t in implementation_warnings(caught) if t.strip()]
+    d.stats.notes.add(f"invalid {kind}: " + (f"raises {type(raised).__name__}" if raised else
+                                             "warns" if warned else "silent"))
+    d.stats.reach(INVALID, "invalid")
+    where = f"invalid step {what}: "
+    recording, d.recording = d.recording, False  # a broken invariant here is reported as INVALID only
+    try:
+        d.check_invariants(where)
+    except Violation as v:
+        how = f"raised {type(raised).__name__}" if raised else "warned" if warned else "was silently accepted"
+        w = VIOLATIONS[INVALID](f"{v.message} (the invalid step {how} but changed the state: {v.clause})",
+                                v.trace, v.config)
+        if recording:
+            d.stats.record(w)
+        raise w from None
+    finally:
+        d.recording = recording
+    if raised is None and not warned:
+        d.fail(INVALID, f"{where}was silently accepted: no exception and no warning")

@@ -1,0 +1,168 @@
+"""The package's layers hold: the import graph has no forbidden edge and no cycle.
+
+Every ``import`` and ``from ... import`` in ``conformance/`` counts, at module level or inside a
+function (a lazy import is still a dependency), except those under ``if TYPE_CHECKING:`` (annotations
+only, never executed). Nodes are the top-level parts of the package: ``quant``, ``numerics``,
+``reference``, ``spec``, ``impls``, ``harness``, ``cli``, ``testing``, ``probe``, ``bench``, ``ci``, ...
+A second set of tests imports the light layers in a fresh interpreter and checks what got loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "conformance"
+
+#: part -> parts it must never import (directly or lazily)
+FORBIDDEN: dict[str, set[str]] = {
+    "quant": {"numerics", "reference", "spec", "impls", "harness", "cli", "testing", "probe", "bench", "ci"},
+    "numerics": {"reference", "spec", "impls", "harness", "cli", "testing", "probe", "bench", "ci"},
+    "reference": {"numerics", "spec", "impls", "harness", "cli", "testing", "probe", "bench", "ci"},
+    "spec": {"impls", "harness", "cli", "testing", "probe", "bench", "ci"},
+    "impls": {"harness", "cli", "testing", "probe", "bench", "ci"},
+    "harness": {"cli", "testing", "bench", "ci"},
+    "ci": {"cli", "testing"},
+}
+
+
+def _part(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "conformance":
+        return None
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imports_of(path: Path, module: str | None = None) -> list[tuple[str, int]]:
+    """(absolute module imported, line) for every runtime import in ``path`` (read as ``module``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    module = module or _module_of(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for inner in node.body:
+                skip.update(id(n) for n in ast.walk(inner))
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            out.append((target, node.lineno))
+            # `from conformance import spec` / `from . import checks` import submodules
+            out += [(f"{target}.{a.name}", node.lineno) for a in node.names if a.name != "*"]
+    return out
+
+
+def _graph() -> dict[str, dict[str, list[str]]]:
+    """part -> imported part -> ['file:line', ...]"""
+    edges: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for path in sorted(PKG.rglob("*.py")):
+        src = _part(_module_of(path))
+        for target, line in imports_of(path):
+            if target.split(".")[0] == "suites":
+                edges[src]["suites"].append(f"{path.relative_to(PKG.parent)}:{line}")
+            dst = _part(target)
+            if dst and src and dst != src and dst != "__init__" and (PKG / dst).exists() | (PKG / f"{dst}.py").exists():
+                edges[src][dst].append(f"{path.relative_to(PKG.parent)}:{line}")
+    return edges
+
+
+def test_no_forbidden_edge() -> None:
+    edges = _graph()
+    bad = [f"{src} -> {dst} ({', '.join(where[:3])})" for src, deny in FORBIDDEN.items()
+           for dst, where in edges.get(src, {}).items() if dst in deny]
+    assert not bad, "forbidden imports:\n" + "\n".join(bad)
+
+
+def test_package_never_imports_suites() -> None:
+    bad = [f"{src}: {', '.join(w[:3])}" for src, d in _graph().items() for dst, w in d.items() if dst == "suites"]
+    assert not bad, "the package imports the test suites: " + "; ".join(bad)
+
+
+def test_no_cycle_between_parts() -> None:
+    edges = {src: set(d) - {"suites"} for src, d in _graph().items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(n: str) -> None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(edges.get(n, ())):
+            if state.get(m) == 1:
+                cycles.append(stack[stack.index(m):] + [m])
+            elif m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(edges):
+        if n not in state:
+            visit(n)
+    assert not cycles, "import cycles between parts: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_graph_reader_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
+    """meta: the parser must not miss the kinds of import the rules are about."""
+    f = PKG / "spec" / "checks" / "forward.py"
+    found = {t for t, _ in imports_of(f)}
+    assert "conformance.spec.clauses" in found
+    src = tmp_path / "x.py"
+    src.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import conformance.harness\n"
+                   "def f():\n    import conformance.cli\n    from ..impls import peft\n")
+    found = {t for t, _ in imports_of(src, module="conformance.spec.x")}
+    assert {"conformance.cli", "conformance.impls", "conformance.impls.peft"} <= found
+    assert "conformance.harness" not in found
+
+
+LIGHT_IMPORTS = [
+    # (statement, modules that must not be loaded after it)
+    ("import conformance.reference", ["conformance.harness", "conformance.spec", "conformance.impls", "transformers",
+                                      "peft"]),
+    ("import conformance.quant", ["conformance.reference", "conformance.harness", "conformance.spec", "transformers",
+                                  "peft"]),
+    ("import conformance", ["torch", "bitsandbytes", "conformance.harness", "conformance.spec"]),
+    ("from conformance.spec.clauses import catalog; assert len(catalog()) > 40",
+     ["torch", "bitsandbytes", "transformers", "peft", "hypothesis"]),
+    ("import conformance.harness.report, conformance.harness.results, conformance.harness.xfails",
+     ["torch", "bitsandbytes", "transformers", "peft"]),
+]
+
+
+@pytest.mark.parametrize("stmt,absent", LIGHT_IMPORTS, ids=[s for s, _ in LIGHT_IMPORTS])
+def test_light_layers_load_nothing_heavy(stmt: str, absent: list[str]) -> None:
+    code = (f"import sys\n{stmt}\n"
+            f"bad = [m for m in {absent!r} if m in sys.modules]\n"
+            "print(','.join(bad))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=PKG.parent, env={"PYTHONPATH": str(PKG.parent), "PATH": "/usr/bin:/bin",
+                                              "BITSANDBYTES_NOWELCOME": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", f"{stmt!r} loaded {out.stdout.strip()}"
