@@ -34,14 +34,16 @@ import math
 import tempfile
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from conformance import quant, tinymodels
-from conformance.harness.context import CheckContext
 from conformance.spec.clauses import check
+
+if TYPE_CHECKING:
+    from conformance.harness.context import CheckContext
 
 #: Path components that mark a PEFT adapter parameter (PEFT's ``adapter_layer_names`` for LoRA/OFT).
 ADAPTER_PREFIXES: tuple[str, ...] = ("lora_", "oft_")
