@@ -30,6 +30,7 @@ class CheckContext:
     device: str = "cpu"
     seed: int = 0
     budget: Budget = field(default_factory=Budget)
+    report_dir: str | None = None
     measurements: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
