@@ -169,7 +169,7 @@ def cmd_markdown(args: argparse.Namespace) -> int:
         doc = report.load(args.report)
     except report.ReportError as exc:
         return _usage(str(exc))
-    print(report.markdown(doc), end="")
+    print(report.markdown(doc, base=Path(args.report).parent), end="")
     return EXIT_OK
 
 
