@@ -119,9 +119,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _finish(args: argparse.Namespace, chosen: list, impls: list[str], infos: list, results: list, entries: list,
             interrupted: bool) -> int:
+    import signal
+
     from conformance.harness import report, runner
     from conformance.harness.environment import fingerprint
 
+    if interrupted:  # a second Ctrl-C must not lose the partial report being written
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     runner.apply_xfails(results, entries)
     done = {(r.clause, r.implementation) for r in results}
     names = [i.name for i in infos] + impls[len(infos):]  # implementations never loaded keep their --impl name

@@ -173,17 +173,18 @@ class _Server(Workers):
         self.replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._exits: dict[int, int] = {}
         threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
-        first = self._next(load_timeout_s)
-        if first is None:
-            self.close()
-            if self.proc.returncode is None:
-                raise LoadError(f"implementation {opts.impl!r} did not load within {load_timeout_s:.0f}s")
-            raise LoadError(f"implementation {opts.impl!r} could not be loaded (worker "
-                            f"{describe_exit(self.proc.returncode)}): {(tail(self.errlog, 1) or ['no output'])[0]}")
         try:
-            self.info = _loaded(opts.impl, [first], self.proc.returncode, tail(self.errlog, 1))
-        except LoadError:
-            self.close()
+            first = self._next(load_timeout_s)
+            if first is None:
+                if self.proc.poll() is None:
+                    raise LoadError(f"implementation {opts.impl!r} did not load within {load_timeout_s:.0f}s")
+                raise LoadError(f"implementation {opts.impl!r} could not be loaded (worker "
+                                f"{describe_exit(self.proc.returncode)}): "
+                                f"{(tail(self.errlog, 1) or ['no output'])[0]}")
+            self.info = _loaded(opts.impl, [first], self.proc.poll(), tail(self.errlog, 1))
+        except BaseException:  # a load error, or Ctrl-C while loading: the server must not outlive it
+            self.proc.kill()
+            self.proc.wait()
             raise
 
     def _read(self, stream: IO[str]) -> None:

@@ -156,8 +156,10 @@ def reproducers(result: dict[str, Any]) -> list[str]:
 
 
 def _duration(r: dict[str, Any]) -> str:
+    if r["outcome"] == "skipped":
+        return ""
     d = float(r.get("duration_s") or 0.0)
-    return f"{d:.1f} s" if d >= 0.05 else ""
+    return f"{d:.1f} s" if d >= 1 else f"{d:.2f} s"
 
 
 def markdown(doc: dict[str, Any], base: str | Path | None = None) -> str:
@@ -183,11 +185,8 @@ def markdown(doc: dict[str, Any], base: str | Path | None = None) -> str:
         version = doc["implementations"].get(name, {}).get("version", "not loaded")
         lines.append(f"| {name} | {version} | " + " | ".join(str(s.get(o, 0)) for o in OUTCOMES)
                      + f" | {s.get('must_failures', 0)} |")
-    legend = [f"{MARKS[o]} {o}: {MEANINGS[o]}" for o in OUTCOMES if o in MARKS]
-    if not_run:
-        legend.append(f"{NOT_RUN_MARK} not run: the run was interrupted first")
-    lines += ["", "## Clauses", "", "Legend: " + " · ".join(legend) + ". Durations are the check's own time.", "",
-              "| clause | level | " + " | ".join(impls) + " |", "|---|---|" + "---|" * len(impls)]
+    lines += ["", "## Clauses", "", "| clause | level | " + " | ".join(impls) + " |",
+              "|---|---|" + "---|" * len(impls)]
     for cid, meta in doc["clauses"].items():
         row = []
         for i in impls:
@@ -197,6 +196,11 @@ def markdown(doc: dict[str, Any], base: str | Path | None = None) -> str:
             else:
                 row.append(NOT_RUN_MARK if (cid, i) in not_run else "")
         lines.append(f"| `{cid}` | {meta['level']} | " + " | ".join(row) + " |")
+    lines += ["", "Each cell: the outcome's mark and the check's duration.", "", "| mark | outcome | meaning |",
+              "|---|---|---|"]
+    lines += [f"| {MARKS[o]} | {o} | {MEANINGS[o]} |" for o in OUTCOMES]
+    if not_run:
+        lines.append(f"| {NOT_RUN_MARK} | not run | the run was interrupted before this clause |")
     bad = [r for r in doc["results"] if r["outcome"] in ("failed", "error", "inconclusive", "xpassed")]
     if bad:
         lines += ["", "## Failures and errors", ""]
