@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -100,13 +101,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     results: list = []
     interrupted = False
     try:
-        for name in impls:
-            print(f"loading implementation {name!r} ...", file=sys.stderr, flush=True)
-            with runner.open_implementation(name, config) as loaded:
-                infos.append(loaded.info)
-                print(f"running {len(chosen)} clauses for {loaded.info.name} {loaded.info.version} on "
-                      f"{args.device}", file=sys.stderr, flush=True)
-                results += loaded.run(chosen)
+        with contextlib.ExitStack() as stack:
+            loaded = []
+            for name in impls:  # all load first: a bad --impl is a usage error before anything runs
+                print(f"loading implementation {name!r} ...", file=sys.stderr, flush=True)
+                loaded.append(stack.enter_context(runner.open_implementation(name, config)))
+                infos.append(loaded[-1].info)
+            for impl in loaded:
+                print(f"running {len(chosen)} clauses for {impl.info.name} {impl.info.version} on {args.device}",
+                      file=sys.stderr, flush=True)
+                results += impl.run(chosen)
+                impl.close()  # its fork server is done: free its memory now
     except runner.UsageError as exc:
         return _usage(str(exc))
     except runner.Interrupted as exc:

@@ -133,7 +133,7 @@ class Implementation:
                             batch.kill()
                             record(Result(current, label, "error", f"timed out after {limit:g} s (--timeout "
                                           "changes it); the worker was killed", limit, level=by_id[current].level,
-                                          device=device), f"timed out after {limit:g} s")
+                                          device=device), f"timed out after {limit:g} s; --timeout changes it")
                             current, timed_out = None, True
                             break
                     time.sleep(0.02)
