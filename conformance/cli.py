@@ -189,7 +189,7 @@ def _run_clone_probe(args: argparse.Namespace) -> int:
     p = _Parser(prog="python -m conformance probe clone", description=clone_probe.__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     clone_probe.add_arguments(p)
-    return clone_probe.run(p.parse_args(args.probe_args))
+    return clone_probe.run(p.parse_args(args.extra))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,14 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     probes = pr.add_subparsers(dest="probe", required=True, parser_class=_Parser)
     clone = probes.add_parser("clone", add_help=False, help="in-place updates on the raw 4-bit/8-bit base output, with and without "
                               "the defensive clone")
-    clone.add_argument("probe_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    clone.set_defaults(func=_run_clone_probe)
+    clone.set_defaults(func=_run_clone_probe)  # its own options are parsed when it runs (they need torch)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.func is not _run_clone_probe:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # outside a run (which writes its partial report itself)

@@ -165,3 +165,13 @@ def test_cpu_ci_writes_the_report_markdown_to_the_step_summary() -> None:
     assert any("nox -s report" in r for r in runs)
     assert any("reports/reference.md" in r and '>> "$GITHUB_STEP_SUMMARY"' in r for r in runs), runs
     assert 'REPORTS / "reference.md"' in (root / "noxfile.py").read_text()  # what `nox -s report` writes
+
+
+def test_probe_clone_parses_its_own_options() -> None:
+    """The clone probe's options are parsed when it runs (they need torch): --help shows them, a typo is exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "conformance", "probe", "clone", "--help"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "--threads" in proc.stdout, proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "conformance", "probe", "clone", "--bogus"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("unrecognized arguments: --bogus"), proc.stderr
