@@ -175,3 +175,12 @@ def test_probe_clone_parses_its_own_options() -> None:
     proc = subprocess.run([sys.executable, "-m", "conformance", "probe", "clone", "--bogus"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().endswith("unrecognized arguments: --bogus"), proc.stderr
+
+
+def test_terminal_table_columns_line_up(tmp_path: Path) -> None:
+    lines = report.terminal_table(_rich_doc(tmp_path)).splitlines()
+    header = lines[0].split()
+    assert header[: len(report.OUTCOMES) + 1] == ["implementation", *report.OUTCOMES]
+    row = lines[2].split()
+    assert row[0] == "x" and row[1 + report.OUTCOMES.index("inconclusive")] == "1"
+    assert lines[-1] == "not run (interrupted): 1"

@@ -275,11 +275,14 @@ def compare(old: dict[str, Any], new: dict[str, Any], drift: float = 0.25) -> tu
 def terminal_table(doc: dict[str, Any]) -> str:
     """The end-of-run summary table (plain text)."""
     impls = list(doc["implementations"])
-    head = f"{'implementation':<16}" + "".join(f"{o:>9}" for o in OUTCOMES) + f"{'MUST-fail':>11}"
+    width = {o: max(9, len(o) + 2) for o in OUTCOMES}
+    name_w = max([16] + [len(n) + 2 for n in impls])
+    head = f"{'implementation':<{name_w}}" + "".join(f"{o:>{width[o]}}" for o in OUTCOMES) + f"{'MUST-fail':>11}"
     rows = [head, "-" * len(head)]
     for name in impls:
         s = doc["summary"]["implementations"].get(name, {})
-        rows.append(f"{name:<16}" + "".join(f"{s.get(o, 0):>9}" for o in OUTCOMES) + f"{s.get('must_failures', 0):>11}")
+        rows.append(f"{name:<{name_w}}" + "".join(f"{s.get(o, 0):>{width[o]}}" for o in OUTCOMES)
+                    + f"{s.get('must_failures', 0):>11}")
     if doc.get("not_run"):
         rows.append(f"not run (interrupted): {len(doc['not_run'])}")
     return "\n".join(rows)
