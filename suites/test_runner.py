@@ -70,6 +70,15 @@ def test_an_abort_in_every_merge_clause_costs_only_those_clauses() -> None:
             assert "killed by signal SIGABRT while running this clause" in r.message, r.message
 
 
+def test_no_fork_server_after_cuda_was_initialised_while_loading() -> None:
+    with runner.open_implementation("broken_impls:inits_cuda") as loaded:
+        assert loaded.workers.kind == "fresh-interpreter"
+        (res,) = loaded.run(_ids("LAYER-PROTOCOL-SURFACE"), progress=lambda m: None)
+    assert res.outcome == "passed", res.message
+    with runner.open_implementation("reference") as loaded:
+        assert loaded.workers.kind == "fork-server"
+
+
 def test_budget_and_report_dir_reach_the_check_context(tmp_path: Path) -> None:
     (res,) = runner.run_implementation("broken_impls:echo_context", _ids("LAYER-PROTOCOL-SURFACE"), examples=3,
                                        steps=2, report_dir=str(tmp_path), progress=lambda m: None)

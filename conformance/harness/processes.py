@@ -113,6 +113,7 @@ class Workers:
     """Where an implementation's batches run; ``info`` is its ``loaded`` event."""
 
     info: dict[str, Any]
+    kind: str  # "fork-server" or "fresh-interpreter"
 
     def batch(self, clauses: Sequence[str], events: str, stderr: str) -> Batch:
         raise NotImplementedError
@@ -129,6 +130,8 @@ class Workers:
 
 class _Fresh(Workers):
     """A fresh interpreter per batch (no fork server: where ``os.fork`` is missing)."""
+
+    kind = "fresh-interpreter"
 
     def __init__(self, opts: Options, python: str, load_timeout_s: float) -> None:
         self.opts, self.python = opts, python
@@ -162,6 +165,8 @@ def _loaded(impl: str, evs: list[dict[str, Any]], returncode: int | None, last: 
 
 class _Server(Workers):
     """A fork server (``conformance.harness.zygote``) and the replies it sends."""
+
+    kind = "fork-server"
 
     def __init__(self, opts: Options, python: str, load_timeout_s: float, tmp: str) -> None:
         self.errlog = os.path.join(tmp, "server-stderr.log")
@@ -249,7 +254,12 @@ def start(opts: Options, tmp: str, python: str = sys.executable, load_timeout_s:
     """Load ``opts.impl`` in ``python``; a fork server unless ``fork`` is False or fork is unavailable."""
     if fork is None:
         fork = fork_available()
-    return _Server(opts, python, load_timeout_s, tmp) if fork else _Fresh(opts, python, load_timeout_s)
+    if fork:
+        server = _Server(opts, python, load_timeout_s, tmp)
+        if server.info.get("forkable", True):
+            return server
+        server.close()  # loading initialised CUDA: children of that server could not use it
+    return _Fresh(opts, python, load_timeout_s)
 
 
 def describe_exit(returncode: int | None) -> str:

@@ -88,7 +88,11 @@ def serve(opts: worker.Options) -> int:
     except worker.LoadFailure as exc:
         _reply(out, {"event": "fatal", "message": str(exc)})
         return 3
-    _reply(out, loaded)
+    import torch
+
+    # an implementation that initialised CUDA while loading cannot be forked from: the runner then
+    # falls back to a fresh interpreter per batch
+    _reply(out, {**loaded, "forkable": not torch.cuda.is_initialized()})
     commands = sys.stdin
     while True:
         line = commands.readline()
