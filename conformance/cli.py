@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,76 +24,138 @@ def _usage(msg: str) -> int:
 
 
 def cmd_clauses(args: argparse.Namespace) -> int:
+    import shutil
+    import textwrap
+
     from .spec.clauses import select
 
-    chosen = select(args.clauses)
+    chosen = select(args.clauses, bound=False)
     if args.json:
         print(json.dumps([c.to_json() for c in chosen], indent=2))
         return EXIT_OK
+    width = max(60, shutil.get_terminal_size((100, 24)).columns)
+    indent = " " * 4
     for c in chosen:
         scope = f"{'/'.join(sorted(c.methods))} · {'/'.join(f'{b}bit' for b in sorted(c.bits))}"
         scope += f" · {'/'.join(sorted(c.devices))}"
         if c.requires:
             scope += f" · needs {', '.join(sorted(c.requires))}"
-        print(f"{c.id:<36} {c.level:<6} {c.text}\n{'':<43}[{scope}] source: {c.source}")
+        print(f"{c.id}  {c.level}")
+        for text in (c.text, f"[{scope}] source: {c.source}"):
+            print(textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent,
+                                break_on_hyphens=False))
     print(f"\n{len(chosen)} clauses ({sum(c.level == 'MUST' for c in chosen)} MUST, "
           f"{sum(c.level == 'SHOULD' for c in chosen)} SHOULD)")
     return EXIT_OK
 
 
+def _check_writable(path: str, option: str) -> str | None:
+    """None if ``path`` can be written (its folder is created); else the usage error."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{option} {path} is a directory; give a file name"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"{option} {path}: cannot create its folder ({exc.strerror or exc})"
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        return f"{option} {path}: not writable"
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from conformance.harness import report, runner
+    from conformance.harness import runner
     from conformance.harness import xfails as xf
-    from conformance.harness.environment import fingerprint
 
     from .spec.clauses import select
 
     impls = args.impl or [os.environ.get("CONFORMANCE_IMPL") or "reference"]
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            return _usage("--device cuda but no CUDA device is visible (torch.cuda.is_available() is False)")
+    for option, value in (("--examples", args.examples), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            return _usage(f"{option} must be at least 1, got {value}")
+    if args.timeout is not None and args.timeout <= 0:
+        return _usage(f"--timeout must be positive, got {args.timeout:g}")
+    for option, path in (("--report", args.report), ("--markdown", args.markdown)):
+        if path and (err := _check_writable(path, option)):
+            return _usage(err)
     try:
         entries = [e for path in (args.xfails or []) for e in xf.load(path)]
     except xf.XfailFileError as exc:
         return _usage(str(exc))
-    chosen = select(args.clauses, include_slow=args.slow)
+    chosen = select(args.clauses, include_slow=args.slow, bound=False)
     if not chosen:
         return _usage(f"no clause matches {args.clauses}; list them with `python -m conformance clauses`")
-    if args.report:  # stateful reproducers and other artefacts land next to the report
-        os.environ.setdefault("CONFORMANCE_REPORT_DIR", str(Path(args.report).resolve().parent / "reproducers"))
-    for path in (args.report, args.markdown):
-        if path and not Path(path).parent.exists():
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-    infos, results = [], []
+    report_dir = args.report_dir
+    if report_dir is None and (args.report or args.markdown):  # reproducers land next to the report
+        report_dir = str(Path(args.report or args.markdown).resolve().parent / "reproducers")
+    if args.device == "cuda":
+        # torch's NVML-based check initialises no CUDA in this process (workers start from scratch anyway)
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+        import torch
+
+        if not torch.cuda.is_available():
+            return _usage("--device cuda but no CUDA device is visible (torch.cuda.is_available() is False)")
+    config = runner.RunConfig(device=args.device, seed=args.seed, examples=args.examples, steps=args.steps,
+                              report_dir=report_dir, timeout=args.timeout, timeout_scale=args.timeout_scale)
+    infos: list[runner.ImplInfo] = []
+    results: list = []
+    interrupted = False
     try:
-        for name in impls:
-            print(f"loading implementation {name!r} ...", file=sys.stderr, flush=True)
-            infos.append(runner.describe(name))
-        for info in infos:
-            print(f"running {len(chosen)} clauses for {info.name} {info.version} on {args.device}", file=sys.stderr,
-                  flush=True)
-            results += runner.run_implementation(info.target, chosen, device=args.device, seed=args.seed,
-                                                 timeout_scale=args.timeout_scale, label=info.name)
+        with contextlib.ExitStack() as stack:
+            loaded = []
+            for name in impls:  # all load first: a bad --impl is a usage error before anything runs
+                print(f"loading implementation {name!r} ...", file=sys.stderr, flush=True)
+                loaded.append(stack.enter_context(runner.open_implementation(name, config)))
+                infos.append(loaded[-1].info)
+            for impl in loaded:
+                print(f"running {len(chosen)} clauses for {impl.info.name} {impl.info.version} on {args.device}",
+                      file=sys.stderr, flush=True)
+                results += impl.run(chosen)
+                impl.close()  # its fork server is done: free its memory now
     except runner.UsageError as exc:
         return _usage(str(exc))
+    except runner.Interrupted as exc:
+        results += exc.results
+        interrupted = True
+    except KeyboardInterrupt:  # while loading an implementation
+        interrupted = True
+    return _finish(args, chosen, impls, infos, results, entries, interrupted)
+
+
+def _finish(args: argparse.Namespace, chosen: list, impls: list[str], infos: list, results: list, entries: list,
+            interrupted: bool) -> int:
+    import signal
+
+    from conformance.harness import report, runner
+    from conformance.harness.environment import fingerprint
+
+    if interrupted:  # a second Ctrl-C must not lose the partial report being written
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     runner.apply_xfails(results, entries)
-    doc = report.build(results, chosen, infos, fingerprint(args.device), command=shlex.join(sys.argv))
+    done = {(r.clause, r.implementation) for r in results}
+    names = [i.name for i in infos] + impls[len(infos):]  # implementations never loaded keep their --impl name
+    not_run = [{"clause": c.id, "implementation": n} for n in names for c in chosen if (c.id, n) not in done]
+    doc = report.build(results, chosen, infos, fingerprint(args.device), command=shlex.join(sys.argv),
+                       not_run=not_run if interrupted else None)
     if args.report:
         Path(args.report).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     if args.markdown:
-        Path(args.markdown).write_text(report.markdown(doc), encoding="utf-8")
+        Path(args.markdown).write_text(report.markdown(doc, base=Path(args.markdown).parent), encoding="utf-8")
     print()
     print(report.terminal_table(doc))
     for r in results:
-        if r.outcome in ("failed", "error"):
-            print(f"  {r.outcome.upper():<6} {r.level:<6} {r.clause} [{r.implementation}]: {r.message[:160]}")
+        if r.outcome in ("failed", "error", "inconclusive"):
+            print(f"  {r.outcome.upper():<6} {r.level:<6} {r.clause} [{r.implementation}]: "
+                  f"{report.shorten(r.message, 160)}")
     written = [p for p in (args.report, args.markdown) if p]
     if written:
         print("\nwrote " + ", ".join(written))
+    if interrupted:
+        print(f"interrupted: {len(not_run)} clause runs not run (listed as not_run in the report)")
+        return EXIT_INTERRUPTED
     status = doc["summary"]["exit_status"]
-    print("result: " + ("FAIL (a MUST clause failed or errored)" if status else "OK (no MUST clause failed)"))
+    print("result: " + ("FAIL (a MUST clause failed, errored or was inconclusive)" if status
+                        else "OK (no MUST clause failed)"))
     return status
 
 
@@ -115,8 +178,18 @@ def cmd_markdown(args: argparse.Namespace) -> int:
         doc = report.load(args.report)
     except report.ReportError as exc:
         return _usage(str(exc))
-    print(report.markdown(doc), end="")
+    print(report.markdown(doc, base=Path(args.report).parent), end="")
     return EXIT_OK
+
+
+def _run_clone_probe(args: argparse.Namespace) -> int:
+    """The clone probe imports torch, so its options are parsed only when it runs (``probe clone --help``)."""
+    from .probe import clone as clone_probe
+
+    p = _Parser(prog="python -m conformance probe clone", description=clone_probe.__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    clone_probe.add_arguments(p)
+    return clone_probe.run(p.parse_args(args.extra))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--markdown", metavar="OUT.md", help="write the Markdown report here")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--slow", action="store_true", help="include clauses marked slow")
-    r.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every per-clause timeout")
+    r.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="per-clause time limit, replacing every clause's own (default: the clause's, mostly 300 s)")
+    r.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every clause's own time limit")
+    r.add_argument("--examples", type=int, metavar="N",
+                   help="hypothesis examples per case of the property and stateful clauses (default: the CI budget)")
+    r.add_argument("--steps", type=int, metavar="N", help="steps per stateful example (default: the CI budget)")
+    r.add_argument("--report-dir", metavar="DIR",
+                   help="where checks write reproducers (default: reproducers/ next to --report or --markdown)")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("clauses", help="list the clauses (ID, level, text, scope, source)")
@@ -156,22 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="probes for maintainers (clone: is the defensive clone still needed?)")
     probes = pr.add_subparsers(dest="probe", required=True, parser_class=_Parser)
-    clone = probes.add_parser("clone", help="in-place updates on the raw 4-bit/8-bit base output, with and without "
+    clone = probes.add_parser("clone", add_help=False, help="in-place updates on the raw 4-bit/8-bit base output, with and without "
                               "the defensive clone")
-    try:
-        from .probe import clone as clone_probe
-
-        clone_probe.add_arguments(clone)
-        clone.set_defaults(func=clone_probe.run)
-    except ImportError as exc:  # pragma: no cover - only while the probe module is missing
-        clone.set_defaults(func=lambda a, _e=exc: _usage(f"clone probe unavailable: {_e}"))
+    clone.set_defaults(func=_run_clone_probe)  # its own options are parsed when it runs (they need torch)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
-    args = build_parser().parse_args(argv)
-    from conformance.quant.layers import quiet_int8_cast_notice
-
-    quiet_int8_cast_notice()
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.func is not _run_clone_probe:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # outside a run (which writes its partial report itself)
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +31,9 @@ def _run(impl: str, **kw) -> list[Result]:
     return runner.run_implementation(impl, [get("LAYER-PROTOCOL-SURFACE")], progress=lambda m: None, **kw)
 
 
-def test_segfault_is_an_error_and_the_run_completes() -> None:
-    (res,) = _run("broken_impls:segfault")
+@pytest.mark.parametrize("fork", [True, False], ids=["fork-server", "fresh-interpreter"])
+def test_segfault_is_an_error_and_the_run_completes(fork: bool) -> None:
+    (res,) = _run("broken_impls:segfault", fork=fork)
     assert res.outcome == "error"
     assert "SIGSEGV" in res.message
 
@@ -39,6 +42,49 @@ def test_hang_times_out() -> None:
     (res,) = _run("broken_impls:hang", timeout_scale=3 / 300)
     assert res.outcome == "error"
     assert "timed out" in res.message
+
+
+def _ids(*ids: str) -> list:
+    return [get(i, bound=False) for i in ids]
+
+
+def test_a_hang_costs_only_its_clause() -> None:
+    """The clause that hangs times out (saying which option changes it); the clauses after it still run."""
+    res = runner.run_implementation("broken_impls:hang_in_fwd_init",
+                                    _ids("LAYER-PROTOCOL-SURFACE", "FWD-INIT-IDENTITY", "FWD-ERR-SHAPE"),
+                                    timeout=2, progress=lambda m: None)
+    assert [(r.clause, r.outcome) for r in res] == [
+        ("LAYER-PROTOCOL-SURFACE", "passed"), ("FWD-INIT-IDENTITY", "error"), ("FWD-ERR-SHAPE", "passed")]
+    assert "timed out after 2 s (--timeout changes it)" in res[1].message
+
+
+def test_an_abort_in_every_merge_clause_costs_only_those_clauses() -> None:
+    res = runner.run_implementation("broken_impls:abort_in_merge",
+                                    _ids("MERGE-TWICE-WARNS", "LAYER-PROTOCOL-SURFACE", "MERGE-SUBSET", "FWD-ERR-SHAPE"),
+                                    progress=lambda m: None)
+    outcomes = {r.clause: r.outcome for r in res}
+    assert outcomes == {"MERGE-TWICE-WARNS": "error", "LAYER-PROTOCOL-SURFACE": "passed", "MERGE-SUBSET": "error",
+                        "FWD-ERR-SHAPE": "passed"}
+    for r in res:
+        if r.outcome == "error":
+            assert "killed by signal SIGABRT while running this clause" in r.message, r.message
+
+
+def test_no_fork_server_after_cuda_was_initialised_while_loading() -> None:
+    with runner.open_implementation("broken_impls:inits_cuda") as loaded:
+        assert loaded.workers.kind == "fresh-interpreter"
+        (res,) = loaded.run(_ids("LAYER-PROTOCOL-SURFACE"), progress=lambda m: None)
+    assert res.outcome == "passed", res.message
+    with runner.open_implementation("reference") as loaded:
+        assert loaded.workers.kind == "fork-server"
+
+
+def test_budget_and_report_dir_reach_the_check_context(tmp_path: Path) -> None:
+    (res,) = runner.run_implementation("broken_impls:echo_context", _ids("LAYER-PROTOCOL-SURFACE"), examples=3,
+                                       steps=2, report_dir=str(tmp_path), progress=lambda m: None)
+    assert res.outcome == "error"
+    assert "'property_examples': 3, 'stateful_examples': 3, 'stateful_steps': 2" in res.message, res.message
+    assert f"report_dir={tmp_path}" in res.message
 
 
 def test_exception_is_an_error_with_its_message() -> None:
@@ -83,7 +129,7 @@ def test_cli_run_writes_reports_and_exit_code(tmp_path: Path) -> None:
     assert outcomes == {("LAYER-PROTOCOL-SURFACE", "reference"): "passed",
                         ("LAYER-PROTOCOL-SURFACE", "not_a_module"): "failed"}
     text = md.read_text()
-    assert "| `LAYER-PROTOCOL-SURFACE` | MUST | ✅ | ❌ |" in text
+    assert re.search(r"\| `LAYER-PROTOCOL-SURFACE` \| MUST \| ✅ [0-9.]+ s \| ❌ [0-9.]+ s \|", text), text
     assert "not an nn.Module" in text
     assert "[reference] 1/1 LAYER-PROTOCOL-SURFACE" in proc.stderr  # progress output
 
@@ -99,6 +145,40 @@ def test_cli_run_writes_reports_and_exit_code(tmp_path: Path) -> None:
         capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(out.read_text())["results"][0]["outcome"] == "xfailed"
+
+
+def test_ctrl_c_writes_the_partial_report_and_exits_130(tmp_path: Path) -> None:
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conformance", "run", "--impl", "broken_impls:hang_in_protocol", "--clauses",
+         "LAYER-PROTOCOL-SURFACE", "--clauses", "FWD-ERR-SHAPE", "--report", str(out), "--markdown", str(md)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stderr:  # progress lines: FWD-ERR-SHAPE runs first (catalog order), then the hang
+        seen.append(line)
+        if "1/2 FWD-ERR-SHAPE" in line:
+            break
+    assert seen and "1/2 FWD-ERR-SHAPE" in seen[-1], "".join(seen)
+    proc.send_signal(signal.SIGINT)  # LAYER-PROTOCOL-SURFACE hangs: this lands mid-clause
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stdout + stderr
+    assert "interrupted" in stdout and "passed" in stdout.splitlines()[1]  # the summary table's header
+    doc = json.loads(out.read_text())
+    assert [(r["clause"], r["outcome"]) for r in doc["results"]] == [("FWD-ERR-SHAPE", "passed")]
+    assert doc["not_run"] == [{"clause": "LAYER-PROTOCOL-SURFACE", "implementation": "hang_in_protocol"}]
+    assert "⏹️" in md.read_text()
+
+
+def test_unwritable_report_path_is_a_usage_error_before_the_run(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for option in ("--report", "--markdown"):
+        proc = subprocess.run([sys.executable, "-m", "conformance", "run", option, str(blocker / "sub" / "r.out")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert f"error: {option} {blocker / 'sub' / 'r.out'}: cannot create its folder" in proc.stderr
+        assert "loading implementation" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _doc(outcome: str, ratio: float) -> dict:

@@ -8,18 +8,21 @@ import warnings
 
 from conformance.harness.context import CheckContext
 from conformance.harness.results import Result, applicability
+from conformance.spec.budget import Budget
 from conformance.spec.clauses import Clause, ClauseFailure, ClauseInconclusive, ClauseSkipped
 from conformance.spec.interface import Implementation
 
 
-def run_clause(clause: Clause, impl: Implementation, device: str = "cpu", seed: int = 0) -> Result:
+def run_clause(clause: Clause, impl: Implementation, device: str = "cpu", seed: int = 0, *,
+               budget: Budget | None = None, report_dir: str | None = None) -> Result:
     """Run one clause's check against one implementation, in this process."""
     res = Result(clause=clause.id, implementation=impl.name, outcome="passed", level=clause.level, device=device)
     reason = applicability(clause, impl, device)
     if reason:
         res.outcome, res.message = "skipped", reason
         return res
-    ctx = CheckContext(impl=impl, clause=clause, device=device, seed=seed)
+    ctx = CheckContext(impl=impl, clause=clause, device=device, seed=seed, budget=budget or Budget(),
+                       report_dir=report_dir)
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():

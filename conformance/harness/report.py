@@ -3,8 +3,10 @@
 JSON (``schema_version`` "1"): ``{schema_version, generated_at, command, environment,
 implementations: {name: {version, capabilities, unsupported}}, clauses: {id: {level, text, source,
 area}}, results: [{clause, implementation, outcome, message, duration_s, measurements, level,
-device}], summary: {implementation: {outcome: count, must_failures: n}, exit_status}}``.
-See docs in README ("Report format").
+device}], summary: {implementation: {outcome: count, must_failures: n}, exit_status}}``, and
+``not_run: [{clause, implementation}]`` when the run was interrupted (Ctrl-C) before reaching
+them. A measurement ``reproducer`` (or ``reproducers``) is the path of a script that replays the
+failure. See docs in README ("Report format"). Torch-free: ``compare`` and ``markdown`` use it.
 """
 
 from __future__ import annotations
@@ -12,16 +14,30 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conformance.harness.results import OUTCOMES, Result, exit_status
-from conformance.harness.runner import ImplInfo
-from conformance.spec.clauses import Clause
+
+if TYPE_CHECKING:
+    from conformance.harness.runner import ImplInfo
+    from conformance.spec.clauses import Clause
 
 SCHEMA_VERSION = "1"
-MARKS = {"passed": "✅", "failed": "❌", "error": "💥", "inconclusive": "❔", "skipped": "➖", "xfailed": "⚠️ xfail", "xpassed": "❗ xpass"}
+MARKS = {"passed": "✅", "failed": "❌", "error": "💥", "inconclusive": "❔", "skipped": "➖", "xfailed": "⚠️ xfail",
+         "xpassed": "❗ xpass"}
+MEANINGS = {
+    "passed": "the implementation does what the clause says",
+    "failed": "it does not (the message says how)",
+    "error": "the check could not run: an exception, a crash or a timeout",
+    "inconclusive": "the check ran too little to give a verdict",
+    "skipped": "the clause does not apply (capability, device)",
+    "xfailed": "failed or errored, as a listed known bug",
+    "xpassed": "passed although listed as a known bug",
+}
+NOT_RUN_MARK = "⏹️"
 
 
 class ReportError(ValueError):
@@ -41,9 +57,10 @@ def summarize(results: Sequence[Result]) -> dict[str, Any]:
 
 def build(
     results: Sequence[Result], clauses: Sequence[Clause], impls: Sequence[ImplInfo], environment: dict[str, Any],
-    command: str = "",
+    command: str = "", not_run: Sequence[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """The JSON document; ``not_run`` (an interrupted run) lists the (clause, implementation) pairs never reached."""
+    doc = {
         "schema_version": SCHEMA_VERSION,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
@@ -55,6 +72,9 @@ def build(
         "results": [r.to_json() for r in results],
         "summary": summarize(results),
     }
+    if not_run is not None:
+        doc["not_run"] = [dict(x) for x in not_run]
+    return doc
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -72,6 +92,17 @@ def load(path: str | Path) -> dict[str, Any]:
     return doc
 
 
+def shorten(text: str, width: int) -> str:
+    """``text`` on one line, at most ``width`` characters, cut at a word boundary with an ellipsis."""
+    flat = " ".join(text.split())
+    if len(flat) <= width:
+        return flat
+    cut = flat[: width - 1]
+    if " " in cut and flat[width - 1] != " ":
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip(" ,;:") + "…"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -85,36 +116,111 @@ def _fmt_env(env: dict[str, Any]) -> str:
             + (f" (sources {env['suite_source_sha256']})" if env.get("suite_source_sha256") else ""))
 
 
-def markdown(doc: dict[str, Any]) -> str:
-    """A clause x implementation matrix, then every failure with its message."""
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list | tuple):
+        return ", ".join(_fmt_value(x) for x in v)
+    return str(v)
+
+
+def _flat(measurements: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) rows; nested dicts become ``outer.inner`` keys, never a cut JSON string."""
+    rows: list[tuple[str, Any]] = []
+    for k, v in measurements.items():
+        if isinstance(v, dict):
+            rows += _flat(v, f"{prefix}{k}.")
+        else:
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
+def _link(path: str, base: Path | None) -> str:
+    target = path
+    if base is not None:
+        try:
+            target = os.path.relpath(path, base)
+        except ValueError:  # another drive (Windows)
+            target = path
+    return f"[`{Path(path).name}`]({target.replace(' ', '%20')})"
+
+
+def reproducers(result: dict[str, Any]) -> list[str]:
+    """Reproducer paths a result's measurements name (``reproducer`` first, then ``reproducers``)."""
+    m = result.get("measurements") or {}
+    paths = [m["reproducer"]] if isinstance(m.get("reproducer"), str) else []
+    paths += [p for p in m.get("reproducers") or [] if isinstance(p, str) and p not in paths]
+    return paths
+
+
+def _duration(r: dict[str, Any]) -> str:
+    if r["outcome"] == "skipped":
+        return ""
+    d = float(r.get("duration_s") or 0.0)
+    return f"{d:.1f} s" if d >= 1 else f"{d:.2f} s"
+
+
+def markdown(doc: dict[str, Any], base: str | Path | None = None) -> str:
+    """A legend, the summary, a clause x implementation matrix (mark and duration), then every failure
+    with its message and reproducer, the measurements as a table, and skips with their reasons.
+
+    ``base``: the folder the Markdown file is written to (reproducer links are made relative to it).
+    """
+    base = Path(base).resolve() if base is not None else None
     impls = list(doc["implementations"])
+    for x in doc.get("not_run", []):
+        if x["implementation"] not in impls:
+            impls.append(x["implementation"])
     cells: dict[tuple[str, str], dict[str, Any]] = {(r["clause"], r["implementation"]): r for r in doc["results"]}
+    not_run = {(x["clause"], x["implementation"]) for x in doc.get("not_run", [])}
     lines = ["# Adapter conformance report", "", _fmt_env(doc["environment"]), ""]
+    if not_run:
+        lines += [f"**Interrupted**: {len(not_run)} clause runs were not run ({NOT_RUN_MARK}).", ""]
     lines += ["| implementation | version | " + " | ".join(OUTCOMES) + " | MUST failures |",
               "|---|---|" + "---|" * (len(OUTCOMES) + 1)]
     for name in impls:
         s = doc["summary"]["implementations"].get(name, {})
-        lines.append(f"| {name} | {doc['implementations'][name]['version']} | "
-                     + " | ".join(str(s.get(o, 0)) for o in OUTCOMES) + f" | {s.get('must_failures', 0)} |")
+        version = doc["implementations"].get(name, {}).get("version", "not loaded")
+        lines.append(f"| {name} | {version} | " + " | ".join(str(s.get(o, 0)) for o in OUTCOMES)
+                     + f" | {s.get('must_failures', 0)} |")
     lines += ["", "## Clauses", "", "| clause | level | " + " | ".join(impls) + " |",
               "|---|---|" + "---|" * len(impls)]
     for cid, meta in doc["clauses"].items():
-        row = [MARKS.get(cells[(cid, i)]["outcome"], "?") if (cid, i) in cells else "" for i in impls]
+        row = []
+        for i in impls:
+            r = cells.get((cid, i))
+            if r is not None:
+                row.append(" ".join(x for x in (MARKS.get(r["outcome"], "?"), _duration(r)) if x))
+            else:
+                row.append(NOT_RUN_MARK if (cid, i) in not_run else "")
         lines.append(f"| `{cid}` | {meta['level']} | " + " | ".join(row) + " |")
-    bad = [r for r in doc["results"] if r["outcome"] in ("failed", "error", "xpassed")]
+    lines += ["", "Each cell: the outcome's mark and the check's duration.", "", "| mark | outcome | meaning |",
+              "|---|---|---|"]
+    lines += [f"| {MARKS[o]} | {o} | {MEANINGS[o]} |" for o in OUTCOMES]
+    if not_run:
+        lines.append(f"| {NOT_RUN_MARK} | not run | the run was interrupted before this clause |")
+    bad = [r for r in doc["results"] if r["outcome"] in ("failed", "error", "inconclusive", "xpassed")]
     if bad:
         lines += ["", "## Failures and errors", ""]
         for r in bad:
             meta = doc["clauses"].get(r["clause"], {})
             lines += [f"### `{r['clause']}` · {r['implementation']} · {r['outcome']} ({meta.get('level', '?')})", "",
                       f"> {_cell(meta.get('text', ''))}", "", "```", r["message"].strip() or "(no message)", "```", ""]
-    measured = [r for r in doc["results"] if r.get("measurements")]
+            repro = reproducers(r)
+            if repro:
+                lines += ["Reproducer: " + ", ".join(_link(p, base) for p in repro), ""]
+    measured = [(r, _flat({k: v for k, v in r["measurements"].items() if k != "notes"}))
+                for r in doc["results"] if r.get("measurements")]
+    measured = [(r, rows) for r, rows in measured if rows]
     if measured:
-        lines += ["", "## Measurements", "", "| clause | implementation | measurements |", "|---|---|---|"]
-        for r in measured:
-            m = {k: v for k, v in r["measurements"].items() if k != "notes"}
-            if m:
-                lines.append(f"| `{r['clause']}` | {r['implementation']} | {_cell(json.dumps(m)[:300])} |")
+        lines += ["", "## Measurements", "", "| clause | implementation | measurement | value |", "|---|---|---|---|"]
+        for r, rows in measured:
+            for k, v in rows:
+                value = _link(v, base) if k in ("reproducer", "reproducers") and isinstance(v, str) else \
+                    _cell(shorten(_fmt_value(v), 200))
+                lines.append(f"| `{r['clause']}` | {r['implementation']} | {_cell(k)} | {value} |")
     skipped = [r for r in doc["results"] if r["outcome"] == "skipped"]
     if skipped:
         lines += ["", "<details><summary>Skipped clauses and why</summary>", ""]
@@ -140,13 +246,13 @@ def compare(old: dict[str, Any], new: dict[str, Any], drift: float = 0.25) -> tu
         if a is None:
             added.append(f"{label}: {b['outcome']}")
             if b["outcome"] in bad:
-                new_failures.append(f"{label}: (new clause) {b['outcome']}: {b['message'][:200]}")
+                new_failures.append(f"{label}: (new clause) {b['outcome']}: {shorten(b['message'], 200)}")
             continue
         if b is None:
             removed.append(label)
             continue
         if b["outcome"] in bad and a["outcome"] not in bad:
-            new_failures.append(f"{label}: {a['outcome']} -> {b['outcome']}: {b['message'][:200]}")
+            new_failures.append(f"{label}: {a['outcome']} -> {b['outcome']}: {shorten(b['message'], 200)}")
         elif a["outcome"] in bad and b["outcome"] not in bad:
             fixes.append(f"{label}: {a['outcome']} -> {b['outcome']}")
         elif a["outcome"] != b["outcome"]:
@@ -169,9 +275,14 @@ def compare(old: dict[str, Any], new: dict[str, Any], drift: float = 0.25) -> tu
 def terminal_table(doc: dict[str, Any]) -> str:
     """The end-of-run summary table (plain text)."""
     impls = list(doc["implementations"])
-    head = f"{'implementation':<16}" + "".join(f"{o:>9}" for o in OUTCOMES) + f"{'MUST-fail':>11}"
+    width = {o: max(9, len(o) + 2) for o in OUTCOMES}
+    name_w = max([16] + [len(n) + 2 for n in impls])
+    head = f"{'implementation':<{name_w}}" + "".join(f"{o:>{width[o]}}" for o in OUTCOMES) + f"{'MUST-fail':>11}"
     rows = [head, "-" * len(head)]
     for name in impls:
         s = doc["summary"]["implementations"].get(name, {})
-        rows.append(f"{name:<16}" + "".join(f"{s.get(o, 0):>9}" for o in OUTCOMES) + f"{s.get('must_failures', 0):>11}")
+        rows.append(f"{name:<{name_w}}" + "".join(f"{s.get(o, 0):>{width[o]}}" for o in OUTCOMES)
+                    + f"{s.get('must_failures', 0):>11}")
+    if doc.get("not_run"):
+        rows.append(f"not run (interrupted): {len(doc['not_run'])}")
     return "\n".join(rows)

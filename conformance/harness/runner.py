@@ -1,30 +1,38 @@
-"""Run clauses for several implementations, each in its own worker process.
+"""Run clauses for several implementations, each in its own worker processes; never lose a verdict.
 
 Isolation: an implementation's crash (segfault, abort), hang (per-clause timeout) or exception
-becomes outcome ``error`` for that clause, with its message, and the run goes on: a new worker is
-started for the clauses left.
+becomes outcome ``error`` for that clause, with its message, and a fresh worker carries on with the
+clauses left (forked from the implementation's fork server: see ``conformance.harness.processes``).
+Ctrl-C raises ``Interrupted`` carrying the results so far.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
+from conformance.harness import processes
 from conformance.harness import xfails as xf
 from conformance.harness.results import Result, exit_status  # noqa: F401  (re-exported)
+from conformance.harness.worker import Options
 from conformance.spec.clauses import Clause
 
 
 class UsageError(Exception):
     """Bad usage (unknown implementation, unreadable file, ...): the CLI prints it and exits 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: ``results`` holds every verdict reached before it."""
+
+    def __init__(self, results: list[Result]) -> None:
+        super().__init__("interrupted")
+        self.results = results
 
 
 @dataclass
@@ -43,65 +51,149 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _worker_cmd(impl: str, device: str, seed: int, events: str, clauses: Sequence[str], describe: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "conformance.harness.worker", "--impl", impl, "--device", device, "--seed", str(seed),
-           "--events", events]
-    if describe:
-        cmd.append("--describe")
-    else:
-        cmd += ["--clauses", ",".join(clauses)]
-    return cmd
+def _info(target: str, ev: dict) -> ImplInfo:
+    return ImplInfo(ev["implementation"], target, ev["version"], ev["capabilities"], ev.get("unsupported", {}))
 
 
-def _read_events(path: str, offset: int) -> tuple[list[dict[str, Any]], int]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            fh.seek(offset)
-            data = fh.read()
-    except FileNotFoundError:
-        return [], offset
-    complete, _, _rest = data.rpartition("\n")
-    if not complete:
-        return [], offset
-    events = [json.loads(line) for line in complete.splitlines() if line.strip()]
-    return events, offset + len(complete.encode("utf-8")) + 1
+@dataclass
+class RunConfig:
+    """What one run passes to every worker (besides the implementation)."""
+
+    device: str = "cpu"
+    seed: int = 0
+    examples: int | None = None  # property and stateful examples per case (None: the Budget default)
+    steps: int | None = None  # stateful steps per example
+    report_dir: str | None = None  # where checks write reproducers
+    timeout: float | None = None  # seconds per clause, overriding every Clause.timeout_s
+    timeout_scale: float = 1.0  # multiplies Clause.timeout_s (not an explicit timeout)
+
+    def options(self, impl: str) -> Options:
+        return Options(impl, self.device, self.seed, self.examples, self.steps, self.report_dir)
+
+    def limit(self, clause: Clause) -> float:
+        return self.timeout if self.timeout is not None else clause.timeout_s * self.timeout_scale
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("PYTHONFAULTHANDLER", "1")  # a segfault leaves a Python stack in the worker's stderr
-    env.setdefault("BITSANDBYTES_NOWELCOME", "1")
-    return env
+class Implementation:
+    """A loaded implementation (its fork server), ready to run clauses: from ``open_implementation``."""
+
+    def __init__(self, workers: processes.Workers, info: ImplInfo, config: RunConfig, tmp: str) -> None:
+        self.workers, self.info, self.config, self._tmp = workers, info, config, tmp
+        self._batches = 0
+
+    def run(self, clauses: Sequence[Clause], progress: Progress = _stderr) -> list[Result]:
+        """Every clause gets a result; Ctrl-C raises ``Interrupted`` with those reached so far."""
+        results: list[Result] = []
+        try:
+            self._run(clauses, results, progress)
+        except KeyboardInterrupt:
+            raise Interrupted(_ordered(results, clauses)) from None
+        return _ordered(results, clauses)
+
+    def _run(self, clauses: Sequence[Clause], results: list[Result], progress: Progress) -> None:
+        label, device = self.info.name, self.config.device
+        by_id = {c.id: c for c in clauses}
+        todo, total = [c.id for c in clauses], len(clauses)
+
+        def record(res: Result, note: str = "") -> None:
+            results.append(res)
+            todo.remove(res.clause)
+            progress(f"[{label}] {len(results)}/{total} {res.clause:<34} {res.outcome:<8} "
+                     f"({note or f'{res.duration_s:.1f}s'})")
+
+        while todo:
+            self._batches += 1
+            events = os.path.join(self._tmp, f"events-{self._batches}.jsonl")
+            errlog = os.path.join(self._tmp, f"stderr-{self._batches}.log")
+            try:
+                batch = self.workers.batch(todo, events, errlog)
+            except processes.LoadError as exc:
+                for cid in list(todo):
+                    record(Result(cid, label, "error", f"not run: {exc}", level=by_id[cid].level, device=device),
+                           "no worker")
+                return
+            offset, current, started, timed_out = 0, None, time.monotonic(), False
+            try:
+                while True:
+                    evs, offset = processes.read_events(events, offset)
+                    for ev in evs:
+                        if ev["event"] == "start":
+                            current, started = ev["clause"], time.monotonic()
+                        elif ev["event"] == "result":
+                            record(Result.from_json(ev))
+                            current = None
+                    if batch.poll() is not None:
+                        evs, offset = processes.read_events(events, offset)
+                        if evs:
+                            continue  # drain the last events first
+                        break
+                    if current is not None:
+                        limit = self.config.limit(by_id[current])
+                        if time.monotonic() - started > limit:
+                            batch.kill()
+                            record(Result(current, label, "error", f"timed out after {limit:g} s (--timeout "
+                                          "changes it); the worker was killed", limit, level=by_id[current].level,
+                                          device=device), f"timed out after {limit:g} s; --timeout changes it")
+                            current, timed_out = None, True
+                            break
+                    time.sleep(0.02)
+            finally:
+                batch.kill()  # no-op once it ended; on Ctrl-C it must not outlive the run
+            code = batch.poll()
+            if timed_out:
+                continue
+            if current is not None:  # it died inside a clause: that clause is the error, the rest go on
+                lines = processes.tail(errlog)
+                msg = f"worker {processes.describe_exit(code)} while running this clause"
+                if lines:
+                    msg += ": " + " | ".join(lines)
+                record(Result(current, label, "error", msg, time.monotonic() - started,
+                              level=by_id[current].level, device=device), processes.describe_exit(code))
+            elif todo and code not in (0, None):  # it died between clauses: that cannot be pinned on one
+                lines = processes.tail(errlog, 1) or ["no output"]
+                cid = todo[0]
+                record(Result(cid, label, "error", f"worker {processes.describe_exit(code)} before this clause "
+                              f"started: {lines[0]}", level=by_id[cid].level, device=device),
+                       processes.describe_exit(code))
+            elif todo:  # it ended cleanly without running them: a bug here, not in the implementation
+                for cid in list(todo):
+                    record(Result(cid, label, "error", "the worker ended without running this clause",
+                                  level=by_id[cid].level, device=device), "not run")
+
+    def close(self) -> None:
+        self.workers.close()
 
 
-def describe(impl: str, timeout_s: float = 300.0) -> ImplInfo:
-    """Load an implementation in a worker; UsageError with a one-line message if it cannot be loaded."""
+def _ordered(results: list[Result], clauses: Sequence[Clause]) -> list[Result]:
+    order = {c.id: i for i, c in enumerate(clauses)}
+    return sorted(results, key=lambda r: order[r.clause])
+
+
+@contextmanager
+def open_implementation(
+    impl: str, config: RunConfig | None = None, *, python: str = sys.executable, load_timeout_s: float = 300.0,
+    fork: bool | None = None,
+) -> Iterator[Implementation]:
+    """Load ``impl`` (built-in, entry point or ``package.module:attr``) in ``python``; UsageError if it cannot be.
+
+    ``fork``: None uses a fork server where ``os.fork`` exists, False a fresh interpreter per batch.
+    """
+    config = config or RunConfig()
     with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
-        events = os.path.join(tmp, "events.jsonl")
         try:
-            proc = subprocess.run(_worker_cmd(impl, "cpu", 0, events, [], True), capture_output=True, text=True,
-                                  timeout=timeout_s, env=_env())
-        except subprocess.TimeoutExpired:
-            raise UsageError(f"implementation {impl!r} did not load within {timeout_s:.0f}s") from None
-        evs, _ = _read_events(events, 0)
-    for ev in evs:
-        if ev["event"] == "fatal":
-            raise UsageError(ev["message"])
-        if ev["event"] == "loaded":
-            return ImplInfo(ev["implementation"], impl, ev["version"], ev["capabilities"], ev.get("unsupported", {}))
-    tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
-    raise UsageError(f"implementation {impl!r} could not be loaded (worker exit {proc.returncode}): {tail[0]}")
+            workers = processes.start(config.options(impl), tmp, python, load_timeout_s, fork)
+        except processes.LoadError as exc:
+            raise UsageError(str(exc)) from None
+        try:
+            yield Implementation(workers, _info(impl, workers.info), config, tmp)
+        finally:
+            workers.close()
 
 
-def _describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        try:
-            return f"killed by signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exited with status {returncode}"
+def describe(impl: str, timeout_s: float = 300.0, *, python: str = sys.executable) -> ImplInfo:
+    """Load an implementation in a worker; UsageError with a one-line message if it cannot be loaded."""
+    with open_implementation(impl, python=python, load_timeout_s=timeout_s, fork=False) as loaded:
+        return loaded.info
 
 
 def run_implementation(
@@ -111,84 +203,24 @@ def run_implementation(
     device: str = "cpu",
     seed: int = 0,
     timeout_scale: float = 1.0,
+    timeout: float | None = None,
+    examples: int | None = None,
+    steps: int | None = None,
+    report_dir: str | None = None,
     progress: Progress = _stderr,
     label: str | None = None,
+    python: str = sys.executable,
+    fork: bool | None = None,
 ) -> list[Result]:
     """Run ``clauses`` for one implementation in worker processes; never raises for the implementation's faults.
 
-    ``impl`` is what to load (``--impl``); results carry the implementation's declared name.
+    ``impl`` is what to load (``--impl``); results carry the implementation's declared name
+    unless ``label`` names them otherwise.
     """
-    label = label or impl
-    by_id = {c.id: c for c in clauses}
-    todo = [c.id for c in clauses]
-    results: list[Result] = []
-    total = len(todo)
-    with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
-        attempt = 0
-        while todo:
-            attempt += 1
-            events = os.path.join(tmp, f"events-{attempt}.jsonl")
-            errlog = open(os.path.join(tmp, f"stderr-{attempt}.log"), "w+", encoding="utf-8")  # noqa: SIM115
-            proc = subprocess.Popen(_worker_cmd(impl, device, seed, events, todo, False), stdout=subprocess.DEVNULL,
-                                    stderr=errlog, env=_env())
-            offset, current, started = 0, None, time.monotonic()
-            try:
-                while True:
-                    evs, offset = _read_events(events, offset)
-                    for ev in evs:
-                        if ev["event"] == "fatal":
-                            raise UsageError(ev["message"])
-                        if ev["event"] == "start":
-                            current, started = ev["clause"], time.monotonic()
-                        elif ev["event"] == "result":
-                            res = Result.from_json(ev)
-                            results.append(res)
-                            todo.remove(res.clause)
-                            current = None
-                            progress(f"[{label}] {len(results)}/{total} {res.clause:<34} {res.outcome:<8} "
-                                     f"({res.duration_s:.1f}s)")
-                    if proc.poll() is not None:
-                        evs, offset = _read_events(events, offset)
-                        if evs:
-                            continue  # drain the last events first
-                        break
-                    if current is not None:
-                        limit = by_id[current].timeout_s * timeout_scale
-                        if time.monotonic() - started > limit:
-                            proc.kill()
-                            proc.wait()
-                            res = Result(current, label, "error", f"timed out after {limit:.0f}s (worker killed)",
-                                         limit, level=by_id[current].level, device=device)
-                            results.append(res)
-                            todo.remove(current)
-                            progress(f"[{label}] {len(results)}/{total} {current:<34} error    (timeout {limit:.0f}s)")
-                            current = None
-                            break
-                    time.sleep(0.05)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            if current is not None:
-                errlog.seek(0)
-                tail = [ln for ln in errlog.read().splitlines() if ln.strip()][-3:]
-                msg = f"worker {_describe_exit(proc.returncode)} while running this clause"
-                if tail:
-                    msg += ": " + " | ".join(tail)
-                results.append(Result(current, label, "error", msg, time.monotonic() - started,
-                                      level=by_id[current].level, device=device))
-                todo.remove(current)
-                progress(f"[{label}] {len(results)}/{total} {current:<34} error    ({_describe_exit(proc.returncode)})")
-            elif proc.returncode not in (0, None) and todo:
-                errlog.seek(0)
-                tail = (errlog.read().strip().splitlines() or ["no output"])[-1]
-                for cid in todo:
-                    results.append(Result(cid, label, "error", f"worker {_describe_exit(proc.returncode)} before this "
-                                          f"clause started: {tail}", level=by_id[cid].level, device=device))
-                todo = []
-            errlog.close()
-    order = {c.id: i for i, c in enumerate(clauses)}
-    return sorted(results, key=lambda r: order[r.clause])
+    config = RunConfig(device, seed, examples, steps, report_dir, timeout, timeout_scale)
+    with open_implementation(impl, config, python=python, fork=fork) as loaded:
+        loaded.info.name = label or loaded.info.name
+        return loaded.run(clauses, progress)
 
 
 def apply_xfails(results: list[Result], entries: list[xf.Xfail]) -> None:

@@ -1,0 +1,186 @@
+"""The command line answers fast: listing, comparing, rendering, help and usage errors import no torch.
+
+Also the Markdown report a maintainer reads (legend, durations, measurement table, messages cut at
+word boundaries, reproducer links) and ``compare`` reading schema 1 reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conformance.harness import report
+
+# tooling, not device code: CPU CI runs it; the gpu session leaves it out
+pytestmark = pytest.mark.cpu_only
+
+HEAVY = ("torch", "bitsandbytes", "transformers", "peft")
+
+# runs the CLI in-process exactly as `python -m conformance ARGS`, then says which heavy modules it imported
+_PROBE = f"""
+import json, runpy, sys
+args = json.loads(sys.argv[1])
+sys.argv = ["conformance", *args]
+code = 0
+try:
+    runpy.run_module("conformance", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
+sys.stderr.write("\\nPROBE " + json.dumps({{"heavy": heavy, "code": code}}) + "\\n")
+"""
+
+
+def _probe(*args: str) -> tuple[dict, str, str]:
+    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(list(args))], capture_output=True, text=True,
+                          timeout=120)
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("PROBE ")]
+    assert line, proc.stdout + proc.stderr
+    return json.loads(line[-1][6:]), proc.stdout, proc.stderr
+
+
+def _report(tmp_path: Path, name: str, outcome: str) -> Path:
+    r = {"clause": "MERGE-ROUNDTRIP", "implementation": "x", "outcome": outcome, "message": "m", "duration_s": 0.2,
+         "measurements": {"worst_ratio": 0.5}, "level": "MUST", "device": "cpu"}
+    doc = {"schema_version": "1", "environment": {"python": "3.11"}, "implementations": {"x": {"version": "1"}},
+           "clauses": {"MERGE-ROUNDTRIP": {"level": "MUST", "text": "t", "source": "s", "area": "merge"}},
+           "results": [r], "summary": {"implementations": {"x": {"passed": 1}}, "exit_status": 0}}
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("args, code", [
+    (["--help"], 0),
+    (["clauses"], 0),
+    (["clauses", "--json"], 0),
+    (["compare", "OLD", "NEW"], 1),
+    (["markdown", "OLD"], 0),
+    (["run", "--no-such-option"], 2),
+    (["nonsense"], 2),
+    (["run", "--clauses", "NO-SUCH-*"], 2),
+    (["run", "--report", "BLOCKED/r.json"], 2),
+    (["run", "--examples", "0"], 2),
+    (["compare", "MISSING", "MISSING"], 2),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_cli_answers_without_importing_torch(tmp_path: Path, args: list[str], code: int) -> None:
+    subst = {"OLD": str(_report(tmp_path, "old.json", "passed")), "NEW": str(_report(tmp_path, "new.json", "failed")),
+             "MISSING": str(tmp_path / "missing.json")}
+    (tmp_path / "blocker").write_text("")
+    args = [subst.get(a, a.replace("BLOCKED", str(tmp_path / "blocker"))) for a in args]
+    got, stdout, stderr = _probe(*args)
+    assert got == {"heavy": [], "code": code}, stdout + stderr
+    assert "Traceback" not in stderr
+
+
+def test_console_script_help_imports_no_torch() -> None:
+    """The installed ``conformance`` script (pip install -e .) answers --help without torch."""
+    script = shutil.which("conformance", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("no `conformance` console script next to this interpreter (the package is not pip-installed)")
+    proc = subprocess.run([sys.executable, "-X", "importtime", script, "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "python -m conformance" in proc.stdout and "run" in proc.stdout
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_clauses_wraps_to_the_terminal() -> None:
+    proc = subprocess.run([sys.executable, "-m", "conformance", "clauses"], capture_output=True, text=True,
+                          env=os.environ | {"COLUMNS": "70"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) > 40 and max(len(ln) for ln in lines) <= 70, max(lines, key=len)
+    assert "MERGE-ROUNDTRIP  MUST" in lines
+
+
+def test_shorten_cuts_at_a_word_boundary() -> None:
+    text = "lora 4-bit: merged forward outside the bound of one requantization"
+    assert report.shorten(text, 200) == text
+    cut = report.shorten(text, 30)
+    assert len(cut) <= 30 and cut.endswith("…") and text.startswith(cut[:-1])
+    assert text[len(cut) - 1] == " "  # the cut fell between words
+    assert report.shorten("a\n  b   c", 10) == "a b c"
+
+
+def _rich_doc(tmp_path: Path) -> dict:
+    repro = tmp_path / "reproducers" / "repro_state_merge.py"
+    res = [
+        {"clause": "MERGE-ROUNDTRIP", "implementation": "x", "outcome": "failed", "message": "merged forward off",
+         "duration_s": 1.234, "level": "MUST", "device": "cpu",
+         "measurements": {"worst_ratio": 2.5, "families": {"lora/4bit": "failed: off", "oft/8bit": "passed"},
+                          "reproducer": str(repro), "notes": ["n"]}},
+        {"clause": "STATE-OUTPUT-MATCHES-MODEL", "implementation": "x", "outcome": "inconclusive",
+         "message": "too few steps", "duration_s": 0.5, "level": "MUST", "device": "cpu", "measurements": {}},
+    ]
+    clauses = {r["clause"]: {"level": "MUST", "text": "t", "source": "s", "area": "a"} for r in res}
+    return {"schema_version": "1", "environment": {}, "implementations": {"x": {"version": "1"}},
+            "clauses": clauses | {"FWD-ORACLE": {"level": "MUST", "text": "t", "source": "s", "area": "a"}},
+            "results": res,
+            "summary": report.summarize([report.Result.from_json(r) for r in res]),
+            "not_run": [{"clause": "FWD-ORACLE", "implementation": "x"}]}
+
+
+def test_markdown_reads_at_a_glance(tmp_path: Path) -> None:
+    text = report.markdown(_rich_doc(tmp_path), base=tmp_path)
+    for mark, outcome in (("✅", "passed"), ("❔", "inconclusive"), ("⏹️", "not run")):  # the legend
+        assert f"| {mark} | {outcome} | " in text
+    assert "| `MERGE-ROUNDTRIP` | MUST | ❌ 1.2 s |" in text  # mark and duration
+    assert "| `FWD-ORACLE` | MUST | ⏹️ |" in text
+    # the summary counts inconclusive: the outcomes' header and x's row line up
+    header = next(ln for ln in text.splitlines() if ln.startswith("| implementation |"))
+    row = next(ln for ln in text.splitlines() if ln.startswith("| x |"))
+    assert row.split("|")[header.split("|").index(" inconclusive ")].strip() == "1"
+    # measurements: one row per key, nested dicts as dotted keys, not a JSON string
+    assert "| `MERGE-ROUNDTRIP` | x | worst_ratio | 2.5 |" in text
+    assert "| `MERGE-ROUNDTRIP` | x | families.lora/4bit | failed: off |" in text
+    assert '{"' not in text
+    # the failure links its reproducer, relative to the Markdown file's folder
+    assert "Reproducer: [`repro_state_merge.py`](reproducers/repro_state_merge.py)" in text
+    assert "### `STATE-OUTPUT-MATCHES-MODEL` · x · inconclusive" in text
+
+
+def test_compare_reads_schema_1_reports_without_inconclusive(tmp_path: Path) -> None:
+    old = report.load(_report(tmp_path, "old.json", "passed"))
+    new = report.load(_report(tmp_path, "new.json", "error"))
+    text, status = report.compare(old, new)
+    assert status == 1 and "MERGE-ROUNDTRIP [x]: passed -> error" in text
+    md = report.markdown(old)
+    assert re.search(r"\| x \| 1 \| 1 \| 0 \| 0 \| 0 \|", md), md  # absent outcome counts read as 0
+
+
+def test_cpu_ci_writes_the_report_markdown_to_the_step_summary() -> None:
+    yaml = pytest.importorskip("yaml")
+    root = Path(__file__).resolve().parent.parent
+    steps = yaml.safe_load((root / ".github/workflows/cpu.yml").read_text())["jobs"]["report"]["steps"]
+    runs = [s.get("run", "") for s in steps]
+    assert any("nox -s report" in r for r in runs)
+    assert any("reports/reference.md" in r and '>> "$GITHUB_STEP_SUMMARY"' in r for r in runs), runs
+    assert 'REPORTS / "reference.md"' in (root / "noxfile.py").read_text()  # what `nox -s report` writes
+
+
+def test_probe_clone_parses_its_own_options() -> None:
+    """The clone probe's options are parsed when it runs (they need torch): --help shows them, a typo is exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "conformance", "probe", "clone", "--help"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "--threads" in proc.stdout, proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "conformance", "probe", "clone", "--bogus"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("unrecognized arguments: --bogus"), proc.stderr
+
+
+def test_terminal_table_columns_line_up(tmp_path: Path) -> None:
+    lines = report.terminal_table(_rich_doc(tmp_path)).splitlines()
+    header = lines[0].split()
+    assert header[: len(report.OUTCOMES) + 1] == ["implementation", *report.OUTCOMES]
+    row = lines[2].split()
+    assert row[0] == "x" and row[1 + report.OUTCOMES.index("inconclusive")] == "1"
+    assert lines[-1] == "not run (interrupted): 1"
