@@ -239,14 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     clone = probes.add_parser("clone", add_help=False, help="in-place updates on the raw 4-bit/8-bit base output, with and without "
                               "the defensive clone")
     clone.set_defaults(func=_run_clone_probe)  # its own options are parsed when it runs (they need torch)
+    st = sub.add_parser("stateful", add_help=False, help="long state-machine runs: --impl NAME --examples N "
+                        "[--steps S] [--device cuda] [--out DIR] (see 'stateful --help')")
+    st.set_defaults(func=_run_stateful)
     return p
+
+
+def _run_stateful(args: argparse.Namespace) -> int:
+    from conformance.harness.stateful_run import main as stateful_main
+
+    return stateful_main(list(args.extra))
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.func is not _run_clone_probe:
+    if extra and args.func not in (_run_clone_probe, _run_stateful):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     try:

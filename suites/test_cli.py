@@ -164,7 +164,7 @@ def test_cpu_ci_writes_the_report_markdown_to_the_step_summary() -> None:
     runs = [s.get("run", "") for s in steps]
     assert any("nox -s report" in r for r in runs)
     assert any("reports/reference.md" in r and '>> "$GITHUB_STEP_SUMMARY"' in r for r in runs), runs
-    assert 'REPORTS / "reference.md"' in (root / "noxfile.py").read_text()  # what `nox -s report` writes
+    assert '"reference.md"' in (root / "conformance" / "ci" / "sessions.py").read_text()  # what `nox -s report` writes
 
 
 def test_probe_clone_parses_its_own_options() -> None:

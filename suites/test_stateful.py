@@ -562,8 +562,8 @@ def test_replay_refuses_a_step_the_machine_could_not_have_drawn() -> None:
 
 
 def test_long_run_cli_takes_examples_and_steps(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    """``python -m conformance.spec.stateful --examples/--steps`` runs the machine with that budget."""
-    from conformance.spec.stateful.__main__ import main
+    """``python -m conformance stateful --examples/--steps`` runs the machine with that budget."""
+    from conformance.harness.stateful_run import main
 
     assert main(["--impl", "reference", "--examples", "3", "--steps", "4", "--case", "lora/8",
                  "--out", str(tmp_path)]) == 0

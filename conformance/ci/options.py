@@ -13,7 +13,7 @@ from .matrix import CELLS
 GPU_STEPS = ("pytest", "conformance", "clone_probe", "stateful", "bench")
 #: commands whose unknown arguments go to the wrapped tool
 FORWARDING = {"tests": "pytest", "report": "python -m conformance run", "bench": "python -m conformance.bench",
-              "compare": "python -m conformance.bench.compare", "stateful": "python -m conformance.spec.stateful"}
+              "compare": "python -m conformance.bench.compare", "stateful": "python -m conformance stateful"}
 
 
 def _fresh(p: argparse.ArgumentParser) -> None:

@@ -74,7 +74,7 @@ def stateful(opts: argparse.Namespace, rest: list[str]) -> int:
         args = ["--impl", "reference", *args]
     if "--device" not in args and device == "cuda":
         args += ["--device", "cuda"]
-    return run([python, "-m", "conformance.spec.stateful", *args])
+    return run([python, "-m", "conformance", "stateful", *args])
 
 
 def compare(opts: argparse.Namespace, rest: list[str]) -> int:

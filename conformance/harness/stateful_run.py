@@ -1,4 +1,4 @@
-"""``python -m conformance.spec.stateful --impl NAME --examples N [--steps S] [--device cuda] [--out DIR]``.
+"""``python -m conformance stateful --impl NAME --examples N [--steps S] [--device cuda] [--out DIR]``.
 
 Runs the state machine directly (not through the clause runner) and prints a summary: examples
 and steps run, worst observed/bound ratios, and every violation with its minimal sequence and the
@@ -11,12 +11,11 @@ import argparse
 import sys
 
 from conformance.spec.budget import CI
-
-from .run import run
+from conformance.spec.stateful.run import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m conformance.spec.stateful", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m conformance stateful", description=__doc__.splitlines()[0])
     p.add_argument("--impl", default=None, help="implementation (built-in name, entry point or package.module:attr)")
     p.add_argument("--examples", type=int, default=None, help=f"examples per (method, bits) case (default {CI.stateful_examples})")
     p.add_argument("--steps", type=int, default=None, help=f"steps per example (default {CI.stateful_steps})")
@@ -53,6 +52,3 @@ def main(argv: list[str] | None = None) -> int:
     print(res.summary())
     return 1 if (res.failures or res.errors) else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
