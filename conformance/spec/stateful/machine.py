@@ -45,7 +45,7 @@ from conformance.spec.catalog.stateful import (
     UNMERGE,
     VALID,
 )
-from conformance.spec.interface import AdapterSpec, Implementation
+from conformance.spec.interface import AdapterSpec, Implementation, bits_of, methods_of
 from conformance.spec.observe import implementation_warnings
 
 from .model import AdapterModel, LogicalModel, _ratio, copy_tensors
@@ -1168,7 +1168,7 @@ def run(impl: Implementation, device: str = "cpu", *, examples: int | None = Non
     """
     n_ex, n_steps = budget(examples, steps)
     shrink = shrink_s if shrink_s is not None else float(os.environ.get(ENV_SHRINK_S, DEFAULT_SHRINK_S))
-    pairs = list(cases) if cases is not None else [(m, b) for m in sorted(impl.methods()) for b in sorted(impl.bits())]
+    pairs = list(cases) if cases is not None else [(m, b) for m in sorted(methods_of(impl)) for b in sorted(bits_of(impl))]
     result = RunResult(impl.name, str(impl.version()), device, n_ex, n_steps, [f"{m}/{b}bit" for m, b in pairs])
     start = time.perf_counter()
     # Tiny tensors: with several intra-op threads on a loaded 2-core machine every op pays OpenMP
