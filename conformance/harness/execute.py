@@ -39,8 +39,9 @@ def families(clause: Clause, impl: Implementation) -> list[tuple[str, int]]:
 
 def _leaf(exc: BaseException) -> BaseException:
     """The exception that decides the outcome (a hypothesis ExceptionGroup of several bugs: a failure first)."""
-    if isinstance(exc, BaseExceptionGroup):
-        leaves = [_leaf(e) for e in exc.exceptions]
+    group = getattr(exc, "exceptions", None)  # BaseExceptionGroup (hypothesis reports several bugs so)
+    if isinstance(group, tuple) and group:
+        leaves = [_leaf(e) for e in group]
         for kinds in ((ClauseFailure, AssertionError), (ClauseInconclusive,), (Exception,)):
             for e in leaves:
                 if isinstance(e, kinds):

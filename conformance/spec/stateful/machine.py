@@ -301,6 +301,8 @@ class Driver:
         return ql.move_base_layer(base, self.device)
 
     def _variant_ok(self, params: dict[str, Any]) -> bool:
+        if params.get("use_rslora") and "rslora" not in self.caps:  # capability-gated variants are left out
+            return False
         return not params.get("lora_bias") or ("lora_bias" in self.caps and self.config.bias)
 
     def _bounded(self, clause: str, ratio: float, message: Callable[[], str]) -> None:
@@ -760,7 +762,7 @@ class Driver:
         if kind in self.exclude_invalid:
             return False
         return {
-            "set_unknown": True, "merge_unknown": True, "unmerge_unmerged": not self.merged,
+            "set_unknown": True, "merge_unknown": True, "unmerge_unmerged": not self.merged and "unmerge" in caps,
             "merge_merged": self.merged, "delete_unknown": "delete_adapter" in caps,
             "delete_merged": self.merged and "delete_adapter" in caps,
             "add_existing": "multi_adapter" in caps, "mixed_when_merged": self.merged and self.mixed_ok(),
@@ -890,7 +892,7 @@ def op_applies(d: Driver, op: str, cuda: bool) -> bool:
     caps, merged = d.caps, d.model.merged
     return {
         "mixed_forward": d.mixed_ok() and not merged,
-        "unmerge": bool(merged),
+        "unmerge": bool(merged) and "unmerge" in caps,
         "add_adapter": "multi_adapter" in caps and len(d.names) < MAX_ADAPTERS,
         "set_adapter": "multi_adapter" in caps,
         "delete_adapter": "delete_adapter" in caps and len(d.names) > 1 and any(n not in merged for n in d.names),
@@ -1056,12 +1058,12 @@ def make_machine(impl: Implementation, configs: Sequence[MachineConfig], device:
                 unmerged = [n for n in d.names if n not in d.model.merged]
                 use_active = data.draw(st.booleans(), label="adapter_names=None")
                 if use_active and any(n not in d.model.merged for n in d.model.active):
-                    d.merge(None, data.draw(st.booleans(), label="safe_merge"))
+                    d.merge(None, data.draw(st.booleans(), label="safe_merge") and "safe_merge" in d.caps)
                 elif unmerged:
                     names = data.draw(st.lists(st.sampled_from(unmerged), min_size=1, max_size=2, unique=True),
                                       label="adapter_names")
-                    d.merge(names, data.draw(st.booleans(), label="safe_merge"))
-                else:
+                    d.merge(names, data.draw(st.booleans(), label="safe_merge") and "safe_merge" in d.caps)
+                elif "unmerge" in d.caps:
                     d.unmerge()
             elif op == "unmerge":
                 d.unmerge()
