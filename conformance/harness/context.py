@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.harness import validate
 from conformance.quant import layers as qlayers
 from conformance.spec.budget import Budget
 from conformance.spec.clauses import Clause, ClauseFailure, ClauseInconclusive, ClauseSkipped
@@ -56,6 +57,8 @@ class CheckContext:
     #: cases is reported skipped, not passed)
     layers_built: int = 0
     cases_skipped: dict[str, int] = field(default_factory=dict)
+    #: (layer, what its base was) for every layer built, so a malformed one is named (``malformed``)
+    built: list[tuple[nn.Module, Any]] = field(default_factory=list, repr=False)
 
     # -- outcome helpers ---------------------------------------------------------------
     def fail(self, message: str) -> None:
@@ -201,11 +204,21 @@ class CheckContext:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.manual_seed(self.seed)
+            exp = validate.expected_of(base)
             layer = self.impl.create(base, spec)
         self.layers_built += 1
+        if exp is not None and isinstance(layer, nn.Module):
+            self.built.append((layer, exp))
         if "input_cast" not in self.impl.capabilities and isinstance(layer, nn.Module):
             layer.register_forward_pre_hook(self._input_dtype_gate(dtype))
         return layer
+
+    def malformed(self) -> list[str]:
+        """What is wrong with the layers this context built (``harness.validate``; empty when all are sound)."""
+        out = []
+        for layer, exp in self.built:
+            out += [p for p in validate.problems(layer, exp) if p not in out]
+        return out
 
     def _input_dtype_gate(self, dtype: torch.dtype) -> Callable[..., None]:
         def gate(_module: nn.Module, args: tuple[Any, ...]) -> None:

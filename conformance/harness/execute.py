@@ -7,6 +7,8 @@ share (``lora/4bit``, ``oft/8bit``, ...). The check runs once per family with a 
 - ``failed`` if any family failed; else ``error`` if any errored (a crash in the check or the
   implementation); else ``inconclusive`` if any was; else ``passed`` if any passed; else ``skipped``
   (every family skipped, e.g. every case needed a capability the implementation lacks);
+- a check that crashes on a layer the implementation left malformed (``harness.validate``) is
+  ``failed`` with what is wrong, not ``error``;
 - a family that ran no case (built no layer) but skipped some for a missing capability is ``skipped``;
 - the message names every failing/erroring family (``lora/4bit: ...; oft/8bit: error: ...``) and
   ``measurements["families"]`` maps every family to its outcome (and message unless passed).
@@ -49,6 +51,13 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def _malformed(ctx: CheckContext) -> list[str]:
+    try:
+        return ctx.malformed()
+    except Exception as exc:  # noqa: BLE001 - validation must never turn an outcome into a crash
+        return [f"base layer cannot be inspected ({type(exc).__name__}: {exc})"]
+
+
 def _outcome(ctx: CheckContext, clause: Clause) -> tuple[str, str]:
     """Run the check in ``ctx``; (outcome, message)."""
     try:
@@ -66,12 +75,18 @@ def _outcome(ctx: CheckContext, clause: Clause) -> tuple[str, str]:
         if isinstance(exc, ClauseInconclusive):
             return "inconclusive", str(exc)
         if isinstance(exc, (ClauseFailure, AssertionError)):
-            return "failed", str(exc) or f"assertion failed in {clause.check.__name__}"
+            msg = str(exc) or f"assertion failed in {clause.check.__name__}"
+            bad = _malformed(ctx)
+            return "failed", ("malformed layer: " + "; ".join(bad) + f" ({msg})") if bad else msg
         if type(exc).__name__ == "Unsatisfiable" and ctx.cases_skipped:  # hypothesis: every example was a skip
             return "skipped", "every drawn case needed " + ", ".join(sorted(ctx.cases_skipped))
         tb = traceback.extract_tb(exc.__traceback__)
         where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
-        return "error", f"{type(exc).__name__}: {exc}{where}"
+        crash = f"{type(exc).__name__}: {exc}{where}"
+        bad = _malformed(ctx)
+        if bad:  # the implementation broke the layer; the check crashed on it: a failure that says what is wrong
+            return "failed", "malformed layer: " + "; ".join(bad) + f" (the check then raised {crash})"
+        return "error", crash
     if ctx.layers_built == 0 and ctx.cases_skipped:
         return "skipped", "no case could run: every case needed " + ", ".join(sorted(ctx.cases_skipped))
     return "passed", ""

@@ -18,6 +18,7 @@ exit 2); an entry that matched no result of a run is warned about (``unmatched``
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from collections.abc import Iterable
@@ -94,7 +95,7 @@ def parse(text: str, source: str = "<xfails>", known_clauses: Iterable[str] | No
             if not rest:
                 raise XfailFileError(f"{source}:{n}: a reason is required after the markers")
         if known is not None and not any(fnmatch.fnmatchcase(k, clause) for k in known):
-            close = [k for k in known if k.split("-")[0] == clause.split("-")[0]][:5]
+            close = difflib.get_close_matches(clause, known, n=3, cutoff=0.6)
             raise XfailFileError(f"{source}:{n}: unknown clause {clause!r}"
                                  + (f"; similar: {', '.join(close)}" if close else "")
                                  + " (list them with `python -m conformance clauses`)")
