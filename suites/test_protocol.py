@@ -203,12 +203,15 @@ def test_xfail_unknown_clause_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_xfail_unmatched_entry_is_warned_and_xpass_is_strict_unless_relaxed() -> None:
-    entries = xf.parse("MERGE-MULTI peft a\nMERGE-SUBSET peft b\nFWD-ORACLE peft [non-strict] cpu only")
-    results = [_r("passed"), _r("passed", "FWD-ORACLE")]
+    entries = xf.parse("MERGE-MULTI peft a\nMERGE-SUBSET peft b\nFWD-ORACLE peft [non-strict] cpu only\n"
+                       "OFT-BLOCK-SHARE peft not selected in this run\nFWD-ERR-RANK toy typo'd implementation")
+    other = Result(clause="MERGE-SUBSET", implementation="reference", outcome="passed")
+    results = [_r("passed"), _r("passed", "FWD-ORACLE"), other]
     unmatched = xf.apply(results, entries)
-    assert [r.outcome for r in results] == ["xpassed", "passed"]
+    assert [r.outcome for r in results] == ["xpassed", "passed", "passed"]
     assert "not reproduced here" in results[1].message
-    assert len(unmatched) == 1 and "MERGE-SUBSET" in unmatched[0]
+    assert len(unmatched) == 2, unmatched
+    assert "MERGE-SUBSET peft' matched no result" in unmatched[0] and "'FWD-ERR-RANK toy' names no" in unmatched[1]
     relaxed = [_r("passed")]
     xf.apply(relaxed, entries, strict=False)
     assert relaxed[0].outcome == "passed"
@@ -251,3 +254,13 @@ def test_check_implementation_expected_failure_that_passes_raises() -> None:
 def test_check_implementation_by_name_runs_in_workers() -> None:
     results = check_implementation("reference", clauses=["FWD-ERR-RANK", "MERGE-TWICE-TEXT"])
     assert [r.outcome for r in results] == ["passed", "passed"]
+
+
+def test_exit_status_counts_xpassed_like_pytest_strict() -> None:
+    from conformance.harness.results import exit_status
+
+    assert exit_status([_r("xfailed"), _r("passed")]) == 0
+    assert exit_status([_r("xpassed")]) == 1
+    should = _r("failed")
+    should.level = "SHOULD"
+    assert exit_status([should]) == 0

@@ -53,5 +53,7 @@ def applicability(clause: Clause, impl: Implementation, device: str) -> str | No
 
 
 def exit_status(results: list[Result]) -> int:
-    """1 if any MUST clause failed, errored or was inconclusive (xfailed excepted), else 0."""
-    return int(any(r.outcome in ("failed", "error", "inconclusive") and r.level == "MUST" for r in results))
+    """1 if any MUST clause failed, errored or was inconclusive (xfailed excepted), or any expected failure
+    passed (``xpassed``: strict, as under pytest; a non-strict entry leaves it ``passed``), else 0."""
+    return int(any((r.outcome in ("failed", "error", "inconclusive") and r.level == "MUST") or r.outcome == "xpassed"
+                   for r in results))

@@ -13,7 +13,8 @@ square brackets right after the implementation pattern:
 A covered clause that passes is ``xpassed`` (strict: it counts as a failure, so a fixed bug is
 noticed) unless the entry is non-strict or the run relaxes strictness (``apply(..., strict=False)``).
 An entry whose clause pattern matches no declared clause is a usage error (``XfailFileError``,
-exit 2); an entry that matched no result of a run is warned about (``unmatched``).
+exit 2); an entry that matched no result of a run is warned about (``unmatched``; entries for
+clauses the run did not select are not).
 """
 
 from __future__ import annotations
@@ -147,9 +148,21 @@ def apply(results: list[Result], entries: list[Xfail], *, strict: bool = True) -
         if entry is not None:
             used.add(id(entry))
         r.outcome, r.message = resolve(r.outcome, r.message, entry, strict=strict)  # type: ignore[assignment]
-    return unmatched(entries, used)
+    return unmatched(entries, used, results)
 
 
-def unmatched(entries: list[Xfail], used: set[int]) -> list[str]:
-    return [f"{e.where}: xfail entry '{e.clause} {e.implementation}' matched no result of this run"
-            for e in entries if id(e) not in used]
+def unmatched(entries: list[Xfail], used: set[int], results: list[Result]) -> list[str]:
+    """Warnings for entries that matched no result: those naming no implementation of the run, and those
+    whose clause ran but never under that entry (an entry for a clause left out by ``--clauses`` is silent)."""
+    impls = {r.implementation for r in results}
+    clauses = {r.clause for r in results}
+    out = []
+    for e in entries:
+        if id(e) in used:
+            continue
+        no_impl = not any(fnmatch.fnmatchcase(i, e.implementation) for i in impls)
+        ran = any(fnmatch.fnmatchcase(c, e.clause) for c in clauses)
+        if no_impl or ran:
+            why = "names no implementation of this run" if no_impl else "matched no result of this run"
+            out.append(f"{e.where}: xfail entry '{e.clause} {e.implementation}' {why}")
+    return out

@@ -779,7 +779,7 @@ class Driver:
         calls: dict[str, tuple[str, Callable[[], Any]]] = {
             "set_unknown": ("set_adapter(['nope'])", lambda: self.layer.set_adapter(["nope"])),
             "merge_unknown": ("merge(adapter_names=['nope'])", lambda: self.layer.merge(adapter_names=["nope"])),
-            "unmerge_unmerged": ("unmerge() with nothing merged", self.layer.unmerge),
+            "unmerge_unmerged": ("unmerge() with nothing merged", lambda: self.layer.unmerge()),
             "merge_merged": (f"merge(adapter_names={self.model.merged[:1]}) of a merged adapter",
                              lambda: self.layer.merge(adapter_names=self.model.merged[:1])),
             "delete_unknown": ("delete_adapter('nope')", lambda: self.layer.delete_adapter("nope")),
