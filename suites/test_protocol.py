@@ -264,3 +264,19 @@ def test_exit_status_counts_xpassed_like_pytest_strict() -> None:
     should = _r("failed")
     should.level = "SHOULD"
     assert exit_status([should]) == 0
+
+
+class _NoInputCast(ReferenceImplementation):
+    """The reference declaring no input cast: its adapters are built in the base's compute dtype and a case
+    feeding another dtype is left out (even where a check catches exceptions broadly)."""
+
+    name = "no-input-cast"
+    capabilities = ReferenceImplementation.capabilities - {"input_cast", "oft"}  # OFT in fp16: no CPU LU
+
+
+def test_undeclared_input_cast_skips_cases_never_fails() -> None:
+    res = run_clause(get("BACKPROP-NOGRAD-FORWARD"), _NoInputCast())
+    assert res.outcome in ("passed", "skipped"), res.message
+    assert res.measurements["cases_skipped"]["input_cast"] > 0
+    fams = res.measurements["families"]
+    assert any(v.startswith("skipped") and "input_cast" in v for v in fams.values()), fams

@@ -59,6 +59,9 @@ class CheckContext:
     cases_skipped: dict[str, int] = field(default_factory=dict)
     #: (layer, what its base was) for every layer built, so a malformed one is named (``malformed``)
     built: list[tuple[nn.Module, Any]] = field(default_factory=list, repr=False)
+    #: messages of the CaseSkipped raised in this context (a check that catches them broadly and fails with
+    #: their text is reported skipped, not failed: see ``execute``)
+    case_skip_messages: list[str] = field(default_factory=list, repr=False)
 
     # -- outcome helpers ---------------------------------------------------------------
     def fail(self, message: str) -> None:
@@ -197,7 +200,7 @@ class CheckContext:
         for key, needs, cap in GATED_PARAMS:
             if needs(params.get(key)) and cap not in self.impl.capabilities:
                 self.skip_case(cap, f"{method} {key}={params.get(key)!r}")
-                raise CaseSkipped(f"{self.impl.name} does not declare capability {cap} ({key}={params[key]!r})")
+                raise self._case_skipped(f"{self.impl.name} does not declare capability {cap} ({key}={params[key]!r})")
         dtype = self.adapter_dtype(base)
         spec = AdapterSpec(method=method, adapter_name=adapter_name, params=params,
                            dtype=str(dtype).removeprefix("torch."))
@@ -213,6 +216,10 @@ class CheckContext:
             layer.register_forward_pre_hook(self._input_dtype_gate(dtype))
         return layer
 
+    def _case_skipped(self, message: str) -> CaseSkipped:
+        self.case_skip_messages.append(message)
+        return CaseSkipped(message)
+
     def malformed(self) -> list[str]:
         """What is wrong with the layers this context built (``harness.validate``; empty when all are sound)."""
         out = []
@@ -225,8 +232,8 @@ class CheckContext:
             x = args[0] if args else None
             if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
                 self.skip_case("input_cast", f"{x.dtype} input to {dtype} adapters")
-                raise CaseSkipped(f"{self.impl.name} does not declare input_cast: a {x.dtype} input to "
-                                  f"{dtype} adapters is left out")
+                raise self._case_skipped(f"{self.impl.name} does not declare input_cast: a {x.dtype} input to "
+                                         f"{dtype} adapters is left out")
         return gate
 
     def generator(self, offset: int = 0) -> torch.Generator:

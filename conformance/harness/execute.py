@@ -9,6 +9,8 @@ share (``lora/4bit``, ``oft/8bit``, ...). The check runs once per family with a 
   (every family skipped, e.g. every case needed a capability the implementation lacks);
 - a check that crashes on a layer the implementation left malformed (``harness.validate``) is
   ``failed`` with what is wrong, not ``error``;
+- a check that catches a ``CaseSkipped`` broadly (``except Exception``) and fails with its text leaves
+  that family ``skipped`` with the reason (never ``failed`` for an undeclared capability);
 - a family that ran no case (built no layer) but skipped some for a missing capability is ``skipped``;
 - the message names every failing/erroring family (``lora/4bit: ...; oft/8bit: error: ...``) and
   ``measurements["families"]`` maps every family to its outcome (and message unless passed).
@@ -67,6 +69,9 @@ def _outcome(ctx: CheckContext, clause: Clause) -> tuple[str, str]:
     except BaseException as raw:  # noqa: BLE001 - every exception of a check is an outcome
         if isinstance(raw, (KeyboardInterrupt, SystemExit)):
             raise
+        gated = next((m for m in ctx.case_skip_messages if m in str(raw) or m in str(_leaf(raw))), None)
+        if gated is not None:  # the check caught a CaseSkipped broadly and failed with it: a skipped case
+            return "skipped", f"a case needed an undeclared capability, the rest of this family was not run: {gated}"
         exc = _leaf(raw)
         if isinstance(exc, ClauseSkipped):
             return "skipped", str(exc)

@@ -45,7 +45,7 @@ from conformance.spec.catalog.stateful import (
     UNMERGE,
     VALID,
 )
-from conformance.spec.interface import AdapterSpec, Implementation, bits_of, methods_of
+from conformance.spec.interface import AdapterSpec, Implementation, bits_of, methods_of, target_of
 from conformance.spec.observe import implementation_warnings
 
 from .model import AdapterModel, LogicalModel, _ratio, copy_tensors
@@ -188,10 +188,11 @@ def configs_for(method: str, bits: int) -> list[MachineConfig]:
 
 
 def impl_spec(impl: Implementation) -> str:
-    """A string ``conformance.spec.interface.load`` resolves back to ``impl``."""
-    spec = getattr(impl, "load_spec", None)
+    """A string ``conformance.harness.loader.load`` resolves back to ``impl``: the one it was loaded from
+    (``interface.target_of``), else its built-in name or its class."""
+    spec = target_of(impl)
     if spec:
-        return str(spec)
+        return spec
     if impl.name in BUILTIN and type(impl).__module__.startswith("conformance.impls"):
         return impl.name
     return f"{type(impl).__module__}:{type(impl).__qualname__}"
