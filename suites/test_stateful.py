@@ -226,8 +226,8 @@ def test_clause_reports_reproducer(tmp_path: Any, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(sm.ENV_REPORT_DIR, str(tmp_path))
     impl = MergeForgetsFlags()
     checks.clear_cache()
-    monkeypatch.setattr(type(impl), "methods", lambda self: frozenset({"lora"}))
-    monkeypatch.setattr(type(impl), "bits", lambda self: frozenset({8}))
+    # LoRA on 8-bit only (the harness derives methods and bit widths from the capabilities)
+    impl.capabilities = frozenset(impl.capabilities) - {"oft", "4bit"}
     try:
         res = run_clause(registry()[sm.FLAGS], impl)
     finally:

@@ -12,6 +12,8 @@ share (``lora/4bit``, ``oft/8bit``, ...). The check runs once per family with a 
 - a check that catches a ``CaseSkipped`` broadly (``except Exception``) and fails with its text leaves
   that family ``skipped`` with the reason (never ``failed`` for an undeclared capability);
 - a family that ran no case (built no layer) but skipped some for a missing capability is ``skipped``;
+- measurements are combined over families (``_combine``: counts add up, ratios keep the worst, lists
+  concatenate);
 - the message names every failing/erroring family (``lora/4bit: ...; oft/8bit: error: ...``) and
   ``measurements["families"]`` maps every family to its outcome (and message unless passed).
 
@@ -97,6 +99,22 @@ def _outcome(ctx: CheckContext, clause: Clause) -> tuple[str, str]:
     return "passed", ""
 
 
+def _combine(old: Any, new: Any) -> Any:
+    """One measurement over two families: counts (int) add up, ratios and magnitudes (float) keep the worst
+    (largest), lists are concatenated without repeats, mappings merged; anything else keeps the first."""
+    if isinstance(old, bool) or isinstance(new, bool):
+        return old
+    if isinstance(old, int) and isinstance(new, int):
+        return old + new
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        return max(old, new)
+    if isinstance(old, list) and isinstance(new, list):
+        return old + [x for x in new if x not in old]
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **new}
+    return old
+
+
 def _aggregate(res: Result, runs: list[tuple[str, str, str, CheckContext]]) -> None:
     outcomes = {o for _, o, _, _ in runs}
     res.outcome = next(o for o in _PRECEDENCE if o in outcomes)  # type: ignore[assignment]
@@ -108,10 +126,10 @@ def _aggregate(res: Result, runs: list[tuple[str, str, str, CheckContext]]) -> N
             if k == "cases_skipped":
                 for cap, n in v.items():
                     skipped_cases[cap] = skipped_cases.get(cap, 0) + n
-            elif isinstance(v, (int, float)) and isinstance(measurements.get(k), (int, float)):
-                measurements[k] = max(measurements[k], v)
+            elif k in measurements:
+                measurements[k] = _combine(measurements[k], v)
             else:
-                measurements.setdefault(k, v)
+                measurements[k] = v
         notes += [n for n in ctx.notes if n not in notes]
     if skipped_cases:
         measurements["cases_skipped"] = skipped_cases
