@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from conformance.harness.context import CheckContext
 from conformance.spec import cases, oracle
 from conformance.spec.catalog.wording import LORA_MERGE_TEXT, MERGE_TWICE_TEXT, NAN_TEXT, UNMERGE_NOTHING_TEXT
 from conformance.spec.clauses import check
 from conformance.spec.observe import recorded_warnings, warning_texts
+
+if TYPE_CHECKING:
+    from conformance.harness.context import CheckContext
 
 
 def _layer(ctx: CheckContext, method: str, bits: int, name: str = "default") -> torch.nn.Module:
