@@ -24,12 +24,13 @@ __version__ = "0.1.0"
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _LAZY = {
+    "AdapterLayer": "conformance.spec.interface",
     "AdapterSpec": "conformance.spec.interface",
     "Implementation": "conformance.spec.interface",
     "ImplementationBase": "conformance.spec.interface",
 }
 
-__all__ = ["AdapterSpec", "Implementation", "ImplementationBase", "__version__"]
+__all__ = ["AdapterLayer", "AdapterSpec", "Implementation", "ImplementationBase", "__version__"]
 
 
 def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy attributes

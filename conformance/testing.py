@@ -1,64 +1,199 @@
-"""pytest API for adopters (scikit-learn ``parametrize_with_checks`` style).
+"""The adopter API (scikit-learn ``check_estimator`` / ``parametrize_with_checks`` style).
+
+Outside pytest::
+
+    from conformance.testing import check_implementation
+
+    results = check_implementation("my_pkg.adapters:impl", on_fail="warn")
+
+In a pytest suite::
 
     from conformance.testing import parametrize_with_checks
 
-    @parametrize_with_checks(["reference", "my_pkg.adapters:impl"])
+    @parametrize_with_checks(["my_pkg.adapters:impl"], expected_failed_checks={"MERGE-MULTI": "upstream #12"})
     def test_conformance(check):
         check()
 
-yields one test per clause and implementation, with the clause ID in the test id; a failed
-clause fails the test with the check's message, a skipped one skips with its reason, an xfail
-entry (``xfails=``) turns into ``pytest.xfail`` / a strict xpass failure.
+yields one test per clause and implementation (the clause ID in the test id). A failed clause fails
+the test with the check's message, a skipped one skips with its reason. ``expected_failed_checks``
+(``{clause_id: reason}``, or a callable taking the implementation and returning one) turns a failed or
+inconclusive clause into an expected failure and a passing one into a strict XPASS failure, by the same
+rule as the CLI's ``--xfails`` files (``conformance.harness.xfails.resolve``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 from conformance.harness import xfails as xf
 from conformance.harness.execute import run_clause
 from conformance.harness.loader import load
+from conformance.harness.results import Result, exit_status
+from conformance.spec.clauses import Clause, catalog, select
 from conformance.spec.interface import Implementation
 
-from .spec.clauses import Clause, select
+ExpectedFailed = Mapping[str, str] | Callable[[Implementation], Mapping[str, str] | None] | None
+OnFail = Literal["raise", "warn"] | None
 
 
-def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entries: Sequence[xf.Xfail] = ()) -> None:
-    """Run one clause as a pytest test body."""
+class ConformanceFailure(AssertionError):
+    """``check_implementation(on_fail="raise")``: a MUST clause failed, errored or was inconclusive, or an
+    expected failure passed; ``.results`` holds every result."""
+
+    def __init__(self, message: str, results: list[Result]) -> None:
+        super().__init__(message)
+        self.results = results
+
+
+class ConformanceWarning(UserWarning):
+    """``check_implementation(on_fail="warn")``: one per clause that did not pass."""
+
+
+def expected_entries(expected: ExpectedFailed, impl: Implementation) -> list[xf.Xfail]:
+    """``expected_failed_checks`` as xfail entries for ``impl`` (an unknown clause ID is a ValueError)."""
+    got = expected(impl) if callable(expected) else expected
+    if not got:
+        return []
+    known = catalog()
+    unknown = sorted(c for c in got if c not in known)
+    if unknown:
+        raise ValueError(f"expected_failed_checks names unknown clause(s) {unknown}; see `python -m conformance "
+                         "clauses`")
+    return [xf.Xfail(cid, "*", reason, 0, source="expected_failed_checks") for cid, reason in got.items()]
+
+
+def _results_in_process(impl: Implementation, chosen: Sequence[Clause], device: str) -> list[Result]:
+    return [run_clause(c, impl, device) for c in chosen]
+
+
+def _results_in_workers(target: str, chosen: Sequence[Clause], device: str) -> tuple[Implementation, list[Result]]:
+    from conformance.harness import runner
+
+    info = runner.describe(target)
+    results = runner.run_implementation(info.target, chosen, device=device, label=info.name,
+                                        progress=lambda _msg: None)
+
+    class _Described:  # what expected_failed_checks callables and messages see of a worker-run implementation
+        name = info.name
+        capabilities = frozenset(info.capabilities)
+
+        def version(self) -> str:
+            return info.version
+
+        def create(self, base_layer: Any, spec: Any) -> Any:
+            raise RuntimeError(f"{info.name} runs in worker processes; load it with conformance.harness.loader")
+
+    return _Described(), results  # type: ignore[return-value]
+
+
+def check_implementation(
+    impl: str | Implementation,
+    *,
+    clauses: Sequence[str] | None = None,
+    device: str = "cpu",
+    expected_failed_checks: ExpectedFailed = None,
+    on_fail: OnFail = "raise",
+) -> list[Result]:
+    """Run the spec against ``impl`` and return one ``Result`` per clause.
+
+    ``impl`` given as a string (built-in name, entry point or ``package.module:attr``) runs in isolated
+    worker processes (``conformance.harness.runner``: a crash or hang is an ``error`` result, each worker
+    imports the same string again); an object runs in this process. ``clauses`` are glob patterns over
+    clause IDs (default all). ``expected_failed_checks``: ``{clause_id: reason}`` or a callable of the
+    implementation returning one. ``on_fail``: ``"raise"`` raises ``ConformanceFailure`` when a MUST clause
+    failed, errored or was inconclusive, or an expected failure passed; ``"warn"`` emits a
+    ``ConformanceWarning`` per clause that did not pass; ``None`` only returns the results.
+    """
+    if on_fail not in ("raise", "warn", None):
+        raise ValueError(f"on_fail must be 'raise', 'warn' or None, got {on_fail!r}")
+    chosen = select(clauses)
+    if not chosen:
+        raise ValueError(f"no clause matches {list(clauses or [])}")
+    if isinstance(impl, str):
+        obj, results = _results_in_workers(impl, chosen, device)
+    else:
+        from conformance.spec.interface import validate
+
+        validate(impl)
+        obj, results = impl, _results_in_process(impl, chosen, device)
+    entries = expected_entries(expected_failed_checks, obj)
+    for msg in xf.apply(results, entries):
+        warnings.warn(msg, ConformanceWarning, stacklevel=2)
+    bad = [r for r in results if r.outcome in ("failed", "error", "inconclusive", "xpassed")]
+    if on_fail == "warn":
+        for r in bad:
+            warnings.warn(f"{r.clause} ({r.level}) {r.outcome} for {r.implementation}: {r.message}",
+                          ConformanceWarning, stacklevel=2)
+    elif on_fail == "raise" and (exit_status(results) or any(r.outcome == "xpassed" for r in results)):
+        worst = [r for r in bad if r.level == "MUST" or r.outcome == "xpassed"]
+        lines = [f"{r.clause} ({r.level}) {r.outcome}: {r.message[:300]}" for r in worst]
+        raise ConformanceFailure(f"{obj.name}: {len(worst)} clause(s) do not conform:\n" + "\n".join(lines), results)
+    return results
+
+
+def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entries: Sequence[xf.Xfail] = (),
+                 strict: bool = True) -> None:
+    """Run one clause as a pytest test body (outcomes mapped as ``xfails.resolve`` says)."""
     import pytest
 
     res = run_clause(clause, impl, device)
     entry = xf.find(list(entries), clause.id, impl.name)
-    if res.outcome == "skipped":
-        pytest.skip(res.message)
-    if entry is not None:
-        if res.outcome in ("failed", "error"):
-            pytest.xfail(f"{entry.reason}: {res.message}")
-        pytest.fail(f"XPASS: {clause.id} passed for {impl.name} although listed as xfail ({entry.reason})")
-    if res.outcome in ("failed", "error"):
-        prefix = "" if res.outcome == "failed" else "error while checking: "
+    outcome, message = xf.resolve(res.outcome, res.message, entry, strict=strict)
+    if outcome == "skipped":
+        pytest.skip(message)
+    if outcome == "xfailed":
+        pytest.xfail(message)
+    if outcome == "xpassed":
+        pytest.fail(f"XPASS(strict): {clause.id} {message}", pytrace=False)
+    if outcome in ("failed", "error", "inconclusive"):
+        prefix = {"failed": "", "error": "error while checking: ", "inconclusive": "inconclusive: "}[outcome]
         extra = f"\nmeasurements: {res.measurements}" if res.measurements else ""
-        pytest.fail(f"{clause.id} ({clause.level}): {clause.text}\n{prefix}{res.message}{extra}", pytrace=False)
+        pytest.fail(f"{clause.id} ({clause.level}): {clause.text}\n{prefix}{message}{extra}", pytrace=False)
 
 
 def iter_checks(
-    impls: Iterable[str | Implementation], clauses: Sequence[str] | None = None, device: str = "cpu",
-    xfails: str | None = None, include_slow: bool = True,
+    impls: Iterable[str | Implementation], *, clauses: Sequence[str] | None = None, device: str = "cpu",
+    expected_failed_checks: ExpectedFailed = None, xfails: str | Sequence[str] | None = None,
+    xfail_strict: bool = True, include_slow: bool = True,
 ) -> Iterable[tuple[str, Callable[[], None], Clause, Implementation]]:
-    """(test id, zero-argument check, clause, implementation) for every clause x implementation."""
-    entries = xf.load(xfails) if xfails else []
+    """(test id, zero-argument check, clause, implementation) for every clause x implementation.
+
+    Implementations given by name are loaded in this process (``conformance.harness.loader.load``).
+    ``xfails``: xfail file path(s) (the CLI's format), applied besides ``expected_failed_checks``.
+    """
+    paths = [xfails] if isinstance(xfails, str) else list(xfails or [])
+    from_files = [e for p in paths for e in xf.load(p)]
     resolved = [load(i) if isinstance(i, str) else i for i in impls]
     for impl in resolved:
+        entries = expected_entries(expected_failed_checks, impl) + from_files
         for c in select(clauses, include_slow=include_slow):
-            yield f"{c.id}[{impl.name}]", partial(check_clause, c, impl, device, entries), c, impl
+            yield (f"{c.id}[{impl.name}]", partial(check_clause, c, impl, device, entries, xfail_strict), c, impl)
 
 
-def parametrize_with_checks(impls: Iterable[str | Implementation], **kwargs: Any) -> Any:
-    """A ``pytest.mark.parametrize`` over ``check`` callables, one per clause and implementation."""
+def params(impls: Iterable[str | Implementation], **kwargs: Any) -> list[Any]:
+    """``pytest.param`` objects (one check callable each) for ``metafunc.parametrize("check", ...)``."""
     import pytest
 
-    items = list(iter_checks(impls, **kwargs))
-    params = [pytest.param(fn, id=tid, marks=[pytest.mark.slow] if c.slow else []) for tid, fn, c, _ in items]
-    return pytest.mark.parametrize("check", params)
+    return [pytest.param(fn, id=tid, marks=[pytest.mark.slow] if c.slow else [])
+            for tid, fn, c, _ in iter_checks(impls, **kwargs)]
+
+
+def parametrize_with_checks(
+    impls: Iterable[str | Implementation], *, clauses: Sequence[str] | None = None, device: str = "cpu",
+    expected_failed_checks: ExpectedFailed = None, xfail_strict: bool = True,
+) -> Any:
+    """A ``pytest.mark.parametrize`` over ``check`` callables, one per clause and implementation.
+
+    Implementations run in the pytest process (names are loaded with ``conformance.harness.loader``).
+    ``expected_failed_checks``: ``{clause_id: reason}`` or a callable of the implementation returning one;
+    a listed clause that fails is xfailed, one that passes fails the test as XPASS unless
+    ``xfail_strict=False``.
+    """
+    import pytest
+
+    return pytest.mark.parametrize("check", params(impls, clauses=clauses, device=device,
+                                                    expected_failed_checks=expected_failed_checks,
+                                                    xfail_strict=xfail_strict))

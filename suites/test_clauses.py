@@ -1,7 +1,9 @@
 """Every registered clause, once per implementation under test (``--impl``, default reference).
 
-The clause ID is in the test id: ``pytest suites -k MERGE-`` runs the merge clauses,
-``pytest suites --impl peft`` runs them against the installed PEFT.
+Built with the adopter API (``conformance.testing``, what ``parametrize_with_checks`` uses), so the
+project's own run and an adopter's run map outcomes the same way. The clause ID is in the test id:
+``pytest suites -k MERGE-`` runs the merge clauses, ``pytest suites --impl peft --xfails
+xfails/peft-0.21.txt`` runs them against the installed PEFT with its known failures.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 
 import pytest
 
-from conformance.testing import check_clause
+from conformance import testing
 
 
 def _impl_names(config: pytest.Config) -> list[str]:
@@ -18,27 +20,15 @@ def _impl_names(config: pytest.Config) -> list[str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "clause" not in metafunc.fixturenames:
+    if "check" not in metafunc.fixturenames:
         return
-    from conformance.spec.clauses import registry
-
-    params = []
-    for name in _impl_names(metafunc.config):
-        for c in registry().values():
-            marks = [pytest.mark.slow] if c.slow else []
-            if metafunc.config.getoption("--device") == "cuda":
-                marks.append(pytest.mark.gpu)
-            params.append(pytest.param(c, name, id=f"{c.id}[{name}]", marks=marks))
-    metafunc.parametrize(("clause", "impl_name"), params)
+    config = metafunc.config
+    device = config.getoption("--device")
+    params = testing.params(_impl_names(config), device=device, xfails=config.getoption("--xfails"))
+    if device == "cuda":
+        params = [pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.gpu]) for p in params]
+    metafunc.parametrize("check", params)
 
 
-_IMPLS: dict[str, object] = {}
-
-
-def test_clause(clause, impl_name, request: pytest.FixtureRequest) -> None:
-    from conformance.harness import xfails as xf
-    from conformance.harness.loader import load
-
-    impl = _IMPLS.get(impl_name) or _IMPLS.setdefault(impl_name, load(impl_name))
-    path = request.config.getoption("--xfails")
-    check_clause(clause, impl, request.config.getoption("--device"), xf.load(path) if path else [])
+def test_clause(check) -> None:  # noqa: ANN001 - a zero-argument check from conformance.testing
+    check()

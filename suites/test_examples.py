@@ -12,9 +12,11 @@ import pytest
 from conformance.harness import loader as implementation
 from conformance.harness.execute import run_clause
 from conformance.harness.results import applicability
+from conformance.spec import interface
 from conformance.spec.clauses import registry
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy_impl"
+MERGE_ONLY = Path(__file__).resolve().parents[1] / "examples" / "merge_only"
 # clauses a plain LoRA-on-Linear4bit should pass, if the registry has them
 EXPECTED_TO_PASS = ("LAYER-PROTOCOL-SURFACE", "FWD-INIT-IDENTITY", "FWD-LORA-DELTA", "FWD-ERR-SHAPE")
 
@@ -22,17 +24,19 @@ EXPECTED_TO_PASS = ("LAYER-PROTOCOL-SURFACE", "FWD-INIT-IDENTITY", "FWD-LORA-DEL
 @pytest.fixture(autouse=True)
 def toy_on_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.syspath_prepend(str(TOY))
+    monkeypatch.syspath_prepend(str(MERGE_ONLY))
     yield
-    for name in [m for m in sys.modules if m == "toy_lora" or m.startswith("toy_lora.")]:
+    for name in [m for m in sys.modules if m.split(".")[0] in ("toy_lora", "merge_only_lora")]:
         del sys.modules[name]
 
 
 def test_load_module_attr() -> None:
     impl = implementation.load("toy_lora.impl:impl")
     assert impl.name == "toy_lora"
-    assert set(impl.capabilities) == {"lora", "4bit"}
-    # duck-typed: load() adds methods()/bits() from the capabilities
-    assert impl.methods() == frozenset({"lora"}) and impl.bits() == frozenset({4})
+    assert set(impl.capabilities) == {"lora", "4bit", "unmerge", "safe_merge", "rslora", "dropout", "input_cast"}
+    # duck-typed: the harness computes methods and bit widths from the capabilities, nothing is patched on
+    assert interface.methods_of(impl) == frozenset({"lora"}) and interface.bits_of(impl) == frozenset({4})
+    assert not hasattr(impl, "methods")
 
 
 def test_load_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,3 +79,49 @@ def test_clauses_run_on_the_toy() -> None:
     for c in chosen:
         res = run_clause(c, impl)
         assert res.outcome == "passed", f"{c.id} on toy_lora: {res.outcome}: {res.message}"
+
+
+# -- the merge-only example: optional features it does not declare are skipped, never failed --------
+#: what it lacks, and a clause that needs each (all must be skipped with the capability named)
+LACKS = {"unmerge": "MERGE-ROUNDTRIP", "safe_merge": "SAFE-MERGE-NONFINITE", "multi_adapter": "MERGE-MULTI",
+         "mixed_batch": "FWD-MIXED-BATCH", "lora_bias": "MERGE-LORA-BIAS", "oft": "OFT-CAYLEY-EXACT"}
+#: clauses it has what it takes for (rsLoRA cases inside FWD-LORA-DELTA / MERGE-FORWARD-BOUND are skipped)
+MERGE_ONLY_PASSES = ("LAYER-PROTOCOL-SURFACE", "FWD-LORA-DELTA", "FWD-ERR-RANK", "MERGE-FORWARD-BOUND",
+                     "MERGE-WARNS-LORA", "MERGE-TWICE-WARNS", "MERGE-KEEPS-QUANT-SETTINGS")
+
+
+def test_merge_only_skips_what_it_does_not_declare() -> None:
+    impl = implementation.load("merge_only_lora.impl:impl")
+    reg = registry()
+    for cap, cid in LACKS.items():
+        res = run_clause(reg[cid], impl)
+        assert res.outcome == "skipped" and cap in res.message, f"{cid}: {res.outcome}: {res.message}"
+
+
+def test_merge_only_passes_what_it_has_with_gated_cases_skipped() -> None:
+    impl = implementation.load("merge_only_lora.impl:impl")
+    reg = registry()
+    for cid in MERGE_ONLY_PASSES:
+        res = run_clause(reg[cid], impl)
+        assert res.outcome == "passed", f"{cid}: {res.outcome}: {res.message}"
+        if cid in ("FWD-LORA-DELTA", "MERGE-FORWARD-BOUND"):
+            assert res.measurements["cases_skipped"].get("rslora", 0) > 0, res.measurements
+            assert set(res.measurements["families"]) == {"lora/4bit", "lora/8bit"}
+
+
+def test_merge_only_wording_differs_from_peft_only_at_should_level() -> None:
+    impl = implementation.load("merge_only_lora.impl:impl")
+    reg = registry()
+    res = run_clause(reg["MERGE-WARNS-LORA-TEXT"], impl)
+    assert res.outcome == "failed" and res.level == "SHOULD"
+    assert "lora/4bit" in res.message and "lora/8bit" in res.message
+
+
+def test_broken_merge_only_fails_the_merge_clauses_in_both_families() -> None:
+    impl = implementation.load("merge_only_lora.impl:broken")
+    reg = registry()
+    res = run_clause(reg["MERGE-FORWARD-BOUND"], impl)
+    assert res.outcome == "failed", res.message
+    assert "lora/4bit" in res.message and "lora/8bit" in res.message
+    for cid in ("FWD-LORA-DELTA", "MERGE-WARNS-LORA"):  # its forward and warnings are right
+        assert run_clause(reg[cid], impl).outcome == "passed", cid

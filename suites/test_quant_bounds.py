@@ -165,9 +165,25 @@ def test_forward_rounding_model_holds(bits: int, dtype: torch.dtype, training: b
     assert exp.ratio(y) <= 1.0, exp.describe(y)
 
 
-@pytest.mark.xfail(reason="bitsandbytes 0.50.2 CPU dequantize_4bit is wrong when in_features % blocksize != 0 "
-                   "(native cdequantize_blockwise_cpu_* kernels index absmax per row)", strict=False)
+#: where the straddling-blocks bug of bitsandbytes' CPU dequantize_4bit was seen (README, Findings)
+STRADDLING_REPRODUCES = ("AMD EPYC (avx512f/bw/vl/vnni/bf16; torch CPU capability AVX512), torch 2.13.0+cpu, "
+                         "bitsandbytes 0.50.2")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="documents a CPU-only kernel bug")
 def test_bnb_cpu_dequantize_straddling_blocks() -> None:
+    """bitsandbytes 0.50.2 CPU dequantize_4bit is wrong when in_features % blocksize != 0 (native
+    cdequantize_blockwise_cpu_* kernels index absmax per row): an expected failure where it reproduces,
+    and a skip that says so (with this machine's CPU and versions) where it does not."""
+    import bitsandbytes as bnb
+
+    from conformance.harness.environment import _cpu_model
+
+    here = (f"{_cpu_model()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, torch "
+            f"{torch.__version__}, bitsandbytes {bnb.__version__}")
     w = make_weight("normal", 64, 48, 32, torch.Generator().manual_seed(0))
-    _ratio(make_base_layer(48, 64, bits=4, blocksize=32, weight=w), w)
+    try:
+        _ratio(make_base_layer(48, 64, bits=4, blocksize=32, weight=w), w)
+    except AssertionError as exc:
+        pytest.xfail(f"reproduces here ({here}): {str(exc).splitlines()[0]}")
+    pytest.skip(f"the documented bug does not reproduce here ({here}); seen on {STRADDLING_REPRODUCES}")

@@ -327,9 +327,9 @@ def test_clause_reports_reproducer(tmp_path: Any, monkeypatch: pytest.MonkeyPatc
     """Through the clause check: the clause fails, names the sequence and records the reproducer path
     in the report directory the context carries, with the budget the context carries."""
     impl = MergeForgetsFlags()
-    monkeypatch.setattr(type(impl), "methods", lambda self: frozenset({"lora"}))
-    monkeypatch.setattr(type(impl), "bits", lambda self: frozenset({8}))
     checks.clear_cache()
+    # LoRA on 8-bit only (the harness derives methods and bit widths from the capabilities)
+    impl.capabilities = frozenset(impl.capabilities) - {"oft", "4bit"}
     try:
         ctx = _ctx(impl, FLAGS, tmp_path, stateful_examples=8, stateful_steps=6, stateful_shrink_s=4)
         outcome, message = _outcome(ctx)

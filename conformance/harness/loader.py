@@ -7,10 +7,18 @@ import os
 from importlib import metadata
 from typing import Any
 
-from conformance.spec.interface import Implementation, ImplementationNotFound, ImplementationUnsupported
+from conformance.spec.interface import (
+    Implementation,
+    ImplementationNotFound,
+    ImplementationUnsupported,
+    InvalidImplementation,
+    remember_target,
+    target_of,
+    validate,
+)
 
 __all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "ENV_VAR", "ImplementationNotFound", "ImplementationUnsupported",
-           "available", "load"]
+           "InvalidImplementation", "available", "load", "target_of"]
 
 ENV_VAR = "CONFORMANCE_IMPL"
 ENTRY_POINT_GROUP = "conformance.implementations"
@@ -47,21 +55,17 @@ def _from_target(target: str) -> Any:
 
 
 def _instantiate(obj: Any, label: str) -> Implementation:
+    """The implementation ``obj`` names: an instance as is, a class or zero-argument factory called.
+
+    ``module:attr`` naming an instance (``impl = MyImpl(rank_cap=8)``) keeps the constructor's arguments:
+    workers import the same attribute again. The object is validated (``interface.validate``), never patched.
+    """
     if isinstance(obj, type):
         obj = obj()
     elif callable(obj) and not hasattr(obj, "create"):
         obj = obj()
-    for attr in ("name", "capabilities", "create", "version"):
-        if not hasattr(obj, attr):
-            raise ImplementationNotFound(
-                f"{label} is not an implementation: it lacks {attr!r} (see conformance.spec.interface)"
-            )
-    if not hasattr(obj, "methods"):
-        # duck-typed third-party object without the convenience methods
-        caps = frozenset(obj.capabilities)
-        obj.methods = lambda: frozenset(m for m in ("lora", "oft") if m in caps)  # type: ignore[attr-defined]
-        obj.bits = lambda: frozenset(b for b in (4, 8) if f"{b}bit" in caps)  # type: ignore[attr-defined]
-    obj.__conformance_target__ = label  # the string that rebuilds it (stateful reproducers call load() on it)
+    validate(obj, label)
+    remember_target(obj, label)
     return obj
 
 

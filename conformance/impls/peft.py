@@ -41,8 +41,8 @@ from conformance.reference.oft import OftConfig as _RefOftConfig
 from conformance.spec.interface import AdapterSpec, ImplementationBase, ImplementationUnsupported
 
 ALL_CAPABILITIES = frozenset(
-    {"lora", "oft", "4bit", "8bit", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters",
-     "delete_adapter", "cuda", "peft_model", "unmerge", "safe_merge", "rslora", "dropout"}
+    {"lora", "oft", "4bit", "8bit", "unmerge", "safe_merge", "multi_adapter", "mixed_batch", "rslora", "lora_bias",
+     "dropout", "input_cast", "disable_adapters", "delete_adapter", "cuda", "peft_model"}
 )
 
 LORA_PARAMS: dict[str, Any] = {
@@ -365,7 +365,11 @@ class PeftImplementation(ImplementationBase):
         return self._api.version
 
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
-        return self._api.build(base_layer, spec)
+        from conformance.impls.reference import cast_adapter
+
+        layer = self._api.build(base_layer, spec)
+        cast_adapter(layer, spec)
+        return layer
 
     def peft_config(self, method: str, **params: Any) -> Any:
         """PEFT's ``LoraConfig``/``OFTConfig`` for the protocol's parameters (for whole-model clauses)."""

@@ -13,8 +13,8 @@ from conformance.spec.interface import AdapterSpec, ImplementationBase
 class ReferenceImplementation(ImplementationBase):
     name = "reference"
     capabilities = frozenset(
-        {"lora", "oft", "4bit", "8bit", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters",
-         "delete_adapter", "cuda", "unmerge", "safe_merge", "rslora", "dropout"}
+        {"lora", "oft", "4bit", "8bit", "unmerge", "safe_merge", "multi_adapter", "mixed_batch", "rslora",
+         "lora_bias", "dropout", "input_cast", "disable_adapters", "delete_adapter", "cuda"}
     )
 
     def __init__(self, clone_base_output: bool = True) -> None:
@@ -28,4 +28,13 @@ class ReferenceImplementation(ImplementationBase):
         params = dict(spec.params)
         if spec.method == "lora":
             params.setdefault("clone_base_output", self.clone_base_output)
-        return cls(base_layer, spec.adapter_name, **params)
+        layer = cls(base_layer, spec.adapter_name, **params)
+        cast_adapter(layer, spec)
+        return layer
+
+
+def cast_adapter(layer: nn.Module, spec: AdapterSpec) -> None:
+    """Put the adapter's parameters in ``spec.dtype`` (they are built in float32)."""
+    if spec.dtype != "float32":
+        for p in layer.adapter_parameters(spec.adapter_name).values():
+            p.data = p.data.to(spec.torch_dtype)

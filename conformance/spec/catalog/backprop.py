@@ -2,7 +2,8 @@
 
 from conformance.spec.clauses import declare
 
-SOURCE = "seed 000 / peft/tuners/lora/bnb.py (defensive clone) / peft/tuners/oft/layer.py"
+SOURCE = ("peft v0.21.2 src/peft/tuners/lora/bnb.py Linear4bit.forward ('As per Tim Dettmers, for 4bit, we need to "
+          "defensively clone here', result = result.clone()); peft v0.21.2 src/peft/tuners/oft/layer.py forward")
 
 declare(
     "BACKPROP-GRAD-F64", "MUST",
@@ -17,7 +18,8 @@ declare(
     "BACKPROP-MIXED-GRAD-F64", "MUST",
     "With adapter_names (one adapter per sample, '__base__' for none), output and gradients match the float64 "
     "per-sample computation within the rounding bound of the compute dtype.",
-    source=SOURCE + " (_mixed_batch_forward)", requires=["mixed_batch"],
+    source=SOURCE + "; peft v0.21.2 src/peft/tuners/lora/layer.py LoraLayer._mixed_batch_forward",
+    requires=["mixed_batch"],
     area='backprop',
 )
 

@@ -3,7 +3,7 @@
 from conformance.spec.clauses import declare
 
 SOURCE = ("OFT paper arXiv:2306.07280 (Cayley parametrisation, COFT); peft/tuners/oft/layer.py "
-          "(_cayley_batch, _project_batch, block_share); seed 003")
+          "(peft v0.21.2: _cayley_batch, _project_batch, block_share)")
 
 declare(
     "OFT-CAYLEY-EXACT", "MUST",

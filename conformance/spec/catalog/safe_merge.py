@@ -1,14 +1,18 @@
-"""Clauses of area ``safe_merge``: NaN-guarded safe merge (checks: ``conformance.spec.checks.safe_merge``)."""
+"""Clauses of area ``safe_merge``: NaN-guarded safe merge (checks: ``conformance.spec.checks.safe_merge``).
+
+PEFT's exact error text is a SHOULD (``SAFE-MERGE-NONFINITE-TEXT``, area ``wording``).
+"""
 
 from conformance.spec.clauses import declare
 
-SOURCE = "seed 001 (safe_merge NaN check); peft/tuners/lora/bnb.py merge; peft/tuners/oft/layer.py merge"
+SOURCE = ("peft v0.21.2 src/peft/tuners/lora/bnb.py Linear8bitLt.merge / Linear4bit.merge (safe_merge: "
+          "torch.isfinite(w_data).all() before writing); peft v0.21.2 src/peft/tuners/oft/layer.py merge")
 
 declare(
     "SAFE-MERGE-NONFINITE", "MUST",
-    "merge(safe_merge=True) with a NaN/+Inf/-Inf in any adapter tensor raises ValueError('NaNs detected in the "
-    "merged weights. The adapter {name} seems to be broken'), leaves the base layer bit-identical and merged False.",
-    source=SOURCE,
+    "merge(safe_merge=True) with a NaN/+Inf/-Inf in any adapter tensor raises ValueError naming the adapter, "
+    "leaves the base layer bit-identical and merged False.",
+    source=SOURCE, requires=["safe_merge"],
     area='safe_merge',
 )
 
@@ -17,7 +21,7 @@ declare(
     "After a refused safe merge of a broken adapter, a finite adapter on the same layer still merges (safe_merge="
     "True) into weights within one requantization bound of the original base plus its delta.",
     source=SOURCE,
-    requires=["multi_adapter"],
+    requires=["multi_adapter", "safe_merge"],
     area='safe_merge',
 )
 
@@ -27,7 +31,7 @@ declare(
     "merge(safe_merge=False) (bit for bit).",
     source=SOURCE + " (PEFT checks the merged bias with `not torch.isfinite(bias_data)` on a vector)",
     methods=["lora"],
-    requires=["lora_bias"],
+    requires=["lora_bias", "safe_merge"],
     area='safe_merge',
 )
 

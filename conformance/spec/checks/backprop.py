@@ -88,6 +88,8 @@ def _run_matrix(ctx: CheckContext, mixed: bool) -> None:
     n = 0
     for method, bits in _method_bits(ctx):
         for i, case in enumerate(grad_matrix(method, bits, mixed=mixed)):
+            if not all(ctx.supports(a.params, case.label) for a in (case.adapter, case.second) if a is not None):
+                continue
             ratio = _grad_case(ctx, case, offset=100 * i)
             dt = str(case.dtype).removeprefix("torch.")
             ctx.measure_max(f"{method}.{dt}.worst_ratio", ratio)
@@ -119,6 +121,8 @@ def check_nograd_forward(ctx: CheckContext) -> None:
     n = bitwise = 0
     for method, bits in _method_bits(ctx):
         for i, case in enumerate(grad_matrix(method, bits)):
+            if not all(ctx.supports(a.params, case.label) for a in (case.adapter, case.second) if a is not None):
+                continue
             layer, params, _ = _build(ctx, case)
             state = numerics.read_state(layer, case.method, params)
             x = ctx.randn(*case.input_shape(), dtype=case.dtype, offset=100 * i)

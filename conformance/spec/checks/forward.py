@@ -58,6 +58,8 @@ def check_init_identity(ctx: CheckContext) -> None:
 def check_oracle(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         for ai, acase in enumerate(cases.adapter_cases(method)):
+            if not ctx.supports(acase.params, acase.label):
+                continue
             for i, case in enumerate(_forward_cases(bits)):
                 modes = (True, False) if bits == 8 else (True,)
                 for training in modes:
@@ -91,6 +93,8 @@ def check_lora_delta(ctx: CheckContext) -> None:
                 for rs in (False, True):
                     params: dict[str, Any] = {"r": r, "lora_alpha": alpha, "init_lora_weights": False,
                                               "use_rslora": rs}
+                    if not ctx.supports(params, f"lora r={r} rslora={rs}"):
+                        continue
                     layer = ctx.make_layer(_base(ctx, base_case), "lora", **params)
                     cases.fill_adapter(layer, "default", ctx.generator(j))
                     tensors = layer.adapter_parameters("default")

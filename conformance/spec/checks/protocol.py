@@ -14,7 +14,8 @@ from ..cases import adapter_cases
 if TYPE_CHECKING:
     from conformance.harness.context import CheckContext  # the spec never imports the harness at run time
 
-_REQUIRED = ("forward", "merge", "unmerge", "get_delta_weight", "add_adapter", "set_adapter", "adapter_parameters")
+_REQUIRED = ("forward", "merge", "get_delta_weight", "set_adapter", "adapter_parameters")
+_OPTIONAL = {"unmerge": ("unmerge",), "multi_adapter": ("add_adapter",)}  # capability -> methods it promises
 _KEYS = {"lora": {"lora_A.weight", "lora_B.weight"}, "oft": {"oft_R.weight"}}
 
 
@@ -26,7 +27,8 @@ def check_protocol_surface(ctx: CheckContext) -> None:
         layer = ctx.make_layer(base, method, **case.params)
         where = f"{method} {bits}-bit"
         ctx.check(isinstance(layer, nn.Module), f"{where}: create() returned {type(layer).__name__}, not an nn.Module")
-        missing = [m for m in _REQUIRED if not callable(getattr(layer, m, None))]
+        needed = _REQUIRED + tuple(m for cap, ms in _OPTIONAL.items() if ctx.has(cap) for m in ms)
+        missing = [m for m in needed if not callable(getattr(layer, m, None))]
         ctx.check(not missing, f"{where}: layer lacks {missing}")
         ctx.check(layer.merged is False, f"{where}: a fresh layer reports merged={layer.merged!r}")
         ctx.check(list(layer.merged_adapters) == [], f"{where}: fresh layer has merged_adapters={layer.merged_adapters}")

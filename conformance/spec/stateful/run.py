@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from conformance.spec.budget import CI
-from conformance.spec.interface import Implementation
+from conformance.spec.interface import Implementation, bits_of, methods_of, target_of
 
 from .config import Stats, StopRun, Violation, configs_for
 from .machine import make_machine
@@ -38,9 +38,9 @@ def impl_target(impl: Implementation, target: str | None = None) -> tuple[str, b
     """(the string a reproducer rebuilds ``impl`` from, whether that string keeps its constructor arguments).
 
     ``target`` if given, else what ``conformance.harness.loader.load`` recorded on the object
-    (``__conformance_target__``: a built-in name, an entry point or ``module:attr``); an object built
+    (``conformance.spec.interface.target_of``: a built-in name, an entry point or ``module:attr``); an object built
     some other way is rebuilt from its class with no arguments (``False``)."""
-    found = target or getattr(impl, "__conformance_target__", None)
+    found = target or target_of(impl)
     if found:
         return str(found), True
     return f"{type(impl).__module__}:{type(impl).__qualname__}", False
@@ -120,7 +120,7 @@ def run(impl: Implementation, device: str = "cpu", *, examples: int | None = Non
     n_ex = max(1, examples if examples is not None else CI.stateful_examples)
     n_steps = max(1, steps if steps is not None else CI.stateful_steps)
     shrink = shrink_s if shrink_s is not None else CI.stateful_shrink_s
-    pairs = list(cases) if cases is not None else [(m, b) for m in sorted(impl.methods()) for b in sorted(impl.bits())]
+    pairs = list(cases) if cases is not None else [(m, b) for m in sorted(methods_of(impl)) for b in sorted(bits_of(impl))]
     result = RunResult(impl.name, str(impl.version()), device, n_ex, n_steps, [f"{m}/{b}bit" for m, b in pairs],
                        target=impl_target(impl, target)[0])
     start = time.perf_counter()

@@ -1,7 +1,8 @@
 """A plain LoRA over ``bnb.nn.Linear4bit``, written from scratch (no PEFT, no conformance imports).
 
-It declares only the capabilities ``{"lora", "4bit"}``: clauses about OFT, 8-bit layers, several
-adapters, mixed batches, ... are reported as skipped for it, never failed.
+It declares what it has: LoRA on 4-bit bases with unmerge, safe merge, rsLoRA, dropout and an input
+cast to the adapter dtype; clauses about OFT, 8-bit layers, several adapters, mixed batches,
+lora_bias ... are reported as skipped for it, never failed.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class ToyLoraImpl:
     """What the runner needs: a name, capabilities, a version and ``create``."""
 
     name = "toy_lora"
-    capabilities = frozenset({"lora", "4bit"})
+    capabilities = frozenset({"lora", "4bit", "unmerge", "safe_merge", "rslora", "dropout", "input_cast"})
 
     def version(self) -> str:
         return "0.1.0"

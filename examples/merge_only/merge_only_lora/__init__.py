@@ -1,0 +1,1 @@
+"""A merge-only, single-adapter LoRA over bitsandbytes layers (see impl.py)."""
