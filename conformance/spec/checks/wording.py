@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from conformance.spec import cases, oracle
+from conformance.spec import cases
 from conformance.spec.catalog.wording import LORA_MERGE_TEXT, MERGE_TWICE_TEXT, NAN_TEXT, UNMERGE_NOTHING_TEXT
 from conformance.spec.clauses import check
 from conformance.spec.observe import recorded_warnings, warning_texts
@@ -19,7 +19,7 @@ def _layer(ctx: CheckContext, method: str, bits: int, name: str = "default") -> 
     case = cases.BaseCase(bits)
     base = ctx.make_base(case.in_features, case.out_features, **case.kwargs())
     layer = ctx.make_layer(base, method, adapter_name=name, **cases.adapter_cases(method)[0].params)
-    oracle.fill_adapter(layer, name, ctx.generator(21))
+    cases.fill_adapter(layer, name, ctx.generator(21))
     return layer
 
 
