@@ -41,7 +41,7 @@ from conformance.spec.catalog.stateful import (
 )
 from conformance.spec.checks import stateful as checks
 from conformance.spec.clauses import ClauseFailure, ClauseInconclusive, ClauseSkipped, registry
-from conformance.spec.interface import AdapterSpec
+from conformance.spec.interface import AdapterSpec, target_of
 from conformance.spec.stateful import config as sc
 from conformance.spec.stateful import ops, shrink
 from conformance.spec.stateful import run as sr
@@ -306,11 +306,11 @@ def test_reproducer_script_rebuilds_the_implementation_and_shows_divergence(tmp_
     module:attr is rebuilt from that string, so an object built with constructor arguments comes
     back as it was (not a zero-argument rebuild)."""
     impl = load(f"{__name__}:CONFIGURED")
-    assert impl.__conformance_target__ == f"{__name__}:CONFIGURED"
+    assert target_of(impl) == f"{__name__}:CONFIGURED"
     res = sr.run(impl, examples=8, steps=6, cases=[("lora", 8)], out=str(tmp_path), shrink_s=3)
     f = res.failures[FLAGS][0]
     text = Path(f.reproducer).read_text(encoding="utf-8")
-    assert f"TARGET = {impl.__conformance_target__!r}\n" in text
+    assert f"TARGET = {target_of(impl)!r}\n" in text
     # the script puts the checkout on sys.path itself (it must run from anywhere) and shows the divergence
     root = str(Path(conformance.__file__).resolve().parents[1])
     assert f"sys.path.insert(0, {root!r})" in text
