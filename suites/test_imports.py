@@ -10,6 +10,7 @@ A second set of tests imports the light layers in a fresh interpreter and checks
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -162,7 +163,8 @@ def test_light_layers_load_nothing_heavy(stmt: str, absent: list[str]) -> None:
             f"bad = [m for m in {absent!r} if m in sys.modules]\n"
             "print(','.join(bad))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=PKG.parent, env={"PYTHONPATH": str(PKG.parent), "PATH": "/usr/bin:/bin",
-                                              "BITSANDBYTES_NOWELCOME": "1"})
+                         cwd=PKG.parent, env={**os.environ, "BITSANDBYTES_NOWELCOME": "1",
+                                              "PYTHONPATH": os.pathsep.join([str(PKG.parent),
+                                                                             os.environ.get("PYTHONPATH", "")])})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "", f"{stmt!r} loaded {out.stdout.strip()}"

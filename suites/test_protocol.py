@@ -65,7 +65,7 @@ def test_cli_exits_2_on_a_capability_typo(tmp_path: Path) -> None:
         "class Impl:\n    name = 'typo'\n    capabilities = frozenset({'lora', '4bit', 'multi-adapter'})\n"
         "    def version(self):\n        return '0'\n    def create(self, base, spec):\n        raise NotImplementedError\n"
         "impl = Impl()\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "conformance", "run", "--impl", "typo_impl:impl", "--clauses",
                            "FWD-ERR-RANK"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr

@@ -8,6 +8,7 @@ and returns a ``Batch`` with ``poll()``/``kill()``. Torch-free: it only starts a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -181,6 +182,10 @@ class _Server(Workers):
         try:
             first = self._next(load_timeout_s)
             if first is None:
+                # None also means the server closed its stdout (it died while loading): give the exit a moment
+                # to be reaped, so a crash is reported as a crash and not as a load timeout
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=10)
                 if self.proc.poll() is None:
                     raise LoadError(f"implementation {opts.impl!r} did not load within {load_timeout_s:.0f}s")
                 raise LoadError(f"implementation {opts.impl!r} could not be loaded (worker "
