@@ -429,7 +429,8 @@ _RUN_ALL = """
 import json, runpy, sys
 codes = {}
 for path in sys.argv[1:]:
-    sys.argv = [path, "--device", "cpu"]
+    # the CPU findings replay on the CPU; the device-move one on the device it was recorded on (CUDA)
+    sys.argv = [path] + ([] if "device_move" in path else ["--device", "cpu"])
     try:
         runpy.run_path(path, run_name="__main__")
         codes[path] = 0
