@@ -34,6 +34,19 @@ class Merged:
     target: torch.Tensor
     first: torch.Tensor
     w1: torch.Tensor
+    #: the adapter's tensors at merge time (the round-trip bound needs them after a delete_adapter too)
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
+class _Frozen:
+    """A layer's base plus one adapter's saved tensors: what ``numerics.roundtrip_bound`` reads."""
+
+    base_layer: torch.nn.Module
+    tensors: dict[str, torch.Tensor]
+
+    def adapter_parameters(self, name: str) -> dict[str, torch.Tensor]:
+        return self.tensors
 
 
 def _params(method: str) -> dict[str, Any]:
@@ -57,12 +70,14 @@ def _merge(layer: torch.nn.Module, method: str, name: str, **kwargs: Any) -> Mer
         layer.merge(**kwargs)
     wt, we, _, _ = numerics.merge_target(layer, method, name, _params(method), w0, b0)
     w1, _ = numerics.base_weights(layer.base_layer)
-    return Merged(name, w0, b0, wt, qbounds.weight_bound(layer.base_layer) + we, w1)
+    saved = _tensors(layer, name)
+    assert saved is not None
+    return Merged(name, w0, b0, wt, qbounds.weight_bound(layer.base_layer) + we, w1, saved)
 
 
 def _roundtrip_bound(layer: torch.nn.Module, method: str, m: Merged) -> torch.Tensor:
-    return numerics.roundtrip_bound(layer, method, m.name, _params(method), m.first, m.w1,
-                                    qbounds.weight_bound(layer.base_layer))
+    return numerics.roundtrip_bound(_Frozen(layer.base_layer, m.tensors), method, m.name, _params(method), m.first,
+                                    m.w1, qbounds.weight_bound(layer.base_layer))
 
 
 def _state(layer: torch.nn.Module, method: str, m: Merged) -> tuple[bool, bool]:
