@@ -53,14 +53,19 @@ def _params(method: str) -> dict[str, Any]:
     return dict(cases.adapter_cases(method)[0].params)
 
 
+#: adapter value scale (``cases.fill_adapter``): the delta must dwarf the 4-bit requantization bound, or "the base
+#: holds W0" and "the base holds W0 + delta" cannot be told apart
+SCALE = 8.0
+
+
 def _build(ctx: CheckContext, method: str, bits: int, seed: int = 0, other: bool = False) -> torch.nn.Module:
     case = cases.BaseCase(bits)
     base = ctx.make_base(case.in_features, case.out_features, seed=ctx.seed + seed, **case.kwargs())
     layer = ctx.make_layer(base, method, **_params(method))
-    cases.fill_adapter(layer, "default", ctx.generator(200 + seed))
+    cases.fill_adapter(layer, "default", ctx.generator(200 + seed), scale=SCALE)
     if other:
         layer.add_adapter("other", **_params(method))
-        cases.fill_adapter(layer, "other", ctx.generator(300 + seed))
+        cases.fill_adapter(layer, "other", ctx.generator(300 + seed), scale=SCALE)
     return layer
 
 
@@ -118,10 +123,20 @@ def check_merged_disabled(ctx: CheckContext) -> None:
                 ctx.fail(f"{label}: the base still holds the delta but merged={merged}, merged_adapters={names}")
             if not back and not still:
                 ctx.fail(f"{label}: the base weight is neither W0 (round-trip bound) nor W0 + delta (merge bound)")
+            # the loose comparison with W0 (4-bit requantization noise is of the order of the delta at the output) ...
             rt = _roundtrip_bound(layer, method, m)
             exp = numerics.linear_expected(layer.base_layer, x, x.dtype, weight=m.w0, weight_err=rt, bias=m.b0)
             ctx.bounded(f"ratio.disabled.{method}.{bits}bit", exp.ratio(y), lambda: (
                 f"{label}: the forward is not the base output without the adapter: {exp.describe(y)}"))
+            # ... and the sharp one with the base layer as it is stored now (no requantization bound)
+            cur = numerics.base_expected(layer.base_layer, x)
+            r_cur = cur.ratio(y)
+            if back and not still:
+                ctx.bounded(f"ratio.disabled_vs_stored_base.{method}.{bits}bit", r_cur, lambda: (
+                    f"{label}: unmerged, but the forward is not the base layer's output: {cur.describe(y)}"))
+            elif still and not back and r_cur <= 1.0:
+                ctx.fail(f"{label}: the base still holds the delta and the forward returns its output (ratio "
+                         f"{r_cur:.3g} to the stored base's forward): the merged adapter is still applied")
             with recorded_warnings():
                 layer.enable_adapters(True)
                 y2 = layer(x)
@@ -199,6 +214,10 @@ def _check_merged_forward(ctx: CheckContext, layer: torch.nn.Module, method: str
     layer.eval()
     with torch.no_grad():
         m = _merge(layer, method, "default")
+        r_w = numerics.observed(m.w1, m.target, m.first)
+        ctx.bounded(f"ratio.{key}_weight.{method}.{bits}bit", r_w, lambda: (
+            f"{label}: the merged weight is not W0 + the adapter's current delta (max |W - target| "
+            f"{(m.w1 - m.target).abs().max():.3g}, ratio {r_w:.3g})"))
         exp = numerics.linear_expected(layer.base_layer, x, x.dtype, weight=m.target, weight_err=m.first, bias=m.b0)
         y = layer(x)
     ctx.bounded(f"ratio.{key}.{method}.{bits}bit", exp.ratio(y),
