@@ -52,7 +52,14 @@ from .cayley import (
     skew,
     solve_error,
 )
-from .dropout import FALSE_ALARM, DropoutMean, hoeffding_halfwidth, lora_dropout_mean, oft_dropout_blocks, oft_dropout_mean
+from .dropout import (
+    FALSE_ALARM,
+    DropoutMean,
+    hoeffding_halfwidth,
+    lora_dropout_mean,
+    oft_dropout_blocks,
+    oft_dropout_mean,
+)
 from .expected import (
     Expected,
     base_expected,

@@ -39,7 +39,7 @@ from . import ratio as nratio
 from .blocks import block_diagonal, oft_layout
 from .cayley import oft_blocks
 from .expected import base_expected, base_weights, lora_path, lora_scaling, lora_tensors, oft_expected
-from .rounding import U64, gamma_n
+from .rounding import gamma_n
 
 #: false-alarm rate of one mean test (see the module docstring for the per-run rate)
 FALSE_ALARM = 1e-8
