@@ -246,6 +246,7 @@ def test_fixed_sequence_reference() -> None:
         {"op": "set_mode", "training": False},
         {"op": "forward", "lead": [3], "dtype": "float32", "grad_mode": "no_grad", "seed": 8},
         {"op": "delete_adapter", "name": "a1"},
+        {"op": "poison_safe_merge", "seed": 1},
         {"op": "invalid", "kind": "unmerge_unmerged", "seed": 0},
         {"op": "invalid", "kind": "set_unknown", "seed": 0},
     ]
