@@ -246,6 +246,7 @@ def test_fixed_sequence_reference() -> None:
         {"op": "set_mode", "training": False},
         {"op": "forward", "lead": [3], "dtype": "float32", "grad_mode": "no_grad", "seed": 8},
         {"op": "delete_adapter", "name": "a1"},
+        {"op": "poison_safe_merge", "seed": 1},
         {"op": "invalid", "kind": "unmerge_unmerged", "seed": 0},
         {"op": "invalid", "kind": "set_unknown", "seed": 0},
     ]
@@ -571,3 +572,86 @@ def test_long_run_cli_takes_examples_and_steps(tmp_path: Any, capsys: pytest.Cap
     out = capsys.readouterr().out
     assert "(3 examples x <= 4 steps each)" in out and "no violations" in out, out
     assert main(["--impl", "no-such-impl"]) == 2
+
+
+# -- settings recorded at creation; NaN/Inf poisoning mid-sequence (issue 14) ------------------------
+
+class _FirstMergeTurnsOnDoubleQuant:
+    """Every requantization uses double quant, whatever the base had: only the first merge changes the settings
+    (a record taken lazily after that merge compares the changed settings with themselves)."""
+
+    def _write_base(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        import bitsandbytes as bnb
+
+        base = self.base_layer
+        if qlayers.bits_of(base) != 4:
+            return super()._write_base(weight, bias)
+        old = base.weight
+        new = bnb.nn.Params4bit(weight.detach().to(dtype=old.quant_state.dtype, device="cpu").contiguous(),
+                                requires_grad=False, blocksize=old.blocksize, compress_statistics=True,
+                                quant_type=old.quant_type, quant_storage=old.quant_storage, module=base)
+        base.weight = new.to(old.device)
+        if bias is not None:
+            base.bias.data = bias.to(base.bias.dtype)
+        return None
+
+
+class _SafeMergeWritesPoison:
+    """merge(safe_merge=True) never checks: a poisoned adapter's NaN/Inf goes into the base weights."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
+        super().merge(safe_merge=False, adapter_names=adapter_names)
+
+
+class FirstMergeTurnsOnDoubleQuant(_Broken):
+    mixin = _FirstMergeTurnsOnDoubleQuant
+
+
+class SafeMergeWritesPoison(_Broken):
+    mixin = _SafeMergeWritesPoison
+
+
+def test_settings_are_recorded_when_the_base_is_created() -> None:
+    """A first merge that changes the quantization settings is a STATE-MERGE-MATCHES-MODEL violation at that
+    merge (the base starts without double quant: configs_for(...)[0])."""
+    cfg = sc.configs_for("lora", 4)[0]
+    assert not cfg.double_quant
+    from conformance.spec.stateful.driver import Driver
+
+    d = Driver(FirstMergeTurnsOnDoubleQuant(), cfg)
+    assert d.settings == qlayers.quant_settings(qlayers.make_base_layer(cfg.in_features, cfg.out_features,
+                                                                        **cfg.base_kwargs()))
+    with pytest.raises(sc.Violation) as err:
+        ops.run_step(d, {"op": "merge", "adapter_names": None, "safe_merge": False})
+    assert err.value.clause == MERGE and "quantization settings" in err.value.message, err.value.message
+
+
+def test_poisoned_safe_merge_is_an_invalid_step_the_reference_refuses() -> None:
+    from conformance.spec.stateful.driver import Driver
+
+    cfg = sc.configs_for("lora", 4)[0]
+    for seed in range(3):  # nan, +inf, -inf
+        d = Driver(_REF, cfg)
+        ops.run_step(d, {"op": "poison_safe_merge", "seed": seed})
+        d.check_invariants()
+        assert torch.isfinite(d.layer.adapter_parameters("a0")["lora_B.weight"]).all()
+        assert not d.layer.merged
+
+
+def test_poisoned_safe_merge_catches_a_merge_without_the_check() -> None:
+    from conformance.spec.stateful.driver import Driver
+
+    d = Driver(SafeMergeWritesPoison(), sc.configs_for("oft", 8)[0])
+    with pytest.raises(sc.Violation) as err:
+        ops.run_step(d, {"op": "poison_safe_merge", "seed": 0})
+    assert err.value.clause == INVALID, err.value.message
+
+
+@pytest.mark.parametrize(("impl", "clauses"), [
+    (FirstMergeTurnsOnDoubleQuant(), {MERGE}),
+    (SafeMergeWritesPoison(), {INVALID}),
+], ids=lambda v: type(v).__name__ if isinstance(v, _Broken) else "")
+def test_machine_finds_settings_and_poison_bugs(impl: _Broken, clauses: set[str], tmp_path: Any) -> None:
+    res = _run_broken(impl, tmp_path)
+    found = set(res.failures)
+    assert found & clauses, f"expected one of {clauses}, got {sorted(found)}\n{res.summary()}"

@@ -39,6 +39,7 @@ GATED_PARAMS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("use_rslora", bool, "rslora"),
     ("lora_bias", bool, "lora_bias"),
     ("lora_dropout", lambda v: bool(v and float(v) > 0), "dropout"),
+    ("module_dropout", lambda v: bool(v and float(v) > 0), "dropout"),
 )
 
 

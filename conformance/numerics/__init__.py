@@ -29,7 +29,7 @@ How bitsandbytes 0.50 computes a forward (read from its sources; ``expected.line
 
 Modules: ``rounding`` (unit roundoffs, casts), ``ratio`` (THE ratio helper), ``cayley`` (exact
 rotations, solve-error bounds, Neumann and COFT bounds), ``blocks`` (OFT block layout), ``expected``
-(plain/LoRA/OFT outputs), ``merge`` (merge/unmerge targets), ``requant`` (unobservable
+(plain/LoRA/OFT outputs), ``dropout`` (Hoeffding bound on the mean of train-mode forwards), ``merge`` (merge/unmerge targets), ``requant`` (unobservable
 requantizations), ``grads`` (outputs and gradients with their bounds).
 
 Imports torch, bitsandbytes and ``conformance.quant`` only: never ``conformance.reference`` (the
@@ -51,6 +51,14 @@ from .cayley import (
     rotation_error,
     skew,
     solve_error,
+)
+from .dropout import (
+    FALSE_ALARM,
+    DropoutMean,
+    hoeffding_halfwidth,
+    lora_dropout_mean,
+    oft_dropout_blocks,
+    oft_dropout_mean,
 )
 from .expected import (
     Expected,
@@ -80,7 +88,8 @@ from .requant import hypothetical_requant_bound, requant_bound_from_exact
 from .rounding import INT8_DEQUANT_ERROR, INT8_DEQUANT_SCALE_ERROR, U16, U32, U64, cast_error, gamma_n
 
 __all__ = [
-    "BASE", "INT8_DEQUANT_ERROR", "INT8_DEQUANT_SCALE_ERROR", "U16", "U32", "U64", "Expected", "GradExpected",
+    "BASE", "FALSE_ALARM", "DropoutMean", "hoeffding_halfwidth", "lora_dropout_mean", "oft_dropout_blocks",
+    "oft_dropout_mean", "INT8_DEQUANT_ERROR", "INT8_DEQUANT_SCALE_ERROR", "U16", "U32", "U64", "Expected", "GradExpected",
     "LayerState", "base_expected", "base_weights", "bias_roundtrip_bound", "block_diagonal", "block_norms",
     "cast_error", "cayley_exact", "coft_bound", "compare", "expand_blocks", "gamma_n", "grad_expected",
     "hypothetical_requant_bound", "inverse_rotation_error", "layer_expected", "linear_expected", "lora_delta", "lora_delta_error",

@@ -47,7 +47,8 @@ CAPABILITIES: dict[str, str] = {
     # options
     "rslora": "LoRA with use_rslora=True (scaling lora_alpha / sqrt(r))",
     "lora_bias": "LoRA with lora_bias=True (a bias on lora_B, scaled like B's output)",
-    "dropout": "LoRA with lora_dropout > 0 (identity in eval mode)",
+    "dropout": "LoRA lora_dropout > 0 and OFT module_dropout > 0: active in train mode (whatever the grad mode), "
+               "the identity in eval mode",
     "input_cast": "the layer casts its input to the adapter dtype (AdapterSpec.dtype) before the adapter path, "
                   "so inputs of any float dtype work with float32 adapters",
     # whole models
@@ -64,7 +65,7 @@ OPTIONAL: dict[str, str] = {
     "delete_adapter": "AdapterLayer.delete_adapter",
     "rslora": "AdapterSpec.params['use_rslora'] = True",
     "lora_bias": "AdapterSpec.params['lora_bias'] = True",
-    "dropout": "AdapterSpec.params['lora_dropout'] > 0",
+    "dropout": "AdapterSpec.params['lora_dropout'] > 0 (LoRA) / AdapterSpec.params['module_dropout'] > 0 (OFT)",
 }
 
 

@@ -47,7 +47,8 @@ STATE_CLAUSES: tuple[tuple[str, str, str], ...] = (
     (INVALID,
      "An invalid step (unknown adapter, unmerge with nothing merged, merging a merged adapter, deleting a merged "
      "adapter, re-adding an existing name, mixed batch while merged, wrong input width) raises or warns and "
-     "changes nothing: base bytes, merged flags, adapters and active set stay as they were.",
+     "changes nothing: base bytes, merged flags, adapters and active set stay as they were; a safe merge of an "
+     "adapter poisoned with NaN/Inf mid-sequence (capability safe_merge) raises.",
      "; peft tuners_utils check_adapters_to_merge / unmerge warnings"),
 )
 

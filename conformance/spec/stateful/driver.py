@@ -85,11 +85,16 @@ class Driver:
             raise StepNotApplicable(f"variant {config.variant} ({variants(self.method)[config.variant]}) needs a "
                                     f"capability {impl.name} does not declare (or a base bias)")
         params = dict(variants(self.method)[config.variant])
+        base = self.fresh_base()
+        #: the quantization settings of the base as created, before the implementation sees it: every
+        #: requantization (merge, unmerge) must keep exactly these (recorded here, not at the first merge,
+        #: so a first merge that changes them is not compared with itself)
+        self._settings: dict[str, Any] = qlayers.quant_settings(base)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 seed_for(device, config.seed)
-                self.layer = impl.create(self.fresh_base(), AdapterSpec(self.method, "a0", params))
+                self.layer = impl.create(base, AdapterSpec(self.method, "a0", params))
         except Exception as exc:
             self.fail(VALID, f"impl.create(base, AdapterSpec({self.method!r}, 'a0', {params})) raised "
                              f"{type(exc).__name__}: {exc}")
@@ -97,7 +102,9 @@ class Driver:
         self.model.adapters["a0"] = AdapterModel(self.method, params, self.read("a0"))
         self.model.active = ["a0"]
         self.snap = qlayers.snapshot(self.layer.base_layer)
-        self._settings: dict[str, Any] | None = None
+        if qlayers.quant_settings(self.layer.base_layer) != self._settings:
+            self.fail(BASE, f"impl.create changed the base layer's quantization settings: {self._settings} -> "
+                            f"{qlayers.quant_settings(self.layer.base_layer)}")
         self.counter = 1
         self.check_invariants()
 
@@ -156,9 +163,7 @@ class Driver:
 
     @property
     def settings(self) -> dict[str, Any]:
-        """The base layer's quantization settings as the first merge found them (a requantization keeps them)."""
-        if self._settings is None:
-            self._settings = qlayers.quant_settings(self.layer.base_layer)
+        """The base layer's quantization settings as created (every requantization keeps them)."""
         return self._settings
 
     # -- recording and failing --------------------------------------------------------------

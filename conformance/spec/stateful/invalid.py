@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from conformance.spec.cases import POISONS
 from conformance.spec.catalog.stateful import INVALID
 from conformance.spec.observe import implementation_warnings
 
@@ -47,17 +48,55 @@ KINDS: dict[str, tuple[str | None, Callable[[Driver], bool], Callable[[Driver, i
     "mixed_unknown": ("mixed_batch", lambda d: not d.merged and d.mixed_ok(),
                       lambda d, s: ("forward(x, adapter_names=['nope', ...])",
                                     lambda: d.layer(d.input((2,), "float32", s), adapter_names=["nope", d.names[0]]))),
+    "merge_poisoned": ("safe_merge", lambda d: bool(poisonable(d)),
+                       lambda d, s: poisoned_safe_merge(d, s)),
     "wrong_in_features": (None, lambda d: True,
                           lambda d, s: ("forward of an input with in_features + 1",
                                         lambda: d.layer(d.input((2,), "float32", s, d.config.in_features + 1)))),
 }
 INVALID_KINDS = tuple(KINDS)
+#: kinds that must raise (a warning is not enough): a safe merge of a non-finite adapter refuses
+MUST_RAISE = frozenset({"merge_poisoned"})
+#: kinds drawn by an op of their own (``ops.OPS["poison_safe_merge"]``), not among the ``invalid`` op's kinds
+OWN_OP = frozenset({"merge_poisoned"})
+
+
+def poisonable(d: Driver) -> list[str]:
+    return [n for n in d.names if n not in d.model.merged]
+
+
+def poisoned_safe_merge(d: Driver, seed: int) -> tuple[str, Callable[[], Any]]:
+    """Poison one entry of an unmerged adapter with NaN/+Inf/-Inf (by ``seed``), ``merge(safe_merge=True)`` it,
+    and put the entry back whatever happens: the merge must raise and change nothing (SAFE-MERGE-NONFINITE
+    mid-sequence, on whatever state the machine reached)."""
+    names = poisonable(d)
+    name = names[seed % len(names)]
+    kind, value = list(POISONS.items())[seed % len(POISONS)]
+    key = sorted(d.layer.adapter_parameters(name))[-1]  # lora_B.weight / oft_R.weight
+    desc = f"{name}[{key!r}][0] = {kind}; merge(safe_merge=True, adapter_names=[{name!r}])"
+
+    def call() -> None:
+        p = d.layer.adapter_parameters(name)[key]
+        flat = p.data.view(-1)
+        old = flat[0].clone()
+        flat[0] = value
+        try:
+            d.layer.merge(safe_merge=True, adapter_names=[name])
+        finally:
+            p.data.view(-1)[0] = old
+    return desc, call
 
 
 def applicable_kinds(d: Driver) -> list[str]:
     """The invalid kinds the machine may draw now (capabilities, state, and ``exclude_invalid``)."""
     return [k for k, (cap, ok, _) in KINDS.items()
-            if k not in d.exclude_invalid and (cap is None or d.has(cap)) and ok(d)]
+            if k not in d.exclude_invalid and k not in OWN_OP and (cap is None or d.has(cap)) and ok(d)]
+
+
+def poison_safe_merge(d: Driver, a: dict[str, Any]) -> None:
+    """The ``poison_safe_merge`` op: the ``merge_poisoned`` kind as a step of its own (drawn whenever the
+    implementation declares ``safe_merge`` and an adapter is unmerged)."""
+    run_invalid(d, {"kind": "merge_poisoned", "seed": a["seed"]})
 
 
 def run_invalid(d: Driver, a: dict[str, Any]) -> None:
@@ -90,3 +129,5 @@ def run_invalid(d: Driver, a: dict[str, Any]) -> None:
         d.recording = recording
     if raised is None and not warned:
         d.fail(INVALID, f"{where}was silently accepted: no exception and no warning")
+    if raised is None and kind in MUST_RAISE:
+        d.fail(INVALID, f"{where}did not raise: a safe merge must refuse non-finite weights")

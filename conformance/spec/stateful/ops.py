@@ -26,12 +26,13 @@ from torch import nn
 
 from conformance import numerics
 from conformance.quant import layers as qlayers
+from conformance.spec.cases import POISONS
 from conformance.spec.catalog.stateful import ADAPTERS, BASE, VALID
 from conformance.spec.interface import AdapterSpec
 
 from .config import MachineConfig, StepNotApplicable, allowed_variants, dtype_of, seed_for, variant_ok, variants
 from .driver import Driver
-from .invalid import applicable_kinds, run_invalid
+from .invalid import applicable_kinds, poison_safe_merge, poisonable, run_invalid
 from .model import AdapterModel
 
 #: leading shapes of a forward's input (the last dimension is in_features)
@@ -415,6 +416,11 @@ OPS: dict[str, Op] = {op.name: op for op in (
     # CPU<->CUDA moves only in a machine run for CUDA: a CPU run on a GPU host stays on the CPU
     Op("device_move", 1, device_move, lambda data, d: {"device": _other_device(d)}, _fmt("layer = layer.to({device})"),
        needs=("cuda",), applies=lambda d: d.moves, accepts=lambda d, a: a["device"] == _other_device(d)),
+    Op("poison_safe_merge", 1, poison_safe_merge, lambda data, d: {"seed": data.draw(SEEDS)},
+       lambda a: (f"poison one entry of an unmerged adapter with {list(POISONS)[a['seed'] % len(POISONS)]} "
+                  f"(seed {a['seed']}); layer.merge(safe_merge=True, adapter_names=[it]); restore the entry "
+                  "(must raise and change nothing)"),
+       needs=("safe_merge",), applies=lambda d: bool(poisonable(d))),
 )}
 
 
