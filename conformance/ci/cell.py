@@ -34,12 +34,14 @@ def _now() -> str:
 
 def skip_reason(c: Cell, device: str) -> str | None:
     """Why this cell cannot run here (a GPU cell without a visible GPU), or None."""
-    if device != "cuda" and not c.needs_gpu:
-        return None
+    if device != "cuda" and (not c.needs_gpu or c.cpu_runnable):
+        return None  # a CUDA-build torch cell asked for --device cpu runs on the CPU (its bnb has a CPU backend)
     ok, why = gpu_visible()
     return None if ok else (
         f"{c.id} is a GPU CI cell (torch {c.torch} from PyPI is a CUDA build; device {device}) and no CUDA device "
-        f"is visible here: {why}. It runs on the self-hosted GPU runner (.github/workflows/gpu.yml, torch-axis job).")
+        f"is visible here: {why}. It runs on the self-hosted GPU runner (.github/workflows/gpu.yml, torch-axis job)"
+        + ("; `--device cpu` runs it on this CPU (its bitsandbytes has the CPU backend)" if c.cpu_runnable else
+           f"; bitsandbytes {c.bnb} has no CPU backend") + ".")
 
 
 def main(opts: argparse.Namespace) -> int:

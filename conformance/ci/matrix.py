@@ -144,6 +144,12 @@ class Cell:
         return self.torch != CPU_TORCH
 
     @property
+    def cpu_runnable(self) -> bool:
+        """Whether ``--device cpu`` can run it here: its bitsandbytes has the CPU backend (>= 0.48); a CUDA torch
+        wheel runs on a CPU too (a multi-GB install; the report labels it "CUDA build, no GPU")."""
+        return tuple(int(v) for v in self.bnb.split(".")[:2]) >= (0, 48)
+
+    @property
     def files(self) -> tuple[str, ...]:
         """What a finished run of this cell leaves in its directory."""
         return ("cell.json", "conformance.json") + (("clone.json",) if self.probe else ())
