@@ -154,11 +154,13 @@ class GradCase:
     second: AdapterCase | None = field(default=None, compare=False)
     #: the base's storage dtype (``BaseCase.weight_dtype``)
     weight_dtype: torch.dtype | None = None
+    #: the base's out_features (in_features is ``GRAD_IN_FEATURES``): non-square or square
+    out_features: int = GRAD_OUT_FEATURES
 
     @property
     def base(self) -> BaseCase:
         qt = self.quant_type if self.bits == 4 else "nf4"
-        return BaseCase(self.bits, GRAD_IN_FEATURES, GRAD_OUT_FEATURES, quant_type=qt, compute_dtype=self.dtype,
+        return BaseCase(self.bits, GRAD_IN_FEATURES, self.out_features, quant_type=qt, compute_dtype=self.dtype,
                         weight_dtype=self.weight_dtype)
 
     def input_shape(self) -> tuple[int, ...]:
@@ -216,12 +218,14 @@ def grad_matrix(method: str, bits: Sequence[int], *, mixed: bool = False) -> lis
         "quant": quants_for(bits), "dtype": GRAD_DTYPES, "rank": MIXED_INPUT_RANKS if mixed else GRAD_INPUT_RANKS,
         "batch": (MIXED_BATCH_SIZE,) if mixed else GRAD_BATCH_SIZES, "xgrad": (True, False),
         "adapter": range(len(adapters)), "stored": STORAGE_DTYPES,
+        "out": tuple(o for i, o in ORIENTATION_SHAPES if i == GRAD_IN_FEATURES),
     }
     out = []
     for c in pairwise(factors, valid=lambda c: c["rank"] > 1 or c["batch"] == 1):
         (b, qt), a = c["quant"], c["adapter"]
         out.append(GradCase(method, b, qt, c["dtype"], c["rank"], c["batch"], c["xgrad"], adapters[a], mixed,
-                            second=adapters[(a + 1) % len(adapters)] if mixed else None, weight_dtype=c["stored"]))
+                            second=adapters[(a + 1) % len(adapters)] if mixed else None, weight_dtype=c["stored"],
+                            out_features=c["out"]))
     return out
 
 

@@ -31,8 +31,10 @@ def _x(ctx: CheckContext, lead: tuple[int, ...], n: int, dtype: torch.dtype, off
 
 
 def _forward_cases(bits: int) -> list[cases.BaseCase]:
-    """Every base case with every compute dtype, the storage-dtype axis combined in (``with_storage_dtypes``)."""
-    return cases.with_storage_dtypes(cases.base_cases(bits, dtypes=cases.COMPUTE_DTYPES))
+    """Every base case with every compute dtype, a square layer per compute dtype, the storage-dtype axis
+    combined in (``with_storage_dtypes``)."""
+    square = [cases.BaseCase(bits, *cases.ORIENTATION_SHAPES[1], compute_dtype=d) for d in cases.COMPUTE_DTYPES]
+    return cases.with_storage_dtypes(cases.base_cases(bits, dtypes=cases.COMPUTE_DTYPES) + square)
 
 
 def check_output(ctx: CheckContext, label: str, y: torch.Tensor, lead: tuple[int, ...], out_features: int,
