@@ -168,27 +168,29 @@ def check_mixed_batch(ctx: CheckContext) -> None:
 def check_disabled(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
-        case = cases.BaseCase(bits)
-        base = _base(ctx, case)
-        layer = ctx.make_layer(base, method, **acase.params)
-        cases.fill_adapter(layer, "default", ctx.generator(3))
-        x = _x(ctx, (4,), case.in_features, case.compute_dtype)
-        with torch.no_grad():
-            y_on = layer(x)
-            layer.enable_adapters(False)
-            y_off = layer(x)
-            y_base = layer.base_layer(x)
-            layer.enable_adapters(True)
-            y_on2 = layer(x)
-            exp = numerics.layer_expected(layer, method, "default", acase.params, x)
-        label = f"{acase.label} on {case.label}"
-        for what, y in (("enabled", y_on), ("disabled", y_off), ("re-enabled", y_on2)):
-            check_output(ctx, f"{label} ({what})", y, (4,), case.out_features, case.compute_dtype)
-        if not torch.equal(y_off, y_base):
-            ctx.fail(f"{label}: disabled adapters still change the output "
-                     f"(max |diff| {(y_off.double() - y_base.double()).abs().max():.3g})")
-        ctx.check(not torch.equal(y_on, y_off), f"{label}: the adapter had no effect even when enabled")
-        ctx.check(exp.ratio(y_on2) <= 1.0, f"{label}: after enable_adapters(True): {exp.describe(y_on2)}")
+        square = cases.BaseCase(bits, *cases.ORIENTATION_SHAPES[1], compute_dtype=torch.float16,
+                                weight_dtype=torch.float16)
+        for case in (cases.BaseCase(bits), square):
+            base = _base(ctx, case)
+            layer = ctx.make_layer(base, method, **acase.params)
+            cases.fill_adapter(layer, "default", ctx.generator(3))
+            x = _x(ctx, (4,), case.in_features, case.compute_dtype)
+            with torch.no_grad():
+                y_on = layer(x)
+                layer.enable_adapters(False)
+                y_off = layer(x)
+                y_base = layer.base_layer(x)
+                layer.enable_adapters(True)
+                y_on2 = layer(x)
+                exp = numerics.layer_expected(layer, method, "default", acase.params, x)
+            label = f"{acase.label} on {case.label}"
+            for what, y in (("enabled", y_on), ("disabled", y_off), ("re-enabled", y_on2)):
+                check_output(ctx, f"{label} ({what})", y, (4,), case.out_features, case.compute_dtype)
+            if not torch.equal(y_off, y_base):
+                ctx.fail(f"{label}: disabled adapters still change the output "
+                         f"(max |diff| {(y_off.double() - y_base.double()).abs().max():.3g})")
+            ctx.check(not torch.equal(y_on, y_off), f"{label}: the adapter had no effect even when enabled")
+            ctx.check(exp.ratio(y_on2) <= 1.0, f"{label}: after enable_adapters(True): {exp.describe(y_on2)}")
 
 
 def _expect_error(

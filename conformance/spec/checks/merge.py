@@ -364,6 +364,7 @@ def check_lora_bias(ctx: CheckContext) -> None:
                 _, b1 = numerics.base_weights(layer.base_layer)
                 assert bt is not None and be is not None and b1 is not None
                 exp_m, _ = _merged_expected(layer, "lora", "default", params, x, w0, b0)
+                exp_s = numerics.base_expected(layer.base_layer, x)  # the stored (merged) weights and bias, exactly
                 y_m = layer(x)
 
                 def unscaled() -> str:
@@ -377,6 +378,10 @@ def check_lora_bias(ctx: CheckContext) -> None:
             # but not added, shows here even when the stored bias is right)
             gap = (y_m.double() - y_u.double()).abs().cpu().reshape(exp_u.bound.shape)
             r = numerics.max_ratio(gap, exp_u.bound + exp_m.bound)
+            r_s = exp_s.ratio(y_m)
+            ctx.bounded(f"ratio.bias_merged_vs_stored.{bits}bit", r_s, lambda: (
+                f"{label}: the merged layer's output is not its base's (stored weights and merged bias): "
+                f"{exp_s.describe(y_m)}"))
             ctx.bounded(f"ratio.bias_merged_vs_unmerged.{bits}bit", r, lambda: (
                 f"{label}: merged vs unmerged output differ by {gap.max():.3g}, beyond the sum of their bounds "
                 f"(ratio {r:.3g}); merged output vs its oracle: {exp_m.describe(y_m)}"))
