@@ -8,6 +8,7 @@ merge = dequantize -> apply -> requantize with the original settings).
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -174,8 +175,12 @@ def check_roundtrip(ctx: CheckContext) -> None:
 def check_cycles(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
-        variants = ([cases.BaseCase(4, quant_type=q, double_quant=dq) for q in cases.QUANT_TYPES for dq in (False, True)]
-                    if bits == 4 else [cases.BaseCase(8)])
+        # quant types x double quant; square and non-square and the storage dtypes alternate over them
+        variants = ([cases.BaseCase(4, *cases.ORIENTATION_SHAPES[i % 2], quant_type=q, double_quant=dq,
+                                    weight_dtype=cases.STORAGE_DTYPES[i % len(cases.STORAGE_DTYPES)])
+                     for i, (q, dq) in enumerate(itertools.product(cases.QUANT_TYPES, (False, True)))]
+                    if bits == 4 else [cases.BaseCase(8), cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1],
+                                                                          weight_dtype=torch.bfloat16)])
         for case in variants:
             params = dict(acase.params)
             label = _label(method, case, params)
@@ -269,10 +274,10 @@ def check_unmerge_nothing(ctx: CheckContext) -> None:
 
 @check("MERGE-MULTI")
 def check_merge_multi(ctx: CheckContext) -> None:
-    for method, bits in ctx.cases():
+    for (method, bits), shape in itertools.product(list(ctx.cases()), cases.ORIENTATION_SHAPES):
         acase = cases.adapter_cases(method)[0]
-        case = cases.BaseCase(bits)
-        label = f"{method} {bits}-bit, active ['default', 'second']"
+        case = cases.BaseCase(bits, *shape)
+        label = f"{method} on {case.label}, active ['default', 'second']"
         # large OFT rotations: the merged order must match the forward order (rotations do not commute)
         scale = 6.0 if method == "oft" else 1.0
         layer = _build(ctx, method, case, dict(acase.params), seed=5)
@@ -318,13 +323,13 @@ def check_merge_multi(ctx: CheckContext) -> None:
 
 @check("MERGE-SUBSET")
 def check_merge_subset(ctx: CheckContext) -> None:
-    for method, bits in ctx.cases():
+    for (method, bits), shape in itertools.product(list(ctx.cases()), cases.ORIENTATION_SHAPES):
         acase = cases.adapter_cases(method)[0]
-        case = cases.BaseCase(bits)
+        case = cases.BaseCase(bits, *shape)
         layer = _build(ctx, method, case, dict(acase.params), seed=7)
         layer.add_adapter("other", **acase.params)
         cases.fill_adapter(layer, "other", ctx.generator(8))
-        label = f"{method} {bits}-bit, active ['default'], merge(adapter_names=['other'])"
+        label = f"{method} on {case.label}, active ['default'], merge(adapter_names=['other'])"
         x = ctx.randn(4, case.in_features, offset=3)
         with torch.no_grad():
             w0, b0 = numerics.base_weights(layer.base_layer)
