@@ -195,7 +195,7 @@ def check_cycles(ctx: CheckContext) -> None:
                     total = total + bound
                     first = bound if first is None else first
                     drift = (w_k - w0).abs()
-                    fam = f"{method}.{case.label.split('-b')[0]}"
+                    fam = f"{method}.{case.label.split(f'-b{case.blocksize}-')[0] if bits == 4 else case.label}"
                     ctx.measure_max(f"drift_over_cycle1_bound.{fam}.k{k}", numerics.max_ratio(drift, first))
                     ctx.measure_max(f"drift_max.{fam}.k{k}", float(drift.max()))
                     ratio = numerics.max_ratio(drift, total)
