@@ -118,6 +118,49 @@ def test_mixed_fails_on_wrong_rows() -> None:
     assert "-mixed" in res.message
 
 
+def _drop_lora_bias(layer: nn.Module) -> None:
+    """The forward leaves out lora_B.bias (issue 14: lora_bias now runs in the backprop oracle)."""
+
+    def add(self: nn.Module, name: str, x: torch.Tensor, result: torch.Tensor, inplace: bool) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        delta = torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.weight.dtype), a.weight), b.weight)
+        return torch.add(result, delta.to(result.dtype), alpha=self.scaling[name])
+
+    def lora(self: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:  # the mixed-batch path
+        a, b = self.lora_A[name], self.lora_B[name]
+        return torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.weight.dtype), a.weight), b.weight)
+
+    layer._add_lora = types.MethodType(add, layer)
+    layer._lora = types.MethodType(lora, layer)
+
+
+@pytest.mark.parametrize("cid", [GRAD, MIXED])
+def test_grad_fails_when_forward_drops_lora_bias(cid: str) -> None:
+    res = run(cid, _Wrapped(_drop_lora_bias, frozenset({"lora"})))
+    assert res.outcome == "failed", res.message
+    if cid == GRAD:  # mixed: the case label names the first adapter; the lora_bias one may be the second
+        assert "lora_bias=True" in res.message
+
+
+@pytest.mark.parametrize("cid", [GRAD, NOGRAD])
+def test_fails_when_output_dtype_is_not_the_input_dtype(cid: str) -> None:
+    res = run(cid, _Wrapped(lambda layer: wrap_forward(
+        layer, lambda orig, x, names: orig(x, adapter_names=names).float())))
+    assert res.outcome == "failed", res.message
+    assert "torch.float32, expected" in res.message and "(the input's)" in res.message
+
+
+def test_matrix_covers_storage_dtypes_shapes_and_lora_bias() -> None:
+    """Issue 14's axes are in the sampled matrix: every storage dtype, square and non-square, lora_bias."""
+    for mixed in (False, True):
+        matrix = cases.grad_matrix("lora", [4, 8], mixed=mixed)
+        assert {c.weight_dtype for c in matrix} == set(cases.STORAGE_DTYPES)
+        assert {c.out_features for c in matrix} == {cases.GRAD_OUT_FEATURES, cases.GRAD_IN_FEATURES}
+        assert any(c.adapter.params.get("lora_bias") for c in matrix)
+        pairs = {(c.dtype, c.weight_dtype) for c in matrix}
+        assert pairs == set(itertools.product(cases.GRAD_DTYPES, cases.STORAGE_DTYPES))
+
+
 def test_mixed_skipped_without_capability() -> None:
     impl = ReferenceImplementation()
     impl.capabilities = ReferenceImplementation.capabilities - {"mixed_batch"}

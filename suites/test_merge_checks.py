@@ -343,3 +343,115 @@ def test_fails_on_broken(clause_id: str) -> None:
     impl = BROKEN[clause_id]
     res = run_clause(get(clause_id), impl)
     assert res.outcome == "failed", f"{impl.name}: {res.outcome}: {res.message}"
+
+
+# -- issue 14: new cases (storage dtype, lora_bias in the oracles, output dtype, valid base after merge) -----
+
+def forward_drops_lora_bias(layer: nn.Module, spec: AdapterSpec) -> None:
+    """The forward leaves out lora_B.bias (only the merge applies it)."""
+    if spec.method != "lora":
+        return
+
+    def add(self: nn.Module, name: str, x: torch.Tensor, result: torch.Tensor, inplace: bool) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        delta = torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.weight.dtype), a.weight), b.weight)
+        return torch.add(result, delta.to(result.dtype), alpha=self.scaling[name])
+    bind(layer, "_add_lora", add)
+
+
+def output_in_float32(layer: nn.Module, spec: AdapterSpec) -> None:
+    """The output comes back in float32 (the adapter's dtype) whatever the input's dtype."""
+    orig = layer.forward
+    bind(layer, "forward", lambda self, x, adapter_names=None: orig(x, adapter_names).float())
+
+
+def _params4bit(base: nn.Module, data: torch.Tensor, **extra: Any) -> Any:
+    import bitsandbytes as bnb
+
+    old = base.weight
+    return bnb.nn.Params4bit(data, requires_grad=False, blocksize=old.blocksize, compress_statistics=old.compress_statistics,
+                             quant_type=old.quant_type, quant_storage=old.quant_storage, module=base, **extra)
+
+
+def requant_from_float32(layer: nn.Module, spec: AdapterSpec) -> None:
+    """PEFT-like: requantize ``dequantize(W) + delta`` as promoted to float32 (the checkpoint's float16/bfloat16
+    storage dtype is lost: quant_state.dtype float32), and write the bias as float32."""
+    def write(self: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        base = self.base_layer
+        if qlayers.bits_of(base) == 4:
+            base.weight = _params4bit(base, weight.detach().float().cpu().contiguous()).to(base.weight.device)
+        else:
+            qlayers.requantize(base, weight)
+        if bias is not None:
+            base.bias.data = bias.detach().float()
+    bind(layer, "_write_base", write)
+
+
+def merged_forward_adds_bias(layer: nn.Module, spec: AdapterSpec) -> None:
+    """The merged bias is right, but the merged layer's forward still adds scaling * b_B."""
+    orig = layer.forward
+
+    def forward(self: nn.Module, x: torch.Tensor, adapter_names: Any = None) -> torch.Tensor:
+        y = orig(x, adapter_names)
+        for n in self.merged_adapters if spec.method == "lora" else ():
+            bb = self.lora_B[n].bias
+            if bb is not None:
+                y = y + (self.scaling[n] * bb).to(y.dtype)
+        return y
+    bind(layer, "forward", forward)
+
+
+def leaves_dense_weight(layer: nn.Module, spec: AdapterSpec) -> None:
+    """The merge leaves the dense merged weight in the base, marked as quantized (4-bit: the old quant state
+    attached; 8-bit: a float16 Int8Params never quantized)."""
+    import bitsandbytes as bnb
+
+    def write(self: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        base = self.base_layer
+        if qlayers.bits_of(base) == 4:
+            old = base.weight
+            base.weight = _params4bit(base, weight.detach().to(old.quant_state.dtype).contiguous(),
+                                      quant_state=old.quant_state, bnb_quantized=True)
+        else:
+            base.weight = bnb.nn.Int8Params(weight.detach().half().contiguous(), requires_grad=False,
+                                            has_fp16_weights=False)
+        if bias is not None:
+            base.bias.data = bias.to(base.bias.dtype)
+    bind(layer, "_write_base", write)
+
+
+def transposed_delta(layer: nn.Module, spec: AdapterSpec) -> None:
+    """get_delta_weight returns (scaling B A)^T: right shape on a square layer, wrong on a non-square one."""
+    orig = layer.get_delta_weight
+    bind(layer, "get_delta_weight", lambda self, name: orig(name).t())
+
+
+#: (clause, broken variant): each fails its clause through one of issue 14's new cases
+NEW_CASES: list[tuple[str, Broken]] = [
+    ("FWD-ORACLE", Broken("forward-drops-lora-bias", forward_drops_lora_bias)),
+    ("FWD-ORACLE", Broken("output-in-float32", output_in_float32)),
+    ("FWD-INIT-IDENTITY", Broken("output-in-float32", output_in_float32)),
+    ("FWD-MIXED-BATCH", Broken("output-in-float32", output_in_float32)),
+    ("FWD-DISABLED", Broken("output-in-float32", output_in_float32)),
+    ("FWD-LORA-DELTA", Broken("transposed-delta", transposed_delta)),
+    ("MERGE-KEEPS-QUANT-SETTINGS", Broken("requant-from-float32", requant_from_float32)),
+    ("MERGE-FORWARD-BOUND", Broken("requant-from-float32", requant_from_float32)),
+    ("MERGE-LORA-BIAS", Broken("merged-forward-adds-bias", merged_forward_adds_bias)),
+    ("MERGE-FORWARD-BOUND", Broken("leaves-dense-weight", leaves_dense_weight)),
+    ("MERGE-ROUNDTRIP", Broken("leaves-dense-weight", leaves_dense_weight)),
+    ("MERGE-KEEPS-QUANT-SETTINGS", Broken("leaves-dense-weight", leaves_dense_weight)),
+]
+
+
+@pytest.mark.parametrize(("clause_id", "impl"), NEW_CASES, ids=[f"{c}-{b.name}" for c, b in NEW_CASES])
+def test_new_case_fails_on_broken(clause_id: str, impl: Broken) -> None:
+    res = run_clause(get(clause_id), impl)
+    assert res.outcome == "failed", f"{impl.name}: {res.outcome}: {res.message}"
+
+
+@pytest.mark.parametrize("family", ["lora/4bit", "lora/8bit"])
+def test_requant_from_float32_fails_both_families(family: str) -> None:
+    """4-bit: the storage dtype (quant_state.dtype) is lost; 8-bit: the bias dtype is."""
+    res = run_clause(get("MERGE-KEEPS-QUANT-SETTINGS"), Broken("requant-from-float32", requant_from_float32))
+    fams = res.measurements["families"]
+    assert fams[family].startswith("failed"), fams

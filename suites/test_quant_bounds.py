@@ -187,3 +187,75 @@ def test_bnb_cpu_dequantize_straddling_blocks() -> None:
     except AssertionError as exc:
         pytest.xfail(f"reproduces here ({here}): {str(exc).splitlines()[0]}")
     pytest.skip(f"the documented bug does not reproduce here ({here}); seen on {STRADDLING_REPRODUCES}")
+
+
+# -- storage dtype and the validator (issue 14) -----------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("wdt", WEIGHT_DTYPES)
+def test_storage_dtype_is_what_the_base_records(bits: int, wdt: torch.dtype) -> None:
+    """``weight_dtype`` is the checkpoint's dtype: 4-bit quant_state.dtype (what dequantize returns) and the bias."""
+    from conformance.quant import validate
+
+    layer = make_base_layer(64, 48, bits=bits, weight_dtype=wdt)
+    assert layer.bias.dtype == wdt
+    if bits == 4:
+        assert layer.weight.quant_state.dtype == wdt
+        assert validate.stored_dtypes(layer)["packed_dtype"] == "torch.uint8"
+    exp = validate.expected_of(layer, at_merge=True)
+    assert exp is not None and validate.base_problems(layer, exp) == []
+
+
+def test_storage_dtype_default_keeps_todays_bases() -> None:
+    assert make_base_layer(64, 48, bits=4, compute_dtype=torch.float16).bias.dtype == torch.float16
+    assert make_base_layer(64, 48, bits=4).weight.quant_state.dtype == torch.float32
+    assert make_base_layer(64, 48, bits=8).bias.dtype == torch.float16
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_validator_keeps_a_requantized_base_valid(bits: int) -> None:
+    from conformance.quant import requantize, validate
+
+    layer = make_base_layer(64, 48, bits=bits, weight_dtype=torch.bfloat16)
+    exp = validate.expected_of(layer, at_merge=True)
+    requantize(layer, dequantize(layer) + 0.01)
+    assert validate.base_problems(layer, exp) == []
+
+
+def test_validator_names_a_lost_storage_dtype_and_a_dense_weight() -> None:
+    import bitsandbytes as bnb
+
+    from conformance.quant import validate
+
+    layer = make_base_layer(64, 48, bits=4, weight_dtype=torch.float16, double_quant=True)
+    exp = validate.expected_of(layer, at_merge=True)
+    old = layer.weight
+    w = dequantize(layer)
+    layer.weight = bnb.nn.Params4bit(w.contiguous(), requires_grad=False, blocksize=old.blocksize,
+                                     compress_statistics=True, quant_type=old.quant_type, module=layer).to("cpu")
+    bad = validate.base_problems(layer, exp)
+    assert bad and "weight_dtype torch.float16 -> torch.float32" in bad[0]
+    layer.weight = bnb.nn.Params4bit(w.half(), requires_grad=False, quant_state=old.quant_state, blocksize=old.blocksize,
+                                     compress_statistics=True, quant_type=old.quant_type, bnb_quantized=True,
+                                     module=layer)
+    assert validate.base_problems(layer, exp) == [
+        "base weight is a dense torch.float16 48x64 tensor marked as quantized (it has a quant_state)"]
+    layer8 = make_base_layer(64, 48, bits=8)
+    exp8 = validate.expected_of(layer8, at_merge=True)
+    layer8.bias.data = layer8.bias.data.float()
+    assert validate.base_problems(layer8, exp8) == [
+        "the base no longer carries its original settings: bias_dtype torch.float16 -> torch.float32"]
+    assert validate.base_problems(layer8, validate.expected_of(layer8)) == []  # build-time: bias dtype not recorded
+
+
+def test_oracle_models_storage_rounding_of_fused_4bit_kernels() -> None:
+    """bnb 0.50.2's CPU no-grad 4-bit path dequantizes to the input dtype, not quant_state.dtype: the oracle's
+    bound covers both (``numerics.rounding.storage_rounding``); without the term a float16-stored base fails."""
+    from conformance.numerics.rounding import storage_rounding
+
+    layer = make_base_layer(48, 64, bits=4, weight_dtype=torch.float16)
+    assert storage_rounding(layer) > 0 and storage_rounding(make_base_layer(48, 64, bits=4)) == 0
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = layer(x)
+    assert numerics.base_expected(layer, x).ratio(y) <= 1.0

@@ -20,7 +20,7 @@ from conformance.quant import layers as qlayers
 from . import ratio as nratio
 from .blocks import oft_layout, oft_rotation, rotate_error
 from .cayley import rotation_error
-from .rounding import INT8_DEQUANT_ERROR, U32, cast_error, gamma_n
+from .rounding import INT8_DEQUANT_ERROR, U32, cast_error, gamma_n, storage_rounding
 
 
 @dataclass
@@ -108,8 +108,9 @@ def linear_expected(
         c = base.compute_dtype or x_dtype
         b_dtype = base.bias.dtype if b is not None else c
         # x cast to c, x W^T in c (its rounding model: quant.matmul_rounding_bound), bias cast to c
-        rnd = cast_error(x_dtype, c) * mag
-        rnd = rnd + qbounds.matmul_rounding_bound(x_abs * (1 + cast_error(x_dtype, c)), w_abs, c)
+        ds = storage_rounding(base)  # the kernel's weight vs dequantize's (storage dtype, rounding.py)
+        rnd = cast_error(x_dtype, c) * mag + ds * mag
+        rnd = rnd + qbounds.matmul_rounding_bound(x_abs * (1 + cast_error(x_dtype, c)), w_abs * (1 + ds), c)
         rnd = rnd + cast_error(b_dtype, c) * b_abs
         rnd = rnd + qbounds.unit_roundoff(c) * (mag + b_abs + rnd)       # bias add in c
         bound = bound + rnd + cast_error(c, x_dtype) * (mag + b_abs + rnd)  # cast back to the input dtype

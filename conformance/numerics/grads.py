@@ -47,6 +47,7 @@ from conformance.quant import layers as qlayers
 from .blocks import oft_layout, rotate_input
 from .cayley import rotation_blocks, solve_error
 from .expected import lora_scaling
+from .rounding import storage_rounding
 
 BASE = "__base__"
 """The ``adapter_names`` entry of a mixed batch that selects the base layer alone (PEFT's name)."""
@@ -94,6 +95,8 @@ class LayerState:
     # bitsandbytes' CUDA int8 path (autograd/_functions.py MatMul8bitLt, always taken on CUDA) quantizes
     # the base layer's input row-wise to int8 after a float16 cast: |h - h_q| <= absmax_row(h)/254 + u16|h|
     int8_input: bool = False
+    #: ``rounding.storage_rounding`` of the base (a 4-bit base stored in float16/bfloat16)
+    storage_rounding: float = 0.0
 
 
 @dataclass
@@ -176,7 +179,8 @@ def grad_expected(state: LayerState, x: torch.Tensor, g: torch.Tensor, *, comput
     for name, ts in state.tensors.items():
         for key, t in ts.items():
             leaves[f"{name}:{key}"] = t
-    errs: dict[str, torch.Tensor] = {"W": (u_c + WEIGHT_F32_ROUNDINGS * u_32) * state.weight.abs()}
+    w_rel = u_c + WEIGHT_F32_ROUNDINGS * u_32 + state.storage_rounding  # storage dtype: rounding.storage_rounding
+    errs: dict[str, torch.Tensor] = {"W": w_rel * state.weight.abs()}
     if state.bias is not None:
         errs["b"] = u_c * state.bias.abs()
 
@@ -244,6 +248,7 @@ def read_state(layer: nn.Module, method: str, params: dict[str, dict[str, Any]])
         {n: {k: v.detach().double().cpu().clone() for k, v in layer.adapter_parameters(n).items()} for n in params},
         {n: next(iter(layer.adapter_parameters(n).values())).dtype for n in params},
         int8_input=qlayers.bits_of(base) == 8 and base.weight.device.type == "cuda",
+        storage_rounding=storage_rounding(base),
     )
 
 

@@ -40,3 +40,20 @@ def cast_error(src: torch.dtype, dst: torch.dtype) -> float:
 def gamma_n(n: int, dtype: torch.dtype) -> float:
     """Higham's ``gamma_n`` in ``dtype`` (``n`` at least 1: a length-0 sum still rounds once)."""
     return qbounds.gamma(max(n, 1), qbounds.unit_roundoff(dtype))
+
+
+def storage_rounding(base: object) -> float:
+    """Relative distance between the weight a 4-bit kernel multiplies with and ``dequantize``'s, from the
+    storage dtype (``quant_state.dtype``, the checkpoint's ``torch_dtype``).
+
+    ``dequantize_4bit`` returns ``absmax * code`` rounded to ``quant_state.dtype``; bitsandbytes 0.50.2's
+    fused kernels (CPU ``gemm_4bit``, taken without grad) dequantize straight to the input dtype instead,
+    so the float32 product may or may not be rounded to the storage dtype: ``|W_kernel - W_stored| <=
+    u_s / (1 - u_s) |W_stored|``. 0 for float32 storage and for 8-bit layers (their CB * SCB is float32).
+    """
+    qs = getattr(getattr(base, "weight", None), "quant_state", None)
+    dtype = getattr(qs, "dtype", torch.float32)
+    if qs is None or dtype == torch.float32:
+        return 0.0
+    u = qbounds.unit_roundoff(dtype)
+    return u / (1 - u)

@@ -265,7 +265,7 @@ def make_base_layer(
     blocksize: int = 64,
     double_quant: bool = False,
     compute_dtype: torch.dtype = torch.float32,
-    weight_dtype: torch.dtype = torch.float32,
+    weight_dtype: torch.dtype | None = None,
     bias: bool = True,
     device: str | torch.device = "cpu",
     weight: torch.Tensor | None = None,
@@ -274,7 +274,10 @@ def make_base_layer(
     """Build and quantize a bitsandbytes layer from a float weight (random normal by default).
 
     The suites build every base layer through this one function, so a case is fully
-    described by these arguments (OpInfo style).
+    described by these arguments (OpInfo style). ``weight_dtype`` is the storage dtype of the
+    checkpoint (what ``from_pretrained(torch_dtype=...)`` leaves): 4-bit quantizes from it (it becomes
+    ``quant_state.dtype``, what a dequantize returns) and the bias is stored in it; None: a float32
+    weight, the bias in the compute dtype (4-bit) or float16 (8-bit).
     """
     gen = torch.Generator().manual_seed(seed)
     if weight is None:
@@ -293,7 +296,7 @@ def make_base_layer(
         # That CPU-only path is not the one under test (CUDA has none); keep the standard layout.
         layer.support_avx512bf16_for_cpu = False
         layer.weight = bnb.nn.Params4bit(
-            weight.to(weight_dtype), requires_grad=False, blocksize=blocksize,
+            weight.to(weight_dtype or torch.float32), requires_grad=False, blocksize=blocksize,
             compress_statistics=double_quant, quant_type=quant_type, module=layer,
         )
     elif bits == 8:
@@ -302,7 +305,8 @@ def make_base_layer(
     else:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if b is not None:
-        layer.bias = nn.Parameter(b.to(compute_dtype if bits == 4 else torch.float16), requires_grad=False)
+        b_dtype = weight_dtype or (compute_dtype if bits == 4 else torch.float16)
+        layer.bias = nn.Parameter(b.to(b_dtype), requires_grad=False)
     layer = layer.to(device)
     return layer
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,10 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128)
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the float weight handed to bitsandbytes
+# the storage dtype of a base (the checkpoint's ``from_pretrained(torch_dtype=...)``), separate from the compute dtype
+STORAGE_DTYPES = WEIGHT_DTYPES
 SHAPES = ((64, 48), (48, 64), (64, 64), (96, 40))  # (in_features, out_features): square and not
+ORIENTATION_SHAPES = (SHAPES[0], SHAPES[2])  # clauses whose delta/rotation orientation matters: non-square, square
 RANKS = (1, 4, 8)
 ALPHAS = (1.0, 8.0, 16.0)
 OFT_BLOCK_SIZES = (4, 8, 16)
@@ -58,11 +61,15 @@ class BaseCase:
     double_quant: bool = False
     compute_dtype: torch.dtype = torch.float32
     bias: bool = True
+    #: storage dtype (``quant.make_base_layer``'s ``weight_dtype``); None: float32 weight, today's bias dtype
+    weight_dtype: torch.dtype | None = None
 
     def kwargs(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("in_features")
         d.pop("out_features")
+        if self.weight_dtype is None:
+            d.pop("weight_dtype")
         if self.bits == 8:
             for k in ("quant_type", "blocksize", "double_quant"):
                 d.pop(k)
@@ -71,6 +78,8 @@ class BaseCase:
     @property
     def label(self) -> str:
         dt = str(self.compute_dtype).removeprefix("torch.")
+        if self.weight_dtype is not None:
+            dt += "-stored-" + str(self.weight_dtype).removeprefix("torch.")
         if self.bits == 8:
             return f"int8-{self.in_features}x{self.out_features}-{dt}"
         dq = "-dq" if self.double_quant else ""
@@ -100,12 +109,24 @@ def base_cases(bits: int, *, dtypes: tuple[torch.dtype, ...] = (torch.float32,))
     return out
 
 
+def with_storage_dtypes(bases: Sequence[BaseCase]) -> list[BaseCase]:
+    """``bases`` with the storage-dtype axis combined in (not a product): case ``i`` gets
+    ``STORAGE_DTYPES[(i + i // 3) % 3]``, so over a list ordered by compute dtype (``base_cases``) every
+    run of nine consecutive cases meets every (compute dtype, storage dtype) pair."""
+    n = len(STORAGE_DTYPES)
+    return [replace(c, weight_dtype=STORAGE_DTYPES[(i + i // n) % n]) for i, c in enumerate(bases)]
+
+
 def adapter_cases(method: str) -> list[AdapterCase]:
-    """Non-trivial adapters (random B / non-identity R), with alpha != r and rsLoRA/COFT/Neumann variants."""
+    """Non-trivial adapters (random B / non-identity R), with alpha != r and rsLoRA/COFT/Neumann variants.
+
+    The first entry of each method is the plain one many clauses take; LoRA's last one has ``lora_bias``
+    (the forward and backprop oracles run it; an implementation without the capability skips it)."""
     if method == "lora":
         return [
             AdapterCase("lora", {"r": 4, "lora_alpha": 16.0, "init_lora_weights": False}),
             AdapterCase("lora", {"r": 8, "lora_alpha": 8.0, "init_lora_weights": False, "use_rslora": True}),
+            AdapterCase("lora", {"r": 4, "lora_alpha": 8.0, "init_lora_weights": False, "lora_bias": True}),
         ]
     if method == "oft":
         return [
@@ -131,11 +152,16 @@ class GradCase:
     adapter: AdapterCase
     mixed: bool = False
     second: AdapterCase | None = field(default=None, compare=False)
+    #: the base's storage dtype (``BaseCase.weight_dtype``)
+    weight_dtype: torch.dtype | None = None
+    #: the base's out_features (in_features is ``GRAD_IN_FEATURES``): non-square or square
+    out_features: int = GRAD_OUT_FEATURES
 
     @property
     def base(self) -> BaseCase:
         qt = self.quant_type if self.bits == 4 else "nf4"
-        return BaseCase(self.bits, GRAD_IN_FEATURES, GRAD_OUT_FEATURES, quant_type=qt, compute_dtype=self.dtype)
+        return BaseCase(self.bits, GRAD_IN_FEATURES, self.out_features, quant_type=qt, compute_dtype=self.dtype,
+                        weight_dtype=self.weight_dtype)
 
     def input_shape(self) -> tuple[int, ...]:
         return grad_input_shape(self.rank, self.batch)
@@ -191,13 +217,15 @@ def grad_matrix(method: str, bits: Sequence[int], *, mixed: bool = False) -> lis
     factors: dict[str, Sequence[Any]] = {
         "quant": quants_for(bits), "dtype": GRAD_DTYPES, "rank": MIXED_INPUT_RANKS if mixed else GRAD_INPUT_RANKS,
         "batch": (MIXED_BATCH_SIZE,) if mixed else GRAD_BATCH_SIZES, "xgrad": (True, False),
-        "adapter": range(len(adapters)),
+        "adapter": range(len(adapters)), "stored": STORAGE_DTYPES,
+        "out": tuple(o for i, o in ORIENTATION_SHAPES if i == GRAD_IN_FEATURES),
     }
     out = []
     for c in pairwise(factors, valid=lambda c: c["rank"] > 1 or c["batch"] == 1):
         (b, qt), a = c["quant"], c["adapter"]
         out.append(GradCase(method, b, qt, c["dtype"], c["rank"], c["batch"], c["xgrad"], adapters[a], mixed,
-                            second=adapters[(a + 1) % len(adapters)] if mixed else None))
+                            second=adapters[(a + 1) % len(adapters)] if mixed else None, weight_dtype=c["stored"],
+                            out_features=c["out"]))
     return out
 
 

@@ -28,8 +28,10 @@ def cpu_blocksize_ok(in_features: int, blocksize: int) -> bool:
 def base_cases(
     draw: st.DrawFn, bits: int | None = None, *, dtypes: tuple[torch.dtype, ...] = cases.COMPUTE_DTYPES,
     shapes: tuple[tuple[int, int], ...] = cases.SHAPES, cpu_safe: bool = True,
+    storage_dtypes: tuple[torch.dtype | None, ...] = (None,),
 ) -> cases.BaseCase:
-    """A quantized base layer description: bits, shape, quant type, blocksize, double quant, compute dtype.
+    """A quantized base layer description: bits, shape, quant type, blocksize, double quant, compute dtype,
+    and the storage dtype (``BaseCase.weight_dtype``) drawn from ``storage_dtypes`` (default: today's float32).
 
     ``cpu_safe`` keeps 4-bit cases to ``in_features % blocksize == 0`` (``cpu_blocksize_ok``).
     """
@@ -38,12 +40,13 @@ def base_cases(
         shapes = tuple(s for s in shapes if any(cpu_blocksize_ok(s[0], bs) for bs in cases.BLOCKSIZES))
     i, o = draw(st.sampled_from(shapes))
     dt = draw(st.sampled_from(dtypes))
+    wd = draw(st.sampled_from(storage_dtypes)) if len(storage_dtypes) > 1 else storage_dtypes[0]
     if b == 8:
-        return cases.BaseCase(8, i, o, compute_dtype=dt)
+        return cases.BaseCase(8, i, o, compute_dtype=dt, weight_dtype=wd)
     return cases.BaseCase(
         4, i, o, quant_type=draw(st.sampled_from(cases.QUANT_TYPES)),
         blocksize=draw(st.sampled_from([bs for bs in cases.BLOCKSIZES if not cpu_safe or cpu_blocksize_ok(i, bs)])),
-        double_quant=draw(st.booleans()), compute_dtype=dt,
+        double_quant=draw(st.booleans()), compute_dtype=dt, weight_dtype=wd,
     )
 
 

@@ -19,7 +19,8 @@ declare(
     "MERGE-FORWARD-BOUND", "MUST",
     "After merge() the layer's output matches the unmerged adapter forward within the analytic bound: one "
     "requantization (weight_bound of the merged layer) plus the merge and matmul rounding (hypothesis over shapes, "
-    "ranks, alphas != r, rsLoRA, OFT block sizes/sharing, quant types, blocksizes, double quant, compute dtypes).",
+    "ranks, alphas != r, rsLoRA, OFT block sizes/sharing, quant types, blocksizes, double quant, compute dtypes, "
+    "storage dtypes), and the merged quant state dequantizes to the merged weight within that requantization bound.",
     source=SOURCE_MERGE,
     area='merge',
 )
@@ -97,7 +98,8 @@ declare(
 declare(
     "MERGE-LORA-BIAS", "MUST",
     "With lora_bias=True, merge adds scaling * b_B to the base bias (the bias is part of B's output, scaled like it), "
-    "so the merged output matches the unmerged one also when lora_alpha != r.",
+    "so the merged output matches the unmerged one also when lora_alpha != r, and the merged layer's output is its "
+    "base's (the merged bias added once); fp32/fp16 compute, a bf16-stored base, square and non-square.",
     source="peft v0.21.2 src/peft/tuners/lora/layer.py Linear.merge ('base_layer.bias.data += "
     "self.lora_B[active_adapter].bias * self.scaling'); peft v0.21.2 src/peft/tuners/lora/bnb.py (4/8-bit add b_B "
     "without scaling)",
@@ -110,7 +112,9 @@ declare(
     "MERGE-KEEPS-QUANT-SETTINGS", "MUST",
     "merge() and unmerge() requantize with the original settings: layer type, quant type, blocksize, double quant, "
     "quant storage, weight dtype and compute dtype (4-bit), has_fp16_weights and threshold (8-bit) are unchanged "
-    "(unmerge() checked when the implementation declares unmerge).",
+    "(unmerge() checked when the implementation declares unmerge), on bases stored in fp32/fp16/bf16; the storage "
+    "dtypes (packed 4-bit storage, absmax, int8 weight, SCB, bias) are unchanged and the base stays a valid quantized "
+    "layer. Every merge clause checks the base the same way (conformance.quant.validate) after each merge/unmerge.",
     source=SOURCE_MERGE + "; peft v0.16-v0.20 src/peft/tuners/oft/bnb.py Linear4bit.merge ('Re-quantize to 4-bit "
     "with original parameters')",
     area='merge',

@@ -58,6 +58,7 @@ def _grad_case(ctx: CheckContext, case: GradCase, offset: int) -> float:
         (y * g).sum().backward()
     except Exception as exc:  # noqa: BLE001  (an implementation's exception is the finding)
         ctx.fail(f"{case.label}: forward/backward raised {type(exc).__name__}: {exc}")
+    _check_output(ctx, case, y, "")
     numerics.refresh_adapters(state, layer)
     active = list(params) if names is None else ["default"]
     exp = numerics.grad_expected(state, x, g, compute_dtype=case.dtype, names=names, active=active)
@@ -84,6 +85,13 @@ def _grad_case(ctx: CheckContext, case: GradCase, offset: int) -> float:
     return worst
 
 
+def _check_output(ctx: CheckContext, case: GradCase, y: torch.Tensor, mode: str) -> None:
+    """The output has the input's leading dims, ``out_features`` last and the input's dtype."""
+    want = (*case.input_shape()[:-1], case.base.out_features)
+    ctx.check(tuple(y.shape) == want and y.dtype == case.dtype,
+              f"{case.label}: output{mode} {tuple(y.shape)} {y.dtype}, expected {want} {case.dtype} (the input's)")
+
+
 def _run_matrix(ctx: CheckContext, mixed: bool) -> None:
     n = 0
     for method, bits in _method_bits(ctx):
@@ -93,6 +101,10 @@ def _run_matrix(ctx: CheckContext, mixed: bool) -> None:
             ratio = _grad_case(ctx, case, offset=100 * i)
             dt = str(case.dtype).removeprefix("torch.")
             ctx.measure_max(f"{method}.{dt}.worst_ratio", ratio)
+            if case.weight_dtype is not None:
+                ctx.measure_max(f"{method}.stored-{str(case.weight_dtype).removeprefix('torch.')}.worst_ratio", ratio)
+            if case.adapter.params.get("lora_bias"):
+                ctx.measure_max("lora_bias.worst_ratio", ratio)
             n += 1
     ctx.measure("cases", n)
 
@@ -139,6 +151,7 @@ def check_nograd_forward(ctx: CheckContext) -> None:
                 except Exception as exc:  # noqa: BLE001
                     after = " after inference_mode/no_grad forwards" if mode == "grad" else ""
                     ctx.fail(f"{case.label}: forward under {mode}{after} raised {type(exc).__name__}: {exc}")
+                _check_output(ctx, case, y, f" under {mode}")
                 if mode != "grad" and y.requires_grad:
                     ctx.fail(f"{case.label}: output under {mode} requires grad (it must not build a graph)")
                 outs[mode] = y.detach().clone() if mode == "grad" else y.clone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,7 +31,19 @@ def _x(ctx: CheckContext, lead: tuple[int, ...], n: int, dtype: torch.dtype, off
 
 
 def _forward_cases(bits: int) -> list[cases.BaseCase]:
-    return cases.base_cases(bits, dtypes=cases.COMPUTE_DTYPES)
+    """Every base case with every compute dtype, a square layer per compute dtype, the storage-dtype axis
+    combined in (``with_storage_dtypes``)."""
+    square = [cases.BaseCase(bits, *cases.ORIENTATION_SHAPES[1], compute_dtype=d) for d in cases.COMPUTE_DTYPES]
+    return cases.with_storage_dtypes(cases.base_cases(bits, dtypes=cases.COMPUTE_DTYPES) + square)
+
+
+def check_output(ctx: CheckContext, label: str, y: torch.Tensor, lead: tuple[int, ...], out_features: int,
+                 dtype: torch.dtype) -> None:
+    """A forward's output has the input's leading dims, ``out_features`` last and the input's dtype (as the
+    bitsandbytes base layer's own output has)."""
+    want = (*lead, out_features)
+    ctx.check(tuple(y.shape) == want and y.dtype == dtype,
+              f"{label}: output {tuple(y.shape)} {y.dtype}, expected {want} {dtype} (the input's dtype)")
 
 
 @check("FWD-INIT-IDENTITY")
@@ -78,17 +91,22 @@ def check_oracle(ctx: CheckContext) -> None:
                         y = layer(x)
                     label = (f"{acase.label} on {case.label} ({'train' if training else 'eval'}), "
                              f"input {tuple(x.shape)}")
-                    ctx.check(tuple(y.shape) == (*lead, case.out_features),
-                              f"{label}: output shape {tuple(y.shape)}, expected {(*lead, case.out_features)}")
-                    ctx.bounded(f"ratio.{method}.{bits}bit.{_dt(case.compute_dtype)}", exp.ratio(y),
+                    check_output(ctx, label, y, lead, case.out_features, case.compute_dtype)
+                    r = exp.ratio(y)
+                    if case.weight_dtype is not None:
+                        ctx.measure_max(f"ratio.{method}.{bits}bit.stored-{_dt(case.weight_dtype)}", r)
+                    if acase.params.get("lora_bias"):
+                        ctx.measure_max(f"ratio.lora_bias.{bits}bit", r)
+                    ctx.bounded(f"ratio.{method}.{bits}bit.{_dt(case.compute_dtype)}", r,
                                 lambda: f"{label}: output outside the oracle bound {exp.describe(y)}")
 
 
 @check("FWD-LORA-DELTA")
 def check_lora_delta(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
-        base_case = cases.BaseCase(bits)
-        for j, r in enumerate(cases.RANKS):
+        # a transposed delta has the right shape on the square layer and crashes on the non-square one
+        for shape, (j, r) in itertools.product(cases.ORIENTATION_SHAPES, enumerate(cases.RANKS)):
+            base_case = cases.BaseCase(bits, *shape)
             for alpha in cases.ALPHAS:
                 for rs in (False, True):
                     params: dict[str, Any] = {"r": r, "lora_alpha": alpha, "init_lora_weights": False,
@@ -102,7 +120,7 @@ def check_lora_delta(ctx: CheckContext) -> None:
                     want = numerics.Expected(numerics.lora_delta(tensors, s), numerics.lora_delta_error(tensors, s))
                     with torch.no_grad():
                         got = layer.get_delta_weight("default")
-                    label = f"lora r={r} alpha={alpha} rslora={rs} ({bits}-bit)"
+                    label = f"lora r={r} alpha={alpha} rslora={rs} ({bits}-bit, {shape[0]}->{shape[1]})"
                     ctx.check(tuple(got.shape) == (base_case.out_features, base_case.in_features),
                               f"{label}: delta shape {tuple(got.shape)}")
                     ctx.bounded("ratio.delta", want.ratio(got), lambda: (
@@ -124,7 +142,7 @@ def check_mixed_batch(ctx: CheckContext) -> None:
             with torch.no_grad():
                 y = layer(x, adapter_names=names)
             label = f"{method} on {case.label}"
-            ctx.check(tuple(y.shape) == (len(names), 2, case.out_features), f"{label}: shape {tuple(y.shape)}")
+            check_output(ctx, f"{label}, mixed batch", y, (len(names), 2), case.out_features, case.compute_dtype)
             for k, name in enumerate(names):
                 xs = x[k:k + 1]
                 with torch.no_grad():
@@ -150,25 +168,29 @@ def check_mixed_batch(ctx: CheckContext) -> None:
 def check_disabled(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
-        case = cases.BaseCase(bits)
-        base = _base(ctx, case)
-        layer = ctx.make_layer(base, method, **acase.params)
-        cases.fill_adapter(layer, "default", ctx.generator(3))
-        x = _x(ctx, (4,), case.in_features, case.compute_dtype)
-        with torch.no_grad():
-            y_on = layer(x)
-            layer.enable_adapters(False)
-            y_off = layer(x)
-            y_base = layer.base_layer(x)
-            layer.enable_adapters(True)
-            y_on2 = layer(x)
-            exp = numerics.layer_expected(layer, method, "default", acase.params, x)
-        label = f"{acase.label} on {case.label}"
-        if not torch.equal(y_off, y_base):
-            ctx.fail(f"{label}: disabled adapters still change the output "
-                     f"(max |diff| {(y_off.double() - y_base.double()).abs().max():.3g})")
-        ctx.check(not torch.equal(y_on, y_off), f"{label}: the adapter had no effect even when enabled")
-        ctx.check(exp.ratio(y_on2) <= 1.0, f"{label}: after enable_adapters(True): {exp.describe(y_on2)}")
+        square = cases.BaseCase(bits, *cases.ORIENTATION_SHAPES[1], compute_dtype=torch.float16,
+                                weight_dtype=torch.float16)
+        for case in (cases.BaseCase(bits), square):
+            base = _base(ctx, case)
+            layer = ctx.make_layer(base, method, **acase.params)
+            cases.fill_adapter(layer, "default", ctx.generator(3))
+            x = _x(ctx, (4,), case.in_features, case.compute_dtype)
+            with torch.no_grad():
+                y_on = layer(x)
+                layer.enable_adapters(False)
+                y_off = layer(x)
+                y_base = layer.base_layer(x)
+                layer.enable_adapters(True)
+                y_on2 = layer(x)
+                exp = numerics.layer_expected(layer, method, "default", acase.params, x)
+            label = f"{acase.label} on {case.label}"
+            for what, y in (("enabled", y_on), ("disabled", y_off), ("re-enabled", y_on2)):
+                check_output(ctx, f"{label} ({what})", y, (4,), case.out_features, case.compute_dtype)
+            if not torch.equal(y_off, y_base):
+                ctx.fail(f"{label}: disabled adapters still change the output "
+                         f"(max |diff| {(y_off.double() - y_base.double()).abs().max():.3g})")
+            ctx.check(not torch.equal(y_on, y_off), f"{label}: the adapter had no effect even when enabled")
+            ctx.check(exp.ratio(y_on2) <= 1.0, f"{label}: after enable_adapters(True): {exp.describe(y_on2)}")
 
 
 def _expect_error(

@@ -8,6 +8,7 @@ merge = dequantize -> apply -> requantize with the original settings).
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from conformance import numerics
 from conformance.quant import bounds as qbounds
 from conformance.quant import layers as qlayers
+from conformance.quant import validate as qvalidate
 from conformance.spec import cases, strategies
 from conformance.spec.catalog.merge import CYCLES, ROUNDING_WORDS
 from conformance.spec.clauses import check
@@ -39,7 +41,8 @@ def _property(ctx: CheckContext, max_examples: int) -> Callable[[Callable[..., N
 def _draw_case(ctx: CheckContext, data: st.DataObject) -> tuple[str, int, cases.BaseCase, dict[str, Any]]:
     pairs = list(ctx.cases())
     method, bits = data.draw(st.sampled_from(pairs), label="method, bits")
-    case = data.draw(strategies.base_cases(bits, cpu_safe=ctx.device == "cpu"), label="base")
+    case = data.draw(strategies.base_cases(bits, cpu_safe=ctx.device == "cpu", storage_dtypes=(None, *cases.STORAGE_DTYPES)),
+                     label="base")
     params = data.draw(strategies.adapter_params(method, case.in_features), label="adapter")
     return method, bits, case, params
 
@@ -58,6 +61,18 @@ def _build(ctx: CheckContext, method: str, case: cases.BaseCase, params: dict[st
     layer = ctx.make_layer(base, method, adapter_name=name, **params)
     cases.fill_adapter(layer, name, ctx.generator(seed))
     return layer
+
+
+def step(ctx: CheckContext, layer: torch.nn.Module, what: str, label: str, **kwargs: Any) -> None:
+    """``layer.merge(**kwargs)`` / ``layer.unmerge()``, then: the base is still a valid quantized layer with
+    what it had right before (``quant.validate``: layer type, packed storage, quant state, settings, dtypes)."""
+    before = qvalidate.expected_of(layer.base_layer, at_merge=True)
+    with recorded_warnings():
+        getattr(layer, what)(**kwargs)
+    if before is not None:
+        bad = qvalidate.problems(layer, before)
+        if bad:
+            ctx.fail(f"{label}: after {what}() the base is no valid quantized layer: " + "; ".join(bad))
 
 
 def _merged_expected(layer: torch.nn.Module, method: str, name: str, params: dict[str, Any], x: torch.Tensor,
@@ -82,13 +97,20 @@ def check_merge_forward(ctx: CheckContext) -> None:
             exp_u = numerics.layer_expected(layer, method, "default", params, x)
             y_u = layer(x)
             w0, b0 = numerics.base_weights(layer.base_layer)
-            with recorded_warnings():
-                layer.merge()
+            step(ctx, layer, "merge", label)
             ctx.check(bool(layer.merged), f"{label}: merged is False after merge()")
-            exp_m, _ = _merged_expected(layer, method, "default", params, x, w0, b0)
+            exp_m, err = _merged_expected(layer, method, "default", params, x, w0, b0)
+            wt = numerics.merge_target(layer, method, "default", params, w0, b0)[0]
+            w1, _ = numerics.base_weights(layer.base_layer)
             y_m = layer(x)
-        r_u, r_m = exp_u.ratio(y_u), exp_m.ratio(y_m)
         fam = f"{method}.{bits}bit"
+        r_w = numerics.observed(w1, wt, err)
+        ctx.bounded(f"ratio.merged_weight.{fam}", r_w, lambda: (
+            f"{label}: the merged quant state dequantizes {float((w1 - wt).abs().max()):.3g} away from the merged "
+            f"weight, beyond one requantization's bound (ratio {r_w:.3g})"))
+        r_u, r_m = exp_u.ratio(y_u), exp_m.ratio(y_m)
+        if case.weight_dtype is not None:
+            ctx.measure_max(f"ratio.merged.{fam}.stored-{str(case.weight_dtype).removeprefix('torch.')}", r_m)
         ctx.measure_max(f"ratio.merged.{fam}", r_m)  # recorded even when the unmerged check below fails
         ctx.bounded(f"ratio.unmerged.{fam}", r_u,
                     lambda: f"{label}: unmerged forward outside the oracle bound {exp_u.describe(y_u)}")
@@ -106,13 +128,11 @@ def check_merge_forward(ctx: CheckContext) -> None:
 def _roundtrip(ctx: CheckContext, layer: torch.nn.Module, method: str, params: dict[str, Any], label: str,
                w0: torch.Tensor, b0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """merge + unmerge; returns (|W2 - W0| bound, W2, b2) after checking the bookkeeping."""
-    with recorded_warnings():
-        layer.merge()
+    step(ctx, layer, "merge", label)
     wt, we, bt, be = numerics.merge_target(layer, method, "default", params, w0, b0)
     first = qbounds.weight_bound(layer.base_layer) + we
     w1, b1 = numerics.base_weights(layer.base_layer)
-    with recorded_warnings():
-        layer.unmerge()
+    step(ctx, layer, "unmerge", label)
     ctx.check(not layer.merged and list(layer.merged_adapters) == [],
               f"{label}: after unmerge() merged={layer.merged}, merged_adapters={list(layer.merged_adapters)}")
     bound = numerics.roundtrip_bound(layer, method, "default", params, first, w1, qbounds.weight_bound(layer.base_layer))
@@ -155,8 +175,12 @@ def check_roundtrip(ctx: CheckContext) -> None:
 def check_cycles(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
-        variants = ([cases.BaseCase(4, quant_type=q, double_quant=dq) for q in cases.QUANT_TYPES for dq in (False, True)]
-                    if bits == 4 else [cases.BaseCase(8)])
+        # quant types x double quant; square and non-square and the storage dtypes alternate over them
+        variants = ([cases.BaseCase(4, *cases.ORIENTATION_SHAPES[i % 2], quant_type=q, double_quant=dq,
+                                    weight_dtype=cases.STORAGE_DTYPES[i % len(cases.STORAGE_DTYPES)])
+                     for i, (q, dq) in enumerate(itertools.product(cases.QUANT_TYPES, (False, True)))]
+                    if bits == 4 else [cases.BaseCase(8), cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1],
+                                                                          weight_dtype=torch.bfloat16)])
         for case in variants:
             params = dict(acase.params)
             label = _label(method, case, params)
@@ -171,7 +195,7 @@ def check_cycles(ctx: CheckContext) -> None:
                     total = total + bound
                     first = bound if first is None else first
                     drift = (w_k - w0).abs()
-                    fam = f"{method}.{case.label.split('-b')[0]}"
+                    fam = f"{method}.{case.label.split(f'-b{case.blocksize}-')[0] if bits == 4 else case.label}"
                     ctx.measure_max(f"drift_over_cycle1_bound.{fam}.k{k}", numerics.max_ratio(drift, first))
                     ctx.measure_max(f"drift_max.{fam}.k{k}", float(drift.max()))
                     ratio = numerics.max_ratio(drift, total)
@@ -250,10 +274,10 @@ def check_unmerge_nothing(ctx: CheckContext) -> None:
 
 @check("MERGE-MULTI")
 def check_merge_multi(ctx: CheckContext) -> None:
-    for method, bits in ctx.cases():
+    for (method, bits), shape in itertools.product(list(ctx.cases()), cases.ORIENTATION_SHAPES):
         acase = cases.adapter_cases(method)[0]
-        case = cases.BaseCase(bits)
-        label = f"{method} {bits}-bit, active ['default', 'second']"
+        case = cases.BaseCase(bits, *shape)
+        label = f"{method} on {case.label}, active ['default', 'second']"
         # large OFT rotations: the merged order must match the forward order (rotations do not commute)
         scale = 6.0 if method == "oft" else 1.0
         layer = _build(ctx, method, case, dict(acase.params), seed=5)
@@ -285,8 +309,7 @@ def check_merge_multi(ctx: CheckContext) -> None:
                     (numerics.hypothetical_requant_bound(layer.base_layer, tb[0]) + tb[1]) @ ra.t().abs(),
                     (numerics.hypothetical_requant_bound(layer.base_layer, ta[0]) + ta[1]) @ rb.t().abs())
                 arith = ta[1] + tb[1] + numerics.U32 * target.abs()
-            with recorded_warnings():
-                layer.merge()
+            step(ctx, layer, "merge", label)
             merged = list(layer.merged_adapters)
             ctx.check(sorted(merged) == ["default", "second"],
                       f"{label}: merged_adapters after merge() is {merged}, expected both adapters once")
@@ -300,18 +323,17 @@ def check_merge_multi(ctx: CheckContext) -> None:
 
 @check("MERGE-SUBSET")
 def check_merge_subset(ctx: CheckContext) -> None:
-    for method, bits in ctx.cases():
+    for (method, bits), shape in itertools.product(list(ctx.cases()), cases.ORIENTATION_SHAPES):
         acase = cases.adapter_cases(method)[0]
-        case = cases.BaseCase(bits)
+        case = cases.BaseCase(bits, *shape)
         layer = _build(ctx, method, case, dict(acase.params), seed=7)
         layer.add_adapter("other", **acase.params)
         cases.fill_adapter(layer, "other", ctx.generator(8))
-        label = f"{method} {bits}-bit, active ['default'], merge(adapter_names=['other'])"
+        label = f"{method} on {case.label}, active ['default'], merge(adapter_names=['other'])"
         x = ctx.randn(4, case.in_features, offset=3)
         with torch.no_grad():
             w0, b0 = numerics.base_weights(layer.base_layer)
-            with recorded_warnings():
-                layer.merge(adapter_names=["other"])
+            step(ctx, layer, "merge", label, adapter_names=["other"])
             ctx.check(list(layer.merged_adapters) == ["other"],
                       f"{label}: merged_adapters is {list(layer.merged_adapters)}, expected ['other']")
             exp, _ = _merged_expected(layer, method, "other", acase.params, x, w0, b0)
@@ -321,23 +343,35 @@ def check_merge_subset(ctx: CheckContext) -> None:
                     lambda: f"{label}: the merged weights are not W0 + 'other' alone: {exp.describe(y)}")
 
 
+def _bias_cases(bits: int) -> list[cases.BaseCase]:
+    """MERGE-LORA-BIAS bases: compute dtypes, a bfloat16-stored base (its bias is bfloat16), square and not."""
+    if bits == 4:
+        return [cases.BaseCase(4, compute_dtype=torch.float32), cases.BaseCase(4, compute_dtype=torch.float16),
+                cases.BaseCase(4, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.bfloat16)]
+    return [cases.BaseCase(8), cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.bfloat16)]
+
+
 @check("MERGE-LORA-BIAS")
 def check_lora_bias(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
-        for dt in (torch.float32, torch.float16) if bits == 4 else (torch.float32,):
-            case = cases.BaseCase(bits, compute_dtype=dt)
+        for case in _bias_cases(bits):
+            dt = case.compute_dtype
             params = {"r": 4, "lora_alpha": 16.0, "init_lora_weights": False, "lora_bias": True}
             label = _label("lora", case, params)
             layer = _build(ctx, "lora", case, params, seed=9)
             x = ctx.randn(4, case.in_features, dtype=dt, offset=4)
             with torch.no_grad():
-                _ = layer(x)  # settles the bias dtype (bnb 8-bit casts it to the input dtype)
+                exp_u = numerics.layer_expected(layer, "lora", "default", params, x)
+                y_u = layer(x)  # also settles the bias dtype (bnb casts it to the input dtype)
                 w0, b0 = numerics.base_weights(layer.base_layer)
-                with recorded_warnings():
-                    layer.merge()
+                step(ctx, layer, "merge", label)
                 _, _, bt, be = numerics.merge_target(layer, "lora", "default", params, w0, b0)
                 _, b1 = numerics.base_weights(layer.base_layer)
                 assert bt is not None and be is not None and b1 is not None
+                exp_m, _ = _merged_expected(layer, "lora", "default", params, x, w0, b0)
+                exp_s = numerics.base_expected(layer.base_layer, x)  # the stored (merged) weights and bias, exactly
+                y_m = layer(x)
+
                 def unscaled() -> str:
                     bb = layer.adapter_parameters("default")["lora_B.bias"].detach().double().cpu()
                     return (f"{label}: merged bias is not b + scaling*b_B (scaling {numerics.lora_scaling(params)}): "
@@ -345,30 +379,54 @@ def check_lora_bias(ctx: CheckContext) -> None:
                             f"|b_merged - (b + b_B)| = {float((b1 - (b0 + bb)).abs().max()):.3g}")
 
                 ctx.bounded(f"ratio.bias.{bits}bit", numerics.observed(b1, bt, be), unscaled)
+            # the merged layer's output is the unmerged one's (a bias merged and still added, or merged
+            # but not added, shows here even when the stored bias is right)
+            gap = (y_m.double() - y_u.double()).abs().cpu().reshape(exp_u.bound.shape)
+            r = numerics.max_ratio(gap, exp_u.bound + exp_m.bound)
+            r_s = exp_s.ratio(y_m)
+            ctx.bounded(f"ratio.bias_merged_vs_stored.{bits}bit", r_s, lambda: (
+                f"{label}: the merged layer's output is not its base's (stored weights and merged bias): "
+                f"{exp_s.describe(y_m)}"))
+            ctx.bounded(f"ratio.bias_merged_vs_unmerged.{bits}bit", r, lambda: (
+                f"{label}: merged vs unmerged output differ by {gap.max():.3g}, beyond the sum of their bounds "
+                f"(ratio {r:.3g}); merged output vs its oracle: {exp_m.describe(y_m)}"))
+
+
+def _settings_cases(bits: int) -> list[cases.BaseCase]:
+    """MERGE-KEEPS-QUANT-SETTINGS bases: settings, compute and storage dtypes varied together, square and not."""
+    if bits == 4:
+        return [cases.BaseCase(4, quant_type=q, blocksize=bs, double_quant=dq, compute_dtype=dt, weight_dtype=wd)
+                for q, bs, dq, dt, wd in (("fp4", 32, True, torch.float16, torch.float16),
+                                          ("nf4", 128, False, torch.bfloat16, torch.float32),
+                                          ("fp4", 64, False, torch.float32, torch.bfloat16),
+                                          ("nf4", 64, True, torch.float32, torch.float16))]
+    return [cases.BaseCase(8), cases.BaseCase(8, weight_dtype=torch.bfloat16),
+            cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.float32)]
 
 
 @check("MERGE-KEEPS-QUANT-SETTINGS")
 def check_keeps_settings(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
-        if bits == 4:
-            variants = [cases.BaseCase(4, quant_type=q, blocksize=bs, double_quant=dq, compute_dtype=dt)
-                        for q, bs, dq, dt in (("fp4", 32, True, torch.float16), ("nf4", 128, False, torch.bfloat16),
-                                              ("fp4", 64, False, torch.float32))]
-        else:
-            variants = [cases.BaseCase(8)]
-        for case in variants:
+        for case in _settings_cases(bits):
             layer = _build(ctx, method, case, dict(acase.params))
             before = qlayers.quant_settings(layer.base_layer)
+            dtypes = qvalidate.stored_dtypes(layer.base_layer)
             cls = type(layer.base_layer)
-            for step in ("merge", "unmerge") if ctx.has("unmerge") else ("merge",):
+            for what in ("merge", "unmerge") if ctx.has("unmerge") else ("merge",):
+                label = f"{method} on {case.label} after {what}()"
                 with recorded_warnings():
-                    getattr(layer, step)()
-                after = qlayers.quant_settings(layer.base_layer)
-                label = f"{method} on {case.label} after {step}()"
+                    getattr(layer, what)()
                 ctx.check(type(layer.base_layer) is cls,
                           f"{label}: base layer became {type(layer.base_layer).__name__}, was {cls.__name__}")
+                after = qlayers.quant_settings(layer.base_layer)
                 changed = {k: (before[k], after.get(k)) for k in before if before[k] != after.get(k)}
                 if changed:
                     ctx.fail(f"{label}: quantization settings changed {changed}")
-
+                now = qvalidate.stored_dtypes(layer.base_layer)
+                moved = {k: (v, now.get(k)) for k, v in dtypes.items() if now.get(k) != v}
+                if moved:
+                    ctx.fail(f"{label}: storage dtypes changed {moved}")
+                bad = qvalidate.base_problems(layer.base_layer, qvalidate.Expected(bits, case.out_features,
+                                                                                   case.in_features))
+                ctx.check(not bad, f"{label}: the base is no valid quantized layer: {'; '.join(bad)}")

@@ -26,8 +26,9 @@ from torch import nn
 
 from conformance import numerics
 from conformance.quant import layers as qlayers
+from conformance.quant import validate as qvalidate
 from conformance.spec.cases import POISONS
-from conformance.spec.catalog.stateful import ADAPTERS, BASE, VALID
+from conformance.spec.catalog.stateful import ADAPTERS, BASE, MERGE, VALID
 from conformance.spec.interface import AdapterSpec
 
 from .config import MachineConfig, StepNotApplicable, allowed_variants, dtype_of, seed_for, variant_ok, variants
@@ -151,8 +152,10 @@ def train_step(d: Driver, a: Args) -> None:
 def merge(d: Driver, a: Args) -> None:
     names = a["adapter_names"]
     todo = [n for n in (d.model.active if names is None else names) if n not in d.model.merged]
+    before = qvalidate.expected_of(d.layer.base_layer, at_merge=True)
     d.call("merge", lambda: d.layer.merge(safe_merge=a["safe_merge"], adapter_names=None if names is None
                                           else list(names)))
+    _still_valid(d, before, "merge")
     got = list(d.layer.merged_adapters)[len(d.model.merged):]
     if sorted(got) == sorted(todo) and got != todo:
         # the order of application is the implementation's (the reference merges OFT adapters in reverse
@@ -166,6 +169,13 @@ def merge(d: Driver, a: Args) -> None:
         d.after_requant(todo, +1, "merge")
     else:
         d.check_base()
+
+
+def _still_valid(d: Driver, before: qvalidate.Expected | None, what: str) -> None:
+    """After a merge/unmerge the base is a valid quantized layer with what it had before (``quant.validate``)."""
+    bad = [] if before is None else qvalidate.problems(d.layer, before)
+    if bad:
+        d.fail(MERGE, f"after {what} the base is no valid quantized layer: " + "; ".join(bad))
 
 
 def _draw_merge(data: st.DataObject, d: Driver) -> Args:
@@ -189,7 +199,9 @@ def _accepts_merge(d: Driver, a: Args) -> bool:
 
 def unmerge(d: Driver, a: Args) -> None:
     names = list(reversed(d.model.merged))
+    before = qvalidate.expected_of(d.layer.base_layer, at_merge=True)
     d.call("unmerge", d.layer.unmerge)
+    _still_valid(d, before, "unmerge")
     d.model.merged = []
     d.check_flags()
     d.after_requant(names, -1, "unmerge")
