@@ -45,8 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.impls.library import LibraryImplementation
 from conformance.quant.layers import bits_of
-from conformance.spec.interface import AdapterSpec, ImplementationBase, ImplementationUnsupported
+from conformance.spec.interface import AdapterSpec, ImplementationUnsupported
 
 INSTALL = ("pip install --no-deps litgpt==0.5.13 lightning lightning-utilities torchmetrics tqdm pyyaml "
            "safetensors psutil==7.2.2 (in a venv of its own: LitGPT caps huggingface-hub below what transformers needs)")
@@ -283,20 +284,8 @@ class LitgptAdapterLayer(nn.Module):
         return f"litgpt {self._version}, adapter {self.adapter_name!r}"
 
 
-class LitgptImplementation(ImplementationBase):
+class LitgptImplementation(LibraryImplementation):
     """The installed LitGPT's ``LoRALinear`` over bitsandbytes layers (see the module docstring)."""
 
     name = "litgpt"
-
-    def __init__(self) -> None:
-        self._api = LitgptApi()
-        self.capabilities = self._api.capabilities()
-        #: capability (or option) -> why this LitGPT does not support it
-        self.unsupported: dict[str, str] = dict(self._api.unsupported)
-        self.limitations: dict[str, str] = {}
-
-    def version(self) -> str:
-        return self._api.version
-
-    def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
-        return self._api.build(base_layer, spec)
+    api_class = LitgptApi

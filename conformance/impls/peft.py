@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.impls.library import LibraryImplementation
 from conformance.quant.layers import bits_of
 from conformance.reference.lora import LoraConfig as _RefLoraConfig
 from conformance.reference.oft import OftConfig as _RefOftConfig
-from conformance.spec.interface import AdapterSpec, ImplementationBase, ImplementationUnsupported
+from conformance.spec.interface import AdapterSpec, ImplementationUnsupported
 
 ALL_CAPABILITIES = frozenset(
     {"lora", "oft", "4bit", "8bit", "unmerge", "safe_merge", "multi_adapter", "mixed_batch", "rslora", "lora_bias",
@@ -348,21 +349,11 @@ class PeftAdapterLayer(nn.Module):
         return f"peft {self._api.version}, method={self.method}"
 
 
-class PeftImplementation(ImplementationBase):
+class PeftImplementation(LibraryImplementation):
     """The installed PEFT's LoRA/OFT layers for bitsandbytes (version-aware, see the module docstring)."""
 
     name = "peft"
-
-    def __init__(self) -> None:
-        self._api = PeftApi()
-        self.capabilities = self._api.capabilities()
-        #: capability (or option) -> why this PEFT version does not support it
-        self.unsupported: dict[str, str] = dict(self._api.unsupported)
-        #: known per-method gaps that are passed through to PEFT (e.g. no mixed batches for OFT)
-        self.limitations: dict[str, str] = dict(self._api.limitations)
-
-    def version(self) -> str:
-        return self._api.version
+    api_class = PeftApi
 
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
         from conformance.impls.reference import cast_adapter
