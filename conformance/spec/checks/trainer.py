@@ -143,8 +143,12 @@ def make_peft_model(model: nn.Module, method: str, arch: str) -> nn.Module:
 
 
 def make_trainer(model: nn.Module, dataset: list[dict[str, torch.Tensor]] | None = None,
-                 max_steps: int = TRAIN_STEPS, learning_rate: float | None = None) -> Any:
-    """A real ``transformers.Trainer`` on the CPU: no saving, no reporting, no progress output."""
+                 max_steps: int = TRAIN_STEPS, learning_rate: float | None = None, eval_steps: int = 0) -> Any:
+    """A real ``transformers.Trainer`` on the CPU: no saving, no reporting, no progress output.
+
+    With ``eval_steps`` it also evaluates on the training data every ``eval_steps`` steps; set in
+    ``TrainingArguments`` (4.x releases ignore ``eval_strategy`` assigned after construction).
+    """
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
     learning_rate = LEARNING_RATE if learning_rate is None else learning_rate
@@ -154,10 +158,11 @@ def make_trainer(model: nn.Module, dataset: list[dict[str, torch.Tensor]] | None
         per_device_train_batch_size=len(dataset) if dataset else 4, learning_rate=learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, report_to=[], use_cpu=True,
         save_strategy="no", logging_strategy="steps", logging_steps=1, disable_tqdm=True, seed=0,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, **({"eval_strategy": "steps", "eval_steps": eval_steps} if eval_steps else {}),
     )
+    train = dataset or tinymodels.as_dataset(tinymodels.fixed_batch())
     with tinymodels.quiet_transformers():  # the validator logs warnings (FPQuant, MXFP4 is_trainable)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset or tinymodels.as_dataset(tinymodels.fixed_batch()))
+        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=train if eval_steps else None)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     return trainer
@@ -320,12 +325,9 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
     before = _param_bytes(model)
     loss_before = _probe_loss(model, batch)
     try:
-        trainer = make_trainer(model, dataset, max_steps=TRAIN_STEPS)
+        trainer = make_trainer(model, dataset, max_steps=TRAIN_STEPS, eval_steps=eval_steps)
     except ValueError as exc:
         ctx.fail(f"{label}: Trainer rejected a quantized model with {method} adapters: {_short(str(exc))!r}")
-    if eval_steps:
-        trainer.args.eval_strategy, trainer.args.eval_steps = "steps", eval_steps
-        trainer.eval_dataset = dataset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
@@ -335,7 +337,8 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
     ctx.measure_max(f"repacked_4bit_layers.{method}.{bits}bit", float(repacked))
     steps = [h for h in trainer.state.log_history if "loss" in h and "grad_norm" in h]
     if eval_steps:
-        evals = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
+        # "eval_runtime", not "eval_loss": 4.x Trainers find no label names on a PeftModel and log no eval loss
+        evals = [h["step"] for h in trainer.state.log_history if "eval_runtime" in h]
         ctx.check(bool(evals), f"{label}: the Trainer did not evaluate (eval_strategy='steps')")
     losses = [h["loss"] for h in steps]
     ctx.check(len(steps) == TRAIN_STEPS, f"{label}: expected {TRAIN_STEPS} logged steps, got {len(steps)}")
