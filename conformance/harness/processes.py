@@ -181,6 +181,10 @@ class _Server(Workers):
         try:
             first = self._next(load_timeout_s)
             if first is None:
+                try:  # its stdout closes a moment before the exit status is there to read
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
                 if self.proc.poll() is None:
                     raise LoadError(f"implementation {opts.impl!r} did not load within {load_timeout_s:.0f}s")
                 raise LoadError(f"implementation {opts.impl!r} could not be loaded (worker "
