@@ -208,6 +208,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    from conformance.harness import join, report
+
+    for option, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path and (err := _check_writable(path, option)):
+            return _usage(err)
+    try:
+        doc = join.join([(path, report.load(path)) for path in args.reports])
+    except (report.ReportError, join.JoinError) as exc:
+        return _usage(str(exc))
+    text = join.markdown(doc)
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    if args.markdown:
+        Path(args.markdown).write_text(text, encoding="utf-8")
+    if not (args.json or args.markdown):
+        print(text, end="")
+    else:
+        cols = doc["columns"]
+        print(f"joined {len(args.reports)} reports: {len(doc['clauses'])} clauses x {len(cols)} columns "
+              f"({', '.join(c['id'] for c in cols)}); {len(join.findings(doc))} findings; wrote "
+              + ", ".join(p for p in (args.json, args.markdown) if p))
+    return EXIT_OK
+
+
 def cmd_markdown(args: argparse.Namespace) -> int:
     from conformance.harness import report
 
@@ -269,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("new")
     k.add_argument("--drift", type=float, default=0.25, help="relative change of a measurement worth listing")
     k.set_defaults(func=cmd_compare)
+
+    j = sub.add_parser("join", help="several JSON reports side by side: clause x implementation@version, "
+                       "outcome per cell, the findings (Markdown on stdout unless --json/--markdown)")
+    j.add_argument("reports", nargs="+", metavar="REPORT.json")
+    j.add_argument("--json", metavar="OUT.json", help="write the joined table as JSON")
+    j.add_argument("--markdown", metavar="OUT.md", help="write the joined table as Markdown")
+    j.set_defaults(func=cmd_join)
 
     m = sub.add_parser("markdown", help="render a JSON report as Markdown")
     m.add_argument("report")

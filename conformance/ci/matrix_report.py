@@ -14,8 +14,8 @@ from typing import Any
 
 from .matrix import CELLS, Cell
 
-MARKS = {"passed": "pass", "failed": "FAIL", "error": "ERROR", "skipped": "skip", "xfailed": "xfail",
-         "xpassed": "XPASS"}
+from conformance.harness.join import MARKS  # noqa: E402  (one set of marks for every joined table)
+
 #: the versions a cell's column lists (cell.json "installed", else the report's environment)
 VERSIONS = ("torch", "bitsandbytes", "peft", "transformers", "accelerate", "huggingface_hub")
 CELL_FILES = ("cell.json", "conformance.json", "clone.json")  # what a full cell writes
