@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import sessions
 
             return getattr(sessions, opts.cmd)(opts, rest)
+        if opts.cmd in ("impl", "compare_impls"):
+            from . import impls
+
+            return getattr(impls, opts.cmd)(opts, rest)
         if opts.cmd == "gpu":
             from . import gpu
 

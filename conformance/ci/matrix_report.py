@@ -12,9 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .matrix import CELLS, Cell
-
 from conformance.harness.join import MARKS  # noqa: E402  (one set of marks for every joined table)
+
+from .matrix import CELLS, Cell
 
 #: the versions a cell's column lists (cell.json "installed", else the report's environment)
 VERSIONS = ("torch", "bitsandbytes", "peft", "transformers", "accelerate", "huggingface_hub")
