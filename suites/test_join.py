@@ -111,3 +111,9 @@ def test_cli_join_writes_json_and_markdown(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "conformance", "join", str(bad)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "not a conformance report" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_matrix_report_uses_the_same_marks() -> None:
+    from conformance.ci import matrix_report
+
+    assert matrix_report.MARKS == join.MARKS
