@@ -405,3 +405,31 @@ def test_accept_qat_fails_without_qat_exemption(monkeypatch: pytest.MonkeyPatch)
 def test_full_training_matrix(arch: str, method: str, bits: int) -> None:
     ctx = CheckContext(impl=EnvImpl(), clause=clauses.get("TRAINER-PEFT-TRAINS"))
     tc.train_and_check(ctx, arch, method, bits)
+
+
+def _oft_unbuildable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEFT 0.20.0 on bnb: get_peft_model(OFT) raises TypeError (Linear4bit.__init__() missing 'config')."""
+    original = tc.make_peft_model
+
+    def make(model: torch.nn.Module, method: str, arch: str) -> torch.nn.Module:
+        if method == "oft":
+            raise TypeError("Linear4bit.__init__() missing 1 required positional argument: 'config'")
+        return original(model, method, arch)
+
+    monkeypatch.setattr(tc, "make_peft_model", make)
+
+
+def test_an_unbuildable_method_fails_its_family_and_hides_no_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    _oft_unbuildable(monkeypatch)
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "oft", "8bit", "peft_model"}))
+    assert res.outcome == "failed", res.message
+    assert res.measurements["families"]["lora/8bit"] == "passed"
+    assert "get_peft_model(oft) raised TypeError" in res.measurements["families"]["oft/8bit"]
+
+
+def test_not_trainable_checks_the_pure_model_when_adapters_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    _oft_unbuildable(monkeypatch)
+    res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"oft", "4bit", "peft_model"}))
+    assert res.outcome == "passed", res.message
+    assert "get_peft_model(oft) raised TypeError" in res.measurements["not_built.oft"]
+    assert any("not checked with adapters" in n for n in res.measurements["notes"])
