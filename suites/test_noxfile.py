@@ -399,6 +399,14 @@ def test_matrix_report_joins_cells(tmp_path: Path, capsys: pytest.CaptureFixture
     assert (tmp_path / "matrix.md").read_text().startswith("# Conformance matrix")
     assert ci_main(["matrix_report", "--in", str(tmp_path / "nothing")]) == 1
     assert "no cell reports" in capsys.readouterr().err
+    peft_axis = [c for c in mx.CELLS if "peft-axis" in c.tags]
+    tagged = join(tmp_path, peft_axis)  # one axis: the bnb-only cell is left out, the other axis cells not run
+    assert list(tagged["cells"]) == [c.id for c in peft_axis if c.id in (old.id, bnb[2].id)]
+    assert bnb[0].id not in tagged["cells"] and bnb[0].id not in tagged["not_run"]
+    assert set(tagged["not_run"]) == {c.id for c in peft_axis} - {old.id, bnb[2].id}
+    assert ci_main(["matrix_report", "--in", str(tmp_path), "--tag", "peft-axis"]) == 0
+    assert bnb[0].id not in (tmp_path / "matrix.md").read_text()
+    assert ci_main(["matrix_report", "--in", str(tmp_path), "--tag", "no-such-tag"]) == 1
 
 
 # ------------------------------------------------------------------------------------------------

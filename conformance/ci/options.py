@@ -75,6 +75,7 @@ def build() -> argparse.ArgumentParser:
     mr = add("matrix_report", "join reports/matrix/<cell>/ into reports/matrix/matrix.{json,md}")
     mr.add_argument("--in", dest="root", default="reports/matrix", help="directory of cell directories")
     mr.add_argument("--save", default=None, metavar="NAME", help="also copy to baselines/matrix/NAME.{json,md}")
+    mr.add_argument("--tag", default=None, help="only the cells with this tag (e.g. peft-axis); others are left out")
 
     im = add("impl", "one implementation in its own environment (.nox/impl-NAME) -> reports/impls/NAME.{json,md}")
     im.add_argument("name", metavar="NAME", help="implementation with its own environment, e.g. litgpt")
