@@ -17,6 +17,7 @@ import nox
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # conformance.ci is stdlib-only: nox's interpreter needs no torch for it
 from conformance.ci.cell import skip_reason  # noqa: E402
+from conformance.ci.impls import IMPL_ENVS  # noqa: E402
 from conformance.ci.matrix import CELLS, cell  # noqa: E402
 
 nox.options.sessions = ["tests"]
@@ -68,6 +69,19 @@ def matrix(session: nox.Session, cell_id: str) -> None:
 def matrix_report(session: nox.Session) -> None:
     """Join reports/matrix/<cell>/ into one table (reports/matrix/matrix.{json,md}); --save NAME copies it to baselines/matrix/."""
     _ci(session, "matrix_report")
+
+
+@nox.session(venv_backend="none")
+@nox.parametrize("name", [nox.param(n, id=n) for n in IMPL_ENVS])
+def impl(session: nox.Session, name: str) -> None:
+    """An implementation in its own environment (.nox/impl-<name>, its pins) -> reports/impls/<name>.{json,md}."""
+    _ci(session, "impl", name)
+
+
+@nox.session(venv_backend="none")
+def compare_impls(session: nox.Session) -> None:
+    """reference+peft here, litgpt in .nox/impl-litgpt, joined: reports/impls/comparison.{json,md}."""
+    _ci(session, "compare_impls")
 
 
 @nox.session(venv_backend="none")

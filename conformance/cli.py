@@ -63,13 +63,45 @@ def _check_writable(path: str, option: str) -> str | None:
     return None
 
 
+def parse_impls(impls: list[str], pythons: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(targets, interpreter per target) from ``--impl NAME[@PYTHON]`` and ``--python NAME=PYTHON``.
+
+    ValueError (a usage error) for an empty name or path, or two interpreters for one name.
+    """
+    targets, where = [], {}
+
+    def put(name: str, python: str, option: str) -> None:
+        if not name or not python:
+            raise ValueError(f"{option}: expected NAME@PYTHON / NAME=PYTHON with both parts, got {option!r}")
+        if where.get(name, python) != python:
+            raise ValueError(f"{name} is given two interpreters: {where[name]} and {python}")
+        where[name] = python
+
+    for spec in impls:
+        name, sep, python = spec.partition("@")
+        if sep:
+            put(name, python, f"--impl {spec}")
+        targets.append(name)
+    for spec in pythons:
+        name, sep, python = spec.partition("=")
+        if not sep:
+            raise ValueError(f"--python {spec}: expected NAME=PATH (e.g. litgpt=.nox/impl-litgpt/bin/python)")
+        put(name, python, f"--python {spec}")
+        if name not in targets:
+            raise ValueError(f"--python {spec}: no --impl {name} to run in it")
+    return targets, where
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from conformance.harness import runner
     from conformance.harness import xfails as xf
 
     from .spec.clauses import select
 
-    impls = args.impl or [os.environ.get("CONFORMANCE_IMPL") or "reference"]
+    try:
+        impls, pythons = parse_impls(args.impl or [os.environ.get("CONFORMANCE_IMPL") or "reference"], args.python)
+    except ValueError as exc:
+        return _usage(str(exc))
     for option, value in (("--examples", args.examples), ("--steps", args.steps)):
         if value is not None and value < 1:
             return _usage(f"{option} must be at least 1, got {value}")
@@ -104,8 +136,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as stack:
             loaded = []
             for name in impls:  # all load first: a bad --impl is a usage error before anything runs
-                print(f"loading implementation {name!r} ...", file=sys.stderr, flush=True)
-                loaded.append(stack.enter_context(runner.open_implementation(name, config)))
+                where = f" in {pythons[name]}" if name in pythons else ""
+                print(f"loading implementation {name!r}{where} ...", file=sys.stderr, flush=True)
+                loaded.append(stack.enter_context(
+                    runner.open_implementation(name, config, python=pythons.get(name, sys.executable))))
                 infos.append(loaded[-1].info)
             for impl in loaded:
                 print(f"running {len(chosen)} clauses for {impl.info.name} {impl.info.version} on {args.device}",
@@ -137,6 +171,9 @@ def _finish(args: argparse.Namespace, chosen: list, impls: list[str], infos: lis
     not_run = [{"clause": c.id, "implementation": n} for n in names for c in chosen if (c.id, n) not in done]
     doc = report.build(results, chosen, infos, fingerprint(args.device), command=shlex.join(sys.argv),
                        not_run=not_run if interrupted else None)
+    for info in infos:  # an implementation run in its own interpreter: where, and what is installed there
+        if info.python:
+            doc["implementations"][info.name].update(python=info.python, packages=info.packages)
     if args.report:
         Path(args.report).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     if args.markdown:
@@ -171,6 +208,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    from conformance.harness import join, report
+
+    for option, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path and (err := _check_writable(path, option)):
+            return _usage(err)
+    try:
+        doc = join.join([(path, report.load(path)) for path in args.reports])
+    except (report.ReportError, join.JoinError) as exc:
+        return _usage(str(exc))
+    text = join.markdown(doc)
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    if args.markdown:
+        Path(args.markdown).write_text(text, encoding="utf-8")
+    if not (args.json or args.markdown):
+        print(text, end="")
+    else:
+        cols = doc["columns"]
+        print(f"joined {len(args.reports)} reports: {len(doc['clauses'])} clauses x {len(cols)} columns "
+              f"({', '.join(c['id'] for c in cols)}); {len(join.findings(doc))} findings; wrote "
+              + ", ".join(p for p in (args.json, args.markdown) if p))
+    return EXIT_OK
+
+
 def cmd_markdown(args: argparse.Namespace) -> int:
     from conformance.harness import report
 
@@ -199,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the spec's clauses against implementations and write reports")
     r.add_argument("--impl", action="append", default=[],
                    help="implementation: reference, peft, an entry point name, or package.module:attr "
-                        "(repeatable; default $CONFORMANCE_IMPL or reference)")
+                        "(repeatable; default $CONFORMANCE_IMPL or reference); NAME@PYTHON runs it in that "
+                        "interpreter (its own environment, e.g. .nox/impl-litgpt/bin/python)")
+    r.add_argument("--python", action="append", default=[], metavar="NAME=PATH",
+                   help="run --impl NAME's workers in the interpreter PATH (same as --impl NAME@PATH)")
     r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     r.add_argument("--clauses", action="append", default=[], metavar="PATTERN",
                    help="glob over clause IDs, e.g. 'MERGE-*' (repeatable)")
@@ -229,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("new")
     k.add_argument("--drift", type=float, default=0.25, help="relative change of a measurement worth listing")
     k.set_defaults(func=cmd_compare)
+
+    j = sub.add_parser("join", help="several JSON reports side by side: clause x implementation@version, "
+                       "outcome per cell, the findings (Markdown on stdout unless --json/--markdown)")
+    j.add_argument("reports", nargs="+", metavar="REPORT.json")
+    j.add_argument("--json", metavar="OUT.json", help="write the joined table as JSON")
+    j.add_argument("--markdown", metavar="OUT.md", help="write the joined table as Markdown")
+    j.set_defaults(func=cmd_join)
 
     m = sub.add_parser("markdown", help="render a JSON report as Markdown")
     m.add_argument("report")

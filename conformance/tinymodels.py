@@ -119,8 +119,23 @@ def _loaded(arch: str, bits: int, quant_type: str, double_quant: bool, compute_d
         return _model_class(arch).from_pretrained(
             saved_model_dir(arch, seed), quantization_config=bnb_config(
                 bits, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype),
-            device_map="cpu", dtype=torch.float32, local_files_only=True,
+            device_map="cpu", local_files_only=True, **dtype_kwarg(torch.float32),
         )
+
+
+#: First transformers release whose ``from_pretrained`` takes ``dtype=`` (earlier ones: ``torch_dtype=``,
+#: and pass an unknown ``dtype`` on to the model config, which rejects it).
+DTYPE_KWARG_SINCE = (4, 56)
+
+
+def dtype_kwarg(dtype: torch.dtype, version: str | None = None) -> dict[str, torch.dtype]:
+    """``{"dtype": dtype}`` or, before transformers 4.56, ``{"torch_dtype": dtype}`` (the installed release's name)."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    release = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    return {"dtype" if release >= DTYPE_KWARG_SINCE else "torch_dtype": dtype}
 
 
 def load_quantized(arch: str, bits: int, *, quant_type: str = "nf4", double_quant: bool = False,

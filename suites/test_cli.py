@@ -69,6 +69,13 @@ def _report(tmp_path: Path, name: str, outcome: str) -> Path:
     (["run", "--report", "BLOCKED/r.json"], 2),
     (["run", "--examples", "0"], 2),
     (["compare", "MISSING", "MISSING"], 2),
+    (["join", "OLD", "NEW"], 0),
+    (["join", "OLD", "MISSING"], 2),
+    (["join", "OLD", "--json", "BLOCKED/j.json"], 2),
+    (["run", "--impl", "x@MISSING"], 2),
+    (["run", "--impl", "x@"], 2),
+    (["run", "--impl", "x", "--python", "y=MISSING"], 2),
+    (["run", "--impl", "x@A", "--python", "x=B"], 2),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_cli_answers_without_importing_torch(tmp_path: Path, args: list[str], code: int) -> None:
     subst = {"OLD": str(_report(tmp_path, "old.json", "passed")), "NEW": str(_report(tmp_path, "new.json", "failed")),
@@ -184,3 +191,36 @@ def test_terminal_table_columns_line_up(tmp_path: Path) -> None:
     row = lines[2].split()
     assert row[0] == "x" and row[1 + report.OUTCOMES.index("inconclusive")] == "1"
     assert lines[-1] == "not run (interrupted): 1"
+
+
+def test_impl_at_python_parsing() -> None:
+    from conformance.cli import parse_impls
+
+    assert parse_impls(["reference", "litgpt@/e/bin/python"], []) == (["reference", "litgpt"],
+                                                                       {"litgpt": "/e/bin/python"})
+    assert parse_impls(["litgpt"], ["litgpt=/e/bin/python"]) == (["litgpt"], {"litgpt": "/e/bin/python"})
+    assert parse_impls(["pkg.mod:attr@/e/py"], []) == (["pkg.mod:attr"], {"pkg.mod:attr": "/e/py"})
+    for impls, pythons, words in [(["x@"], [], "both parts"), (["x"], ["x"], "NAME=PATH"),
+                                  (["x@/a"], ["x=/b"], "two interpreters"), (["x"], ["y=/b"], "no --impl y")]:
+        with pytest.raises(ValueError, match=words):
+            parse_impls(impls, pythons)
+
+
+def test_run_names_the_fix_for_an_interpreter_without_conformance(tmp_path: Path) -> None:
+    """An interpreter that exists but cannot import conformance: exit 2 with the pip command.
+
+    The runner finds this checkout through sys.path, not PYTHONPATH, so the other interpreter
+    (the system python, in an empty folder) does not see it."""
+    base = shutil.which("python3", path="/usr/bin:/bin")
+    if base is None or subprocess.run([base, "-c", "import conformance"], cwd=tmp_path, capture_output=True,
+                                      env={"PATH": "/usr/bin:/bin"}).returncode == 0:
+        pytest.skip("no system python3 without conformance here")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+            f"from conformance.cli import main; sys.exit(main(['run', '--impl', 'reference@{base}']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert f"interpreter {base} cannot import conformance" in proc.stderr
+    assert f"{base} -m pip install --no-deps -e " in proc.stderr
+    assert "Traceback" not in proc.stderr

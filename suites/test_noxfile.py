@@ -6,6 +6,7 @@ Cheap: no session is run and nothing is installed (``nox -l`` and one ``nox -s t
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import re
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from conformance.ci import cell as ci_cell
-from conformance.ci import envs, regress, sessions
+from conformance.ci import envs, impls, regress, sessions
 from conformance.ci import matrix as mx
 from conformance.ci.__main__ import main as ci_main
 from conformance.ci.baselines import newest_baseline
@@ -29,8 +30,9 @@ from conformance.ci.steps import Steps
 pytestmark = pytest.mark.cpu_only
 
 ROOT = Path(__file__).resolve().parents[1]
-SESSIONS = ("tests", "report", "lint", "gpu", "matrix_report", "regress", "bench", "compare", "stateful")
-COMMANDS = (*SESSIONS, "matrix", "list")
+SESSIONS = ("tests", "report", "lint", "gpu", "matrix_report", "regress", "bench", "compare", "stateful",
+            "compare_impls")
+COMMANDS = (*SESSIONS, "matrix", "list", "impl")
 GPU_LABELS = ["self-hosted", "linux", "x64", "gpu"]
 
 
@@ -55,13 +57,15 @@ def test_nox_lists_every_session_with_a_description(nox_list: dict[str, str]) ->
         assert len(nox_list[name]) > 20, f"session {name} has no real docstring: {nox_list[name]!r}"
     for c in mx.CELLS:
         assert c.session in nox_list, f"matrix cell {c.session} missing from nox -l"
+    for name in impls.IMPL_ENVS:
+        assert f"impl({name})" in nox_list, f"impl({name}) missing from nox -l"
 
 
 def test_noxfile_sessions_only_call_the_package() -> None:
     """Every session body is a call of `conformance.ci` (matrix: plus its skip); no helper logic."""
     tree = ast.parse((ROOT / "noxfile.py").read_text())
     funcs = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
-    assert set(funcs) == {*SESSIONS, "matrix", "_ci"}, sorted(funcs)
+    assert set(funcs) == {*SESSIONS, "matrix", "impl", "_ci"}, sorted(funcs)
     for name, f in funcs.items():
         if name == "_ci":
             continue
@@ -395,6 +399,14 @@ def test_matrix_report_joins_cells(tmp_path: Path, capsys: pytest.CaptureFixture
     assert (tmp_path / "matrix.md").read_text().startswith("# Conformance matrix")
     assert ci_main(["matrix_report", "--in", str(tmp_path / "nothing")]) == 1
     assert "no cell reports" in capsys.readouterr().err
+    peft_axis = [c for c in mx.CELLS if "peft-axis" in c.tags]
+    tagged = join(tmp_path, peft_axis)  # one axis: the bnb-only cell is left out, the other axis cells not run
+    assert list(tagged["cells"]) == [c.id for c in peft_axis if c.id in (old.id, bnb[2].id)]
+    assert bnb[0].id not in tagged["cells"] and bnb[0].id not in tagged["not_run"]
+    assert set(tagged["not_run"]) == {c.id for c in peft_axis} - {old.id, bnb[2].id}
+    assert ci_main(["matrix_report", "--in", str(tmp_path), "--tag", "peft-axis"]) == 0
+    assert bnb[0].id not in (tmp_path / "matrix.md").read_text()
+    assert ci_main(["matrix_report", "--in", str(tmp_path), "--tag", "no-such-tag"]) == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -437,3 +449,45 @@ def test_installed_versions_asks_the_interpreter() -> None:
 
     got = installed_versions(sys.executable, ("pytest", "no-such-distribution-xyz"))
     assert got == {"pytest": version("pytest"), "no-such-distribution-xyz": None}
+
+
+def test_staged_installs_run_in_order_and_count_in_the_digest(fake_pip: list[list[str]]) -> None:
+    spec = envs.EnvSpec("staged", ("torch==1.0",), then=(("--no-deps", "litgpt==0.1"), ("--no-deps", "-e", ".")))
+    envs.ensure(spec)
+    assert fake_pip[1:] == [["install", "torch==1.0"], ["install", "--no-deps", "litgpt==0.1"],
+                            ["install", "--no-deps", "-e", "."]]
+    assert spec.digest() != envs.EnvSpec("staged", ("torch==1.0",), then=(("--no-deps", "litgpt==0.2"),)).digest()
+    envs.ensure(spec)
+    assert len(fake_pip) == 4, "same stages: nothing installed"
+
+
+def test_litgpt_environment_pins() -> None:
+    spec = impls.impl_env("litgpt")
+    assert spec.path.name == "impl-litgpt" and spec.constraints == (mx.CPU_CONSTRAINTS,)
+    assert spec.requirements == (f"torch=={mx.CPU_TORCH}", "bitsandbytes==0.50.2")
+    assert ("--no-deps", *impls.LITGPT_PINS) in spec.then and spec.then[-1] == ("--no-deps", "-e", ".")
+    assert all("==" in p for p in impls.LITGPT_PINS) and "litgpt==0.5.13" in impls.LITGPT_PINS
+    with pytest.raises(CIError, match="known: litgpt"):
+        impls.impl_env("nothing")
+
+
+def test_compare_impls_runs_each_environment_then_joins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(impls, "OUT", tmp_path)
+    monkeypatch.setattr(impls.envs, "ensure", lambda spec, fresh=False: f"/envs/{spec.name}/bin/python")
+
+    def run(cmd: list[str], env: dict[str, str] | None = None) -> int:
+        calls.append(cmd)
+        if "--report" in cmd:
+            Path(cmd[cmd.index("--report") + 1]).write_text("{}")
+        return 1 if "peft" in cmd else 0
+
+    monkeypatch.setattr(impls, "run", run)
+    assert impls.compare_impls(argparse.Namespace(fresh=False), ["--clauses", "FWD-*"]) == 0  # a finding is not a crash
+    main = f"/envs/cpu-torch{mx.CPU_TORCH}/bin/python"
+    assert calls[0][:7] == [main, "-m", "conformance", "run", "--impl", "reference", "--impl"]
+    assert calls[1][:6] == [main, "-m", "conformance", "run", "--impl", "litgpt@/envs/impl-litgpt/bin/python"]
+    assert all(c[-2:] == ["--clauses", "FWD-*"] for c in calls[:2])
+    assert calls[2][:4] == [main, "-m", "conformance", "join"]
+    assert calls[2][4:6] == [str(tmp_path / "main.json"), str(tmp_path / "litgpt.json")]
+    assert calls[2][-4:] == ["--json", f"{tmp_path / 'comparison'}.json", "--markdown", f"{tmp_path / 'comparison'}.md"]

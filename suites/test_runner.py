@@ -215,3 +215,51 @@ def test_fingerprint_names_the_sources_that_ran(tmp_path: Path, monkeypatch: pyt
     assert len(first) == 12 and first != second
     env = {"suite_version": "0.1.0", "suite_git_sha": "abc-dirty", "suite_source_sha256": second}
     assert f"(sources {second})" in report._fmt_env(env)
+
+
+def _other_interpreter(tmp_path: Path) -> str:
+    """This interpreter under another path (a wrapper script): to the runner, another environment."""
+    script = tmp_path / "env" / "bin" / "python"
+    script.parent.mkdir(parents=True)
+    script.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_implementation_runs_in_the_interpreter_given(tmp_path: Path) -> None:
+    python = _other_interpreter(tmp_path)
+    with runner.open_implementation("reference", python=python) as loaded:
+        assert loaded.info.python == python
+        assert loaded.info.packages["torch"] and loaded.info.packages["python"] == sys.version.split()[0]
+        (res,) = loaded.run([get("LAYER-PROTOCOL-SURFACE")], lambda m: None)
+    assert res.outcome == "passed", res.message
+    with runner.open_implementation("reference") as here:  # this interpreter: nothing recorded
+        assert here.info.python == "" and here.info.packages == {}
+
+
+@pytest.mark.parametrize("content, mode, words", [
+    (None, 0, "does not exist"),
+    ("", 0o644, "not executable"),
+    ("#!/bin/sh\necho 'boom' >&2\nexit 3\n", 0o755, "cannot run the suite's workers (boom)"),
+], ids=["missing", "not-executable", "fails"])
+def test_a_bad_interpreter_is_a_usage_error_before_any_worker(tmp_path: Path, content: str | None, mode: int,
+                                                              words: str) -> None:
+    python = tmp_path / "python"
+    if content is not None:
+        python.write_text(content)
+        python.chmod(mode)
+    python = str(python)
+    with pytest.raises(runner.UsageError, match=re.escape(words)):
+        with runner.open_implementation("reference", python=python):
+            pass
+
+
+def test_cli_report_records_the_other_interpreter(tmp_path: Path) -> None:
+    python = _other_interpreter(tmp_path)
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "conformance", "run", "--impl", f"reference@{python}", "--clauses",
+                           "LAYER-PROTOCOL-SURFACE", "--report", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"in {python}" in proc.stderr
+    impl = json.loads(out.read_text())["implementations"]["reference"]
+    assert impl["python"] == python and impl["packages"]["bitsandbytes"]

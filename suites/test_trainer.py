@@ -29,7 +29,9 @@ from conformance.spec.interface import ImplementationBase
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 import transformers.trainer as hf_trainer  # noqa: E402
-from transformers.trainer_utils import validate_quantization_for_training as ORIGINAL_VALIDATOR  # noqa: E402
+
+#: transformers 5.x's validator function; None on 4.x, whose Trainer.__init__ checks inline.
+ORIGINAL_VALIDATOR = getattr(hf_trainer, "validate_quantization_for_training", None)
 
 ALL_CAPS = frozenset({"lora", "oft", "4bit", "8bit", "peft_model"})
 
@@ -55,6 +57,13 @@ class EnvImpl(ImplementationBase):
 
 def run(clause_id: str, caps: frozenset[str] = ALL_CAPS) -> Result:
     return run_clause(clauses.get(clause_id), EnvImpl(caps))
+
+
+def set_validator(monkeypatch: pytest.MonkeyPatch, fn: object) -> None:
+    """Replace the Trainer's quantized-model validator (5.x); on 4.x, where it is inline, the test is skipped."""
+    if ORIGINAL_VALIDATOR is None:
+        pytest.skip(f"transformers {transformers.__version__} checks inline in Trainer.__init__: nothing to patch")
+    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", fn)
 
 
 def no_validator(model: object) -> None:
@@ -103,8 +112,55 @@ def test_skipped_without_peft_model_capability() -> None:
 def test_validator_location_recorded() -> None:
     loc = tc.validator_location()
     assert loc["transformers"] == transformers.__version__
-    assert "validate_quantization_for_training" in loc["validator"]
-    assert loc["called_from"].startswith("transformers/trainer.py:")
+    assert "missing" not in loc
+    if ORIGINAL_VALIDATOR is not None:
+        assert "validate_quantization_for_training" in loc["validator"]
+        assert loc["called_from"].startswith("transformers/trainer.py:")
+    else:
+        assert loc["validator"].startswith("transformers/trainer.py:") and "inline" in loc["validator"]
+
+
+def _inline_init(self: object, model: object = None) -> None:
+    """A 4.x-style Trainer.__init__ that checks inline (its source is what validator_location reads)."""
+    if getattr(model, "is_quantized", False):
+        raise ValueError("You cannot perform fine-tuning on purely quantized models.")
+
+
+def _unchecked_init(self: object, model: object = None) -> None:
+    """A Trainer.__init__ without any quantized-model check."""
+
+
+def test_validator_location_finds_an_inline_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(hf_trainer, "validate_quantization_for_training", raising=False)
+    monkeypatch.setattr(hf_trainer.Trainer, "__init__", _inline_init)
+    loc = tc.validator_location()
+    assert "missing" not in loc
+    assert "inline in Trainer.__init__" in loc["validator"]
+    first, last = (int(x) for x in loc["validator"].split(":")[1].split(" ")[0].split("-"))
+    assert first < last  # from the is_quantized test to the rejection
+
+
+@pytest.mark.parametrize("cid", TRAINER_IDS)
+def test_skipped_with_reason_where_transformers_has_no_check(monkeypatch: pytest.MonkeyPatch, cid: str) -> None:
+    monkeypatch.delattr(hf_trainer, "validate_quantization_for_training", raising=False)
+    monkeypatch.setattr(hf_trainer.Trainer, "__init__", _unchecked_init)
+    res = run(cid, frozenset({"lora", "4bit", "peft_model"}))
+    assert res.outcome == "skipped", (res.outcome, res.message)
+    assert "no quantized-model check" in res.message and transformers.__version__ in res.message
+
+
+@pytest.mark.parametrize(("version", "key"), [("4.53.3", "torch_dtype"), ("4.55.4", "torch_dtype"),
+                                              ("4.56.0", "dtype"), ("4.57.6", "dtype"), ("5.24.0", "dtype")])
+def test_dtype_argument_by_release(version: str, key: str) -> None:
+    assert tinymodels.dtype_kwarg(torch.float16, version) == {key: torch.float16}
+
+
+def test_dtype_argument_is_the_one_the_installed_release_honours() -> None:
+    """The saved tiny model is float32; the argument's name is right iff the loaded one is bfloat16."""
+    with tinymodels.quiet_transformers():
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            tinymodels.saved_model_dir("llama"), local_files_only=True, **tinymodels.dtype_kwarg(torch.bfloat16))
+    assert model.lm_head.weight.dtype == torch.bfloat16
 
 
 # -- tinymodels --------------------------------------------------------------------------------
@@ -140,13 +196,25 @@ def test_not_trainable_rejected_here() -> None:
     res = run("TRAINER-REJECT-NOT-TRAINABLE")
     assert res.outcome == "passed", res.message
     checked = res.measurements["quantizers_checked"]
-    assert "fp_quant" in checked  # QAT-trainable but not trainable: still rejected
+    assert checked
+    if "fp_quant" in registered_quantizers():  # transformers >= 4.54
+        assert "fp_quant" in checked  # QAT-trainable but not trainable: still rejected
 
 
 def test_qat_accepted_here() -> None:
     res = run("TRAINER-ACCEPT-QAT")
     assert res.outcome == "passed", res.message
-    assert any(t.startswith("fp_quant") for t in res.measurements["quantizers_checked"])
+    checked = res.measurements["quantizers_checked"]
+    if "fp_quant" in registered_quantizers():
+        assert any(t.startswith("fp_quant") for t in checked)
+    else:  # transformers 4.53: BitNet's online AutoBitLinear is the QAT quantizer
+        assert any(t.startswith("bitnet") for t in checked)
+
+
+def registered_quantizers() -> set[str]:
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    return set(AUTO_QUANTIZER_MAPPING)
 
 
 def test_compiled_finding_here() -> None:
@@ -167,6 +235,30 @@ def test_compiled_finding_here() -> None:
             assert way in res.message
 
 
+def test_compiled_crash_and_unbuildable_way_hide_no_other_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Trainer() that crashes on one way counts as not accepted; a way that cannot be built is noted only."""
+    def crashing(model: object) -> None:
+        if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):  # type: ignore[attr-defined]
+            raise KeyError("_orig_mod")
+        ORIGINAL_VALIDATOR(model)
+
+    set_validator(monkeypatch, crashing)
+    ways = tc._compile_ways()
+
+    def unbuildable(arch: str, bits: int, method: str, seed: int) -> torch.nn.Module:
+        raise NotImplementedError("cannot build this here")
+
+    monkeypatch.setattr(tc, "_compile_ways", lambda: {**ways, "unbuildable way": (True, unbuildable)})
+    res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "peft_model"}))
+    assert res.outcome in ("passed", "failed"), res.message
+    assert "unbuildable way" in res.measurements["unbuildable_ways"]
+    assert "NotImplementedError" in res.measurements["unbuildable_ways"]["unbuildable way"][0]
+    crashed = res.measurements["rejected_ways"]["peft_model.compile()"]
+    assert any("crashed: KeyError" in r for r in crashed)
+    assert res.measurements["rejected_ways"]["torch.compile(model)"] == ["torch.compile"]
+    assert "peft_model.compile()" not in res.measurements["slipped_ways"]
+
+
 def test_eval_then_train_here() -> None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first evaluation: a finding."""
     from bitsandbytes.functional import has_avx512bf16
@@ -182,7 +274,7 @@ def test_eval_then_train_here() -> None:
 
 # -- each clause can fail (and the failing ones can pass) ----------------------------------------
 def test_purely_quantized_fails_without_validator(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", no_validator)
+    set_validator(monkeypatch, no_validator)
     res = run("TRAINER-REJECT-PURELY-QUANTIZED", frozenset({"lora", "8bit", "peft_model"}))
     assert res.outcome == "failed" and "accepted a purely quantized model" in res.message
 
@@ -191,7 +283,7 @@ def test_purely_quantized_fails_on_wrong_message(monkeypatch: pytest.MonkeyPatch
     def vague(model: object) -> None:
         raise ValueError("cannot train this")
 
-    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", vague)
+    set_validator(monkeypatch, vague)
     res = run("TRAINER-REJECT-PURELY-QUANTIZED", frozenset({"lora", "4bit", "peft_model"}))
     assert res.outcome == "failed" and "does not name 'purely quantized'" in res.message
 
@@ -265,20 +357,20 @@ def test_eval_then_train_passes_without_cpu_repacking(monkeypatch: pytest.Monkey
 
 
 def test_compiled_fails_without_validator(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", no_validator)
+    set_validator(monkeypatch, no_validator)
     res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "peft_model"}))
     assert res.outcome == "failed" and "torch.compile(model)" in res.measurements["slipped_ways"]
 
 
 def test_compiled_passes_with_strict_validator(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", strict_compile_validator)
+    set_validator(monkeypatch, strict_compile_validator)
     res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "oft", "4bit", "8bit", "peft_model"}))
     assert res.outcome == "passed", res.message
     assert res.measurements["slipped_ways"] == []
 
 
 def test_not_trainable_fails_without_trainability_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", rule1_only_validator)
+    set_validator(monkeypatch, rule1_only_validator)
     res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"lora", "4bit", "peft_model"}))
     # the QAT-but-untrainable fp_quant is now rejected by the wrong rule; with adapters, nothing rejects
     assert res.outcome == "failed", res.message
@@ -294,13 +386,13 @@ def test_not_trainable_fails_on_wrong_message(monkeypatch: pytest.MonkeyPatch) -
             raise ValueError("no")
         ORIGINAL_VALIDATOR(model)
 
-    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", terse)
+    set_validator(monkeypatch, terse)
     res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"lora", "4bit", "peft_model"}))
     assert res.outcome == "failed" and "does not support training" in res.message
 
 
 def test_accept_qat_fails_without_qat_exemption(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hf_trainer, "validate_quantization_for_training", rule1_only_validator)
+    set_validator(monkeypatch, rule1_only_validator)
     res = run("TRAINER-ACCEPT-QAT", frozenset({"lora", "4bit", "peft_model"}))
     assert res.outcome == "failed" and "QAT-trainable" in res.message
 
@@ -313,3 +405,31 @@ def test_accept_qat_fails_without_qat_exemption(monkeypatch: pytest.MonkeyPatch)
 def test_full_training_matrix(arch: str, method: str, bits: int) -> None:
     ctx = CheckContext(impl=EnvImpl(), clause=clauses.get("TRAINER-PEFT-TRAINS"))
     tc.train_and_check(ctx, arch, method, bits)
+
+
+def _oft_unbuildable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEFT 0.20.0 on bnb: get_peft_model(OFT) raises TypeError (Linear4bit.__init__() missing 'config')."""
+    original = tc.make_peft_model
+
+    def make(model: torch.nn.Module, method: str, arch: str) -> torch.nn.Module:
+        if method == "oft":
+            raise TypeError("Linear4bit.__init__() missing 1 required positional argument: 'config'")
+        return original(model, method, arch)
+
+    monkeypatch.setattr(tc, "make_peft_model", make)
+
+
+def test_an_unbuildable_method_fails_its_family_and_hides_no_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    _oft_unbuildable(monkeypatch)
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "oft", "8bit", "peft_model"}))
+    assert res.outcome == "failed", res.message
+    assert res.measurements["families"]["lora/8bit"] == "passed"
+    assert "get_peft_model(oft) raised TypeError" in res.measurements["families"]["oft/8bit"]
+
+
+def test_not_trainable_checks_the_pure_model_when_adapters_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    _oft_unbuildable(monkeypatch)
+    res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"oft", "4bit", "peft_model"}))
+    assert res.outcome == "passed", res.message
+    assert "get_peft_model(oft) raised TypeError" in res.measurements["not_built.oft"]
+    assert any("not checked with adapters" in n for n in res.measurements["notes"])

@@ -29,9 +29,13 @@ def _matrix_report(opts) -> int:  # noqa: ANN001
     from .matrix_report import join, markdown
 
     root = Path(opts.root)
-    doc = join(root)
+    cells = None if opts.tag is None else [c for c in CELLS if opts.tag in c.tags]
+    if cells == []:
+        raise CIError(f"no cell has tag {opts.tag!r}")
+    doc = join(root, cells)
     if not doc["cells"]:
-        raise CIError(f"no cell reports under {root}: run `nox -t bnb-axis` (or one matrix cell) first")
+        raise CIError(f"no cell reports under {root}" + (f" with tag {opts.tag}" if opts.tag else "")
+                      + ": run `nox -t bnb-axis` (or one matrix cell) first")
     js, md = root / "matrix.json", root / "matrix.md"
     js.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     md.write_text(markdown(doc), encoding="utf-8")
@@ -53,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import sessions
 
             return getattr(sessions, opts.cmd)(opts, rest)
+        if opts.cmd in ("impl", "compare_impls"):
+            from . import impls
+
+            return getattr(impls, opts.cmd)(opts, rest)
         if opts.cmd == "gpu":
             from . import gpu
 

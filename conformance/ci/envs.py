@@ -37,13 +37,16 @@ HEARTBEAT_S = 30.0
 @dataclass(frozen=True)
 class EnvSpec:
     """What one environment holds: ``requirements`` (pip arguments: pins, ``-e .[extras]``),
-    ``constraints`` (files passed with ``-c``), ``pip_options`` (``--extra-index-url`` etc.)."""
+    ``constraints`` (files passed with ``-c``), ``pip_options`` (``--extra-index-url`` etc.);
+    ``then``: further ``pip install`` argument lists run after the first, in order (e.g. a
+    ``--no-deps`` install of pins whose declared dependencies conflict with the environment's)."""
 
     name: str
     requirements: tuple[str, ...]
     constraints: tuple[Path, ...] = ()
     pip_options: tuple[str, ...] = ()
     base_python: str = field(default_factory=lambda: sys.executable)
+    then: tuple[tuple[str, ...], ...] = ()
 
     @property
     def path(self) -> Path:
@@ -62,8 +65,10 @@ class EnvSpec:
     def digest(self) -> str:
         h = hashlib.sha256()
         # the real interpreter, not the spelling: nox runs venv/bin/python3, a shell venv/bin/python
-        for part in (os.path.realpath(self.base_python), *self.pip_args(), *(c.read_text(encoding="utf-8") for c in self.constraints),
-                     project_table() if any(r.startswith((".", "-e")) for r in self.requirements) else ""):
+        later = [a for step in self.then for a in ("--then", *step)]
+        editable = any(r.startswith((".", "-e")) for r in (*self.requirements, *later))
+        for part in (os.path.realpath(self.base_python), *self.pip_args(), *later,
+                     *(c.read_text(encoding="utf-8") for c in self.constraints), project_table() if editable else ""):
             h.update(part.encode() + b"\0")
         return h.hexdigest()[:16]
 
@@ -131,6 +136,8 @@ def ensure(spec: EnvSpec, *, fresh: bool = False) -> str:
     stamp.unlink(missing_ok=True)  # an interrupted install must not pass as done
     t0 = time.perf_counter()
     pip(spec.python, ["install", *spec.pip_args()], label=spec.name)
+    for step in spec.then:
+        pip(spec.python, ["install", *step], label=spec.name)
     seconds = round(time.perf_counter() - t0, 1)
     stamp.write_text(json.dumps({"digest": digest, "pip_args": spec.pip_args(), "install_seconds": seconds,
                                  "installed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},

@@ -14,8 +14,10 @@ from typing import Any
 
 from .matrix import CELLS, Cell
 
-MARKS = {"passed": "pass", "failed": "FAIL", "error": "ERROR", "skipped": "skip", "xfailed": "xfail",
-         "xpassed": "XPASS"}
+#: the marks of ``conformance.harness.join`` (stdlib only here, so a copy; suites/test_join.py keeps them equal)
+MARKS = {"passed": "pass", "failed": "FAIL", "error": "ERROR", "skipped": "skip", "inconclusive": "INCONCL",
+         "xfailed": "xfail", "xpassed": "XPASS"}
+
 #: the versions a cell's column lists (cell.json "installed", else the report's environment)
 VERSIONS = ("torch", "bitsandbytes", "peft", "transformers", "accelerate", "huggingface_hub")
 CELL_FILES = ("cell.json", "conformance.json", "clone.json")  # what a full cell writes
@@ -73,11 +75,14 @@ def join(root: str | Path, cells: Iterable[Cell] | None = None) -> dict[str, Any
     """Join every cell directory under ``root`` (reports/matrix/) into one document.
 
     Columns are the cells found on disk plus the matrix cells that have no directory (shown as
-    "not run"), in matrix order; rows are (implementation, clause) and the clone verdict."""
+    "not run"), in matrix order; rows are (implementation, clause) and the clone verdict. With
+    ``cells`` (e.g. one axis), only those cells: other directories under ``root`` are left out."""
     root = Path(root)
     found = {p.name: load_cell(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / "cell.json").is_file()
              or p.is_dir() and (p / "conformance.json").is_file()} if root.is_dir() else {}
     order = [c.id for c in (CELLS if cells is None else cells)]
+    if cells is not None:
+        found = {k: v for k, v in found.items() if k in order}
     ids = [i for i in order if i in found] + sorted(i for i in found if i not in order)
     not_run = [i for i in order if i not in found]
     impls = sorted({i for c in found.values() for i in c["outcomes"]}, key=lambda s: (s != "reference", s))

@@ -13,7 +13,8 @@ from .matrix import CELLS
 GPU_STEPS = ("pytest", "conformance", "clone_probe", "stateful", "bench")
 #: commands whose unknown arguments go to the wrapped tool
 FORWARDING = {"tests": "pytest", "report": "python -m conformance run", "bench": "python -m conformance.bench",
-              "compare": "python -m conformance.bench.compare", "stateful": "python -m conformance stateful"}
+              "compare": "python -m conformance.bench.compare", "stateful": "python -m conformance stateful",
+              "impl": "python -m conformance run", "compare_impls": "python -m conformance run"}
 
 
 def _fresh(p: argparse.ArgumentParser) -> None:
@@ -74,6 +75,15 @@ def build() -> argparse.ArgumentParser:
     mr = add("matrix_report", "join reports/matrix/<cell>/ into reports/matrix/matrix.{json,md}")
     mr.add_argument("--in", dest="root", default="reports/matrix", help="directory of cell directories")
     mr.add_argument("--save", default=None, metavar="NAME", help="also copy to baselines/matrix/NAME.{json,md}")
+    mr.add_argument("--tag", default=None, help="only the cells with this tag (e.g. peft-axis); others are left out")
+
+    im = add("impl", "one implementation in its own environment (.nox/impl-NAME) -> reports/impls/NAME.{json,md}")
+    im.add_argument("name", metavar="NAME", help="implementation with its own environment, e.g. litgpt")
+    im.add_argument("--plan", action="store_true", help="ensure the environment, print its python; exit")
+    _fresh(im)
+    ci = add("compare_impls", "reference+peft here, litgpt in .nox/impl-litgpt, joined side by side -> "
+             "reports/impls/comparison.{json,md}")
+    _fresh(ci)
 
     ls = add("list", "the matrix cells (Markdown table, or --json)")
     ls.add_argument("--json", action="store_true")

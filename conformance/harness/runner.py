@@ -42,6 +42,49 @@ class ImplInfo:
     version: str = "unknown"
     capabilities: list[str] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)
+    python: str = ""  # the interpreter its workers ran in, when not this one (``--impl NAME@PYTHON``)
+    packages: dict[str, str] = field(default_factory=dict)  # versions installed there (interpreter_packages)
+
+
+#: Packages whose versions describe an implementation's own environment (``--impl NAME@PYTHON``).
+ENV_PACKAGES = ("torch", "bitsandbytes", "transformers", "peft", "accelerate", "litgpt", "lightning",
+                "huggingface-hub")
+_PROBE = ("import json, sys\nfrom importlib import metadata\nimport conformance\n"
+          "import conformance.harness.worker, torch, bitsandbytes, hypothesis\nv = {}\n"
+          "for p in sys.argv[1:]:\n    try: v[p] = metadata.version(p)\n"
+          "    except metadata.PackageNotFoundError: pass\n"
+          "print(json.dumps({'conformance': conformance.__file__, 'python': sys.version.split()[0], 'packages': v}))")
+
+
+def interpreter_packages(python: str, timeout_s: float = 120.0) -> dict[str, str]:
+    """Versions of ENV_PACKAGES installed in ``python`` (plus ``python``); UsageError if it cannot run the suite.
+
+    The interpreter must exist, run, and import ``conformance`` (its workers run
+    ``python -m conformance.harness.worker``); the error says how to install it there.
+    """
+    import json
+    import shutil
+    import subprocess
+
+    path = shutil.which(python) if os.sep not in python else python
+    if not path or not os.path.isfile(path):
+        raise UsageError(f"interpreter {python} does not exist")
+    if not os.access(path, os.X_OK):
+        raise UsageError(f"interpreter {python} is not executable")
+    try:
+        proc = subprocess.run([path, "-c", _PROBE, *ENV_PACKAGES], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UsageError(f"interpreter {python} cannot be run: {exc}") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if "No module named 'conformance'" in proc.stderr:
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            raise UsageError(f"interpreter {python} cannot import conformance ({last}); install it there: "
+                             f"{python} -m pip install --no-deps -e {root}")
+        raise UsageError(f"interpreter {python} cannot run the suite's workers ({last}); install the suite's "
+                         f"dependencies there (torch, bitsandbytes, hypothesis)")
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"python": got["python"], **got["packages"]}
 
 
 Progress = Callable[[str], None]
@@ -179,13 +222,19 @@ def open_implementation(
     ``fork``: None uses a fork server where ``os.fork`` exists, False a fresh interpreter per batch.
     """
     config = config or RunConfig()
+    # abspath, not realpath: two venvs' interpreters are symlinks to one base interpreter
+    own = os.path.abspath(python) == os.path.abspath(sys.executable)
+    packages = {} if own else interpreter_packages(python)  # a clear UsageError before any worker starts
     with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
         try:
             workers = processes.start(config.options(impl), tmp, python, load_timeout_s, fork)
         except processes.LoadError as exc:
             raise UsageError(str(exc)) from None
+        info = _info(impl, workers.info)
+        if not own:
+            info.python, info.packages = python, packages
         try:
-            yield Implementation(workers, _info(impl, workers.info), config, tmp)
+            yield Implementation(workers, info, config, tmp)
         finally:
             workers.close()
 

@@ -5,9 +5,11 @@ they build whole tiny models (``conformance.tinymodels``), wrap them with ``peft
 and hand them to ``transformers.Trainer``. So they ``require`` the ``peft_model`` capability; an
 implementation that only builds layers (the reference) reports them skipped.
 
-Seed 004 quotes ``trainer.py:500-529`` of an older transformers. In the installed transformers
-(5.23.0) the same logic lives in ``transformers/trainer_utils.py:102-142``
-(``validate_quantization_for_training``), called from ``Trainer.__init__`` at ``trainer.py:456``.
+Seed 004 quotes ``trainer.py:500-529`` of an older transformers. In transformers 5.x the same
+logic lives in ``transformers/trainer_utils.py`` (``validate_quantization_for_training``, 5.23.0:
+lines 102-142), called from ``Trainer.__init__``; in 4.x (4.53-4.57) it is inline in
+``Trainer.__init__`` (4.57.6: ``trainer.py:539-568``). ``validator_location`` finds either; a
+release with neither reports the clauses skipped with that reason.
 Every check records the location it found at run time (``validator`` / ``called_from``) and the
 transformers version, so a report from another version says what it tested.
 
@@ -59,30 +61,64 @@ LEARNING_RATE = 1e-2
 
 
 # -- helpers (module level so suites can reuse and patch them) -------------------------------------
-def validator_location() -> dict[str, str]:
-    """Where the installed transformers checks quantized models, found at run time."""
-    import transformers
-    from transformers import trainer, trainer_utils
+#: Text of the purely-quantized rejection; where it appears is where the installed transformers checks.
+REJECTION_MARK = "purely quantized"
 
-    fn = trainer.validate_quantization_for_training
-    lines, start = inspect.getsourcelines(fn)
-    out = {
-        "transformers": transformers.__version__,
-        "validator": f"{fn.__module__.replace('.', '/')}.py:{start}-{start + len(lines) - 1} ({fn.__name__})",
-    }
+
+def _trainer_validator() -> Callable[..., Any] | None:
+    """The function the installed transformers' ``Trainer.__init__`` calls to check quantized models, if any.
+
+    transformers >= 5.0 has ``validate_quantization_for_training`` (``trainer_utils``, imported into
+    ``trainer``); 4.x release check inline in ``Trainer.__init__`` (no separate function).
+    """
+    from transformers import trainer
+
+    return getattr(trainer, "validate_quantization_for_training", None)
+
+
+def validator_location() -> dict[str, str]:
+    """Where the installed transformers checks quantized models, found at run time.
+
+    ``validator`` names the function (5.x) or the ``Trainer.__init__`` lines holding the check inline
+    (4.x); ``missing`` says why neither was found (then the trainer clauses are skipped).
+    """
+    import transformers
+    from transformers import trainer
+
+    out = {"transformers": transformers.__version__}
     init_lines, init_start = inspect.getsourcelines(trainer.Trainer.__init__)
-    for i, line in enumerate(init_lines):
-        if f"{fn.__name__}(" in line:
-            out["called_from"] = f"transformers/trainer.py:{init_start + i} (Trainer.__init__)"
-            break
-    if fn is not trainer_utils.validate_quantization_for_training:
-        out["note"] = "transformers.trainer.validate_quantization_for_training is patched"
+    fn = _trainer_validator()
+    if fn is not None:
+        lines, start = inspect.getsourcelines(fn)
+        out["validator"] = f"{fn.__module__.replace('.', '/')}.py:{start}-{start + len(lines) - 1} ({fn.__name__})"
+        for i, line in enumerate(init_lines):
+            if f"{fn.__name__}(" in line:
+                out["called_from"] = f"transformers/trainer.py:{init_start + i} (Trainer.__init__)"
+                break
+        from transformers import trainer_utils
+
+        if fn is not getattr(trainer_utils, fn.__name__, fn):
+            out["note"] = f"transformers.trainer.{fn.__name__} is patched"
+        return out
+    hits = [init_start + i for i, line in enumerate(init_lines) if REJECTION_MARK in line or "support training" in line]
+    if hits:
+        first = next((init_start + i for i, line in enumerate(init_lines[: hits[0] - init_start])
+                      if "is_quantized" in line), hits[0])
+        out["validator"] = f"transformers/trainer.py:{first}-{hits[-1]} (inline in Trainer.__init__)"
+        out["called_from"] = "transformers/trainer.py (Trainer.__init__, inline)"
+        return out
+    out["missing"] = (f"transformers {transformers.__version__} has no quantized-model check in Trainer "
+                      f"(no validate_quantization_for_training, no {REJECTION_MARK!r} rejection in Trainer.__init__)")
     return out
 
 
 def _record_source(ctx: CheckContext) -> None:
-    for key, value in validator_location().items():
+    """Record where the check lives; skip the clause when the installed transformers has none."""
+    where = validator_location()
+    for key, value in where.items():
         ctx.measure(key, value)
+    if "missing" in where:
+        ctx.skip(where["missing"])
 
 
 def peft_config(method: str, arch: str) -> Any:
@@ -106,9 +142,22 @@ def make_peft_model(model: nn.Module, method: str, arch: str) -> nn.Module:
         return peft.get_peft_model(model, peft_config(method, arch))
 
 
+def peft_model_or_why(model: nn.Module, method: str, arch: str) -> tuple[nn.Module | None, str]:
+    """(PEFT model, "") or (None, why ``get_peft_model`` raised): PEFT 0.20.0 cannot wrap a bnb layer with
+    OFT (``Linear4bit.__init__() missing ... 'config'``), which must not hide the other method's results."""
+    try:
+        return make_peft_model(model, method, arch), ""
+    except Exception as exc:  # noqa: BLE001 - whatever PEFT raises is the finding
+        return None, f"peft.get_peft_model({method}) raised {type(exc).__name__}: {_short(str(exc))}"
+
+
 def make_trainer(model: nn.Module, dataset: list[dict[str, torch.Tensor]] | None = None,
-                 max_steps: int = TRAIN_STEPS, learning_rate: float | None = None) -> Any:
-    """A real ``transformers.Trainer`` on the CPU: no saving, no reporting, no progress output."""
+                 max_steps: int = TRAIN_STEPS, learning_rate: float | None = None, eval_steps: int = 0) -> Any:
+    """A real ``transformers.Trainer`` on the CPU: no saving, no reporting, no progress output.
+
+    With ``eval_steps`` it also evaluates on the training data every ``eval_steps`` steps; set in
+    ``TrainingArguments`` (4.x releases ignore ``eval_strategy`` assigned after construction).
+    """
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
     learning_rate = LEARNING_RATE if learning_rate is None else learning_rate
@@ -118,10 +167,11 @@ def make_trainer(model: nn.Module, dataset: list[dict[str, torch.Tensor]] | None
         per_device_train_batch_size=len(dataset) if dataset else 4, learning_rate=learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, report_to=[], use_cpu=True,
         save_strategy="no", logging_strategy="steps", logging_steps=1, disable_tqdm=True, seed=0,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, **({"eval_strategy": "steps", "eval_steps": eval_steps} if eval_steps else {}),
     )
+    train = dataset or tinymodels.as_dataset(tinymodels.fixed_batch())
     with tinymodels.quiet_transformers():  # the validator logs warnings (FPQuant, MXFP4 is_trainable)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset or tinymodels.as_dataset(tinymodels.fixed_batch()))
+        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=train if eval_steps else None)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     return trainer
@@ -277,19 +327,18 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
     label = _label(arch, bits, method) + (f" (evaluating every {eval_steps} steps)" if eval_steps else "")
     batch = tinymodels.fixed_batch(seed=ctx.seed)
     dataset = tinymodels.as_dataset(batch)
-    model = make_peft_model(tinymodels.load_quantized(arch, bits, seed=ctx.seed), method, arch)
+    model, why = peft_model_or_why(tinymodels.load_quantized(arch, bits, seed=ctx.seed), method, arch)
+    if model is None:  # the user cannot train this combination with the installed PEFT: a failure, not a crash
+        ctx.fail(f"{label}: {why}")
     layers = tinymodels.bnb_layers(model)
     ctx.check(bool(layers), f"{label}: no bitsandbytes layers in the PEFT model")
     snaps = {name: quant.snapshot(layer) for name, layer in layers.items()}
     before = _param_bytes(model)
     loss_before = _probe_loss(model, batch)
     try:
-        trainer = make_trainer(model, dataset, max_steps=TRAIN_STEPS)
+        trainer = make_trainer(model, dataset, max_steps=TRAIN_STEPS, eval_steps=eval_steps)
     except ValueError as exc:
         ctx.fail(f"{label}: Trainer rejected a quantized model with {method} adapters: {_short(str(exc))!r}")
-    if eval_steps:
-        trainer.args.eval_strategy, trainer.args.eval_steps = "steps", eval_steps
-        trainer.eval_dataset = dataset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
@@ -299,7 +348,8 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
     ctx.measure_max(f"repacked_4bit_layers.{method}.{bits}bit", float(repacked))
     steps = [h for h in trainer.state.log_history if "loss" in h and "grad_norm" in h]
     if eval_steps:
-        evals = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
+        # "eval_runtime", not "eval_loss": 4.x Trainers find no label names on a PeftModel and log no eval loss
+        evals = [h["step"] for h in trainer.state.log_history if "eval_runtime" in h]
         ctx.check(bool(evals), f"{label}: the Trainer did not evaluate (eval_strategy='steps')")
     losses = [h["loss"] for h in steps]
     ctx.check(len(steps) == TRAIN_STEPS, f"{label}: expected {TRAIN_STEPS} logged steps, got {len(steps)}")
@@ -383,24 +433,45 @@ def _compile_ways() -> dict[str, tuple[bool, Callable[[str, int, str, int], nn.M
 
 @check("TRAINER-REJECT-COMPILED")
 def check_reject_compiled(ctx: CheckContext) -> None:
-    """Only builds the Trainer: no compiled forward runs (torch.compile is lazy)."""
+    """Only builds the Trainer: no compiled forward runs (torch.compile is lazy).
+
+    A way whose model the installed libraries cannot build is noted (``unbuildable_ways``) and hides
+    no other way; a ``Trainer()`` that crashes instead of raising the rule's ValueError counts as not
+    accepted, and its crash is recorded among ``rejected_ways`` (accelerate 1.12 raises
+    ``KeyError: '_orig_mod'`` on a PEFT model with a compiled sub-layer).
+    """
     _record_source(ctx)
     slipped: dict[str, list[str]] = {}
     reasons: dict[str, set[str]] = {}
+    unbuilt: dict[str, list[str]] = {}  # ways whose model cannot be built here: nothing reaches the Trainer
     arch = "llama"  # the rule does not depend on the architecture; OPT is covered by the other clauses
     for way, (with_peft, build) in _compile_ways().items():
         pairs = list(ctx.cases()) if with_peft else [(None, b) for b in ctx.bits()]
         for method, bits in pairs:
             label = _label(arch, bits, method)
-            model = build(arch, bits, method or "lora", ctx.seed)
-            accepted, msg = trainer_verdict(model)
+            try:
+                model = build(arch, bits, method or "lora", ctx.seed)
+            except Exception as exc:  # noqa: BLE001 - a way the installed libraries cannot build hides no other
+                unbuilt.setdefault(way, []).append(f"{label}: {type(exc).__name__}: {_short(str(exc))}")
+                continue
+            try:
+                accepted, msg = trainer_verdict(model)
+            except Exception as exc:  # noqa: BLE001 - Trainer() crashed: not accepted, but not the rule's message
+                accepted, msg = False, f"Trainer() crashed: {type(exc).__name__}: {_short(str(exc))}"
             if accepted:
                 slipped.setdefault(way, []).append(label)
             else:
-                reasons.setdefault(way, set()).add("torch.compile" if "torch.compile" in msg else
+                reasons.setdefault(way, set()).add("torch.compile" if "torch.compile" in msg and "crashed" not in msg else
                                                    "purely quantized" if "purely quantized" in msg else _short(msg))
     ctx.measure("rejected_ways", {w: sorted(r) for w, r in reasons.items() if w not in slipped})
     ctx.measure("slipped_ways", sorted(slipped))
+    if unbuilt:
+        ctx.measure("unbuildable_ways", unbuilt)
+        ctx.note("not buildable with the installed libraries (no model reached the Trainer): "
+                 + "; ".join(f"{way} [{'; '.join(why)}]" for way, why in unbuilt.items()))
+    if not reasons and not slipped:
+        ctx.skip("no way of compiling could be built with the installed libraries: " + "; ".join(
+            f"{way}: {why[0]}" for way, why in unbuilt.items()))
     if slipped:
         ctx.fail("Trainer accepted compiled quantized models: " + "; ".join(
             f"{way} [{', '.join(labels)}]" for way, labels in slipped.items()))
@@ -425,9 +496,13 @@ def check_reject_not_trainable(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         for with_peft in (False, True):
             model = tinymodels.load_quantized(arch, bits, seed=ctx.seed)
-            if with_peft:
-                model = make_peft_model(model, method, arch)
             label = _label(arch, bits, method if with_peft else None)
+            if with_peft:
+                model, why = peft_model_or_why(model, method, arch)
+                if model is None:  # nothing to hand the Trainer; the purely quantized variant was checked
+                    ctx.note(f"{label}: not checked with adapters: {why}")
+                    ctx.measure(f"not_built.{method}", why)
+                    continue
             for q in untrainable:
                 _hf_model(model).hf_quantizer = q
                 accepted, msg = trainer_verdict(model)

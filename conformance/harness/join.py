@@ -1,0 +1,140 @@
+"""``python -m conformance join A.json B.json ...``: several reports side by side (torch-free).
+
+Each implementation in each report is one column, ``implementation@version`` with its environment
+(the interpreter's packages when it ran in its own, ``--impl NAME@PYTHON``, else the report's);
+rows are the clauses of all reports in their first report's order; a cell is the outcome's mark
+(``MARKS``; ``—`` where that column did not run the clause). Per column the outcome counts; per
+clause the messages of every column that failed, errored, was inconclusive or xpassed (the
+findings), and ``first_change``: the first column (in the order given) whose outcome differs from
+the column before it, so a report list ordered by release says where each clause changed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from conformance.harness.results import OUTCOMES
+
+SCHEMA = "conformance-join/1"
+#: What a cell shows for each outcome (also the matrix report's marks: ``conformance.ci.matrix_report``).
+MARKS = {"passed": "pass", "failed": "FAIL", "error": "ERROR", "skipped": "skip", "inconclusive": "INCONCL",
+         "xfailed": "xfail", "xpassed": "XPASS"}
+NOT_RUN = "—"
+#: outcomes whose message is a finding (listed under the table)
+FINDINGS = ("failed", "error", "inconclusive", "xpassed")
+#: packages an environment label names, with their short names
+LABEL_PACKAGES = (("torch", "torch"), ("bitsandbytes", "bnb"), ("transformers", "transformers"), ("peft", "peft"),
+                  ("litgpt", "litgpt"))
+
+
+class JoinError(ValueError):
+    """Reports that cannot be joined (none given, unreadable, ...): a one-line usage error."""
+
+
+def mark(outcome: str | None) -> str:
+    return NOT_RUN if outcome is None else MARKS.get(outcome, outcome)
+
+
+def env_label(packages: dict[str, str]) -> str:
+    """``torch 2.13.0+cpu · bnb 0.50.2 · transformers 4.53.3`` from a packages mapping."""
+    return " · ".join(f"{short} {packages[name]}" for name, short in LABEL_PACKAGES if packages.get(name))
+
+
+def _columns(doc: dict[str, Any], source: str) -> list[dict[str, Any]]:
+    env_pk = dict((doc.get("environment") or {}).get("packages") or {})
+    cols = []
+    for name, info in (doc.get("implementations") or {}).items():
+        pk = dict(info.get("packages") or {}) if info.get("python") else env_pk  # its own interpreter's
+        cols.append({"id": f"{name}@{info.get('version', 'unknown')}", "implementation": name,
+                     "version": info.get("version", "unknown"), "environment": env_label(pk), "packages": pk,
+                     "python": info.get("python") or (doc.get("environment") or {}).get("python", ""),
+                     "device": (doc.get("environment") or {}).get("device", ""), "report": source})
+    return cols
+
+
+def join(docs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The joined document from (source name, report) pairs, columns in the order given."""
+    if not docs:
+        raise JoinError("give at least one report to join")
+    columns: list[dict[str, Any]] = []
+    clauses: dict[str, dict[str, Any]] = {}
+    cells: dict[str, dict[str, dict[str, str]]] = {}
+    for source, doc in docs:
+        cols = _columns(doc, source)
+        ids = [c["id"] for c in columns]
+        for col in cols:  # the same implementation@version twice: tell the columns apart by environment
+            if col["id"] in ids:
+                col["id"] = f"{col['id']} ({col['environment'] or Path(source).stem})"
+            if col["id"] in ids:  # the same report twice
+                col["id"] = f"{col['id']} #{len(ids) + 1}"
+            ids.append(col["id"])
+        by_name = {c["implementation"]: c["id"] for c in cols}
+        for cid, meta in (doc.get("clauses") or {}).items():
+            clauses.setdefault(cid, {"level": meta.get("level", ""), "text": meta.get("text", ""),
+                                     "area": meta.get("area", "")})
+        for r in doc.get("results") or []:
+            col = by_name.get(r.get("implementation"))
+            if col is None or r.get("outcome") not in OUTCOMES:
+                raise JoinError(f"{source}: result {r.get('clause')} [{r.get('implementation')}] names no listed "
+                                f"implementation or has outcome {r.get('outcome')!r}")
+            clauses.setdefault(r["clause"], {"level": r.get("level", ""), "text": "", "area": ""})
+            cells.setdefault(r["clause"], {})[col] = {"outcome": r["outcome"], "message": r.get("message", "")}
+        columns += cols
+    order = [c["id"] for c in columns]
+    summary = {c: {o: 0 for o in OUTCOMES} | {"not_run": 0, "must_failures": 0} for c in order}
+    first_change: dict[str, str] = {}
+    for cid in clauses:
+        row = cells.get(cid, {})
+        for c in order:
+            cell = row.get(c)
+            summary[c]["not_run" if cell is None else cell["outcome"]] += 1
+            if cell and cell["outcome"] in ("failed", "error", "inconclusive") and clauses[cid]["level"] == "MUST":
+                summary[c]["must_failures"] += 1
+        seen = [(c, row[c]["outcome"]) for c in order if c in row]
+        change = next((c for (_, prev), (c, now) in zip(seen, seen[1:]) if now != prev), None)
+        if change:
+            first_change[cid] = change
+    return {"schema": SCHEMA, "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "sources": [s for s, _ in docs], "columns": columns, "clauses": clauses, "cells": cells,
+            "summary": summary, "first_change": first_change}
+
+
+def findings(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(clause, column, outcome, message) for every cell whose outcome is a finding, in table order."""
+    order = [c["id"] for c in doc["columns"]]
+    return [(cid, c, doc["cells"][cid][c]["outcome"], doc["cells"][cid][c]["message"])
+            for cid in doc["clauses"] for c in order
+            if c in doc["cells"].get(cid, {}) and doc["cells"][cid][c]["outcome"] in FINDINGS]
+
+
+def _esc(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    cols = doc["columns"]
+    order = [c["id"] for c in cols]
+    lines = ["# Conformance: implementations side by side", "",
+             f"Joined from {', '.join(f'`{s}`' for s in doc['sources'])}. Marks: "
+             + ", ".join(f"`{m}` {o}" for o, m in MARKS.items()) + f", `{NOT_RUN}` not run.", "",
+             "| column | environment | device | " + " | ".join(o for o in (*OUTCOMES, "not_run")) + " | MUST-fail |",
+             "|---|---|---|" + "---:|" * (len(OUTCOMES) + 2)]
+    for c in cols:
+        s = doc["summary"][c["id"]]
+        lines.append(f"| {_esc(c['id'])} | {_esc(c['environment'])} | {c['device']} | "
+                     + " | ".join(str(s[o]) for o in (*OUTCOMES, "not_run")) + f" | {s['must_failures']} |")
+    lines += ["", "| clause | level | " + " | ".join(_esc(c) for c in order) + " | first change |",
+              "|---|---|" + "---|" * (len(order) + 1)]
+    for cid, meta in doc["clauses"].items():
+        row = doc["cells"].get(cid, {})
+        lines.append(f"| {cid} | {meta['level']} | "
+                     + " | ".join(mark(row[c]["outcome"] if c in row else None) for c in order)
+                     + f" | {_esc(doc['first_change'].get(cid, ''))} |")
+    found = findings(doc)
+    lines += ["", f"## Findings ({len(found)})", ""]
+    for cid, col, outcome, msg in found:
+        lines.append(f"- **{cid}** [{col}] {outcome}: {_esc(msg) or '(no message)'}")
+    return "\n".join(lines) + "\n"
