@@ -19,10 +19,26 @@ def summary_lines(summ: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def verdict_line(clone_json: Path, device: str, baseline: Path | None) -> str | None:
-    """The clone probe's one-line verdict with its baseline, or None when the probe wrote none."""
+    """The clone probe's verdict and, in the same banner, how it compares with the stored baseline (None when the
+    probe wrote no verdict)."""
     try:
         v = json.loads(clone_json.read_text(encoding="utf-8"))["verdict"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return (f"VERDICT torch {v.get('torch')} / bitsandbytes {v.get('bitsandbytes')} on {device}: {v.get('line')}\n"
-            + (f"baseline: {baseline}" if baseline else "baseline: none stored for this device"))
+    head = f"VERDICT torch {v.get('torch')} / bitsandbytes {v.get('bitsandbytes')} on {device}: {v.get('line')}"
+    if not baseline:
+        return head + "\nbaseline: none stored for this device"
+    try:
+        old = json.loads(Path(baseline).read_text(encoding="utf-8"))
+        ov = old["verdict"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return head + f"\nbaseline: {baseline} (unreadable: {exc})"
+    now = {c["id"]: bool(c.get("clone_required")) for c in json.loads(clone_json.read_text(encoding="utf-8")).get("cases", [])}
+    was = {c["id"]: bool(c.get("clone_required")) for c in old.get("cases", [])}
+    n_new, n_old = sum(now.values()), sum(was.values())
+    shared = now.keys() & was.keys()
+    no_longer = sum(1 for k in shared if was[k] and not now[k])
+    newly = sum(1 for k in shared if now[k] and not was[k])
+    return (head + f"\nvs baseline torch {ov.get('torch')} / bitsandbytes {ov.get('bitsandbytes')} ({baseline}): "
+            f"clone required for {n_old} -> {n_new} cases; {no_longer} no longer need it, {newly} newly need it "
+            f"({len(shared)} cases compared)")

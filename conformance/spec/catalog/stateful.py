@@ -13,8 +13,10 @@ ADAPTERS = "STATE-ADAPTERS-PRESERVED"
 VALID = "STATE-VALID-NEVER-RAISES"
 INVALID = "STATE-INVALID-STEP-SAFE"
 
-SOURCE = ("issue #8; hypothesis RuleBasedStateMachine (zarr store state-machine tests); "
-          "peft/tuners/tuners_utils.py BaseTunerLayer; seeds 001, 003 (merge = dequantize, apply, requantize)")
+SOURCE = ("hypothesis RuleBasedStateMachine (hypothesis.readthedocs.io, stateful testing); peft v0.21.2 "
+          "src/peft/tuners/tuners_utils.py BaseTunerLayer (merge/unmerge/set_adapter/delete_adapter bookkeeping); "
+          "peft v0.21.2 src/peft/tuners/lora/bnb.py merge/unmerge (dequantize, apply, requantize); "
+          "OFT arXiv:2306.07280")
 
 #: (clause id, text, extra source): one clause per invariant, all reported from the one shared run
 STATE_CLAUSES: tuple[tuple[str, str, str], ...] = (
