@@ -3,9 +3,9 @@
 How the ranks get the implementation: the spec may not import the harness (so it cannot resolve a
 target string the way the loader does), hence the check pickles the implementation *object* itself
 into ``torch.multiprocessing.spawn`` (start method ``spawn``: each rank re-imports its class's module
-and unpickles it). Every built-in implementation and any module-level class is picklable; an object
-that is not (a lambda, a closure, a class defined in ``__main__`` of an interactive session) makes the
-clause ``skipped`` with the pickling error as the reason.
+and unpickles it). An object that does not pickle (PEFT's wrapper holds imported modules) is sent as its
+class instead, which each rank instantiates with no arguments (a note says so); when neither works (a
+class defined in a closure, one needing constructor arguments) the clause is ``skipped`` with both errors.
 
 One process group per implementation, device and seed: the first case family to run spawns the two
 ranks for every (method, bits) family the implementation covers and the results are kept in
@@ -59,7 +59,7 @@ WORLD = 2
 BATCH = 8  # per step, split in halves over the ranks
 DIMS = (32, 32, 16)  # in -> hidden -> out
 STEPS = 3
-LR = 0.05
+LR = 0.01
 PARAMS: dict[str, dict[str, Any]] = {
     "lora": {"r": 4, "lora_alpha": 8.0, "init_lora_weights": False},
     "oft": {"r": 0, "oft_block_size": 8, "init_weights": False},
@@ -149,6 +149,7 @@ def _rank_main(rank: int, port: int, backend: str, device: str, impl: Any, cases
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
     dist.init_process_group(backend, rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S))
+    impl = _rank_impl(impl)
     try:
         for method, bits in cases:
             try:
@@ -195,19 +196,41 @@ def _differ(a: dict[str, torch.Tensor | None], b: dict[str, torch.Tensor | None]
     return out
 
 
+def portable(impl: Any) -> Any:
+    """What the ranks get: the object if it pickles, else its class (built with no arguments in each rank),
+    else a string saying why neither can be sent."""
+    try:
+        pickle.dumps(impl)
+        return impl
+    except Exception as exc:  # noqa: BLE001 - any pickling error means the object cannot be sent
+        why = f"{type(exc).__name__}: {exc}"
+    cls = type(impl)
+    try:
+        pickle.dumps(cls)
+        cls()
+    except Exception as exc:  # noqa: BLE001 - neither the object nor a fresh instance of its class can be sent
+        return (f"the implementation cannot be sent to spawned ranks: the object does not pickle ({why}) and its "
+                f"class cannot be rebuilt there with no arguments ({type(exc).__name__}: {exc})")
+    return cls
+
+
+def _rank_impl(sent: Any) -> Any:
+    return sent() if isinstance(sent, type) else sent
+
+
 def _runs(ctx: CheckContext) -> dict[tuple[str, int], Any]:
     impl = ctx.impl
     key = (id(impl), ctx.device, ctx.seed)
     cached = _RUNS.get(key)
     if cached is not None and cached[0] is impl:
         return cached[1]
-    try:
-        pickle.dumps(impl)
-    except Exception as exc:  # noqa: BLE001 - any pickling error means the ranks cannot get the object
-        ctx.skip(f"the implementation object cannot be sent to spawned ranks ({type(exc).__name__}: {exc}); "
-                 "define it at module level so it pickles")
+    sent = portable(impl)
+    if isinstance(sent, str):
+        ctx.skip(sent)
+    if sent is not impl:
+        ctx.note(f"the implementation object does not pickle; each rank builds {type(impl).__qualname__}()")
     cases = [(m, b) for m in sorted(ctx.clause.methods & methods_of(impl)) for b in sorted(ctx.clause.bits & bits_of(impl))]
-    got = spawn_ranks(impl, cases, ctx.seed, ctx.device)
+    got = spawn_ranks(sent, cases, ctx.seed, ctx.device)
     _RUNS[key] = (impl, got)
     return got
 
