@@ -43,7 +43,8 @@ from conformance.spec.interface import AdapterSpec, ImplementationUnsupported
 
 ALL_CAPABILITIES = frozenset(
     {"lora", "oft", "4bit", "8bit", "unmerge", "safe_merge", "multi_adapter", "mixed_batch", "rslora", "lora_bias",
-     "dropout", "input_cast", "disable_adapters", "delete_adapter", "cuda", "peft_model"}
+     "dropout", "input_cast", "disable_adapters", "delete_adapter", "cuda", "peft_model",
+     "distributed"}
 )
 
 LORA_PARAMS: dict[str, Any] = {

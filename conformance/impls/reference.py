@@ -14,7 +14,8 @@ class ReferenceImplementation(ImplementationBase):
     name = "reference"
     capabilities = frozenset(
         {"lora", "oft", "4bit", "8bit", "unmerge", "safe_merge", "multi_adapter", "mixed_batch", "rslora",
-         "lora_bias", "dropout", "input_cast", "disable_adapters", "delete_adapter", "cuda"}
+         "lora_bias", "dropout", "input_cast", "disable_adapters", "delete_adapter", "cuda",
+         "distributed"}
     )
 
     def __init__(self, clone_base_output: bool = True) -> None:

@@ -53,6 +53,9 @@ CAPABILITIES: dict[str, str] = {
                   "so inputs of any float dtype work with float32 adapters",
     # whole models
     "peft_model": "builds whole PEFT models (transformers Trainer clauses)",
+    "distributed": "layers built by create() train under torch DistributedDataParallel (adapter tensors registered "
+                   "as parameters, deterministic under torch.manual_seed, implementation object picklable for "
+                   "spawned ranks)",
 }
 
 #: What the layer's optional operations and parameters need (documentation and ``AdapterLayer``).
