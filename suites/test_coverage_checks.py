@@ -4,40 +4,22 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from conformance import numerics
-from conformance.harness.execute import run_clause
-from conformance.impls.reference import ReferenceImplementation
-from conformance.spec.clauses import get, registry
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from broken_coverage import BROKEN  # noqa: E402
+from clause_table import clause_table_tests  # noqa: E402
 
 AREAS = {"dropout", "lifecycle"}
 
 
-def test_every_clause_of_these_areas_has_a_broken_fixture() -> None:
-    mine = {c.id for c in registry().values() if c.area in AREAS}
-    assert mine == set(BROKEN), f"missing: {sorted(mine - set(BROKEN))}, extra: {sorted(set(BROKEN) - mine)}"
-
-
-@pytest.mark.parametrize("clause_id", sorted(BROKEN))
-def test_passes_on_reference(clause_id: str, record_property: Callable[[str, object], None]) -> None:
-    res = run_clause(get(clause_id), ReferenceImplementation())
-    record_property("measurements", res.measurements)
-    assert res.outcome == "passed", res.message
-
-
-@pytest.mark.parametrize("clause_id", sorted(BROKEN))
-def test_fails_on_broken(clause_id: str) -> None:
-    impl = BROKEN[clause_id]
-    res = run_clause(get(clause_id), impl)
-    assert res.outcome == "failed", f"{impl.name}: {res.outcome}: {res.message}"
+(test_every_clause_of_these_areas_has_a_broken_fixture, test_passes_on_reference,
+ test_fails_on_broken) = clause_table_tests(BROKEN, AREAS)
 
 
 def test_hoeffding_halfwidth_matches_the_formula() -> None:

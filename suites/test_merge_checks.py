@@ -7,9 +7,11 @@ the layer it creates (a bug someone could plausibly write); the clause must repo
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +24,9 @@ from conformance.quant import layers as qlayers
 from conformance.reference import rotation
 from conformance.spec.clauses import get
 from conformance.spec.interface import AdapterSpec
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+from clause_table import clause_table_tests  # noqa: E402
 
 Patch = Callable[[nn.Module, AdapterSpec], None]
 
@@ -324,25 +329,8 @@ BROKEN: dict[str, Broken] = {
 }
 
 
-def test_every_clause_of_these_areas_has_a_broken_fixture() -> None:
-    from conformance.spec.clauses import registry
-
-    mine = {c.id for c in registry().values() if c.area in {"forward", "merge", "safe_merge", "oft_math"}}
-    assert mine == set(BROKEN), f"missing: {sorted(mine - set(BROKEN))}, extra: {sorted(set(BROKEN) - mine)}"
-
-
-@pytest.mark.parametrize("clause_id", sorted(BROKEN))
-def test_passes_on_reference(clause_id: str, record_property: Callable[[str, object], None]) -> None:
-    res = run_clause(get(clause_id), ReferenceImplementation())
-    record_property("measurements", res.measurements)
-    assert res.outcome == "passed", res.message
-
-
-@pytest.mark.parametrize("clause_id", sorted(BROKEN))
-def test_fails_on_broken(clause_id: str) -> None:
-    impl = BROKEN[clause_id]
-    res = run_clause(get(clause_id), impl)
-    assert res.outcome == "failed", f"{impl.name}: {res.outcome}: {res.message}"
+(test_every_clause_of_these_areas_has_a_broken_fixture, test_passes_on_reference,
+ test_fails_on_broken) = clause_table_tests(BROKEN, {"forward", "merge", "safe_merge", "oft_math"})
 
 
 # -- issue 14: new cases (storage dtype, lora_bias in the oracles, output dtype, valid base after merge) -----
