@@ -8,8 +8,10 @@ declare a capability its API object did not detect.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from conformance.spec.interface import AdapterSpec, ImplementationBase
@@ -33,3 +35,20 @@ class LibraryImplementation(ImplementationBase):
 
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
         return self._api.build(base_layer, spec)
+
+
+class LibraryLayer(nn.Module):
+    """What every wrapped library layer delegates unchanged to the library's own layer (``self.layer``): the
+    forward (``adapter_names`` passed only when given, so a library without mixed batches raises its own error)
+    and the ``merged`` flag. Everything a library names differently stays in its wrapper."""
+
+    layer: nn.Module
+
+    def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+        if adapter_names is None:
+            return self.layer(x)
+        return self.layer(x, adapter_names=adapter_names)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.layer.merged)

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from conformance.impls.library import LibraryImplementation
+from conformance.impls.library import LibraryImplementation, LibraryLayer
 from conformance.quant.layers import bits_of
 from conformance.spec.interface import AdapterSpec, ImplementationUnsupported
 
@@ -188,7 +188,7 @@ def _init_context(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-class LitgptAdapterLayer(nn.Module):
+class LitgptAdapterLayer(LibraryLayer):
     """Protocol names for one ``litgpt.lora.LoRALinear`` (``self.layer``); every call goes to LitGPT."""
 
     def __init__(self, layer: nn.Module, adapter_name: str, version: str, unsupported: dict[str, str]) -> None:
@@ -209,11 +209,6 @@ class LitgptAdapterLayer(nn.Module):
             )
 
     # -- forward / merge --------------------------------------------------------------
-    def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
-        if adapter_names is None:
-            return self.layer(x)
-        return self.layer(x, adapter_names=adapter_names)  # LitGPT's forward takes none: its TypeError
-
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         if safe_merge and "safe_merge" in self._unsupported:
             self._refuse("safe_merge")
@@ -228,10 +223,6 @@ class LitgptAdapterLayer(nn.Module):
         if "unmerge" in self._unsupported:
             self._refuse("unmerge")
         self.layer.unmerge()
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.layer.merged)
 
     @property
     def merged_adapters(self) -> list[str]:

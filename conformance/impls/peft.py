@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from conformance.impls.library import LibraryImplementation
+from conformance.impls.library import LibraryImplementation, LibraryLayer
 from conformance.quant.layers import bits_of
 from conformance.reference.lora import LoraConfig as _RefLoraConfig
 from conformance.reference.oft import OftConfig as _RefOftConfig
@@ -255,7 +255,7 @@ class PeftApi:
             update(name, p["r"], **kwargs)
 
 
-class PeftAdapterLayer(nn.Module):
+class PeftAdapterLayer(LibraryLayer):
     """Protocol wrapper around one PEFT tuner layer (``self.layer``); every call goes to PEFT."""
 
     def __init__(self, layer: nn.Module, method: str, api: PeftApi) -> None:
@@ -271,20 +271,11 @@ class PeftAdapterLayer(nn.Module):
         return PeftAdapterLayer(copy.deepcopy(self.layer, memo), self.method, self._api)
 
     # -- forward / merge --------------------------------------------------------------
-    def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
-        if adapter_names is None:
-            return self.layer(x)
-        return self.layer(x, adapter_names=adapter_names)
-
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         self.layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge(self) -> None:
         self.layer.unmerge()
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.layer.merged)
 
     @property
     def merged_adapters(self) -> list[str]:
