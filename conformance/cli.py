@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool ended by a closed pipe
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,17 +51,10 @@ def cmd_clauses(args: argparse.Namespace) -> int:
 
 
 def _check_writable(path: str, option: str) -> str | None:
-    """None if ``path`` can be written (its folder is created); else the usage error."""
-    p = Path(path)
-    if p.is_dir():
-        return f"{option} {path} is a directory; give a file name"
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"{option} {path}: cannot create its folder ({exc.strerror or exc})"
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        return f"{option} {path}: not writable"
-    return None
+    """None if a report can be written at ``path`` (``conformance.harness.files.check_writable``)."""
+    from conformance.harness.files import check_writable
+
+    return check_writable(path, option)
 
 
 def parse_impls(impls: list[str], pythons: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -93,7 +87,7 @@ def parse_impls(impls: list[str], pythons: list[str]) -> tuple[list[str], dict[s
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from conformance.harness import runner
+    from conformance.harness import interrupts, runner
     from conformance.harness import xfails as xf
 
     from .spec.clauses import select
@@ -129,6 +123,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _usage("--device cuda but no CUDA device is visible (torch.cuda.is_available() is False)")
     config = runner.RunConfig(device=args.device, seed=args.seed, examples=args.examples, steps=args.steps,
                               report_dir=report_dir, timeout=args.timeout, timeout_scale=args.timeout_scale)
+    # Ctrl-C: the first is acted on where it is safe (the partial report is written, exit 130); a second
+    # kills the workers and exits 130 at once (conformance.harness.interrupts)
+    with interrupts.deferred(hard_exit=True):
+        return _run_and_finish(args, chosen, impls, pythons, config, entries)
+
+
+def _run_and_finish(args: argparse.Namespace, chosen: list, impls: list[str], pythons: dict[str, str],
+                    config: object, entries: list) -> int:
+    from conformance.harness import interrupts, runner
+
     infos: list[runner.ImplInfo] = []
     results: list = []
     interrupted = False
@@ -153,40 +157,49 @@ def cmd_run(args: argparse.Namespace) -> int:
         interrupted = True
     except KeyboardInterrupt:  # while loading an implementation
         interrupted = True
+    interrupted = interrupted or interrupts.requested()  # a Ctrl-C while the last workers were stopped
     return _finish(args, chosen, impls, infos, results, entries, interrupted)
 
 
 def _finish(args: argparse.Namespace, chosen: list, impls: list[str], infos: list, results: list, entries: list,
             interrupted: bool) -> int:
-    import signal
-
-    from conformance.harness import report, runner
+    from conformance.harness import interrupts, report, runner
     from conformance.harness.environment import fingerprint
+    from conformance.harness.files import write_with_fallback
 
-    if interrupted:  # a second Ctrl-C must not lose the partial report being written
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     runner.apply_xfails(results, entries, strict=not args.xfail_relaxed)
     done = {(r.clause, r.implementation) for r in results}
     names = [i.name for i in infos] + impls[len(infos):]  # implementations never loaded keep their --impl name
     not_run = [{"clause": c.id, "implementation": n} for n in names for c in chosen if (c.id, n) not in done]
-    doc = report.build(results, chosen, infos, fingerprint(args.device), command=shlex.join(sys.argv),
+    # the fingerprint of this interpreter, as its workers took it (they had torch loaded); else taken here
+    env = next((i.environment for i in infos if i.environment and not i.python), None) or fingerprint(args.device)
+    doc = report.build(results, chosen, infos, env, command=shlex.join(sys.argv),
                        not_run=not_run if interrupted else None)
     for info in infos:  # an implementation run in its own interpreter: where, and what is installed there
         if info.python:
             doc["implementations"][info.name].update(python=info.python, packages=info.packages)
-    if args.report:
-        Path(args.report).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    if args.markdown:
-        Path(args.markdown).write_text(report.markdown(doc, base=Path(args.markdown).parent), encoding="utf-8")
+    # each file is complete or absent (a temporary file, then a rename); a second Ctrl-C here exits at once
+    interrupts.point("report")
+    written, problems = [], []
+    for path, render in ((args.report, lambda: json.dumps(doc, indent=2) + "\n"),
+                         (args.markdown, lambda: report.markdown(doc, base=Path(args.markdown).parent))):
+        if path:
+            where, problem = write_with_fallback(path, render())
+            written.append(where)
+            problems += [problem] if problem else []
     print()
     print(report.terminal_table(doc))
     for r in results:
         if r.outcome in ("failed", "error", "inconclusive"):
             print(f"  {r.outcome.upper():<6} {r.level:<6} {r.clause} [{r.implementation}]: "
                   f"{report.shorten(r.message, 160)}")
-    written = [p for p in (args.report, args.markdown) if p]
     if written:
         print("\nwrote " + ", ".join(written))
+    for problem in problems:
+        print(f"conformance: warning: {problem}", file=sys.stderr)
+    if not interrupted and interrupts.requested():  # Ctrl-C while the report was written: it is complete
+        print("interrupted after every clause ran (the report is complete)")
+        return EXIT_INTERRUPTED
     if interrupted:
         print(f"interrupted: {len(not_run)} clause runs not run (listed as not_run in the report)")
         return EXIT_INTERRUPTED
@@ -218,11 +231,13 @@ def cmd_join(args: argparse.Namespace) -> int:
         doc = join.join([(path, report.load(path)) for path in args.reports])
     except (report.ReportError, join.JoinError) as exc:
         return _usage(str(exc))
+    from conformance.harness.files import write_atomic
+
     text = join.markdown(doc)
     if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        write_atomic(args.json, json.dumps(doc, indent=1) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(text, encoding="utf-8")
+        write_atomic(args.markdown, text)
     if not (args.json or args.markdown):
         print(text, end="")
     else:
@@ -338,3 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outside a run (which writes its partial report itself)
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `conformance clauses | head`: the reader left; end quietly, as `ls | head` does
+        with contextlib.suppress(OSError):  # no second BrokenPipeError when the interpreter flushes stdout
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

@@ -224,3 +224,27 @@ def test_run_names_the_fix_for_an_interpreter_without_conformance(tmp_path: Path
     assert f"interpreter {base} cannot import conformance" in proc.stderr
     assert f"{base} -m pip install --no-deps -e " in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_closed_pipe_ends_the_listing_quietly() -> None:
+    """`python -m conformance clauses | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # smaller than the listing: the writer must wait for us
+    proc = subprocess.Popen([sys.executable, "-m", "conformance", "clauses"], stdout=write_end,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    with os.fdopen(read_end) as reader:
+        first = reader.readline()
+    # the reader left (what `head -1` does after its line) while the listing was still being written
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr  # 128 + SIGPIPE, as a shell reports `ls | head`
+    assert first.strip() and stderr == ""
+
+
+def test_a_report_folder_that_takes_no_file_is_a_usage_error_before_the_run() -> None:
+    """/proc/self passes os.access(W_OK) as root; the check creates a file there, as the final write would."""
+    got, _stdout, stderr = _probe("run", "--report", "/proc/self/r.json")
+    assert got == {"heavy": [], "code": 2}, stderr
+    assert "conformance: error: --report /proc/self/r.json: its folder takes no new file" in stderr

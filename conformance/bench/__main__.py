@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from conformance.harness.files import write_atomic
+
 from . import cases as bench_cases
 from . import compare as bench_compare
 from .report import summary_table
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or doc["slug"] + ("-quick" if args.quick else "")
     path = out / f"{stem}.json"
-    path.write_text(json.dumps(doc, default=str, separators=(",", ":")))
+    write_atomic(path, json.dumps(doc, default=str, separators=(",", ":")))
     (out / ".partial.json").unlink(missing_ok=True)
     print(summary_table(doc))
     print(f"\nwrote {path}")

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from conformance.harness.files import write_atomic
+
 GRAPH_IMPLS = ("bnb", "reference", "peft", "litgpt")
 
 
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"decode-graph-{slug(env)}.json"
-    path.write_text(json.dumps(doc, indent=1, default=str))
+    write_atomic(path, json.dumps(doc, indent=1, default=str))
     print(f"GPU: {env.get('gpu', {}).get('name', env.get('gpu'))}")
     print(table(records))
     print(f"\nwrote {path}")

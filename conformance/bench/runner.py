@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from conformance.harness.files import write_atomic
+
 from . import memory, roofline
 from .cases import BenchCase
 from .layers import Builder, inject_factor, with_slowdown
@@ -210,7 +212,7 @@ def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_se
         else:
             log(f"[{n + 1}/{len(cases)}] {case.key:70s} ERROR {rec['error'][:200]}")
         if partial_path is not None and (n % 25 == 0):
-            partial_path.write_text(json.dumps({"format": FORMAT, "partial": True, "results": records}, default=str))
+            write_atomic(partial_path, json.dumps({"format": FORMAT, "partial": True, "results": records}, default=str))
     elapsed = time.perf_counter() - started
     spread = []
     if repeats:

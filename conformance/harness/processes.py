@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any
 
+from conformance.harness import interrupts
 from conformance.harness.worker import Options, options_argv
 
 WORKER = "conformance.harness.worker"
@@ -57,6 +58,29 @@ def read_events(path: str, offset: int) -> tuple[list[dict[str, Any]], int]:
     return events, offset + len(complete) + 1
 
 
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (a worker started in a session of its own, and its children)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def started(proc: subprocess.Popen) -> int:
+    """Register ``proc`` (the leader of its own session) to be killed with its children on a second Ctrl-C."""
+    return interrupts.on_emergency(lambda pid=proc.pid: _kill_group(pid))
+
+
+def wait(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``proc`` to end, acting on a Ctrl-C at each tick; True if it ended."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        interrupts.check()
+        if time.monotonic() >= deadline:
+            return False
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)
+    return True
+
+
 def tail(path: str, n: int = 3) -> list[str]:
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
@@ -78,14 +102,16 @@ class Batch:
 class _ProcBatch(Batch):
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
+        self._key = started(proc)
 
     def poll(self) -> int | None:
         return self.proc.poll()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            _kill_group(self.proc.pid)
         self.proc.wait()
+        interrupts.forget(self._key)
 
 
 class _ForkBatch(Batch):
@@ -100,13 +126,14 @@ class _ForkBatch(Batch):
     def kill(self) -> None:
         if self.poll() is not None:
             return
+        interrupts.point("stop")
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.returncode = self.server.exited(self.pid, wait=30.0)
         if self.returncode is None:  # the server itself is stuck: it goes, its child with it
-            self.server.close()
+            self.server._kill()
             self.returncode = -signal.SIGKILL
 
 
@@ -137,14 +164,23 @@ class _Fresh(Workers):
     def __init__(self, opts: Options, python: str, load_timeout_s: float) -> None:
         self.opts, self.python = opts, python
         with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
-            events = os.path.join(tmp, "events.jsonl")
+            events, errlog = os.path.join(tmp, "events.jsonl"), os.path.join(tmp, "stderr.log")
+            with open(errlog, "w", encoding="utf-8") as err:
+                proc = subprocess.Popen([python, "-m", WORKER, *options_argv(opts), "--events", events,
+                                         "--describe"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=err, env=_env(), start_new_session=True)
+            key = started(proc)
             try:
-                proc = subprocess.run([python, "-m", WORKER, *options_argv(opts), "--events", events, "--describe"],
-                                      capture_output=True, text=True, timeout=load_timeout_s, env=_env())
-            except subprocess.TimeoutExpired:
-                raise LoadError(f"implementation {opts.impl!r} did not load within {load_timeout_s:.0f}s") from None
+                interrupts.point("load")
+                if not wait(proc, load_timeout_s):
+                    raise LoadError(f"implementation {opts.impl!r} did not load within {load_timeout_s:.0f}s")
+            finally:  # a load error, or Ctrl-C while loading: it must not outlive this
+                _kill_group(proc.pid)
+                proc.wait()
+                interrupts.forget(key)
             evs, _ = read_events(events, 0)
-        self.info = _loaded(opts.impl, evs, proc.returncode, (proc.stderr or "").strip().splitlines()[-1:])
+            self.info = _loaded(opts.impl, evs, proc.returncode, tail(errlog, 1))
+        interrupts.point("loaded")
 
     def batch(self, clauses: Sequence[str], events: str, stderr: str) -> Batch:
         with open(stderr, "a", encoding="utf-8") as err:
@@ -176,11 +212,13 @@ class _Server(Workers):
             self.proc = subprocess.Popen([python, "-m", WORKER, *options_argv(opts), "--serve"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
                                          env=_env(), start_new_session=True)
+        self._key = started(self.proc)  # a second Ctrl-C kills it and its child (one process group)
         self.replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._exits: dict[int, int] = {}
         threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
         try:
-            first = self._next(load_timeout_s)
+            interrupts.point("load")
+            first = self._next(load_timeout_s, interruptible=True)
             if first is None:
                 # None also means the server closed its stdout (it died while loading): give the exit a moment
                 # to be reaped, so a crash is reported as a crash and not as a load timeout
@@ -193,9 +231,14 @@ class _Server(Workers):
                                 f"{(tail(self.errlog, 1) or ['no output'])[0]}")
             self.info = _loaded(opts.impl, [first], self.proc.poll(), tail(self.errlog, 1))
         except BaseException:  # a load error, or Ctrl-C while loading: the server must not outlive it
-            self.proc.kill()
-            self.proc.wait()
+            self._kill()
             raise
+        interrupts.point("loaded")
+
+    def _kill(self) -> None:
+        _kill_group(self.proc.pid)
+        self.proc.wait()
+        interrupts.forget(self._key)
 
     def _read(self, stream: IO[str]) -> None:
         for line in stream:
@@ -203,11 +246,18 @@ class _Server(Workers):
                 self.replies.put(json.loads(line))
         self.replies.put(None)
 
-    def _next(self, timeout: float) -> dict[str, Any] | None:
-        try:
-            return self.replies.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    def _next(self, timeout: float, interruptible: bool = False) -> dict[str, Any] | None:
+        """The next reply within ``timeout`` s (None: none came, or the server closed its stdout); an
+        ``interruptible`` wait acts on a Ctrl-C at each tick (cleanup waits must not)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if interruptible:
+                interrupts.check()
+            try:
+                return self.replies.get(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    return None
 
     def exited(self, pid: int, wait: float) -> int | None:
         """The child's returncode once the server reported it (waiting up to ``wait`` seconds)."""
@@ -236,22 +286,21 @@ class _Server(Workers):
         except (BrokenPipeError, OSError):
             raise LoadError(f"the fork server exited ({describe_exit(self.proc.poll())}): "
                             f"{(tail(self.errlog, 1) or ['no output'])[0]}") from None
-        ev = self._next(60.0)
+        ev = self._next(60.0, interruptible=True)
         if ev is None or ev["event"] != "forked":
             raise LoadError(f"the fork server did not fork ({ev or describe_exit(self.proc.poll())})")
         return _ForkBatch(self, ev["pid"])
 
     def close(self) -> None:
         if self.proc.poll() is None:
+            interrupts.point("stop")
             try:
                 self.proc.stdin.close()  # EOF: the server kills a running child and ends
             except OSError:
                 pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self._kill()  # its process group: nothing it forked outlives it
 
 
 def start(opts: Options, tmp: str, python: str = sys.executable, load_timeout_s: float = 300.0,

@@ -3,12 +3,15 @@
 Isolation: an implementation's crash (segfault, abort), hang (per-clause timeout) or exception
 becomes outcome ``error`` for that clause, with its message, and a fresh worker carries on with the
 clauses left (forked from the implementation's fork server: see ``conformance.harness.processes``).
-Ctrl-C raises ``Interrupted`` carrying the results so far.
+Ctrl-C raises ``Interrupted`` carrying the results so far: SIGINT is only noted while a run is under
+way and acted on where unwinding is safe (``conformance.harness.interrupts``), so cleanup never
+blocks on a lock the interrupt left held; the worker is killed, the fork server stopped.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from conformance.harness import processes
+from conformance.harness import interrupts, processes
 from conformance.harness import xfails as xf
 from conformance.harness.results import Result, exit_status  # noqa: F401  (re-exported)
 from conformance.harness.worker import Options
@@ -44,6 +47,7 @@ class ImplInfo:
     unsupported: dict[str, str] = field(default_factory=dict)
     python: str = ""  # the interpreter its workers ran in, when not this one (``--impl NAME@PYTHON``)
     packages: dict[str, str] = field(default_factory=dict)  # versions installed there (interpreter_packages)
+    environment: dict = field(default_factory=dict)  # its workers' fingerprint (CPU runs; see worker.prepare)
 
 
 #: Packages whose versions describe an implementation's own environment (``--impl NAME@PYTHON``).
@@ -64,7 +68,6 @@ def interpreter_packages(python: str, timeout_s: float = 120.0) -> dict[str, str
     """
     import json
     import shutil
-    import subprocess
 
     path = shutil.which(python) if os.sep not in python else python
     if not path or not os.path.isfile(path):
@@ -72,22 +75,47 @@ def interpreter_packages(python: str, timeout_s: float = 120.0) -> dict[str, str
     if not os.access(path, os.X_OK):
         raise UsageError(f"interpreter {python} is not executable")
     try:
-        proc = subprocess.run([path, "-c", _PROBE, *ENV_PACKAGES], capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.Popen([path, "-c", _PROBE, *ENV_PACKAGES], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     except (OSError, subprocess.SubprocessError) as exc:
         raise UsageError(f"interpreter {python} cannot be run: {exc}") from None
+    key = processes.started(proc)
+    try:
+        stdout, stderr = _communicate(proc, timeout_s)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"interpreter {python} cannot be run: no answer within {timeout_s:g} s") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        interrupts.forget(key)
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        if "No module named 'conformance'" in proc.stderr:
+        last = (stderr.strip().splitlines() or ["no output"])[-1]
+        if "No module named 'conformance'" in stderr:
             root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             raise UsageError(f"interpreter {python} cannot import conformance ({last}); install it there: "
                              f"{python} -m pip install --no-deps -e {root}")
         raise UsageError(f"interpreter {python} cannot run the suite's workers ({last}); install the suite's "
                          f"dependencies there (torch, bitsandbytes, hypothesis)")
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = json.loads(stdout.strip().splitlines()[-1])
     return {"python": got["python"], **got["packages"]}
 
 
+def _communicate(proc: subprocess.Popen, timeout_s: float) -> tuple[str, str]:
+    """``proc.communicate`` in short slices, acting on a Ctrl-C between them (TimeoutExpired past ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        interrupts.check()
+        try:
+            return proc.communicate(timeout=min(0.2, max(0.01, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise
+
+
 Progress = Callable[[str], None]
+#: a clause running this long without a result is "hung" for ``interrupts.point`` (tests only: no verdict uses it)
+HUNG_S = 1.0
 
 
 def _stderr(msg: str) -> None:
@@ -95,7 +123,8 @@ def _stderr(msg: str) -> None:
 
 
 def _info(target: str, ev: dict) -> ImplInfo:
-    return ImplInfo(ev["implementation"], target, ev["version"], ev["capabilities"], ev.get("unsupported", {}))
+    return ImplInfo(ev["implementation"], target, ev["version"], ev["capabilities"], ev.get("unsupported", {}),
+                    environment=ev.get("environment") or {})
 
 
 @dataclass
@@ -128,7 +157,9 @@ class Implementation:
         """Every clause gets a result; Ctrl-C raises ``Interrupted`` with those reached so far."""
         results: list[Result] = []
         try:
-            self._run(clauses, results, progress)
+            with interrupts.deferred():
+                self._run(clauses, results, progress)
+                interrupts.check()  # a Ctrl-C after the last result still ends the run as interrupted
         except KeyboardInterrupt:
             raise Interrupted(_ordered(results, clauses)) from None
         return _ordered(results, clauses)
@@ -158,19 +189,24 @@ class Implementation:
             offset, current, started, timed_out = 0, None, time.monotonic(), False
             try:
                 while True:
+                    interrupts.check()  # the one place this loop acts on a Ctrl-C
                     evs, offset = processes.read_events(events, offset)
                     for ev in evs:
                         if ev["event"] == "start":
                             current, started = ev["clause"], time.monotonic()
+                            interrupts.point("clause")
                         elif ev["event"] == "result":
                             record(Result.from_json(ev))
                             current = None
+                            interrupts.point("between")
                     if batch.poll() is not None:
                         evs, offset = processes.read_events(events, offset)
                         if evs:
                             continue  # drain the last events first
                         break
                     if current is not None:
+                        if time.monotonic() - started > HUNG_S:
+                            interrupts.point("hung")
                         limit = self.config.limit(by_id[current])
                         if time.monotonic() - started > limit:
                             batch.kill()
@@ -224,8 +260,9 @@ def open_implementation(
     config = config or RunConfig()
     # abspath, not realpath: two venvs' interpreters are symlinks to one base interpreter
     own = os.path.abspath(python) == os.path.abspath(sys.executable)
-    packages = {} if own else interpreter_packages(python)  # a clear UsageError before any worker starts
-    with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
+    # a Ctrl-C while loading or running is acted on where it is safe (conformance.harness.interrupts)
+    with interrupts.deferred(), tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
+        packages = {} if own else interpreter_packages(python)  # a clear UsageError before any worker starts
         try:
             workers = processes.start(config.options(impl), tmp, python, load_timeout_s, fork)
         except processes.LoadError as exc:
@@ -267,9 +304,13 @@ def run_implementation(
     unless ``label`` names them otherwise.
     """
     config = RunConfig(device, seed, examples, steps, report_dir, timeout, timeout_scale)
-    with open_implementation(impl, config, python=python, fork=fork) as loaded:
-        loaded.info.name = label or loaded.info.name
-        return loaded.run(clauses, progress)
+    with interrupts.deferred():
+        with open_implementation(impl, config, python=python, fork=fork) as loaded:
+            loaded.info.name = label or loaded.info.name
+            results = loaded.run(clauses, progress)
+        if interrupts.requested():  # a Ctrl-C while the workers were being stopped: every clause ran
+            raise Interrupted(results)
+    return results
 
 
 def apply_xfails(results: list[Result], entries: list[xf.Xfail], strict: bool = True,

@@ -83,11 +83,16 @@ def prepare(opts: Options) -> tuple[Any, dict[str, Any]]:
         raise LoadFailure(str(exc)) from None
     except Exception as exc:
         raise LoadFailure(f"loading {opts.impl!r} failed: {type(exc).__name__}: {exc}") from None
-    return impl, {
+    loaded = {
         "event": "loaded", "implementation": impl.name, "version": str(impl.version()),
         "capabilities": sorted(impl.capabilities),
         "unsupported": dict(getattr(impl, "unsupported", {}) or {}),
     }
+    if opts.device == "cpu":  # the fingerprint needs torch, loaded here already; on CUDA it would initialise CUDA
+        from conformance.harness.environment import fingerprint
+
+        loaded["environment"] = fingerprint(opts.device)
+    return impl, loaded
 
 
 def run_batch(impl: Any, opts: Options, clause_ids: list[str], events: str) -> None:

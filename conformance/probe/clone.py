@@ -436,7 +436,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"({len(report['cases'])} cases in {report['probe']['seconds']}s)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(dumps(report))
+        from conformance.harness.files import write_atomic
+
+        write_atomic(args.json, dumps(report))
     if baseline is not None:
         lines, regressed = compare(report, baseline)
         print(f"compared with {args.compare}: {len(lines)} change(s)")
