@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from conformance import quant, tinymodels
+from conformance.quant.dispatch import describe as describe_cpu
 from conformance.spec.clauses import check
 
 if TYPE_CHECKING:
@@ -359,6 +360,8 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
     rewritten = {n: d for n, d in rewritten.items() if d}
     why = (f"; {len(rewritten)} bitsandbytes layers were rewritten in place "
            f"(e.g. {next(iter(rewritten))}: {next(iter(rewritten.values()))})" if rewritten else "")
+    if repacked:  # a CPU-dependent path (AVX512-BF16): name the features it depends on
+        why += f"; bitsandbytes repacked {repacked} 4-bit layers for CPU inference on this CPU ({describe_cpu()})"
     dead = [h["step"] for h in steps if not (math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0)]
     ctx.check(not dead, f"{label}: gradient norm zero or non-finite at steps {dead} (grad norms "
                         f"{[round(h['grad_norm'], 4) for h in steps]}): the adapters stopped learning{why}")
