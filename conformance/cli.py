@@ -10,8 +10,15 @@ import shlex
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool ended by a closed pipe
+from conformance.core.outcome import (  # noqa: F401  (EXIT_FAIL, EXIT_NOTHING_CHECKED: re-exported)
+    EXIT_BROKEN_PIPE,
+    EXIT_FAIL,
+    EXIT_INTERRUPTED,
+    EXIT_NOTHING_CHECKED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Outcome,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -190,7 +197,7 @@ def _finish(args: argparse.Namespace, chosen: list, impls: list[str], infos: lis
     print()
     print(report.terminal_table(doc))
     for r in results:
-        if r.outcome in ("failed", "error", "inconclusive"):
+        if Outcome(r.outcome).is_finding:
             print(f"  {r.outcome.upper():<6} {r.level:<6} {r.clause} [{r.implementation}]: "
                   f"{report.shorten(r.message, 160)}")
     if written:
@@ -203,9 +210,12 @@ def _finish(args: argparse.Namespace, chosen: list, impls: list[str], infos: lis
     if interrupted:
         print(f"interrupted: {len(not_run)} clause runs not run (listed as not_run in the report)")
         return EXIT_INTERRUPTED
-    status = doc["summary"]["exit_status"]
-    print("result: " + ("FAIL (a MUST clause failed, errored or was inconclusive)" if status
-                        else "OK (no MUST clause failed)"))
+    status = doc["summary"]["exit_status"]  # conformance.core.outcome.exit_status: one rule
+    for why in (doc["summary"].get("nothing_checked") or {}).values():
+        print(why)
+    print("result: " + {EXIT_FAIL: "FAIL (a MUST clause failed, errored or was inconclusive, or an xfail passed)",
+                        EXIT_NOTHING_CHECKED: "NOTHING CHECKED (exit 3: no clause ran for an implementation)"}
+          .get(status, "OK (no MUST clause failed)"))
     return status
 
 

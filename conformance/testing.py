@@ -28,10 +28,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Literal
 
+from conformance.core.outcome import EXIT_NOTHING_CHECKED, Outcome
 from conformance.harness import xfails as xf
 from conformance.harness.execute import run_clause
 from conformance.harness.loader import load
-from conformance.harness.results import Result, exit_status
+from conformance.harness.results import Result, exit_status, nothing_checked
 from conformance.spec.clauses import Clause, catalog, select
 from conformance.spec.interface import Implementation
 
@@ -46,6 +47,12 @@ class ConformanceFailure(AssertionError):
     def __init__(self, message: str, results: list[Result]) -> None:
         super().__init__(message)
         self.results = results
+
+
+class NothingChecked(ConformanceFailure):
+    """``check_implementation(on_fail="raise")``: no clause ran for the implementation (every one was
+    skipped: a device or capabilities it does not declare); the message names the capabilities to declare.
+    A run in which nothing ran passes nothing (``conformance run`` exits 3)."""
 
 
 class ConformanceWarning(UserWarning):
@@ -104,8 +111,10 @@ def check_implementation(
     imports the same string again); an object runs in this process. ``clauses`` are glob patterns over
     clause IDs (default all). ``expected_failed_checks``: ``{clause_id: reason}`` or a callable of the
     implementation returning one. ``on_fail``: ``"raise"`` raises ``ConformanceFailure`` when a MUST clause
-    failed, errored or was inconclusive, or an expected failure passed; ``"warn"`` emits a
-    ``ConformanceWarning`` per clause that did not pass; ``None`` only returns the results.
+    failed, errored or was inconclusive, or an expected failure passed, and ``NothingChecked`` (a
+    ``ConformanceFailure``) when no clause ran at all (every one skipped); ``"warn"`` emits a
+    ``ConformanceWarning`` per clause that did not pass, and one when nothing was checked; ``None`` only
+    returns the results.
     """
     if on_fail not in ("raise", "warn", None):
         raise ValueError(f"on_fail must be 'raise', 'warn' or None, got {on_fail!r}")
@@ -122,13 +131,18 @@ def check_implementation(
     entries = expected_entries(expected_failed_checks, obj)
     for msg in xf.apply(results, entries):
         warnings.warn(msg, ConformanceWarning, stacklevel=2)
-    bad = [r for r in results if r.outcome in ("failed", "error", "inconclusive", "xpassed")]
+    bad = [r for r in results if Outcome(r.outcome).is_finding]
+    status = exit_status(results)
     if on_fail == "warn":
         for r in bad:
             warnings.warn(f"{r.clause} ({r.level}) {r.outcome} for {r.implementation}: {r.message}",
                           ConformanceWarning, stacklevel=2)
-    elif on_fail == "raise" and (exit_status(results) or any(r.outcome == "xpassed" for r in results)):
-        worst = [r for r in bad if r.level == "MUST" or r.outcome == "xpassed"]
+        for why in nothing_checked(results).values():
+            warnings.warn(why, ConformanceWarning, stacklevel=2)
+    elif on_fail == "raise" and status == EXIT_NOTHING_CHECKED:
+        raise NothingChecked("; ".join(nothing_checked(results).values()), results)
+    elif on_fail == "raise" and status:
+        worst = [r for r in bad if Outcome(r.outcome).counts_for_exit(r.level)]
         lines = [f"{r.clause} ({r.level}) {r.outcome}: {r.message[:300]}" for r in worst]
         raise ConformanceFailure(f"{obj.name}: {len(worst)} clause(s) do not conform:\n" + "\n".join(lines), results)
     return results
@@ -142,14 +156,15 @@ def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entr
     res = run_clause(clause, impl, device)
     entry = xf.find(list(entries), clause.id, impl.name)
     outcome, message = xf.resolve(res.outcome, res.message, entry, strict=strict)
-    if outcome == "skipped":
+    if outcome is Outcome.SKIPPED:
         pytest.skip(message)
-    if outcome == "xfailed":
+    if outcome is Outcome.XFAILED:
         pytest.xfail(message)
-    if outcome == "xpassed":
+    if outcome is Outcome.XPASSED:
         pytest.fail(f"XPASS(strict): {clause.id} {message}", pytrace=False)
-    if outcome in ("failed", "error", "inconclusive"):
-        prefix = {"failed": "", "error": "error while checking: ", "inconclusive": "inconclusive: "}[outcome]
+    if outcome.is_failure:
+        prefix = {Outcome.FAILED: "", Outcome.ERROR: "error while checking: ",
+                  Outcome.INCONCLUSIVE: "inconclusive: "}[outcome]
         extra = f"\nmeasurements: {res.measurements}" if res.measurements else ""
         pytest.fail(f"{clause.id} ({clause.level}): {clause.text}\n{prefix}{message}{extra}", pytrace=False)
 

@@ -4,6 +4,8 @@ Every ``import`` and ``from ... import`` in ``conformance/`` counts, at module l
 function (a lazy import is still a dependency), except those under ``if TYPE_CHECKING:`` (annotations
 only, never executed). Nodes are the top-level parts of the package: ``quant``, ``numerics``,
 ``reference``, ``spec``, ``impls``, ``harness``, ``cli``, ``testing``, ``probe``, ``bench``, ``ci``, ...
+``core`` (the shared types: ``Outcome``, the exit codes) sits on top: every part may import it, it
+imports no other part and nothing outside the standard library.
 A second set of tests imports the light layers in a fresh interpreter and checks what got loaded.
 """
 
@@ -20,8 +22,13 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "conformance"
 
+#: the parts of the package besides ``core``
+PARTS = {"quant", "numerics", "reference", "spec", "impls", "harness", "cli", "testing", "probe", "bench", "ci",
+         "stateful", "tinymodels", "__main__"}
+
 #: part -> parts it must never import (directly or lazily)
 FORBIDDEN: dict[str, set[str]] = {
+    "core": PARTS,
     "quant": {"numerics", "reference", "spec", "impls", "harness", "cli", "testing", "probe", "bench", "ci"},
     "numerics": {"reference", "spec", "impls", "harness", "cli", "testing", "probe", "bench", "ci"},
     "reference": {"numerics", "spec", "impls", "harness", "cli", "testing", "probe", "bench", "ci"},
@@ -102,6 +109,26 @@ def test_no_forbidden_edge() -> None:
     assert not bad, "forbidden imports:\n" + "\n".join(bad)
 
 
+def test_parts_list_is_complete() -> None:
+    """meta: ``core`` is forbidden every other part, so the list of parts must name them all."""
+    found = {p.stem if p.is_file() else p.name for p in PKG.iterdir()
+             if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())}
+    assert found - {"core"} <= PARTS, f"parts missing from PARTS: {sorted(found - {'core'} - PARTS)}"
+
+
+def test_core_imports_only_the_standard_library() -> None:
+    """``conformance.core`` runs under nox's interpreter and the torch-free CLI: stdlib only."""
+    bad = []
+    for path in sorted((PKG / "core").rglob("*.py")):
+        for target, line in imports_of(path):
+            top = target.split(".")[0]
+            if top == "conformance" and not target.startswith("conformance.core"):
+                bad.append(f"{path.name}:{line} {target}")
+            elif top not in sys.stdlib_module_names and top not in ("__future__", "conformance"):
+                bad.append(f"{path.name}:{line} {target}")
+    assert not bad, "conformance.core imports beyond the standard library: " + ", ".join(bad)
+
+
 def test_package_never_imports_suites() -> None:
     bad = [f"{src}: {', '.join(w[:3])}" for src, d in _graph().items() for dst, w in d.items() if dst == "suites"]
     assert not bad, "the package imports the test suites: " + "; ".join(bad)
@@ -154,6 +181,8 @@ LIGHT_IMPORTS = [
      ["torch", "bitsandbytes", "transformers", "peft", "hypothesis"]),
     ("import conformance.harness.report, conformance.harness.results, conformance.harness.xfails",
      ["torch", "bitsandbytes", "transformers", "peft"]),
+    ("import conformance.core.outcome", ["torch", "bitsandbytes", "conformance.harness", "conformance.spec",
+                                         "conformance.ci", "conformance.quant"]),
 ]
 
 

@@ -166,8 +166,8 @@ def test_forward_rounding_model_holds(bits: int, dtype: torch.dtype, training: b
 
 
 #: where the straddling-blocks bug of bitsandbytes' CPU dequantize_4bit was seen (README, Findings)
-STRADDLING_REPRODUCES = ("AMD EPYC (avx512f/bw/vl/vnni/bf16; torch CPU capability AVX512), torch 2.13.0+cpu, "
-                         "bitsandbytes 0.50.2")
+STRADDLING_REPRODUCES = ("AMD EPYC (avx2 avx512f avx512_vnni avx512_bf16, no AMX; torch CPU capability AVX512), "
+                         "torch 2.13.0+cpu, bitsandbytes 0.50.2")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="documents a CPU-only kernel bug")
@@ -178,9 +178,9 @@ def test_bnb_cpu_dequantize_straddling_blocks() -> None:
     import bitsandbytes as bnb
 
     from conformance.harness.environment import _cpu_model
+    from conformance.quant.dispatch import describe
 
-    here = (f"{_cpu_model()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, torch "
-            f"{torch.__version__}, bitsandbytes {bnb.__version__}")
+    here = f"{_cpu_model()}: {describe()}; torch {torch.__version__}, bitsandbytes {bnb.__version__}"
     w = make_weight("normal", 64, 48, 32, torch.Generator().manual_seed(0))
     try:
         _ratio(make_base_layer(48, 64, bits=4, blocksize=32, weight=w), w)

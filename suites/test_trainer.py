@@ -268,6 +268,7 @@ def test_eval_then_train_here() -> None:
     assert "lora-8bit" in res.measurements["cases_passed"]
     if has_avx512bf16():
         assert res.outcome == "failed" and "nf4-lora" in res.message, res.message
+        assert "avx512_bf16" in res.message and "Linear4bit eval repack on" in res.message, res.message
     else:
         assert res.outcome == "passed", res.message
 

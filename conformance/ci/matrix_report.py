@@ -12,11 +12,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..core.outcome import OUTCOMES, TEXT_MARKS, Outcome
 from .matrix import CELLS, Cell
 
-#: the marks of ``conformance.harness.join`` (stdlib only here, so a copy; suites/test_join.py keeps them equal)
-MARKS = {"passed": "pass", "failed": "FAIL", "error": "ERROR", "skipped": "skip", "inconclusive": "INCONCL",
-         "xfailed": "xfail", "xpassed": "XPASS"}
+#: the marks of ``conformance.harness.join`` (``conformance.core`` is stdlib only: one definition)
+MARKS = TEXT_MARKS
 
 #: the versions a cell's column lists (cell.json "installed", else the report's environment)
 VERSIONS = ("torch", "bitsandbytes", "peft", "transformers", "accelerate", "huggingface_hub")
@@ -60,7 +60,7 @@ def load_cell(directory: Path) -> dict[str, Any]:
     }
     for r in (conf or {}).get("results", []):
         out["outcomes"].setdefault(r["implementation"], {})[r["clause"]] = r["outcome"]
-        if r["outcome"] in ("failed", "error"):
+        if Outcome(r["outcome"]).is_finding:
             out["messages"][f"{r['implementation']} {r['clause']}"] = str(r.get("message", ""))[:300]
     if clone is not None:
         v = clone.get("verdict") or {}
@@ -146,8 +146,9 @@ def markdown(doc: dict[str, Any]) -> str:
         vals = []
         for i in ids:
             s = cells[i]["summary"].get(impl)
-            vals.append("—" if not s else f"{s.get('passed', 0)} pass / {s.get('failed', 0) + s.get('error', 0)} "
-                        f"fail ({s.get('must_failures', 0)} MUST) / {s.get('skipped', 0)} skip")
+            fails = sum(s.get(o.value, 0) for o in OUTCOMES if o.is_failure) if s else 0
+            vals.append("—" if not s else f"{s.get('passed', 0)} pass / {fails} fail ({s.get('must_failures', 0)} "
+                        f"MUST) / {s.get('skipped', 0)} skip")
         ver = {cells[i]["implementations"].get(impl) for i in ids} - {None}
         out.append(f"| {impl} ({', '.join(sorted(ver))}) | " + " | ".join(vals) + " |")
     out += ["", "## Clause outcomes", "",

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..core.outcome import OUTCOMES
+
 
 def summary(report: Path) -> dict[str, dict[str, Any]]:
     """implementation -> its summary row (passed, failed, ..., must_failures) from a conformance JSON."""
@@ -13,9 +15,10 @@ def summary(report: Path) -> dict[str, dict[str, Any]]:
 
 
 def summary_lines(summ: dict[str, dict[str, Any]]) -> list[str]:
-    return [f"conformance {impl}: {s.get('passed')} passed, {s.get('failed')} failed, {s.get('error')} error, "
-            f"{s.get('skipped')} skipped, {s.get('xfailed', 0)} xfailed; MUST failures {s.get('must_failures')}"
-            for impl, s in summ.items()]
+    """One line per implementation: every outcome's count (``conformance.core.outcome.OUTCOMES``), then the MUST
+    failures (the summary's own count: the same rule as the exit status)."""
+    return [f"conformance {impl}: " + ", ".join(f"{s.get(o.value, 0)} {o.value}" for o in OUTCOMES)
+            + f"; MUST failures {s.get('must_failures')}" for impl, s in summ.items()]
 
 
 def verdict_line(clone_json: Path, device: str, baseline: Path | None) -> str | None:

@@ -1,4 +1,5 @@
-"""The environment's fingerprint: what a result was measured on (versions, GPU or CPU, git sha)."""
+"""The environment's fingerprint: what a result was measured on (versions, GPU or CPU, the CPU features and
+bitsandbytes' CPU code paths, git sha)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,14 @@ def _torch_build(torch: Any, device: str) -> str:
     return f"{ver} (CUDA {cuda} build" + (", GPU present: ran on CPU)" if device != "cuda" else ")")
 
 
+def _cpu_dispatch() -> dict[str, Any]:
+    try:
+        from conformance.quant.dispatch import cpu_dispatch
+    except Exception as exc:  # noqa: BLE001 - torch/bitsandbytes missing: the fingerprint still gets written
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return cpu_dispatch()
+
+
 def fingerprint(device: str = "cpu") -> dict[str, Any]:
     """Versions, hardware and the suite's own version: goes into every report and baseline."""
     import torch
@@ -85,6 +94,9 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
         "device": device,
         "cpu": _cpu_model(),
         "cpu_count": __import__("os").cpu_count(),
+        # the instruction-set features torch and bitsandbytes dispatch on, and whether bitsandbytes' optional
+        # CPU kernel loaded (and why not): the same versions take other CPU code paths on another CPU
+        "cpu_dispatch": _cpu_dispatch(),
         "suite_version": conformance.__version__,
         "suite_git_sha": git_sha(),
         "suite_source_sha256": source_sha(),

@@ -27,6 +27,7 @@ import traceback
 import warnings
 from typing import Any
 
+from conformance.core.outcome import Outcome
 from conformance.harness.context import CaseSkipped, CheckContext
 from conformance.harness.results import Result, applicability
 from conformance.spec.budget import Budget
@@ -35,8 +36,6 @@ from conformance.spec.interface import Implementation, bits_of, methods_of
 
 #: areas whose check reports over all families at once
 UNSPLIT_AREAS = frozenset({"stateful"})
-#: aggregation order: the first outcome present among the families is the clause's
-_PRECEDENCE = ("failed", "error", "inconclusive", "passed", "skipped")
 
 
 def families(clause: Clause, impl: Implementation) -> list[tuple[str, int]]:
@@ -117,8 +116,7 @@ def _combine(old: Any, new: Any) -> Any:
 
 
 def _aggregate(res: Result, runs: list[tuple[str, str, str, CheckContext]]) -> None:
-    outcomes = {o for _, o, _, _ in runs}
-    res.outcome = next(o for o in _PRECEDENCE if o in outcomes)  # type: ignore[assignment]
+    res.outcome = Outcome.worst(o for _, o, _, _ in runs)  # failed, else error, else inconclusive, ...
     measurements: dict[str, Any] = {}
     notes: list[str] = []
     skipped_cases: dict[str, int] = {}
@@ -138,8 +136,8 @@ def _aggregate(res: Result, runs: list[tuple[str, str, str, CheckContext]]) -> N
         res.message = runs[0][2]
     else:
         measurements["families"] = {f: o if o == "passed" else f"{o}: {m}" for f, o, m, _ in runs}
-        if res.outcome in ("failed", "error", "inconclusive"):
-            bad = [(f, o, m) for f, o, m, _ in runs if o in ("failed", "error", "inconclusive")]
+        if res.outcome.is_failure:
+            bad = [(f, o, m) for f, o, m, _ in runs if Outcome(o).is_failure]
             res.message = "; ".join(f"{f}: {m}" if o == res.outcome else f"{f}: {o}: {m}" for f, o, m in bad)
             if len(bad) > 1:
                 res.message = f"{len(bad)} of {len(runs)} case families: " + res.message

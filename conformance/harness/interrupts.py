@@ -26,7 +26,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-EXIT_INTERRUPTED = 130
+from conformance.core.outcome import EXIT_INTERRUPTED
 
 #: The named points a run passes, in order (what ``CONFORMANCE_SIGINT_AT`` may name).
 POINTS = (

@@ -16,15 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from conformance.harness.results import OUTCOMES
+from conformance.core.outcome import MUST, OUTCOMES, TEXT_MARKS, Outcome
 
 SCHEMA = "conformance-join/1"
 #: What a cell shows for each outcome (also the matrix report's marks: ``conformance.ci.matrix_report``).
-MARKS = {"passed": "pass", "failed": "FAIL", "error": "ERROR", "skipped": "skip", "inconclusive": "INCONCL",
-         "xfailed": "xfail", "xpassed": "XPASS"}
+MARKS = TEXT_MARKS
 NOT_RUN = "—"
-#: outcomes whose message is a finding (listed under the table)
-FINDINGS = ("failed", "error", "inconclusive", "xpassed")
+#: outcomes whose message is a finding (listed under the table): ``Outcome.is_finding``
+FINDINGS = tuple(o for o in OUTCOMES if o.is_finding)
 #: packages an environment label names, with their short names
 LABEL_PACKAGES = (("torch", "torch"), ("bitsandbytes", "bnb"), ("transformers", "transformers"), ("peft", "peft"),
                   ("litgpt", "litgpt"))
@@ -84,14 +83,14 @@ def join(docs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             cells.setdefault(r["clause"], {})[col] = {"outcome": r["outcome"], "message": r.get("message", "")}
         columns += cols
     order = [c["id"] for c in columns]
-    summary = {c: {o: 0 for o in OUTCOMES} | {"not_run": 0, "must_failures": 0} for c in order}
+    summary = {c: {o.value: 0 for o in OUTCOMES} | {"not_run": 0, "must_failures": 0} for c in order}
     first_change: dict[str, str] = {}
     for cid in clauses:
         row = cells.get(cid, {})
         for c in order:
             cell = row.get(c)
             summary[c]["not_run" if cell is None else cell["outcome"]] += 1
-            if cell and cell["outcome"] in ("failed", "error", "inconclusive") and clauses[cid]["level"] == "MUST":
+            if cell and Outcome(cell["outcome"]).is_failure and clauses[cid]["level"] == MUST:
                 summary[c]["must_failures"] += 1
         seen = [(c, row[c]["outcome"]) for c in order if c in row]
         change = next((c for (_, prev), (c, now) in zip(seen, seen[1:]) if now != prev), None)
@@ -107,7 +106,7 @@ def findings(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     order = [c["id"] for c in doc["columns"]]
     return [(cid, c, doc["cells"][cid][c]["outcome"], doc["cells"][cid][c]["message"])
             for cid in doc["clauses"] for c in order
-            if c in doc["cells"].get(cid, {}) and doc["cells"][cid][c]["outcome"] in FINDINGS]
+            if c in doc["cells"].get(cid, {}) and Outcome(doc["cells"][cid][c]["outcome"]).is_finding]
 
 
 def _esc(text: str) -> str:
@@ -119,8 +118,9 @@ def markdown(doc: dict[str, Any]) -> str:
     order = [c["id"] for c in cols]
     lines = ["# Conformance: implementations side by side", "",
              f"Joined from {', '.join(f'`{s}`' for s in doc['sources'])}. Marks: "
-             + ", ".join(f"`{m}` {o}" for o, m in MARKS.items()) + f", `{NOT_RUN}` not run.", "",
-             "| column | environment | device | " + " | ".join(o for o in (*OUTCOMES, "not_run")) + " | MUST-fail |",
+             + ", ".join(f"`{m}` {o.value}" for o, m in MARKS.items()) + f", `{NOT_RUN}` not run.", "",
+             "| column | environment | device | " + " | ".join(str(o) for o in (*OUTCOMES, "not_run"))
+             + " | MUST-fail |",
              "|---|---|---|" + "---:|" * (len(OUTCOMES) + 2)]
     for c in cols:
         s = doc["summary"][c["id"]]

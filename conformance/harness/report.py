@@ -3,7 +3,8 @@
 JSON (``schema_version`` "1"): ``{schema_version, generated_at, command, environment,
 implementations: {name: {version, capabilities, unsupported}}, clauses: {id: {level, text, source,
 area}}, results: [{clause, implementation, outcome, message, duration_s, measurements, level,
-device}], summary: {implementation: {outcome: count, must_failures: n}, exit_status}}``, and
+device}], summary: {implementations: {implementation: {outcome: count, must_failures: n, total: n}},
+exit_status, nothing_checked: {implementation: why}}}``, and
 ``not_run: [{clause, implementation}]`` when the run was interrupted (Ctrl-C) before reaching
 them. A measurement ``reproducer`` (or ``reproducers``) is the path of a script that replays the
 failure. See docs in README ("Report format"). Torch-free: ``compare`` and ``markdown`` use it.
@@ -19,23 +20,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conformance.harness.results import OUTCOMES, Result, exit_status
+from conformance.core.outcome import MUST, OUTCOMES, Outcome, counts_for_exit
+from conformance.harness.results import Result, exit_status, nothing_checked
 
 if TYPE_CHECKING:
     from conformance.harness.runner import ImplInfo
     from conformance.spec.clauses import Clause
 
 SCHEMA_VERSION = "1"
-MARKS = {"passed": "✅", "failed": "❌", "error": "💥", "inconclusive": "❔", "skipped": "➖", "xfailed": "⚠️ xfail",
-         "xpassed": "❗ xpass"}
+MARKS = {Outcome.PASSED: "✅", Outcome.FAILED: "❌", Outcome.ERROR: "💥", Outcome.INCONCLUSIVE: "❔",
+         Outcome.SKIPPED: "➖", Outcome.XFAILED: "⚠️ xfail", Outcome.XPASSED: "❗ xpass"}
 MEANINGS = {
-    "passed": "the implementation does what the clause says",
-    "failed": "it does not (the message says how)",
-    "error": "the check could not run: an exception, a crash or a timeout",
-    "inconclusive": "the check ran too little to give a verdict",
-    "skipped": "the clause does not apply (capability, device)",
-    "xfailed": "failed or errored, as a listed known bug",
-    "xpassed": "passed although listed as a known bug",
+    Outcome.PASSED: "the implementation does what the clause says",
+    Outcome.FAILED: "it does not (the message says how)",
+    Outcome.ERROR: "the check could not run: an exception, a crash or a timeout",
+    Outcome.INCONCLUSIVE: "the check ran too little to give a verdict",
+    Outcome.SKIPPED: "the clause does not apply (capability, device)",
+    Outcome.XFAILED: "failed or errored, as a listed known bug",
+    Outcome.XPASSED: "passed although listed as a known bug",
 }
 NOT_RUN_MARK = "⏹️"
 
@@ -45,14 +47,22 @@ class ReportError(ValueError):
 
 
 def summarize(results: Sequence[Result]) -> dict[str, Any]:
+    """Outcome counts per implementation; ``must_failures`` counts the MUST clauses that failed, errored or
+    were inconclusive (``Outcome.is_failure``: what fails the run besides an ``xpassed``); ``exit_status``
+    is the run's (``results.exit_status``), ``nothing_checked`` why an implementation had no clause run."""
     per: dict[str, Any] = {}
     for r in results:
-        s = per.setdefault(r.implementation, {o: 0 for o in OUTCOMES} | {"must_failures": 0, "total": 0})
-        s[r.outcome] += 1
+        s = per.setdefault(r.implementation, {o.value: 0 for o in OUTCOMES} | {"must_failures": 0, "total": 0})
+        o = Outcome(r.outcome)
+        s[o.value] += 1
         s["total"] += 1
-        if r.outcome in ("failed", "error") and r.level == "MUST":
+        if o.is_failure and r.level == "MUST":
             s["must_failures"] += 1
-    return {"implementations": per, "exit_status": exit_status(list(results))}
+    out = {"implementations": per, "exit_status": exit_status(results)}
+    empty = nothing_checked(results)
+    if empty:
+        out["nothing_checked"] = empty
+    return out
 
 
 def build(
@@ -156,7 +166,7 @@ def reproducers(result: dict[str, Any]) -> list[str]:
 
 
 def _duration(r: dict[str, Any]) -> str:
-    if r["outcome"] == "skipped":
+    if r["outcome"] == Outcome.SKIPPED:
         return ""
     d = float(r.get("duration_s") or 0.0)
     return f"{d:.1f} s" if d >= 1 else f"{d:.2f} s"
@@ -178,6 +188,8 @@ def markdown(doc: dict[str, Any], base: str | Path | None = None) -> str:
     lines = ["# Adapter conformance report", "", _fmt_env(doc["environment"]), ""]
     if not_run:
         lines += [f"**Interrupted**: {len(not_run)} clause runs were not run ({NOT_RUN_MARK}).", ""]
+    for why in (doc["summary"].get("nothing_checked") or {}).values():
+        lines += [f"**Nothing checked**: {why}", ""]
     lines += ["| implementation | version | " + " | ".join(OUTCOMES) + " | MUST failures |",
               "|---|---|" + "---|" * (len(OUTCOMES) + 1)]
     for name in impls:
@@ -201,7 +213,7 @@ def markdown(doc: dict[str, Any], base: str | Path | None = None) -> str:
     lines += [f"| {MARKS[o]} | {o} | {MEANINGS[o]} |" for o in OUTCOMES]
     if not_run:
         lines.append(f"| {NOT_RUN_MARK} | not run | the run was interrupted before this clause |")
-    bad = [r for r in doc["results"] if r["outcome"] in ("failed", "error", "inconclusive", "xpassed")]
+    bad = [r for r in doc["results"] if Outcome(r["outcome"]).is_finding]
     if bad:
         lines += ["", "## Failures and errors", ""]
         for r in bad:
@@ -221,7 +233,7 @@ def markdown(doc: dict[str, Any], base: str | Path | None = None) -> str:
                 value = _link(v, base) if k in ("reproducer", "reproducers") and isinstance(v, str) else \
                     _cell(shorten(_fmt_value(v), 200))
                 lines.append(f"| `{r['clause']}` | {r['implementation']} | {_cell(k)} | {value} |")
-    skipped = [r for r in doc["results"] if r["outcome"] == "skipped"]
+    skipped = [r for r in doc["results"] if r["outcome"] == Outcome.SKIPPED]
     if skipped:
         lines += ["", "<details><summary>Skipped clauses and why</summary>", ""]
         lines += [f"- `{r['clause']}` · {r['implementation']}: {r['message']}" for r in skipped]
@@ -235,25 +247,32 @@ def _numeric(m: dict[str, Any]) -> dict[str, float]:
 
 
 def compare(old: dict[str, Any], new: dict[str, Any], drift: float = 0.25) -> tuple[str, int]:
-    """Clause-by-clause changes; exit code 1 when a clause that passed (or was new) now fails/errors."""
+    """Clause-by-clause changes; exit code 1 when a result that counts for the exit status
+    (``Outcome.counts_for_exit``: a MUST clause failed, errored or was inconclusive, or an xpass) is new: a
+    clause that did not count before (or was not reported) counts now. The same rule as ``run``'s exit status,
+    so a report whose run exited 1 has a new failure against any report whose run exited 0."""
     o = {(r["clause"], r["implementation"]): r for r in old["results"]}
     n = {(r["clause"], r["implementation"]): r for r in new["results"]}
-    bad = {"failed", "error"}
+
+    def counts(r: dict[str, Any], doc: dict[str, Any]) -> bool:
+        level = r.get("level") or (doc.get("clauses") or {}).get(r["clause"], {}).get("level") or MUST
+        return counts_for_exit(r["outcome"], level)
+
     new_failures, fixes, changed, drifts, added, removed = [], [], [], [], [], []
     for key in sorted(set(o) | set(n)):
         a, b = o.get(key), n.get(key)
         label = f"{key[0]} [{key[1]}]"
         if a is None:
             added.append(f"{label}: {b['outcome']}")
-            if b["outcome"] in bad:
+            if counts(b, new):
                 new_failures.append(f"{label}: (new clause) {b['outcome']}: {shorten(b['message'], 200)}")
             continue
         if b is None:
             removed.append(label)
             continue
-        if b["outcome"] in bad and a["outcome"] not in bad:
+        if counts(b, new) and not counts(a, old):
             new_failures.append(f"{label}: {a['outcome']} -> {b['outcome']}: {shorten(b['message'], 200)}")
-        elif a["outcome"] in bad and b["outcome"] not in bad:
+        elif counts(a, old) and not counts(b, new):
             fixes.append(f"{label}: {a['outcome']} -> {b['outcome']}")
         elif a["outcome"] != b["outcome"]:
             changed.append(f"{label}: {a['outcome']} -> {b['outcome']}")

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from conformance.core.outcome import Outcome
+
 if TYPE_CHECKING:
     from conformance.harness.results import Result
 
@@ -61,7 +63,7 @@ class Xfail:
 
     def covers(self, outcome: str) -> bool:
         """Whether a result with ``outcome`` becomes ``xfailed`` under this entry."""
-        return outcome in ("failed", "inconclusive") or (outcome == "error" and self.covers_error)
+        return Outcome(outcome).covered_by_xfail(self.covers_error)
 
     @property
     def where(self) -> str:
@@ -127,16 +129,19 @@ def find(xfails: list[Xfail], clause_id: str, implementation: str) -> Xfail | No
     return None
 
 
-def resolve(outcome: str, message: str, entry: Xfail | None, *, strict: bool = True) -> tuple[str, str]:
+def resolve(outcome: Outcome | str, message: str, entry: Xfail | None, *,
+            strict: bool = True) -> tuple[Outcome, str]:
     """(outcome, message) of a result after its xfail entry: the one rule the CLI and pytest share."""
+    outcome = Outcome(outcome)
     if entry is None:
         return outcome, message
     if entry.covers(outcome):
-        return "xfailed", f"{message} [xfail: {entry.reason}]"
-    if outcome == "passed":
+        return Outcome.XFAILED, f"{message} [xfail: {entry.reason}]"
+    if outcome is Outcome.PASSED:
         if strict and entry.strict:
-            return "xpassed", f"passed although listed as xfail ({entry.reason}; {entry.where})"
-        return "passed", f"passed although listed as xfail ({entry.reason}; {entry.where}): not reproduced here"
+            return Outcome.XPASSED, f"passed although listed as xfail ({entry.reason}; {entry.where})"
+        return Outcome.PASSED, (f"passed although listed as xfail ({entry.reason}; {entry.where}): "
+                                "not reproduced here")
     return outcome, message  # skipped, or an error the entry does not cover
 
 
@@ -147,7 +152,7 @@ def apply(results: list[Result], entries: list[Xfail], *, strict: bool = True) -
         entry = find(entries, r.clause, r.implementation)
         if entry is not None:
             used.add(id(entry))
-        r.outcome, r.message = resolve(r.outcome, r.message, entry, strict=strict)  # type: ignore[assignment]
+        r.outcome, r.message = resolve(r.outcome, r.message, entry, strict=strict)
     return unmatched(entries, used, results)
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from conformance import quant, tinymodels
+from conformance.quant.dispatch import describe as describe_cpu
 from conformance.spec.clauses import check
 
 if TYPE_CHECKING:
@@ -359,6 +360,10 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
     rewritten = {n: d for n, d in rewritten.items() if d}
     why = (f"; {len(rewritten)} bitsandbytes layers were rewritten in place "
            f"(e.g. {next(iter(rewritten))}: {next(iter(rewritten.values()))})" if rewritten else "")
+    # a CPU-dependent path (AVX512-BF16): the messages it causes name the features it depends on
+    cpu = (f"; bitsandbytes repacked {repacked} 4-bit layers for CPU inference on this CPU ({describe_cpu()})"
+           if repacked else "")
+    why += cpu
     dead = [h["step"] for h in steps if not (math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0)]
     ctx.check(not dead, f"{label}: gradient norm zero or non-finite at steps {dead} (grad norms "
                         f"{[round(h['grad_norm'], 4) for h in steps]}): the adapters stopped learning{why}")
@@ -366,7 +371,7 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
         ctx.check(name in snaps, f"{label}: bitsandbytes layer {name} appeared during training")
     for name, diff in rewritten.items():
         ctx.fail(f"{label}: quantized weights of {name} changed during training: {diff}"
-                 f" ({len(rewritten)} layers changed)")
+                 f" ({len(rewritten)} layers changed){cpu}")
     loss_after = _probe_loss(model, batch)
     ctx.check(math.isfinite(loss_after), f"{label}: loss on the fixed batch is {loss_after} after training")
     ctx.check(loss_after < loss_before, f"{label}: loss on the fixed batch did not fall after {TRAIN_STEPS} "
