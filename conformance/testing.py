@@ -73,7 +73,16 @@ def expected_entries(expected: ExpectedFailed, impl: Implementation) -> list[xf.
 
 
 def _results_in_process(impl: Implementation, chosen: Sequence[Clause], device: str) -> list[Result]:
-    return [run_clause(c, impl, device) for c in chosen]
+    """One result per clause; Ctrl-C raises ``Interrupted`` (a ``KeyboardInterrupt``) carrying those reached."""
+    from conformance.harness.runner import Interrupted
+
+    results: list[Result] = []
+    try:
+        for c in chosen:
+            results.append(run_clause(c, impl, device))
+    except KeyboardInterrupt:
+        raise Interrupted(results) from None
+    return results
 
 
 def _results_in_workers(target: str, chosen: Sequence[Clause], device: str) -> tuple[Implementation, list[Result]]:
