@@ -135,11 +135,14 @@ def check_implementation(
 
 
 def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entries: Sequence[xf.Xfail] = (),
-                 strict: bool = True) -> None:
-    """Run one clause as a pytest test body (outcomes mapped as ``xfails.resolve`` says)."""
+                 strict: bool = True, result: Result | None = None) -> None:
+    """Run one clause as a pytest test body (outcomes mapped as ``xfails.resolve`` says).
+
+    ``result``: this clause's result for ``impl`` on ``device``, already run (a suite sharing one expensive run,
+    e.g. a session fixture): judged as is, the clause is not run again."""
     import pytest
 
-    res = run_clause(clause, impl, device)
+    res = result if result is not None else run_clause(clause, impl, device)
     entry = xf.find(list(entries), clause.id, impl.name)
     outcome, message = xf.resolve(res.outcome, res.message, entry, strict=strict)
     if outcome == "skipped":
