@@ -72,9 +72,10 @@ def _results_in_process(impl: Implementation, chosen: Sequence[Clause], device: 
 def _results_in_workers(target: str, chosen: Sequence[Clause], device: str) -> tuple[Implementation, list[Result]]:
     from conformance.harness import runner
 
-    info = runner.describe(target)
-    results = runner.run_implementation(info.target, chosen, device=device, label=info.name,
-                                        progress=lambda _msg: None)
+    # loaded once: the fork server that runs the clauses also describes the implementation
+    with runner.open_implementation(target, runner.RunConfig(device=device)) as loaded:
+        info = loaded.info
+        results = loaded.run(chosen, progress=lambda _msg: None)
 
     class _Described:  # what expected_failed_checks callables and messages see of a worker-run implementation
         name = info.name
