@@ -57,7 +57,7 @@ class _InterpreterGuard:
 
     def note(self, argv: list[str]) -> None:
         if not self.allowed:
-            self.started.append(shlex.join(argv)[:200])
+            self.started.append(shlex.join(argv).replace("\n", "\\n")[:200])
 
     def install(self) -> None:
         guard, popen_init, spawnv = self, subprocess.Popen.__init__, multiprocessing.util.spawnv_passfds

@@ -60,6 +60,7 @@ def test_unknown_limitations_key_is_refused(key: str) -> None:
         interface.validate(impl)
 
 
+@pytest.mark.e2e
 def test_cli_exits_2_on_a_capability_typo(tmp_path: Path) -> None:
     (tmp_path / "typo_impl.py").write_text(
         "class Impl:\n    name = 'typo'\n    capabilities = frozenset({'lora', '4bit', 'multi-adapter'})\n"
