@@ -270,13 +270,17 @@ def cmd_markdown(args: argparse.Namespace) -> int:
 
 
 def _run_clone_probe(args: argparse.Namespace) -> int:
-    """The clone probe imports torch, so its options are parsed only when it runs (``probe clone --help``)."""
+    """The clone probe imports torch: its options (torch-free) are parsed first, so ``probe clone --help`` and a
+    typo answer without it."""
+    from .probe import options
+
+    p = _Parser(prog="python -m conformance probe clone", description=options.DESCRIPTION,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    options.add_arguments(p)
+    parsed = p.parse_args(args.extra)
     from .probe import clone as clone_probe
 
-    p = _Parser(prog="python -m conformance probe clone", description=clone_probe.__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    clone_probe.add_arguments(p)
-    return clone_probe.run(p.parse_args(args.extra))
+    return clone_probe.run(parsed)
 
 
 def build_parser() -> argparse.ArgumentParser:

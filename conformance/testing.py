@@ -88,9 +88,10 @@ def _results_in_process(impl: Implementation, chosen: Sequence[Clause], device: 
 def _results_in_workers(target: str, chosen: Sequence[Clause], device: str) -> tuple[Implementation, list[Result]]:
     from conformance.harness import runner
 
-    info = runner.describe(target)
-    results = runner.run_implementation(info.target, chosen, device=device, label=info.name,
-                                        progress=lambda _msg: None)
+    # loaded once: the fork server that runs the clauses also describes the implementation
+    with runner.open_implementation(target, runner.RunConfig(device=device)) as loaded:
+        info = loaded.info
+        results = loaded.run(chosen, progress=lambda _msg: None)
 
     class _Described:  # what expected_failed_checks callables and messages see of a worker-run implementation
         name = info.name
@@ -158,11 +159,14 @@ def check_implementation(
 
 
 def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entries: Sequence[xf.Xfail] = (),
-                 strict: bool = True) -> None:
-    """Run one clause as a pytest test body (outcomes mapped as ``xfails.resolve`` says)."""
+                 strict: bool = True, result: Result | None = None) -> None:
+    """Run one clause as a pytest test body (outcomes mapped as ``xfails.resolve`` says).
+
+    ``result``: this clause's result for ``impl`` on ``device``, already run (a suite sharing one expensive run,
+    e.g. a session fixture): judged as is, the clause is not run again."""
     import pytest
 
-    res = run_clause(clause, impl, device)
+    res = result if result is not None else run_clause(clause, impl, device)
     entry = xf.find(list(entries), clause.id, impl.name)
     outcome, message = xf.resolve(res.outcome, res.message, entry, strict=strict)
     if outcome is Outcome.SKIPPED:

@@ -13,6 +13,11 @@ import os
 import pytest
 
 from conformance import testing
+from conformance.impls.reference import ReferenceImplementation
+
+#: clause -> the session fixture (suites/conftest.py) holding its CPU run for the reference, shared with the
+#: clause's own tests: the DDP clause starts two ranks, run once per session
+SHARED = {"DIST-DDP-GRADS-AGREE": "ddp_reference_result"}
 
 
 def _impl_names(config: pytest.Config) -> list[str]:
@@ -24,11 +29,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     config = metafunc.config
     device = config.getoption("--device")
-    params = testing.params(_impl_names(config), device=device, xfails=config.getoption("--xfails"))
-    if device == "cuda":
-        params = [pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.gpu]) for p in params]
-    metafunc.parametrize("check", params)
+    params = []
+    for tid, fn, clause, impl in testing.iter_checks(_impl_names(config), device=device,
+                                                     xfails=config.getoption("--xfails")):
+        marks = [pytest.mark.slow] if clause.slow else []
+        if "distributed" in clause.requires:  # spawned ranks: interpreters started
+            marks.append(pytest.mark.e2e)
+        if device == "cuda":
+            marks.append(pytest.mark.gpu)
+        shared = SHARED.get(clause.id) if device == "cpu" and type(impl) is ReferenceImplementation else None
+        params.append(pytest.param(fn, shared, id=tid, marks=marks))
+    metafunc.parametrize(("check", "shared"), params)
 
 
-def test_clause(check) -> None:  # noqa: ANN001 - a zero-argument check from conformance.testing
-    check()
+def test_clause(check, shared: str | None, request: pytest.FixtureRequest) -> None:  # noqa: ANN001 - a check
+    """``check``: a zero-argument check from conformance.testing; ``shared``: the fixture with its result, if any."""
+    if shared:
+        check(result=request.getfixturevalue(shared))
+    else:
+        check()

@@ -57,6 +57,7 @@ def _report(tmp_path: Path, name: str, outcome: str) -> Path:
     return path
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, code", [
     (["--help"], 0),
     (["clauses"], 0),
@@ -87,6 +88,46 @@ def test_cli_answers_without_importing_torch(tmp_path: Path, args: list[str], co
     assert "Traceback" not in stderr
 
 
+_HELPS = f"""
+import argparse, contextlib, io, json, sys
+from conformance import cli
+
+def commands(parser, prefix=()):
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from commands(sub, (*prefix, name))
+
+got = []
+for cmd in commands(cli.build_parser()):  # every subcommand, nested ones (probe clone) included
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            code = cli.main([*cmd, "--help"])
+        except SystemExit as exc:
+            code = exc.code
+    heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
+    got.append({{"cmd": " ".join(cmd), "code": code, "heavy": heavy, "help": out.getvalue()}})
+print(json.dumps(got))
+"""
+
+
+@pytest.mark.e2e
+def test_every_subcommand_answers_help_without_torch() -> None:
+    """``--help`` of every subcommand (found in the parser, so a new one is covered) in one fresh interpreter:
+    exit 0, its own usage line, and no heavy import after it."""
+    proc = subprocess.run([sys.executable, "-c", _HELPS], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {g["cmd"] for g in got} >= {"", "run", "clauses", "compare", "join", "markdown", "probe", "probe clone",
+                                       "stateful"}, [g["cmd"] for g in got]
+    for g in got:
+        assert g["code"] == 0 and g["heavy"] == [], g
+        assert f"usage: python -m conformance {g['cmd']}".rstrip() in g["help"], g
+
+
+@pytest.mark.e2e
 def test_console_script_help_imports_no_torch() -> None:
     """The installed ``conformance`` script (pip install -e .) answers --help without torch."""
     script = shutil.which("conformance", path=os.path.dirname(sys.executable))
@@ -100,6 +141,7 @@ def test_console_script_help_imports_no_torch() -> None:
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
 
+@pytest.mark.e2e
 def test_clauses_wraps_to_the_terminal() -> None:
     proc = subprocess.run([sys.executable, "-m", "conformance", "clauses"], capture_output=True, text=True,
                           env=os.environ | {"COLUMNS": "70"}, timeout=120)
@@ -174,8 +216,9 @@ def test_cpu_ci_writes_the_report_markdown_to_the_step_summary() -> None:
     assert '"reference.md"' in (root / "conformance" / "ci" / "sessions.py").read_text()  # what `nox -s report` writes
 
 
+@pytest.mark.e2e
 def test_probe_clone_parses_its_own_options() -> None:
-    """The clone probe's options are parsed when it runs (they need torch): --help shows them, a typo is exit 2."""
+    """The clone probe parses its own options (before it imports torch): --help shows them, a typo is exit 2."""
     proc = subprocess.run([sys.executable, "-m", "conformance", "probe", "clone", "--help"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "--threads" in proc.stdout, proc.stdout + proc.stderr
@@ -206,6 +249,7 @@ def test_impl_at_python_parsing() -> None:
             parse_impls(impls, pythons)
 
 
+@pytest.mark.e2e
 def test_run_names_the_fix_for_an_interpreter_without_conformance(tmp_path: Path) -> None:
     """An interpreter that exists but cannot import conformance: exit 2 with the pip command.
 
@@ -226,6 +270,7 @@ def test_run_names_the_fix_for_an_interpreter_without_conformance(tmp_path: Path
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.e2e
 def test_a_closed_pipe_ends_the_listing_quietly() -> None:
     """`python -m conformance clauses | head -1`: the reader leaves early; no BrokenPipeError traceback."""
     import fcntl
@@ -243,6 +288,7 @@ def test_a_closed_pipe_ends_the_listing_quietly() -> None:
     assert first.strip() and stderr == ""
 
 
+@pytest.mark.e2e
 def test_a_report_folder_that_takes_no_file_is_a_usage_error_before_the_run() -> None:
     """/proc/self passes os.access(W_OK) as root; the check creates a file there, as the final write would."""
     got, _stdout, stderr = _probe("run", "--report", "/proc/self/r.json")

@@ -2,14 +2,19 @@
 
 The broken implementations live at module level so they pickle into the spawned ranks (the ranks
 import this module by name: pytest put ``suites/`` on ``sys.path`` and spawn passes it on). Each
-variant covers one family (LoRA on 4-bit) to keep the module to three process groups.
+breakage covers one family of one implementation (``OneBreakagePerFamily``: per-rank state on 4-bit, lora_B
+hidden on 8-bit), so the module starts one process group for the broken cases; the reference's run is the
+session's (``ddp_reference_result``, shared with suites/test_clauses.py). Tests that spawn
+ranks are the ``e2e`` tier.
 """
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from conformance.harness.execute import run_clause
 from conformance.impls.reference import ReferenceImplementation
@@ -23,36 +28,42 @@ pytestmark = [
 ]
 
 CLAUSE = "DIST-DDP-GRADS-AGREE"
-LORA_4BIT = frozenset({"lora", "4bit", "distributed"})
 
 
-class PerRankState(ReferenceImplementation):
+def per_rank_state(layer: nn.Module, base_layer: nn.Module) -> nn.Module:
     """Adapter state outside parameters and buffers that differs per rank (seeded by the rank): DDP
     cannot synchronise it, so the averaged gradient is not the single-process one."""
-
-    name = "per-rank-state"
-    capabilities = LORA_4BIT
-
-    def create(self, base_layer, spec):
-        layer = super().create(base_layer, spec)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        offset = torch.randn(base_layer.out_features, generator=torch.Generator().manual_seed(rank)) * 0.1
-        layer.register_forward_hook(lambda _m, _args, out: out + offset.to(out))
-        return layer
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    offset = torch.randn(base_layer.out_features, generator=torch.Generator().manual_seed(rank)) * 0.1
+    layer.register_forward_hook(lambda _m, _args, out: out + offset.to(out))
+    return layer
 
 
-class HiddenFromDDP(ReferenceImplementation):
+def hidden_from_ddp(layer: nn.Module) -> nn.Module:
     """lora_B held outside the module tree: still trained through adapter_parameters, but DDP never
     all-reduces its gradient, so the ranks drift apart."""
+    holder = layer._modules.pop("lora_B")
+    object.__setattr__(layer, "lora_B", holder)
+    return layer
 
-    name = "hidden-from-ddp"
-    capabilities = LORA_4BIT
+
+class OneBreakagePerFamily(ReferenceImplementation):
+    """LoRA broken one way per family: per-rank state on 4-bit bases, lora_B hidden from DDP on 8-bit ones.
+    The clause judges each family on its own, so one spawned run shows both (one process group, not two)."""
+
+    name = "one-breakage-per-family"
+    capabilities = frozenset({"lora", "4bit", "8bit", "distributed"})
 
     def create(self, base_layer, spec):
         layer = super().create(base_layer, spec)
-        holder = layer._modules.pop("lora_B")
-        object.__setattr__(layer, "lora_B", holder)
-        return layer
+        if isinstance(base_layer, bnb.nn.Linear4bit):
+            return per_rank_state(layer, base_layer)
+        return hidden_from_ddp(layer)
+
+
+@pytest.fixture(scope="module")
+def broken_result(clause):
+    return run_clause(clause, OneBreakagePerFamily())
 
 
 @pytest.fixture(scope="module")
@@ -60,29 +71,31 @@ def clause():
     return registry()[CLAUSE]
 
 
-@pytest.fixture(scope="module")
-def reference_result(clause):
-    return run_clause(clause, ReferenceImplementation())
-
-
-def test_reference_passes_every_family(reference_result) -> None:
-    res = reference_result
+@pytest.mark.e2e
+def test_reference_passes_every_family(ddp_reference_result) -> None:
+    """The session's one reference run (suites/conftest.py; test_clauses judges the same result)."""
+    res = ddp_reference_result
     assert res.outcome == "passed", res.message
     assert res.measurements["families"] == {f: "passed" for f in ("lora/4bit", "lora/8bit", "oft/4bit", "oft/8bit")}
     # the single-process comparison is informative: rounding differences exist and stay under the bound
     assert 0 < res.measurements["grad_ratio"] <= 1
 
 
-def test_state_differing_per_rank_fails(clause) -> None:
-    res = run_clause(clause, PerRankState())
+@pytest.mark.e2e
+def test_state_differing_per_rank_fails(broken_result) -> None:
+    res = broken_result
     assert res.outcome == "failed", (res.outcome, res.message)
-    assert "single process on the whole batch" in res.message
+    four = res.measurements["families"]["lora/4bit"]
+    assert four.startswith("failed") and "single process on the whole batch" in four, four
 
 
-def test_parameters_hidden_from_ddp_fail(clause) -> None:
-    res = run_clause(clause, HiddenFromDDP())
+@pytest.mark.e2e
+def test_parameters_hidden_from_ddp_fail(broken_result) -> None:
+    res = broken_result
     assert res.outcome == "failed", (res.outcome, res.message)
-    assert "differ between rank 0 and rank 1" in res.message and "lora_B.weight" in res.message
+    eight = res.measurements["families"]["lora/8bit"]
+    assert eight.startswith("failed") and "differ between rank 0 and rank 1" in eight, eight
+    assert "lora_B.weight" in eight, eight
 
 
 def test_without_the_capability_it_is_skipped(clause) -> None:

@@ -186,6 +186,7 @@ LIGHT_IMPORTS = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stmt,absent", LIGHT_IMPORTS, ids=[s for s, _ in LIGHT_IMPORTS])
 def test_light_layers_load_nothing_heavy(stmt: str, absent: list[str]) -> None:
     code = (f"import sys\n{stmt}\n"

@@ -91,6 +91,7 @@ def test_a_result_that_fits_no_column_is_an_error(bad: dict, words: str) -> None
         join.join([])
 
 
+@pytest.mark.e2e
 def test_cli_join_writes_json_and_markdown(tmp_path: Path) -> None:
     paths = []
     for name, outcome in (("ref", "passed"), ("peft", "failed:broken")):

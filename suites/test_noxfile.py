@@ -51,6 +51,7 @@ def nox_list() -> dict[str, str]:
     return listed
 
 
+@pytest.mark.e2e
 def test_nox_lists_every_session_with_a_description(nox_list: dict[str, str]) -> None:
     for name in SESSIONS:
         assert name in nox_list, f"nox -l does not list {name}: {sorted(nox_list)}"
@@ -87,6 +88,7 @@ def test_every_command_answers_help(command: str, capsys: pytest.CaptureFixture[
     assert "--fresh" in text or command in ("matrix_report", "list")
 
 
+@pytest.mark.e2e
 def test_nox_session_help_installs_nothing(tmp_path: Path) -> None:
     """The one real nox run: `nox -s tests -- --help` prints the options and exits 0 before any install."""
     pytest.importorskip("nox")
@@ -105,6 +107,7 @@ def test_unknown_arguments_are_a_usage_error(capsys: pytest.CaptureFixture[str])
     assert "no matrix cell 'torch0.0-nothing'" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_ci_package_is_stdlib_only_and_imports_no_torch() -> None:
     """nox imports conformance.ci under its own interpreter (no torch there)."""
     for path in sorted((ROOT / "conformance" / "ci").glob("*.py")):
@@ -243,6 +246,7 @@ def test_shared_cpu_environment() -> None:
     assert spec.requirements == ("-e", ".[plot,test]")
 
 
+@pytest.mark.e2e
 def test_stream_prints_a_heartbeat_while_quiet(capsys: pytest.CaptureFixture[str]) -> None:
     rc = envs.stream([sys.executable, "-c", "import time; time.sleep(1.5); print('done'); raise SystemExit(3)"],
                      label="install x", heartbeat_s=0.4)
@@ -267,6 +271,7 @@ def test_tests_command_narrows_to_the_paths_given(monkeypatch: pytest.MonkeyPatc
 # steps, baselines, gpu fail-fast
 
 
+@pytest.mark.e2e
 def test_steps_fail_loudly_on_a_missing_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     steps = Steps(sys.executable, {}, tmp_path)
     assert not steps.run("probe", "calendar", [], needs=("json.no_such_module_xyz",))
@@ -297,6 +302,7 @@ def test_newest_baseline_without_dates_prefers_newest_versions(tmp_path: Path) -
     assert newest_baseline(tmp_path, "cuda").name == "x.json"
 
 
+@pytest.mark.e2e
 def test_gpu_fails_at_once_without_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """Offline and installing: a clear message, nothing run or installed, no artefact directory."""
@@ -421,6 +427,7 @@ def _workflow(name: str) -> dict[str, Any]:
     return doc
 
 
+@pytest.mark.e2e
 def test_workflows_are_valid_and_use_the_documented_labels(nox_list: dict[str, str]) -> None:
     gpu, cpu = _workflow("gpu.yml"), _workflow("cpu.yml")
     docs = (ROOT / "docs" / "nox.md").read_text()
@@ -442,6 +449,7 @@ def test_workflows_are_valid_and_use_the_documented_labels(nox_list: dict[str, s
     assert gpu_cells == [c.id for c in mx.CELLS if "torch-axis" in c.tags]
 
 
+@pytest.mark.e2e
 def test_installed_versions_asks_the_interpreter() -> None:
     from importlib.metadata import version
 

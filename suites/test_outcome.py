@@ -159,6 +159,7 @@ def merge_only(monkeypatch: pytest.MonkeyPatch) -> str:
 NOTHING_APPLIES = ["--clauses", "SAFE-MERGE-*", "--clauses", "TRAINER-*", "--clauses", "DIST-*"]
 
 
+@pytest.mark.e2e
 def test_a_run_that_checked_nothing_exits_3_and_says_why(merge_only: str, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """Through the CLI's run path (workers and all): every chosen clause needs a capability the implementation

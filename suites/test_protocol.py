@@ -60,6 +60,7 @@ def test_unknown_limitations_key_is_refused(key: str) -> None:
         interface.validate(impl)
 
 
+@pytest.mark.e2e
 def test_cli_exits_2_on_a_capability_typo(tmp_path: Path) -> None:
     (tmp_path / "typo_impl.py").write_text(
         "class Impl:\n    name = 'typo'\n    capabilities = frozenset({'lora', '4bit', 'multi-adapter'})\n"
@@ -251,9 +252,18 @@ def test_check_implementation_expected_failure_that_passes_raises() -> None:
                                  expected_failed_checks={"FWD-ERR-RANK": "not really"})
 
 
-def test_check_implementation_by_name_runs_in_workers() -> None:
+@pytest.mark.e2e
+def test_check_implementation_by_name_runs_in_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name runs in worker processes, loaded once (one fork server describes it and runs the clauses)."""
+    from conformance.harness import processes
+
+    started = []
+    start = processes.start
+    monkeypatch.setattr(processes, "start", lambda opts, *a, **kw: started.append(opts.impl) or start(opts, *a, **kw))
     results = check_implementation("reference", clauses=["FWD-ERR-RANK", "MERGE-TWICE-TEXT"])
     assert [r.outcome for r in results] == ["passed", "passed"]
+    assert [r.implementation for r in results] == ["reference", "reference"]
+    assert started == ["reference"], f"loaded {len(started)} times: {started}"
 
 
 def test_exit_status_counts_xpassed_like_pytest_strict() -> None:

@@ -1,7 +1,13 @@
-"""The runner isolates implementations: crashes, hangs and exceptions become ``error`` outcomes."""
+"""The runner isolates implementations: crashes, hangs and exceptions become ``error`` outcomes.
+
+The whole module is the ``e2e`` tier (fork servers, CLI subprocesses, signals). The fault tests share one
+fork server for the session (``fork_server("broken_impls:faults")``: a fault per clause), and the reference's
+server is shared too; each run still forks its own worker, which is what isolation is about.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,7 +22,7 @@ from conformance.harness.results import Result
 from conformance.spec.clauses import get
 
 # tooling, not device code: CPU CI runs it; the gpu session leaves it out
-pytestmark = pytest.mark.cpu_only
+pytestmark = [pytest.mark.cpu_only, pytest.mark.e2e]
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -30,52 +36,67 @@ def _run(impl: str, **kw) -> list[Result]:
     return runner.run_implementation(impl, [get("LAYER-PROTOCOL-SURFACE")], progress=lambda m: None, **kw)
 
 
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _faults(fork_server, *ids: str, timeout_s: float | None = None) -> list[Result]:  # noqa: ANN001 - the fixture
+    """Run ``ids`` on the shared ``broken_impls:faults`` server (FAULTS says which clause does what);
+    ``timeout_s`` replaces each clause's own time limit (the runner reads it from the clause given)."""
+    clauses = [get(i, bound=False) for i in ids]
+    if timeout_s is not None:
+        clauses = [dataclasses.replace(c, timeout_s=timeout_s) for c in clauses]
+    return fork_server("broken_impls:faults").run(clauses, _quiet)
+
+
 @pytest.mark.parametrize("fork", [True, False], ids=["fork-server", "fresh-interpreter"])
-def test_segfault_is_an_error_and_the_run_completes(fork: bool) -> None:
-    (res,) = _run("broken_impls:segfault", fork=fork)
-    assert res.outcome == "error"
-    assert "SIGSEGV" in res.message
+def test_segfault_is_an_error_and_the_run_completes(fork: bool, fork_server) -> None:  # noqa: ANN001
+    if fork:  # FWD-ERR-ADAPTER-NAME segfaults in faults; the clause after it still runs
+        res = _faults(fork_server, "FWD-ERR-ADAPTER-NAME", "FWD-ERR-SHAPE")
+        assert res[1].outcome == "passed", res[1].message
+    else:
+        res = _run("broken_impls:segfault", fork=False)
+    assert res[0].outcome == "error"
+    assert "SIGSEGV" in res[0].message
 
 
-def test_hang_times_out() -> None:
-    (res,) = _run("broken_impls:hang", timeout_scale=3 / 300)
-    assert res.outcome == "error"
-    assert "timed out" in res.message
+def test_time_limit_is_the_clauses_scaled_unless_given() -> None:
+    """``--timeout-scale`` multiplies each clause's own limit, ``--timeout`` replaces it (what a hang runs into)."""
+    clause = get("FWD-INIT-IDENTITY", bound=False)
+    assert runner.RunConfig().limit(clause) == clause.timeout_s
+    assert runner.RunConfig(timeout_scale=3 / 300).limit(clause) == clause.timeout_s * 3 / 300
+    assert runner.RunConfig(timeout=2, timeout_scale=3 / 300).limit(clause) == 2
+    assert runner.RunConfig(timeout_scale=3 / 300).limit(dataclasses.replace(clause, timeout_s=600)) == 6
 
 
 def _ids(*ids: str) -> list:
     return [get(i, bound=False) for i in ids]
 
 
-def test_a_hang_costs_only_its_clause() -> None:
+def test_a_hang_costs_only_its_clause(fork_server) -> None:  # noqa: ANN001
     """The clause that hangs times out (saying which option changes it); the clauses after it still run."""
-    res = runner.run_implementation("broken_impls:hang_in_fwd_init",
-                                    _ids("LAYER-PROTOCOL-SURFACE", "FWD-INIT-IDENTITY", "FWD-ERR-SHAPE"),
-                                    timeout=2, progress=lambda m: None)
+    res = _faults(fork_server, "FWD-ERR-RANK", "FWD-INIT-IDENTITY", "FWD-ERR-SHAPE", timeout_s=2)
     assert [(r.clause, r.outcome) for r in res] == [
-        ("LAYER-PROTOCOL-SURFACE", "passed"), ("FWD-INIT-IDENTITY", "error"), ("FWD-ERR-SHAPE", "passed")]
+        ("FWD-ERR-RANK", "passed"), ("FWD-INIT-IDENTITY", "error"), ("FWD-ERR-SHAPE", "passed")]
     assert "timed out after 2 s (--timeout changes it)" in res[1].message
 
 
-def test_an_abort_in_every_merge_clause_costs_only_those_clauses() -> None:
-    res = runner.run_implementation("broken_impls:abort_in_merge",
-                                    _ids("MERGE-TWICE-WARNS", "LAYER-PROTOCOL-SURFACE", "MERGE-SUBSET", "FWD-ERR-SHAPE"),
-                                    progress=lambda m: None)
+def test_an_abort_in_every_merge_clause_costs_only_those_clauses(fork_server) -> None:  # noqa: ANN001
+    res = _faults(fork_server, "MERGE-TWICE-WARNS", "FWD-ERR-RANK", "MERGE-SUBSET", "FWD-ERR-SHAPE")
     outcomes = {r.clause: r.outcome for r in res}
-    assert outcomes == {"MERGE-TWICE-WARNS": "error", "LAYER-PROTOCOL-SURFACE": "passed", "MERGE-SUBSET": "error",
+    assert outcomes == {"MERGE-TWICE-WARNS": "error", "FWD-ERR-RANK": "passed", "MERGE-SUBSET": "error",
                         "FWD-ERR-SHAPE": "passed"}
     for r in res:
         if r.outcome == "error":
             assert "killed by signal SIGABRT while running this clause" in r.message, r.message
 
 
-def test_no_fork_server_after_cuda_was_initialised_while_loading() -> None:
+def test_no_fork_server_after_cuda_was_initialised_while_loading(fork_server) -> None:  # noqa: ANN001
     with runner.open_implementation("broken_impls:inits_cuda") as loaded:
         assert loaded.workers.kind == "fresh-interpreter"
         (res,) = loaded.run(_ids("LAYER-PROTOCOL-SURFACE"), progress=lambda m: None)
     assert res.outcome == "passed", res.message
-    with runner.open_implementation("reference") as loaded:
-        assert loaded.workers.kind == "fork-server"
+    assert fork_server("reference").workers.kind == "fork-server"
 
 
 def test_budget_and_report_dir_reach_the_check_context(tmp_path: Path) -> None:
@@ -86,14 +107,14 @@ def test_budget_and_report_dir_reach_the_check_context(tmp_path: Path) -> None:
     assert f"report_dir={tmp_path}" in res.message
 
 
-def test_exception_is_an_error_with_its_message() -> None:
-    (res,) = _run("broken_impls:raises")
+def test_exception_is_an_error_with_its_message(fork_server) -> None:  # noqa: ANN001
+    (res,) = _faults(fork_server, "LIFECYCLE-TRAINABLE")
     assert res.outcome == "error"
     assert "boom from a broken implementation" in res.message
 
 
-def test_protocol_clause_fails_on_a_non_module() -> None:
-    (res,) = _run("broken_impls:not_a_module")
+def test_protocol_clause_fails_on_a_non_module(fork_server) -> None:  # noqa: ANN001
+    (res,) = _faults(fork_server, "LAYER-PROTOCOL-SURFACE")
     assert res.outcome == "failed"
     assert "not an nn.Module" in res.message
 
@@ -202,15 +223,15 @@ def _other_interpreter(tmp_path: Path) -> str:
     return str(script)
 
 
-def test_implementation_runs_in_the_interpreter_given(tmp_path: Path) -> None:
+def test_implementation_runs_in_the_interpreter_given(tmp_path: Path, fork_server) -> None:  # noqa: ANN001
     python = _other_interpreter(tmp_path)
     with runner.open_implementation("reference", python=python) as loaded:
         assert loaded.info.python == python
         assert loaded.info.packages["torch"] and loaded.info.packages["python"] == sys.version.split()[0]
         (res,) = loaded.run([get("LAYER-PROTOCOL-SURFACE")], lambda m: None)
     assert res.outcome == "passed", res.message
-    with runner.open_implementation("reference") as here:  # this interpreter: nothing recorded
-        assert here.info.python == "" and here.info.packages == {}
+    here = fork_server("reference")  # this interpreter: nothing recorded
+    assert here.info.python == "" and here.info.packages == {}
 
 
 @pytest.mark.parametrize("content, mode, words", [

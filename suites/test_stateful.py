@@ -302,6 +302,7 @@ def _run_script(path: str, cwd: Any, *args: str) -> subprocess.CompletedProcess:
                           cwd=str(cwd), check=False)
 
 
+@pytest.mark.e2e
 def test_reproducer_script_rebuilds_the_implementation_and_shows_divergence(tmp_path: Any) -> None:
     """The script runs from anywhere and exits 1 with the divergence. An implementation loaded as
     module:attr is rebuilt from that string, so an object built with constructor arguments comes
@@ -441,6 +442,7 @@ print("CODES " + json.dumps(codes))
 """
 
 
+@pytest.mark.e2e
 def test_stored_reproducers_run(tmp_path: Any) -> None:
     """The stored PEFT reproducers run from this checkout: on the CPU the ones that reproduce there exit 1
     (PEFT 0.21.2), the CUDA-only one (a device move) exits 2 without a CUDA device."""

@@ -11,7 +11,6 @@ import argparse
 import sys
 
 from conformance.spec.budget import CI
-from conformance.spec.stateful.run import run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(to look past a known finding), e.g. set_unknown,merge_unknown")
     p.add_argument("--shrink-s", type=float, default=None, help="seconds of shrinking per case after its first "
                    f"violation (default {CI.stateful_shrink_s:g})")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # --help and usage errors answer before torch is imported
     from conformance.quant.layers import quiet_int8_cast_notice
+    from conformance.spec.stateful.run import run
 
     quiet_int8_cast_notice()
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from conformance import numerics
+from conformance.probe.options import add_arguments  # noqa: F401  (re-exported: the probe's options)
 from conformance.quant import layers as qlayers
 from conformance.spec.cases import (
     BASE,
@@ -398,17 +399,6 @@ def table(records: Sequence[dict[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to probe (default cpu)")
-    parser.add_argument("--json", metavar="OUT", help="write the full report (cases, verdict, environment) here")
-    parser.add_argument("--compare", metavar="BASELINE", help="report per-case changes against a baseline JSON; "
-                        "exit 1 if a case went from works to raises/wrong")
-    parser.add_argument("--bits", type=int, action="append", choices=[4, 8], help="only these bit widths")
-    parser.add_argument("--quiet", action="store_true", help="no table, only the verdict (and the comparison)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while probing (default 1: the "
-                        "shapes are tiny, more threads only add overhead; 0 keeps torch's setting)")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("clone probe: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)

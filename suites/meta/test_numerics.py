@@ -188,6 +188,7 @@ def test_int8_dequant_error_covers_the_bitsandbytes_kernel() -> None:
 
 # -- independence from the reference -------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_numerics_imports_no_reference_spec_or_harness() -> None:
     """Importing and using every numerics module loads none of the layers it is meant to check."""
     code = (
