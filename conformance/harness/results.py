@@ -25,6 +25,9 @@ class Result:
     measurements: dict[str, Any] = field(default_factory=dict)
     level: str = "MUST"
     device: str = "cpu"
+    #: per case family ("lora/4bit"): {"outcome", "run", "skipped", "skip_reasons": {reason: count}, "message"}
+    #: (``harness.execute``); empty in reports written before it existed and for clauses that did not run
+    families: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
