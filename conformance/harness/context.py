@@ -398,7 +398,7 @@ class CheckContext:
         origin = self.implementation_origin(exc)
         if origin is not None:
             text = f"{prefix}{type(exc).__name__}: {exc} ({origin})"
-            bad = self._malformed(since)
+            bad = self._malformed(since, text)
             return "failed", ("malformed layer: " + "; ".join(bad) + f" ({text})") if bad else text
         if isinstance(exc, (ClauseFailure, AssertionError)):
             msg = str(exc) or f"{prefix}assertion failed in {self.clause.check.__name__}"
@@ -407,14 +407,14 @@ class CheckContext:
                 origin = self.implementation_origin(handled)
                 if origin is not None:
                     msg += f" ({origin})"
-            bad = self._malformed(since)
+            bad = self._malformed(since, msg)
             return "failed", ("malformed layer: " + "; ".join(bad) + f" ({msg})") if bad else msg
         if type(exc).__name__ == "Unsatisfiable":  # hypothesis: every example was rejected (skipped)
             return "inconclusive", "no case ran: every drawn case was skipped (" + self.skip_summary() + ")"
         tb = traceback.extract_tb(exc.__traceback__)
         where = f" (at {_short(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
         crash = f"{prefix}{type(exc).__name__}: {exc}{where}"
-        bad = self._malformed(since)
+        bad = self._malformed(since, crash)
         if bad:  # the implementation broke the layer; the check crashed on it: a failure that says what is wrong
             return "failed", "malformed layer: " + "; ".join(bad) + f" (the check then raised {crash})"
         return "error", crash
@@ -422,11 +422,12 @@ class CheckContext:
     def skip_summary(self) -> str:
         return ", ".join(f"{r}: {n}" for r, n in sorted(self.skip_reasons.items())) or "no case was drawn"
 
-    def _malformed(self, since: int = 0) -> list[str]:
+    def _malformed(self, since: int = 0, named: str = "") -> list[str]:
+        """Problems of the layers built from index ``since`` on, less those the message ``named`` already names."""
         try:
-            out = []
+            out: list[str] = []
             for layer, exp in self.built[since:]:
-                out += [p for p in validate.problems(layer, exp) if p not in out]
+                out += [p for p in validate.problems(layer, exp) if p not in out and p not in named]
             return out
         except Exception as exc:  # noqa: BLE001 - validation must never turn an outcome into a crash
             return [f"base layer cannot be inspected ({type(exc).__name__}: {exc})"]
@@ -436,12 +437,12 @@ class CheckContext:
         forward.py:85"), or None when the suite's own code raised it (see the module docstring)."""
         ids = {id(o) for o in self.impl_objects}
         frames = [(tb.tb_frame, tb.tb_lineno) for tb in _walk(exc.__traceback__)]
-        start = None
+        start = caller = None
         if getattr(exc, IMPL_CALL, None) == "create":
             make = CheckContext.make_layer.__code__
-            start = next((i + 1 for i, (f, _) in enumerate(frames) if f.f_code is make), None)
-            if start is not None and start >= len(frames):
-                start = len(frames) - 1
+            at = next((i for i, (f, _) in enumerate(frames) if f.f_code is make), None)
+            if at is not None:  # the implementation's frames follow make_layer's; the check called make_layer
+                start, caller = min(at + 1, len(frames) - 1), (at - 1 if at > 0 else None)
         if start is None:
             for i, (f, _) in enumerate(frames):
                 if "self" in f.f_code.co_varnames and id(f.f_locals.get("self")) in ids:
@@ -455,9 +456,10 @@ class CheckContext:
         own = [fl for fl in inner if not _library_frame(fl[0].f_code.co_filename)] or inner
         frame, line = own[-1]
         where = f"raised in the implementation at {_short(frame.f_code.co_filename)}:{line} in {frame.f_code.co_name}"
-        if start > 0:
-            caller, cline = frames[start - 1]
-            where += f", called from {_short(caller.f_code.co_filename)}:{cline}"
+        caller = start - 1 if caller is None else caller
+        if caller >= 0:
+            cframe, cline = frames[caller]
+            where += f", called from {_short(cframe.f_code.co_filename)}:{cline}"
         return where
 
     def _case_skipped(self, message: str) -> CaseSkipped:

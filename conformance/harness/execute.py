@@ -61,8 +61,9 @@ def _family_verdict(ctx: CheckContext, clause: Clause) -> tuple[str, str]:
         if isinstance(raw, (KeyboardInterrupt, SystemExit)):
             raise
         ended = ctx.verdict(raw)
-    if ctx.cases_opened == 0 and (ended is None or ended[0] in ("failed", "error")):
-        ctx.cases_run = max(ctx.cases_run, 1)  # a check without case blocks is one case
+    if ctx.cases_opened == 0 and (ended is None or ended[0] in ("failed", "error")) \
+            and (ctx.layers_built or not ctx.cases_skipped_total or ended is not None):
+        ctx.cases_run = max(ctx.cases_run, 1)  # a check without case blocks is one case (unless all it did was skip)
     fails = [m for o, m in ctx.case_outcomes if o == "failed"]
     errors = [m for o, m in ctx.case_outcomes if o == "error"]
     if ended is not None and ended[0] in ("failed", "error"):
