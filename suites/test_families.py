@@ -49,7 +49,7 @@ def test_an_undeclared_input_cast_skips_those_cases_and_the_family_runs_the_othe
     assert res.outcome == "passed", res.message
     fam = res.families["lora/8bit"]
     assert fam["outcome"] == "passed" and fam["run"] > 0 and fam["skipped"] > 0, fam
-    assert fam["skip_reasons"] == {"needs input_cast (not declared)": fam["skipped"]}
+    assert fam["skip_reasons"] == {"input_cast not declared": fam["skipped"]}
     assert res.families["lora/4bit"]["run"] > 0
 
 
@@ -93,9 +93,9 @@ def test_a_declared_family_that_ran_no_case_is_inconclusive_with_the_reason() ->
     impl.capabilities = impl.capabilities - {"rslora"}
     res = run_clause(_clause(check, methods=frozenset({"lora"})), impl)
     assert res.outcome == "inconclusive", res.message
-    assert "no case ran" in res.message and "needs rslora (not declared): 2" in res.message
+    assert "no case ran" in res.message and "rslora not declared: 2" in res.message
     assert res.families["lora/4bit"] == {"outcome": "inconclusive", "run": 0, "skipped": 2,
-                                         "skip_reasons": {"needs rslora (not declared)": 2},
+                                         "skip_reasons": {"rslora not declared": 2},
                                          "message": res.families["lora/4bit"]["message"]}
 
 
@@ -201,5 +201,5 @@ def test_markdown_shows_cases_run_and_skipped_per_family() -> None:
            "summary": {"implementations": {}}}
     text = report.markdown(doc)
     assert "## Cases per family" in text
-    assert (f"lora/8bit {fam['run']} run, {fam['skipped']} skipped (needs input_cast (not declared): "
+    assert (f"lora/8bit {fam['run']} run, {fam['skipped']} skipped (input_cast not declared: "
             f"{fam['skipped']})") in text, text

@@ -55,7 +55,7 @@ def test_capabilities_are_exactly_litgpts() -> None:
     impl = _impl()
     assert impl.capabilities == frozenset({"lora", "4bit", "8bit", "cuda", "dropout"})
     for gap in ("oft", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters", "delete_adapter",
-                "peft_model", "unmerge", "safe_merge", "rslora", "casts_input"):
+                "peft_model", "unmerge", "safe_merge", "rslora", "input_cast"):
         assert gap not in impl.capabilities
         assert impl.unsupported[gap].startswith(f"litgpt {impl.version()}: "), gap
     assert methods_of(impl) == frozenset({"lora"}) and bits_of(impl) == frozenset({4, 8})

@@ -282,4 +282,4 @@ def test_undeclared_input_cast_skips_cases_never_fails() -> None:
     assert res.measurements["cases_skipped"]["input_cast"] > 0
     fam = res.families["lora/8bit"]  # the fp16-input cases are skipped, the family's other cases run
     assert fam["run"] > 0 and fam["skipped"] > 0, fam
-    assert fam["skip_reasons"] == {"needs input_cast (not declared)": fam["skipped"]}, fam
+    assert fam["skip_reasons"] == {"input_cast not declared": fam["skipped"]}, fam

@@ -256,7 +256,7 @@ class CheckContext:
         """Record that a case needing ``capability`` was left out (one note per capability, with a count)."""
         n = self.cases_skipped.get(capability, 0)
         self.cases_skipped[capability] = n + 1
-        self._skipped(f"needs {capability} (not declared)")
+        self._skipped(f"{capability} not declared")
         if n == 0:
             self.note(f"cases needing {capability} skipped: {self.impl.name} does not declare it"
                       + (f" (first: {label})" if label else ""))

@@ -74,6 +74,9 @@ def _family_verdict(ctx: CheckContext, clause: Clause) -> tuple[str, str]:
         return "error", _cases_message(errors, ctx, "errored")
     if ended is not None and ended[0] in ("skipped", "inconclusive"):
         return ended
+    if ended is not None and ctx.cases_opened == 0 and ctx.layers_built > 1:  # a check without case blocks
+        return "inconclusive", (f"a case was skipped ({ended[1]}); the check has no case blocks, so the rest of "
+                                "this family was not run")
     if ctx.cases_run == 0:
         if ctx.cases_skipped_total:
             return "inconclusive", f"no case ran: every case was skipped ({ctx.skip_summary()})"

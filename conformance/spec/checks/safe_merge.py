@@ -75,6 +75,8 @@ def _poison(layer: torch.nn.Module, name: str, key: str, value: float) -> bool:
 @check("SAFE-MERGE-NONFINITE")
 def check_safe_merge(ctx: CheckContext) -> None:
     for method, _bits, case, key, poison in _poisoned_cases(ctx):
+        if key == "lora_B.bias" and not ctx.require_case("lora_bias", f"{method} on {case.label}, {key}"):
+            continue
         with ctx.case(f"{method} on {case.label}, {key}[0] = {poison}"):
             layer = _layer(ctx, method, case)
             if not _poison(layer, "broken", key, POISONS[poison]):
@@ -160,6 +162,8 @@ NONFINITE_WORDS = ("nan", "inf", "finite", "broken")
 def check_unsafe_warns(ctx: CheckContext) -> None:
     silent = []
     for method, bits, case, key, poison in _poisoned_cases(ctx):
+        if key == "lora_B.bias" and not ctx.require_case("lora_bias", f"{method} on {case.label}, {key}"):
+            continue
         with ctx.case(f"{method} on {case.label}, {key}[0] = {poison}"):
             layer = _layer(ctx, method, case)
             if not _poison(layer, "broken", key, POISONS[poison]):
