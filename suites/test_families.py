@@ -152,6 +152,14 @@ def test_an_exception_out_of_the_implementations_merge_is_its_failure_with_its_f
         assert "in merge, called from checks/merge.py:" in fam["message"], fam["message"]
 
 
+def test_an_exception_out_of_the_implementations_forward_is_its_failure() -> None:
+    res = run_clause(get("FWD-DISABLED"), broken_impls.forward_dtype_mismatch)
+    assert res.outcome == "failed", res.message
+    for fam in res.families.values():
+        assert fam["outcome"] == "failed" and fam["run"] == 2, fam  # both cases ran and failed
+        assert "RuntimeError" in fam["message"] and "in forward, called from checks/forward.py:" in fam["message"]
+
+
 def test_an_exception_out_of_create_is_the_implementations_failure() -> None:
     res = run_clause(get("FWD-DISABLED"), broken_impls.raises)
     assert res.outcome == "failed", res.message
