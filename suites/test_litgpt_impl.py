@@ -211,6 +211,28 @@ def test_clauses_report_litgpt(clause: str, outcome: str) -> None:
 
 
 @needs_litgpt
+def test_the_8bit_cases_litgpt_can_take_run_and_the_fp16_inputs_are_skipped_alone() -> None:
+    from conformance.harness.execute import run_clause
+    from conformance.spec.clauses import get
+
+    res = run_clause(get("FWD-INIT-IDENTITY"), _impl())
+    fam = res.families["lora/8bit"]  # LitGPT declares no input_cast: fp16 inputs to fp32 adapters are left out
+    assert res.outcome == "passed", res.message
+    assert fam["run"] > 0 and fam["skip_reasons"] == {"input_cast not declared": fam["skipped"]} and fam["skipped"]
+
+
+@needs_litgpt
+def test_an_exception_out_of_litgpts_8bit_merge_is_its_failure() -> None:
+    from conformance.harness.execute import run_clause
+    from conformance.spec.clauses import get
+
+    res = run_clause(get("MERGE-WARNS-LORA"), _impl())
+    fam = res.families["lora/8bit"]  # finding 2: a merge into an int8-stored base raises
+    assert fam["outcome"] == "failed", fam
+    assert "RuntimeError" in fam["message"] and "raised in the implementation at litgpt/lora.py:" in fam["message"]
+
+
+@needs_litgpt
 def test_finding_4bit_merge_leaves_a_dense_unquantized_weight() -> None:
     base, layer = _layer()
     packed = tuple(base.weight.shape)
