@@ -3,9 +3,10 @@
 JSON (``schema_version`` "1"): ``{schema_version, generated_at, command, environment,
 implementations: {name: {version, capabilities, unsupported}}, clauses: {id: {level, text, source,
 area}}, results: [{clause, implementation, outcome, message, duration_s, measurements, level,
-device}], summary: {implementation: {outcome: count, must_failures: n}, exit_status}}``, and
+device, families}], summary: {implementation: {outcome: count, must_failures: n}, exit_status}}``, and
 ``not_run: [{clause, implementation}]`` when the run was interrupted (Ctrl-C) before reaching
-them. A measurement ``reproducer`` (or ``reproducers``) is the path of a script that replays the
+them. ``families`` (absent in older reports) maps each case family to its outcome, the cases run and skipped
+and the skip reasons (``harness.execute``). A measurement ``reproducer`` (or ``reproducers``) is the path of a script that replays the
 failure. See docs in README ("Report format"). Torch-free: ``compare`` and ``markdown`` use it.
 """
 
