@@ -55,7 +55,7 @@ def test_capabilities_are_exactly_litgpts() -> None:
     impl = _impl()
     assert impl.capabilities == frozenset({"lora", "4bit", "8bit", "cuda", "dropout"})
     for gap in ("oft", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters", "delete_adapter",
-                "peft_model", "unmerge", "safe_merge", "rslora", "casts_input"):
+                "peft_model", "unmerge", "safe_merge", "rslora", "input_cast"):
         assert gap not in impl.capabilities
         assert impl.unsupported[gap].startswith(f"litgpt {impl.version()}: "), gap
     assert methods_of(impl) == frozenset({"lora"}) and bits_of(impl) == frozenset({4, 8})
@@ -208,6 +208,28 @@ def test_clauses_report_litgpt(clause: str, outcome: str) -> None:
 
     res = run_clause(get(clause), _impl())
     assert res.outcome == outcome, res.message
+
+
+@needs_litgpt
+def test_the_8bit_cases_litgpt_can_take_run_and_the_fp16_inputs_are_skipped_alone() -> None:
+    from conformance.harness.execute import run_clause
+    from conformance.spec.clauses import get
+
+    res = run_clause(get("FWD-INIT-IDENTITY"), _impl())
+    fam = res.families["lora/8bit"]  # LitGPT declares no input_cast: fp16 inputs to fp32 adapters are left out
+    assert res.outcome == "passed", res.message
+    assert fam["run"] > 0 and fam["skip_reasons"] == {"input_cast not declared": fam["skipped"]} and fam["skipped"]
+
+
+@needs_litgpt
+def test_an_exception_out_of_litgpts_8bit_merge_is_its_failure() -> None:
+    from conformance.harness.execute import run_clause
+    from conformance.spec.clauses import get
+
+    res = run_clause(get("MERGE-WARNS-LORA"), _impl())
+    fam = res.families["lora/8bit"]  # finding 2: a merge into an int8-stored base raises
+    assert fam["outcome"] == "failed", fam
+    assert "RuntimeError" in fam["message"] and "raised in the implementation at litgpt/lora.py:" in fam["message"]
 
 
 @needs_litgpt

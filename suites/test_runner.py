@@ -102,15 +102,15 @@ def test_no_fork_server_after_cuda_was_initialised_while_loading(fork_server) ->
 def test_budget_and_report_dir_reach_the_check_context(tmp_path: Path) -> None:
     (res,) = runner.run_implementation("broken_impls:echo_context", _ids("LAYER-PROTOCOL-SURFACE"), examples=3,
                                        steps=2, report_dir=str(tmp_path), progress=lambda m: None)
-    assert res.outcome == "error"
+    assert res.outcome == "failed"  # create() raised: the implementation's failure, with its message
     assert "'property_examples': 3, 'stateful_examples': 3, 'stateful_steps': 2" in res.message, res.message
     assert f"report_dir={tmp_path}" in res.message
 
 
-def test_exception_is_an_error_with_its_message(fork_server) -> None:  # noqa: ANN001
+def test_an_exception_out_of_create_is_the_implementations_failure_with_its_message(fork_server) -> None:  # noqa: ANN001
     (res,) = _faults(fork_server, "LIFECYCLE-TRAINABLE")
-    assert res.outcome == "error"
-    assert "boom from a broken implementation" in res.message
+    assert res.outcome == "failed"
+    assert "boom from a broken implementation" in res.message and "raised in the implementation at" in res.message
 
 
 def test_protocol_clause_fails_on_a_non_module(fork_server) -> None:  # noqa: ANN001

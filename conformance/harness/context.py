@@ -4,11 +4,44 @@ A check is ``def check(ctx: CheckContext) -> None``. It builds layers through ``
 (the implementation under test) and bases through ``ctx.make_base`` (so every case is described
 by data, OpInfo style), records numbers with ``ctx.measure`` and fails with ``ctx.fail`` or a
 plain ``assert``.
+
+**Cases.** A check runs once per case family (``execute``); inside it, each case is one
+``with ctx.case(label):`` block (building its own layer). A case ends at its first failure, and the
+family goes on with the next case, so one failure never hides a later one:
+
+- a case that needs an undeclared capability (``CaseSkipped``, from ``make_layer``'s parameter gate,
+  the input-dtype gate or ``ctx.supports``) or that the implementation refuses
+  (``ImplementationUnsupported``, a wrapper declining an option) is *skipped*, with the reason; the
+  family's other cases still run;
+- a failure (``ctx.fail``, ``assert``, an exception attributed to the implementation, below) is
+  recorded and the next case starts from a freshly built layer; an exception of the suite's own
+  code is recorded as an error;
+- ``ctx.case(label, isolate=False)`` (hypothesis properties) counts the case and lets every
+  exception through (hypothesis decides; an ``ImplementationUnsupported`` becomes a rejected example).
+
+The family's counts (cases run, cases skipped with their reasons) are ``cases_run`` and
+``skip_reasons``; a check that opens no case block counts as one case.
+
+**Attribution at the protocol boundary** (``verdict``): an exception that propagates out of a call
+the check makes into the implementation's objects is the implementation's failure (``failed``, with
+the exception type, message and the implementation's innermost frame); anything else raised by the
+suite's own code is ``error``. The implementation's objects are the implementation object itself
+and every layer ``make_layer`` returned (the wrappers in ``conformance/impls`` count as the
+implementation). A call into one is found in the exception's traceback, not by wrapping the layer
+(a proxy around an ``nn.Module`` changes what the checks see): a frame whose ``self`` is one of those
+objects (``forward`` through ``nn.Module.__call__``, ``merge``, ``unmerge``, properties,
+``nn.Module.__getattr__`` for a missing attribute), an ``AttributeError`` whose ``obj`` is one, or an
+exception out of ``create`` (tagged by ``make_layer``, which re-raises it unchanged so checks that
+expect a ``ValueError`` from ``create`` still see it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sysconfig
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +54,14 @@ from conformance.harness import validate
 from conformance.quant import layers as qlayers
 from conformance.spec.budget import Budget
 from conformance.spec.clauses import Clause, ClauseFailure, ClauseInconclusive, ClauseSkipped
-from conformance.spec.interface import AdapterSpec, Implementation, bits_of, limitations_of, methods_of
+from conformance.spec.interface import (
+    AdapterSpec,
+    Implementation,
+    ImplementationUnsupported,
+    bits_of,
+    limitations_of,
+    methods_of,
+)
 
 try:  # a skipped case inside a hypothesis property is a rejected example, not an error
     from hypothesis.errors import UnsatisfiedAssumption as _CaseSkipBase
@@ -41,6 +81,50 @@ GATED_PARAMS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("lora_dropout", lambda v: bool(v and float(v) > 0), "dropout"),
     ("module_dropout", lambda v: bool(v and float(v) > 0), "dropout"),
 )
+
+#: attribute set on an exception that left the implementation's ``create`` (the exception itself is re-raised)
+IMPL_CALL = "_conformance_impl_call"
+#: how many case failures a family's message quotes (the count says how many there were)
+QUOTED_FAILURES = 3
+#: where torch and bitsandbytes live: the implementation's frame reported is its innermost one outside them
+#: (and outside the standard library)
+_LIBRARY_DIRS = tuple(os.path.dirname(p) + os.sep for p in (torch.__file__, qlayers.bnb.__file__))
+_STDLIB = sysconfig.get_paths()["stdlib"] + os.sep
+
+
+def _library_frame(filename: str) -> bool:
+    if filename.startswith(_LIBRARY_DIRS) or filename.startswith("<"):
+        return True
+    return filename.startswith(_STDLIB) and "-packages" not in filename
+
+
+def leaf(exc: BaseException) -> BaseException:
+    """The exception that decides the outcome (a hypothesis ExceptionGroup of several bugs: a failure first)."""
+    group = getattr(exc, "exceptions", None)  # BaseExceptionGroup (hypothesis reports several bugs so)
+    if isinstance(group, tuple) and group:
+        leaves = [leaf(e) for e in group]
+        for kinds in ((ClauseFailure, AssertionError), (ClauseInconclusive,), (Exception,)):
+            for e in leaves:
+                if isinstance(e, kinds):
+                    return e
+    return exc
+
+
+def _short(filename: str) -> str:
+    parts = filename.replace(os.sep, "/").split("/")
+    return "/".join(parts[-2:])
+
+
+def _skip_cause(exc: BaseException) -> BaseException | None:
+    """The CaseSkipped / ImplementationUnsupported behind ``exc`` (itself, or what a check was handling when it
+    failed: ``except Exception as e: ctx.fail(...)`` around a case that was refused), else None."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (CaseSkipped, ImplementationUnsupported)):
+            return exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return None
 
 
 @dataclass
@@ -65,6 +149,19 @@ class CheckContext:
     #: messages of the CaseSkipped raised in this context (a check that catches them broadly and fails with
     #: their text is reported skipped, not failed: see ``execute``)
     case_skip_messages: list[str] = field(default_factory=list, repr=False)
+    #: every object the implementation handed over (the implementation and each layer ``create`` returned):
+    #: an exception out of a call into one of them is the implementation's (see the module docstring)
+    impl_objects: list[Any] = field(default_factory=list, repr=False)
+    #: cases run (completed or failed) and cases skipped, by reason, in ``case`` blocks and guards
+    cases_run: int = 0
+    cases_opened: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+    #: (outcome, message) of every case that failed or errored (the family goes on with the next case)
+    case_outcomes: list[tuple[str, str]] = field(default_factory=list)
+    _case_depth: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        self.impl_objects.append(self.impl)
 
     # -- outcome helpers ---------------------------------------------------------------
     def fail(self, message: str) -> None:
@@ -159,10 +256,16 @@ class CheckContext:
         """Record that a case needing ``capability`` was left out (one note per capability, with a count)."""
         n = self.cases_skipped.get(capability, 0)
         self.cases_skipped[capability] = n + 1
+        self._skipped(f"{capability} not declared")
         if n == 0:
             self.note(f"cases needing {capability} skipped: {self.impl.name} does not declare it"
                       + (f" (first: {label})" if label else ""))
         self.measurements["cases_skipped"] = dict(self.cases_skipped)
+
+    def skip_this_case(self, reason: str) -> None:
+        """End the current ``case`` block as skipped with ``reason`` (the case does not apply to this layer)."""
+        self._skipped(reason)
+        raise self._case_skipped(reason)
 
     def require_case(self, capability: str, label: str = "", method: str | None = None) -> bool:
         """Guard for a case inside a check loop: ``if not ctx.require_case("unmerge", label): continue``."""
@@ -211,13 +314,153 @@ class CheckContext:
             warnings.simplefilter("ignore")
             torch.manual_seed(self.seed)
             exp = validate.expected_of(base)
-            layer = self.impl.create(base, spec)
+            try:
+                layer = self.impl.create(base, spec)
+            except Exception as exc:
+                with contextlib.suppress(Exception):  # an exception type with __slots__ keeps no tag
+                    setattr(exc, IMPL_CALL, "create")
+                raise
         self.layers_built += 1
+        self.impl_objects.append(layer)
         if exp is not None and isinstance(layer, nn.Module):
             self.built.append((layer, exp))
         if "input_cast" not in self.impl.capabilities and isinstance(layer, nn.Module):
             layer.register_forward_pre_hook(self._input_dtype_gate(dtype))
         return layer
+
+    # -- cases ---------------------------------------------------------------------------
+    def _skipped(self, reason: str) -> None:
+        self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
+
+    @property
+    def cases_skipped_total(self) -> int:
+        return sum(self.skip_reasons.values())
+
+    @contextlib.contextmanager
+    def case(self, label: str, *, isolate: bool = True) -> Iterator[None]:
+        """One case of the family: ``with ctx.case(label): <build a layer, check it>``.
+
+        Counts the case as run or skipped. With ``isolate`` (loops), a skip, a failure or an error ends this
+        case only: it is recorded (``case_outcomes``, ``skip_reasons``) and the check goes on with its next
+        case. Without it (hypothesis properties), the case is counted and every exception goes through, an
+        ``ImplementationUnsupported`` as a ``CaseSkipped`` (a rejected example). A nested block is part of
+        the outer case. ``ClauseSkipped`` / ``ClauseInconclusive`` always end the family.
+        """
+        if self._case_depth:
+            yield
+            return
+        self._case_depth += 1
+        self.cases_opened += 1
+        first_built = len(self.built)
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit, GeneratorExit, ClauseSkipped, ClauseInconclusive):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every exception of a case is an outcome
+            outcome, message = self.verdict(exc, label, since=first_built)
+            if outcome == "case-skipped":
+                if not isolate:
+                    if isinstance(exc, CaseSkipped):
+                        raise
+                    raise CaseSkipped(message) from exc
+                return
+            self.cases_run += 1
+            if not isolate:
+                raise
+            if outcome in ("skipped", "inconclusive"):
+                raise
+            self.case_outcomes.append((outcome, message))
+        else:
+            self.cases_run += 1
+        finally:
+            self._case_depth -= 1
+
+    def verdict(self, raw: BaseException, label: str = "", since: int = 0) -> tuple[str, str]:
+        """(outcome, message) for an exception out of a check or one of its cases: ``case-skipped`` (a
+        ``CaseSkipped`` or an ``ImplementationUnsupported``, recorded in ``skip_reasons``), ``skipped``,
+        ``inconclusive``, ``failed`` (a failed check, or an exception out of the implementation, or a crash on
+        a layer the implementation left malformed) or ``error`` (the suite's own code raised).
+        ``since``: only layers built from this index on are checked for malformation."""
+        exc = leaf(raw)
+        skip = _skip_cause(exc) or _skip_cause(raw)
+        if skip is None and any(m in str(raw) or m in str(exc) for m in self.case_skip_messages):
+            skip = CaseSkipped(next(m for m in self.case_skip_messages if m in str(raw) or m in str(exc)))
+        if skip is not None and not isinstance(exc, (ClauseSkipped, ClauseInconclusive)):
+            if isinstance(skip, ImplementationUnsupported):
+                self._skipped(f"refused by {self.impl.name}: {skip}")
+            # a CaseSkipped was recorded where it was raised (skip_case)
+            return "case-skipped", str(skip)
+        prefix = f"{label}: " if label else ""
+        if isinstance(exc, ClauseSkipped):
+            return "skipped", str(exc)
+        if isinstance(exc, ClauseInconclusive):
+            return "inconclusive", str(exc)
+        origin = self.implementation_origin(exc)
+        if origin is not None:
+            text = f"{prefix}{type(exc).__name__}: {exc} ({origin})"
+            bad = self._malformed(since, text)
+            return "failed", ("malformed layer: " + "; ".join(bad) + f" ({text})") if bad else text
+        if isinstance(exc, (ClauseFailure, AssertionError)):
+            msg = str(exc) or f"{prefix}assertion failed in {self.clause.check.__name__}"
+            handled = exc.__context__  # a check that caught the implementation's exception and failed with it
+            if handled is not None and type(handled).__name__ in msg:
+                origin = self.implementation_origin(handled)
+                if origin is not None:
+                    msg += f" ({origin})"
+            bad = self._malformed(since, msg)
+            return "failed", ("malformed layer: " + "; ".join(bad) + f" ({msg})") if bad else msg
+        if type(exc).__name__ == "Unsatisfiable":  # hypothesis: every example was rejected (skipped)
+            return "inconclusive", "no case ran: every drawn case was skipped (" + self.skip_summary() + ")"
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" (at {_short(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
+        crash = f"{prefix}{type(exc).__name__}: {exc}{where}"
+        bad = self._malformed(since, crash)
+        if bad:  # the implementation broke the layer; the check crashed on it: a failure that says what is wrong
+            return "failed", "malformed layer: " + "; ".join(bad) + f" (the check then raised {crash})"
+        return "error", crash
+
+    def skip_summary(self) -> str:
+        return ", ".join(f"{r}: {n}" for r, n in sorted(self.skip_reasons.items())) or "no case was drawn"
+
+    def _malformed(self, since: int = 0, named: str = "") -> list[str]:
+        """Problems of the layers built from index ``since`` on, less those the message ``named`` already names."""
+        try:
+            out: list[str] = []
+            for layer, exp in self.built[since:]:
+                out += [p for p in validate.problems(layer, exp) if p not in out and p not in named]
+            return out
+        except Exception as exc:  # noqa: BLE001 - validation must never turn an outcome into a crash
+            return [f"base layer cannot be inspected ({type(exc).__name__}: {exc})"]
+
+    def implementation_origin(self, exc: BaseException) -> str | None:
+        """Where ``exc`` left the implementation ("raised in litgpt/lora.py:123 in forward, called from
+        forward.py:85"), or None when the suite's own code raised it (see the module docstring)."""
+        ids = {id(o) for o in self.impl_objects}
+        frames = [(tb.tb_frame, tb.tb_lineno) for tb in _walk(exc.__traceback__)]
+        start = caller = None
+        if getattr(exc, IMPL_CALL, None) == "create":
+            make = CheckContext.make_layer.__code__
+            at = next((i for i, (f, _) in enumerate(frames) if f.f_code is make), None)
+            if at is not None:  # the implementation's frames follow make_layer's; the check called make_layer
+                start, caller = min(at + 1, len(frames) - 1), (at - 1 if at > 0 else None)
+        if start is None:
+            for i, (f, _) in enumerate(frames):
+                if "self" in f.f_code.co_varnames and id(f.f_locals.get("self")) in ids:
+                    start = i
+                    break
+        if start is None:
+            if isinstance(exc, AttributeError) and id(getattr(exc, "obj", None)) in ids:
+                return f"the implementation's layer has no attribute {getattr(exc, 'name', '?')!r}"
+            return None
+        inner = frames[start:]
+        own = [fl for fl in inner if not _library_frame(fl[0].f_code.co_filename)] or inner
+        frame, line = own[-1]
+        where = f"raised in the implementation at {_short(frame.f_code.co_filename)}:{line} in {frame.f_code.co_name}"
+        caller = start - 1 if caller is None else caller
+        if caller >= 0:
+            cframe, cline = frames[caller]
+            where += f", called from {_short(cframe.f_code.co_filename)}:{cline}"
+        return where
 
     def _case_skipped(self, message: str) -> CaseSkipped:
         self.case_skip_messages.append(message)
@@ -244,3 +487,9 @@ class CheckContext:
 
     def randn(self, *shape: int, dtype: torch.dtype = torch.float32, offset: int = 0) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator(offset)).to(device=self.device, dtype=dtype)
+
+
+def _walk(tb: Any) -> Iterator[Any]:
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next

@@ -2,20 +2,27 @@
 
 A clause's cases fall into families, one per (method, bits) pair the clause and the implementation
 share (``lora/4bit``, ``oft/8bit``, ...). The check runs once per family with a context narrowed to it
-(``CheckContext.family``); the family outcomes are then aggregated:
+(``CheckContext.family``); inside a family each case is a ``ctx.case`` block (``harness.context``): a
+case needing an undeclared capability, or refused by the implementation (``ImplementationUnsupported``),
+is skipped alone, and a failing case ends only itself. A family's outcome:
 
-- ``failed`` if any family failed; else ``error`` if any errored (a crash in the check or the
-  implementation); else ``inconclusive`` if any was; else ``passed`` if any passed; else ``skipped``
-  (every family skipped, e.g. every case needed a capability the implementation lacks);
-- a check that crashes on a layer the implementation left malformed (``harness.validate``) is
-  ``failed`` with what is wrong, not ``error``;
-- a check that catches a ``CaseSkipped`` broadly (``except Exception``) and fails with its text leaves
-  that family ``skipped`` with the reason (never ``failed`` for an undeclared capability);
-- a family that ran no case (built no layer) but skipped some for a missing capability is ``skipped``;
-- measurements are combined over families (``_combine``: counts add up, ratios keep the worst, lists
-  concatenate);
-- the message names every failing/erroring family (``lora/4bit: ...; oft/8bit: error: ...``) and
-  ``measurements["families"]`` maps every family to its outcome (and message unless passed).
+- ``failed`` if a case failed (every failing case counted, the first ``QUOTED_FAILURES`` quoted): a check
+  that failed, an exception out of a call into the implementation (attributed at the protocol boundary:
+  ``CheckContext.verdict``), or a crash of the check on a layer the implementation left malformed
+  (``harness.validate``);
+- else ``error`` if the suite's own code raised;
+- else ``skipped`` when the check skipped the whole family (``ctx.skip``: a method limitation);
+- else ``inconclusive`` when no case ran (every case was skipped, with the reasons), or the check ended it
+  so (stateful floors), or a skip outside any case block cut the family short;
+- else ``passed``.
+
+The clause takes the first outcome present among its families in the order failed, error, inconclusive,
+passed, skipped: a clause is ``passed`` only when every family that ran passed and none failed, and a
+declared family that ran no case makes it ``inconclusive``. ``Result.families`` holds, per family, the
+outcome, the cases run and skipped and the skip reasons (``{"run": N, "skipped": M, "skip_reasons":
+{...}, "outcome": ..., "message": ...}``); ``measurements["families"]`` keeps the outcome text per family.
+Measurements are combined over families (``_combine``: counts add up, ratios keep the worst, lists
+concatenate).
 
 Clauses of area ``stateful`` report from one shared machine run over all families and run unsplit.
 """
@@ -23,15 +30,14 @@ Clauses of area ``stateful`` report from one shared machine run over all familie
 from __future__ import annotations
 
 import time
-import traceback
 import warnings
 from typing import Any
 
 from conformance.core.outcome import Outcome
-from conformance.harness.context import CaseSkipped, CheckContext
+from conformance.harness.context import QUOTED_FAILURES, CheckContext
 from conformance.harness.results import Result, applicability
 from conformance.spec.budget import Budget
-from conformance.spec.clauses import Clause, ClauseFailure, ClauseInconclusive, ClauseSkipped
+from conformance.spec.clauses import Clause
 from conformance.spec.interface import Implementation, bits_of, methods_of
 
 #: areas whose check reports over all families at once
@@ -43,27 +49,9 @@ def families(clause: Clause, impl: Implementation) -> list[tuple[str, int]]:
     return [(m, b) for m in sorted(clause.methods & methods_of(impl)) for b in sorted(clause.bits & bits_of(impl))]
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    """The exception that decides the outcome (a hypothesis ExceptionGroup of several bugs: a failure first)."""
-    group = getattr(exc, "exceptions", None)  # BaseExceptionGroup (hypothesis reports several bugs so)
-    if isinstance(group, tuple) and group:
-        leaves = [_leaf(e) for e in group]
-        for kinds in ((ClauseFailure, AssertionError), (ClauseInconclusive,), (Exception,)):
-            for e in leaves:
-                if isinstance(e, kinds):
-                    return e
-    return exc
-
-
-def _malformed(ctx: CheckContext) -> list[str]:
-    try:
-        return ctx.malformed()
-    except Exception as exc:  # noqa: BLE001 - validation must never turn an outcome into a crash
-        return [f"base layer cannot be inspected ({type(exc).__name__}: {exc})"]
-
-
-def _outcome(ctx: CheckContext, clause: Clause) -> tuple[str, str]:
-    """Run the check in ``ctx``; (outcome, message)."""
+def _family_verdict(ctx: CheckContext, clause: Clause) -> tuple[str, str]:
+    """Run the check in ``ctx``; (outcome, message) of the family from its cases and how the check ended."""
+    ended: tuple[str, str] | None = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -71,32 +59,41 @@ def _outcome(ctx: CheckContext, clause: Clause) -> tuple[str, str]:
     except BaseException as raw:  # noqa: BLE001 - every exception of a check is an outcome
         if isinstance(raw, (KeyboardInterrupt, SystemExit)):
             raise
-        gated = next((m for m in ctx.case_skip_messages if m in str(raw) or m in str(_leaf(raw))), None)
-        if gated is not None:  # the check caught a CaseSkipped broadly and failed with it: a skipped case
-            return "skipped", f"a case needed an undeclared capability, the rest of this family was not run: {gated}"
-        exc = _leaf(raw)
-        if isinstance(exc, ClauseSkipped):
-            return "skipped", str(exc)
-        if isinstance(exc, CaseSkipped):
-            return "skipped", str(exc)
-        if isinstance(exc, ClauseInconclusive):
-            return "inconclusive", str(exc)
-        if isinstance(exc, (ClauseFailure, AssertionError)):
-            msg = str(exc) or f"assertion failed in {clause.check.__name__}"
-            bad = _malformed(ctx)
-            return "failed", ("malformed layer: " + "; ".join(bad) + f" ({msg})") if bad else msg
-        if type(exc).__name__ == "Unsatisfiable" and ctx.cases_skipped:  # hypothesis: every example was a skip
-            return "skipped", "every drawn case needed " + ", ".join(sorted(ctx.cases_skipped))
-        tb = traceback.extract_tb(exc.__traceback__)
-        where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
-        crash = f"{type(exc).__name__}: {exc}{where}"
-        bad = _malformed(ctx)
-        if bad:  # the implementation broke the layer; the check crashed on it: a failure that says what is wrong
-            return "failed", "malformed layer: " + "; ".join(bad) + f" (the check then raised {crash})"
-        return "error", crash
-    if ctx.layers_built == 0 and ctx.cases_skipped:
-        return "skipped", "no case could run: every case needed " + ", ".join(sorted(ctx.cases_skipped))
+        ended = ctx.verdict(raw)
+    if ctx.cases_opened == 0 and (ended is None or ended[0] in ("failed", "error")) \
+            and (ctx.layers_built or not ctx.cases_skipped_total or ended is not None):
+        ctx.cases_run = max(ctx.cases_run, 1)  # a check without case blocks is one case (unless all it did was skip)
+    fails = [m for o, m in ctx.case_outcomes if o == "failed"]
+    errors = [m for o, m in ctx.case_outcomes if o == "error"]
+    if ended is not None and ended[0] in ("failed", "error"):
+        (fails if ended[0] == "failed" else errors).append(ended[1])
+    if fails:
+        return "failed", _cases_message(fails, ctx, "failed")
+    if errors:
+        return "error", _cases_message(errors, ctx, "errored")
+    if ended is not None and ended[0] in ("skipped", "inconclusive"):
+        return ended
+    if ended is not None and ctx.cases_opened == 0 and ctx.layers_built > 1:  # a check without case blocks
+        return "inconclusive", (f"a case was skipped ({ended[1]}); the check has no case blocks, so the rest of "
+                                "this family was not run")
+    if ctx.cases_run == 0:
+        if ctx.cases_skipped_total:
+            return "inconclusive", f"no case ran: every case was skipped ({ctx.skip_summary()})"
+        return "inconclusive", "no case ran: the check drew no case for this family"
+    if ended is not None:  # a case skip outside any case block: the family stopped there
+        return "inconclusive", (f"{ctx.cases_run} case(s) ran, then a case was skipped outside a case block "
+                                f"({ended[1]}) and the rest of this family was not run")
     return "passed", ""
+
+
+def _cases_message(msgs: list[str], ctx: CheckContext, what: str) -> str:
+    quoted = list(dict.fromkeys(msgs))[:QUOTED_FAILURES]
+    text = "; ".join(quoted)
+    if len(msgs) > 1:
+        more = len(msgs) - len(quoted)
+        text = (f"{len(msgs)} of {ctx.cases_run} cases {what}: " + text
+                + (f"; and {more} more" if more > 0 else ""))
+    return text
 
 
 def _combine(old: Any, new: Any) -> Any:
@@ -132,6 +129,7 @@ def _aggregate(res: Result, runs: list[tuple[str, str, str, CheckContext]]) -> N
         notes += [n for n in ctx.notes if n not in notes]
     if skipped_cases:
         measurements["cases_skipped"] = skipped_cases
+    res.families = {f: family_counts(o, m, ctx) for f, o, m, ctx in runs}
     if len(runs) == 1:
         res.message = runs[0][2]
     else:
@@ -149,6 +147,15 @@ def _aggregate(res: Result, runs: list[tuple[str, str, str, CheckContext]]) -> N
         res.measurements["notes"] = notes
 
 
+def family_counts(outcome: str, message: str, ctx: CheckContext) -> dict[str, Any]:
+    """One family's entry in ``Result.families``."""
+    out: dict[str, Any] = {"outcome": outcome, "run": ctx.cases_run, "skipped": ctx.cases_skipped_total,
+                           "skip_reasons": dict(sorted(ctx.skip_reasons.items()))}
+    if outcome != "passed" and message:
+        out["message"] = message
+    return out
+
+
 def run_clause(clause: Clause, impl: Implementation, device: str = "cpu", seed: int = 0, *,
                budget: Budget | None = None, report_dir: str | None = None) -> Result:
     """Run one clause's check against one implementation, in this process (one run per case family)."""
@@ -163,7 +170,7 @@ def run_clause(clause: Clause, impl: Implementation, device: str = "cpu", seed: 
     for fam in fams:
         ctx = CheckContext(impl=impl, clause=clause, device=device, seed=seed, family=fam, budget=budget or Budget(),
                            report_dir=report_dir)
-        outcome, message = _outcome(ctx, clause)
+        outcome, message = _family_verdict(ctx, clause)
         runs.append((f"{fam[0]}/{fam[1]}bit" if fam else "all", outcome, message, ctx))
     res.duration_s = time.perf_counter() - start
     _aggregate(res, runs)

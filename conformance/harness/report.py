@@ -3,10 +3,11 @@
 JSON (``schema_version`` "1"): ``{schema_version, generated_at, command, environment,
 implementations: {name: {version, capabilities, unsupported}}, clauses: {id: {level, text, source,
 area}}, results: [{clause, implementation, outcome, message, duration_s, measurements, level,
-device}], summary: {implementations: {implementation: {outcome: count, must_failures: n, total: n}},
+device, families}], summary: {implementations: {implementation: {outcome: count, must_failures: n, total: n}},
 exit_status, nothing_checked: {implementation: why}}}``, and
 ``not_run: [{clause, implementation}]`` when the run was interrupted (Ctrl-C) before reaching
-them. A measurement ``reproducer`` (or ``reproducers``) is the path of a script that replays the
+them. ``families`` (absent in older reports) maps each case family to its outcome, the cases run and skipped
+and the skip reasons (``harness.execute``). A measurement ``reproducer`` (or ``reproducers``) is the path of a script that replays the
 failure. See docs in README ("Report format"). Torch-free: ``compare`` and ``markdown`` use it.
 """
 
@@ -172,6 +173,24 @@ def _duration(r: dict[str, Any]) -> str:
     return f"{d:.1f} s" if d >= 1 else f"{d:.2f} s"
 
 
+def family_cases(families: dict[str, dict[str, Any]]) -> str:
+    """``Result.families`` in one line: ``lora/4bit 12 run · lora/8bit 6 run, 6 skipped (needs input_cast: 6)``
+    (a family skipped whole says so; one that did not pass gets its outcome)."""
+    parts = []
+    for fam, d in families.items():
+        if d.get("outcome") == "skipped" and not d.get("run"):
+            parts.append(f"{fam} skipped")
+            continue
+        text = f"{fam} {d.get('run', 0)} run"
+        if d.get("skipped"):
+            reasons = ", ".join(f"{k}: {v}" for k, v in (d.get("skip_reasons") or {}).items())
+            text += f", {d['skipped']} skipped" + (f" ({reasons})" if reasons else "")
+        if d.get("outcome") not in (None, "passed"):
+            text += f" [{d['outcome']}]"
+        parts.append(text)
+    return " · ".join(parts)
+
+
 def markdown(doc: dict[str, Any], base: str | Path | None = None) -> str:
     """A legend, the summary, a clause x implementation matrix (mark and duration), then every failure
     with its message and reproducer, the measurements as a table, and skips with their reasons.
@@ -233,6 +252,13 @@ def markdown(doc: dict[str, Any], base: str | Path | None = None) -> str:
                 value = _link(v, base) if k in ("reproducer", "reproducers") and isinstance(v, str) else \
                     _cell(shorten(_fmt_value(v), 200))
                 lines.append(f"| `{r['clause']}` | {r['implementation']} | {_cell(k)} | {value} |")
+    counted = [r for r in doc["results"] if r.get("families")]
+    if counted:
+        lines += ["", "## Cases per family", "",
+                  "Cases run and skipped (with the reasons) in each case family; a family that ran no case is "
+                  "inconclusive.", "", "| clause | implementation | cases |", "|---|---|---|"]
+        lines += [f"| `{r['clause']}` | {r['implementation']} | {_cell(family_cases(r['families']))} |"
+                  for r in counted]
     skipped = [r for r in doc["results"] if r["outcome"] == Outcome.SKIPPED]
     if skipped:
         lines += ["", "<details><summary>Skipped clauses and why</summary>", ""]

@@ -28,6 +28,9 @@ class Result:
     measurements: dict[str, Any] = field(default_factory=dict)
     level: str = "MUST"
     device: str = "cpu"
+    #: per case family ("lora/4bit"): {"outcome", "run", "skipped", "skip_reasons": {reason: count}, "message"}
+    #: (``harness.execute``); empty in reports written before it existed and for clauses that did not run
+    families: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.outcome = Outcome(self.outcome)  # a plain string from JSON or a worker; ValueError for an unknown one

@@ -113,7 +113,7 @@ class LitgptApi:
         if "lora_dropout" not in init:
             self._gap("dropout", "LoRALinear takes no lora_dropout")
         # forward computes `self.lora_dropout(x) @ self.lora_A.transpose(0, 1)` (litgpt/lora.py, 0.5.13): x as it comes
-        self._gap("casts_input", "LoRALinear.forward multiplies x with lora_A without casting x to the adapter dtype")
+        self._gap("input_cast", "LoRALinear.forward multiplies x with lora_A without casting x to the adapter dtype")
         fabric_bnb = _import("lightning.fabric.plugins.precision.bitsandbytes")
         modes = getattr(getattr(fabric_bnb, "BitsandbytesPrecision", None), "__init__", None)
         if fabric_bnb is None or modes is None:
@@ -127,7 +127,7 @@ class LitgptApi:
 
     def capabilities(self) -> frozenset[str]:
         every = {"lora", "oft", "4bit", "8bit", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters",
-                 "delete_adapter", "cuda", "peft_model", "unmerge", "safe_merge", "rslora", "dropout", "casts_input"}
+                 "delete_adapter", "cuda", "peft_model", "unmerge", "safe_merge", "rslora", "dropout", "input_cast"}
         return frozenset(c for c in every if c not in self.unsupported)
 
     def kwargs(self, params: dict[str, Any]) -> tuple[dict[str, Any], bool]:

@@ -98,14 +98,16 @@ def _run_matrix(ctx: CheckContext, mixed: bool) -> None:
         for i, case in enumerate(grad_matrix(method, bits, mixed=mixed)):
             if not all(ctx.supports(a.params, case.label) for a in (case.adapter, case.second) if a is not None):
                 continue
-            ratio = _grad_case(ctx, case, offset=100 * i)
-            dt = str(case.dtype).removeprefix("torch.")
-            ctx.measure_max(f"{method}.{dt}.worst_ratio", ratio)
-            if case.weight_dtype is not None:
-                ctx.measure_max(f"{method}.stored-{str(case.weight_dtype).removeprefix('torch.')}.worst_ratio", ratio)
-            if case.adapter.params.get("lora_bias"):
-                ctx.measure_max("lora_bias.worst_ratio", ratio)
-            n += 1
+            with ctx.case(case.label):
+                ratio = _grad_case(ctx, case, offset=100 * i)
+                dt = str(case.dtype).removeprefix("torch.")
+                ctx.measure_max(f"{method}.{dt}.worst_ratio", ratio)
+                if case.weight_dtype is not None:
+                    ctx.measure_max(f"{method}.stored-{str(case.weight_dtype).removeprefix('torch.')}.worst_ratio",
+                                    ratio)
+                if case.adapter.params.get("lora_bias"):
+                    ctx.measure_max("lora_bias.worst_ratio", ratio)
+                n += 1
     ctx.measure("cases", n)
 
 
@@ -135,35 +137,36 @@ def check_nograd_forward(ctx: CheckContext) -> None:
         for i, case in enumerate(grad_matrix(method, bits)):
             if not all(ctx.supports(a.params, case.label) for a in (case.adapter, case.second) if a is not None):
                 continue
-            layer, params, _ = _build(ctx, case)
-            state = numerics.read_state(layer, case.method, params)
-            x = ctx.randn(*case.input_shape(), dtype=case.dtype, offset=100 * i)
-            outs: dict[str, torch.Tensor] = {}
-            for mode in ("inference_mode", "no_grad", "grad"):
-                xm = x.clone().requires_grad_(case.x_requires_grad and mode == "grad")
-                try:
-                    if mode == "grad":
-                        y = layer(xm)
-                        y.sum().backward()
-                    else:
-                        with MODES[mode]():
+            with ctx.case(case.label):
+                layer, params, _ = _build(ctx, case)
+                state = numerics.read_state(layer, case.method, params)
+                x = ctx.randn(*case.input_shape(), dtype=case.dtype, offset=100 * i)
+                outs: dict[str, torch.Tensor] = {}
+                for mode in ("inference_mode", "no_grad", "grad"):
+                    xm = x.clone().requires_grad_(case.x_requires_grad and mode == "grad")
+                    try:
+                        if mode == "grad":
                             y = layer(xm)
-                except Exception as exc:  # noqa: BLE001
-                    after = " after inference_mode/no_grad forwards" if mode == "grad" else ""
-                    ctx.fail(f"{case.label}: forward under {mode}{after} raised {type(exc).__name__}: {exc}")
-                _check_output(ctx, case, y, f" under {mode}")
-                if mode != "grad" and y.requires_grad:
-                    ctx.fail(f"{case.label}: output under {mode} requires grad (it must not build a graph)")
-                outs[mode] = y.detach().clone() if mode == "grad" else y.clone()
-            numerics.refresh_adapters(state, layer)
-            exp = numerics.grad_expected(state, x, torch.ones_like(outs["grad"]), compute_dtype=case.dtype)
-            for mode in MODES:
-                ratio, where = numerics.compare(outs[mode], outs["grad"].double(), 2 * exp.y_bound)
-                ctx.bounded(f"{method}.{mode}_vs_grad_ratio", ratio, lambda: (
-                    f"{case.label}: output under {mode} differs from the grad-mode output beyond twice the "
-                    f"rounding bound (ratio {ratio:.3g}); {where}"))
-                bitwise += int(torch.equal(outs[mode], outs["grad"]))
-            n += 1
+                            y.sum().backward()
+                        else:
+                            with MODES[mode]():
+                                y = layer(xm)
+                    except Exception as exc:  # noqa: BLE001
+                        after = " after inference_mode/no_grad forwards" if mode == "grad" else ""
+                        ctx.fail(f"{case.label}: forward under {mode}{after} raised {type(exc).__name__}: {exc}")
+                    _check_output(ctx, case, y, f" under {mode}")
+                    if mode != "grad" and y.requires_grad:
+                        ctx.fail(f"{case.label}: output under {mode} requires grad (it must not build a graph)")
+                    outs[mode] = y.detach().clone() if mode == "grad" else y.clone()
+                numerics.refresh_adapters(state, layer)
+                exp = numerics.grad_expected(state, x, torch.ones_like(outs["grad"]), compute_dtype=case.dtype)
+                for mode in MODES:
+                    ratio, where = numerics.compare(outs[mode], outs["grad"].double(), 2 * exp.y_bound)
+                    ctx.bounded(f"{method}.{mode}_vs_grad_ratio", ratio, lambda: (
+                        f"{case.label}: output under {mode} differs from the grad-mode output beyond twice the "
+                        f"rounding bound (ratio {ratio:.3g}); {where}"))
+                    bitwise += int(torch.equal(outs[mode], outs["grad"]))
+                n += 1
     ctx.measure("cases", n)
     ctx.measure("bitwise_equal_mode_outputs", bitwise)
     ctx.measure("mode_outputs_compared", 2 * n)

@@ -61,24 +61,25 @@ def _label(method: str, case: cases.BaseCase, p: float) -> str:
 def check_eval_exact(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         for i, case in enumerate(base_cases(bits)):
-            label = _label(method, case, DROPOUT_P)
-            layer = build(ctx, method, case, DROPOUT_P, seed=i)
-            ref = build(ctx, method, case, 0.0, seed=i)
-            layer.eval()
-            ref.eval()
-            x = ctx.randn(4, case.in_features, dtype=case.compute_dtype, offset=i)
-            with torch.no_grad():
-                y_ref = ref(x)
-                exp = numerics.layer_expected(ref, method, "default", dropout_params(method, 0.0), x)
-            for mode, manager in GRAD_MODES:
-                with manager():
-                    y = layer(x)
-                if not torch.equal(y, y_ref):
-                    diff = (y.double() - y_ref.double()).abs().max().item()
-                    ctx.fail(f"{label}, eval mode, {mode}: the output is not the dropout-0 layer's output "
-                             f"(max |diff| {diff:.3g}): dropout is active in eval mode")
-                ctx.bounded(f"ratio.eval.{method}.{bits}bit", exp.ratio(y),
-                            lambda: f"{label}, eval mode, {mode}: outside the oracle bound {exp.describe(y)}")
+            with ctx.case(_label(method, case, DROPOUT_P)):
+                label = _label(method, case, DROPOUT_P)
+                layer = build(ctx, method, case, DROPOUT_P, seed=i)
+                ref = build(ctx, method, case, 0.0, seed=i)
+                layer.eval()
+                ref.eval()
+                x = ctx.randn(4, case.in_features, dtype=case.compute_dtype, offset=i)
+                with torch.no_grad():
+                    y_ref = ref(x)
+                    exp = numerics.layer_expected(ref, method, "default", dropout_params(method, 0.0), x)
+                for mode, manager in GRAD_MODES:
+                    with manager():
+                        y = layer(x)
+                    if not torch.equal(y, y_ref):
+                        diff = (y.double() - y_ref.double()).abs().max().item()
+                        ctx.fail(f"{label}, eval mode, {mode}: the output is not the dropout-0 layer's output "
+                                 f"(max |diff| {diff:.3g}): dropout is active in eval mode")
+                    ctx.bounded(f"ratio.eval.{method}.{bits}bit", exp.ratio(y),
+                                lambda: f"{label}, eval mode, {mode}: outside the oracle bound {exp.describe(y)}")
 
 
 @check("DROPOUT-TRAIN-ACTIVE")

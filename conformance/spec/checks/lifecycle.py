@@ -182,30 +182,31 @@ def check_merged_delete(ctx: CheckContext) -> None:
 def check_subset_unmerge(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         for active, subset in ((["default"], ["other"]), (["default", "other"], ["default"])):
-            label = f"{method} {bits}-bit, active {active}, merge(adapter_names={subset}) then unmerge()"
-            layer = _build(ctx, method, bits, seed=2, other=True)
-            layer.set_adapter(active)
-            x = ctx.randn(4, 64, offset=2)
-            with torch.no_grad():
-                kept = {n: _tensors(layer, n) for n in ("default", "other")}
-                m = _merge(layer, method, subset[0], adapter_names=subset)
-                ctx.check(list(layer.merged_adapters) == subset,
-                          f"{label}: merged_adapters {list(layer.merged_adapters)} after the merge")
-                with recorded_warnings():
-                    layer.unmerge()
-                ctx.check(not layer.merged and list(layer.merged_adapters) == [],
-                          f"{label}: merged={bool(layer.merged)}, merged_adapters={list(layer.merged_adapters)}")
-                w, _ = numerics.base_weights(layer.base_layer)
-                rt = _roundtrip_bound(layer, method, m)
-                ctx.bounded(f"ratio.subset_roundtrip.{method}.{bits}bit", numerics.observed(w, m.w0, rt), lambda: (
-                    f"{label}: the base weight moved {(w - m.w0).abs().max():.3g} beyond the round-trip bound"))
-                for n, t in kept.items():
-                    ctx.check(_same(t, _tensors(layer, n)), f"{label}: adapter {n!r}'s tensors changed")
-                layer.set_adapter("default")
-                y = layer(x)
-                exp = numerics.layer_expected(layer, method, "default", _params(method), x)
-            ctx.bounded(f"ratio.subset_forward.{method}.{bits}bit", exp.ratio(y),
-                        lambda: f"{label}: the forward of 'default' afterwards: {exp.describe(y)}")
+            with ctx.case(f"{method} {bits}-bit, active {active}, merge(adapter_names={subset})"):
+                label = f"{method} {bits}-bit, active {active}, merge(adapter_names={subset}) then unmerge()"
+                layer = _build(ctx, method, bits, seed=2, other=True)
+                layer.set_adapter(active)
+                x = ctx.randn(4, 64, offset=2)
+                with torch.no_grad():
+                    kept = {n: _tensors(layer, n) for n in ("default", "other")}
+                    m = _merge(layer, method, subset[0], adapter_names=subset)
+                    ctx.check(list(layer.merged_adapters) == subset,
+                              f"{label}: merged_adapters {list(layer.merged_adapters)} after the merge")
+                    with recorded_warnings():
+                        layer.unmerge()
+                    ctx.check(not layer.merged and list(layer.merged_adapters) == [],
+                              f"{label}: merged={bool(layer.merged)}, merged_adapters={list(layer.merged_adapters)}")
+                    w, _ = numerics.base_weights(layer.base_layer)
+                    rt = _roundtrip_bound(layer, method, m)
+                    ctx.bounded(f"ratio.subset_roundtrip.{method}.{bits}bit", numerics.observed(w, m.w0, rt), lambda: (
+                        f"{label}: the base weight moved {(w - m.w0).abs().max():.3g} beyond the round-trip bound"))
+                    for n, t in kept.items():
+                        ctx.check(_same(t, _tensors(layer, n)), f"{label}: adapter {n!r}'s tensors changed")
+                    layer.set_adapter("default")
+                    y = layer(x)
+                    exp = numerics.layer_expected(layer, method, "default", _params(method), x)
+                ctx.bounded(f"ratio.subset_forward.{method}.{bits}bit", exp.ratio(y),
+                            lambda: f"{label}: the forward of 'default' afterwards: {exp.describe(y)}")
 
 
 def _check_merged_forward(ctx: CheckContext, layer: torch.nn.Module, method: str, bits: int, label: str,

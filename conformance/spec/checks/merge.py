@@ -91,36 +91,37 @@ def check_merge_forward(ctx: CheckContext) -> None:
     def prop(data: st.DataObject) -> None:
         method, bits, case, params = _draw_case(ctx, data)
         label = _label(method, case, params)
-        layer = _build(ctx, method, case, params, seed=_seed(label))
-        x = ctx.randn(5, case.in_features, dtype=case.compute_dtype, offset=1)
-        with torch.no_grad():
-            exp_u = numerics.layer_expected(layer, method, "default", params, x)
-            y_u = layer(x)
-            w0, b0 = numerics.base_weights(layer.base_layer)
-            step(ctx, layer, "merge", label)
-            ctx.check(bool(layer.merged), f"{label}: merged is False after merge()")
-            exp_m, err = _merged_expected(layer, method, "default", params, x, w0, b0)
-            wt = numerics.merge_target(layer, method, "default", params, w0, b0)[0]
-            w1, _ = numerics.base_weights(layer.base_layer)
-            y_m = layer(x)
-        fam = f"{method}.{bits}bit"
-        r_w = numerics.observed(w1, wt, err)
-        ctx.bounded(f"ratio.merged_weight.{fam}", r_w, lambda: (
-            f"{label}: the merged quant state dequantizes {float((w1 - wt).abs().max()):.3g} away from the merged "
-            f"weight, beyond one requantization's bound (ratio {r_w:.3g})"))
-        r_u, r_m = exp_u.ratio(y_u), exp_m.ratio(y_m)
-        if case.weight_dtype is not None:
-            ctx.measure_max(f"ratio.merged.{fam}.stored-{str(case.weight_dtype).removeprefix('torch.')}", r_m)
-        ctx.measure_max(f"ratio.merged.{fam}", r_m)  # recorded even when the unmerged check below fails
-        ctx.bounded(f"ratio.unmerged.{fam}", r_u,
-                    lambda: f"{label}: unmerged forward outside the oracle bound {exp_u.describe(y_u)}")
-        ctx.bounded(f"ratio.merged.{fam}", r_m,
-                    lambda: f"{label}: merged forward outside the bound of one requantization {exp_m.describe(y_m)}")
-        gap = (y_m.double() - y_u.double()).abs().cpu().reshape(exp_u.bound.shape)
-        r = numerics.max_ratio(gap, exp_u.bound + exp_m.bound)
-        ctx.bounded(f"ratio.merged_vs_unmerged.{fam}", r, lambda: (
-            f"{label}: merged vs unmerged output differ by {gap.max():.3g}, beyond the sum of their bounds "
-            f"(ratio {r:.3g})"))
+        with ctx.case(label, isolate=False):
+            layer = _build(ctx, method, case, params, seed=_seed(label))
+            x = ctx.randn(5, case.in_features, dtype=case.compute_dtype, offset=1)
+            with torch.no_grad():
+                exp_u = numerics.layer_expected(layer, method, "default", params, x)
+                y_u = layer(x)
+                w0, b0 = numerics.base_weights(layer.base_layer)
+                step(ctx, layer, "merge", label)
+                ctx.check(bool(layer.merged), f"{label}: merged is False after merge()")
+                exp_m, err = _merged_expected(layer, method, "default", params, x, w0, b0)
+                wt = numerics.merge_target(layer, method, "default", params, w0, b0)[0]
+                w1, _ = numerics.base_weights(layer.base_layer)
+                y_m = layer(x)
+            fam = f"{method}.{bits}bit"
+            r_w = numerics.observed(w1, wt, err)
+            ctx.bounded(f"ratio.merged_weight.{fam}", r_w, lambda: (
+                f"{label}: the merged quant state dequantizes {float((w1 - wt).abs().max()):.3g} away from the merged "
+                f"weight, beyond one requantization's bound (ratio {r_w:.3g})"))
+            r_u, r_m = exp_u.ratio(y_u), exp_m.ratio(y_m)
+            if case.weight_dtype is not None:
+                ctx.measure_max(f"ratio.merged.{fam}.stored-{str(case.weight_dtype).removeprefix('torch.')}", r_m)
+            ctx.measure_max(f"ratio.merged.{fam}", r_m)  # recorded even when the unmerged check below fails
+            ctx.bounded(f"ratio.unmerged.{fam}", r_u,
+                        lambda: f"{label}: unmerged forward outside the oracle bound {exp_u.describe(y_u)}")
+            ctx.bounded(f"ratio.merged.{fam}", r_m,
+                        lambda: f"{label}: merged forward outside the bound of one requantization {exp_m.describe(y_m)}")
+            gap = (y_m.double() - y_u.double()).abs().cpu().reshape(exp_u.bound.shape)
+            r = numerics.max_ratio(gap, exp_u.bound + exp_m.bound)
+            ctx.bounded(f"ratio.merged_vs_unmerged.{fam}", r, lambda: (
+                f"{label}: merged vs unmerged output differ by {gap.max():.3g}, beyond the sum of their bounds "
+                f"(ratio {r:.3g})"))
 
     prop()
 
@@ -154,17 +155,18 @@ def check_roundtrip(ctx: CheckContext) -> None:
         if method == "lora":
             params = {**params, "lora_bias": data.draw(st.booleans(), label="lora_bias")}
         label = _label(method, case, params)
-        layer = _build(ctx, method, case, params, seed=_seed(label))
-        with torch.no_grad():
-            w0, b0 = numerics.base_weights(layer.base_layer)
-            bound, w2, _ = _roundtrip(ctx, layer, method, params, label, w0, b0)
-        ratio, i = numerics.worst((w2 - w0).abs(), bound)
+        with ctx.case(label, isolate=False):
+            layer = _build(ctx, method, case, params, seed=_seed(label))
+            with torch.no_grad():
+                w0, b0 = numerics.base_weights(layer.base_layer)
+                bound, w2, _ = _roundtrip(ctx, layer, method, params, label, w0, b0)
+            ratio, i = numerics.worst((w2 - w0).abs(), bound)
 
-        def moved() -> str:
-            return (f"{label}: merge+unmerge moved weight {divmod(i, w0.shape[1])} by "
-                    f"{(w2 - w0).abs().flatten()[i]:.3g} > bound {bound.flatten()[i]:.3g} (ratio {ratio:.3g})")
+            def moved() -> str:
+                return (f"{label}: merge+unmerge moved weight {divmod(i, w0.shape[1])} by "
+                        f"{(w2 - w0).abs().flatten()[i]:.3g} > bound {bound.flatten()[i]:.3g} (ratio {ratio:.3g})")
 
-        ctx.bounded(f"ratio.roundtrip.{method}.{bits}bit", ratio, moved)
+            ctx.bounded(f"ratio.roundtrip.{method}.{bits}bit", ratio, moved)
 
     prop()
 
@@ -182,27 +184,28 @@ def check_cycles(ctx: CheckContext) -> None:
                     if bits == 4 else [cases.BaseCase(8), cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1],
                                                                           weight_dtype=torch.bfloat16)])
         for case in variants:
-            params = dict(acase.params)
-            label = _label(method, case, params)
-            layer = _build(ctx, method, case, params, seed=_seed(label))
-            with torch.no_grad():
-                w0, b0 = numerics.base_weights(layer.base_layer)
-                w_prev, b_prev = w0, b0
-                total = torch.zeros_like(w0)
-                first = None
-                for k in range(1, CYCLES + 1):
-                    bound, w_k, b_k = _roundtrip(ctx, layer, method, params, f"{label} cycle {k}", w_prev, b_prev)
-                    total = total + bound
-                    first = bound if first is None else first
-                    drift = (w_k - w0).abs()
-                    fam = f"{method}.{case.label.split(f'-b{case.blocksize}-')[0] if bits == 4 else case.label}"
-                    ctx.measure_max(f"drift_over_cycle1_bound.{fam}.k{k}", numerics.max_ratio(drift, first))
-                    ctx.measure_max(f"drift_max.{fam}.k{k}", float(drift.max()))
-                    ratio = numerics.max_ratio(drift, total)
-                    ctx.bounded(f"ratio.cycles.{method}.{bits}bit", ratio, lambda: (
-                        f"{label}: after {k} merge/unmerge cycles the weight drifted {drift.max():.3g}, beyond "
-                        f"the sum of {k} cycle bounds (ratio {ratio:.3g})"))
-                    w_prev, b_prev = w_k, b_k
+            with ctx.case(_label(method, case, dict(acase.params))):
+                params = dict(acase.params)
+                label = _label(method, case, params)
+                layer = _build(ctx, method, case, params, seed=_seed(label))
+                with torch.no_grad():
+                    w0, b0 = numerics.base_weights(layer.base_layer)
+                    w_prev, b_prev = w0, b0
+                    total = torch.zeros_like(w0)
+                    first = None
+                    for k in range(1, CYCLES + 1):
+                        bound, w_k, b_k = _roundtrip(ctx, layer, method, params, f"{label} cycle {k}", w_prev, b_prev)
+                        total = total + bound
+                        first = bound if first is None else first
+                        drift = (w_k - w0).abs()
+                        fam = f"{method}.{case.label.split(f'-b{case.blocksize}-')[0] if bits == 4 else case.label}"
+                        ctx.measure_max(f"drift_over_cycle1_bound.{fam}.k{k}", numerics.max_ratio(drift, first))
+                        ctx.measure_max(f"drift_max.{fam}.k{k}", float(drift.max()))
+                        ratio = numerics.max_ratio(drift, total)
+                        ctx.bounded(f"ratio.cycles.{method}.{bits}bit", ratio, lambda: (
+                            f"{label}: after {k} merge/unmerge cycles the weight drifted {drift.max():.3g}, beyond "
+                            f"the sum of {k} cycle bounds (ratio {ratio:.3g})"))
+                        w_prev, b_prev = w_k, b_k
 
 
 def _merge_warnings(layer: torch.nn.Module, **kwargs: Any) -> list[str]:
@@ -217,15 +220,16 @@ def user_warnings(caught: list[Any]) -> list[str]:
 
 
 def _check_rounding_warning(ctx: CheckContext, method: str) -> None:
-    for _, bits in ctx.cases():
-        layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
-        with recorded_warnings() as caught:
-            layer.merge()
-        got = user_warnings(caught)
-        ctx.measure(f"warnings.{bits}bit", got)
-        if not any(w_ in t.lower() for t in got for w_ in ROUNDING_WORDS):
-            ctx.fail(f"{bits}-bit: merge() of a {method} adapter emitted no UserWarning naming rounding or "
-                     f"quantization; warnings: {warning_texts(caught)}")
+    for _, bits in ctx.cases():  # one case per family
+        with ctx.case(f"{method} {bits}-bit"):
+            layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
+            with recorded_warnings() as caught:
+                layer.merge()
+            got = user_warnings(caught)
+            ctx.measure(f"warnings.{bits}bit", got)
+            if not any(w_ in t.lower() for t in got for w_ in ROUNDING_WORDS):
+                ctx.fail(f"{bits}-bit: merge() of a {method} adapter emitted no UserWarning naming rounding or "
+                         f"quantization; warnings: {warning_texts(caught)}")
 
 
 @check("MERGE-WARNS-LORA")
@@ -240,107 +244,111 @@ def check_warns_oft(ctx: CheckContext) -> None:
 
 @check("MERGE-TWICE-WARNS")
 def check_merge_twice(ctx: CheckContext) -> None:
-    for method, bits in ctx.cases():
-        layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
-        with recorded_warnings():
-            layer.merge()
-        snap = qlayers.snapshot(layer.base_layer)
-        before = list(layer.merged_adapters)
-        with recorded_warnings() as caught:
-            layer.merge()
-        got = user_warnings(caught)
-        label = f"{method} {bits}-bit"
-        ctx.check(bool(got), f"{label}: second merge() emitted no UserWarning; warnings: {warning_texts(caught)}")
-        diff = snap.differences(qlayers.snapshot(layer.base_layer))
-        ctx.check(diff == [], f"{label}: second merge() changed the base layer ({diff})")
-        ctx.check(list(layer.merged_adapters) == before,
-                  f"{label}: merged_adapters {before} -> {list(layer.merged_adapters)} after a second merge()")
+    for method, bits in ctx.cases():  # one case per family
+        with ctx.case(f"{method} {bits}-bit"):
+            layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
+            with recorded_warnings():
+                layer.merge()
+            snap = qlayers.snapshot(layer.base_layer)
+            before = list(layer.merged_adapters)
+            with recorded_warnings() as caught:
+                layer.merge()
+            got = user_warnings(caught)
+            label = f"{method} {bits}-bit"
+            ctx.check(bool(got), f"{label}: second merge() emitted no UserWarning; warnings: {warning_texts(caught)}")
+            diff = snap.differences(qlayers.snapshot(layer.base_layer))
+            ctx.check(diff == [], f"{label}: second merge() changed the base layer ({diff})")
+            ctx.check(list(layer.merged_adapters) == before,
+                      f"{label}: merged_adapters {before} -> {list(layer.merged_adapters)} after a second merge()")
 
 
 @check("MERGE-UNMERGE-NOTHING-WARNS")
 def check_unmerge_nothing(ctx: CheckContext) -> None:
-    for method, bits in ctx.cases():
-        layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
-        snap = qlayers.snapshot(layer.base_layer)
-        with recorded_warnings() as caught:
-            layer.unmerge()
-        got = user_warnings(caught)
-        label = f"{method} {bits}-bit"
-        ctx.check(bool(got), f"{label}: unmerge() with nothing merged emitted no UserWarning; "
-                  f"warnings: {warning_texts(caught)}")
-        diff = snap.differences(qlayers.snapshot(layer.base_layer))
-        ctx.check(diff == [], f"{label}: unmerge() with nothing merged changed the base layer ({diff})")
+    for method, bits in ctx.cases():  # one case per family
+        with ctx.case(f"{method} {bits}-bit"):
+            layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
+            snap = qlayers.snapshot(layer.base_layer)
+            with recorded_warnings() as caught:
+                layer.unmerge()
+            got = user_warnings(caught)
+            label = f"{method} {bits}-bit"
+            ctx.check(bool(got), f"{label}: unmerge() with nothing merged emitted no UserWarning; "
+                      f"warnings: {warning_texts(caught)}")
+            diff = snap.differences(qlayers.snapshot(layer.base_layer))
+            ctx.check(diff == [], f"{label}: unmerge() with nothing merged changed the base layer ({diff})")
 
 
 @check("MERGE-MULTI")
 def check_merge_multi(ctx: CheckContext) -> None:
     for (method, bits), shape in itertools.product(list(ctx.cases()), cases.ORIENTATION_SHAPES):
-        acase = cases.adapter_cases(method)[0]
-        case = cases.BaseCase(bits, *shape)
-        label = f"{method} on {case.label}, active ['default', 'second']"
-        # large OFT rotations: the merged order must match the forward order (rotations do not commute)
-        scale = 6.0 if method == "oft" else 1.0
-        layer = _build(ctx, method, case, dict(acase.params), seed=5)
-        cases.fill_adapter(layer, "default", ctx.generator(5), scale=scale)
-        layer.add_adapter("second", **acase.params)
-        cases.fill_adapter(layer, "second", ctx.generator(6), scale=scale)
-        layer.set_adapter(["default", "second"])
-        x = ctx.randn(4, case.in_features, offset=2)
-        with torch.no_grad():
-            y_u = layer(x)
-            w0, b0 = numerics.base_weights(layer.base_layer)
-            ta = numerics.merge_target(layer, method, "default", acase.params, w0, b0)
-            tb = numerics.merge_target(layer, method, "second", acase.params, w0, b0)
-            if method == "lora":
-                target = w0 + (ta[0] - w0) + (tb[0] - w0)
-                # either order: first requantization of W0 + delta_first, then arithmetic of both
-                inter = torch.maximum(numerics.hypothetical_requant_bound(layer.base_layer, ta[0]),
-                                      numerics.hypothetical_requant_bound(layer.base_layer, tb[0]))
-                arith = ta[1] + tb[1] + numerics.U32 * target.abs()
-            else:
-                n_blocks, bs = numerics.oft_layout(case.in_features, acase.params)
-                ra = numerics.oft_rotation(layer.adapter_parameters("default"), n_blocks, bs)
-                rb = numerics.oft_rotation(layer.adapter_parameters("second"), n_blocks, bs)
-                # forward order: x R_a R_b  =>  merged weight W0 (R_a R_b)^T = (W0 R_b^T) R_a^T
-                target = w0 @ (ra @ rb).t()
-                # the intermediate requantization (and first arithmetic) error passes through the
-                # second rotation; the order an implementation merges in is its own business
-                inter = torch.maximum(
-                    (numerics.hypothetical_requant_bound(layer.base_layer, tb[0]) + tb[1]) @ ra.t().abs(),
-                    (numerics.hypothetical_requant_bound(layer.base_layer, ta[0]) + ta[1]) @ rb.t().abs())
-                arith = ta[1] + tb[1] + numerics.U32 * target.abs()
-            step(ctx, layer, "merge", label)
-            merged = list(layer.merged_adapters)
-            ctx.check(sorted(merged) == ["default", "second"],
-                      f"{label}: merged_adapters after merge() is {merged}, expected both adapters once")
-            err = qbounds.weight_bound(layer.base_layer) + arith + inter
-            exp_m = numerics.linear_expected(layer.base_layer, x, x.dtype, weight=target, weight_err=err)
-            y_m = layer(x)
-        ctx.bounded(f"ratio.multi.{method}.{bits}bit", exp_m.ratio(y_m), lambda: (
-            f"{label}: merged output is not the stacked adapters' output: {exp_m.describe(y_m)} "
-            f"(max |merged - unmerged| {(y_m.double() - y_u.double()).abs().max():.3g})"))
+        with ctx.case(f"{method} {bits}-bit {shape}"):
+            acase = cases.adapter_cases(method)[0]
+            case = cases.BaseCase(bits, *shape)
+            label = f"{method} on {case.label}, active ['default', 'second']"
+            # large OFT rotations: the merged order must match the forward order (rotations do not commute)
+            scale = 6.0 if method == "oft" else 1.0
+            layer = _build(ctx, method, case, dict(acase.params), seed=5)
+            cases.fill_adapter(layer, "default", ctx.generator(5), scale=scale)
+            layer.add_adapter("second", **acase.params)
+            cases.fill_adapter(layer, "second", ctx.generator(6), scale=scale)
+            layer.set_adapter(["default", "second"])
+            x = ctx.randn(4, case.in_features, offset=2)
+            with torch.no_grad():
+                y_u = layer(x)
+                w0, b0 = numerics.base_weights(layer.base_layer)
+                ta = numerics.merge_target(layer, method, "default", acase.params, w0, b0)
+                tb = numerics.merge_target(layer, method, "second", acase.params, w0, b0)
+                if method == "lora":
+                    target = w0 + (ta[0] - w0) + (tb[0] - w0)
+                    # either order: first requantization of W0 + delta_first, then arithmetic of both
+                    inter = torch.maximum(numerics.hypothetical_requant_bound(layer.base_layer, ta[0]),
+                                          numerics.hypothetical_requant_bound(layer.base_layer, tb[0]))
+                    arith = ta[1] + tb[1] + numerics.U32 * target.abs()
+                else:
+                    n_blocks, bs = numerics.oft_layout(case.in_features, acase.params)
+                    ra = numerics.oft_rotation(layer.adapter_parameters("default"), n_blocks, bs)
+                    rb = numerics.oft_rotation(layer.adapter_parameters("second"), n_blocks, bs)
+                    # forward order: x R_a R_b  =>  merged weight W0 (R_a R_b)^T = (W0 R_b^T) R_a^T
+                    target = w0 @ (ra @ rb).t()
+                    # the intermediate requantization (and first arithmetic) error passes through the
+                    # second rotation; the order an implementation merges in is its own business
+                    inter = torch.maximum(
+                        (numerics.hypothetical_requant_bound(layer.base_layer, tb[0]) + tb[1]) @ ra.t().abs(),
+                        (numerics.hypothetical_requant_bound(layer.base_layer, ta[0]) + ta[1]) @ rb.t().abs())
+                    arith = ta[1] + tb[1] + numerics.U32 * target.abs()
+                step(ctx, layer, "merge", label)
+                merged = list(layer.merged_adapters)
+                ctx.check(sorted(merged) == ["default", "second"],
+                          f"{label}: merged_adapters after merge() is {merged}, expected both adapters once")
+                err = qbounds.weight_bound(layer.base_layer) + arith + inter
+                exp_m = numerics.linear_expected(layer.base_layer, x, x.dtype, weight=target, weight_err=err)
+                y_m = layer(x)
+            ctx.bounded(f"ratio.multi.{method}.{bits}bit", exp_m.ratio(y_m), lambda: (
+                f"{label}: merged output is not the stacked adapters' output: {exp_m.describe(y_m)} "
+                f"(max |merged - unmerged| {(y_m.double() - y_u.double()).abs().max():.3g})"))
 
 
 @check("MERGE-SUBSET")
 def check_merge_subset(ctx: CheckContext) -> None:
     for (method, bits), shape in itertools.product(list(ctx.cases()), cases.ORIENTATION_SHAPES):
-        acase = cases.adapter_cases(method)[0]
-        case = cases.BaseCase(bits, *shape)
-        layer = _build(ctx, method, case, dict(acase.params), seed=7)
-        layer.add_adapter("other", **acase.params)
-        cases.fill_adapter(layer, "other", ctx.generator(8))
-        label = f"{method} on {case.label}, active ['default'], merge(adapter_names=['other'])"
-        x = ctx.randn(4, case.in_features, offset=3)
-        with torch.no_grad():
-            w0, b0 = numerics.base_weights(layer.base_layer)
-            step(ctx, layer, "merge", label, adapter_names=["other"])
-            ctx.check(list(layer.merged_adapters) == ["other"],
-                      f"{label}: merged_adapters is {list(layer.merged_adapters)}, expected ['other']")
-            exp, _ = _merged_expected(layer, method, "other", acase.params, x, w0, b0)
-            y = layer(x)
-        r = exp.ratio(y)
-        ctx.bounded(f"ratio.subset.{method}.{bits}bit", r,
-                    lambda: f"{label}: the merged weights are not W0 + 'other' alone: {exp.describe(y)}")
+        with ctx.case(f"{method} {bits}-bit {shape}"):
+            acase = cases.adapter_cases(method)[0]
+            case = cases.BaseCase(bits, *shape)
+            layer = _build(ctx, method, case, dict(acase.params), seed=7)
+            layer.add_adapter("other", **acase.params)
+            cases.fill_adapter(layer, "other", ctx.generator(8))
+            label = f"{method} on {case.label}, active ['default'], merge(adapter_names=['other'])"
+            x = ctx.randn(4, case.in_features, offset=3)
+            with torch.no_grad():
+                w0, b0 = numerics.base_weights(layer.base_layer)
+                step(ctx, layer, "merge", label, adapter_names=["other"])
+                ctx.check(list(layer.merged_adapters) == ["other"],
+                          f"{label}: merged_adapters is {list(layer.merged_adapters)}, expected ['other']")
+                exp, _ = _merged_expected(layer, method, "other", acase.params, x, w0, b0)
+                y = layer(x)
+            r = exp.ratio(y)
+            ctx.bounded(f"ratio.subset.{method}.{bits}bit", r,
+                        lambda: f"{label}: the merged weights are not W0 + 'other' alone: {exp.describe(y)}")
 
 
 def _bias_cases(bits: int) -> list[cases.BaseCase]:
@@ -355,41 +363,42 @@ def _bias_cases(bits: int) -> list[cases.BaseCase]:
 def check_lora_bias(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         for case in _bias_cases(bits):
-            dt = case.compute_dtype
-            params = {"r": 4, "lora_alpha": 16.0, "init_lora_weights": False, "lora_bias": True}
-            label = _label("lora", case, params)
-            layer = _build(ctx, "lora", case, params, seed=9)
-            x = ctx.randn(4, case.in_features, dtype=dt, offset=4)
-            with torch.no_grad():
-                exp_u = numerics.layer_expected(layer, "lora", "default", params, x)
-                y_u = layer(x)  # also settles the bias dtype (bnb casts it to the input dtype)
-                w0, b0 = numerics.base_weights(layer.base_layer)
-                step(ctx, layer, "merge", label)
-                _, _, bt, be = numerics.merge_target(layer, "lora", "default", params, w0, b0)
-                _, b1 = numerics.base_weights(layer.base_layer)
-                assert bt is not None and be is not None and b1 is not None
-                exp_m, _ = _merged_expected(layer, "lora", "default", params, x, w0, b0)
-                exp_s = numerics.base_expected(layer.base_layer, x)  # the stored (merged) weights and bias, exactly
-                y_m = layer(x)
+            with ctx.case(case.label):
+                dt = case.compute_dtype
+                params = {"r": 4, "lora_alpha": 16.0, "init_lora_weights": False, "lora_bias": True}
+                label = _label("lora", case, params)
+                layer = _build(ctx, "lora", case, params, seed=9)
+                x = ctx.randn(4, case.in_features, dtype=dt, offset=4)
+                with torch.no_grad():
+                    exp_u = numerics.layer_expected(layer, "lora", "default", params, x)
+                    y_u = layer(x)  # also settles the bias dtype (bnb casts it to the input dtype)
+                    w0, b0 = numerics.base_weights(layer.base_layer)
+                    step(ctx, layer, "merge", label)
+                    _, _, bt, be = numerics.merge_target(layer, "lora", "default", params, w0, b0)
+                    _, b1 = numerics.base_weights(layer.base_layer)
+                    assert bt is not None and be is not None and b1 is not None
+                    exp_m, _ = _merged_expected(layer, "lora", "default", params, x, w0, b0)
+                    exp_s = numerics.base_expected(layer.base_layer, x)  # the stored (merged) weights and bias, exactly
+                    y_m = layer(x)
 
-                def unscaled() -> str:
-                    bb = layer.adapter_parameters("default")["lora_B.bias"].detach().double().cpu()
-                    return (f"{label}: merged bias is not b + scaling*b_B (scaling {numerics.lora_scaling(params)}): "
-                            f"max |diff| {(b1 - bt).abs().max():.3g} > bound {be.max():.3g}; "
-                            f"|b_merged - (b + b_B)| = {float((b1 - (b0 + bb)).abs().max()):.3g}")
+                    def unscaled() -> str:
+                        bb = layer.adapter_parameters("default")["lora_B.bias"].detach().double().cpu()
+                        return (f"{label}: merged bias is not b + scaling*b_B (scaling {numerics.lora_scaling(params)}): "
+                                f"max |diff| {(b1 - bt).abs().max():.3g} > bound {be.max():.3g}; "
+                                f"|b_merged - (b + b_B)| = {float((b1 - (b0 + bb)).abs().max()):.3g}")
 
-                ctx.bounded(f"ratio.bias.{bits}bit", numerics.observed(b1, bt, be), unscaled)
-            # the merged layer's output is the unmerged one's (a bias merged and still added, or merged
-            # but not added, shows here even when the stored bias is right)
-            gap = (y_m.double() - y_u.double()).abs().cpu().reshape(exp_u.bound.shape)
-            r = numerics.max_ratio(gap, exp_u.bound + exp_m.bound)
-            r_s = exp_s.ratio(y_m)
-            ctx.bounded(f"ratio.bias_merged_vs_stored.{bits}bit", r_s, lambda: (
-                f"{label}: the merged layer's output is not its base's (stored weights and merged bias): "
-                f"{exp_s.describe(y_m)}"))
-            ctx.bounded(f"ratio.bias_merged_vs_unmerged.{bits}bit", r, lambda: (
-                f"{label}: merged vs unmerged output differ by {gap.max():.3g}, beyond the sum of their bounds "
-                f"(ratio {r:.3g}); merged output vs its oracle: {exp_m.describe(y_m)}"))
+                    ctx.bounded(f"ratio.bias.{bits}bit", numerics.observed(b1, bt, be), unscaled)
+                # the merged layer's output is the unmerged one's (a bias merged and still added, or merged
+                # but not added, shows here even when the stored bias is right)
+                gap = (y_m.double() - y_u.double()).abs().cpu().reshape(exp_u.bound.shape)
+                r = numerics.max_ratio(gap, exp_u.bound + exp_m.bound)
+                r_s = exp_s.ratio(y_m)
+                ctx.bounded(f"ratio.bias_merged_vs_stored.{bits}bit", r_s, lambda: (
+                    f"{label}: the merged layer's output is not its base's (stored weights and merged bias): "
+                    f"{exp_s.describe(y_m)}"))
+                ctx.bounded(f"ratio.bias_merged_vs_unmerged.{bits}bit", r, lambda: (
+                    f"{label}: merged vs unmerged output differ by {gap.max():.3g}, beyond the sum of their bounds "
+                    f"(ratio {r:.3g}); merged output vs its oracle: {exp_m.describe(y_m)}"))
 
 
 def _settings_cases(bits: int) -> list[cases.BaseCase]:
@@ -408,14 +417,18 @@ def _settings_cases(bits: int) -> list[cases.BaseCase]:
 def check_keeps_settings(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
-        for case in _settings_cases(bits):
-            layer = _build(ctx, method, case, dict(acase.params))
-            before = qlayers.quant_settings(layer.base_layer)
-            dtypes = qvalidate.stored_dtypes(layer.base_layer)
-            cls = type(layer.base_layer)
-            for what in ("merge", "unmerge") if ctx.has("unmerge") else ("merge",):
-                label = f"{method} on {case.label} after {what}()"
+        for case, what in itertools.product(_settings_cases(bits),
+                                            ("merge", "unmerge") if ctx.has("unmerge") else ("merge",)):
+            label = f"{method} on {case.label} after {what}()"
+            # each step from a freshly built layer: a merge that breaks the base does not hide what unmerge does
+            with ctx.case(label):
+                layer = _build(ctx, method, case, dict(acase.params))
+                before = qlayers.quant_settings(layer.base_layer)
+                dtypes = qvalidate.stored_dtypes(layer.base_layer)
+                cls = type(layer.base_layer)
                 with recorded_warnings():
+                    if what == "unmerge":
+                        layer.merge()  # what the merge left is MERGE-*'s business; this case checks the unmerge
                     getattr(layer, what)()
                 ctx.check(type(layer.base_layer) is cls,
                           f"{label}: base layer became {type(layer.base_layer).__name__}, was {cls.__name__}")

@@ -54,19 +54,20 @@ def check_cayley_exact(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         for bs in cases.OFT_BLOCK_SIZES:
             for norm in NORMS:
-                layer = _oft_layer(ctx, bits, bs)
-                cases.set_skew_norm(layer, "default", bs, norm, ctx.generator(bs))
-                tensors = layer.adapter_parameters("default")
-                blocks, off = _blocks(_delta(layer), IN_FEATURES // bs, bs)
-                label = f"oft {bits}-bit block size {bs}, ||Q||_2 = {norm}"
-                ctx.check(off == 0.0, f"{label}: get_delta_weight has off-block entries (max {off:.3g})")
-                exact = numerics.oft_blocks(tensors, bs)
-                delta = numerics.rotation_error(tensors, bs)
-                err = torch.linalg.matrix_norm(blocks - exact, ord="fro")
-                ctx.bounded(f"ratio.b{bs}", numerics.max_ratio(err, delta), lambda: (
-                    f"{label}: rotation differs from (I-Q)(I+Q)^-1 by {err.max():.3g} (Frobenius) > bound "
-                    f"{delta.max():.3g}; distance to the transpose (I+Q)(I-Q)^-1: "
-                    f"{torch.linalg.matrix_norm(blocks - exact.transpose(-2, -1), ord='fro').max():.3g}"))
+                with ctx.case(f"oft {bits}-bit block size {bs}, ||Q||_2 = {norm}"):
+                    layer = _oft_layer(ctx, bits, bs)
+                    cases.set_skew_norm(layer, "default", bs, norm, ctx.generator(bs))
+                    tensors = layer.adapter_parameters("default")
+                    blocks, off = _blocks(_delta(layer), IN_FEATURES // bs, bs)
+                    label = f"oft {bits}-bit block size {bs}, ||Q||_2 = {norm}"
+                    ctx.check(off == 0.0, f"{label}: get_delta_weight has off-block entries (max {off:.3g})")
+                    exact = numerics.oft_blocks(tensors, bs)
+                    delta = numerics.rotation_error(tensors, bs)
+                    err = torch.linalg.matrix_norm(blocks - exact, ord="fro")
+                    ctx.bounded(f"ratio.b{bs}", numerics.max_ratio(err, delta), lambda: (
+                        f"{label}: rotation differs from (I-Q)(I+Q)^-1 by {err.max():.3g} (Frobenius) > bound "
+                        f"{delta.max():.3g}; distance to the transpose (I+Q)(I-Q)^-1: "
+                        f"{torch.linalg.matrix_norm(blocks - exact.transpose(-2, -1), ord='fro').max():.3g}"))
 
 
 @check("OFT-ORTHOGONAL")
@@ -74,16 +75,17 @@ def check_orthogonal(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         for bs in cases.OFT_BLOCK_SIZES:
             for norm in NORMS:
-                layer = _oft_layer(ctx, bits, bs)
-                cases.set_skew_norm(layer, "default", bs, norm, ctx.generator(bs + 1))
-                blocks, _ = _blocks(_delta(layer), IN_FEATURES // bs, bs)
-                d = numerics.rotation_error(layer.adapter_parameters("default"), bs)
-                eye = torch.eye(bs, dtype=torch.float64)
-                defect = torch.linalg.matrix_norm(blocks.transpose(-2, -1) @ blocks - eye, ord="fro")
-                bound = numerics.orthogonality_bound(d, bs)
-                ctx.bounded(f"ratio.b{bs}", numerics.max_ratio(defect, bound), lambda: (
-                    f"oft {bits}-bit block size {bs}, ||Q||_2 = {norm}: ||R^T R - I||_F = "
-                    f"{defect.max():.3g} > bound {bound.max():.3g}"))
+                with ctx.case(f"oft {bits}-bit block size {bs}, ||Q||_2 = {norm}"):
+                    layer = _oft_layer(ctx, bits, bs)
+                    cases.set_skew_norm(layer, "default", bs, norm, ctx.generator(bs + 1))
+                    blocks, _ = _blocks(_delta(layer), IN_FEATURES // bs, bs)
+                    d = numerics.rotation_error(layer.adapter_parameters("default"), bs)
+                    eye = torch.eye(bs, dtype=torch.float64)
+                    defect = torch.linalg.matrix_norm(blocks.transpose(-2, -1) @ blocks - eye, ord="fro")
+                    bound = numerics.orthogonality_bound(d, bs)
+                    ctx.bounded(f"ratio.b{bs}", numerics.max_ratio(defect, bound), lambda: (
+                        f"oft {bits}-bit block size {bs}, ||Q||_2 = {norm}: ||R^T R - I||_F = "
+                        f"{defect.max():.3g} > bound {bound.max():.3g}"))
 
 
 NEUMANN_TERMS = cases.NEUMANN_TERMS
@@ -123,35 +125,37 @@ def check_neumann(ctx: CheckContext) -> None:
 def check_coft(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         for bs in cases.COFT_BLOCK_SIZES:
-            eps = 0.05
-            layer = _oft_layer(ctx, bits, bs, coft=True, eps=eps)
-            cases.fill_adapter(layer, "default", ctx.generator(31), scale=20.0)  # far outside the ball
-            n_blocks = IN_FEATURES // bs
-            with torch.no_grad():
-                layer(ctx.randn(2, IN_FEATURES))  # PEFT projects in forward
-            blocks, _ = _blocks(_delta(layer), n_blocks, bs)
-            radius = eps / math.sqrt(n_blocks)
-            d = numerics.rotation_error(layer.adapter_parameters("default"), bs)
-            bound = numerics.coft_bound(radius, bs, d)
-            dist = torch.linalg.matrix_norm(blocks - torch.eye(bs, dtype=torch.float64), ord="fro")
-            ctx.bounded(f"ratio.b{bs}", numerics.max_ratio(dist, bound), lambda: (
-                f"oft {bits}-bit block size {bs}, coft eps={eps}: ||R_b - I||_F = {dist.max():.3g} > "
-                f"2 eps/sqrt({n_blocks}) + rounding = {bound.max():.3g}"))
+            with ctx.case(f"oft {bits}-bit block size {bs}, coft"):
+                eps = 0.05
+                layer = _oft_layer(ctx, bits, bs, coft=True, eps=eps)
+                cases.fill_adapter(layer, "default", ctx.generator(31), scale=20.0)  # far outside the ball
+                n_blocks = IN_FEATURES // bs
+                with torch.no_grad():
+                    layer(ctx.randn(2, IN_FEATURES))  # PEFT projects in forward
+                blocks, _ = _blocks(_delta(layer), n_blocks, bs)
+                radius = eps / math.sqrt(n_blocks)
+                d = numerics.rotation_error(layer.adapter_parameters("default"), bs)
+                bound = numerics.coft_bound(radius, bs, d)
+                dist = torch.linalg.matrix_norm(blocks - torch.eye(bs, dtype=torch.float64), ord="fro")
+                ctx.bounded(f"ratio.b{bs}", numerics.max_ratio(dist, bound), lambda: (
+                    f"oft {bits}-bit block size {bs}, coft eps={eps}: ||R_b - I||_F = {dist.max():.3g} > "
+                    f"2 eps/sqrt({n_blocks}) + rounding = {bound.max():.3g}"))
 
 
 @check("OFT-BLOCK-SHARE")
 def check_block_share(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
-        for bs in cases.OFT_BLOCK_SIZES:
-            base = ctx.make_base(IN_FEATURES, 48, bits=bits)
-            layer = ctx.make_layer(base, "oft", r=0, oft_block_size=bs, block_share=True, init_weights=False)
-            cases.fill_adapter(layer, "default", ctx.generator(41), scale=4.0)
-            blocks, off = _blocks(_delta(layer), IN_FEATURES // bs, bs)
-            rows = layer.adapter_parameters("default")["oft_R.weight"].shape[0]
-            ctx.measure(f"param_rows.b{bs}", rows)
-            label = f"oft {bits}-bit block size {bs}, block_share=True"
-            ctx.check(off == 0.0, f"{label}: off-block entries (max {off:.3g})")
-            ctx.check(not torch.allclose(blocks[0], torch.eye(bs, dtype=torch.float64)),
-                      f"{label}: the shared block is the identity; the adapter parameters had no effect")
-            same = [bool(torch.equal(blocks[0], blocks[i])) for i in range(blocks.shape[0])]
-            ctx.check(all(same), f"{label}: blocks differ: identical to block 0: {same}")
+        for bs in cases.OFT_BLOCK_SIZES:  # block share
+            with ctx.case(f"oft {bits}-bit block size {bs}, block_share=True"):
+                base = ctx.make_base(IN_FEATURES, 48, bits=bits)
+                layer = ctx.make_layer(base, "oft", r=0, oft_block_size=bs, block_share=True, init_weights=False)
+                cases.fill_adapter(layer, "default", ctx.generator(41), scale=4.0)
+                blocks, off = _blocks(_delta(layer), IN_FEATURES // bs, bs)
+                rows = layer.adapter_parameters("default")["oft_R.weight"].shape[0]
+                ctx.measure(f"param_rows.b{bs}", rows)
+                label = f"oft {bits}-bit block size {bs}, block_share=True"
+                ctx.check(off == 0.0, f"{label}: off-block entries (max {off:.3g})")
+                ctx.check(not torch.allclose(blocks[0], torch.eye(bs, dtype=torch.float64)),
+                          f"{label}: the shared block is the identity; the adapter parameters had no effect")
+                same = [bool(torch.equal(blocks[0], blocks[i])) for i in range(blocks.shape[0])]
+                ctx.check(all(same), f"{label}: blocks differ: identical to block 0: {same}")

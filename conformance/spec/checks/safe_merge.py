@@ -75,27 +75,30 @@ def _poison(layer: torch.nn.Module, name: str, key: str, value: float) -> bool:
 @check("SAFE-MERGE-NONFINITE")
 def check_safe_merge(ctx: CheckContext) -> None:
     for method, _bits, case, key, poison in _poisoned_cases(ctx):
-        layer = _layer(ctx, method, case)
-        if not _poison(layer, "broken", key, POISONS[poison]):
+        if key == "lora_B.bias" and not ctx.require_case("lora_bias", f"{method} on {case.label}, {key}"):
             continue
-        label = f"{method} on {case.label}, {key}[0] = {poison}"
-        snap = qlayers.snapshot(layer.base_layer)
-        try:
-            with recorded_warnings():
-                layer.merge(safe_merge=True)
-        except ValueError as exc:
-            if "broken" not in str(exc):  # PEFT's exact text is SAFE-MERGE-NONFINITE-TEXT (SHOULD)
-                ctx.fail(f"{label}: ValueError raised, but its message {str(exc)!r} does not name the adapter "
-                         "'broken'")
-        except Exception as exc:
-            ctx.fail(f"{label}: merge(safe_merge=True) raised {type(exc).__name__}: {exc}; expected ValueError")
-        else:
-            ctx.fail(f"{label}: merge(safe_merge=True) did not raise (merged={layer.merged})")
-        diff = snap.differences(qlayers.snapshot(layer.base_layer))
-        ctx.check(diff == [], f"{label}: the failed safe merge modified the base layer: {diff}")
-        ctx.check(not layer.merged and list(layer.merged_adapters) == [],
-                  f"{label}: after the refused merge merged={layer.merged}, "
-                  f"merged_adapters={list(layer.merged_adapters)}")
+        with ctx.case(f"{method} on {case.label}, {key}[0] = {poison}"):
+            layer = _layer(ctx, method, case)
+            if not _poison(layer, "broken", key, POISONS[poison]):
+                ctx.skip_this_case(f"the layer has no adapter tensor {key}")
+            label = f"{method} on {case.label}, {key}[0] = {poison}"
+            snap = qlayers.snapshot(layer.base_layer)
+            try:
+                with recorded_warnings():
+                    layer.merge(safe_merge=True)
+            except ValueError as exc:
+                if "broken" not in str(exc):  # PEFT's exact text is SAFE-MERGE-NONFINITE-TEXT (SHOULD)
+                    ctx.fail(f"{label}: ValueError raised, but its message {str(exc)!r} does not name the adapter "
+                             "'broken'")
+            except Exception as exc:
+                ctx.fail(f"{label}: merge(safe_merge=True) raised {type(exc).__name__}: {exc}; expected ValueError")
+            else:
+                ctx.fail(f"{label}: merge(safe_merge=True) did not raise (merged={layer.merged})")
+            diff = snap.differences(qlayers.snapshot(layer.base_layer))
+            ctx.check(diff == [], f"{label}: the failed safe merge modified the base layer: {diff}")
+            ctx.check(not layer.merged and list(layer.merged_adapters) == [],
+                      f"{label}: after the refused merge merged={layer.merged}, "
+                      f"merged_adapters={list(layer.merged_adapters)}")
 
 
 @check("SAFE-MERGE-OTHER-ADAPTER")
@@ -159,22 +162,25 @@ NONFINITE_WORDS = ("nan", "inf", "finite", "broken")
 def check_unsafe_warns(ctx: CheckContext) -> None:
     silent = []
     for method, bits, case, key, poison in _poisoned_cases(ctx):
-        layer = _layer(ctx, method, case)
-        if not _poison(layer, "broken", key, POISONS[poison]):
+        if key == "lora_B.bias" and not ctx.require_case("lora_bias", f"{method} on {case.label}, {key}"):
             continue
-        label = f"{method} on {case.label}, {key}[0] = {poison}"
-        outcome = "silent"
-        try:
-            with recorded_warnings() as caught:
-                layer.merge(safe_merge=False)
-        except Exception as exc:
-            outcome = f"raised {type(exc).__name__}"
-        else:
-            texts = [t for t in warning_texts(caught) if any(w in t.lower() for w in NONFINITE_WORDS)]
-            if texts:
-                outcome = "warned"
-        ctx.measure(f"outcome.{method}.{bits}bit.{key}.{poison}", outcome)
-        if outcome == "silent":
-            silent.append(label)
+        with ctx.case(f"{method} on {case.label}, {key}[0] = {poison}"):
+            layer = _layer(ctx, method, case)
+            if not _poison(layer, "broken", key, POISONS[poison]):
+                ctx.skip_this_case(f"the layer has no adapter tensor {key}")
+            label = f"{method} on {case.label}, {key}[0] = {poison}"
+            outcome = "silent"
+            try:
+                with recorded_warnings() as caught:
+                    layer.merge(safe_merge=False)
+            except Exception as exc:
+                outcome = f"raised {type(exc).__name__}"
+            else:
+                texts = [t for t in warning_texts(caught) if any(w in t.lower() for w in NONFINITE_WORDS)]
+                if texts:
+                    outcome = "warned"
+            ctx.measure(f"outcome.{method}.{bits}bit.{key}.{poison}", outcome)
+            if outcome == "silent":
+                silent.append(label)
     if silent:
         ctx.fail(f"{len(silent)} unsafe merges wrote non-finite weights silently, e.g. {silent[:3]}")
