@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from hypothesis import HealthCheck, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis.stateful import run_state_machine_as_test
 
 from conformance.spec.budget import CI
@@ -69,6 +70,8 @@ class RunResult:
     steps_per_example: int
     cases: list[str]
     target: str = ""
+    #: the hypothesis seed every case ran from (None: derandomized, or random without a seed)
+    seed: int | None = None
     wall_s: float = 0.0
     case_wall_s: dict[str, float] = field(default_factory=dict)
     stats: Stats = field(default_factory=Stats)
@@ -87,7 +90,8 @@ class RunResult:
         s = self.stats
         lines = [f"stateful machine, implementation {self.implementation} ({self.version}) on {self.device}: "
                  f"{s.examples} examples, {s.steps} steps over {', '.join(self.cases)} "
-                 f"({self.examples_per_case} examples x <= {self.steps_per_example} steps each) in {self.wall_s:.1f}s",
+                 f"({self.examples_per_case} examples x <= {self.steps_per_example} steps each) in {self.wall_s:.1f}s"
+                 + (f", seed {self.seed}" if self.seed is not None else ""),
                  f"exploring: {s.explore_examples} examples, {s.explore_steps} steps ({self.mean_steps:.1f} per "
                  f"example); {s.ended_early} examples ended by a violation",
                  "worst observed/bound ratios: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(s.worst.items())),
@@ -112,17 +116,20 @@ def _flatten(exc: BaseException) -> list[BaseException]:
 
 def run(impl: Implementation, device: str = "cpu", *, examples: int | None = None, steps: int | None = None,
         shrink_s: float | None = None, cases: Sequence[tuple[str, int]] | None = None, out: str | None = None,
-        derandomize: bool = True, exclude_invalid: Sequence[str] = (), target: str | None = None) -> RunResult:
+        derandomize: bool = True, exclude_invalid: Sequence[str] = (), target: str | None = None,
+        seed: int | None = None) -> RunResult:
     """Run the machine for every (method, bits) case of ``impl``; write reproducers for failures into ``out``.
 
     ``examples``/``steps``/``shrink_s`` default to the CI budget (``conformance.spec.budget.CI``);
-    ``target`` is the string ``impl`` was loaded from (see :func:`impl_target`)."""
+    ``target`` is the string ``impl`` was loaded from (see :func:`impl_target`). ``seed``: every case
+    generates its sequences from this hypothesis seed (``hypothesis.seed``; it overrides ``derandomize``),
+    so a run, or one case of it, is reproduced by the same seed and budget."""
     n_ex = max(1, examples if examples is not None else CI.stateful_examples)
     n_steps = max(1, steps if steps is not None else CI.stateful_steps)
     shrink = shrink_s if shrink_s is not None else CI.stateful_shrink_s
     pairs = list(cases) if cases is not None else [(m, b) for m in sorted(methods_of(impl)) for b in sorted(bits_of(impl))]
     result = RunResult(impl.name, str(impl.version()), device, n_ex, n_steps, [f"{m}/{b}bit" for m, b in pairs],
-                       target=impl_target(impl, target)[0])
+                       target=impl_target(impl, target)[0], seed=seed)
     start = time.perf_counter()
     # Tiny tensors: with several intra-op threads on a loaded 2-core machine every op pays OpenMP
     # wake-up/spin costs (~0.1 s per index_add_ measured, vs 10 us on one thread).
@@ -132,7 +139,7 @@ def run(impl: Implementation, device: str = "cpu", *, examples: int | None = Non
         for method, bits in pairs:
             t0 = time.perf_counter()
             _run_case(impl, device, method, bits, n_ex, n_steps, shrink, derandomize, out, result, exclude_invalid,
-                      target)
+                      target, seed)
             result.case_wall_s[f"{method}/{bits}bit"] = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
@@ -142,7 +149,7 @@ def run(impl: Implementation, device: str = "cpu", *, examples: int | None = Non
 
 def _run_case(impl: Implementation, device: str, method: str, bits: int, n_ex: int, n_steps: int, shrink: float,
               derandomize: bool, out: str | None, result: RunResult, exclude_invalid: Sequence[str],
-              target: str | None) -> None:
+              target: str | None, seed: int | None = None) -> None:
     from .reproducer import write_reproducer
 
     total = result.stats
@@ -151,6 +158,8 @@ def _run_case(impl: Implementation, device: str, method: str, bits: int, n_ex: i
         return
     cs = Stats(shrink_s=shrink)
     machine = make_machine(impl, configs_for(method, bits), device, cs, exclude_invalid)
+    if seed is not None:
+        machine = hypothesis_seed(seed)(machine)
     conf = settings(max_examples=n_ex, stateful_step_count=n_steps, derandomize=derandomize, deadline=None,
                     database=None, print_blob=False, report_multiple_bugs=True,
                     suppress_health_check=list(HealthCheck))
