@@ -25,15 +25,16 @@ from conformance.spec.catalog.stateful import ADAPTERS, BASE, DRIFT, FLAGS, MERG
 from conformance.spec.interface import AdapterSpec, Implementation
 
 from .config import (
-    VIOLATIONS,
     MachineConfig,
     Stats,
     StepNotApplicable,
     Violation,
     dtype_of,
     seed_for,
+    step_kind,
     variant_ok,
     variants,
+    violation_type,
 )
 from .model import AdapterModel, LogicalModel, _ratio, copy_tensors
 
@@ -178,7 +179,7 @@ class Driver:
     def fail(self, clause: str, message: str) -> None:
         from .ops import render_step
 
-        v = VIOLATIONS[clause](f"[{self.config.label}, step {len(self.trace) - 1}: {render_step(self.trace[-1])}] "
+        v = violation_type(clause, step_kind(self.trace[-1]))(f"[{self.config.label}, step {len(self.trace) - 1}: {render_step(self.trace[-1])}] "
                                f"{message}", self.trace, asdict(self.config))
         if self.recording:
             self.stats.record(v)

@@ -4,15 +4,27 @@ The budget is configuration (:class:`conformance.spec.budget.Budget`, carried by
 context; ``python -m conformance.spec.stateful --examples/--steps``), never an environment variable;
 reproducer scripts go to an explicit directory (else a fresh temporary one).
 
-Hypothesis generates the sequences and shrinks a failing one; every failing replay is recorded and
-the shortest sequence per clause is reported. Shrinking stops ``shrink_s`` seconds after a case's
-first violation so a failing implementation cannot blow the CI budget; only then does the
-step-deletion pass of :mod:`.shrink` run (otherwise it would only repeat hypothesis' own shrinker).
+Every distinct violation is reported: one per (clause, step kind) of each (method, bits) case, not
+only the first. Hypothesis shrinks one failure at a time and stops generating soon after its first,
+so a case runs in passes (:class:`~.config.Stats`):
+
+1. an exploring pass over the whole example budget in which nothing raises: each violation is
+   recorded (the shortest sequence per key) and its example goes on with a fresh layer
+   (:mod:`.machine`), so the pass costs what a passing run costs and a later violation is still seen;
+2. for each key found, a shrink pass with the same seed in which only that key raises: hypothesis
+   generates the same examples up to its first occurrence and shrinks it. Shrinking stops
+   ``shrink_s`` seconds after the target first raised, so a failing implementation cannot blow the
+   CI budget; only then does the step-deletion pass of :mod:`.shrink` run on it (otherwise it would
+   only repeat hypothesis' own shrinker).
+
+A run with ``derandomize=False`` and no seed draws one (``RunResult.seed``), so the shrink passes
+replay the exploring pass's examples and the run can be repeated.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 import time
 import traceback
@@ -54,6 +66,8 @@ class Failure:
     config: dict[str, Any]
     trace: list[dict[str, Any]]
     reproducer: str | None = None
+    #: the kind of step that broke the invariant (``config.step_kind``: the op, ``invalid:KIND``)
+    kind: str = ""
     #: drawn values the finding needs (see shrink.seed_dependence); empty: any seed shows it
     depends: list[str] = field(default_factory=list)
 
@@ -93,14 +107,14 @@ class RunResult:
                  f"({self.examples_per_case} examples x <= {self.steps_per_example} steps each) in {self.wall_s:.1f}s"
                  + (f", seed {self.seed}" if self.seed is not None else ""),
                  f"exploring: {s.explore_examples} examples, {s.explore_steps} steps ({self.mean_steps:.1f} per "
-                 f"example); {s.ended_early} examples ended by a violation",
+                 f"example); {s.ended_early} examples ended by a violation; {s.shrink_passes} shrink passes",
                  "worst observed/bound ratios: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(s.worst.items())),
                  "steps run: " + ", ".join(f"{k} {v}" for k, v in sorted(s.ops.items()))]
         if not self.failures and not self.errors:
             lines.append("no violations")
         for cid, fails in self.failures.items():
             for f in fails:
-                lines += [f"VIOLATION {cid}: {f.message}", "minimal sequence:", f.minimal_sequence(),
+                lines += [f"VIOLATION {cid} by {f.kind}: {f.message}", "minimal sequence:", f.minimal_sequence(),
                           *[f"  {d}" for d in f.depends], f"reproducer: {f.reproducer}"]
         for e in self.errors:
             lines.append(f"ERROR (machine): {e}")
@@ -128,6 +142,8 @@ def run(impl: Implementation, device: str = "cpu", *, examples: int | None = Non
     n_steps = max(1, steps if steps is not None else CI.stateful_steps)
     shrink = shrink_s if shrink_s is not None else CI.stateful_shrink_s
     pairs = list(cases) if cases is not None else [(m, b) for m in sorted(methods_of(impl)) for b in sorted(bits_of(impl))]
+    if seed is None and not derandomize:
+        seed = random.SystemRandom().randrange(2**32)  # the shrink passes replay the exploring pass's examples
     result = RunResult(impl.name, str(impl.version()), device, n_ex, n_steps, [f"{m}/{b}bit" for m, b in pairs],
                        target=impl_target(impl, target)[0], seed=seed)
     start = time.perf_counter()
@@ -160,9 +176,54 @@ def _run_case(impl: Implementation, device: str, method: str, bits: int, n_ex: i
     machine = make_machine(impl, configs_for(method, bits), device, cs, exclude_invalid)
     if seed is not None:
         machine = hypothesis_seed(seed)(machine)
-    conf = settings(max_examples=n_ex, stateful_step_count=n_steps, derandomize=derandomize, deadline=None,
-                    database=None, print_blob=False, report_multiple_bugs=True,
+    label = f"{method}/{bits}bit"
+    # the exploring pass: nothing raises (report_multiple_bugs is moot), every violation is recorded
+    _hypothesis_pass(machine, _settings(n_ex, n_steps, derandomize, True), cs, result, label)
+    cs.exploring = False
+    # one shrink pass per key, in the order found (a shrink pass may find keys the exploring pass did not)
+    done: set[tuple[str, str]] = set()
+    while cs.cuda_fault is None:
+        todo = [k for k in cs.best if k not in done]
+        if not todo:
+            break
+        key = todo[0]
+        done.add(key)
+        cs.target, cs.deadline = key, None
+        cs.shrink_passes += 1
+        if _hypothesis_pass(machine, _settings(n_ex, n_steps, derandomize, False), cs, result, label):
+            cs.cut.add(key)
+    cs.target, cs.deadline = None, None
+    if cs.cuda_fault is not None:
+        total.cuda_fault = cs.cuda_fault
+        result.errors.append(f"{label}: the CUDA context broke (sticky error; the run stops here): {cs.cuda_fault}")
+    for key, v in cs.best.items():
+        if cs.cuda_fault is None:  # replays would fail anywhere once the context is broken
+            if key in cs.cut:  # hypothesis' shrinker was cut short: delete what it had no time to
+                v = delete_steps(impl, v, device, min(10.0, shrink), exclude_invalid)
+            depends = seed_dependence(impl, v, device, min(5.0, shrink), exclude_invalid)
+        else:
+            depends = []
+        f = Failure(v.clause, v.message, v.config, v.trace, kind=v.kind, depends=depends)
+        try:
+            if result.reproducer_dir is None:
+                result.reproducer_dir = report_dir(out)
+            f.reproducer = write_reproducer(impl, f, device, result.reproducer_dir, target)
+        except Exception as wexc:  # the report must still say what failed
+            f.reproducer = f"(could not write a reproducer: {type(wexc).__name__}: {wexc})"
+        result.failures.setdefault(v.clause, []).append(f)
+    total.add(cs)
+
+
+def _settings(n_ex: int, n_steps: int, derandomize: bool, multiple: bool) -> settings:
+    return settings(max_examples=n_ex, stateful_step_count=n_steps, derandomize=derandomize, deadline=None,
+                    database=None, print_blob=False, report_multiple_bugs=multiple,
                     suppress_health_check=list(HealthCheck))
+
+
+def _hypothesis_pass(machine: Any, conf: settings, cs: Stats, result: RunResult, label: str) -> bool:
+    """Run one pass of the machine; errors that are not violations go to ``result.errors``. Whether the time
+    budget (or a broken CUDA context) stopped it."""
+    was, cs.stopped = cs.stopped, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -177,26 +238,10 @@ def _run_case(impl: Implementation, device: str, method: str, bits: int, n_ex: i
                 # after StopRun hypothesis may report the interrupted test case as flaky: an artifact
                 continue
             tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-3:])
-            result.errors.append(f"{method}/{bits}bit: {type(e).__name__}: {e} {tb}")
-    if cs.cuda_fault is not None:
-        total.cuda_fault = cs.cuda_fault
-        result.errors.append(f"{method}/{bits}bit: the CUDA context broke (sticky error; the run stops here): "
-                             f"{cs.cuda_fault}")
-    for v in cs.best.values():
-        f = Failure(v.clause, v.message, v.config, v.trace)
-        if cs.cuda_fault is None:  # replays would fail anywhere once the context is broken
-            if cs.stopped:  # hypothesis' shrinker was cut short: delete what it had no time to
-                v = delete_steps(impl, v, device, min(10.0, shrink), exclude_invalid)
-                f = Failure(v.clause, v.message, v.config, v.trace)
-            f.depends = seed_dependence(impl, v, device, min(5.0, shrink), exclude_invalid)
-        try:
-            if result.reproducer_dir is None:
-                result.reproducer_dir = report_dir(out)
-            f.reproducer = write_reproducer(impl, f, device, result.reproducer_dir, target)
-        except Exception as wexc:  # the report must still say what failed
-            f.reproducer = f"(could not write a reproducer: {type(wexc).__name__}: {wexc})"
-        result.failures.setdefault(v.clause, []).append(f)
-    total.add(cs)
+            result.errors.append(f"{label}: {type(e).__name__}: {e} {tb}")
+    stopped = cs.stopped
+    cs.stopped = was or stopped
+    return stopped
 
 
 def report_dir(out: str | None = None) -> str:
