@@ -490,9 +490,10 @@ def test_reference_long_run() -> None:
 
 #: hypothesis seeds of the long runs below (``python -m conformance stateful --impl reference --examples 500
 #: --steps 40 --seed N``). Before the 8-bit bias re-typing was modelled and training steps clipped their
-#: gradients, lora/8bit failed with seeds 2, 3 and 4 (STATE-MERGE-MATCHES-MODEL) and 5
-#: (STATE-OUTPUT-MATCHES-MODEL: an fp16 overflow); seed 1 passed.
-LONG_SEEDS = (1, 2, 3, 4, 5)
+#: gradients, lora/8bit failed with each: seed 2 STATE-MERGE-MATCHES-MODEL (the bias re-typing after a
+#: forward's unmerge), 3 STATE-MERGE-MATCHES-MODEL (a merged weight overflowing after unclipped training
+#: steps), 5 STATE-OUTPUT-MATCHES-MODEL (an fp16 output overflowing after them).
+LONG_SEEDS = (2, 3, 5)
 
 
 @pytest.mark.slow
