@@ -174,9 +174,9 @@ class Stats:
     """Counters and worst ratios of one run (reported as measurements).
 
     A case runs an exploring pass (``exploring``, ``target`` None: every violation is recorded, and the
-    example goes on with a fresh layer), then one shrink pass per distinct violation found (``target``:
-    the one key allowed to raise, so hypothesis shrinks it; the others are recorded and the example goes
-    on with a fresh layer, as in the exploring pass). ``explore_examples``/``explore_steps`` count the
+    example goes on with a fresh layer), then shrink passes (``target``: the keys not shrunk yet, allowed to
+    raise, so hypothesis shrinks those it meets; the others are recorded and the example goes on with a
+    fresh layer, as in the exploring pass; ``raised``: the target keys a pass met). ``explore_examples``/``explore_steps`` count the
     exploring pass only: a layer built (a fresh one after a violation included) is an example, and
     ``ended_early`` counts those a violation ended; the clauses' steps-per-example floor is judged on them.
     ``reached[clause][op]``: how often ``op`` reached the clause's invariant (over every pass).
@@ -194,8 +194,10 @@ class Stats:
     #: the shortest violation seen per (clause, step kind), in the order first seen
     best: dict[tuple[str, str], Violation] = field(default_factory=dict)
     exploring: bool = True
-    #: the key a shrink pass lets raise (None: the exploring pass, where nothing raises)
-    target: tuple[str, str] | None = None
+    #: the keys a shrink pass lets raise (None: the exploring pass, where nothing raises)
+    target: frozenset[tuple[str, str]] | None = None
+    #: the target keys that raised in the current shrink pass (its hypothesis run shrinks them)
+    raised: set[tuple[str, str]] = field(default_factory=set)
     #: keys whose shrink pass the time budget cut short
     cut: set[tuple[str, str]] = field(default_factory=set)
     shrink_passes: int = 0
@@ -212,18 +214,20 @@ class Stats:
 
     def record(self, v: Violation) -> None:
         """Keep the shortest failing sequence per key (hypothesis' shrinking replays feed it); the shrink
-        pass's time budget starts when its target first raises."""
+        pass's time budget starts when one of its targets first raises."""
         if self.exploring:
             self.ended_early += 1
         old = self.best.get(v.key)
         if old is None or _size(v.trace) < _size(old.trace):
             self.best[v.key] = v
-        if v.key == self.target and self.deadline is None:
-            self.deadline = time.monotonic() + self.shrink_s
+        if self.raises(v):
+            self.raised.add(v.key)
+            if self.deadline is None:
+                self.deadline = time.monotonic() + self.shrink_s
 
     def raises(self, v: Violation) -> bool:
-        """Whether ``v`` ends the example (the shrink pass's target) rather than being recorded and left behind."""
-        return self.target is not None and v.key == self.target
+        """Whether ``v`` ends the example (a shrink pass's target) rather than being recorded and left behind."""
+        return self.target is not None and v.key in self.target
 
     def tick(self) -> None:
         if self.cuda_fault is not None:

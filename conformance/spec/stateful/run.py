@@ -11,11 +11,13 @@ so a case runs in passes (:class:`~.config.Stats`):
 1. an exploring pass over the whole example budget in which nothing raises: each violation is
    recorded (the shortest sequence per key) and its example goes on with a fresh layer
    (:mod:`.machine`), so the pass costs what a passing run costs and a later violation is still seen;
-2. for each key found, a shrink pass with the same seed in which only that key raises: hypothesis
-   generates the same examples up to its first occurrence and shrinks it. Shrinking stops
-   ``shrink_s`` seconds after the target first raised, so a failing implementation cannot blow the
-   CI budget; only then does the step-deletion pass of :mod:`.shrink` run on it (otherwise it would
-   only repeat hypothesis' own shrinker).
+2. shrink passes with the same seed in which the keys not shrunk yet raise (the others go on with a
+   fresh layer as before): hypothesis generates the same examples up to the first of them, goes on a
+   little (its own limit after a first bug) and shrinks each key it met, one bug per key; the keys it
+   did not meet wait for the next pass. Shrinking stops ``shrink_s`` seconds after a pass's first
+   violation, so a failing implementation cannot blow the CI budget; only then does the step-deletion
+   pass of :mod:`.shrink` run on the keys of that pass (otherwise it would only repeat hypothesis' own
+   shrinker).
 
 A run with ``derandomize=False`` and no seed draws one (``RunResult.seed``), so the shrink passes
 replay the exploring pass's examples and the run can be repeated.
@@ -177,21 +179,25 @@ def _run_case(impl: Implementation, device: str, method: str, bits: int, n_ex: i
     if seed is not None:
         machine = hypothesis_seed(seed)(machine)
     label = f"{method}/{bits}bit"
-    # the exploring pass: nothing raises (report_multiple_bugs is moot), every violation is recorded
-    _hypothesis_pass(machine, _settings(n_ex, n_steps, derandomize, True), cs, result, label)
+    # the exploring pass: nothing raises, every violation is recorded
+    _hypothesis_pass(machine, _settings(n_ex, n_steps, derandomize), cs, result, label)
     cs.exploring = False
-    # one shrink pass per key, in the order found (a shrink pass may find keys the exploring pass did not)
+    # shrink passes until every key is shrunk (a shrink pass may record keys the exploring pass did not see)
     done: set[tuple[str, str]] = set()
     while cs.cuda_fault is None:
-        todo = [k for k in cs.best if k not in done]
+        todo = frozenset(k for k in cs.best if k not in done)
         if not todo:
             break
-        key = todo[0]
-        done.add(key)
-        cs.target, cs.deadline = key, None
+        cs.target, cs.raised, cs.deadline = todo, set(), None
         cs.shrink_passes += 1
-        if _hypothesis_pass(machine, _settings(n_ex, n_steps, derandomize, False), cs, result, label):
-            cs.cut.add(key)
+        stopped = _hypothesis_pass(machine, _settings(n_ex, n_steps, derandomize), cs, result, label)
+        met = cs.raised & todo
+        if stopped:
+            cs.cut |= met
+        if not met:  # none of them came back (the run is not reproducible): left as recorded, steps deleted
+            cs.cut |= todo
+            met = set(todo)
+        done |= met
     cs.target, cs.deadline = None, None
     if cs.cuda_fault is not None:
         total.cuda_fault = cs.cuda_fault
@@ -214,9 +220,9 @@ def _run_case(impl: Implementation, device: str, method: str, bits: int, n_ex: i
     total.add(cs)
 
 
-def _settings(n_ex: int, n_steps: int, derandomize: bool, multiple: bool) -> settings:
+def _settings(n_ex: int, n_steps: int, derandomize: bool) -> settings:
     return settings(max_examples=n_ex, stateful_step_count=n_steps, derandomize=derandomize, deadline=None,
-                    database=None, print_blob=False, report_multiple_bugs=multiple,
+                    database=None, print_blob=False, report_multiple_bugs=True,
                     suppress_health_check=list(HealthCheck))
 
 
