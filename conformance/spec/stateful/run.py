@@ -244,7 +244,9 @@ def _hypothesis_pass(machine: Any, conf: settings, cs: Stats, result: RunResult,
                 # after StopRun hypothesis may report the interrupted test case as flaky: an artifact
                 continue
             tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-3:])
-            result.errors.append(f"{label}: {type(e).__name__}: {e} {tb}")
+            error = f"{label}: {type(e).__name__}: {e} {tb}"
+            if error not in result.errors:  # a shrink pass replays what the exploring pass ran
+                result.errors.append(error)
     stopped = cs.stopped
     cs.stopped = was or stopped
     return stopped
