@@ -3,8 +3,9 @@
 One hypothesis state machine run (``conformance.spec.stateful.run``) per (implementation, device,
 budget) feeds every clause here: it is cached for the process, and each clause reports from it:
 
-- ``failed``: its invariant broke (the shrunk minimal sequence, the drawn seeds it needs, and the
-  path of a runnable reproducer script written to ``ctx.report_dir`` or a temporary directory);
+- ``failed``: its invariant broke; every distinct violation is reported, one per kind of step that broke
+  it in each (method, bits) case (the shrunk minimal sequence, the drawn seeds it needs, and the path of a
+  runnable reproducer script written to ``ctx.report_dir`` or a temporary directory);
 - ``skipped``: none of the ops that reach its invariant can be drawn for the implementation's
   declared capabilities (``FLOORS[clause]["ops"]``, ``conformance.spec.stateful.ops.OPS[op].needs``);
 - ``inconclusive``: the run fell short of the clause's floor (``conformance.spec.catalog.stateful.FLOORS``):
@@ -109,14 +110,15 @@ def report(ctx: CheckContext) -> None:
     fails = run.failures.get(cid, [])
     if fails:
         ctx.measure("reproducer", fails[0].reproducer)
+        ctx.measure("violations", [f"{f.config.get('method')}/{f.config.get('bits')}bit {f.kind}" for f in fails])
         if len(fails) > 1:
             ctx.measure("reproducers", [f.reproducer for f in fails])
         parts = []
         for f in fails:
             depends = "".join(f"\n{d}" for d in f.depends)
-            parts.append(f"{f.message}\nminimal sequence ({run.implementation} {run.version}):\n"
+            parts.append(f"by a {f.kind} step: {f.message}\nminimal sequence ({run.implementation} {run.version}):\n"
                          f"{f.minimal_sequence()}{depends}\nreproducer: {f.reproducer}")
-        ctx.fail(f"{len(fails)} case(s) violate {cid}:\n" + "\n\n".join(parts))
+        ctx.fail(f"{len(fails)} distinct violation(s) of {cid} (kind of step x case):\n" + "\n\n".join(parts))
     thin = shortfall(cid, run)
     if thin:
         ctx.inconclusive(thin)

@@ -2,11 +2,12 @@
 
 - :class:`MachineConfig`: the base layer and first adapter of one example (JSON-able: reproducers
   embed it); :func:`configs_for` lists the ones a (method, bits) case draws from;
-- :class:`Violation`: an invariant of one clause broken after the last step of a trace (one subclass
-  per clause, so hypothesis treats violations of different clauses as distinct bugs);
+- :class:`Violation`: an invariant of one clause broken by the last step of a trace; its ``key`` is
+  (clause, step kind), and each key has a subclass of its own (:func:`violation_type`), so hypothesis
+  treats violations of different clauses or step kinds as distinct bugs;
 - :class:`Stats`: counters of a run (examples, steps, steps per op, how often each clause's
-  invariant was reached and by which op), worst ratios, the shortest violation per clause and the
-  shrink-time budget.
+  invariant was reached and by which op), worst ratios, the shortest violation per key, which key a
+  shrink pass lets raise, and the shrink-time budget.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class StepNotApplicable(ValueError):
     if it were valid."""
 
 
+def step_kind(step: dict[str, Any]) -> str:
+    """What kind of step ``step`` is: its op, and for an invalid step which invalid call (``invalid:set_unknown``)."""
+    op = str(step.get("op", "?"))
+    return f"{op}:{step['kind']}" if op == "invalid" and "kind" in step else op
+
+
 class Violation(AssertionError):
     """An invariant of clause ``clause`` does not hold after the last step of ``trace``."""
 
@@ -59,10 +66,31 @@ class Violation(AssertionError):
         self.trace = list(trace or [])
         self.config = dict(config or {})
 
+    @property
+    def kind(self) -> str:
+        """The kind of step that broke the invariant (:func:`step_kind` of the trace's last step)."""
+        return step_kind(self.trace[-1]) if self.trace else "create"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(clause, step kind): what makes two violations of one (method, bits) case distinct."""
+        return self.clause, self.kind
+
 
 VIOLATIONS: dict[str, type[Violation]] = {
     cid: type("Violation_" + cid.replace("-", "_"), (Violation,), {"clause": cid}) for cid in STATE_IDS
 }
+_KIND_TYPES: dict[tuple[str, str], type[Violation]] = {}
+
+
+def violation_type(clause: str, kind: str) -> type[Violation]:
+    """The subclass of ``VIOLATIONS[clause]`` raised for a violation by a step of kind ``kind`` (one per key:
+    hypothesis tells bugs apart by exception type and place, and every clause raises from one place)."""
+    key = (clause, kind)
+    if key not in _KIND_TYPES:
+        name = "Violation_" + clause.replace("-", "_") + "__" + kind.replace(":", "_")
+        _KIND_TYPES[key] = type(name, (VIOLATIONS[clause],), {})
+    return _KIND_TYPES[key]
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -145,9 +173,13 @@ def _size(trace: Sequence[dict[str, Any]]) -> tuple[int, int]:
 class Stats:
     """Counters and worst ratios of one run (reported as measurements).
 
-    ``explore_examples``/``explore_steps`` count the examples hypothesis generated before the case's
-    first violation (shrinking replays excluded): what the clauses' steps-per-example floor is judged on.
-    ``reached[clause][op]``: how often ``op`` reached the clause's invariant (over every example).
+    A case runs an exploring pass (``exploring``, ``target`` None: every violation is recorded, and the
+    example goes on with a fresh layer), then shrink passes (``target``: the keys not shrunk yet, allowed to
+    raise, so hypothesis shrinks those it meets; the others are recorded and the example goes on with a
+    fresh layer, as in the exploring pass; ``raised``: the target keys a pass met). ``explore_examples``/``explore_steps`` count the
+    exploring pass only: a layer built (a fresh one after a violation included) is an example, and
+    ``ended_early`` counts those a violation ended; the clauses' steps-per-example floor is judged on them.
+    ``reached[clause][op]``: how often ``op`` reached the clause's invariant (over every pass).
     """
 
     examples: int = 0
@@ -159,16 +191,21 @@ class Stats:
     reached: dict[str, dict[str, int]] = field(default_factory=dict)
     worst: dict[str, float] = field(default_factory=dict)
     notes: set[str] = field(default_factory=set)
-    best: dict[str, Violation] = field(default_factory=dict)
+    #: the shortest violation seen per (clause, step kind), in the order first seen
+    best: dict[tuple[str, str], Violation] = field(default_factory=dict)
+    exploring: bool = True
+    #: the keys a shrink pass lets raise (None: the exploring pass, where nothing raises)
+    target: frozenset[tuple[str, str]] | None = None
+    #: the target keys that raised in the current shrink pass (its hypothesis run shrinks them)
+    raised: set[tuple[str, str]] = field(default_factory=set)
+    #: keys whose shrink pass the time budget cut short
+    cut: set[tuple[str, str]] = field(default_factory=set)
+    shrink_passes: int = 0
     shrink_s: float = 20.0
     deadline: float | None = None
     stopped: bool = False
     #: set when a step raised a CUDA fault: the context is broken, the run stops (see Stats.tick)
     cuda_fault: str | None = None
-
-    @property
-    def exploring(self) -> bool:
-        return self.deadline is None
 
     def start_example(self) -> None:
         self.examples += 1
@@ -176,13 +213,21 @@ class Stats:
             self.explore_examples += 1
 
     def record(self, v: Violation) -> None:
-        """Keep the shortest failing sequence per clause (hypothesis' shrinking replays feed it)."""
-        self.ended_early += 1
-        old = self.best.get(v.clause)
+        """Keep the shortest failing sequence per key (hypothesis' shrinking replays feed it); the shrink
+        pass's time budget starts when one of its targets first raises."""
+        if self.exploring:
+            self.ended_early += 1
+        old = self.best.get(v.key)
         if old is None or _size(v.trace) < _size(old.trace):
-            self.best[v.clause] = v
-        if self.deadline is None:
-            self.deadline = time.monotonic() + self.shrink_s
+            self.best[v.key] = v
+        if self.raises(v):
+            self.raised.add(v.key)
+            if self.deadline is None:
+                self.deadline = time.monotonic() + self.shrink_s
+
+    def raises(self, v: Violation) -> bool:
+        """Whether ``v`` ends the example (a shrink pass's target) rather than being recorded and left behind."""
+        return self.target is not None and v.key in self.target
 
     def tick(self) -> None:
         if self.cuda_fault is not None:
@@ -211,7 +256,7 @@ class Stats:
 
     def add(self, other: Stats) -> None:
         """Fold a case's counters into this (the run's total)."""
-        for name in ("examples", "steps", "explore_examples", "explore_steps", "ended_early"):
+        for name in ("examples", "steps", "explore_examples", "explore_steps", "ended_early", "shrink_passes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for k, n in other.ops.items():
             self.ops[k] = self.ops.get(k, 0) + n

@@ -25,15 +25,16 @@ from conformance.spec.catalog.stateful import ADAPTERS, BASE, DRIFT, FLAGS, MERG
 from conformance.spec.interface import AdapterSpec, Implementation
 
 from .config import (
-    VIOLATIONS,
     MachineConfig,
     Stats,
     StepNotApplicable,
     Violation,
     dtype_of,
     seed_for,
+    step_kind,
     variant_ok,
     variants,
+    violation_type,
 )
 from .model import AdapterModel, LogicalModel, _ratio, copy_tensors
 
@@ -178,7 +179,7 @@ class Driver:
     def fail(self, clause: str, message: str) -> None:
         from .ops import render_step
 
-        v = VIOLATIONS[clause](f"[{self.config.label}, step {len(self.trace) - 1}: {render_step(self.trace[-1])}] "
+        v = violation_type(clause, step_kind(self.trace[-1]))(f"[{self.config.label}, step {len(self.trace) - 1}: {render_step(self.trace[-1])}] "
                                f"{message}", self.trace, asdict(self.config))
         if self.recording:
             self.stats.record(v)
@@ -295,8 +296,18 @@ class Driver:
             f"active={self.model.active}, merged={self.model.merged}, disabled={self.model.disabled}, "
             f"training={self.model.training}, requantizations={self.model.requantizations}"))
 
-    def after_requant(self, names: Sequence[str], sign: int, what: str) -> None:
-        """Check one merge/unmerge call that requantized once per name, then adopt the stored weights."""
+    def bias_dtype(self) -> torch.dtype | None:
+        """The dtype the base layer stores its bias in now (an 8-bit layer's changes with its forwards)."""
+        bias = getattr(self.layer.base_layer, "bias", None)
+        return None if bias is None else bias.dtype
+
+    def after_requant(self, names: Sequence[str], sign: int, what: str, bias_before: torch.dtype | None = None,
+                      bias_cast: torch.dtype | None = None) -> None:
+        """Check one merge/unmerge call that requantized once per name, then adopt the stored weights.
+
+        ``bias_before``: the bias dtype before the call. A merge/unmerge call may round the new bias to it or
+        to the dtype it stores afterwards. ``bias_cast``: the call was the unmerge a forward performs before
+        bitsandbytes' 8-bit forward re-types the bias to the input dtype (:meth:`forward_unmerge`)."""
         base = self.layer.base_layer
         try:
             w_act, b_act = numerics.base_weights(base)
@@ -304,7 +315,14 @@ class Driver:
             self.fail(MERGE, f"after {what} the base layer cannot be dequantized: {exc}")
         if qlayers.quant_settings(base) != self.settings:
             self.fail(MERGE, f"{what} changed the quantization settings: {self.settings} -> {qlayers.quant_settings(base)}")
-        chains = self.model.run_ops(names, sign, base)
+        after = self.bias_dtype()
+        if bias_cast is None:
+            dtypes = tuple(dt for dt in (bias_before, after) if dt is not None)
+        else:
+            # written before the cast, in the dtype the bias had (the reference) or in float32 (PEFT promotes a
+            # float16 bias when it adds the float32 lora_B.bias), then rounded to the input dtype (modelled exactly)
+            dtypes = tuple(dt for dt in (bias_before, torch.float32) if dt is not None)
+        chains = self.model.run_ops(names, sign, base, dtypes, bias_cast)
         r, where = chains["step"].ratio(w_act, b_act)
         self.bounded(MERGE, r, lambda: (
             f"{what} of {list(names)}: stored weights are not dequantize -> {'apply' if sign > 0 else 'remove'} "
@@ -331,10 +349,17 @@ class Driver:
         """A forward with adapters disabled unmerges first (PEFT ``BaseTunerLayer``; the reference alike)."""
         return self.model.disabled and self.merged
 
-    def forward_unmerge(self) -> None:
+    def forward_unmerge(self, x_dtype: torch.dtype, bias_before: torch.dtype | None) -> None:
+        """The unmerge a forward of an ``x_dtype`` input performed (adapters disabled while merged).
+
+        On an 8-bit base, bitsandbytes' forward then re-types the bias to ``x_dtype`` in place
+        (``Linear8bitLt.forward``, bitsandbytes/nn/modules.py): the stored bias seen afterwards is the
+        unmerged bias rounded to ``x_dtype``, and the model rounds its chains the same way
+        (:func:`.model.cast_chain`) before comparing."""
         names = list(reversed(self.model.merged))
         self.model.merged = []
-        self.after_requant(names, -1, "the unmerge a disabled forward performs")
+        cast = x_dtype if self.config.bits == 8 else None
+        self.after_requant(names, -1, "the unmerge a disabled forward performs", bias_before, cast)
         self.after_unmerge_all()
 
     def bnb8_bias_cast(self, dtype: torch.dtype) -> None:

@@ -17,7 +17,7 @@ from conformance.spec.cases import POISONS
 from conformance.spec.catalog.stateful import INVALID
 from conformance.spec.observe import implementation_warnings
 
-from .config import VIOLATIONS, Violation
+from .config import Violation, step_kind, violation_type
 
 if TYPE_CHECKING:
     from .driver import Driver
@@ -120,7 +120,7 @@ def run_invalid(d: Driver, a: dict[str, Any]) -> None:
         d.check_invariants(where)
     except Violation as v:
         how = f"raised {type(raised).__name__}" if raised else "warned" if warned else "was silently accepted"
-        w = VIOLATIONS[INVALID](f"{v.message} (the invalid step {how} but changed the state: {v.clause})",
+        w = violation_type(INVALID, step_kind(d.trace[-1]))(f"{v.message} (the invalid step {how} but changed the state: {v.clause})",
                                 v.trace, v.config)
         if recording:
             d.stats.record(w)

@@ -7,6 +7,11 @@ it (:func:`.ops.run_step`); one ``@invariant`` checks what every step keeps
 (``Driver.check_invariants``). Hypothesis generates, and shrinks a failing sequence by its own
 moves (deleting steps, simplifying draws); :mod:`.run` gives it a budget.
 
+A violation the pass does not let raise (``Stats.raises``: every one in the exploring pass, all but the
+shrink pass's target in a shrink pass) is recorded by the driver and the example goes on with a fresh
+layer built as the example's first one (its trace starts again at ``create``): one violation never hides
+another that the rest of the example would have shown (see :mod:`.run`).
+
 A single weighted rule rather than one ``@rule`` per op: hypothesis' per-rule selection (with swarm
 testing, which switches rules off per example) cannot weight ops and starved merges and forwards in
 the CI budget; the weights live in the op table.
@@ -14,7 +19,7 @@ the CI budget; the weights live in the op table.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 from hypothesis import strategies as st
@@ -22,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from conformance.spec.interface import Implementation
 
-from .config import MachineConfig, Stats, allowed_variants
+from .config import MachineConfig, Stats, Violation, allowed_variants
 from .driver import Driver
 from .ops import OPS, SEEDS, drawable, run_step
 
@@ -40,21 +45,43 @@ def make_machine(impl: Implementation, configs: Sequence[MachineConfig], device:
     class AdapterLayerMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
+            #: None once a fresh layer could not be built without a violation: the example's steps do nothing
             self.d: Driver | None = None
+
+        def _build(self, config: MachineConfig) -> None:
+            try:
+                self.d = Driver(impl, config, device, stats, exclude_invalid=exclude_invalid)
+            except Violation as v:
+                if stats.raises(v):
+                    raise
+                self.d = None
+
+        def _guarded(self, fn: Callable[[Driver], None]) -> None:
+            """Run ``fn`` on the driver; a violation this pass does not raise goes on with a fresh layer."""
+            d = self.d
+            try:
+                fn(d)
+            except Violation as v:
+                if stats.raises(v):
+                    raise
+                self._build(d.config)
 
         @initialize(config=st.sampled_from(starts), seed=SEEDS)
         def create(self, config: MachineConfig, seed: int) -> None:
-            self.d = Driver(impl, MachineConfig(**{**asdict(config), "seed": seed}), device, stats,
-                            exclude_invalid=exclude_invalid)
+            self._build(MachineConfig(**{**asdict(config), "seed": seed}))
 
         @rule(data=st.data())
         def step(self, data: st.DataObject) -> None:
+            if self.d is None:
+                return
             name = data.draw(st.sampled_from(drawable(self.d)), label="op")
-            run_step(self.d, {"op": name, **OPS[name].draw(data, self.d)})
+            args = OPS[name].draw(data, self.d)
+            self._guarded(lambda d: run_step(d, {"op": name, **args}))
 
         @invariant()
         def invariants(self) -> None:
-            self.d.check_invariants()
+            if self.d is not None:
+                self._guarded(lambda d: d.check_invariants())
 
     AdapterLayerMachine.__name__ = AdapterLayerMachine.__qualname__ = f"AdapterLayerMachine_{impl.name}"
     return AdapterLayerMachine

@@ -38,11 +38,11 @@ from torch import nn
 from conformance import numerics
 from conformance.numerics.ratio import stored_vs_exact as _ratio
 from conformance.numerics.requant import requant_bound_from_exact
-from conformance.numerics.rounding import U16, U32
+from conformance.numerics.rounding import U32
 from conformance.quant import bounds as qbounds
-from conformance.quant import layers as qlayers
 
-__all__ = ["AdapterModel", "Chain", "LogicalModel", "_ratio", "apply_op", "copy_tensors", "requant_bound_from_exact"]
+__all__ = ["AdapterModel", "Chain", "LogicalModel", "_ratio", "apply_op", "cast_chain", "copy_tensors",
+           "requant_bound_from_exact"]
 
 
 def _u(dtype: torch.dtype) -> float:
@@ -130,21 +130,40 @@ def _oft_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: i
     return Chain(w, ew, chain.b, chain.eb)
 
 
-def apply_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: int, base: nn.Module) -> Chain:
+def apply_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: int, base: nn.Module,
+             bias_dtypes: Sequence[torch.dtype] = ()) -> Chain:
     """The chain after merging (sign +1) or unmerging (-1) ``adapter``, before requantization.
 
     ``w_in_abs`` bounds the magnitude of the (computed) weights the operation starts from: the
     stored weights for the first operation of a call, ``|exact| + bound`` for later ones.
+    ``bias_dtypes``: the dtypes the call may round the new bias to (the coarsest counts); default the
+    dtype ``base`` stores its bias in.
     """
     if adapter.method == "lora":
         bias = getattr(base, "bias", None)
-        u_bias = _u(bias.dtype) if bias is not None else U32
-        if qlayers.bits_of(base) == 8:
-            # Linear8bitLt re-types its bias to each forward's input dtype (bitsandbytes/nn/modules.py), so
-            # the dtype the merge wrote in may differ from the one seen afterwards: bound with float16's
-            u_bias = max(u_bias, U16)
+        dtypes = tuple(bias_dtypes) or ((bias.dtype,) if bias is not None else ())
+        u_bias = max((_u(dt) for dt in dtypes), default=U32)
         return _lora_op(chain, w_in_abs, adapter, sign, u_bias)
     return _oft_op(chain, w_in_abs, adapter, sign, base.in_features)
+
+
+def cast_chain(chain: Chain, dtype: torch.dtype) -> Chain:
+    """The chain after the stored bias is rounded to ``dtype`` (bitsandbytes' in-place re-typing of an 8-bit
+    layer's bias in its forward, ``Linear8bitLt.forward``, bitsandbytes/nn/modules.py).
+
+    Before the cast the stored bias lies in ``[b - eb, b + eb]``; rounding to nearest is monotone, so after
+    it the stored bias lies in ``[round(b - eb), round(b + eb)]`` exactly (where ``eb`` is 0, exactly at
+    ``round(b)``). The interval's ends are computed in float64 and rounded outwards first (``nextafter``), so
+    the image contains every value the cast can give and nothing is added besides. The weights are untouched.
+    """
+    if chain.b is None or chain.eb is None:
+        return chain
+    b, eb = chain.b, chain.eb
+    exact = eb == 0
+    lo = torch.where(exact, b, torch.nextafter(b - eb, torch.full_like(b, -math.inf)))
+    hi = torch.where(exact, b, torch.nextafter(b + eb, torch.full_like(b, math.inf)))
+    rlo, rhi = lo.to(dtype).double(), hi.to(dtype).double()
+    return Chain(chain.w, chain.ew, (rlo + rhi) / 2, (rhi - rlo) / 2)
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -187,15 +206,19 @@ class LogicalModel:
         self.w, self.b = numerics.base_weights(base)
 
     # -- merge / unmerge -------------------------------------------------------------------
-    def run_ops(self, names: Sequence[str], sign: int, base_after: nn.Module) -> dict[str, Chain]:
+    def run_ops(self, names: Sequence[str], sign: int, base_after: nn.Module,
+                bias_dtypes: Sequence[torch.dtype] = (), bias_cast: torch.dtype | None = None) -> dict[str, Chain]:
         """Advance step/anchor/orig chains through len(names) requantizations; the last one's
-        bound is read from ``base_after`` (observable), earlier ones from the exact weights."""
+        bound is read from ``base_after`` (observable), earlier ones from the exact weights.
+
+        ``bias_dtypes``: the dtypes the call may write the bias in (:func:`apply_op`); ``bias_cast``: the
+        dtype the bias is rounded to after the call (:func:`cast_chain`; an 8-bit forward's re-typing)."""
         step = Chain.start(self.w, self.b)
         chains = {"step": step, "anchor": self.anchor, "orig": self.orig}
         w_in_abs = self.w.abs()
         for i, name in enumerate(names):
             ad = self.adapters[name]
-            chains = {k: apply_op(c, w_in_abs, ad, sign, base_after) for k, c in chains.items()}
+            chains = {k: apply_op(c, w_in_abs, ad, sign, base_after, bias_dtypes) for k, c in chains.items()}
             last = i == len(names) - 1
             s = chains["step"]
             q = qbounds.weight_bound(base_after).double().cpu() if last else requant_bound_from_exact(
@@ -204,6 +227,8 @@ class LogicalModel:
                 c.ew = c.ew + q
             w_in_abs = s.w.abs() + s.ew
             self.requantizations += 1
+        if bias_cast is not None:
+            chains = {k: cast_chain(c, bias_cast) for k, c in chains.items()}
         self.anchor, self.orig = chains["anchor"], chains["orig"]
         return chains
 

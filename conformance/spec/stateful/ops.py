@@ -48,6 +48,15 @@ GRAD_MODES = ("grad", "no_grad", "inference_mode")
 ADAPTER_DTYPES = {"lora": ("float32", "bfloat16", "float16"), "oft": ("float32", "float64")}
 MAX_ADAPTERS = 3
 LR = 0.05
+#: a training step clips the adapters' gradient to this L2 norm before the SGD step, as fine-tuning does
+#: (transformers ``TrainingArguments.max_grad_norm``, default 1.0, applied by ``Trainer``). The step's loss,
+#: ``(y * g).sum()`` with a fresh random ``g``, is linear in the output and has no minimum, and LoRA's
+#: bilinear ``B A`` makes unclipped SGD on it grow geometrically: on 32x24/64x40 layers each step multiplied
+#: ``max |A|`` and ``max |B|`` by 2-8 (lr 0.05, scaling 4), so after four or five steps the adapter output
+#: exceeds float16's range (an inf output of an fp16 forward) and a merged 8-bit weight its float16 scale
+#: (non-finite merged weights): overflows of weights no training produces, outside what the float64 model's
+#: rounding bounds describe. Clipped, each step moves the adapters by at most ``LR * MAX_GRAD_NORM`` in L2 norm.
+MAX_GRAD_NORM = 1.0
 SEEDS = st.integers(0, 2**16)
 
 Args = dict[str, Any]
@@ -79,6 +88,7 @@ def forward(d: Driver, a: Args) -> None:
     x = d.input(a["lead"], a["dtype"], a["seed"])
     ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[a["grad_mode"]]
     unmerges = d.pending_unmerge_on_forward()
+    bias_before = d.bias_dtype()
 
     def go() -> torch.Tensor:
         with ctx():
@@ -86,7 +96,7 @@ def forward(d: Driver, a: Args) -> None:
 
     y = d.call(f"forward under {a['grad_mode']}", go)
     if unmerges:
-        d.forward_unmerge()
+        d.forward_unmerge(x.dtype, bias_before)
     d.bnb8_bias_cast(x.dtype)
     d.check_invariants()
     d.check_output(y, x)
@@ -111,6 +121,7 @@ def train_step(d: Driver, a: Args) -> None:
     x = d.input(lead, "float32", a["seed"])
     g = torch.randn(*lead, d.config.out_features, generator=torch.Generator().manual_seed(a["seed"] + 1))
     unmerges = d.pending_unmerge_on_forward()
+    bias_before = d.bias_dtype()
     holder: dict[str, torch.Tensor] = {}
 
     def go() -> None:
@@ -125,13 +136,15 @@ def train_step(d: Driver, a: Args) -> None:
                 loss.backward()
             opt_params = [p for p in params if p.grad is not None]
             if opt_params:
+                if a.get("max_norm") is not None:  # traces recorded before clipping replay as they ran
+                    torch.nn.utils.clip_grad_norm_(opt_params, a["max_norm"])
                 torch.optim.SGD(opt_params, lr=a["lr"]).step()
             for p in params:
                 p.grad = None
 
     d.call("forward + backward + SGD step", go)
     if unmerges:
-        d.forward_unmerge()
+        d.forward_unmerge(x.dtype, bias_before)
     d.bnb8_bias_cast(x.dtype)
     d.check_flags()
     d.check_base()
@@ -153,6 +166,7 @@ def merge(d: Driver, a: Args) -> None:
     names = a["adapter_names"]
     todo = [n for n in (d.model.active if names is None else names) if n not in d.model.merged]
     before = qvalidate.expected_of(d.layer.base_layer, at_merge=True)
+    bias_before = d.bias_dtype()
     d.call("merge", lambda: d.layer.merge(safe_merge=a["safe_merge"], adapter_names=None if names is None
                                           else list(names)))
     _still_valid(d, before, "merge")
@@ -166,7 +180,7 @@ def merge(d: Driver, a: Args) -> None:
     d.model.merged += todo
     d.check_flags()
     if todo:
-        d.after_requant(todo, +1, "merge")
+        d.after_requant(todo, +1, "merge", bias_before)
     else:
         d.check_base()
 
@@ -200,11 +214,12 @@ def _accepts_merge(d: Driver, a: Args) -> bool:
 def unmerge(d: Driver, a: Args) -> None:
     names = list(reversed(d.model.merged))
     before = qvalidate.expected_of(d.layer.base_layer, at_merge=True)
+    bias_before = d.bias_dtype()
     d.call("unmerge", d.layer.unmerge)
     _still_valid(d, before, "unmerge")
     d.model.merged = []
     d.check_flags()
-    d.after_requant(names, -1, "unmerge")
+    d.after_requant(names, -1, "unmerge", bias_before)
     d.after_unmerge_all()
 
 
@@ -385,9 +400,11 @@ OPS: dict[str, Op] = {op.name: op for op in (
        applies=lambda d: d.merged),
     Op("train_step", 2, train_step,
        lambda data, d: {"lead": list(data.draw(st.sampled_from(INPUT_SHAPES[:2]))), "seed": data.draw(SEEDS),
-                        "lr": LR},
+                        "lr": LR, "max_norm": MAX_GRAD_NORM},
        lambda a: (f"x = randn({(*a['lead'], 'in')}, seed={a['seed']}); (layer(x) * g).sum().backward(); "
-                  f"SGD(adapter params with grad, lr={a['lr']}).step()")),
+                  + ("" if a.get("max_norm") is None else
+                     f"clip_grad_norm_(adapter params with grad, max_norm={a['max_norm']}); ")
+                  + f"SGD(adapter params with grad, lr={a['lr']}).step()")),
     Op("add_adapter", 2, add_adapter, _draw_add, _fmt("torch.manual_seed({seed}); layer.add_adapter({name}, **{params})"),
        needs=("multi_adapter",), applies=lambda d: len(d.names) < MAX_ADAPTERS, accepts=_accepts_add),
     Op("set_adapter", 2, set_adapter,

@@ -66,7 +66,8 @@ def script_text(impl: Implementation, failure: Failure, device: str, target: str
     path = _impl_path(impl)
     head = [
         "#!/usr/bin/env python",
-        f'"""Reproducer: {failure.clause} violated by implementation {impl.name!r} on {device}.',
+        f'"""Reproducer: {failure.clause} violated by implementation {impl.name!r} on {device}'
+        + (f" (by a {failure.kind} step)." if failure.kind else "."),
         "",
         "Found by the stateful conformance machine (conformance.spec.stateful), shrunk by hypothesis.",
         "",
@@ -132,7 +133,8 @@ def _wrap(text: str, width: int = 110) -> list[str]:
 def write_reproducer(impl: Implementation, failure: Failure, device: str, directory: str,
                      target: str | None = None) -> str:
     """Write the script into ``directory``; its path."""
-    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{impl.name}_{failure.clause}_{failure.config.get('method')}"
+    kind = f"_{failure.kind}" if failure.kind else ""  # one script per (clause, step kind, case)
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{impl.name}_{failure.clause}{kind}_{failure.config.get('method')}"
                    f"{failure.config.get('bits')}bit")
     path = os.path.join(directory, f"reproduce_{label}.py")
     with open(path, "w", encoding="utf-8") as fh:

@@ -41,21 +41,23 @@ def replay(impl: Implementation, config: dict[str, Any], steps: Sequence[dict[st
     return None
 
 
-def _same(impl: Implementation, clause: str, config: dict[str, Any], steps: Sequence[dict[str, Any]], device: str,
-          exclude_invalid: Sequence[str]) -> Violation | None:
-    """The violation of ``clause`` the candidate shows, else None (a candidate the replay refuses is None)."""
+def _same(impl: Implementation, key: tuple[str, str], config: dict[str, Any], steps: Sequence[dict[str, Any]],
+          device: str, exclude_invalid: Sequence[str]) -> Violation | None:
+    """The violation with ``key`` (clause, step kind) the candidate shows, else None (a candidate the replay
+    refuses is None)."""
     try:
         v = replay(impl, config, steps, device, exclude_invalid=exclude_invalid)
     except StepNotApplicable:
         return None
     except Exception:  # noqa: BLE001  (a candidate that breaks the replay is just rejected)
         return None
-    return v if v is not None and v.clause == clause else None
+    return v if v is not None and v.key == key else None
 
 
 def delete_steps(impl: Implementation, v: Violation, device: str = "cpu", budget_s: float = 10.0,
                  exclude_invalid: Sequence[str] = ()) -> Violation:
-    """Delete steps from a failing sequence while it still violates the same clause (one replay each)."""
+    """Delete steps from a failing sequence while it still violates the same clause by the same kind of step
+    (one replay each)."""
     deadline = time.monotonic() + budget_s
     best, improved = v, True
     while improved and time.monotonic() < deadline:
@@ -64,7 +66,7 @@ def delete_steps(impl: Implementation, v: Violation, device: str = "cpu", budget
         for i in reversed(range(len(steps))):
             if time.monotonic() > deadline:
                 break
-            nv = _same(impl, best.clause, best.config, steps[:i] + steps[i + 1:], device, exclude_invalid)
+            nv = _same(impl, best.key, best.config, steps[:i] + steps[i + 1:], device, exclude_invalid)
             if nv is not None and len(nv.trace) < len(best.trace):
                 best, improved = nv, True
                 break
@@ -91,7 +93,7 @@ def seed_dependence(impl: Implementation, v: Violation, device: str = "cpu", bud
                 continue
             cfg = {**v.config, "seed": alt} if i < 0 else v.config
             cand = steps if i < 0 else [*steps[:i], {**steps[i], "seed": alt}, *steps[i + 1:]]
-            if _same(impl, v.clause, cfg, cand, device, exclude_invalid) is None:
+            if _same(impl, v.key, cfg, cand, device, exclude_invalid) is None:
                 lost.append(alt)
         if lost:
             what = "the layer (create)" if i < 0 else f"step {i + 1} ({render_step(steps[i])})"
