@@ -282,8 +282,11 @@ _BROKEN_RUNS: dict[type, sr.RunResult] = {}
 
 def _run_broken(impl: _Broken, tmp_path: Any) -> sr.RunResult:
     if type(impl) not in _BROKEN_RUNS:
+        # a fixed hypothesis seed, not derandomize: derandomize seeds from a digest that moved with unrelated
+        # code, and one such digest drew 40 examples that never reached the poisoned safe merge (seen with
+        # SafeMergeWritesPoison); any seed draws every op here (checked with seeds 0 and 1 for each twin)
         _BROKEN_RUNS[type(impl)] = sr.run(impl, examples=40, steps=12, cases=[("lora", 4)], out=str(tmp_path),
-                                          shrink_s=5)
+                                          shrink_s=5, seed=0)
     return _BROKEN_RUNS[type(impl)]
 
 
