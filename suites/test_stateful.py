@@ -346,18 +346,25 @@ def test_reproducer_script_rebuilds_the_implementation_and_shows_divergence(tmp_
     assert direct == (f"{MergeForgetsFlags.__module__}:MergeForgetsFlags", False)
 
 
+def _clause_run(impl: Any, clause: str, tmp_path: Any, **budget: Any) -> tuple[Any, str, str]:
+    """(context, outcome, message) of one stateful clause run through its check, with a fresh machine cache."""
+    checks.clear_cache()
+    try:
+        ctx = _ctx(impl, clause, tmp_path, **budget)
+        outcome, message = _outcome(ctx)
+    finally:
+        checks.clear_cache()
+    return ctx, outcome, message
+
+
 def test_clause_reports_reproducer(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the clause check: the clause fails, names the sequence and records the reproducer path
     in the report directory the context carries, with the budget the context carries."""
     impl = MergeForgetsFlags()
-    checks.clear_cache()
     # LoRA on 8-bit only (the harness derives methods and bit widths from the capabilities)
     impl.capabilities = frozenset(impl.capabilities) - {"oft", "4bit"}
-    try:
-        ctx = _ctx(impl, FLAGS, tmp_path, stateful_examples=8, stateful_steps=6, stateful_shrink_s=4)
-        outcome, message = _outcome(ctx)
-    finally:
-        checks.clear_cache()
+    ctx, outcome, message = _clause_run(impl, FLAGS, tmp_path, stateful_examples=8, stateful_steps=6,
+                                        stateful_shrink_s=4)
     assert outcome == "failed", message
     assert "minimal sequence" in message and "merge" in message
     path = ctx.measurements["reproducer"]
@@ -725,12 +732,8 @@ def test_every_distinct_violation_is_reported(tmp_path: Any) -> None:
 def test_clause_message_lists_each_violating_step_kind(tmp_path: Any) -> None:
     impl = ThreeBugs()
     impl.capabilities = frozenset(impl.capabilities) - {"oft", "8bit"}
-    checks.clear_cache()
-    try:
-        ctx = _ctx(impl, ADAPTERS, tmp_path, stateful_examples=40, stateful_steps=12, stateful_shrink_s=5)
-        outcome, message = _outcome(ctx)
-    finally:
-        checks.clear_cache()
+    ctx, outcome, message = _clause_run(impl, ADAPTERS, tmp_path, stateful_examples=40, stateful_steps=12,
+                                        stateful_shrink_s=5)
     assert outcome == "failed", message
     assert "2 distinct violation(s) of STATE-ADAPTERS-PRESERVED" in message, message
     assert "by a deepcopy step" in message and "by a set_mode step" in message, message
