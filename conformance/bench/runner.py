@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from conformance.harness.environment import fingerprint, slug
 from conformance.harness.files import write_atomic
 
 from . import memory, roofline
@@ -42,24 +43,8 @@ def budget_for(case: BenchCase, device: str, quick: bool) -> Budget:
 
 
 def environment(device: str) -> dict[str, Any]:
-    try:
-        from conformance.harness.environment import fingerprint
-
-        return fingerprint(device)
-    except Exception as exc:  # the fingerprint must never stop a benchmark run
-        import platform
-
-        return {"device": device, "python": platform.python_version(), "torch": torch.__version__,
-                "fingerprint_error": repr(exc)}
-
-
-def slug(env: dict[str, Any]) -> str:
-    try:
-        from conformance.harness.environment import slug as _slug
-
-        return _slug(env)
-    except Exception:
-        return f"{env.get('device', 'cpu')}-torch{torch.__version__}".replace("+", "-")
+    """The run's fingerprint (``conformance.harness.environment``, as in conformance reports)."""
+    return fingerprint(device)
 
 
 def run_case(builder: Builder, case: BenchCase, device: str, quick: bool, flusher: L2Flusher | None,

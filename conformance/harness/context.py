@@ -50,8 +50,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from conformance.harness import validate
 from conformance.quant import layers as qlayers
+from conformance.quant import validate
 from conformance.spec.budget import Budget
 from conformance.spec.clauses import Clause, ClauseFailure, ClauseInconclusive, ClauseSkipped
 from conformance.spec.interface import (

@@ -353,15 +353,3 @@ class PeftImplementation(LibraryImplementation):
         layer = self._api.build(base_layer, spec)
         cast_adapter(layer, spec)
         return layer
-
-    def peft_config(self, method: str, **params: Any) -> Any:
-        """PEFT's ``LoraConfig``/``OFTConfig`` for the protocol's parameters (for whole-model clauses)."""
-        return self._api.config(method, params)
-
-    def get_peft_model(self, model: nn.Module, method: str, target_modules: Sequence[str], **params: Any) -> nn.Module:
-        """``peft.get_peft_model`` with the protocol's parameters (capability ``peft_model``)."""
-        if "peft_model" in self.unsupported:
-            raise ImplementationUnsupported(self.unsupported["peft_model"])
-        cfg = self.peft_config(method, **params)
-        cfg.target_modules = set(target_modules)
-        return self._api.peft.get_peft_model(model, cfg)

@@ -286,15 +286,8 @@ def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
 
 
 def environment(device: str) -> dict[str, Any]:
-    try:
-        from conformance.harness.environment import fingerprint
-    except ImportError:  # minimal fallback while the shared fingerprint is missing
-        import platform
+    from conformance.harness.environment import fingerprint
 
-        import bitsandbytes
-
-        return {"python": platform.python_version(), "device": device,
-                "packages": {"torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__}}
     return fingerprint(device)
 
 

@@ -121,8 +121,3 @@ def matmul_rounding_bound(
     else:
         bound = bound + u_c * mag
     return bound
-
-
-def merged_weight_bound(layer_after: nn.Module) -> torch.Tensor:
-    """Bound on one merge's requantization error, from the state of the layer after the merge."""
-    return weight_bound(layer_after)

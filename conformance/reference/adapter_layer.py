@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 from typing import Any, ClassVar
 
 import torch
@@ -74,9 +73,6 @@ class QuantAdapterLayer(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return list(self.configs)
-
-    def adapter_config(self, name: str) -> dict[str, Any]:
-        return asdict(self.configs[name])
 
     def _new_adapter(self, name: str, **kwargs: Any) -> None:
         raise NotImplementedError

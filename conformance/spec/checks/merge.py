@@ -208,12 +208,6 @@ def check_cycles(ctx: CheckContext) -> None:
                         w_prev, b_prev = w_k, b_k
 
 
-def _merge_warnings(layer: torch.nn.Module, **kwargs: Any) -> list[str]:
-    with recorded_warnings() as caught:
-        layer.merge(**kwargs)
-    return warning_texts(caught)
-
-
 def user_warnings(caught: list[Any]) -> list[str]:
     """Texts of the ``UserWarning``s (and subclasses) among ``caught``."""
     return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]

@@ -202,9 +202,6 @@ class LogicalModel:
         if original:
             self.orig = Chain.start(self.w, self.b)
 
-    def set_base(self, base: nn.Module) -> None:
-        self.w, self.b = numerics.base_weights(base)
-
     # -- merge / unmerge -------------------------------------------------------------------
     def run_ops(self, names: Sequence[str], sign: int, base_after: nn.Module,
                 bias_dtypes: Sequence[torch.dtype] = (), bias_cast: torch.dtype | None = None) -> dict[str, Chain]:
