@@ -33,6 +33,7 @@ from conformance.harness import xfails as xf
 from conformance.harness.execute import run_clause
 from conformance.harness.loader import load
 from conformance.harness.results import Result, exit_status, nothing_checked
+from conformance.spec.budget import Budget
 from conformance.spec.clauses import Clause, catalog, select
 from conformance.spec.interface import Implementation
 
@@ -77,9 +78,10 @@ def _results_in_process(impl: Implementation, chosen: Sequence[Clause], device: 
     from conformance.harness.runner import Interrupted
 
     results: list[Result] = []
+    budget = Budget()  # one per run: the STATE-* clauses share one machine run (Budget.shared)
     try:
         for c in chosen:
-            results.append(run_clause(c, impl, device))
+            results.append(run_clause(c, impl, device, budget=budget))
     except KeyboardInterrupt:
         raise Interrupted(results) from None
     return results
@@ -159,14 +161,15 @@ def check_implementation(
 
 
 def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entries: Sequence[xf.Xfail] = (),
-                 strict: bool = True, result: Result | None = None) -> None:
+                 strict: bool = True, result: Result | None = None, budget: Budget | None = None) -> None:
     """Run one clause as a pytest test body (outcomes mapped as ``xfails.resolve`` says).
 
     ``result``: this clause's result for ``impl`` on ``device``, already run (a suite sharing one expensive run,
-    e.g. a session fixture): judged as is, the clause is not run again."""
+    e.g. a session fixture): judged as is, the clause is not run again. ``budget``: the budget to run it under
+    (the checks of one implementation share one, and with it their state-machine run)."""
     import pytest
 
-    res = result if result is not None else run_clause(clause, impl, device)
+    res = result if result is not None else run_clause(clause, impl, device, budget=budget)
     entry = xf.find(list(entries), clause.id, impl.name)
     outcome, message = xf.resolve(res.outcome, res.message, entry, strict=strict)
     if outcome is Outcome.SKIPPED:
@@ -197,8 +200,10 @@ def iter_checks(
     resolved = [load(i) if isinstance(i, str) else i for i in impls]
     for impl in resolved:
         entries = expected_entries(expected_failed_checks, impl) + from_files
+        budget = Budget()  # this implementation's checks share it (and their state-machine run)
         for c in select(clauses, include_slow=include_slow):
-            yield (f"{c.id}[{impl.name}]", partial(check_clause, c, impl, device, entries, xfail_strict), c, impl)
+            yield (f"{c.id}[{impl.name}]", partial(check_clause, c, impl, device, entries, xfail_strict,
+                                                  budget=budget), c, impl)
 
 
 def params(impls: Iterable[str | Implementation], **kwargs: Any) -> list[Any]:

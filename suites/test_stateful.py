@@ -189,8 +189,9 @@ CONFIGURED = MergeForgetsFlags(tag="-configured")
 
 
 
-def _ctx(impl: Any, clause: str, tmp_path: Any = None, **budget: Any) -> CheckContext:
-    return CheckContext(impl=impl, clause=registry()[clause], budget=Budget(**budget),
+def _ctx(impl: Any, clause: str, tmp_path: Any = None, budget: Budget | None = None, **counts: Any) -> CheckContext:
+    """A context for ``clause``; ``budget`` (shared by contexts that share its machine run) or a new one of ``counts``."""
+    return CheckContext(impl=impl, clause=registry()[clause], budget=budget or Budget(**counts),
                         report_dir=None if tmp_path is None else str(tmp_path))
 
 
@@ -208,14 +209,20 @@ def _outcome(ctx: CheckContext) -> tuple[str, str]:
 
 # -- the reference passes --------------------------------------------------------------------------
 
-#: one reference object: its CI-budget run is cached by the clause check and shared by the tests below
+#: one reference object: its CI-budget run is kept by the ``ref_budget`` fixture and shared by the tests below
 _REF = ReferenceImplementation()
 
 
-def test_reference_ci_budget_passes() -> None:
+@pytest.fixture(scope="module")
+def ref_budget() -> Budget:
+    """The CI budget the reference's tests share: its machine run is made once (``Budget.shared``)."""
+    return Budget()
+
+
+def test_reference_ci_budget_passes(ref_budget: Budget) -> None:
     """The CI budget (derandomized) finds nothing in the reference and runs every op, each clause
     above its floor (durations are measurements, never asserted)."""
-    res = checks.machine_run(_ctx(_REF, OUTPUT))
+    res = checks.machine_run(_ctx(_REF, OUTPUT, budget=ref_budget))
     assert (res.examples_per_case, res.steps_per_example) == (CI.stateful_examples, CI.stateful_steps)
     assert not res.failures and not res.errors, res.summary()
     assert res.stats.examples >= 4 * CI.stateful_examples // 2, res.summary()
@@ -229,11 +236,11 @@ def test_reference_ci_budget_passes() -> None:
     assert res.stats.ended_early == 0 and res.stats.explore_examples == res.stats.examples
 
 
-def test_stateful_clauses_registered_and_pass_for_reference() -> None:
+def test_stateful_clauses_registered_and_pass_for_reference(ref_budget: Budget) -> None:
     ids = {c.id for c in STATE_CLAUSES}
     assert set(STATE_IDS) <= ids and set(FLOORS) == set(STATE_IDS)
     for c in STATE_CLAUSES:
-        res = run_clause(c, _REF)
+        res = run_clause(c, _REF, budget=ref_budget)
         assert res.outcome == "passed", f"{c.id}: {res.outcome} {res.message}"
         m = res.measurements
         assert m["examples"] > 0 and m["steps_per_example"] > 0 and m["machine_wall_s"] > 0
@@ -346,14 +353,11 @@ def test_reproducer_script_rebuilds_the_implementation_and_shows_divergence(tmp_
     assert direct == (f"{MergeForgetsFlags.__module__}:MergeForgetsFlags", False)
 
 
-def _clause_run(impl: Any, clause: str, tmp_path: Any, **budget: Any) -> tuple[Any, str, str]:
-    """(context, outcome, message) of one stateful clause run through its check, with a fresh machine cache."""
-    checks.clear_cache()
-    try:
-        ctx = _ctx(impl, clause, tmp_path, **budget)
-        outcome, message = _outcome(ctx)
-    finally:
-        checks.clear_cache()
+def _clause_run(impl: Any, clause: str, tmp_path: Any, **counts: Any) -> tuple[Any, str, str]:
+    """(context, outcome, message) of one stateful clause run through its check, under a new budget (its own
+    machine run)."""
+    ctx = _ctx(impl, clause, tmp_path, **counts)
+    outcome, message = _outcome(ctx)
     return ctx, outcome, message
 
 
@@ -376,20 +380,37 @@ def test_steps_that_raise_make_the_other_clauses_inconclusive(tmp_path: Any) -> 
     """A library whose merges raise: VALID fails; the clauses whose invariant only merges reach
     are inconclusive (never reached), not passed; the counts are measurements."""
     impl = MergeRaises()
-    checks.clear_cache()
-    try:
-        got = {cid: _outcome(_ctx(impl, cid, tmp_path, stateful_examples=10, stateful_steps=10,
-                                  stateful_shrink_s=2)) for cid in (VALID, MERGE, UNMERGE, DRIFT)}
-        ctx = _ctx(impl, UNMERGE, tmp_path, stateful_examples=10, stateful_steps=10, stateful_shrink_s=2)
-        _outcome(ctx)
-    finally:
-        checks.clear_cache()
+    budget = Budget(stateful_examples=10, stateful_steps=10, stateful_shrink_s=2)  # one machine run for all
+    got = {cid: _outcome(_ctx(impl, cid, tmp_path, budget=budget)) for cid in (VALID, MERGE, UNMERGE, DRIFT)}
+    ctx = _ctx(impl, UNMERGE, tmp_path, budget=budget)
+    _outcome(ctx)
+    assert len(budget.shared) == 1
     assert got[VALID][0] == "failed" and "merge is broken" in got[VALID][1], got[VALID]
     for cid in (MERGE, UNMERGE, DRIFT):
         assert got[cid][0] == "inconclusive", (cid, got[cid])
         assert "reached the clause's invariant 0 times" in got[cid][1], got[cid]
     m = ctx.measurements
     assert m["reached_by_op"] == {} and m["examples_ended_early"] > 0 and m["steps_per_op"]["merge"] > 0
+
+
+def test_clauses_under_one_budget_share_one_machine_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The STATE-* clauses run under one budget report from one machine run per implementation; another
+    implementation object or another budget gets a run of its own (there is no process-wide cache)."""
+    made: list[Any] = []
+
+    def fake_run(impl: Any, device: str, **kwargs: Any) -> object:
+        made.append((impl, device, kwargs))
+        return object()
+
+    monkeypatch.setattr(sr, "run", fake_run)
+    a, b = ReferenceImplementation(), ReferenceImplementation()
+    budget = Budget(stateful_examples=3, stateful_steps=4, stateful_shrink_s=1)
+    first = checks.machine_run(_ctx(a, OUTPUT, budget=budget))
+    assert checks.machine_run(_ctx(a, MERGE, budget=budget)) is first
+    assert checks.machine_run(_ctx(b, MERGE, budget=budget)) is not first
+    assert checks.machine_run(_ctx(a, MERGE, stateful_examples=3, stateful_steps=4, stateful_shrink_s=1)) is not first
+    assert len(made) == 3 and len(budget.shared) == 2
+    assert made[0] == (a, "cpu", {"examples": 3, "steps": 4, "shrink_s": 1, "out": None})
 
 
 def test_thin_examples_are_inconclusive() -> None:

@@ -1,7 +1,8 @@
 """Stateful clauses (area "stateful", issue #8): invariants of an adapter layer's lifecycle.
 
 One hypothesis state machine run (``conformance.spec.stateful.run``) per (implementation, device,
-budget) feeds every clause here: it is cached for the process, and each clause reports from it:
+budget) feeds every clause here: it is kept by the budget (``Budget.shared``, owned by whoever runs the
+clauses: one worker batch, one implementation's checks, one test), and each clause reports from it:
 
 - ``failed``: its invariant broke; every distinct violation is reported, one per kind of step that broke
   it in each (method, bits) case (the shrunk minimal sequence, the drawn seeds it needs, and the path of a
@@ -29,24 +30,17 @@ from conformance.spec.stateful.ops import OPS, declared
 if TYPE_CHECKING:
     from conformance.harness.context import CheckContext
 
-_CACHE: dict[tuple, sr.RunResult] = {}
 _BOUNDED = (OUTPUT, MERGE, UNMERGE, DRIFT)
 
 
 def machine_run(ctx: CheckContext) -> sr.RunResult:
-    """The (cached) machine run for this context's implementation, device, budget and report directory."""
+    """The machine run for this context's implementation, device and report directory, made once per budget
+    (``ctx.budget.shared``): every STATE-* clause run under that budget reports from the same run."""
     b, impl = ctx.budget, ctx.impl
     report_dir = getattr(ctx, "report_dir", None)
-    key = (type(impl).__module__, type(impl).__qualname__, impl.name, id(impl), ctx.device, b.stateful_examples,
-           b.stateful_steps, b.stateful_shrink_s, report_dir)
-    if key not in _CACHE:
-        _CACHE[key] = sr.run(impl, ctx.device, examples=b.stateful_examples, steps=b.stateful_steps,
-                             shrink_s=b.stateful_shrink_s, out=report_dir)
-    return _CACHE[key]
-
-
-def clear_cache() -> None:
-    _CACHE.clear()
+    return b.shared.get(impl, ("stateful", ctx.device, report_dir), lambda: sr.run(
+        impl, ctx.device, examples=b.stateful_examples, steps=b.stateful_steps, shrink_s=b.stateful_shrink_s,
+        out=report_dir))
 
 
 def unreachable(clause: str, capabilities: frozenset[str]) -> str | None:
