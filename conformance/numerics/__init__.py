@@ -77,8 +77,10 @@ from .expected import (
 from .grads import BASE, GradExpected, LayerState, grad_expected, read_state, refresh_adapters
 from .merge import (
     bias_roundtrip_bound,
+    lora_merge_error,
     lora_merged_weight,
     merge_target,
+    oft_merge_error,
     oft_merged_weight,
     oft_unmerge_error,
     roundtrip_bound,
@@ -93,9 +95,9 @@ __all__ = [
     "LayerState", "base_expected", "base_weights", "bias_roundtrip_bound", "block_diagonal", "block_norms",
     "cast_error", "cayley_exact", "coft_bound", "compare", "expand_blocks", "gamma_n", "grad_expected",
     "hypothetical_requant_bound", "inverse_rotation_error", "layer_expected", "linear_expected", "lora_delta", "lora_delta_error",
-    "lora_expected", "lora_merged_weight", "lora_path", "lora_scaling", "lora_tensors", "lu_growth", "max_ratio",
+    "lora_expected", "lora_merge_error", "lora_merged_weight", "lora_path", "lora_scaling", "lora_tensors", "lu_growth", "max_ratio",
     "merge_target", "neumann", "neumann_bound", "neumann_rounding", "observed", "oft_blocks", "oft_expected",
-    "oft_layout", "oft_merged_weight", "oft_rotation", "oft_unmerge_error", "orthogonality_bound", "ratios",
+    "oft_layout", "oft_merge_error", "oft_merged_weight", "oft_rotation", "oft_unmerge_error", "orthogonality_bound", "ratios",
     "read_state", "refresh_adapters", "requant_bound_from_exact", "rotate_error", "rotate_input", "rotation_blocks",
     "rotation_error", "roundtrip_bound", "skew", "solve_error", "worst",
 ]

@@ -20,13 +20,42 @@ from .expected import lora_delta, lora_delta_error, lora_scaling
 from .rounding import U32
 
 
+def lora_merge_error(w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], scaling: float,
+                     w0_err: torch.Tensor | None = None) -> torch.Tensor:
+    """Bound on |computed W0 + scaling*B@A - exact| in float32, requantization excluded (an unmerge passes
+    ``-scaling``): forming the delta in the adapter dtype (``lora_delta_error``), then one float32 rounding of
+    the sum. ``w0_err``: the weights the delta is added to are known only within it of ``w0`` (None: exactly)."""
+    de = lora_delta_error(tensors, scaling)
+    target_abs = (w0.double() + lora_delta(tensors, scaling)).abs()
+    if w0_err is not None:
+        target_abs = target_abs + w0_err
+    return de + U32 * (target_abs + de)
+
+
+def _rotate_weight_error(w: torch.Tensor, r: torch.Tensor, delta: torch.Tensor, n_blocks: int, block_size: int,
+                         w_err: torch.Tensor | None) -> torch.Tensor:
+    """Bound on |computed W R_c - W R| in float32 (``rotate_error``: rows rotated block-wise by a rotation within
+    ``delta`` of ``R``), plus the rounding of the product; ``W`` known within ``w_err`` of ``w`` (None: exactly)."""
+    wv = w.double()
+    w_abs, target_abs = wv.abs(), (wv @ r).abs()
+    if w_err is not None:
+        w_abs, target_abs = w_abs + w_err, target_abs + w_err @ r.abs()
+    err = rotate_error(w_abs, r.abs(), delta, n_blocks, block_size, torch.float32)
+    return err + U32 * (target_abs + err)
+
+
 def lora_merged_weight(w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], scaling: float) -> tuple[
         torch.Tensor, torch.Tensor]:
     """(W0 + scaling*B@A exactly, bound on the float32 arithmetic of forming it; requantization excluded)."""
-    delta = lora_delta(tensors, scaling)
-    target = w0.double() + delta
-    de = lora_delta_error(tensors, scaling)
-    return target, de + U32 * (target.abs() + de)
+    return w0.double() + lora_delta(tensors, scaling), lora_merge_error(w0, tensors, scaling)
+
+
+def oft_merge_error(w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], n_blocks: int, block_size: int,
+                    w0_err: torch.Tensor | None = None) -> torch.Tensor:
+    """Bound on |computed W0 R^T - W0 R^T| in float32 with the computed rotation (``w0_err``: as in
+    ``lora_merge_error``)."""
+    r = oft_rotation(tensors, n_blocks, block_size)
+    return _rotate_weight_error(w0, r.t(), rotation_error(tensors, block_size), n_blocks, block_size, w0_err)
 
 
 def oft_merged_weight(
@@ -34,20 +63,17 @@ def oft_merged_weight(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W0 R^T exactly, bound on computing it in float32 with the computed rotation)."""
     r = oft_rotation(tensors, n_blocks, block_size)
-    delta = rotation_error(tensors, block_size)
-    target = w0.double() @ r.t()
-    err = rotate_error(w0, r.t().abs(), delta, n_blocks, block_size, torch.float32)
-    return target, err + U32 * (target.abs() + err)
+    return w0.double() @ r.t(), oft_merge_error(w0, tensors, n_blocks, block_size)
 
 
 def oft_unmerge_error(
-    w1: torch.Tensor, tensors: Mapping[str, torch.Tensor], n_blocks: int, block_size: int
+    w1: torch.Tensor, tensors: Mapping[str, torch.Tensor], n_blocks: int, block_size: int,
+    w1_err: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Bound on |computed W1 R^{-T} - W1 R| (unmerge with the computed rotation's inverse)."""
+    """Bound on |computed W1 R^{-T} - W1 R| (unmerge with the computed rotation's inverse; ``w1_err``: as in
+    ``lora_merge_error``)."""
     r = oft_rotation(tensors, n_blocks, block_size)
-    d = inverse_rotation_error(tensors, block_size)
-    err = rotate_error(w1, r.abs(), d, n_blocks, block_size, torch.float32)
-    return err + U32 * ((w1.double() @ r).abs() + err)
+    return _rotate_weight_error(w1, r, inverse_rotation_error(tensors, block_size), n_blocks, block_size, w1_err)
 
 
 def merge_target(
@@ -88,10 +114,7 @@ def roundtrip_bound(
     """
     tensors = layer.adapter_parameters(name)
     if method == "lora":
-        s = lora_scaling(params)
-        de = lora_delta_error(tensors, s)
-        w2t = w1.double() - lora_delta(tensors, s)
-        return first_err + de + U32 * (w2t.abs() + de) + wb2
+        return first_err + lora_merge_error(w1, tensors, -lora_scaling(params)) + wb2
     n_blocks, bs = oft_layout(w1.shape[1], params)
     r = oft_rotation(tensors, n_blocks, bs)
     return first_err @ r.abs() + oft_unmerge_error(w1, tensors, n_blocks, bs) + wb2

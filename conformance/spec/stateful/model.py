@@ -87,15 +87,14 @@ class Chain:
 
 # -- one merge / unmerge operation on a chain ---------------------------------------------------
 
-def _lora_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: int, u_bias: float) -> Chain:
+def _lora_op(chain: Chain, w_in: torch.Tensor, w_in_err: torch.Tensor | None, adapter: AdapterModel, sign: int,
+             u_bias: float) -> Chain:
     t = adapter.tensors
     s = numerics.lora_scaling(adapter.params)
     delta = numerics.lora_delta(t, s)
-    d_err = numerics.lora_delta_error(t, s)
-    # the delta is formed in the adapter dtype, cast to float32 and added to the float32 weights
+    # the delta formed in the adapter dtype and added to the float32 weights: the merge clauses' bound
     w = chain.w + sign * delta
-    arith = d_err + U32 * (delta.abs() + d_err) + U32 * (w_in_abs + delta.abs() + d_err)
-    ew = chain.ew + arith
+    ew = chain.ew + numerics.lora_merge_error(w_in, t, sign * s, w_in_err)
     b, eb = chain.b, chain.eb
     bb = t.get("lora_B.bias")
     if bb is not None and b is not None:
@@ -107,35 +106,31 @@ def _lora_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: 
     return Chain(w, ew, b, eb)
 
 
-def _oft_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: int, in_features: int) -> Chain:
+def _oft_op(chain: Chain, w_in: torch.Tensor, w_in_err: torch.Tensor | None, adapter: AdapterModel, sign: int,
+            in_features: int) -> Chain:
     t = adapter.t64()
     n_blocks, bs = numerics.oft_layout(in_features, adapter.params)
     r = numerics.oft_rotation(t, n_blocks, bs)
-    pdt = adapter.tensors["oft_R.weight"].dtype
     tens = dict(adapter.tensors)
     if sign > 0:
-        # W' = W R^T, with R computed in the parameter dtype (rotation_error) and cast to float32
-        delta = numerics.rotation_error(tens, bs) + (U32 * math.sqrt(bs) if pdt != torch.float32 else 0.0)
+        # W' = W R^T with the computed rotation: the merge clauses' bound (numerics.oft_merge_error)
         w = chain.w @ r.t()
-        arith = numerics.rotate_error(w_in_abs, r.t().abs(), delta, n_blocks, bs, torch.float32)
-        arith = arith + U32 * ((w_in_abs @ r.t().abs()) + arith)
-        ew = chain.ew @ r.t().abs() + arith
+        ew = chain.ew @ r.t().abs() + numerics.oft_merge_error(w_in, tens, n_blocks, bs, w_in_err)
     else:
         # W = W' R^{-T}: inverse of the computed rotation (numerics.oft_unmerge_error)
         w = chain.w @ r
-        arith = numerics.oft_unmerge_error(w_in_abs, tens, n_blocks, bs)
-        if pdt != torch.float32:
-            arith = arith + numerics.block_norms(w_in_abs, n_blocks, bs) * U32 * math.sqrt(bs) * 2
-        ew = chain.ew @ r.abs() + arith
+        ew = chain.ew @ r.abs() + numerics.oft_unmerge_error(w_in, tens, n_blocks, bs, w_in_err)
     return Chain(w, ew, chain.b, chain.eb)
 
 
-def apply_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: int, base: nn.Module,
-             bias_dtypes: Sequence[torch.dtype] = ()) -> Chain:
+def apply_op(chain: Chain, w_in: torch.Tensor, w_in_err: torch.Tensor | None, adapter: AdapterModel, sign: int,
+             base: nn.Module, bias_dtypes: Sequence[torch.dtype] = ()) -> Chain:
     """The chain after merging (sign +1) or unmerging (-1) ``adapter``, before requantization.
 
-    ``w_in_abs`` bounds the magnitude of the (computed) weights the operation starts from: the
-    stored weights for the first operation of a call, ``|exact| + bound`` for later ones.
+    The operation computes on weights within ``w_in_err`` of ``w_in``: the stored weights for the first
+    operation of a call (``w_in_err`` None: known exactly), the step chain's exact weights and bound for
+    later ones (an intermediate state nobody can see). Its float32 arithmetic is bounded as in the merge
+    clauses (``numerics.lora_merge_error``, ``oft_merge_error``, ``oft_unmerge_error``).
     ``bias_dtypes``: the dtypes the call may round the new bias to (the coarsest counts); default the
     dtype ``base`` stores its bias in.
     """
@@ -143,8 +138,8 @@ def apply_op(chain: Chain, w_in_abs: torch.Tensor, adapter: AdapterModel, sign: 
         bias = getattr(base, "bias", None)
         dtypes = tuple(bias_dtypes) or ((bias.dtype,) if bias is not None else ())
         u_bias = max((_u(dt) for dt in dtypes), default=U32)
-        return _lora_op(chain, w_in_abs, adapter, sign, u_bias)
-    return _oft_op(chain, w_in_abs, adapter, sign, base.in_features)
+        return _lora_op(chain, w_in, w_in_err, adapter, sign, u_bias)
+    return _oft_op(chain, w_in, w_in_err, adapter, sign, base.in_features)
 
 
 def cast_chain(chain: Chain, dtype: torch.dtype) -> Chain:
@@ -212,17 +207,17 @@ class LogicalModel:
         dtype the bias is rounded to after the call (:func:`cast_chain`; an 8-bit forward's re-typing)."""
         step = Chain.start(self.w, self.b)
         chains = {"step": step, "anchor": self.anchor, "orig": self.orig}
-        w_in_abs = self.w.abs()
+        w_in, w_in_err = self.w, None
         for i, name in enumerate(names):
             ad = self.adapters[name]
-            chains = {k: apply_op(c, w_in_abs, ad, sign, base_after, bias_dtypes) for k, c in chains.items()}
+            chains = {k: apply_op(c, w_in, w_in_err, ad, sign, base_after, bias_dtypes) for k, c in chains.items()}
             last = i == len(names) - 1
             s = chains["step"]
             q = qbounds.weight_bound(base_after).double().cpu() if last else requant_bound_from_exact(
                 base_after, s.w, s.ew)
             for c in chains.values():
                 c.ew = c.ew + q
-            w_in_abs = s.w.abs() + s.ew
+            w_in, w_in_err = s.w, s.ew
             self.requantizations += 1
         if bias_cast is not None:
             chains = {k: cast_chain(c, bias_cast) for k, c in chains.items()}
