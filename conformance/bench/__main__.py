@@ -1,8 +1,10 @@
-"""``python -m conformance.bench [--device cuda] [--quick] [--out DIR] [--compare OLD.json]``
+"""``python -m conformance.bench [--device cuda] [--quick] [--out DIR] [--compare OLD.json] [--impl NAME[@PYTHON]]``
 
 Runs the benchmark matrix (``conformance.bench.cases``), writes ``DIR/<environment-slug>.json`` and a
 PNG next to it, prints the summary table, and with ``--compare`` runs the noise-aware regression
-compare against an older result (exit 1 on a regression).
+compare against an older result (exit 1 on a regression). ``--impl`` adds an implementation found as the
+conformance runner finds one (a built-in name, an entry point, ``package.module:attr``, or ``NAME@PYTHON`` to time
+it in another interpreter) beside the reference in every group the matrix times the reference in.
 """
 
 from __future__ import annotations
@@ -34,8 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="extra independent runs of the main cases (spread)")
     p.add_argument("--passes", type=int, default=1, help="walk the matrix N times and pool the rounds (shared "
                    "machines: every case sees the same load drift)")
+    p.add_argument("--impl", action="append", default=[], metavar="NAME[@PYTHON]",
+                   help="also time this implementation (repeatable): built-in, entry point, package.module:attr; "
+                   "@PYTHON runs it in that interpreter")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    problem = _check_impls(args.impl)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from conformance.quant.layers import quiet_int8_cast_notice
 
     quiet_int8_cast_notice()
@@ -50,10 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import run
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    matrix = bench_cases.select(bench_cases.matrix(device, args.quick), args.filter)
+    matrix = with_impls(bench_cases.matrix(device, args.quick), args.impl)
+    matrix = bench_cases.select(matrix, args.filter)
     mem_shapes = sorted({(c.in_features, c.out_features) for c in matrix})  # only the shapes that were run
-    doc = run(matrix, device, args.quick, args.max_seconds, args.repeats, mem_shapes=mem_shapes,
-              partial_path=Path(args.out) / ".partial.json", passes=args.passes)
+    from conformance.harness.runner import UsageError
+
+    try:
+        doc = run(matrix, device, args.quick, args.max_seconds, args.repeats, mem_shapes=mem_shapes,
+                  partial_path=Path(args.out) / ".partial.json", passes=args.passes)
+    except UsageError as exc:  # an interpreter of NAME@PYTHON that cannot run the bench
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or doc["slug"] + ("-quick" if args.quick else "")
@@ -74,6 +90,40 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--normalize", args.normalize] if args.normalize else []
         return bench_compare.main([args.compare, str(path), "--threshold", str(args.threshold), *extra])
     return 0
+
+
+def _check_impls(impls: list[str]) -> str | None:
+    """One line naming what is wrong with the ``--impl`` values, or None (names loaded here; an interpreter
+    of ``NAME@PYTHON`` is checked when the run starts)."""
+    from conformance.cli import parse_impls
+    from conformance.harness.loader import (
+        ImplementationNotFound,
+        ImplementationUnsupported,
+        InvalidImplementation,
+        load,
+    )
+
+    try:
+        parse_impls(impls, [])
+    except ValueError as exc:
+        return str(exc)
+    for spec in impls:
+        if "@" not in spec:
+            try:
+                load(spec)
+            except (ImplementationNotFound, ImplementationUnsupported, InvalidImplementation) as exc:
+                return f"--impl {spec}: {exc}"
+    return None
+
+
+def with_impls(matrix: list[bench_cases.BenchCase], impls: list[str]) -> list[bench_cases.BenchCase]:
+    """``matrix`` with a row of each of ``impls`` after every ``reference`` row (one not in it already)."""
+    out = []
+    for case in matrix:
+        out.append(case)
+        if case.impl == "reference":
+            out += [case.with_impl(i) for i in impls if i != "reference" and case.with_impl(i) not in matrix]
+    return out
 
 
 if __name__ == "__main__":

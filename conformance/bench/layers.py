@@ -1,19 +1,19 @@
 """Build what a :class:`~conformance.bench.cases.BenchCase` times: layers, inputs and the timed call.
 
-Implementations:
+What ``BenchCase.impl`` names:
 
-- ``bnb``: the bare ``bnb.nn.Linear4bit`` / ``Linear8bitLt``;
-- ``floor-bare`` / ``floor``: the measured floors (``conformance.bench.roofline.floor_fn``);
-- ``reference`` / ``reference-noclone``: ``conformance.reference`` with ``clone_base_output`` True/False;
-- ``reference-v0`` (``-noclone``): the reference LoRA with its forward as first written (delta tensor, ``add_``),
-  kept here, not in the reference, to show in the same run what the fused forward bought;
-- ``peft``: PEFT's own layer, built through ``conformance.impls.peft`` when that imports (the
-  protocol wrapper is unwrapped, PEFT's layer is timed directly), else directly as
-  ``peft.tuners.lora.bnb.Linear4bit(base, "default", config=LoraConfig(r=16, lora_alpha=16), r=16,
-  lora_alpha=16)``.
-- ``litgpt``: LitGPT's own ``litgpt.lora.LoRALinear`` with the bnb layer as its ``linear``, built through
-  ``conformance.impls.litgpt`` (unwrapped, timed directly; LoRA forward/backward only: LitGPT has no OFT and no
-  unmerge, and its 4-bit merge does not requantize, see the README's findings). Needs litgpt importable.
+- the bench's own rows, built here: ``bnb`` (the bare ``bnb.nn.Linear4bit`` / ``Linear8bitLt``), ``floor-bare`` /
+  ``floor`` (the measured floors, ``conformance.bench.roofline.floor_fn``), ``reference-noclone`` (the reference
+  with ``clone_base_output=False``) and ``reference-v0`` (``-noclone``: the reference LoRA with its forward as
+  first written, delta tensor and ``add_``, kept here, not in the reference, to show in the same run what the
+  fused forward bought);
+- anything else is an implementation found by the runner's loader (``conformance.harness.loader.load``: a
+  built-in name such as ``reference``, ``peft`` or ``litgpt``, an entry point, ``package.module:attr``) and built
+  through its ``create`` with the adapter dtype in the ``AdapterSpec``. A library wrapper
+  (``conformance.impls.library.LibraryLayer``) is unwrapped: the library's own layer is timed (PEFT's
+  ``peft.tuners.lora.bnb.Linear4bit``, LitGPT's ``LoRALinear``). Merge and unmerge are timed only for an
+  implementation declaring ``unmerge`` (LitGPT does not: its merge is one-way). ``NAME@PYTHON`` (another
+  interpreter) is timed there: ``conformance.bench.runner.run_elsewhere``.
 
 ``CONFORMANCE_BENCH_INJECT_SLOWDOWN=0.10`` makes every ``reference*`` timed call 10% slower (a calibrated
 busy-wait on the host, or ``torch.cuda._sleep`` on the GPU) -- only to show that the regression
@@ -33,8 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.harness.loader import load
+from conformance.impls.library import LibraryLayer
+from conformance.impls.reference import ReferenceImplementation
 from conformance.quant.layers import make_base_layer
-from conformance.reference import LoraLinear4bit, LoraLinear8bit, OftLinear4bit, OftLinear8bit
+from conformance.reference import LoraLinear4bit, LoraLinear8bit
+from conformance.spec.interface import AdapterSpec, Implementation
 
 from . import roofline
 from .cases import BenchCase, dtype_of
@@ -42,6 +46,9 @@ from .memory import stored_bytes
 from .timing import host_clock, spin
 
 INJECT_ENV = "CONFORMANCE_BENCH_INJECT_SLOWDOWN"
+
+#: rows built here rather than loaded (see the module docstring)
+OWN_ROWS = ("bnb", "floor-bare", "floor", "reference-v0", "reference-v0-noclone")
 
 
 class _LoraV0Mixin:
@@ -86,37 +93,16 @@ def make_base(case: BenchCase, device: str, seed: int = 0) -> nn.Module:
     )
 
 
-def _peft_layer(base: nn.Module, method: str, params: dict[str, Any]) -> nn.Module:
-    """PEFT's layer over ``base`` (through the project's PEFT wrapper when available)."""
-    try:
-        from conformance.impls.peft import PeftImplementation
-        from conformance.spec.interface import AdapterSpec
-
-        wrapped = PeftImplementation().create(base, AdapterSpec(method, "default", params))
-        return getattr(wrapped, "layer", wrapped)
-    except ImportError:
-        pass
-    if method != "lora":
-        raise RuntimeError("PEFT OFT needs conformance.impls.peft")
-    import bitsandbytes as bnb
-    from peft import LoraConfig
-    from peft.tuners.lora import bnb as peft_bnb
-
-    cls = peft_bnb.Linear4bit if isinstance(base, bnb.nn.Linear4bit) else peft_bnb.Linear8bitLt
-    cfg = LoraConfig(r=params["r"], lora_alpha=params["lora_alpha"], init_lora_weights=False)
-    return cls(base, "default", config=cfg, r=params["r"], lora_alpha=params["lora_alpha"])
-
-
-def _litgpt_layer(base: nn.Module, params: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-    """LitGPT's ``LoRALinear`` over ``base``, its ``lora_A``/``lora_B`` created in ``dtype`` (as under Fabric)."""
-    from conformance.impls.litgpt import LitgptApi
-    from conformance.spec.interface import AdapterSpec
-
-    return LitgptApi().build(base, AdapterSpec("lora", "default", params), dtype=dtype).layer
+def implementation(name: str) -> Implementation:
+    """The implementation a case names: ``reference-noclone`` is the reference without its defensive clone, any
+    other name goes to the runner's loader (``ImplementationNotFound`` names what is known)."""
+    if name == "reference-noclone":
+        return ReferenceImplementation(clone_base_output=False)
+    return load(name)
 
 
 def _adapter_tensors(layer: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapter's trainable tensors of a reference or PEFT layer (canonical names)."""
+    """The adapter's trainable tensors of a reference or library layer (canonical names)."""
     if hasattr(layer, "adapter_parameters"):
         return layer.adapter_parameters("default")
     out = {}
@@ -126,36 +112,31 @@ def _adapter_tensors(layer: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1) -> nn.Module:
-    """Reference / PEFT adapter layer of a case; LoRA adapters cast to the compute dtype, random A and B."""
+def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1, impl: Implementation | None = None
+                       ) -> nn.Module:
+    """The adapter layer of a case over ``base``, random adapter tensors (never time on zeros).
+
+    LoRA adapters are held in the compute dtype; OFT's rotation parameters stay float32 (the Cayley solve needs
+    it). ``impl``: the loaded implementation (default: ``implementation(case.impl)``)."""
     dtype = dtype_of(case.dtype)
     gen = torch.Generator(device=base.weight.device).manual_seed(seed)
     if case.method == "lora":
-        params = {"r": case.rank, "lora_alpha": case.alpha, "init_lora_weights": False}
-        if case.impl == "litgpt":
-            layer = _litgpt_layer(base, params, dtype)
-        elif case.impl == "peft":
-            layer = _peft_layer(base, "lora", params)
-        elif case.impl.startswith("reference-v0"):
-            cls = LoraV0Linear4bit if case.bits == 4 else LoraV0Linear8bit
-            layer = cls(base, "default", clone_base_output=not case.impl.endswith("-noclone"), **params)
-        else:
-            cls = LoraLinear4bit if case.bits == 4 else LoraLinear8bit
-            layer = cls(base, "default", clone_base_output=case.impl != "reference-noclone", **params)
-        if case.impl != "litgpt":  # LitGPT's lora_A/lora_B are Parameters, already built in dtype
-            for mod in (layer.lora_A, layer.lora_B):
-                mod.to(dtype)
-        with torch.no_grad():
-            for p in _adapter_tensors(layer).values():
-                p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) * 0.02)
-        return layer
-    # OFT: rotation parameters stay float32 in both implementations (the Cayley solve needs it)
-    params = {"r": 0, "oft_block_size": 32, "init_weights": False}
-    if case.impl == "peft":
-        layer = _peft_layer(base, "oft", params)
+        params: dict[str, Any] = {"r": case.rank, "lora_alpha": case.alpha, "init_lora_weights": False}
+        adapter_dtype = case.dtype
     else:
-        cls = OftLinear4bit if case.bits == 4 else OftLinear8bit
-        layer = cls(base, "default", **params)
+        params, adapter_dtype = {"r": 0, "oft_block_size": 32, "init_weights": False}, "float32"
+    if case.impl.startswith("reference-v0"):
+        if case.method != "lora":
+            raise ValueError(f"{case.impl} is a LoRA forward: it has no {case.method}")
+        cls = LoraV0Linear4bit if case.bits == 4 else LoraV0Linear8bit
+        layer = cls(base, "default", clone_base_output=not case.impl.endswith("-noclone"), **params)
+        for mod in (layer.lora_A, layer.lora_B):
+            mod.to(dtype)
+    else:
+        impl = impl or implementation(case.impl)
+        layer = impl.create(base, AdapterSpec(case.method, "default", params, adapter_dtype))
+        if isinstance(layer, LibraryLayer):  # time the library's own layer, not the protocol wrapper
+            layer = layer.layer
     with torch.no_grad():
         for p in _adapter_tensors(layer).values():
             p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) * 0.02)
@@ -192,6 +173,15 @@ class Builder:
         self._base: nn.Module | None = None
         self._layers: dict[str, nn.Module] = {}
         self._lora_for_floor: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._impls: dict[str, Implementation] = {}
+
+    def implementation(self, name: str) -> Implementation | None:
+        """The loaded implementation ``name`` names (loaded once per builder); None for the bench's own rows."""
+        if name in OWN_ROWS:
+            return None
+        if name not in self._impls:
+            self._impls[name] = implementation(name)
+        return self._impls[name]
 
     def base(self, case: BenchCase) -> nn.Module:
         key = (case.method, case.bits, case.quant_type, case.double_quant, case.in_features, case.out_features,
@@ -211,7 +201,7 @@ class Builder:
         if case.impl == "bnb":
             return base
         if case.impl not in self._layers:
-            self._layers[case.impl] = make_adapter_layer(case, base)
+            self._layers[case.impl] = make_adapter_layer(case, base, impl=self.implementation(case.impl))
         return self._layers[case.impl]
 
     def floor_lora(self, case: BenchCase) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -256,11 +246,13 @@ class Builder:
         return Prepared(case, fwdbwd, setup, static)
 
     def _prepare_merge(self, case: BenchCase) -> Prepared:
-        if case.impl == "litgpt":
-            raise ValueError("litgpt is benchmarked for fwd/fwdbwd only: LoRALinear has no unmerge (merge is one-way)")
+        impl = self.implementation(case.impl)
+        if impl is not None and "unmerge" not in impl.capabilities:
+            raise ValueError(f"{case.impl} is benchmarked for fwd/fwdbwd only: it declares no unmerge (a timed merge "
+                             "round unmerges before each merge)")
         # merge mutates the base: a private copy, so the shared base of the run cases stays pristine
         base = copy.deepcopy(self.base(case))
-        layer = make_adapter_layer(case, base)
+        layer = make_adapter_layer(case, base, impl=impl)
         static = sum(stored_bytes(base).values()) + _param_bytes(layer) - _param_bytes(base)
         if case.op == "merge":
             def setup() -> None:

@@ -4,13 +4,25 @@ A result file (``conformance-bench/1``, documented in ``baselines/bench/README.m
 environment fingerprint, the datasheet peak used, and one record per case: the timing summary
 (median, spread, rounds), tokens/s, achieved TFLOP/s and GB/s, the measured and peak floors and the
 fraction of each, peak memory, stored bytes, clone overhead and ratios to PEFT and to the bare layer.
+
+A case whose implementation is ``NAME@PYTHON`` is timed in that interpreter (``run_elsewhere``): it runs this
+module's own entry (``python -m conformance.bench.runner --cases IN.json --out OUT.json``), which times the cases
+there with ``NAME`` found by the runner's loader and writes the records as JSON; the interpreter is checked
+first as the conformance runner checks one (``conformance.harness.runner.interpreter_packages``), and the
+result's ``elsewhere`` holds its packages and fingerprint.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import gc
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -155,24 +167,20 @@ def repeat_spread(builder: Builder, cases: list[BenchCase], device: str, quick: 
     return out
 
 
-def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_seconds: float | None = None,
-        repeats: int = 0, log: Callable[[str], None] = print, mem_shapes: list[tuple[int, int]] | None = None,
-        partial_path: Path | None = None, passes: int = 1) -> dict[str, Any]:
-    """Run ``cases`` (in order, until ``max_seconds``), returning the result document.
+def split_impl(impl: str) -> tuple[str, str | None]:
+    """(name, interpreter) of ``NAME@PYTHON`` (the runner's ``--impl`` form); (impl, None) for this interpreter."""
+    name, sep, python = impl.partition("@")
+    return (name, python) if sep else (impl, None)
 
-    ``passes > 1`` walks the whole matrix that many times and pools each case's rounds: on a shared
-    machine whose load drifts over seconds, every case then samples the same mix of load.
-    """
-    warnings.simplefilter("ignore")
-    env = environment(device)
-    gpu_name = env.get("gpu", {}).get("name") if device == "cuda" else None
-    peak = roofline.peak_for(gpu_name)
-    builder = Builder(device)
+
+def time_cases(builder: Builder, cases: list[BenchCase], device: str, quick: bool, deadline: float | None = None,
+               passes: int = 1, log: Callable[[str], None] = print, partial_path: Path | None = None
+               ) -> list[dict[str, Any]]:
+    """One record per case, timed in this process, in order; cases left when ``deadline`` (``perf_counter``)
+    has passed are ``skipped``. ``passes > 1`` walks the cases that many times and pools each case's rounds."""
     flusher = L2Flusher(device) if device == "cuda" else None
     inject = inject_factor()
-    started = time.perf_counter()
     records: list[dict[str, Any]] = []
-    skipped = 0
     pooled: dict[str, list[float]] = {}
     for extra in range(passes - 1):  # earlier passes only contribute rounds to the pooled samples
         for case in cases:
@@ -181,9 +189,8 @@ def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_se
                 pooled.setdefault(case.key, []).extend(rec["_samples"])
         log(f"pass {extra + 1}/{passes} done")
     for n, case in enumerate(cases):
-        if max_seconds is not None and time.perf_counter() - started > max_seconds:
+        if deadline is not None and time.perf_counter() > deadline:
             records.append({**case.to_dict(), "status": "skipped", "error": "time budget of the run exhausted"})
-            skipped += 1
             continue
         rec = run_case(builder, case, device, quick, flusher, inject)
         records.append(rec)
@@ -198,6 +205,90 @@ def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_se
             log(f"[{n + 1}/{len(cases)}] {case.key:70s} ERROR {rec['error'][:200]}")
         if partial_path is not None and (n % 25 == 0):
             write_atomic(partial_path, json.dumps({"format": FORMAT, "partial": True, "results": records}, default=str))
+    return records
+
+
+def _elsewhere_records(cases: list[BenchCase], status: str, error: str) -> list[dict[str, Any]]:
+    return [{**c.to_dict(), "status": status, "error": error} for c in cases]
+
+
+def run_elsewhere(python: str, cases: list[BenchCase], device: str, quick: bool, max_seconds: float | None = None,
+                  passes: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Time ``cases`` (all ``NAME@python``) in the interpreter ``python``: (records, its fingerprint).
+
+    The child runs ``python -m conformance.bench.runner`` on the cases with ``NAME`` alone, its progress on
+    this process' stdout; its records come back with the case's own ``impl`` and ``key``. A child that fails
+    leaves every case of it as ``error`` with the child's exit and last stderr line."""
+    from conformance.harness import interrupts, processes
+
+    if max_seconds is not None and max_seconds <= 0:
+        return _elsewhere_records(cases, "skipped", "time budget of the run exhausted"), {}
+    with tempfile.TemporaryDirectory(prefix="conformance-bench-") as tmp:
+        spec, out, errlog = (os.path.join(tmp, f) for f in ("cases.json", "records.json", "stderr.log"))
+        there = [c.with_impl(split_impl(c.impl)[0]) for c in cases]
+        with open(spec, "w", encoding="utf-8") as fh:
+            json.dump([{k: getattr(c, k) for k in BenchCase.__dataclass_fields__} for c in there], fh)
+        cmd = [python, "-m", "conformance.bench.runner", "--cases", spec, "--out", out, "--device", device,
+               "--passes", str(passes), *(["--quick"] if quick else []),
+               *(["--max-seconds", f"{max_seconds:g}"] if max_seconds is not None else [])]
+        env = dict(os.environ, BITSANDBYTES_NOWELCOME="1")
+        with open(errlog, "w", encoding="utf-8") as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+        key = processes.started(proc)  # a second Ctrl-C kills it with the rest
+        try:
+            proc.wait()
+        finally:  # Ctrl-C here: the child (a session of its own) must not outlive the run
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            interrupts.forget(key)
+        if proc.returncode != 0 or not os.path.isfile(out):
+            last = (processes.tail(errlog, 1) or ["no output"])[0]
+            return _elsewhere_records(cases, "error", f"the bench in {python} {processes.describe_exit(proc.returncode)}"
+                                      f": {last}"), {}
+        with open(out, encoding="utf-8") as fh:
+            got = json.load(fh)
+    records = got["results"]
+    for case, rec in zip(cases, records, strict=True):
+        rec.update(impl=case.impl, key=case.key, python=python)
+    return records, got["environment"]
+
+
+def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_seconds: float | None = None,
+        repeats: int = 0, log: Callable[[str], None] = print, mem_shapes: list[tuple[int, int]] | None = None,
+        partial_path: Path | None = None, passes: int = 1) -> dict[str, Any]:
+    """Run ``cases`` (in order, until ``max_seconds``), returning the result document.
+
+    ``passes > 1`` walks the whole matrix that many times and pools each case's rounds: on a shared
+    machine whose load drifts over seconds, every case then samples the same mix of load. Cases of
+    ``NAME@PYTHON`` run in that interpreter after the others (``run_elsewhere``); a missing or unusable
+    interpreter is a ``conformance.harness.runner.UsageError`` before anything is timed.
+    """
+    from conformance.harness.runner import interpreter_packages
+
+    warnings.simplefilter("ignore")
+    here = [c for c in cases if split_impl(c.impl)[1] is None]
+    there: dict[str, list[BenchCase]] = {}
+    for c in cases:
+        python = split_impl(c.impl)[1]
+        if python is not None:
+            there.setdefault(python, []).append(c)
+    elsewhere = {python: {"packages": interpreter_packages(python)} for python in there}  # UsageError first
+    env = environment(device)
+    gpu_name = env.get("gpu", {}).get("name") if device == "cuda" else None
+    peak = roofline.peak_for(gpu_name)
+    builder = Builder(device)
+    flusher = L2Flusher(device) if device == "cuda" else None
+    started = time.perf_counter()
+    deadline = None if max_seconds is None else started + max_seconds
+    by_key = {r["key"]: r for r in time_cases(builder, here, device, quick, deadline, passes, log, partial_path)}
+    for python, group in there.items():
+        left = None if deadline is None else deadline - time.perf_counter()
+        log(f"timing {len(group)} case(s) in {python}")
+        recs, elsewhere[python]["environment"] = run_elsewhere(python, group, device, quick, left, passes)
+        by_key.update((r["key"], r) for r in recs)
+    records = [by_key[c.key] for c in cases]
+    skipped = sum(r["status"] == "skipped" for r in records)
     elapsed = time.perf_counter() - started
     spread = []
     if repeats:
@@ -217,11 +308,12 @@ def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_se
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "environment": env,
         "slug": slug(env),
-        "config": {"device": device, "quick": quick, "max_seconds": max_seconds, "inject_slowdown": inject,
+        "config": {"device": device, "quick": quick, "max_seconds": max_seconds, "inject_slowdown": inject_factor(),
                    "passes": passes, "cases": len(cases), "skipped": skipped, "elapsed_s": elapsed,
                    "budget": budget_for(cases[0], device, quick).to_dict() if cases else None},
         "peak": None if peak is None else {"name": peak.name, "flops": peak.flops, "bandwidth": peak.bandwidth},
         "results": records,
+        **({"elsewhere": elsewhere} if elsewhere else {}),
         "repeat_spread": spread,
         "memory": mem,
         "memory_theory": {
@@ -231,3 +323,34 @@ def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_se
             "llama7b_nf4_dq_gib": memory.model_gib(6.74e9, memory.theoretical_bits(4, 64, True)["total"]),
         },
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The timing entry ``run_elsewhere`` starts in another interpreter: time the cases of a JSON file there."""
+    p = argparse.ArgumentParser(prog="python -m conformance.bench.runner", description=main.__doc__)
+    p.add_argument("--cases", required=True, help="JSON list of BenchCase fields")
+    p.add_argument("--out", required=True, help="where the records and this interpreter's fingerprint go (JSON)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--passes", type=int, default=1)
+    p.add_argument("--max-seconds", type=float, default=None)
+    args = p.parse_args(argv)
+    from conformance.quant.layers import quiet_int8_cast_notice
+
+    quiet_int8_cast_notice()
+    warnings.simplefilter("ignore")
+    if args.device == "cpu" and args.quick:
+        torch.set_num_threads(1)  # as ``python -m conformance.bench --quick``
+    with open(args.cases, encoding="utf-8") as fh:
+        cases = [BenchCase(**d) for d in json.load(fh)]
+    deadline = None if args.max_seconds is None else time.perf_counter() + args.max_seconds
+    records = time_cases(Builder(args.device), cases, args.device, args.quick, deadline, args.passes)
+    for r in records:
+        r.pop("_samples", None)
+    write_atomic(Path(args.out), json.dumps({"environment": environment(args.device), "results": records},
+                                            default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
