@@ -6,6 +6,7 @@ Requantization is excluded here: add ``conformance.quant.weight_bound`` of the l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,10 +15,10 @@ from torch import nn
 
 from conformance.quant import bounds as qbounds
 
-from .blocks import oft_layout, oft_rotation, rotate_error
+from .blocks import block_norms, oft_layout, oft_rotation, rotate_error
 from .cayley import inverse_rotation_error, rotation_error
 from .expected import lora_delta, lora_delta_error, lora_scaling
-from .rounding import U32
+from .rounding import U32, cast_error
 
 
 def lora_merge_error(w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], scaling: float,
@@ -32,16 +33,24 @@ def lora_merge_error(w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], scal
     return de + U32 * (target_abs + de)
 
 
-def _rotate_weight_error(w: torch.Tensor, r: torch.Tensor, delta: torch.Tensor, n_blocks: int, block_size: int,
-                         w_err: torch.Tensor | None) -> torch.Tensor:
+def _rotation_cast(tensors: Mapping[str, torch.Tensor], block_size: int) -> float:
+    """Per-block bound on rounding the rotation, computed in the parameter dtype, to float32 (``||R||_F = sqrt(b)``;
+    0 where float32 holds every value of the parameter dtype, e.g. float16/bfloat16, nonzero for float64)."""
+    return cast_error(tensors["oft_R.weight"].dtype, torch.float32) * math.sqrt(block_size)
+
+
+def _rotate_weight_error(w: torch.Tensor, r: torch.Tensor, delta: torch.Tensor | float, n_blocks: int,
+                         block_size: int, w_err: torch.Tensor | None, extra: float = 0.0) -> torch.Tensor:
     """Bound on |computed W R_c - W R| in float32 (``rotate_error``: rows rotated block-wise by a rotation within
-    ``delta`` of ``R``), plus the rounding of the product; ``W`` known within ``w_err`` of ``w`` (None: exactly)."""
+    ``delta`` of ``R``), plus the rounding of the product; ``W`` known within ``w_err`` of ``w`` (None: exactly).
+    ``extra``: a further per-block error of the rotation, counted through the rows' block norms only."""
     wv = w.double()
     w_abs, target_abs = wv.abs(), (wv @ r).abs()
     if w_err is not None:
         w_abs, target_abs = w_abs + w_err, target_abs + w_err @ r.abs()
     err = rotate_error(w_abs, r.abs(), delta, n_blocks, block_size, torch.float32)
-    return err + U32 * (target_abs + err)
+    err = err + U32 * (target_abs + err)
+    return err + block_norms(w_abs, n_blocks, block_size) * extra if extra else err
 
 
 def lora_merged_weight(w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], scaling: float) -> tuple[
@@ -52,10 +61,12 @@ def lora_merged_weight(w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], sc
 
 def oft_merge_error(w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], n_blocks: int, block_size: int,
                     w0_err: torch.Tensor | None = None) -> torch.Tensor:
-    """Bound on |computed W0 R^T - W0 R^T| in float32 with the computed rotation (``w0_err``: as in
+    """Bound on |computed W0 R^T - W0 R^T| in float32 with the computed rotation (the rotation computed in the
+    parameter dtype, then rounded to float32: ``rotation_error`` plus ``_rotation_cast``; ``w0_err``: as in
     ``lora_merge_error``)."""
     r = oft_rotation(tensors, n_blocks, block_size)
-    return _rotate_weight_error(w0, r.t(), rotation_error(tensors, block_size), n_blocks, block_size, w0_err)
+    delta = rotation_error(tensors, block_size) + _rotation_cast(tensors, block_size)
+    return _rotate_weight_error(w0, r.t(), delta, n_blocks, block_size, w0_err)
 
 
 def oft_merged_weight(
@@ -70,10 +81,12 @@ def oft_unmerge_error(
     w1: torch.Tensor, tensors: Mapping[str, torch.Tensor], n_blocks: int, block_size: int,
     w1_err: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Bound on |computed W1 R^{-T} - W1 R| (unmerge with the computed rotation's inverse; ``w1_err``: as in
+    """Bound on |computed W1 R^{-T} - W1 R| (unmerge with the computed rotation's inverse; a rotation rounded to
+    float32 from the parameter dtype counts twice, in the rotation and in its inverse; ``w1_err``: as in
     ``lora_merge_error``)."""
     r = oft_rotation(tensors, n_blocks, block_size)
-    return _rotate_weight_error(w1, r, inverse_rotation_error(tensors, block_size), n_blocks, block_size, w1_err)
+    return _rotate_weight_error(w1, r, inverse_rotation_error(tensors, block_size), n_blocks, block_size, w1_err,
+                                extra=2 * _rotation_cast(tensors, block_size))
 
 
 def merge_target(
