@@ -95,6 +95,7 @@ def _results_in_workers(target: str, chosen: Sequence[Clause], device: str) -> t
 
     class _Described:  # what expected_failed_checks callables and messages see of a worker-run implementation
         name = info.name
+        methods = frozenset(info.methods)
         capabilities = frozenset(info.capabilities)
 
         def version(self) -> str:
@@ -159,14 +160,15 @@ def check_implementation(
 
 
 def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entries: Sequence[xf.Xfail] = (),
-                 strict: bool = True, result: Result | None = None) -> None:
+                 strict: bool = True, result: Result | None = None, target: str | None = None) -> None:
     """Run one clause as a pytest test body (outcomes mapped as ``xfails.resolve`` says).
 
     ``result``: this clause's result for ``impl`` on ``device``, already run (a suite sharing one expensive run,
-    e.g. a session fixture): judged as is, the clause is not run again."""
+    e.g. a session fixture): judged as is, the clause is not run again. ``target``: the string ``impl`` was
+    loaded from (stateful reproducers rebuild it from this)."""
     import pytest
 
-    res = result if result is not None else run_clause(clause, impl, device)
+    res = result if result is not None else run_clause(clause, impl, device, target=target)
     entry = xf.find(list(entries), clause.id, impl.name)
     outcome, message = xf.resolve(res.outcome, res.message, entry, strict=strict)
     if outcome is Outcome.SKIPPED:
@@ -194,11 +196,12 @@ def iter_checks(
     """
     paths = [xfails] if isinstance(xfails, str) else list(xfails or [])
     from_files = [e for p in paths for e in xf.load(p)]
-    resolved = [load(i) if isinstance(i, str) else i for i in impls]
-    for impl in resolved:
+    resolved = [(load(i), i) if isinstance(i, str) else (i, None) for i in impls]
+    for impl, target in resolved:
         entries = expected_entries(expected_failed_checks, impl) + from_files
         for c in select(clauses, include_slow=include_slow):
-            yield (f"{c.id}[{impl.name}]", partial(check_clause, c, impl, device, entries, xfail_strict), c, impl)
+            yield (f"{c.id}[{impl.name}]", partial(check_clause, c, impl, device, entries, xfail_strict, target=target),
+                   c, impl)
 
 
 def params(impls: Iterable[str | Implementation], **kwargs: Any) -> list[Any]:

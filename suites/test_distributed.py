@@ -52,7 +52,8 @@ class OneBreakagePerFamily(ReferenceImplementation):
     The clause judges each family on its own, so one spawned run shows both (one process group, not two)."""
 
     name = "one-breakage-per-family"
-    capabilities = frozenset({"lora", "4bit", "8bit", "distributed"})
+    methods = frozenset({"lora"})
+    capabilities = frozenset({"4bit", "8bit", "distributed"})
 
     def create(self, base_layer, spec):
         layer = super().create(base_layer, spec)

@@ -33,14 +33,15 @@ def _clause(check, **kw) -> Clause:  # noqa: ANN001
 
 class _LoraOnly(ReferenceImplementation):
     name = "lora-only"
-    capabilities = ReferenceImplementation.capabilities - {"oft"}
+    methods = frozenset({"lora"})
 
 
 class _NoInputCast(ReferenceImplementation):
     """LitGPT's and AdapterHub's situation: no input cast declared."""
 
     name = "no-input-cast"
-    capabilities = ReferenceImplementation.capabilities - {"input_cast", "oft"}
+    methods = frozenset({"lora"})
+    capabilities = ReferenceImplementation.capabilities - {"input_cast"}
 
 
 # -- skipped cases ------------------------------------------------------------------------------------

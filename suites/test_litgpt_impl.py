@@ -23,7 +23,7 @@ import torch
 
 from conformance.harness.loader import load
 from conformance.quant.layers import dequantize, make_base_layer
-from conformance.spec.interface import AdapterSpec, ImplementationUnsupported, bits_of, methods_of
+from conformance.spec.interface import AdapterSpec, ImplementationUnsupported, declared
 
 HAS_LITGPT = importlib.util.find_spec("litgpt") is not None
 needs_litgpt = pytest.mark.skipif(not HAS_LITGPT, reason="litgpt is not installed (its own venv: see "
@@ -58,7 +58,7 @@ def test_capabilities_are_exactly_litgpts() -> None:
                 "peft_model", "unmerge", "safe_merge", "rslora", "input_cast"):
         assert gap not in impl.capabilities
         assert impl.unsupported[gap].startswith(f"litgpt {impl.version()}: "), gap
-    assert methods_of(impl) == frozenset({"lora"}) and bits_of(impl) == frozenset({4, 8})
+    assert declared(impl).methods == frozenset({"lora"}) and declared(impl).bits == frozenset({4, 8})
 
 
 @needs_litgpt

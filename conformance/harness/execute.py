@@ -33,20 +33,17 @@ import time
 import warnings
 from typing import Any
 
+from conformance.core.applicability import applicability as _applicability
+from conformance.core.applicability import family_label
 from conformance.core.outcome import Outcome
 from conformance.harness.context import QUOTED_FAILURES, CheckContext
-from conformance.harness.results import Result, applicability
+from conformance.harness.results import Result
 from conformance.spec.budget import Budget
 from conformance.spec.clauses import Clause
-from conformance.spec.interface import Implementation, bits_of, methods_of
+from conformance.spec.interface import Implementation, declared
 
 #: areas whose check reports over all families at once
 UNSPLIT_AREAS = frozenset({"stateful"})
-
-
-def families(clause: Clause, impl: Implementation) -> list[tuple[str, int]]:
-    """The (method, bits) case families of ``clause`` for ``impl``."""
-    return [(m, b) for m in sorted(clause.methods & methods_of(impl)) for b in sorted(clause.bits & bits_of(impl))]
 
 
 def _family_verdict(ctx: CheckContext, clause: Clause) -> tuple[str, str]:
@@ -157,21 +154,23 @@ def family_counts(outcome: str, message: str, ctx: CheckContext) -> dict[str, An
 
 
 def run_clause(clause: Clause, impl: Implementation, device: str = "cpu", seed: int = 0, *,
-               budget: Budget | None = None, report_dir: str | None = None) -> Result:
-    """Run one clause's check against one implementation, in this process (one run per case family)."""
+               budget: Budget | None = None, report_dir: str | None = None, target: str | None = None) -> Result:
+    """Run one clause's check against one implementation, in this process (one run per case family).
+    ``target``: the string ``impl`` was loaded from (``CheckContext.target``)."""
     res = Result(clause=clause.id, implementation=impl.name, outcome="passed", level=clause.level, device=device)
-    reason = applicability(clause, impl, device)
-    if reason:
-        res.outcome, res.message = "skipped", reason
+    applies = _applicability(clause, declared(impl), device, impl.name)
+    if applies.reason:
+        res.outcome, res.message = "skipped", applies.reason
         return res
-    fams: list[tuple[str, int] | None] = [None] if clause.area in UNSPLIT_AREAS else list(families(clause, impl))
+    fams: list[tuple[str, int] | None] = (
+        [None] if clause.area in UNSPLIT_AREAS else [(str(m), b) for m, b in applies.families])
     start = time.perf_counter()
     runs = []
     for fam in fams:
         ctx = CheckContext(impl=impl, clause=clause, device=device, seed=seed, family=fam, budget=budget or Budget(),
-                           report_dir=report_dir)
+                           report_dir=report_dir, target=target)
         outcome, message = _family_verdict(ctx, clause)
-        runs.append((f"{fam[0]}/{fam[1]}bit" if fam else "all", outcome, message, ctx))
+        runs.append((family_label(fam) if fam else "all", outcome, message, ctx))
     res.duration_s = time.perf_counter() - start
     _aggregate(res, runs)
     return res

@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from conformance.core import outcome as _outcome
+from conformance.core.applicability import applicability as _applicability
 from conformance.core.outcome import OUTCOMES, Outcome
-from conformance.spec.interface import bits_of, methods_of
+from conformance.spec.interface import declared
 
 if TYPE_CHECKING:
     from conformance.spec.clauses import Clause
@@ -47,19 +48,9 @@ class Result:
 
 
 def applicability(clause: Clause, impl: Implementation, device: str) -> str | None:
-    """Why the clause does not apply to this implementation/device (None when it does)."""
-    if device not in clause.devices:
-        return f"clause applies to devices {sorted(clause.devices)}, not {device}"
-    if device == "cuda" and "cuda" not in impl.capabilities:
-        return f"{impl.name} does not declare capability cuda"
-    if not clause.methods & methods_of(impl):
-        return f"{impl.name} implements none of {sorted(clause.methods)}"
-    if not clause.bits & bits_of(impl):
-        return f"{impl.name} supports none of the bit widths {sorted(clause.bits)}"
-    missing = sorted(clause.requires - set(impl.capabilities))
-    if missing:
-        return f"{impl.name} does not declare capability {', '.join(missing)}"
-    return None
+    """Why the clause does not apply to this implementation/device (None when it does):
+    ``conformance.core.applicability`` decides."""
+    return _applicability(clause, declared(impl), device, impl.name).reason
 
 
 def exit_status(results: Iterable[Result]) -> int:

@@ -41,7 +41,7 @@ def machine_run(ctx: CheckContext) -> sr.RunResult:
            b.stateful_steps, b.stateful_shrink_s, report_dir)
     if key not in _CACHE:
         _CACHE[key] = sr.run(impl, ctx.device, examples=b.stateful_examples, steps=b.stateful_steps,
-                             shrink_s=b.stateful_shrink_s, out=report_dir)
+                             shrink_s=b.stateful_shrink_s, out=report_dir, target=ctx.target)
     return _CACHE[key]
 
 
@@ -80,7 +80,7 @@ def shortfall(clause: str, run: sr.RunResult) -> str | None:
 def report(ctx: CheckContext) -> None:
     """Measurements and the outcome of ``ctx.clause`` from the shared run."""
     cid = ctx.clause.id
-    why = unreachable(cid, frozenset(ctx.impl.capabilities))
+    why = unreachable(cid, ctx.declaration.capabilities)
     if why:
         ctx.skip(f"{ctx.impl.name} declares no capability for the ops this clause checks ({why})")
     run = machine_run(ctx)
