@@ -156,6 +156,10 @@ class Result:
         """A result of either schema (unknown keys, such as a worker's ``event``, are ignored)."""
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and d[k] is not None})
 
+    def family_texts(self) -> dict[str, str]:
+        """Each family's outcome in one phrase: ``passed`` or ``outcome: message``."""
+        return {f: fam.text() for f, fam in self.families.items()}
+
     def numeric(self) -> dict[str, float]:
         """The finite measurements (what ``compare`` follows for drift)."""
         return {k: float(v) for k, v in self.measurements.items() if math.isfinite(float(v))}
