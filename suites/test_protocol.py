@@ -133,7 +133,7 @@ def test_a_clause_whose_cases_all_needed_a_capability_is_inconclusive() -> None:
     res = run_clause(_clause(check), _Impl())
     assert res.outcome == "inconclusive" and "no case ran" in res.message and "rslora" in res.message
     assert res.cases_skipped == {"rslora": 4}
-    assert {f: (d["run"], d["skipped"]) for f, d in res.families.items()} == {
+    assert {f: (d.run, d.skipped) for f, d in res.families.items()} == {
         f: (0, 1) for f in ("lora/4bit", "lora/8bit", "oft/4bit", "oft/8bit")}
 
 
@@ -291,5 +291,5 @@ def test_undeclared_input_cast_skips_cases_never_fails() -> None:
     assert res.outcome == "passed", res.message
     assert res.cases_skipped["input_cast"] > 0
     fam = res.families["lora/8bit"]  # the fp16-input cases are skipped, the family's other cases run
-    assert fam["run"] > 0 and fam["skipped"] > 0, fam
-    assert fam["skip_reasons"] == {"input_cast not declared": fam["skipped"]}, fam
+    assert fam.run > 0 and fam.skipped > 0, fam
+    assert fam.skip_reasons == {"input_cast not declared": fam.skipped}, fam
