@@ -117,9 +117,16 @@ class Result:
     reproducers: list[str] = field(default_factory=list)  #: scripts that replay a failure (the first is the main)
     details: dict[str, Any] = field(default_factory=dict)  #: the check's other recorded values (not numbers)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """An outcome set as its string (from JSON, a worker, ``res.outcome = "skipped"``) is an ``Outcome``
+        (ValueError for an unknown one); families set as their JSON are ``Family`` records."""
+        if name == "outcome":
+            value = Outcome(value)
+        elif name == "families":
+            value = {k: v if isinstance(v, Family) else Family.from_json(v) for k, v in value.items()}
+        object.__setattr__(self, name, value)
+
     def __post_init__(self) -> None:
-        self.outcome = Outcome(self.outcome)  # a plain string from JSON or a worker; ValueError for an unknown one
-        self.families = {k: v if isinstance(v, Family) else Family.from_json(v) for k, v in self.families.items()}
         raw, self.measurements = self.measurements, {}
         self.take_measurements(raw)
 
