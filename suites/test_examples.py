@@ -106,8 +106,8 @@ def test_merge_only_passes_what_it_has_with_gated_cases_skipped() -> None:
         res = run_clause(reg[cid], impl)
         assert res.outcome == "passed", f"{cid}: {res.outcome}: {res.message}"
         if cid in ("FWD-LORA-DELTA", "MERGE-FORWARD-BOUND"):
-            assert res.measurements["cases_skipped"].get("rslora", 0) > 0, res.measurements
-            assert set(res.measurements["families"]) == {"lora/4bit", "lora/8bit"}
+            assert res.cases_skipped.get("rslora", 0) > 0, res.cases_skipped
+            assert set(res.families) == {"lora/4bit", "lora/8bit"}
 
 
 def test_merge_only_wording_differs_from_peft_only_at_should_level() -> None:

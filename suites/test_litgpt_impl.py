@@ -218,7 +218,7 @@ def test_the_8bit_cases_litgpt_can_take_run_and_the_fp16_inputs_are_skipped_alon
     res = run_clause(get("FWD-INIT-IDENTITY"), _impl())
     fam = res.families["lora/8bit"]  # LitGPT declares no input_cast: fp16 inputs to fp32 adapters are left out
     assert res.outcome == "passed", res.message
-    assert fam["run"] > 0 and fam["skip_reasons"] == {"input_cast not declared": fam["skipped"]} and fam["skipped"]
+    assert fam.run > 0 and fam.skip_reasons == {"input_cast not declared": fam.skipped} and fam.skipped
 
 
 @needs_litgpt
@@ -228,8 +228,8 @@ def test_an_exception_out_of_litgpts_8bit_merge_is_its_failure() -> None:
 
     res = run_clause(get("MERGE-WARNS-LORA"), _impl())
     fam = res.families["lora/8bit"]  # finding 2: a merge into an int8-stored base raises
-    assert fam["outcome"] == "failed", fam
-    assert "RuntimeError" in fam["message"] and "raised in the implementation at litgpt/lora.py:" in fam["message"]
+    assert fam.outcome == "failed", fam
+    assert "RuntimeError" in fam.message and "raised in the implementation at litgpt/lora.py:" in fam.message
 
 
 @needs_litgpt

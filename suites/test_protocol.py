@@ -146,7 +146,7 @@ def test_every_failing_and_crashing_family_is_reported() -> None:
     res = run_clause(_clause(check), _Impl())
     assert res.outcome == "failed"
     assert "lora/8bit: lora 8-bit is off" in res.message and "oft/4bit: error: RuntimeError" in res.message
-    fams = res.measurements["families"]
+    fams = res.family_texts()
     assert fams["lora/4bit"] == "passed" and fams["oft/8bit"] == "passed"
     assert fams["lora/8bit"].startswith("failed") and fams["oft/4bit"].startswith("error")
     assert res.measurements["ratio"] == 2.0
@@ -171,8 +171,8 @@ def test_a_clause_whose_cases_all_needed_a_capability_is_inconclusive() -> None:
 
     res = run_clause(_clause(check), _Impl())
     assert res.outcome == "inconclusive" and "no case ran" in res.message and "rslora" in res.message
-    assert res.measurements["cases_skipped"] == {"rslora": 4}
-    assert {f: (d["run"], d["skipped"]) for f, d in res.families.items()} == {
+    assert res.cases_skipped == {"rslora": 4}
+    assert {f: (d.run, d.skipped) for f, d in res.families.items()} == {
         f: (0, 1) for f in ("lora/4bit", "lora/8bit", "oft/4bit", "oft/8bit")}
 
 
@@ -181,8 +181,8 @@ def test_capability_gated_case_is_skipped_inside_a_clause() -> None:
     impl.capabilities = ReferenceImplementation.capabilities - {"rslora"}
     res = run_clause(get("FWD-LORA-DELTA"), impl)
     assert res.outcome == "passed", res.message
-    assert res.measurements["cases_skipped"]["rslora"] > 0
-    assert any("rslora" in n for n in res.measurements["notes"])
+    assert res.cases_skipped["rslora"] > 0
+    assert any("rslora" in n for n in res.notes)
 
 
 def test_clause_needing_an_undeclared_operation_is_skipped() -> None:
@@ -330,7 +330,7 @@ class _NoInputCast(ReferenceImplementation):
 def test_undeclared_input_cast_skips_cases_never_fails() -> None:
     res = run_clause(get("BACKPROP-NOGRAD-FORWARD"), _NoInputCast())
     assert res.outcome == "passed", res.message
-    assert res.measurements["cases_skipped"]["input_cast"] > 0
+    assert res.cases_skipped["input_cast"] > 0
     fam = res.families["lora/8bit"]  # the fp16-input cases are skipped, the family's other cases run
-    assert fam["run"] > 0 and fam["skipped"] > 0, fam
-    assert fam["skip_reasons"] == {"input_cast not declared": fam["skipped"]}, fam
+    assert fam.run > 0 and fam.skipped > 0, fam
+    assert fam.skip_reasons == {"input_cast not declared": fam.skipped}, fam
