@@ -5,7 +5,7 @@ family of it), ``Report`` (a run), with ``to_json``/``from_json``. The one reade
 JSON, ``schema_version`` "2"::
 
     {schema_version, generated_at, command, environment,
-     implementations: {name: {version, capabilities, unsupported[, python, packages]}},
+     implementations: {name: {version, methods, capabilities, unsupported[, python, packages]}},
      clauses: {id: {level, text, source, area}},
      results: [{clause, implementation, outcome, message, duration_s, level, device,
                 measurements: {key: number}, details: {key: JSON value}, notes: [text],
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from conformance.core.outcome import MUST, OUTCOMES, Outcome
+from conformance.core.vocabulary import Method
 
 SCHEMA_VERSION = "2"
 #: the schema versions ``Report.from_json`` reads (the major number before any ".")
@@ -181,18 +182,26 @@ class ImplementationInfo:
     unsupported: dict[str, str] = field(default_factory=dict)
     python: str = ""  #: the interpreter its workers ran in, when not the report's (``--impl NAME@PYTHON``)
     packages: dict[str, str] = field(default_factory=dict)  #: versions installed in ``python``
+    #: the adapter methods it declares (``core.vocabulary.Method``); version 1 listed them among the capabilities
+    methods: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"version": self.version, "capabilities": list(self.capabilities),
-                               "unsupported": dict(self.unsupported)}
+        out: dict[str, Any] = {"version": self.version, "methods": list(self.methods),
+                               "capabilities": list(self.capabilities), "unsupported": dict(self.unsupported)}
         if self.python:
             out.update(python=self.python, packages=dict(self.packages))
         return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ImplementationInfo:
-        return cls(str(d.get("version", "unknown")), list(d.get("capabilities") or []),
-                   dict(d.get("unsupported") or {}), d.get("python") or "", dict(d.get("packages") or {}))
+        caps = [str(c) for c in d.get("capabilities") or []]
+        if "methods" in d:
+            methods = [str(m) for m in d["methods"]]
+        else:  # version 1: methods were capabilities
+            names = {m.value for m in Method}
+            methods, caps = [c for c in caps if c in names], [c for c in caps if c not in names]
+        return cls(str(d.get("version", "unknown")), caps, dict(d.get("unsupported") or {}), d.get("python") or "",
+                   dict(d.get("packages") or {}), methods)
 
 
 @dataclass

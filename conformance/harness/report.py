@@ -69,7 +69,8 @@ def build(
     return Report(
         results=list(results),
         implementations={i.name: ImplementationInfo(i.version, list(i.capabilities), dict(i.unsupported),
-                                                    i.python, dict(i.packages) if i.python else {}) for i in impls},
+                                                    i.python, dict(i.packages) if i.python else {},
+                                                    list(i.methods)) for i in impls},
         clauses={c.id: ClauseInfo(c.level, c.text, c.source, c.area) for c in clauses},
         environment=environment, summary=summarize(results),
         generated_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), command=command,
