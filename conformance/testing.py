@@ -180,7 +180,9 @@ def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entr
     if outcome.is_failure:
         prefix = {Outcome.FAILED: "", Outcome.ERROR: "error while checking: ",
                   Outcome.INCONCLUSIVE: "inconclusive: "}[outcome]
-        extra = f"\nmeasurements: {res.measurements}" if res.measurements else ""
+        extra = "".join(f"\n{what}: {value}" for what, value in (
+            ("measurements", res.measurements), ("details", res.details), ("notes", res.notes),
+            ("reproducers", res.reproducers)) if value)
         pytest.fail(f"{clause.id} ({clause.level}): {clause.text}\n{prefix}{message}{extra}", pytrace=False)
 
 
