@@ -182,13 +182,10 @@ def _finish(args: argparse.Namespace, chosen: list, impls: list[str], infos: lis
     env = next((i.environment for i in infos if i.environment and not i.python), None) or fingerprint(args.device)
     doc = report.build(results, chosen, infos, env, command=shlex.join(sys.argv),
                        not_run=not_run if interrupted else None)
-    for info in infos:  # an implementation run in its own interpreter: where, and what is installed there
-        if info.python:
-            doc["implementations"][info.name].update(python=info.python, packages=info.packages)
     # each file is complete or absent (a temporary file, then a rename); a second Ctrl-C here exits at once
     interrupts.point("report")
     written, problems = [], []
-    for path, render in ((args.report, lambda: json.dumps(doc, indent=2) + "\n"),
+    for path, render in ((args.report, lambda: json.dumps(doc.to_json(), indent=2) + "\n"),
                          (args.markdown, lambda: report.markdown(doc, base=Path(args.markdown).parent))):
         if path:
             where, problem = write_with_fallback(path, render())
@@ -210,8 +207,8 @@ def _finish(args: argparse.Namespace, chosen: list, impls: list[str], infos: lis
     if interrupted:
         print(f"interrupted: {len(not_run)} clause runs not run (listed as not_run in the report)")
         return EXIT_INTERRUPTED
-    status = doc["summary"]["exit_status"]  # conformance.core.outcome.exit_status: one rule
-    for why in (doc["summary"].get("nothing_checked") or {}).values():
+    status = doc.summary["exit_status"]  # conformance.core.outcome.exit_status: one rule
+    for why in (doc.summary.get("nothing_checked") or {}).values():
         print(why)
     print("result: " + {EXIT_FAIL: "FAIL (a MUST clause failed, errored or was inconclusive, or an xfail passed)",
                         EXIT_NOTHING_CHECKED: "NOTHING CHECKED (exit 3: no clause ran for an implementation)"}
@@ -232,7 +229,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from conformance.harness import join, report
+    from conformance.core import join
+    from conformance.harness import report
 
     for option, path in (("--json", args.json), ("--markdown", args.markdown)):
         if path and (err := _check_writable(path, option)):

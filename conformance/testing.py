@@ -97,6 +97,7 @@ def _results_in_workers(target: str, chosen: Sequence[Clause], device: str) -> t
 
     class _Described:  # what expected_failed_checks callables and messages see of a worker-run implementation
         name = info.name
+        methods = frozenset(info.methods)
         capabilities = frozenset(info.capabilities)
 
         def version(self) -> str:
@@ -161,15 +162,17 @@ def check_implementation(
 
 
 def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entries: Sequence[xf.Xfail] = (),
-                 strict: bool = True, result: Result | None = None, budget: Budget | None = None) -> None:
+                 strict: bool = True, result: Result | None = None, target: str | None = None,
+                 budget: Budget | None = None) -> None:
     """Run one clause as a pytest test body (outcomes mapped as ``xfails.resolve`` says).
 
     ``result``: this clause's result for ``impl`` on ``device``, already run (a suite sharing one expensive run,
-    e.g. a session fixture): judged as is, the clause is not run again. ``budget``: the budget to run it under
-    (the checks of one implementation share one, and with it their state-machine run)."""
+    e.g. a session fixture): judged as is, the clause is not run again. ``target``: the string ``impl`` was
+    loaded from (stateful reproducers rebuild it from this). ``budget``: the budget to run it under (the checks
+    of one implementation share one, and with it their state-machine run)."""
     import pytest
 
-    res = result if result is not None else run_clause(clause, impl, device, budget=budget)
+    res = result if result is not None else run_clause(clause, impl, device, target=target, budget=budget)
     entry = xf.find(list(entries), clause.id, impl.name)
     outcome, message = xf.resolve(res.outcome, res.message, entry, strict=strict)
     if outcome is Outcome.SKIPPED:
@@ -181,7 +184,9 @@ def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entr
     if outcome.is_failure:
         prefix = {Outcome.FAILED: "", Outcome.ERROR: "error while checking: ",
                   Outcome.INCONCLUSIVE: "inconclusive: "}[outcome]
-        extra = f"\nmeasurements: {res.measurements}" if res.measurements else ""
+        extra = "".join(f"\n{what}: {value}" for what, value in (
+            ("measurements", res.measurements), ("details", res.details), ("notes", res.notes),
+            ("reproducers", res.reproducers)) if value)
         pytest.fail(f"{clause.id} ({clause.level}): {clause.text}\n{prefix}{message}{extra}", pytrace=False)
 
 
@@ -197,12 +202,12 @@ def iter_checks(
     """
     paths = [xfails] if isinstance(xfails, str) else list(xfails or [])
     from_files = [e for p in paths for e in xf.load(p)]
-    resolved = [load(i) if isinstance(i, str) else i for i in impls]
-    for impl in resolved:
+    resolved = [(load(i), i) if isinstance(i, str) else (i, None) for i in impls]
+    for impl, target in resolved:
         entries = expected_entries(expected_failed_checks, impl) + from_files
         budget = Budget()  # this implementation's checks share it (and their state-machine run)
         for c in select(clauses, include_slow=include_slow):
-            yield (f"{c.id}[{impl.name}]", partial(check_clause, c, impl, device, entries, xfail_strict,
+            yield (f"{c.id}[{impl.name}]", partial(check_clause, c, impl, device, entries, xfail_strict, target=target,
                                                   budget=budget), c, impl)
 
 

@@ -34,7 +34,7 @@ class _Wrapped(ReferenceImplementation):
                  **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.patch = patch
-        self.capabilities = (ReferenceImplementation.capabilities - {"lora", "oft"}) | methods
+        self.methods = frozenset(methods)
         self.name = "broken"
 
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:

@@ -52,7 +52,8 @@ class OneBreakagePerFamily(ReferenceImplementation):
     The clause judges each family on its own, so one spawned run shows both (one process group, not two)."""
 
     name = "one-breakage-per-family"
-    capabilities = frozenset({"lora", "4bit", "8bit", "distributed"})
+    methods = frozenset({"lora"})
+    capabilities = frozenset({"4bit", "8bit", "distributed"})
 
     def create(self, base_layer, spec):
         layer = super().create(base_layer, spec)
@@ -76,7 +77,7 @@ def test_reference_passes_every_family(ddp_reference_result) -> None:
     """The session's one reference run (suites/conftest.py; test_clauses judges the same result)."""
     res = ddp_reference_result
     assert res.outcome == "passed", res.message
-    assert res.measurements["families"] == {f: "passed" for f in ("lora/4bit", "lora/8bit", "oft/4bit", "oft/8bit")}
+    assert res.family_texts() == {f: "passed" for f in ("lora/4bit", "lora/8bit", "oft/4bit", "oft/8bit")}
     # the single-process comparison is informative: rounding differences exist and stay under the bound
     assert 0 < res.measurements["grad_ratio"] <= 1
 
@@ -85,7 +86,7 @@ def test_reference_passes_every_family(ddp_reference_result) -> None:
 def test_state_differing_per_rank_fails(broken_result) -> None:
     res = broken_result
     assert res.outcome == "failed", (res.outcome, res.message)
-    four = res.measurements["families"]["lora/4bit"]
+    four = res.family_texts()["lora/4bit"]
     assert four.startswith("failed") and "single process on the whole batch" in four, four
 
 
@@ -93,7 +94,7 @@ def test_state_differing_per_rank_fails(broken_result) -> None:
 def test_parameters_hidden_from_ddp_fail(broken_result) -> None:
     res = broken_result
     assert res.outcome == "failed", (res.outcome, res.message)
-    eight = res.measurements["families"]["lora/8bit"]
+    eight = res.family_texts()["lora/8bit"]
     assert eight.startswith("failed") and "differ between rank 0 and rank 1" in eight, eight
     assert "lora_B.weight" in eight, eight
 

@@ -33,10 +33,11 @@ def toy_on_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_load_module_attr() -> None:
     impl = implementation.load("toy_lora.impl:impl")
     assert impl.name == "toy_lora"
-    assert set(impl.capabilities) == {"lora", "4bit", "unmerge", "safe_merge", "rslora", "dropout", "input_cast"}
-    # duck-typed: the harness computes methods and bit widths from the capabilities, nothing is patched on
-    assert interface.methods_of(impl) == frozenset({"lora"}) and interface.bits_of(impl) == frozenset({4})
-    assert not hasattr(impl, "methods")
+    assert set(impl.capabilities) == {"4bit", "unmerge", "safe_merge", "rslora", "dropout", "input_cast"}
+    # duck-typed: the harness reads the declaration (bit widths from the capabilities), nothing is patched on
+    decl = interface.declared(impl)
+    assert decl.methods == frozenset({"lora"}) and decl.bits == frozenset({4})
+    assert not hasattr(impl, "bits") and not hasattr(impl, "declaration")
 
 
 def test_load_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,8 +106,8 @@ def test_merge_only_passes_what_it_has_with_gated_cases_skipped() -> None:
         res = run_clause(reg[cid], impl)
         assert res.outcome == "passed", f"{cid}: {res.outcome}: {res.message}"
         if cid in ("FWD-LORA-DELTA", "MERGE-FORWARD-BOUND"):
-            assert res.measurements["cases_skipped"].get("rslora", 0) > 0, res.measurements
-            assert set(res.measurements["families"]) == {"lora/4bit", "lora/8bit"}
+            assert res.cases_skipped.get("rslora", 0) > 0, res.cases_skipped
+            assert set(res.families) == {"lora/4bit", "lora/8bit"}
 
 
 def test_merge_only_wording_differs_from_peft_only_at_should_level() -> None:

@@ -33,14 +33,15 @@ def _clause(check, **kw) -> Clause:  # noqa: ANN001
 
 class _LoraOnly(ReferenceImplementation):
     name = "lora-only"
-    capabilities = ReferenceImplementation.capabilities - {"oft"}
+    methods = frozenset({"lora"})
 
 
 class _NoInputCast(ReferenceImplementation):
     """LitGPT's and AdapterHub's situation: no input cast declared."""
 
     name = "no-input-cast"
-    capabilities = ReferenceImplementation.capabilities - {"input_cast", "oft"}
+    methods = frozenset({"lora"})
+    capabilities = ReferenceImplementation.capabilities - {"input_cast"}
 
 
 # -- skipped cases ------------------------------------------------------------------------------------
@@ -48,17 +49,17 @@ def test_an_undeclared_input_cast_skips_those_cases_and_the_family_runs_the_othe
     res = run_clause(get("FWD-INIT-IDENTITY"), _NoInputCast())
     assert res.outcome == "passed", res.message
     fam = res.families["lora/8bit"]
-    assert fam["outcome"] == "passed" and fam["run"] > 0 and fam["skipped"] > 0, fam
-    assert fam["skip_reasons"] == {"input_cast not declared": fam["skipped"]}
-    assert res.families["lora/4bit"]["run"] > 0
+    assert fam.outcome == "passed" and fam.run > 0 and fam.skipped > 0, fam
+    assert fam.skip_reasons == {"input_cast not declared": fam.skipped}
+    assert res.families["lora/4bit"].run > 0
 
 
 def test_a_wrapper_refusing_an_option_is_a_case_skip_never_an_error() -> None:
     res = run_clause(get("FWD-LORA-DELTA"), broken_impls.refuses_rslora)
     assert res.outcome == "passed", res.message
     for fam in res.families.values():
-        assert fam["run"] > 0 and fam["skipped"] == fam["run"], fam  # rslora on and off for every other case
-        assert fam["skip_reasons"] == {"refused by refuses_rslora: this wrapper has no use_rslora": fam["skipped"]}
+        assert fam.run > 0 and fam.skipped == fam.run, fam  # rslora on and off for every other case
+        assert fam.skip_reasons == {"refused by refuses_rslora: this wrapper has no use_rslora": fam.skipped}
 
 
 def test_a_refusal_inside_a_hypothesis_property_rejects_the_example() -> None:
@@ -77,8 +78,8 @@ def test_a_refusal_inside_a_hypothesis_property_rejects_the_example() -> None:
 
     res = run_clause(_clause(check, methods=frozenset({"lora"}), bits=frozenset({4})), _LoraOnly())
     fam = res.families["lora/4bit"]
-    assert res.outcome == "passed" and fam["run"] > 0 and fam["skipped"] > 0, fam
-    assert set(fam["skip_reasons"]) == {"refused by lora-only: no such option"}
+    assert res.outcome == "passed" and fam.run > 0 and fam.skipped > 0, fam
+    assert set(fam.skip_reasons) == {"refused by lora-only: no such option"}
 
 
 def test_a_declared_family_that_ran_no_case_is_inconclusive_with_the_reason() -> None:
@@ -94,9 +95,9 @@ def test_a_declared_family_that_ran_no_case_is_inconclusive_with_the_reason() ->
     res = run_clause(_clause(check, methods=frozenset({"lora"})), impl)
     assert res.outcome == "inconclusive", res.message
     assert "no case ran" in res.message and "rslora not declared: 2" in res.message
-    assert res.families["lora/4bit"] == {"outcome": "inconclusive", "run": 0, "skipped": 2,
-                                         "skip_reasons": {"rslora not declared": 2},
-                                         "message": res.families["lora/4bit"]["message"]}
+    assert res.families["lora/4bit"].to_json() == {"outcome": "inconclusive", "run": 0, "skipped": 2,
+                                                   "skip_reasons": {"rslora not declared": 2},
+                                                   "message": res.families["lora/4bit"].message}
 
 
 def test_a_family_skipped_by_a_declared_limitation_stays_skipped() -> None:
@@ -109,7 +110,7 @@ def test_a_family_skipped_by_a_declared_limitation_stays_skipped() -> None:
     res = run_clause(_clause(check, methods=frozenset({"lora", "oft"}), bits=frozenset({4})),
                      ReferenceImplementation())
     assert res.outcome == "passed", res.message
-    assert res.families["oft/4bit"]["outcome"] == "skipped" and res.families["lora/4bit"]["run"] == 1
+    assert res.families["oft/4bit"].outcome == "skipped" and res.families["lora/4bit"].run == 1
 
 
 # -- one failure never hides a later one --------------------------------------------------------------
@@ -127,7 +128,7 @@ def test_every_failing_case_of_a_family_is_counted_and_the_later_ones_still_run(
     assert seen == [0, 1, 2, 3, 4]
     assert res.outcome == "failed"
     assert res.message.startswith("3 of 5 cases failed: case 0 is off; case 2 is off; case 4 is off"), res.message
-    assert res.families["lora/4bit"]["run"] == 5
+    assert res.families["lora/4bit"].run == 5
 
 
 def test_a_merge_that_breaks_the_base_does_not_hide_the_later_checks_of_its_family() -> None:
@@ -135,10 +136,10 @@ def test_a_merge_that_breaks_the_base_does_not_hide_the_later_checks_of_its_fami
     assert res.outcome == "failed"
     fam = res.families["lora/4bit"]
     n = len(merge_checks._settings_cases(4))  # each checked after merge() and after unmerge()
-    assert fam["outcome"] == "failed" and fam["run"] == 2 * n, fam
-    assert f"{2 * n} of {2 * n} cases failed" in fam["message"], fam["message"]
-    assert "after merge()" in fam["message"] and "after unmerge()" in fam["message"], fam["message"]
-    assert res.families["lora/8bit"]["outcome"] == "passed" and res.families["oft/8bit"]["outcome"] == "passed"
+    assert fam.outcome == "failed" and fam.run == 2 * n, fam
+    assert f"{2 * n} of {2 * n} cases failed" in fam.message, fam.message
+    assert "after merge()" in fam.message and "after unmerge()" in fam.message, fam.message
+    assert res.families["lora/8bit"].outcome == "passed" and res.families["oft/8bit"].outcome == "passed"
 
 
 # -- attribution at the protocol boundary -------------------------------------------------------------
@@ -146,18 +147,18 @@ def test_an_exception_out_of_the_implementations_merge_is_its_failure_with_its_f
     res = run_clause(get("MERGE-TWICE-WARNS"), broken_impls.merge_attribute_error)
     assert res.outcome == "failed", res.message
     for fam in res.families.values():
-        assert fam["outcome"] == "failed", fam
-        assert "AttributeError" in fam["message"] and "_merge_plan" in fam["message"], fam["message"]
-        assert "raised in the implementation at fixtures/broken_impls.py:" in fam["message"], fam["message"]
-        assert "in merge, called from checks/merge.py:" in fam["message"], fam["message"]
+        assert fam.outcome == "failed", fam
+        assert "AttributeError" in fam.message and "_merge_plan" in fam.message, fam.message
+        assert "raised in the implementation at fixtures/broken_impls.py:" in fam.message, fam.message
+        assert "in merge, called from checks/merge.py:" in fam.message, fam.message
 
 
 def test_an_exception_out_of_the_implementations_forward_is_its_failure() -> None:
     res = run_clause(get("FWD-DISABLED"), broken_impls.forward_dtype_mismatch)
     assert res.outcome == "failed", res.message
     for fam in res.families.values():
-        assert fam["outcome"] == "failed" and fam["run"] == 2, fam  # both cases ran and failed
-        assert "RuntimeError" in fam["message"] and "in forward, called from checks/forward.py:" in fam["message"]
+        assert fam.outcome == "failed" and fam.run == 2, fam  # both cases ran and failed
+        assert "RuntimeError" in fam.message and "in forward, called from checks/forward.py:" in fam.message
 
 
 def test_an_exception_out_of_create_is_the_implementations_failure() -> None:
@@ -196,7 +197,8 @@ def test_the_suites_own_exception_is_an_error() -> None:
 def test_family_counts_round_trip_and_old_reports_load() -> None:
     res = run_clause(get("FWD-INIT-IDENTITY"), _NoInputCast())
     back = Result.from_json(res.to_json())
-    assert back.families == res.families and back.families["lora/8bit"]["skipped"] > 0
+    assert back.families == res.families and back.families["lora/8bit"].skipped > 0
+    assert back.to_json() == res.to_json() and "cases_skipped" not in res.measurements  # a field, not a measurement
     old = {k: v for k, v in res.to_json().items() if k != "families"}
     assert Result.from_json(old).families == {}
 
@@ -209,5 +211,5 @@ def test_markdown_shows_cases_run_and_skipped_per_family() -> None:
            "summary": {"implementations": {}}}
     text = report.markdown(doc)
     assert "## Cases per family" in text
-    assert (f"lora/8bit {fam['run']} run, {fam['skipped']} skipped (input_cast not declared: "
-            f"{fam['skipped']})") in text, text
+    assert (f"lora/8bit {fam.run} run, {fam.skipped} skipped (input_cast not declared: "
+            f"{fam.skipped})") in text, text

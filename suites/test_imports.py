@@ -183,6 +183,9 @@ LIGHT_IMPORTS = [
      ["torch", "bitsandbytes", "transformers", "peft"]),
     ("import conformance.core.outcome", ["torch", "bitsandbytes", "conformance.harness", "conformance.spec",
                                          "conformance.ci", "conformance.quant"]),
+    ("import conformance.core.report, conformance.core.join",
+     ["torch", "bitsandbytes", "conformance.harness", "conformance.spec", "conformance.ci", "conformance.quant"]),
+    ("import conformance.ci.matrix_report, conformance.ci.gpu", ["torch", "conformance.harness", "conformance.spec"]),
 ]
 
 

@@ -1,4 +1,4 @@
-"""``python -m conformance join``: reports side by side (``conformance.harness.join``), torch-free."""
+"""``python -m conformance join``: reports side by side (``conformance.core.join``), torch-free."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance.harness import join
+from conformance.core import join
 
 pytestmark = pytest.mark.cpu_only
 

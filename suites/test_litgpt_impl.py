@@ -23,7 +23,7 @@ import torch
 
 from conformance.harness.loader import load
 from conformance.quant.layers import dequantize, make_base_layer
-from conformance.spec.interface import AdapterSpec, ImplementationUnsupported, bits_of, methods_of
+from conformance.spec.interface import AdapterSpec, ImplementationUnsupported, declared
 
 HAS_LITGPT = importlib.util.find_spec("litgpt") is not None
 needs_litgpt = pytest.mark.skipif(not HAS_LITGPT, reason="litgpt is not installed (its own venv: see "
@@ -58,7 +58,7 @@ def test_capabilities_are_exactly_litgpts() -> None:
                 "peft_model", "unmerge", "safe_merge", "rslora", "input_cast"):
         assert gap not in impl.capabilities
         assert impl.unsupported[gap].startswith(f"litgpt {impl.version()}: "), gap
-    assert methods_of(impl) == frozenset({"lora"}) and bits_of(impl) == frozenset({4, 8})
+    assert declared(impl).methods == frozenset({"lora"}) and declared(impl).bits == frozenset({4, 8})
 
 
 @needs_litgpt
@@ -218,7 +218,7 @@ def test_the_8bit_cases_litgpt_can_take_run_and_the_fp16_inputs_are_skipped_alon
     res = run_clause(get("FWD-INIT-IDENTITY"), _impl())
     fam = res.families["lora/8bit"]  # LitGPT declares no input_cast: fp16 inputs to fp32 adapters are left out
     assert res.outcome == "passed", res.message
-    assert fam["run"] > 0 and fam["skip_reasons"] == {"input_cast not declared": fam["skipped"]} and fam["skipped"]
+    assert fam.run > 0 and fam.skip_reasons == {"input_cast not declared": fam.skipped} and fam.skipped
 
 
 @needs_litgpt
@@ -228,8 +228,8 @@ def test_an_exception_out_of_litgpts_8bit_merge_is_its_failure() -> None:
 
     res = run_clause(get("MERGE-WARNS-LORA"), _impl())
     fam = res.families["lora/8bit"]  # finding 2: a merge into an int8-stored base raises
-    assert fam["outcome"] == "failed", fam
-    assert "RuntimeError" in fam["message"] and "raised in the implementation at litgpt/lora.py:" in fam["message"]
+    assert fam.outcome == "failed", fam
+    assert "RuntimeError" in fam.message and "raised in the implementation at litgpt/lora.py:" in fam.message
 
 
 @needs_litgpt

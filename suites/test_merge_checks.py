@@ -441,5 +441,5 @@ def test_new_case_fails_on_broken(clause_id: str, impl: Broken) -> None:
 def test_requant_from_float32_fails_both_families(family: str) -> None:
     """4-bit: the storage dtype (quant_state.dtype) is lost; 8-bit: the bias dtype is."""
     res = run_clause(get("MERGE-KEEPS-QUANT-SETTINGS"), Broken("requant-from-float32", requant_from_float32))
-    fams = res.measurements["families"]
+    fams = res.family_texts()
     assert fams[family].startswith("failed"), fams

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conformance.core import join
 from conformance.core.outcome import (
     EXIT_FAIL,
     EXIT_NOTHING_CHECKED,
@@ -21,7 +22,7 @@ from conformance.core.outcome import (
     Outcome,
 )
 from conformance.core.outcome import exit_status as core_exit_status
-from conformance.harness import join, report
+from conformance.harness import report
 from conformance.harness import xfails as xf
 from conformance.harness.results import Result, exit_status, nothing_checked
 

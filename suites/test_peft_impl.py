@@ -30,6 +30,7 @@ pytest.importorskip("peft")
 import peft  # noqa: E402
 from packaging.version import Version  # noqa: E402
 
+from conformance.core.vocabulary import Capability, Method
 from conformance.harness.loader import load
 from conformance.impls import peft as peft_impl  # noqa: E402
 from conformance.impls.peft import PeftImplementation  # noqa: E402
@@ -59,7 +60,7 @@ BASES = [c for c in base_cases(4) if c.in_features == 64] + base_cases(8)
 
 
 def _needs(*caps: str) -> None:
-    missing = [c for c in caps if c not in IMPL.capabilities]
+    missing = [c for c in caps if c not in IMPL.capabilities and c not in IMPL.methods]
     if missing:
         pytest.skip(f"peft {peft.__version__} lacks {missing}: {[IMPL.unsupported.get(c, '') for c in missing]}")
 
@@ -317,9 +318,10 @@ def test_load_by_name_and_version() -> None:
     impl = load("peft")
     assert isinstance(impl, PeftImplementation)
     assert impl.version() == peft.__version__
-    assert impl.capabilities <= peft_impl.ALL_CAPABILITIES
+    assert all(isinstance(c, Capability) for c in impl.capabilities)
+    assert all(isinstance(m, Method) for m in impl.methods)
     for cap, reason in impl.unsupported.items():
-        assert cap not in impl.capabilities and reason, f"unsupported {cap!r} needs a reason"
+        assert cap not in impl.capabilities and cap not in impl.methods and reason, f"unsupported {cap!r} needs a reason"
 
 
 def test_feature_detection_agrees_with_release_history() -> None:
@@ -329,16 +331,16 @@ def test_feature_detection_agrees_with_release_history() -> None:
     assert api.lora_config_api == ("config" in inspect.signature(lora_cls.__init__).parameters)
     assert api.lora_config_api == (PEFT_VERSION >= Version("0.19.0"))
     if PEFT_VERSION >= Version("0.21.0"):
-        assert api.oft_style == "backend" and "oft" in IMPL.capabilities
+        assert api.oft_style == "backend" and "oft" in IMPL.methods
     elif PEFT_VERSION >= Version("0.16.0"):
-        assert api.oft_style == "bnb" and "oft" in IMPL.capabilities
+        assert api.oft_style == "bnb" and "oft" in IMPL.methods
     else:
-        assert api.oft_style == "" and "oft" not in IMPL.capabilities
+        assert api.oft_style == "" and "oft" not in IMPL.methods
         assert "oft" in IMPL.unsupported
 
 
 def test_unsupported_oft_fails_clearly() -> None:
-    if "oft" in IMPL.capabilities:
+    if "oft" in IMPL.methods:
         pytest.skip(f"peft {peft.__version__} supports OFT on bitsandbytes")
     with pytest.raises(ImplementationUnsupported, match="no OFT|OFTRotationModule"):
         IMPL.create(make_base_layer(64, 48), AdapterSpec("oft", "default", {"r": 4}))
@@ -353,8 +355,8 @@ def test_missing_features_drop_capabilities(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(peft_impl, "_import", fake)
     impl = PeftImplementation()
-    assert "oft" not in impl.capabilities and "OFT" in impl.unsupported["oft"]
-    assert "lora" in impl.capabilities
+    assert "oft" not in impl.methods and "OFT" in impl.unsupported["oft"]
+    assert "lora" in impl.methods
     with pytest.raises(ImplementationUnsupported, match="OFT"):
         impl.create(make_base_layer(64, 48), AdapterSpec("oft", "default", {"r": 4}))
 
@@ -532,7 +534,7 @@ def test_difference_oft_has_no_mixed_batch() -> None:
     """PEFT's OFT layers take no ``adapter_names``: the keyword reaches the bnb layer (TypeError)."""
     _needs("oft", "4bit")
     layer = IMPL.create(make_base_layer(64, 48), AdapterSpec("oft", "default", {"r": 4}))
-    assert "mixed_batch/oft" in IMPL.limitations
+    assert "oft" in IMPL.limitations["mixed_batch"]
     with pytest.raises(TypeError, match="adapter_names"):
         layer(torch.randn(2, 64), adapter_names=["default", "__base__"])
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 
+from conformance.core import vocabulary
 from conformance.harness import loader
 from conformance.harness import xfails as xf
 from conformance.harness.context import CheckContext
@@ -38,10 +39,12 @@ class _Impl:
 
 
 # -- capabilities --------------------------------------------------------------------------------
-def test_every_capability_is_documented_and_covers_the_issue_list() -> None:
+def test_every_capability_and_method_is_documented() -> None:
     needed = {"unmerge", "safe_merge", "multi_adapter", "mixed_batch", "rslora", "lora_bias", "dropout", "input_cast"}
-    assert needed <= set(interface.CAPABILITIES)
-    assert all(text for text in interface.CAPABILITIES.values())
+    assert needed <= {c.value for c in vocabulary.Capability}
+    vocabulary.check_complete()
+    assert all(vocabulary.DOCS[c] for c in vocabulary.Capability)
+    assert all(vocabulary.METHOD_DOCS[m] for m in vocabulary.Method)
 
 
 def test_unknown_capability_names_the_valid_ones() -> None:
@@ -73,12 +76,48 @@ def test_cli_exits_2_on_a_capability_typo(tmp_path: Path) -> None:
     assert "multi-adapter" in proc.stderr and "multi_adapter" in proc.stderr
 
 
-def test_loader_computes_methods_and_bits_without_patching() -> None:
+def test_loader_reads_the_declaration_without_patching() -> None:
     impl = loader.load("reference")
-    assert not hasattr(impl, "methods") and not hasattr(impl, "bits")
-    assert interface.methods_of(impl) == {"lora", "oft"} and interface.bits_of(impl) == {4, 8}
-    assert interface.target_of(impl) == "reference" and interface.target_of(ReferenceImplementation()) is None
+    before = dict(vars(impl))
+    decl = interface.declared(impl)
+    assert decl.methods == {"lora", "oft"} and decl.bits == {4, 8}
+    assert "lora" not in decl.capabilities and vars(impl) == before and not hasattr(impl, "bits")
+    assert interface.declared(ReferenceImplementation()) == decl
     assert isinstance(impl, interface.Implementation)
+
+
+def test_a_method_among_capabilities_is_the_old_spelling_of_methods() -> None:
+    impl = _Impl()  # capabilities {"lora", "oft", "4bit", "8bit"}, no methods attribute
+    decl = interface.validate(impl)
+    assert decl.methods == {vocabulary.Method.LORA, vocabulary.Method.OFT}
+    assert decl.capabilities == {vocabulary.Capability.BITS4, vocabulary.Capability.BITS8}
+
+
+@pytest.mark.parametrize("limitations", [{"mixed_batch/oft": "why"}, {"mixed_batch": {"oft": "why"}}])
+def test_both_spellings_of_limitations_read_alike(limitations: dict) -> None:
+    impl = _Impl()
+    impl.capabilities = frozenset({"lora", "oft", "4bit", "mixed_batch"})
+    impl.limitations = limitations
+    decl = interface.validate(impl)
+    assert decl.has("mixed_batch") and decl.has("mixed_batch", "lora") and not decl.has("mixed_batch", "oft")
+    assert decl.limitation("mixed_batch", "oft") == "why"
+
+
+def test_methods_named_both_ways_must_agree() -> None:
+    class Narrowed(ReferenceImplementation):  # methods {lora, oft} inherited, capabilities name lora only
+        capabilities = frozenset({"lora", "4bit"})
+
+    with pytest.raises(interface.InvalidImplementation, match="declare methods in `methods` only"):
+        interface.validate(Narrowed())
+    Narrowed.methods = frozenset({"lora"})
+    assert interface.validate(Narrowed()).methods == {"lora"}
+
+
+def test_unknown_method_names_the_valid_ones() -> None:
+    impl = _Impl()
+    impl.methods = frozenset({"lora", "dora"})
+    with pytest.raises(interface.InvalidImplementation, match="unknown method 'dora'; valid: lora, oft"):
+        interface.validate(impl)
 
 
 def test_adapter_spec_dtype() -> None:
@@ -107,7 +146,7 @@ def test_every_failing_and_crashing_family_is_reported() -> None:
     res = run_clause(_clause(check), _Impl())
     assert res.outcome == "failed"
     assert "lora/8bit: lora 8-bit is off" in res.message and "oft/4bit: error: RuntimeError" in res.message
-    fams = res.measurements["families"]
+    fams = res.family_texts()
     assert fams["lora/4bit"] == "passed" and fams["oft/8bit"] == "passed"
     assert fams["lora/8bit"].startswith("failed") and fams["oft/4bit"].startswith("error")
     assert res.measurements["ratio"] == 2.0
@@ -132,8 +171,8 @@ def test_a_clause_whose_cases_all_needed_a_capability_is_inconclusive() -> None:
 
     res = run_clause(_clause(check), _Impl())
     assert res.outcome == "inconclusive" and "no case ran" in res.message and "rslora" in res.message
-    assert res.measurements["cases_skipped"] == {"rslora": 4}
-    assert {f: (d["run"], d["skipped"]) for f, d in res.families.items()} == {
+    assert res.cases_skipped == {"rslora": 4}
+    assert {f: (d.run, d.skipped) for f, d in res.families.items()} == {
         f: (0, 1) for f in ("lora/4bit", "lora/8bit", "oft/4bit", "oft/8bit")}
 
 
@@ -142,8 +181,8 @@ def test_capability_gated_case_is_skipped_inside_a_clause() -> None:
     impl.capabilities = ReferenceImplementation.capabilities - {"rslora"}
     res = run_clause(get("FWD-LORA-DELTA"), impl)
     assert res.outcome == "passed", res.message
-    assert res.measurements["cases_skipped"]["rslora"] > 0
-    assert any("rslora" in n for n in res.measurements["notes"])
+    assert res.cases_skipped["rslora"] > 0
+    assert any("rslora" in n for n in res.notes)
 
 
 def test_clause_needing_an_undeclared_operation_is_skipped() -> None:
@@ -156,7 +195,8 @@ def test_clause_needing_an_undeclared_operation_is_skipped() -> None:
 # -- a malformed layer is a failure that says what is wrong --------------------------------------
 class _TransposingMerge(ReferenceImplementation):
     name = "transposing"
-    capabilities = frozenset({"lora", "4bit", "unmerge", "safe_merge", "rslora", "input_cast"})
+    methods = frozenset({"lora"})
+    capabilities = frozenset({"4bit", "unmerge", "safe_merge", "rslora", "input_cast"})
 
     def create(self, base_layer, spec):  # noqa: ANN001, ANN201
         layer = super().create(base_layer, spec)
@@ -283,13 +323,14 @@ class _NoInputCast(ReferenceImplementation):
     feeding another dtype is left out (even where a check catches exceptions broadly)."""
 
     name = "no-input-cast"
-    capabilities = ReferenceImplementation.capabilities - {"input_cast", "oft"}  # OFT in fp16: no CPU LU
+    methods = frozenset({"lora"})  # OFT in fp16: no CPU LU
+    capabilities = ReferenceImplementation.capabilities - {"input_cast"}
 
 
 def test_undeclared_input_cast_skips_cases_never_fails() -> None:
     res = run_clause(get("BACKPROP-NOGRAD-FORWARD"), _NoInputCast())
     assert res.outcome == "passed", res.message
-    assert res.measurements["cases_skipped"]["input_cast"] > 0
+    assert res.cases_skipped["input_cast"] > 0
     fam = res.families["lora/8bit"]  # the fp16-input cases are skipped, the family's other cases run
-    assert fam["run"] > 0 and fam["skipped"] > 0, fam
-    assert fam["skip_reasons"] == {"input_cast not declared": fam["skipped"]}, fam
+    assert fam.run > 0 and fam.skipped > 0, fam
+    assert fam.skip_reasons == {"input_cast not declared": fam.skipped}, fam

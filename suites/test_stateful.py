@@ -41,7 +41,7 @@ from conformance.spec.catalog.stateful import (
 )
 from conformance.spec.checks import stateful as checks
 from conformance.spec.clauses import ClauseFailure, ClauseInconclusive, ClauseSkipped, registry
-from conformance.spec.interface import AdapterSpec, target_of
+from conformance.spec.interface import AdapterSpec
 from conformance.spec.stateful import config as sc
 from conformance.spec.stateful import ops, shrink
 from conformance.spec.stateful import run as sr
@@ -244,7 +244,8 @@ def test_stateful_clauses_registered_and_pass_for_reference(ref_budget: Budget) 
         assert res.outcome == "passed", f"{c.id}: {res.outcome} {res.message}"
         m = res.measurements
         assert m["examples"] > 0 and m["steps_per_example"] > 0 and m["machine_wall_s"] > 0
-        assert sum(m["reached_by_op"].values()) >= FLOORS[c.id]["reached"], (c.id, m["reached_by_op"])
+        reached = res.details["reached_by_op"]
+        assert sum(reached.values()) >= FLOORS[c.id]["reached"], (c.id, reached)
 
 
 def test_fixed_sequence_reference() -> None:
@@ -335,12 +336,12 @@ def test_reproducer_script_rebuilds_the_implementation_and_shows_divergence(tmp_
     """The script runs from anywhere and exits 1 with the divergence. An implementation loaded as
     module:attr is rebuilt from that string, so an object built with constructor arguments comes
     back as it was (not a zero-argument rebuild)."""
-    impl = load(f"{__name__}:CONFIGURED")
-    assert target_of(impl) == f"{__name__}:CONFIGURED"
-    res = sr.run(impl, examples=8, steps=6, cases=[("lora", 8)], out=str(tmp_path), shrink_s=3)
+    target = f"{__name__}:CONFIGURED"
+    impl = load(target)
+    res = sr.run(impl, examples=8, steps=6, cases=[("lora", 8)], out=str(tmp_path), shrink_s=3, target=target)
     f = res.failures[FLAGS][0]
     text = Path(f.reproducer).read_text(encoding="utf-8")
-    assert f"TARGET = {target_of(impl)!r}\n" in text
+    assert f"TARGET = {target!r}\n" in text
     # the script puts the checkout on sys.path itself (it must run from anywhere) and shows the divergence
     root = str(Path(conformance.__file__).resolve().parents[1])
     assert f"sys.path.insert(0, {root!r})" in text
@@ -365,8 +366,8 @@ def test_clause_reports_reproducer(tmp_path: Any, monkeypatch: pytest.MonkeyPatc
     """Through the clause check: the clause fails, names the sequence and records the reproducer path
     in the report directory the context carries, with the budget the context carries."""
     impl = MergeForgetsFlags()
-    # LoRA on 8-bit only (the harness derives methods and bit widths from the capabilities)
-    impl.capabilities = frozenset(impl.capabilities) - {"oft", "4bit"}
+    # LoRA on 8-bit only
+    impl.methods, impl.capabilities = frozenset({"lora"}), frozenset(impl.capabilities) - {"4bit"}
     ctx, outcome, message = _clause_run(impl, FLAGS, tmp_path, stateful_examples=8, stateful_steps=6,
                                         stateful_shrink_s=4)
     assert outcome == "failed", message
@@ -752,7 +753,7 @@ def test_every_distinct_violation_is_reported(tmp_path: Any) -> None:
 
 def test_clause_message_lists_each_violating_step_kind(tmp_path: Any) -> None:
     impl = ThreeBugs()
-    impl.capabilities = frozenset(impl.capabilities) - {"oft", "8bit"}
+    impl.methods, impl.capabilities = frozenset({"lora"}), frozenset(impl.capabilities) - {"8bit"}
     ctx, outcome, message = _clause_run(impl, ADAPTERS, tmp_path, stateful_examples=40, stateful_steps=12,
                                         stateful_shrink_s=5)
     assert outcome == "failed", message

@@ -189,13 +189,13 @@ def test_peft_trains_here() -> None:
     res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "oft", "4bit", "peft_model"}))
     assert res.outcome == "passed", res.message
     assert res.measurements["loss_after_over_before.lora.4bit"] < 1
-    assert res.measurements["cases_passed"] == ["lora-4bit", "oft-4bit"]
+    assert res.details["cases_passed"] == ["lora-4bit", "oft-4bit"]
 
 
 def test_not_trainable_rejected_here() -> None:
     res = run("TRAINER-REJECT-NOT-TRAINABLE")
     assert res.outcome == "passed", res.message
-    checked = res.measurements["quantizers_checked"]
+    checked = res.details["quantizers_checked"]
     assert checked
     if "fp_quant" in registered_quantizers():  # transformers >= 4.54
         assert "fp_quant" in checked  # QAT-trainable but not trainable: still rejected
@@ -204,7 +204,7 @@ def test_not_trainable_rejected_here() -> None:
 def test_qat_accepted_here() -> None:
     res = run("TRAINER-ACCEPT-QAT")
     assert res.outcome == "passed", res.message
-    checked = res.measurements["quantizers_checked"]
+    checked = res.details["quantizers_checked"]
     if "fp_quant" in registered_quantizers():
         assert any(t.startswith("fp_quant") for t in checked)
     else:  # transformers 4.53: BitNet's online AutoBitLinear is the QAT quantizer
@@ -226,12 +226,12 @@ def test_compiled_finding_here() -> None:
     """
     res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "peft_model"}))
     assert res.outcome in ("passed", "failed"), res.message
-    rejected = res.measurements["rejected_ways"]
+    rejected = res.details["rejected_ways"]
     assert rejected["torch.compile(model)"] == ["torch.compile"]
     assert rejected["torch.compile(peft_model)"] == ["torch.compile"]
     if res.outcome == "failed":
-        assert set(res.measurements["slipped_ways"]) <= {w for w, (peft, _) in tc._compile_ways().items() if peft}
-        for way in res.measurements["slipped_ways"]:
+        assert set(res.details["slipped_ways"]) <= {w for w, (peft, _) in tc._compile_ways().items() if peft}
+        for way in res.details["slipped_ways"]:
             assert way in res.message
 
 
@@ -251,12 +251,12 @@ def test_compiled_crash_and_unbuildable_way_hide_no_other_way(monkeypatch: pytes
     monkeypatch.setattr(tc, "_compile_ways", lambda: {**ways, "unbuildable way": (True, unbuildable)})
     res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "peft_model"}))
     assert res.outcome in ("passed", "failed"), res.message
-    assert "unbuildable way" in res.measurements["unbuildable_ways"]
-    assert "NotImplementedError" in res.measurements["unbuildable_ways"]["unbuildable way"][0]
-    crashed = res.measurements["rejected_ways"]["peft_model.compile()"]
+    assert "unbuildable way" in res.details["unbuildable_ways"]
+    assert "NotImplementedError" in res.details["unbuildable_ways"]["unbuildable way"][0]
+    crashed = res.details["rejected_ways"]["peft_model.compile()"]
     assert any("crashed: KeyError" in r for r in crashed)
-    assert res.measurements["rejected_ways"]["torch.compile(model)"] == ["torch.compile"]
-    assert "peft_model.compile()" not in res.measurements["slipped_ways"]
+    assert res.details["rejected_ways"]["torch.compile(model)"] == ["torch.compile"]
+    assert "peft_model.compile()" not in res.details["slipped_ways"]
 
 
 def test_eval_then_train_here() -> None:
@@ -265,7 +265,7 @@ def test_eval_then_train_here() -> None:
 
     res = run("TRAINER-EVAL-THEN-TRAIN", frozenset({"lora", "4bit", "8bit", "peft_model"}))
     assert res.outcome in ("passed", "failed"), res.message
-    assert "lora-8bit" in res.measurements["cases_passed"]
+    assert "lora-8bit" in res.details["cases_passed"]
     if has_avx512bf16():
         assert res.outcome == "failed" and "nf4-lora" in res.message, res.message
         assert "avx512_bf16" in res.message and "Linear4bit eval repack on" in res.message, res.message
@@ -360,14 +360,14 @@ def test_eval_then_train_passes_without_cpu_repacking(monkeypatch: pytest.Monkey
 def test_compiled_fails_without_validator(monkeypatch: pytest.MonkeyPatch) -> None:
     set_validator(monkeypatch, no_validator)
     res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "peft_model"}))
-    assert res.outcome == "failed" and "torch.compile(model)" in res.measurements["slipped_ways"]
+    assert res.outcome == "failed" and "torch.compile(model)" in res.details["slipped_ways"]
 
 
 def test_compiled_passes_with_strict_validator(monkeypatch: pytest.MonkeyPatch) -> None:
     set_validator(monkeypatch, strict_compile_validator)
     res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "oft", "4bit", "8bit", "peft_model"}))
     assert res.outcome == "passed", res.message
-    assert res.measurements["slipped_ways"] == []
+    assert res.details["slipped_ways"] == []
 
 
 def test_not_trainable_fails_without_trainability_rule(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -424,13 +424,13 @@ def test_an_unbuildable_method_fails_its_family_and_hides_no_other(monkeypatch: 
     _oft_unbuildable(monkeypatch)
     res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "oft", "8bit", "peft_model"}))
     assert res.outcome == "failed", res.message
-    assert res.measurements["families"]["lora/8bit"] == "passed"
-    assert "get_peft_model(oft) raised TypeError" in res.measurements["families"]["oft/8bit"]
+    assert res.family_texts()["lora/8bit"] == "passed"
+    assert "get_peft_model(oft) raised TypeError" in res.family_texts()["oft/8bit"]
 
 
 def test_not_trainable_checks_the_pure_model_when_adapters_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
     _oft_unbuildable(monkeypatch)
     res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"oft", "4bit", "peft_model"}))
     assert res.outcome == "passed", res.message
-    assert "get_peft_model(oft) raised TypeError" in res.measurements["not_built.oft"]
-    assert any("not checked with adapters" in n for n in res.measurements["notes"])
+    assert "get_peft_model(oft) raised TypeError" in res.details["not_built.oft"]
+    assert any("not checked with adapters" in n for n in res.notes)

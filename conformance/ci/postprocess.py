@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from ..core.outcome import OUTCOMES
+from ..core.report import load_report
 
 
 def summary(report: Path) -> dict[str, dict[str, Any]]:
-    """implementation -> its summary row (passed, failed, ..., must_failures) from a conformance JSON."""
-    return json.loads(report.read_text(encoding="utf-8"))["summary"]["implementations"]
+    """implementation -> its summary row (passed, failed, ..., must_failures) from a conformance JSON (read by
+    ``conformance.core.report.load_report``: ``ReportError``, a ValueError, when it cannot be)."""
+    return load_report(report).summary["implementations"]
 
 
 def summary_lines(summ: dict[str, dict[str, Any]]) -> list[str]:

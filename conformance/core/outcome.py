@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 #: exit codes of ``python -m conformance run`` (README, "Exit codes of `run`")
 EXIT_OK = 0  #: no MUST clause failed, errored or was inconclusive, no strict xpass, something was checked
@@ -88,11 +89,36 @@ OUTCOMES: tuple[Outcome, ...] = tuple(Outcome)
 SEVERITY: tuple[Outcome, ...] = (Outcome.FAILED, Outcome.ERROR, Outcome.XPASSED, Outcome.INCONCLUSIVE,
                                  Outcome.XFAILED, Outcome.PASSED, Outcome.SKIPPED)
 
-#: one plain-text mark per outcome (the join of reports and the matrix report)
-TEXT_MARKS: dict[Outcome, str] = {
-    Outcome.PASSED: "pass", Outcome.FAILED: "FAIL", Outcome.ERROR: "ERROR", Outcome.SKIPPED: "skip",
-    Outcome.INCONCLUSIVE: "INCONCL", Outcome.XFAILED: "xfail", Outcome.XPASSED: "XPASS",
+@dataclass(frozen=True)
+class Mark:
+    """How the reports show an outcome: a plain-text mark (the join of reports, the matrix report), a symbol (the
+    Markdown report) and what the outcome means (its legend)."""
+
+    text: str
+    symbol: str
+    meaning: str
+
+
+#: the one table of outcome marks, every outcome in report column order
+MARKS: dict[Outcome, Mark] = {
+    Outcome.PASSED: Mark("pass", "✅", "the implementation does what the clause says"),
+    Outcome.FAILED: Mark("FAIL", "❌", "it does not (the message says how)"),
+    Outcome.ERROR: Mark("ERROR", "💥", "the check could not run: an exception, a crash or a timeout"),
+    Outcome.INCONCLUSIVE: Mark("INCONCL", "❔", "the check ran too little to give a verdict"),
+    Outcome.SKIPPED: Mark("skip", "➖", "the clause does not apply (capability, device)"),
+    Outcome.XFAILED: Mark("xfail", "⚠️ xfail", "failed or errored, as a listed known bug"),
+    Outcome.XPASSED: Mark("XPASS", "❗ xpass", "passed although listed as a known bug"),
 }
+#: a cell with no result: the plain-text mark (a joined column that did not run the clause) and the symbol (an
+#: interrupted run, in the Markdown report)
+NOT_RUN = Mark("—", "⏹️", "the run was interrupted before this clause")
+#: the plain-text marks alone (the join of reports and the matrix report)
+TEXT_MARKS: dict[Outcome, str] = {o: m.text for o, m in MARKS.items()}
+
+
+def text_mark(outcome: Outcome | str | None) -> str:
+    """A cell of a plain-text table: the outcome's mark, ``NOT_RUN.text`` for none."""
+    return NOT_RUN.text if outcome is None else MARKS[Outcome(outcome)].text
 
 
 def counts_for_exit(outcome: Outcome | str, level: str) -> bool:

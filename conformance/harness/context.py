@@ -50,18 +50,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.core.applicability import Applicability, applicability
+from conformance.core.vocabulary import Capability, Declaration, capability, params_needing
 from conformance.quant import layers as qlayers
 from conformance.quant import validate
 from conformance.spec.budget import Budget
 from conformance.spec.clauses import Clause, ClauseFailure, ClauseInconclusive, ClauseSkipped
-from conformance.spec.interface import (
-    AdapterSpec,
-    Implementation,
-    ImplementationUnsupported,
-    bits_of,
-    limitations_of,
-    methods_of,
-)
+from conformance.spec.interface import AdapterSpec, Implementation, ImplementationUnsupported, declared
 
 try:  # a skipped case inside a hypothesis property is a rejected example, not an error
     from hypothesis.errors import UnsatisfiedAssumption as _CaseSkipBase
@@ -73,14 +68,6 @@ class CaseSkipped(_CaseSkipBase):  # type: ignore[misc,valid-type]
     """One case needs a capability the implementation lacks: the case is left out (with a note), the rest
     of the clause runs. Inside a hypothesis property it rejects the example (hypothesis draws another)."""
 
-
-#: Adapter parameters that need a capability: (param, predicate on its value, capability).
-GATED_PARAMS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("use_rslora", bool, "rslora"),
-    ("lora_bias", bool, "lora_bias"),
-    ("lora_dropout", lambda v: bool(v and float(v) > 0), "dropout"),
-    ("module_dropout", lambda v: bool(v and float(v) > 0), "dropout"),
-)
 
 #: attribute set on an exception that left the implementation's ``create`` (the exception itself is re-raised)
 IMPL_CALL = "_conformance_impl_call"
@@ -158,10 +145,17 @@ class CheckContext:
     skip_reasons: dict[str, int] = field(default_factory=dict)
     #: (outcome, message) of every case that failed or errored (the family goes on with the next case)
     case_outcomes: list[tuple[str, str]] = field(default_factory=list)
+    #: the string the implementation was loaded from (a built-in name, entry point or ``module:attr``; None for an
+    #: object built in this process): the stateful machine's reproducers rebuild it from this
+    target: str | None = None
     _case_depth: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self.impl_objects.append(self.impl)
+        #: what the implementation declares, read once (``conformance.core.vocabulary``)
+        self.declaration: Declaration = declared(self.impl)
+        #: what of the clause applies to it on this device (``conformance.core.applicability``)
+        self.applies: Applicability = applicability(self.clause, self.declaration, self.device, self.impl.name)
 
     # -- outcome helpers ---------------------------------------------------------------
     def fail(self, message: str) -> None:
@@ -205,23 +199,20 @@ class CheckContext:
 
     # -- what applies ------------------------------------------------------------------
     def methods(self) -> list[str]:
-        """Methods both the clause and the implementation cover (skips if none).
+        """Methods both the clause and the implementation cover (skips if none; ``applicability`` decides).
 
         A method for which the implementation declares a limitation on one of the clause's required
-        capabilities (``limitations["mixed_batch/oft"] = reason``) is left out, with a note.
+        capabilities (``limitations = {"mixed_batch": {"oft": reason}}``) is left out, with a note.
         """
-        got = sorted(self.clause.methods & methods_of(self.impl))
-        if self.family is not None:
-            got = [m for m in got if m == self.family[0]]
+        got = [str(m) for m in self.applies.methods if self.family is None or m == self.family[0]]
         if not got:
-            self.skip(f"{self.impl.name} implements none of {sorted(self.clause.methods)}")
-        limits = limitations_of(self.impl)
+            self.skip(f"{self.impl.name} implements none of {sorted(str(m) for m in self.clause.methods)}")
         kept = []
         for m in got:
-            hit = [f"{cap}/{m}" for cap in sorted(self.clause.requires) if f"{cap}/{m}" in limits]
+            hit = self.applies.excluded.get(m)  # type: ignore[call-overload]
             if hit:
-                self.note(f"{m} left out: {limits[hit[0]]}")
-                self.measure(f"excluded.{m}", hit[0])
+                self.note(f"{m} left out: {hit[1]}")
+                self.measure(f"excluded.{m}", f"{hit[0]}/{m}")
             else:
                 kept.append(m)
         if not kept:
@@ -229,9 +220,7 @@ class CheckContext:
         return kept
 
     def bits(self) -> list[int]:
-        got = sorted(self.clause.bits & bits_of(self.impl))
-        if self.family is not None:
-            got = [b for b in got if b == self.family[1]]
+        got = [b for b in self.applies.bits if self.family is None or b == self.family[1]]
         if not got:
             self.skip(f"{self.impl.name} supports none of the bit widths {sorted(self.clause.bits)}")
         return got
@@ -242,23 +231,23 @@ class CheckContext:
         yield from pairs
 
     def require(self, *capabilities: str) -> None:
-        missing = [c for c in capabilities if c not in self.impl.capabilities]
+        missing = [str(c) for c in capabilities if not self.declaration.has(c)]
         if missing:
             self.skip(f"{self.impl.name} does not declare capability {', '.join(missing)}")
 
     def has(self, capability: str, method: str | None = None) -> bool:
-        """Whether the implementation declares ``capability`` (and no limitation of it for ``method``)."""
-        if capability not in self.impl.capabilities:
-            return False
-        return method is None or f"{capability}/{method}" not in limitations_of(self.impl)
+        """Whether the implementation declares ``capability`` (and no limitation of it for ``method``);
+        an unknown capability name is an error (``conformance.core.vocabulary.UnknownName``)."""
+        return self.declaration.has(capability, method)
 
-    def skip_case(self, capability: str, label: str = "") -> None:
-        """Record that a case needing ``capability`` was left out (one note per capability, with a count)."""
-        n = self.cases_skipped.get(capability, 0)
-        self.cases_skipped[capability] = n + 1
-        self._skipped(f"{capability} not declared")
+    def skip_case(self, name: str, label: str = "") -> None:
+        """Record that a case needing capability ``name`` was left out (one note per capability, with a count)."""
+        name = str(capability(name))
+        n = self.cases_skipped.get(name, 0)
+        self.cases_skipped[name] = n + 1
+        self._skipped(f"{name} not declared")
         if n == 0:
-            self.note(f"cases needing {capability} skipped: {self.impl.name} does not declare it"
+            self.note(f"cases needing {name} skipped: {self.impl.name} does not declare it"
                       + (f" (first: {label})" if label else ""))
         self.measurements["cases_skipped"] = dict(self.cases_skipped)
 
@@ -277,8 +266,8 @@ class CheckContext:
     def supports(self, params: dict[str, Any], label: str = "") -> bool:
         """Whether the implementation declares every capability the adapter ``params`` need (a guard line for
         loops over adapter cases; records the skipped case when not)."""
-        for key, needs, cap in GATED_PARAMS:
-            if needs(params.get(key)) and cap not in self.impl.capabilities:
+        for key, cap in params_needing(params):
+            if not self.declaration.has(cap):
                 self.skip_case(cap, label or f"{key}={params.get(key)!r}")
                 return False
         return True
@@ -292,19 +281,19 @@ class CheckContext:
     def adapter_dtype(self, base: nn.Module) -> torch.dtype:
         """The adapter dtype a layer over ``base`` is built in: float32 when the implementation casts its
         input (``input_cast``), else the dtype inputs of ``base`` have in the checks (its compute dtype)."""
-        if "input_cast" in self.impl.capabilities:
+        if self.declaration.has(Capability.INPUT_CAST):
             return torch.float32
         return getattr(base, "compute_dtype", None) or torch.float32
 
     def make_layer(self, base: nn.Module, method: str, adapter_name: str = "default", **params: Any) -> nn.Module:
         """The implementation's layer over ``base`` (warnings from construction are swallowed).
 
-        A case whose ``params`` need an undeclared capability (``GATED_PARAMS``) raises ``CaseSkipped``;
+        A case whose ``params`` need an undeclared capability (``vocabulary.params_needing``) raises ``CaseSkipped``;
         for an implementation without ``input_cast``, a forward whose input dtype is not the adapter dtype
         does too (a forward pre-hook): the case is left out, never failed.
         """
-        for key, needs, cap in GATED_PARAMS:
-            if needs(params.get(key)) and cap not in self.impl.capabilities:
+        for key, cap in params_needing(params):
+            if not self.declaration.has(cap):
                 self.skip_case(cap, f"{method} {key}={params.get(key)!r}")
                 raise self._case_skipped(f"{self.impl.name} does not declare capability {cap} ({key}={params[key]!r})")
         dtype = self.adapter_dtype(base)
@@ -324,7 +313,7 @@ class CheckContext:
         self.impl_objects.append(layer)
         if exp is not None and isinstance(layer, nn.Module):
             self.built.append((layer, exp))
-        if "input_cast" not in self.impl.capabilities and isinstance(layer, nn.Module):
+        if not self.declaration.has(Capability.INPUT_CAST) and isinstance(layer, nn.Module):
             layer.register_forward_pre_hook(self._input_dtype_gate(dtype))
         return layer
 

@@ -20,7 +20,7 @@ The clause takes the first outcome present among its families in the order faile
 passed, skipped: a clause is ``passed`` only when every family that ran passed and none failed, and a
 declared family that ran no case makes it ``inconclusive``. ``Result.families`` holds, per family, the
 outcome, the cases run and skipped and the skip reasons (``{"run": N, "skipped": M, "skip_reasons":
-{...}, "outcome": ..., "message": ...}``); ``measurements["families"]`` keeps the outcome text per family.
+{...}, "outcome": ..., "message": ...}``).
 Measurements are combined over families (``_combine``: counts add up, ratios keep the worst, lists
 concatenate).
 
@@ -33,20 +33,18 @@ import time
 import warnings
 from typing import Any
 
+from conformance.core.applicability import applicability as _applicability
+from conformance.core.applicability import family_label
 from conformance.core.outcome import Outcome
+from conformance.core.report import Family
 from conformance.harness.context import QUOTED_FAILURES, CheckContext
-from conformance.harness.results import Result, applicability
+from conformance.harness.results import Result
 from conformance.spec.budget import Budget
 from conformance.spec.clauses import Clause
-from conformance.spec.interface import Implementation, bits_of, methods_of
+from conformance.spec.interface import Implementation, declared
 
 #: areas whose check reports over all families at once
 UNSPLIT_AREAS = frozenset({"stateful"})
-
-
-def families(clause: Clause, impl: Implementation) -> list[tuple[str, int]]:
-    """The (method, bits) case families of ``clause`` for ``impl``."""
-    return [(m, b) for m in sorted(clause.methods & methods_of(impl)) for b in sorted(clause.bits & bits_of(impl))]
 
 
 def _family_verdict(ctx: CheckContext, clause: Clause) -> tuple[str, str]:
@@ -127,51 +125,46 @@ def _aggregate(res: Result, runs: list[tuple[str, str, str, CheckContext]]) -> N
             else:
                 measurements[k] = v
         notes += [n for n in ctx.notes if n not in notes]
-    if skipped_cases:
-        measurements["cases_skipped"] = skipped_cases
+    res.cases_skipped = skipped_cases
     res.families = {f: family_counts(o, m, ctx) for f, o, m, ctx in runs}
     if len(runs) == 1:
         res.message = runs[0][2]
-    else:
-        measurements["families"] = {f: o if o == "passed" else f"{o}: {m}" for f, o, m, _ in runs}
-        if res.outcome.is_failure:
-            bad = [(f, o, m) for f, o, m, _ in runs if Outcome(o).is_failure]
-            res.message = "; ".join(f"{f}: {m}" if o == res.outcome else f"{f}: {o}: {m}" for f, o, m in bad)
-            if len(bad) > 1:
-                res.message = f"{len(bad)} of {len(runs)} case families: " + res.message
-        elif res.outcome == "skipped":
-            reasons = list(dict.fromkeys(m for _, _, m, _ in runs))
-            res.message = "; ".join(reasons)
-    res.measurements = measurements
-    if notes:
-        res.measurements["notes"] = notes
+    elif res.outcome.is_failure:
+        bad = [(f, o, m) for f, o, m, _ in runs if Outcome(o).is_failure]
+        res.message = "; ".join(f"{f}: {m}" if o == res.outcome else f"{f}: {o}: {m}" for f, o, m in bad)
+        if len(bad) > 1:
+            res.message = f"{len(bad)} of {len(runs)} case families: " + res.message
+    elif res.outcome == "skipped":
+        reasons = list(dict.fromkeys(m for _, _, m, _ in runs))
+        res.message = "; ".join(reasons)
+    res.notes = notes
+    res.take_measurements(measurements)  # numbers to measurements, reproducer paths to reproducers, the rest details
 
 
-def family_counts(outcome: str, message: str, ctx: CheckContext) -> dict[str, Any]:
+def family_counts(outcome: str, message: str, ctx: CheckContext) -> Family:
     """One family's entry in ``Result.families``."""
-    out: dict[str, Any] = {"outcome": outcome, "run": ctx.cases_run, "skipped": ctx.cases_skipped_total,
-                           "skip_reasons": dict(sorted(ctx.skip_reasons.items()))}
-    if outcome != "passed" and message:
-        out["message"] = message
-    return out
+    return Family(Outcome(outcome), ctx.cases_run, ctx.cases_skipped_total, dict(sorted(ctx.skip_reasons.items())),
+                  message if outcome != "passed" else "")
 
 
 def run_clause(clause: Clause, impl: Implementation, device: str = "cpu", seed: int = 0, *,
-               budget: Budget | None = None, report_dir: str | None = None) -> Result:
-    """Run one clause's check against one implementation, in this process (one run per case family)."""
+               budget: Budget | None = None, report_dir: str | None = None, target: str | None = None) -> Result:
+    """Run one clause's check against one implementation, in this process (one run per case family).
+    ``target``: the string ``impl`` was loaded from (``CheckContext.target``)."""
     res = Result(clause=clause.id, implementation=impl.name, outcome="passed", level=clause.level, device=device)
-    reason = applicability(clause, impl, device)
-    if reason:
-        res.outcome, res.message = "skipped", reason
+    applies = _applicability(clause, declared(impl), device, impl.name)
+    if applies.reason:
+        res.outcome, res.message = "skipped", applies.reason
         return res
-    fams: list[tuple[str, int] | None] = [None] if clause.area in UNSPLIT_AREAS else list(families(clause, impl))
+    fams: list[tuple[str, int] | None] = (
+        [None] if clause.area in UNSPLIT_AREAS else [(str(m), b) for m, b in applies.families])
     start = time.perf_counter()
     runs = []
     for fam in fams:
         ctx = CheckContext(impl=impl, clause=clause, device=device, seed=seed, family=fam, budget=budget or Budget(),
-                           report_dir=report_dir)
+                           report_dir=report_dir, target=target)
         outcome, message = _family_verdict(ctx, clause)
-        runs.append((f"{fam[0]}/{fam[1]}bit" if fam else "all", outcome, message, ctx))
+        runs.append((family_label(fam) if fam else "all", outcome, message, ctx))
     res.duration_s = time.perf_counter() - start
     _aggregate(res, runs)
     return res

@@ -12,13 +12,11 @@ from conformance.spec.interface import (
     ImplementationNotFound,
     ImplementationUnsupported,
     InvalidImplementation,
-    remember_target,
-    target_of,
     validate,
 )
 
 __all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "ENV_VAR", "ImplementationNotFound", "ImplementationUnsupported",
-           "InvalidImplementation", "available", "load", "target_of"]
+           "InvalidImplementation", "available", "load"]
 
 ENV_VAR = "CONFORMANCE_IMPL"
 ENTRY_POINT_GROUP = "conformance.implementations"
@@ -58,14 +56,15 @@ def _instantiate(obj: Any, label: str) -> Implementation:
     """The implementation ``obj`` names: an instance as is, a class or zero-argument factory called.
 
     ``module:attr`` naming an instance (``impl = MyImpl(rank_cap=8)``) keeps the constructor's arguments:
-    workers import the same attribute again. The object is validated (``interface.validate``), never patched.
+    workers import the same attribute again (whoever loads by a string keeps the string: workers rebuild from
+    it, the stateful machine writes it into reproducers). The object is validated (``interface.validate``),
+    never patched.
     """
     if isinstance(obj, type):
         obj = obj()
     elif callable(obj) and not hasattr(obj, "create"):
         obj = obj()
     validate(obj, label)
-    remember_target(obj, label)
     return obj
 
 

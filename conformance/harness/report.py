@@ -1,50 +1,43 @@
-"""Reports: the versioned JSON document, the Markdown page, and comparing two runs.
-
-JSON (``schema_version`` "1"): ``{schema_version, generated_at, command, environment,
-implementations: {name: {version, capabilities, unsupported}}, clauses: {id: {level, text, source,
-area}}, results: [{clause, implementation, outcome, message, duration_s, measurements, level,
-device, families}], summary: {implementations: {implementation: {outcome: count, must_failures: n, total: n}},
-exit_status, nothing_checked: {implementation: why}}}``, and
-``not_run: [{clause, implementation}]`` when the run was interrupted (Ctrl-C) before reaching
-them. ``families`` (absent in older reports) maps each case family to its outcome, the cases run and skipped
-and the skip reasons (``harness.execute``). A measurement ``reproducer`` (or ``reproducers``) is the path of a script that replays the
-failure. See docs in README ("Report format"). Torch-free: ``compare`` and ``markdown`` use it.
+"""Reports: building the versioned JSON document (``conformance.core.report.Report``, where its schema is
+documented), the Markdown page, the terminal table, and comparing two runs. Every function here takes a ``Report``
+or its JSON document (schema "1" or "2": read through ``Report.from_json``). Torch-free: ``compare`` and
+``markdown`` use it. See README ("Report format").
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conformance.core.outcome import MUST, OUTCOMES, Outcome, counts_for_exit
-from conformance.harness.results import Result, exit_status, nothing_checked
+from conformance.core.outcome import MARKS as _MARKS
+from conformance.core.outcome import NOT_RUN, OUTCOMES, Outcome, counts_for_exit
+from conformance.core.report import (
+    SCHEMA_VERSION,
+    ClauseInfo,
+    Family,
+    ImplementationInfo,
+    Report,
+    ReportError,
+    Result,
+    as_report,
+    load_report,
+)
+from conformance.harness.results import exit_status, nothing_checked
 
 if TYPE_CHECKING:
     from conformance.harness.runner import ImplInfo
     from conformance.spec.clauses import Clause
 
-SCHEMA_VERSION = "1"
-MARKS = {Outcome.PASSED: "✅", Outcome.FAILED: "❌", Outcome.ERROR: "💥", Outcome.INCONCLUSIVE: "❔",
-         Outcome.SKIPPED: "➖", Outcome.XFAILED: "⚠️ xfail", Outcome.XPASSED: "❗ xpass"}
-MEANINGS = {
-    Outcome.PASSED: "the implementation does what the clause says",
-    Outcome.FAILED: "it does not (the message says how)",
-    Outcome.ERROR: "the check could not run: an exception, a crash or a timeout",
-    Outcome.INCONCLUSIVE: "the check ran too little to give a verdict",
-    Outcome.SKIPPED: "the clause does not apply (capability, device)",
-    Outcome.XFAILED: "failed or errored, as a listed known bug",
-    Outcome.XPASSED: "passed although listed as a known bug",
-}
-NOT_RUN_MARK = "⏹️"
+#: the Markdown report's symbol and legend per outcome (``conformance.core.outcome.MARKS``)
+MARKS = {o: m.symbol for o, m in _MARKS.items()}
+MEANINGS = {o: m.meaning for o, m in _MARKS.items()}
+NOT_RUN_MARK = NOT_RUN.symbol
 
-
-class ReportError(ValueError):
-    """A report file cannot be read or is not a conformance report."""
+__all__ = ["SCHEMA_VERSION", "Report", "ReportError", "Result", "build", "compare", "load", "markdown", "summarize",
+           "terminal_table"]
 
 
 def summarize(results: Sequence[Result]) -> dict[str, Any]:
@@ -69,38 +62,24 @@ def summarize(results: Sequence[Result]) -> dict[str, Any]:
 def build(
     results: Sequence[Result], clauses: Sequence[Clause], impls: Sequence[ImplInfo], environment: dict[str, Any],
     command: str = "", not_run: Sequence[dict[str, str]] | None = None,
-) -> dict[str, Any]:
-    """The JSON document; ``not_run`` (an interrupted run) lists the (clause, implementation) pairs never reached."""
-    doc = {
-        "schema_version": SCHEMA_VERSION,
-        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "environment": environment,
-        "implementations": {
-            i.name: {"version": i.version, "capabilities": i.capabilities, "unsupported": i.unsupported} for i in impls
-        },
-        "clauses": {c.id: {"level": c.level, "text": c.text, "source": c.source, "area": c.area} for c in clauses},
-        "results": [r.to_json() for r in results],
-        "summary": summarize(results),
-    }
-    if not_run is not None:
-        doc["not_run"] = [dict(x) for x in not_run]
-    return doc
+) -> Report:
+    """The report of a run; ``not_run`` (an interrupted run) lists the (clause, implementation) pairs never
+    reached. An implementation run in its own interpreter (``--impl NAME@PYTHON``) keeps where and what is
+    installed there."""
+    return Report(
+        results=list(results),
+        implementations={i.name: ImplementationInfo(i.version, list(i.capabilities), dict(i.unsupported),
+                                                    i.python, dict(i.packages) if i.python else {},
+                                                    list(i.methods)) for i in impls},
+        clauses={c.id: ClauseInfo(c.level, c.text, c.source, c.area) for c in clauses},
+        environment=environment, summary=summarize(results),
+        generated_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), command=command,
+        not_run=[dict(x) for x in not_run] if not_run is not None else None)
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ReportError(f"cannot read report {p}: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{p} is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or "schema_version" not in doc or "results" not in doc:
-        raise ReportError(f"{p} is not a conformance report (no schema_version/results)")
-    if str(doc["schema_version"]).split(".")[0] != SCHEMA_VERSION:
-        raise ReportError(f"{p} has schema_version {doc['schema_version']}, this tool reads {SCHEMA_VERSION}")
-    return doc
+def load(path: str | Path) -> Report:
+    """A report file of schema "1" or "2" (``ReportError``: one line saying why not)."""
+    return load_report(path)
 
 
 def shorten(text: str, width: int) -> str:
@@ -158,157 +137,160 @@ def _link(path: str, base: Path | None) -> str:
     return f"[`{Path(path).name}`]({target.replace(' ', '%20')})"
 
 
-def reproducers(result: dict[str, Any]) -> list[str]:
-    """Reproducer paths a result's measurements name (``reproducer`` first, then ``reproducers``)."""
-    m = result.get("measurements") or {}
-    paths = [m["reproducer"]] if isinstance(m.get("reproducer"), str) else []
-    paths += [p for p in m.get("reproducers") or [] if isinstance(p, str) and p not in paths]
-    return paths
-
-
-def _duration(r: dict[str, Any]) -> str:
-    if r["outcome"] == Outcome.SKIPPED:
+def _duration(r: Result) -> str:
+    if r.outcome is Outcome.SKIPPED:
         return ""
-    d = float(r.get("duration_s") or 0.0)
+    d = float(r.duration_s or 0.0)
     return f"{d:.1f} s" if d >= 1 else f"{d:.2f} s"
 
 
-def family_cases(families: dict[str, dict[str, Any]]) -> str:
+def family_cases(families: dict[str, Family]) -> str:
     """``Result.families`` in one line: ``lora/4bit 12 run · lora/8bit 6 run, 6 skipped (needs input_cast: 6)``
     (a family skipped whole says so; one that did not pass gets its outcome)."""
     parts = []
     for fam, d in families.items():
-        if d.get("outcome") == "skipped" and not d.get("run"):
+        if d.outcome is Outcome.SKIPPED and not d.run:
             parts.append(f"{fam} skipped")
             continue
-        text = f"{fam} {d.get('run', 0)} run"
-        if d.get("skipped"):
-            reasons = ", ".join(f"{k}: {v}" for k, v in (d.get("skip_reasons") or {}).items())
-            text += f", {d['skipped']} skipped" + (f" ({reasons})" if reasons else "")
-        if d.get("outcome") not in (None, "passed"):
-            text += f" [{d['outcome']}]"
+        text = f"{fam} {d.run or 0} run"
+        if d.skipped:
+            reasons = ", ".join(f"{k}: {v}" for k, v in d.skip_reasons.items())
+            text += f", {d.skipped} skipped" + (f" ({reasons})" if reasons else "")
+        if d.outcome is not Outcome.PASSED:
+            text += f" [{d.outcome}]"
         parts.append(text)
     return " · ".join(parts)
 
 
-def markdown(doc: dict[str, Any], base: str | Path | None = None) -> str:
+def _measured(r: Result) -> list[tuple[str, Any]]:
+    """A result's rows in the Measurements table: its numbers, the other values a check recorded, the cases
+    skipped per capability, the outcome of each of several families, and its reproducers (nested mappings as
+    dotted keys)."""
+    rows = _flat(r.measurements) + _flat(r.details)
+    if r.cases_skipped:
+        rows += _flat({"cases_skipped": r.cases_skipped})
+    if len(r.families) > 1:
+        rows += [(f"families.{f}", fam.text()) for f, fam in r.families.items()]
+    if r.reproducers:
+        rows.append(("reproducer", r.reproducers[0]))
+    if len(r.reproducers) > 1:
+        rows.append(("reproducers", list(r.reproducers)))
+    return rows
+
+
+def markdown(doc: Report | dict[str, Any], base: str | Path | None = None) -> str:
     """A legend, the summary, a clause x implementation matrix (mark and duration), then every failure
     with its message and reproducer, the measurements as a table, and skips with their reasons.
 
     ``base``: the folder the Markdown file is written to (reproducer links are made relative to it).
     """
+    rep = as_report(doc)
     base = Path(base).resolve() if base is not None else None
-    impls = list(doc["implementations"])
-    for x in doc.get("not_run", []):
+    impls = list(rep.implementations)
+    for x in rep.not_run or []:
         if x["implementation"] not in impls:
             impls.append(x["implementation"])
-    cells: dict[tuple[str, str], dict[str, Any]] = {(r["clause"], r["implementation"]): r for r in doc["results"]}
-    not_run = {(x["clause"], x["implementation"]) for x in doc.get("not_run", [])}
-    lines = ["# Adapter conformance report", "", _fmt_env(doc["environment"]), ""]
+    cells: dict[tuple[str, str], Result] = {(r.clause, r.implementation): r for r in rep.results}
+    not_run = {(x["clause"], x["implementation"]) for x in rep.not_run or []}
+    lines = ["# Adapter conformance report", "", _fmt_env(rep.environment), ""]
     if not_run:
         lines += [f"**Interrupted**: {len(not_run)} clause runs were not run ({NOT_RUN_MARK}).", ""]
-    for why in (doc["summary"].get("nothing_checked") or {}).values():
+    for why in (rep.summary.get("nothing_checked") or {}).values():
         lines += [f"**Nothing checked**: {why}", ""]
     lines += ["| implementation | version | " + " | ".join(OUTCOMES) + " | MUST failures |",
               "|---|---|" + "---|" * (len(OUTCOMES) + 1)]
     for name in impls:
-        s = doc["summary"]["implementations"].get(name, {})
-        version = doc["implementations"].get(name, {}).get("version", "not loaded")
+        s = (rep.summary.get("implementations") or {}).get(name, {})
+        info = rep.implementations.get(name)
+        version = info.version if info is not None else "not loaded"
         lines.append(f"| {name} | {version} | " + " | ".join(str(s.get(o, 0)) for o in OUTCOMES)
                      + f" | {s.get('must_failures', 0)} |")
     lines += ["", "## Clauses", "", "| clause | level | " + " | ".join(impls) + " |",
               "|---|---|" + "---|" * len(impls)]
-    for cid, meta in doc["clauses"].items():
+    for cid, meta in rep.clauses.items():
         row = []
         for i in impls:
             r = cells.get((cid, i))
             if r is not None:
-                row.append(" ".join(x for x in (MARKS.get(r["outcome"], "?"), _duration(r)) if x))
+                row.append(" ".join(x for x in (MARKS[r.outcome], _duration(r)) if x))
             else:
                 row.append(NOT_RUN_MARK if (cid, i) in not_run else "")
-        lines.append(f"| `{cid}` | {meta['level']} | " + " | ".join(row) + " |")
+        lines.append(f"| `{cid}` | {meta.level} | " + " | ".join(row) + " |")
     lines += ["", "Each cell: the outcome's mark and the check's duration.", "", "| mark | outcome | meaning |",
               "|---|---|---|"]
     lines += [f"| {MARKS[o]} | {o} | {MEANINGS[o]} |" for o in OUTCOMES]
     if not_run:
-        lines.append(f"| {NOT_RUN_MARK} | not run | the run was interrupted before this clause |")
-    bad = [r for r in doc["results"] if Outcome(r["outcome"]).is_finding]
+        lines.append(f"| {NOT_RUN_MARK} | not run | {NOT_RUN.meaning} |")
+    bad = [r for r in rep.results if r.outcome.is_finding]
     if bad:
         lines += ["", "## Failures and errors", ""]
         for r in bad:
-            meta = doc["clauses"].get(r["clause"], {})
-            lines += [f"### `{r['clause']}` · {r['implementation']} · {r['outcome']} ({meta.get('level', '?')})", "",
-                      f"> {_cell(meta.get('text', ''))}", "", "```", r["message"].strip() or "(no message)", "```", ""]
-            repro = reproducers(r)
-            if repro:
-                lines += ["Reproducer: " + ", ".join(_link(p, base) for p in repro), ""]
-    measured = [(r, _flat({k: v for k, v in r["measurements"].items() if k != "notes"}))
-                for r in doc["results"] if r.get("measurements")]
-    measured = [(r, rows) for r, rows in measured if rows]
+            meta = rep.clauses.get(r.clause)
+            lines += [f"### `{r.clause}` · {r.implementation} · {r.outcome} ({meta.level if meta else '?'})", "",
+                      f"> {_cell(meta.text if meta else '')}", "", "```", r.message.strip() or "(no message)", "```",
+                      ""]
+            if r.reproducers:
+                lines += ["Reproducer: " + ", ".join(_link(p, base) for p in r.reproducers), ""]
+    measured = [(r, rows) for r in rep.results if (rows := _measured(r))]
     if measured:
         lines += ["", "## Measurements", "", "| clause | implementation | measurement | value |", "|---|---|---|---|"]
         for r, rows in measured:
             for k, v in rows:
-                value = _link(v, base) if k in ("reproducer", "reproducers") and isinstance(v, str) else \
+                value = _link(v, base) if k == "reproducer" and isinstance(v, str) else \
                     _cell(shorten(_fmt_value(v), 200))
-                lines.append(f"| `{r['clause']}` | {r['implementation']} | {_cell(k)} | {value} |")
-    counted = [r for r in doc["results"] if r.get("families")]
+                lines.append(f"| `{r.clause}` | {r.implementation} | {_cell(k)} | {value} |")
+    counted = [r for r in rep.results if any(f.counted for f in r.families.values())]
     if counted:
         lines += ["", "## Cases per family", "",
                   "Cases run and skipped (with the reasons) in each case family; a family that ran no case is "
                   "inconclusive.", "", "| clause | implementation | cases |", "|---|---|---|"]
-        lines += [f"| `{r['clause']}` | {r['implementation']} | {_cell(family_cases(r['families']))} |"
-                  for r in counted]
-    skipped = [r for r in doc["results"] if r["outcome"] == Outcome.SKIPPED]
+        lines += [f"| `{r.clause}` | {r.implementation} | {_cell(family_cases(r.families))} |" for r in counted]
+    skipped = [r for r in rep.results if r.outcome is Outcome.SKIPPED]
     if skipped:
         lines += ["", "<details><summary>Skipped clauses and why</summary>", ""]
-        lines += [f"- `{r['clause']}` · {r['implementation']}: {r['message']}" for r in skipped]
+        lines += [f"- `{r.clause}` · {r.implementation}: {r.message}" for r in skipped]
         lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
 
 
-def _numeric(m: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)
-            and math.isfinite(float(v))}
-
-
-def compare(old: dict[str, Any], new: dict[str, Any], drift: float = 0.25) -> tuple[str, int]:
+def compare(old: Report | dict[str, Any], new: Report | dict[str, Any], drift: float = 0.25) -> tuple[str, int]:
     """Clause-by-clause changes; exit code 1 when a result that counts for the exit status
     (``Outcome.counts_for_exit``: a MUST clause failed, errored or was inconclusive, or an xpass) is new: a
     clause that did not count before (or was not reported) counts now. The same rule as ``run``'s exit status,
-    so a report whose run exited 1 has a new failure against any report whose run exited 0."""
-    o = {(r["clause"], r["implementation"]): r for r in old["results"]}
-    n = {(r["clause"], r["implementation"]): r for r in new["results"]}
+    so a report whose run exited 1 has a new failure against any report whose run exited 0. Either report may be
+    of schema "1" or "2"."""
+    old, new = as_report(old), as_report(new)
+    o = {(r.clause, r.implementation): r for r in old.results}
+    n = {(r.clause, r.implementation): r for r in new.results}
 
-    def counts(r: dict[str, Any], doc: dict[str, Any]) -> bool:
-        level = r.get("level") or (doc.get("clauses") or {}).get(r["clause"], {}).get("level") or MUST
-        return counts_for_exit(r["outcome"], level)
+    def counts(r: Result) -> bool:
+        return counts_for_exit(r.outcome, r.level)
 
     new_failures, fixes, changed, drifts, added, removed = [], [], [], [], [], []
     for key in sorted(set(o) | set(n)):
         a, b = o.get(key), n.get(key)
         label = f"{key[0]} [{key[1]}]"
         if a is None:
-            added.append(f"{label}: {b['outcome']}")
-            if counts(b, new):
-                new_failures.append(f"{label}: (new clause) {b['outcome']}: {shorten(b['message'], 200)}")
+            added.append(f"{label}: {b.outcome}")
+            if counts(b):
+                new_failures.append(f"{label}: (new clause) {b.outcome}: {shorten(b.message, 200)}")
             continue
         if b is None:
             removed.append(label)
             continue
-        if counts(b, new) and not counts(a, old):
-            new_failures.append(f"{label}: {a['outcome']} -> {b['outcome']}: {shorten(b['message'], 200)}")
-        elif counts(a, old) and not counts(b, new):
-            fixes.append(f"{label}: {a['outcome']} -> {b['outcome']}")
-        elif a["outcome"] != b["outcome"]:
-            changed.append(f"{label}: {a['outcome']} -> {b['outcome']}")
-        ma, mb = _numeric(a.get("measurements", {})), _numeric(b.get("measurements", {}))
+        if counts(b) and not counts(a):
+            new_failures.append(f"{label}: {a.outcome} -> {b.outcome}: {shorten(b.message, 200)}")
+        elif counts(a) and not counts(b):
+            fixes.append(f"{label}: {a.outcome} -> {b.outcome}")
+        elif a.outcome != b.outcome:
+            changed.append(f"{label}: {a.outcome} -> {b.outcome}")
+        ma, mb = a.numeric(), b.numeric()
         for k in sorted(set(ma) & set(mb)):
             base = max(abs(ma[k]), 1e-12)
             rel = (mb[k] - ma[k]) / base
             if abs(rel) > drift:
                 drifts.append(f"{label} {k}: {ma[k]:.4g} -> {mb[k]:.4g} ({rel:+.0%})")
-    out = [f"old: {_fmt_env(old['environment'])}", f"new: {_fmt_env(new['environment'])}", ""]
+    out = [f"old: {_fmt_env(old.environment)}", f"new: {_fmt_env(new.environment)}", ""]
     for title, items in (("New failures", new_failures), ("Fixed", fixes), ("Other outcome changes", changed),
                          (f"Measurement drift > {drift:.0%}", drifts), ("New clauses", added),
                          ("Clauses no longer reported", removed)):
@@ -317,17 +299,18 @@ def compare(old: dict[str, Any], new: dict[str, Any], drift: float = 0.25) -> tu
     return "\n".join(out) + "\n", int(bool(new_failures))
 
 
-def terminal_table(doc: dict[str, Any]) -> str:
+def terminal_table(doc: Report | dict[str, Any]) -> str:
     """The end-of-run summary table (plain text)."""
-    impls = list(doc["implementations"])
+    rep = as_report(doc)
+    impls = list(rep.implementations)
     width = {o: max(9, len(o) + 2) for o in OUTCOMES}
     name_w = max([16] + [len(n) + 2 for n in impls])
     head = f"{'implementation':<{name_w}}" + "".join(f"{o:>{width[o]}}" for o in OUTCOMES) + f"{'MUST-fail':>11}"
     rows = [head, "-" * len(head)]
     for name in impls:
-        s = doc["summary"]["implementations"].get(name, {})
+        s = (rep.summary.get("implementations") or {}).get(name, {})
         rows.append(f"{name:<{name_w}}" + "".join(f"{s.get(o, 0):>{width[o]}}" for o in OUTCOMES)
                     + f"{s.get('must_failures', 0):>11}")
-    if doc.get("not_run"):
-        rows.append(f"not run (interrupted): {len(doc['not_run'])}")
+    if rep.not_run:
+        rows.append(f"not run (interrupted): {len(rep.not_run)}")
     return "\n".join(rows)

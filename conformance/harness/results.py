@@ -1,15 +1,18 @@
-"""One clause's outcome for one implementation (torch-free: reports and comparisons use it)."""
+"""One clause's outcome for one implementation (torch-free: reports and comparisons use it).
+
+``Result`` is defined in ``conformance.core.report`` (the report's typed records) and imported here."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from conformance.core import outcome as _outcome
+from conformance.core.applicability import applicability as _applicability
 from conformance.core.outcome import OUTCOMES, Outcome
-from conformance.spec.interface import bits_of, methods_of
+from conformance.core.report import Result
+from conformance.spec.interface import declared
 
 if TYPE_CHECKING:
     from conformance.spec.clauses import Clause
@@ -18,48 +21,10 @@ if TYPE_CHECKING:
 __all__ = ["OUTCOMES", "Outcome", "Result", "applicability", "exit_status", "nothing_checked"]
 
 
-@dataclass
-class Result:
-    clause: str
-    implementation: str
-    outcome: Outcome
-    message: str = ""
-    duration_s: float = 0.0
-    measurements: dict[str, Any] = field(default_factory=dict)
-    level: str = "MUST"
-    device: str = "cpu"
-    #: per case family ("lora/4bit"): {"outcome", "run", "skipped", "skip_reasons": {reason: count}, "message"}
-    #: (``harness.execute``); empty in reports written before it existed and for clauses that did not run
-    families: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.outcome = Outcome(self.outcome)  # a plain string from JSON or a worker; ValueError for an unknown one
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["outcome"] = Outcome(self.outcome).value
-        d["duration_s"] = round(self.duration_s, 4)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Result:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
 def applicability(clause: Clause, impl: Implementation, device: str) -> str | None:
-    """Why the clause does not apply to this implementation/device (None when it does)."""
-    if device not in clause.devices:
-        return f"clause applies to devices {sorted(clause.devices)}, not {device}"
-    if device == "cuda" and "cuda" not in impl.capabilities:
-        return f"{impl.name} does not declare capability cuda"
-    if not clause.methods & methods_of(impl):
-        return f"{impl.name} implements none of {sorted(clause.methods)}"
-    if not clause.bits & bits_of(impl):
-        return f"{impl.name} supports none of the bit widths {sorted(clause.bits)}"
-    missing = sorted(clause.requires - set(impl.capabilities))
-    if missing:
-        return f"{impl.name} does not declare capability {', '.join(missing)}"
-    return None
+    """Why the clause does not apply to this implementation/device (None when it does):
+    ``conformance.core.applicability`` decides."""
+    return _applicability(clause, declared(impl), device, impl.name).reason
 
 
 def exit_status(results: Iterable[Result]) -> int:

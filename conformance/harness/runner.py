@@ -48,6 +48,7 @@ class ImplInfo:
     python: str = ""  # the interpreter its workers ran in, when not this one (``--impl NAME@PYTHON``)
     packages: dict[str, str] = field(default_factory=dict)  # versions installed there (interpreter_packages)
     environment: dict = field(default_factory=dict)  # its workers' fingerprint (CPU runs; see worker.prepare)
+    methods: list[str] = field(default_factory=list)  # the adapter methods it declares (``Method`` names)
 
 
 #: Packages whose versions describe an implementation's own environment (``--impl NAME@PYTHON``).
@@ -124,7 +125,7 @@ def _stderr(msg: str) -> None:
 
 def _info(target: str, ev: dict) -> ImplInfo:
     return ImplInfo(ev["implementation"], target, ev["version"], ev["capabilities"], ev.get("unsupported", {}),
-                    environment=ev.get("environment") or {})
+                    environment=ev.get("environment") or {}, methods=ev.get("methods", []))
 
 
 @dataclass

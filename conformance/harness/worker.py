@@ -74,7 +74,7 @@ def prepare(opts: Options) -> tuple[Any, dict[str, Any]]:
 
     from conformance.harness.loader import load
     from conformance.spec.clauses import registry
-    from conformance.spec.interface import ImplementationNotFound, ImplementationUnsupported
+    from conformance.spec.interface import ImplementationNotFound, ImplementationUnsupported, declared
 
     registry()  # import every check module now: a fork server's children inherit them
     try:
@@ -85,7 +85,8 @@ def prepare(opts: Options) -> tuple[Any, dict[str, Any]]:
         raise LoadFailure(f"loading {opts.impl!r} failed: {type(exc).__name__}: {exc}") from None
     loaded = {
         "event": "loaded", "implementation": impl.name, "version": str(impl.version()),
-        "capabilities": sorted(impl.capabilities),
+        "methods": sorted(str(m) for m in declared(impl).methods),
+        "capabilities": sorted(str(c) for c in declared(impl).capabilities),
         "unsupported": dict(getattr(impl, "unsupported", {}) or {}),
     }
     if opts.device == "cpu":  # the fingerprint needs torch, loaded here already; on CUDA it would initialise CUDA
@@ -104,7 +105,8 @@ def run_batch(impl: Any, opts: Options, clause_ids: list[str], events: str) -> N
     budget = opts.budget()
     for cid in clause_ids:
         emit(events, {"event": "start", "clause": cid, "t": time.time()})
-        result = run_clause(reg[cid], impl, opts.device, opts.seed, budget=budget, report_dir=opts.report_dir)
+        result = run_clause(reg[cid], impl, opts.device, opts.seed, budget=budget, report_dir=opts.report_dir,
+                            target=opts.impl)
         emit(events, {"event": "result", **result.to_json()})
 
 

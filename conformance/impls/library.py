@@ -24,11 +24,14 @@ class LibraryImplementation(ImplementationBase):
 
     def __init__(self) -> None:
         self._api: Any = self.api_class()
+        self.methods = self._api.methods()
         self.capabilities = self._api.capabilities()
-        #: capability (or option) -> why this version of the library does not support it
+        #: method, capability (or option) -> why this version of the library does not support it
         self.unsupported: dict[str, str] = dict(self._api.unsupported)
-        #: known per-method gaps passed through to the library (e.g. no mixed batches for OFT)
-        self.limitations: dict[str, str] = dict(getattr(self._api, "limitations", {}) or {})
+        #: known per-method gaps passed through to the library (e.g. no mixed batches for OFT):
+        #: capability -> {method: reason}
+        self.limitations: dict[str, dict[str, str]] = {
+            k: dict(v) for k, v in (getattr(self._api, "limitations", {}) or {}).items()}
 
     def version(self) -> str:
         return self._api.version

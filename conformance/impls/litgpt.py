@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.core.vocabulary import Capability, Method
 from conformance.impls.library import LibraryImplementation, LibraryLayer
 from conformance.quant.layers import bits_of
 from conformance.spec.interface import AdapterSpec, ImplementationUnsupported
@@ -100,6 +101,8 @@ class LitgptApi:
         self._gap("mixed_batch", "LoRALinear.forward(x) takes no adapter_names")
         self._gap("delete_adapter", "LoRALinear has no delete_adapter")
         self._gap("peft_model", "not a PEFT model; LitGPT builds its own GPT (litgpt.lora.GPT), no transformers Trainer")
+        self._gap("distributed", "not declared: LitGPT trains through lightning Fabric strategies; LoRALinear layers "
+                  "under plain DistributedDataParallel have not been checked")
         if not hasattr(cls, "unmerge"):
             self._gap("unmerge", "LoRALinear has merge() but no unmerge()")
         if "safe_merge" not in merge:
@@ -125,10 +128,11 @@ class LitgptApi:
             "in place) and has no switch for an in-place add"
         )
 
-    def capabilities(self) -> frozenset[str]:
-        every = {"lora", "oft", "4bit", "8bit", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters",
-                 "delete_adapter", "cuda", "peft_model", "unmerge", "safe_merge", "rslora", "dropout", "input_cast"}
-        return frozenset(c for c in every if c not in self.unsupported)
+    def methods(self) -> frozenset[Method]:
+        return frozenset(m for m in Method if m not in self.unsupported)
+
+    def capabilities(self) -> frozenset[Capability]:
+        return frozenset(c for c in Capability if c not in self.unsupported)
 
     def kwargs(self, params: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """LoRALinear keyword arguments for the protocol's parameters, and whether B starts random."""

@@ -35,24 +35,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.core.vocabulary import Capability, Method
 from conformance.impls.library import LibraryImplementation, LibraryLayer
 from conformance.quant.layers import bits_of
 from conformance.reference.lora import LoraConfig as _RefLoraConfig
 from conformance.reference.oft import OftConfig as _RefOftConfig
 from conformance.spec.interface import AdapterSpec, ImplementationUnsupported
 
-ALL_CAPABILITIES = frozenset(
-    {"lora", "oft", "4bit", "8bit", "unmerge", "safe_merge", "multi_adapter", "mixed_batch", "rslora", "lora_bias",
-     "dropout", "input_cast", "disable_adapters", "delete_adapter", "cuda", "peft_model",
-     "distributed"}
-)
-
 LORA_PARAMS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(_RefLoraConfig)
 }
 OFT_PARAMS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(_RefOftConfig)}
-#: Known per-method limitations of PEFT that a global capability cannot express; they are passed
-#: through (PEFT raises), never worked around.  Filled in by ``_probe``.
 CLONE_MSG = (
     "PEFT always clones the 4-bit base output before adding LoRA (peft/tuners/lora/bnb.py, "
     "'As per Tim Dettmers ... defensively clone') and has no switch to turn that off; "
@@ -83,7 +76,8 @@ class PeftApi:
             raise ImplementationUnsupported("peft is not installed: pip install peft (0.15 or newer)")
         self.version: str = getattr(self.peft, "__version__", "unknown")
         self.unsupported: dict[str, str] = {}
-        self.limitations: dict[str, str] = {}
+        #: capability -> {method: why it does not hold for that method}
+        self.limitations: dict[Capability, dict[Method, str]] = {}
         self.lora_classes: dict[int, type] = {}
         self.oft_classes: dict[int, type] = {}
         self.lora_config_api = False
@@ -154,10 +148,10 @@ class PeftApi:
                 self.unsupported["oft"] = f"peft {self.version}: peft.tuners.oft.bnb has no Linear4bit/Linear8bitLt"
                 return
             self.oft_config_api = _has_param(next(iter(self.oft_classes.values())).__init__, "config")
-        self.limitations["mixed_batch/oft"] = (
+        self.limitations[Capability.MIXED_BATCH] = {Method.OFT: (
             "PEFT's OFT layers take no adapter_names: forward(x, adapter_names=...) hands the keyword on to the "
             "bitsandbytes layer (TypeError); passed through unchanged"
-        )
+        )}
 
     # -- shared -----------------------------------------------------------------------
     def _probe_layer_features(self) -> None:
@@ -176,8 +170,11 @@ class PeftApi:
         self.clone_base_output_settable = False
         self.unsupported["clone_base_output=False"] = CLONE_MSG
 
-    def capabilities(self) -> frozenset[str]:
-        return frozenset(c for c in ALL_CAPABILITIES if c not in self.unsupported)
+    def methods(self) -> frozenset[Method]:
+        return frozenset(m for m in Method if m not in self.unsupported)
+
+    def capabilities(self) -> frozenset[Capability]:
+        return frozenset(c for c in Capability if c not in self.unsupported)
 
     # -- translation of the protocol's keyword arguments ------------------------------
     @staticmethod

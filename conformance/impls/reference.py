@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 import conformance
+from conformance.core.vocabulary import Capability, Method
 from conformance.quant.layers import bits_of
 from conformance.reference import layer_class
 from conformance.spec.interface import AdapterSpec, ImplementationBase
@@ -12,11 +13,9 @@ from conformance.spec.interface import AdapterSpec, ImplementationBase
 
 class ReferenceImplementation(ImplementationBase):
     name = "reference"
-    capabilities = frozenset(
-        {"lora", "oft", "4bit", "8bit", "unmerge", "safe_merge", "multi_adapter", "mixed_batch", "rslora",
-         "lora_bias", "dropout", "input_cast", "disable_adapters", "delete_adapter", "cuda",
-         "distributed"}
-    )
+    methods = frozenset(Method)
+    #: every capability but whole PEFT models (the reference is layers only)
+    capabilities = frozenset(Capability) - {Capability.PEFT_MODEL}
 
     def __init__(self, clone_base_output: bool = True) -> None:
         self.clone_base_output = clone_base_output

@@ -16,42 +16,21 @@ import fnmatch
 import importlib
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from conformance.core import vocabulary
+from conformance.core.clause import ALL_BITS, ALL_METHODS, DEVICES, LEVELS, Clause, Level
 
 if TYPE_CHECKING:
     from conformance.harness.context import CheckContext
 
-Level = Literal["MUST", "SHOULD"]
-METHODS = frozenset({"lora", "oft"})
-BITS = frozenset({4, 8})
-DEVICES = frozenset({"cpu", "cuda"})
+__all__ = ["BITS", "DEVICES", "METHODS", "Clause", "ClauseFailure", "ClauseInconclusive", "ClauseSkipped", "Level",
+           "catalog", "check", "declare", "get", "registry", "select"]
+
+METHODS = ALL_METHODS
+BITS = ALL_BITS
 _ID = re.compile(r"^[A-Z][A-Z0-9]*(-[A-Z0-9]+)+$")
-
-
-@dataclass(frozen=True)
-class Clause:
-    """One requirement: ID, level, one sentence, where it comes from and where it applies."""
-
-    id: str
-    level: Level
-    text: str
-    source: str
-    methods: frozenset[str] = METHODS
-    bits: frozenset[int] = BITS
-    devices: frozenset[str] = DEVICES
-    requires: frozenset[str] = frozenset()
-    area: str = ""
-    slow: bool = False
-    timeout_s: float = 300.0
-    check: Callable[[CheckContext], None] | None = field(default=None, compare=False, repr=False)
-
-    def to_json(self) -> dict:
-        return {
-            "id": self.id, "level": self.level, "text": self.text, "source": self.source, "area": self.area,
-            "methods": sorted(self.methods), "bits": sorted(self.bits), "devices": sorted(self.devices),
-            "requires": sorted(self.requires), "slow": self.slow,
-        }
 
 
 class ClauseFailure(AssertionError):
@@ -88,17 +67,21 @@ def declare(
     """Declare clause ``id`` (called at import time of a ``conformance.spec.catalog`` module)."""
     if not _ID.match(id):
         raise ValueError(f"clause id {id!r} must look like AREA-WHAT (upper case, dashes)")
-    if level not in ("MUST", "SHOULD"):
+    if level not in LEVELS:
         raise ValueError(f"clause {id}: level must be MUST or SHOULD, got {level!r}")
     if not source:
         raise ValueError(f"clause {id}: a source (upstream file and version, PR or paper) is required")
-    methods_, bits_, devices_ = frozenset(methods), frozenset(bits), frozenset(devices)
-    if not methods_ <= METHODS or not bits_ <= BITS or not devices_ <= DEVICES:
-        raise ValueError(f"clause {id}: methods/bits/devices must be subsets of {METHODS}/{BITS}/{DEVICES}")
+    try:  # a misspelled method or capability fails here, at import of the catalog module
+        methods_, requires_ = vocabulary.methods(methods), vocabulary.capabilities(requires)
+    except vocabulary.UnknownName as exc:
+        raise ValueError(f"clause {id}: {exc}") from None
+    bits_, devices_ = frozenset(bits), frozenset(devices)
+    if not bits_ <= BITS or not devices_ <= DEVICES:
+        raise ValueError(f"clause {id}: bits/devices must be subsets of {sorted(BITS)}/{sorted(DEVICES)}")
     if id in _CATALOG:
         raise ValueError(f"clause {id} declared twice")
     c = Clause(id=id, level=level, text=text, source=source, methods=methods_, bits=bits_, devices=devices_,
-               requires=frozenset(requires), area=area, slow=slow, timeout_s=timeout_s)
+               requires=requires_, area=area, slow=slow, timeout_s=timeout_s)
     _CATALOG[id] = c
     return c
 

@@ -1,75 +1,37 @@
-"""The protocol an implementation under test follows: the implementation, its layer, its capabilities.
+"""The protocol an implementation under test follows: the implementation, its layer, what it declares.
 
 An implementation turns a bitsandbytes base layer plus an ``AdapterSpec`` into an adapter layer
 (``AdapterLayer`` below: what the reference layers have; ``conformance.impls.peft`` shows how to
-wrap a library whose API differs). The implementation object needs only ``name``,
-``capabilities``, ``version()`` and ``create(base_layer, spec)``; the harness derives the methods
-and bit widths it covers from ``capabilities`` (``methods_of`` / ``bits_of``), nothing is patched
-onto the object.
+wrap a library whose API differs). The implementation object needs ``name``, ``methods``,
+``capabilities``, ``version()`` and ``create(base_layer, spec)``, and may have ``limitations``.
 
-Capabilities are a closed set (``CAPABILITIES``, each documented): the loader refuses an unknown one
-(or an unknown ``limitations`` key) as a usage error naming the valid ones. A clause, a case inside a
-clause, or a stateful operation that needs a capability the implementation lacks is reported
-``skipped`` with the reason, never ``failed`` or ``error``. A capability that holds for one method
-only is narrowed by an optional ``limitations`` mapping ``{"CAPABILITY/METHOD": reason}`` (e.g.
-``"mixed_batch/oft"``): clauses needing it leave that method out and say so in their notes.
+What it declares is typed once, in ``conformance.core.vocabulary``: ``methods`` is a set of
+``Method`` names (``lora``, ``oft``), ``capabilities`` a set of ``Capability`` names (``4bit``, ``8bit``,
+``unmerge``, ...; a method named there counts as declared, the spelling before ``methods``), and
+``limitations`` maps a capability to ``{method: reason}`` for the methods it does not hold for (e.g.
+``{"mixed_batch": {"oft": "..."}}``; the flat ``{"mixed_batch/oft": reason}`` is read too). The loader
+refuses an unknown name as a usage error naming the valid ones; ``declared(impl)`` reads the
+declaration (``Declaration``), nothing is patched onto the object. A clause, a case inside a clause,
+or a stateful operation that needs what the implementation does not declare is reported ``skipped``
+with the reason, never ``failed`` or ``error`` (``conformance.core.applicability`` decides).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from conformance.core import vocabulary
+from conformance.core.vocabulary import Capability, Declaration, Method
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-METHODS = ("lora", "oft")
-BITS = (4, 8)
-
-#: The closed set of capabilities, each with what declaring it promises.
-CAPABILITIES: dict[str, str] = {
-    # what it adapts
-    "lora": "LoRA adapters (create(base, AdapterSpec(method='lora', ...)))",
-    "oft": "OFT adapters (create(base, AdapterSpec(method='oft', ...)))",
-    "4bit": "bnb.nn.Linear4bit bases (NF4/FP4, with and without double quant)",
-    "8bit": "bnb.nn.Linear8bitLt bases",
-    "cuda": "runs on CUDA devices",
-    # operations
-    "unmerge": "unmerge() undoes merge() (dequantize, remove the adapters, requantize)",
-    "safe_merge": "merge(safe_merge=True) checks the merged weights and refuses non-finite ones",
-    "multi_adapter": "several adapters on one layer: add_adapter(name, ...), set_adapter([names]), "
-                     "merge(adapter_names=[...])",
-    "mixed_batch": "forward(x, adapter_names=[...]) with one adapter name per sample ('__base__' = none)",
-    "disable_adapters": "enable_adapters(False) / enable_adapters(True)",
-    "delete_adapter": "delete_adapter(name)",
-    # options
-    "rslora": "LoRA with use_rslora=True (scaling lora_alpha / sqrt(r))",
-    "lora_bias": "LoRA with lora_bias=True (a bias on lora_B, scaled like B's output)",
-    "dropout": "LoRA lora_dropout > 0 and OFT module_dropout > 0: active in train mode (whatever the grad mode), "
-               "the identity in eval mode",
-    "input_cast": "the layer casts its input to the adapter dtype (AdapterSpec.dtype) before the adapter path, "
-                  "so inputs of any float dtype work with float32 adapters",
-    # whole models
-    "peft_model": "builds whole PEFT models (transformers Trainer clauses)",
-    "distributed": "layers built by create() train under torch DistributedDataParallel (adapter tensors registered "
-                   "as parameters, deterministic under torch.manual_seed, implementation object picklable for "
-                   "spawned ranks)",
-}
-
-#: What the layer's optional operations and parameters need (documentation and ``AdapterLayer``).
-OPTIONAL: dict[str, str] = {
-    "unmerge": "AdapterLayer.unmerge",
-    "safe_merge": "AdapterLayer.merge(safe_merge=True)",
-    "multi_adapter": "AdapterLayer.add_adapter / set_adapter([...]) / merge(adapter_names=...)",
-    "mixed_batch": "AdapterLayer.forward(x, adapter_names=[...])",
-    "disable_adapters": "AdapterLayer.enable_adapters",
-    "delete_adapter": "AdapterLayer.delete_adapter",
-    "rslora": "AdapterSpec.params['use_rslora'] = True",
-    "lora_bias": "AdapterSpec.params['lora_bias'] = True",
-    "dropout": "AdapterSpec.params['lora_dropout'] > 0 (LoRA) / AdapterSpec.params['module_dropout'] > 0 (OFT)",
-}
+__all__ = ["AdapterLayer", "AdapterSpec", "Capability", "Declaration", "Implementation", "ImplementationBase",
+           "ImplementationNotFound", "ImplementationUnsupported", "InvalidImplementation", "Method", "declared",
+           "validate"]
 
 
 @dataclass(frozen=True)
@@ -107,7 +69,7 @@ class AdapterLayer(Protocol):
     PEFT's upper-triangle layout); checks read and poison them through this), ``set_adapter(name)``,
     ``active_adapters``, ``base_layer`` (the possibly rewritten bitsandbytes layer).
 
-    Optional, each tied to a capability (``OPTIONAL``): ``unmerge()`` (``unmerge``),
+    Optional, each tied to a capability (``conformance.core.vocabulary.LAYER_API``): ``unmerge()`` (``unmerge``),
     ``merge(safe_merge=True)`` (``safe_merge``), ``add_adapter``/``set_adapter([...])``/
     ``merge(adapter_names=...)`` (``multi_adapter``), ``forward(x, adapter_names=[...])``
     (``mixed_batch``), ``enable_adapters(bool)`` (``disable_adapters``), ``delete_adapter(name)``
@@ -135,12 +97,12 @@ class AdapterLayer(Protocol):
 class Implementation(Protocol):
     """What the runner needs from an implementation under test.
 
-    ``capabilities`` is a subset of ``CAPABILITIES``; an optional ``limitations`` attribute maps
-    ``"CAPABILITY/METHOD"`` to a reason (see the module docstring).
+    ``methods`` (``Method`` names) and ``capabilities`` (``Capability`` names) say what it covers; an optional
+    ``limitations`` maps a capability to ``{method: reason}`` (see the module docstring).
     """
 
     name: str
-    capabilities: frozenset[str]
+    capabilities: frozenset[str]  # and optionally ``methods`` and ``limitations``
 
     def version(self) -> str:
         """A version string for the report (package version, git sha, ...)."""
@@ -150,32 +112,18 @@ class Implementation(Protocol):
 
 
 class ImplementationBase:
-    """Convenience base with the protocol's attributes (no capability, no limitation)."""
+    """Convenience base with the protocol's attributes (no method, no capability, no limitation)."""
 
     name: str = ""
+    methods: frozenset[str] = frozenset()
     capabilities: frozenset[str] = frozenset()
-    limitations: Mapping[str, str] = {}
+    limitations: Mapping[str, Any] = {}
 
     def version(self) -> str:
         return "unknown"
 
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
         raise NotImplementedError
-
-
-def methods_of(impl: Any) -> frozenset[str]:
-    """The adapter methods ``impl`` declares (computed by the harness from ``capabilities``)."""
-    return frozenset(m for m in METHODS if m in impl.capabilities)
-
-
-def bits_of(impl: Any) -> frozenset[int]:
-    """The base bit widths ``impl`` declares (computed by the harness from ``capabilities``)."""
-    return frozenset(b for b in BITS if f"{b}bit" in impl.capabilities)
-
-
-def limitations_of(impl: Any) -> dict[str, str]:
-    """``impl.limitations`` (``{"CAPABILITY/METHOD": reason}``), empty when it declares none."""
-    return dict(getattr(impl, "limitations", None) or {})
 
 
 class ImplementationNotFound(LookupError):
@@ -191,44 +139,22 @@ class ImplementationUnsupported(RuntimeError):
     """The implementation exists but cannot run here (e.g. an unsupported PEFT version)."""
 
 
-def validate(impl: Any, label: str = "") -> None:
-    """Raise ``InvalidImplementation`` unless ``impl`` follows the protocol with known capabilities/limitations."""
+def declared(impl: Any, label: str = "") -> Declaration:
+    """What ``impl`` declares (``InvalidImplementation`` for an unknown name or a malformed declaration)."""
+    label = label or repr(getattr(impl, "name", impl))
+    try:
+        return Declaration.of(impl)
+    except vocabulary.UnknownName as exc:
+        raise InvalidImplementation(f"{label}: {exc}") from None
+    except TypeError as exc:
+        raise InvalidImplementation(f"{label}: {exc}") from None
+
+
+def validate(impl: Any, label: str = "") -> Declaration:
+    """Raise ``InvalidImplementation`` unless ``impl`` follows the protocol with a valid declaration; return it."""
     label = label or repr(getattr(impl, "name", impl))
     for attr in ("name", "capabilities", "create", "version"):
         if not hasattr(impl, attr):
             raise InvalidImplementation(f"{label} is not an implementation: it lacks {attr!r} "
                                         "(see conformance.spec.interface)")
-    caps = impl.capabilities
-    if isinstance(caps, str) or not isinstance(caps, Iterable):
-        raise InvalidImplementation(f"{label}: capabilities must be a set of names, got {type(caps).__name__}")
-    unknown = sorted(c for c in caps if c not in CAPABILITIES)
-    if unknown:
-        raise InvalidImplementation(f"{label}: unknown capabilit{'y' if len(unknown) == 1 else 'ies'} "
-                                    f"{', '.join(map(repr, unknown))}; valid: {', '.join(CAPABILITIES)}")
-    lims = getattr(impl, "limitations", None) or {}
-    if not isinstance(lims, Mapping):
-        raise InvalidImplementation(f"{label}: limitations must be a mapping 'CAPABILITY/METHOD' -> reason")
-    for key, reason in lims.items():
-        cap, _, method = str(key).partition("/")
-        if cap not in CAPABILITIES or method not in METHODS:
-            raise InvalidImplementation(
-                f"{label}: unknown limitations key {key!r}; keys are 'CAPABILITY/METHOD' with CAPABILITY one of "
-                f"{', '.join(CAPABILITIES)} and METHOD one of {', '.join(METHODS)}")
-        if not reason:
-            raise InvalidImplementation(f"{label}: limitations[{key!r}] needs a reason")
-
-
-#: id(impl) -> (impl, the string it was loaded from); filled by ``conformance.harness.loader.load``.
-_TARGETS: dict[int, tuple[Any, str]] = {}
-
-
-def remember_target(impl: Any, target: str) -> None:
-    """Record that ``impl`` was loaded from ``target`` (the loader calls this; the object is not touched)."""
-    _TARGETS[id(impl)] = (impl, target)
-
-
-def target_of(impl: Any) -> str | None:
-    """The string (built-in name, entry point or ``module:attr``) ``impl`` was loaded from, or None for an
-    object built in this process: workers rebuild an implementation from exactly this string."""
-    got = _TARGETS.get(id(impl))
-    return got[1] if got is not None and got[0] is impl else None
+    return declared(impl, label)

@@ -56,7 +56,7 @@ from conformance.numerics import ratio as nratio
 from conformance.numerics.rounding import gamma_n
 from conformance.quant import layers as qlayers
 from conformance.spec.clauses import check
-from conformance.spec.interface import AdapterSpec, bits_of, methods_of
+from conformance.spec.interface import AdapterSpec
 
 if TYPE_CHECKING:
     from conformance.harness.context import CheckContext
@@ -235,7 +235,7 @@ def _runs(ctx: CheckContext) -> dict[tuple[str, int], Any]:
         ctx.skip(sent)
     if sent is not impl:
         ctx.note(f"the implementation object does not pickle; each rank builds {type(impl).__qualname__}()")
-    cases = [(m, b) for m in sorted(ctx.clause.methods & methods_of(impl)) for b in sorted(ctx.clause.bits & bits_of(impl))]
+    cases = [(str(m), b) for m, b in ctx.applies.families]
     got = spawn_ranks(sent, cases, ctx.seed, ctx.device)
     _RUNS[key] = (impl, got)
     return got

@@ -55,7 +55,7 @@ def _poisoned_cases(ctx: CheckContext) -> Iterator[tuple[str, int, cases.BaseCas
 
 def _layer(ctx: CheckContext, method: str, case: cases.BaseCase, name: str = "broken") -> torch.nn.Module:
     params = _params(method)
-    if method == "lora" and "lora_bias" not in ctx.impl.capabilities:
+    if method == "lora" and not ctx.has("lora_bias"):
         params.pop("lora_bias")
     base = ctx.make_base(case.in_features, case.out_features, **case.kwargs())
     layer = ctx.make_layer(base, method, adapter_name=name, **params)

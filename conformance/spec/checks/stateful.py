@@ -38,9 +38,9 @@ def machine_run(ctx: CheckContext) -> sr.RunResult:
     (``ctx.budget.shared``): every STATE-* clause run under that budget reports from the same run."""
     b, impl = ctx.budget, ctx.impl
     report_dir = getattr(ctx, "report_dir", None)
-    return b.shared.get(impl, ("stateful", ctx.device, report_dir), lambda: sr.run(
+    return b.shared.get(impl, ("stateful", ctx.device, report_dir, ctx.target), lambda: sr.run(
         impl, ctx.device, examples=b.stateful_examples, steps=b.stateful_steps, shrink_s=b.stateful_shrink_s,
-        out=report_dir))
+        out=report_dir, target=ctx.target))
 
 
 def unreachable(clause: str, capabilities: frozenset[str]) -> str | None:
@@ -74,7 +74,7 @@ def shortfall(clause: str, run: sr.RunResult) -> str | None:
 def report(ctx: CheckContext) -> None:
     """Measurements and the outcome of ``ctx.clause`` from the shared run."""
     cid = ctx.clause.id
-    why = unreachable(cid, frozenset(ctx.impl.capabilities))
+    why = unreachable(cid, ctx.declaration.capabilities)
     if why:
         ctx.skip(f"{ctx.impl.name} declares no capability for the ops this clause checks ({why})")
     run = machine_run(ctx)

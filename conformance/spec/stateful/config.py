@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from conformance.core.vocabulary import params_needing
 from conformance.spec.catalog.stateful import STATE_IDS
 
 #: (in_features, out_features): out_features not a power of two (issue #8)
@@ -34,8 +35,6 @@ OFT_VARIANTS: tuple[dict[str, Any], ...] = (
     {"r": 0, "oft_block_size": 8, "init_weights": False},
     {"r": 0, "oft_block_size": 8, "init_weights": False, "block_share": True},
 )
-#: adapter option -> the capability an implementation declares for it (options it lacks are never drawn)
-OPTION_CAPABILITY = {"use_rslora": "rslora", "lora_bias": "lora_bias", "lora_dropout": "dropout"}
 
 
 class StopRun(BaseException):  # noqa: N818  (not an error: ends a run whose shrink budget is spent)
@@ -117,9 +116,8 @@ def variant_ok(method: str, index: int, caps: Iterable[str], bias: bool) -> bool
     """Whether variant ``index`` may be drawn: every option in it is declared (``lora_bias`` also needs a base bias)."""
     params = variants(method)[index]
     caps = frozenset(caps)
-    for opt, cap in OPTION_CAPABILITY.items():
-        if params.get(opt) and cap not in caps:
-            return False
+    if any(cap not in caps for _, cap in params_needing(params)):  # options it lacks are never drawn
+        return False
     return not params.get("lora_bias") or bias
 
 

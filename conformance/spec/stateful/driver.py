@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from conformance import numerics
+from conformance.core.vocabulary import Capability, capability
 from conformance.quant import layers as qlayers
 from conformance.spec.catalog.stateful import ADAPTERS, BASE, DRIFT, FLAGS, MERGE, OUTPUT, UNMERGE, VALID
-from conformance.spec.interface import AdapterSpec, Implementation
+from conformance.spec.interface import AdapterSpec, Implementation, declared
 
 from .config import (
     MachineConfig,
@@ -72,9 +73,9 @@ class Driver:
         self.verbose = verbose
         self.trace: list[dict[str, Any]] = []
         self.recording = True
-        self.caps = frozenset(impl.capabilities)
+        self.declaration = declared(impl)
+        self.caps = self.declaration.capabilities
         self.exclude_invalid = frozenset(exclude_invalid)
-        self.limitations = dict(getattr(impl, "limitations", {}) or {})
         self.method = config.method
         #: CPU<->CUDA moves: only in a machine run for CUDA (a CPU run on a GPU host never touches CUDA)
         self.moves = str(device).startswith("cuda") and torch.cuda.is_available() and self.has("cuda")
@@ -123,11 +124,11 @@ class Driver:
     def names(self) -> list[str]:
         return list(self.model.adapters)
 
-    def has(self, capability: str) -> bool:
-        return capability in self.caps
+    def has(self, name: str) -> bool:
+        return capability(name) in self.caps
 
     def mixed_ok(self) -> bool:
-        return self.has("mixed_batch") and f"mixed_batch/{self.method}" not in self.limitations
+        return self.declaration.has(Capability.MIXED_BATCH, self.method)
 
     def fresh_base(self) -> nn.Module:
         """A base layer as the example's first one: quantized on the device the example started on.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from conformance.core.vocabulary import capability
 from conformance.spec.cases import POISONS
 from conformance.spec.catalog.stateful import INVALID
 from conformance.spec.observe import implementation_warnings
@@ -54,6 +55,9 @@ KINDS: dict[str, tuple[str | None, Callable[[Driver], bool], Callable[[Driver, i
                           lambda d, s: ("forward of an input with in_features + 1",
                                         lambda: d.layer(d.input((2,), "float32", s, d.config.in_features + 1)))),
 }
+for _kind, (_needs, *_) in KINDS.items():  # a misspelled capability fails at import
+    if _needs is not None:
+        capability(_needs)
 INVALID_KINDS = tuple(KINDS)
 #: kinds that must raise (a warning is not enough): a safe merge of a non-finite adapter refuses
 MUST_RAISE = frozenset({"merge_poisoned"})

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from conformance.spec.interface import Implementation
+from conformance.spec.interface import Implementation, declared
 
 from .config import MachineConfig, Stats, Violation, allowed_variants
 from .driver import Driver
@@ -38,7 +38,7 @@ def make_machine(impl: Implementation, configs: Sequence[MachineConfig], device:
 
     ``exclude_invalid`` drops invalid-step kinds (to look past a known finding)."""
     stats = stats if stats is not None else Stats()
-    caps = frozenset(impl.capabilities)
+    caps = declared(impl).capabilities
     starts = [MachineConfig(**{**asdict(c), "variant": v}) for c in configs
               for v in allowed_variants(c.method, caps, c.bias)]
 

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from conformance import numerics
+from conformance.core.vocabulary import Capability, capability
 from conformance.quant import layers as qlayers
 from conformance.quant import validate as qvalidate
 from conformance.spec.cases import POISONS
@@ -69,9 +70,12 @@ class Op:
     apply: Callable[[Driver, Args], None]
     draw: Callable[[st.DataObject, Driver], Args]
     render: Callable[[Args], str]
-    needs: tuple[str, ...] = ()
+    needs: tuple[Capability, ...] = ()
     applies: Callable[[Driver], bool] = field(default=lambda d: True)
     accepts: Callable[[Driver, Args], bool] = field(default=lambda d, a: True)
+
+    def __post_init__(self) -> None:  # a misspelled capability fails at import
+        object.__setattr__(self, "needs", tuple(capability(c) for c in self.needs))
 
 
 def _in_dtypes(d: Driver) -> tuple[str, ...]:

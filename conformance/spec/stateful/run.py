@@ -41,7 +41,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis.stateful import run_state_machine_as_test
 
 from conformance.spec.budget import CI
-from conformance.spec.interface import Implementation, bits_of, methods_of, target_of
+from conformance.spec.interface import Implementation, declared
 
 from .config import Stats, StopRun, Violation, configs_for
 from .machine import make_machine
@@ -52,12 +52,11 @@ from .shrink import delete_steps, seed_dependence
 def impl_target(impl: Implementation, target: str | None = None) -> tuple[str, bool]:
     """(the string a reproducer rebuilds ``impl`` from, whether that string keeps its constructor arguments).
 
-    ``target`` if given, else what ``conformance.harness.loader.load`` recorded on the object
-    (``conformance.spec.interface.target_of``: a built-in name, an entry point or ``module:attr``); an object built
-    some other way is rebuilt from its class with no arguments (``False``)."""
-    found = target or target_of(impl)
-    if found:
-        return str(found), True
+    ``target``: the string ``impl`` was loaded from (``conformance.harness.loader.load``: a built-in name, an entry
+    point or ``module:attr``; the check context carries it as ``CheckContext.target``); without one, ``impl`` is
+    rebuilt from its class with no arguments (``False``)."""
+    if target:
+        return str(target), True
     return f"{type(impl).__module__}:{type(impl).__qualname__}", False
 
 
@@ -143,7 +142,10 @@ def run(impl: Implementation, device: str = "cpu", *, examples: int | None = Non
     n_ex = max(1, examples if examples is not None else CI.stateful_examples)
     n_steps = max(1, steps if steps is not None else CI.stateful_steps)
     shrink = shrink_s if shrink_s is not None else CI.stateful_shrink_s
-    pairs = list(cases) if cases is not None else [(m, b) for m in sorted(methods_of(impl)) for b in sorted(bits_of(impl))]
+    if cases is None:
+        decl = declared(impl)
+        cases = [(str(m), b) for m in sorted(decl.methods) for b in sorted(decl.bits)]
+    pairs = list(cases)
     if seed is None and not derandomize:
         seed = random.SystemRandom().randrange(2**32)  # the shrink passes replay the exploring pass's examples
     result = RunResult(impl.name, str(impl.version()), device, n_ex, n_steps, [f"{m}/{b}bit" for m, b in pairs],

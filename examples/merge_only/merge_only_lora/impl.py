@@ -123,9 +123,10 @@ class MergeOnlyLora(nn.Module):
 
 
 class MergeOnlyImpl:
-    """The implementation object: a name, the capabilities it really has, a version and ``create``."""
+    """The implementation object: a name, the methods and capabilities it really has, a version and ``create``."""
 
-    capabilities = frozenset({"lora", "4bit", "8bit", "input_cast"})
+    methods = frozenset({"lora"})
+    capabilities = frozenset({"4bit", "8bit", "input_cast"})
 
     def __init__(self, name: str = "merge_only", scale_on_merge: bool = True) -> None:
         self.name = name

@@ -90,10 +90,11 @@ class ToyLora(nn.Module):
 
 
 class ToyLoraImpl:
-    """What the runner needs: a name, capabilities, a version and ``create``."""
+    """What the runner needs: a name, methods, capabilities, a version and ``create``."""
 
     name = "toy_lora"
-    capabilities = frozenset({"lora", "4bit", "unmerge", "safe_merge", "rslora", "dropout", "input_cast"})
+    methods = frozenset({"lora"})
+    capabilities = frozenset({"4bit", "unmerge", "safe_merge", "rslora", "dropout", "input_cast"})
 
     def version(self) -> str:
         return "0.1.0"

@@ -1,9 +1,11 @@
-"""``python -m conformance join A.json B.json ...``: several reports side by side (torch-free).
+"""The one joiner of reports: ``python -m conformance join A.json B.json ...`` and the matrix report
+(``conformance.ci.matrix_report``, one report per cell) both put reports side by side through ``join``.
+Standard library only (nox's interpreter runs the matrix report).
 
 Each implementation in each report is one column, ``implementation@version`` with its environment
 (the interpreter's packages when it ran in its own, ``--impl NAME@PYTHON``, else the report's);
 rows are the clauses of all reports in their first report's order; a cell is the outcome's mark
-(``MARKS``; ``—`` where that column did not run the clause). Per column the outcome counts; per
+(``conformance.core.outcome.MARKS``' plain text; ``—`` where that column did not run the clause). Per column the outcome counts; per
 clause the messages of every column that failed, errored, was inconclusive or xpassed (the
 findings), and ``first_change``: the first column (in the order given) whose outcome differs from
 the column before it, so a report list ordered by release says where each clause changed.
@@ -16,12 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from conformance.core.outcome import MUST, OUTCOMES, TEXT_MARKS, Outcome
+from conformance.core.outcome import MUST, NOT_RUN, OUTCOMES, TEXT_MARKS, Outcome, text_mark
+from conformance.core.report import Report, ReportError
 
 SCHEMA = "conformance-join/1"
-#: What a cell shows for each outcome (also the matrix report's marks: ``conformance.ci.matrix_report``).
+#: What a cell shows for each outcome (``conformance.core.outcome.MARKS``: also the matrix report's).
 MARKS = TEXT_MARKS
-NOT_RUN = "—"
 #: outcomes whose message is a finding (listed under the table): ``Outcome.is_finding``
 FINDINGS = tuple(o for o in OUTCOMES if o.is_finding)
 #: packages an environment label names, with their short names
@@ -34,7 +36,8 @@ class JoinError(ValueError):
 
 
 def mark(outcome: str | None) -> str:
-    return NOT_RUN if outcome is None else MARKS.get(outcome, outcome)
+    """A cell: the outcome's plain-text mark, ``—`` where the column did not run the clause."""
+    return text_mark(outcome)
 
 
 def env_label(packages: dict[str, str]) -> str:
@@ -42,19 +45,28 @@ def env_label(packages: dict[str, str]) -> str:
     return " · ".join(f"{short} {packages[name]}" for name, short in LABEL_PACKAGES if packages.get(name))
 
 
-def _columns(doc: dict[str, Any], source: str) -> list[dict[str, Any]]:
-    env_pk = dict((doc.get("environment") or {}).get("packages") or {})
+def _columns(rep: Report, source: str) -> list[dict[str, Any]]:
+    env_pk = dict(rep.environment.get("packages") or {})
     cols = []
-    for name, info in (doc.get("implementations") or {}).items():
-        pk = dict(info.get("packages") or {}) if info.get("python") else env_pk  # its own interpreter's
-        cols.append({"id": f"{name}@{info.get('version', 'unknown')}", "implementation": name,
-                     "version": info.get("version", "unknown"), "environment": env_label(pk), "packages": pk,
-                     "python": info.get("python") or (doc.get("environment") or {}).get("python", ""),
-                     "device": (doc.get("environment") or {}).get("device", ""), "report": source})
+    for name, info in rep.implementations.items():
+        pk = dict(info.packages) if info.python else env_pk  # its own interpreter's
+        cols.append({"id": f"{name}@{info.version}", "implementation": name,
+                     "version": info.version, "environment": env_label(pk), "packages": pk,
+                     "python": info.python or rep.environment.get("python", ""),
+                     "device": rep.environment.get("device", ""), "report": source})
     return cols
 
 
-def join(docs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+def _report(source: str, doc: Report | dict[str, Any]) -> Report:
+    if isinstance(doc, Report):
+        return doc
+    try:
+        return Report.from_json(doc, source=source)
+    except ReportError as exc:
+        raise JoinError(str(exc)) from None
+
+
+def join(docs: Sequence[tuple[str, Report | dict[str, Any]]]) -> dict[str, Any]:
     """The joined document from (source name, report) pairs, columns in the order given."""
     if not docs:
         raise JoinError("give at least one report to join")
@@ -62,7 +74,8 @@ def join(docs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     clauses: dict[str, dict[str, Any]] = {}
     cells: dict[str, dict[str, dict[str, str]]] = {}
     for source, doc in docs:
-        cols = _columns(doc, source)
+        rep = _report(source, doc)
+        cols = _columns(rep, source)
         ids = [c["id"] for c in columns]
         for col in cols:  # the same implementation@version twice: tell the columns apart by environment
             if col["id"] in ids:
@@ -71,16 +84,15 @@ def join(docs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
                 col["id"] = f"{col['id']} #{len(ids) + 1}"
             ids.append(col["id"])
         by_name = {c["implementation"]: c["id"] for c in cols}
-        for cid, meta in (doc.get("clauses") or {}).items():
-            clauses.setdefault(cid, {"level": meta.get("level", ""), "text": meta.get("text", ""),
-                                     "area": meta.get("area", "")})
-        for r in doc.get("results") or []:
-            col = by_name.get(r.get("implementation"))
-            if col is None or r.get("outcome") not in OUTCOMES:
-                raise JoinError(f"{source}: result {r.get('clause')} [{r.get('implementation')}] names no listed "
-                                f"implementation or has outcome {r.get('outcome')!r}")
-            clauses.setdefault(r["clause"], {"level": r.get("level", ""), "text": "", "area": ""})
-            cells.setdefault(r["clause"], {})[col] = {"outcome": r["outcome"], "message": r.get("message", "")}
+        for cid, meta in rep.clauses.items():
+            clauses.setdefault(cid, {"level": meta.level, "text": meta.text, "area": meta.area})
+        for r in rep.results:
+            col = by_name.get(r.implementation)
+            if col is None:
+                raise JoinError(f"{source}: result {r.clause} [{r.implementation}] names no listed "
+                                f"implementation or has outcome {r.outcome.value!r}")
+            clauses.setdefault(r.clause, {"level": r.level, "text": "", "area": ""})
+            cells.setdefault(r.clause, {})[col] = {"outcome": r.outcome.value, "message": r.message}
         columns += cols
     order = [c["id"] for c in columns]
     summary = {c: {o.value: 0 for o in OUTCOMES} | {"not_run": 0, "must_failures": 0} for c in order}
@@ -118,7 +130,7 @@ def markdown(doc: dict[str, Any]) -> str:
     order = [c["id"] for c in cols]
     lines = ["# Conformance: implementations side by side", "",
              f"Joined from {', '.join(f'`{s}`' for s in doc['sources'])}. Marks: "
-             + ", ".join(f"`{m}` {o.value}" for o, m in MARKS.items()) + f", `{NOT_RUN}` not run.", "",
+             + ", ".join(f"`{m}` {o.value}" for o, m in MARKS.items()) + f", `{NOT_RUN.text}` not run.", "",
              "| column | environment | device | " + " | ".join(str(o) for o in (*OUTCOMES, "not_run"))
              + " | MUST-fail |",
              "|---|---|---|" + "---:|" * (len(OUTCOMES) + 2)]

@@ -1,0 +1,250 @@
+"""The suite's closed vocabulary: adapter methods, capabilities, and what an implementation declares.
+
+Modelled on scikit-learn's typed tags (``sklearn/utils/_tags.py``: tags as dataclasses, a missing or
+unknown tag is an error) and its one place that decides what applies (``estimator_checks.py``):
+
+- ``Method``: the adapter methods the suite knows (``lora``, ``oft``); a method issue adds a member.
+- ``Capability``: what an implementation may promise besides its methods, each documented in ``DOCS``
+  (and, for the layer's optional operations and parameters, where the promise lives in ``LAYER_API``).
+- ``PARAM_CAPABILITIES``: the adapter parameters whose use needs a capability (``params_needing``).
+- ``Declaration``: an implementation's methods, capabilities and ``limitations`` (a capability that does
+  not hold for some methods, each with a reason), read once from the implementation object by
+  ``Declaration.of``; a misspelled name is an ``UnknownName`` error naming the valid ones.
+
+Both enums are ``str``-valued: a member equals its string, serializes as it, and formats as it
+(``f"{Method.LORA}"`` is ``lora``), so reports and messages read as before. The spec side converts every
+name it is given (a clause's ``requires``, a stateful op's ``needs``, ``ctx.has(...)``) with ``capability``
+or ``method`` below, so a misspelling fails where it is written.
+
+Standard library only (no torch): the torch-free CLI and nox's interpreter import it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Method(str, enum.Enum):
+    """An adapter method the suite has a yardstick for (``AdapterSpec.method``)."""
+
+    LORA = "lora"  #: LoRA (Hu et al., arXiv:2106.09685; PEFT ``src/peft/tuners/lora``)
+    OFT = "oft"  #: OFT (Qiu et al., arXiv:2306.07280; PEFT ``src/peft/tuners/oft``)
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class Capability(str, enum.Enum):
+    """What an implementation may declare besides its methods (``DOCS`` says what each promises)."""
+
+    # bases and devices
+    BITS4 = "4bit"
+    BITS8 = "8bit"
+    CUDA = "cuda"
+    # operations
+    UNMERGE = "unmerge"
+    SAFE_MERGE = "safe_merge"
+    MULTI_ADAPTER = "multi_adapter"
+    MIXED_BATCH = "mixed_batch"
+    DISABLE_ADAPTERS = "disable_adapters"
+    DELETE_ADAPTER = "delete_adapter"
+    # options
+    RSLORA = "rslora"
+    LORA_BIAS = "lora_bias"
+    DROPOUT = "dropout"
+    INPUT_CAST = "input_cast"
+    # whole models
+    PEFT_MODEL = "peft_model"
+    DISTRIBUTED = "distributed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+#: What declaring each capability promises (the README's capability table is made from this).
+DOCS: dict[Capability, str] = {
+    Capability.BITS4: "bnb.nn.Linear4bit bases (NF4/FP4, with and without double quant)",
+    Capability.BITS8: "bnb.nn.Linear8bitLt bases",
+    Capability.CUDA: "runs on CUDA devices",
+    Capability.UNMERGE: "unmerge() undoes merge() (dequantize, remove the adapters, requantize)",
+    Capability.SAFE_MERGE: "merge(safe_merge=True) checks the merged weights and refuses non-finite ones",
+    Capability.MULTI_ADAPTER: "several adapters on one layer: add_adapter(name, ...), set_adapter([names]), "
+                              "merge(adapter_names=[...])",
+    Capability.MIXED_BATCH: "forward(x, adapter_names=[...]) with one adapter name per sample ('__base__' = none)",
+    Capability.DISABLE_ADAPTERS: "enable_adapters(False) / enable_adapters(True)",
+    Capability.DELETE_ADAPTER: "delete_adapter(name)",
+    Capability.RSLORA: "LoRA with use_rslora=True (scaling lora_alpha / sqrt(r))",
+    Capability.LORA_BIAS: "LoRA with lora_bias=True (a bias on lora_B, scaled like B's output)",
+    Capability.DROPOUT: "LoRA lora_dropout > 0 and OFT module_dropout > 0: active in train mode (whatever the grad "
+                        "mode), the identity in eval mode",
+    Capability.INPUT_CAST: "the layer casts its input to the adapter dtype (AdapterSpec.dtype) before the adapter "
+                           "path, so inputs of any float dtype work with float32 adapters",
+    Capability.PEFT_MODEL: "builds whole PEFT models (transformers Trainer clauses)",
+    Capability.DISTRIBUTED: "layers built by create() train under torch DistributedDataParallel (adapter tensors "
+                            "registered as parameters, deterministic under torch.manual_seed, implementation "
+                            "object picklable for spawned ranks)",
+}
+
+#: What each method promises (``create(base, AdapterSpec(method=...))``).
+METHOD_DOCS: dict[Method, str] = {
+    Method.LORA: "LoRA adapters (create(base, AdapterSpec(method='lora', ...)))",
+    Method.OFT: "OFT adapters (create(base, AdapterSpec(method='oft', ...)))",
+}
+
+#: Where the layer keeps the promise of a capability that adds an optional operation or parameter.
+LAYER_API: dict[Capability, str] = {
+    Capability.UNMERGE: "AdapterLayer.unmerge",
+    Capability.SAFE_MERGE: "AdapterLayer.merge(safe_merge=True)",
+    Capability.MULTI_ADAPTER: "AdapterLayer.add_adapter / set_adapter([...]) / merge(adapter_names=...)",
+    Capability.MIXED_BATCH: "AdapterLayer.forward(x, adapter_names=[...])",
+    Capability.DISABLE_ADAPTERS: "AdapterLayer.enable_adapters",
+    Capability.DELETE_ADAPTER: "AdapterLayer.delete_adapter",
+    Capability.RSLORA: "AdapterSpec.params['use_rslora'] = True",
+    Capability.LORA_BIAS: "AdapterSpec.params['lora_bias'] = True",
+    Capability.DROPOUT: "AdapterSpec.params['lora_dropout'] > 0 (LoRA) / AdapterSpec.params['module_dropout'] > 0 "
+                        "(OFT)",
+}
+
+#: Adapter parameters whose use needs a capability (a true flag or a rate above zero).
+PARAM_CAPABILITIES: dict[str, Capability] = {
+    "use_rslora": Capability.RSLORA,
+    "lora_bias": Capability.LORA_BIAS,
+    "lora_dropout": Capability.DROPOUT,
+    "module_dropout": Capability.DROPOUT,
+}
+
+#: The base bit widths and the capability that declares each.
+BITS: dict[int, Capability] = {4: Capability.BITS4, 8: Capability.BITS8}
+
+
+class UnknownName(ValueError):
+    """A method or capability name outside the closed set; the message names the valid ones."""
+
+
+def _lookup(kind: type[enum.Enum], name: Any, what: str) -> Any:
+    try:
+        return kind(name)
+    except ValueError:
+        valid = ", ".join(m.value for m in kind)
+        raise UnknownName(f"unknown {what} {name!r}; valid: {valid}") from None
+
+
+def capability(name: str | Capability) -> Capability:
+    """``name`` as a ``Capability`` (``UnknownName`` for a misspelling)."""
+    return _lookup(Capability, name, "capability")
+
+
+def method(name: str | Method) -> Method:
+    """``name`` as a ``Method`` (``UnknownName`` for a misspelling)."""
+    return _lookup(Method, name, "method")
+
+
+def capabilities(names: Iterable[str | Capability]) -> frozenset[Capability]:
+    return frozenset(capability(n) for n in names)
+
+
+def methods(names: Iterable[str | Method]) -> frozenset[Method]:
+    return frozenset(method(n) for n in names)
+
+
+def _active(value: Any) -> bool:
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return bool(value)
+
+
+def params_needing(params: Mapping[str, Any]) -> list[tuple[str, Capability]]:
+    """(parameter, capability) for every adapter parameter in ``params`` whose value needs a capability."""
+    return [(k, cap) for k, cap in PARAM_CAPABILITIES.items() if _active(params.get(k))]
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What an implementation declares: its methods, capabilities and limitations.
+
+    ``limitations[capability][method]`` is why ``capability`` does not hold for ``method`` (e.g. PEFT's
+    OFT has no mixed batches): clauses that require it leave that method out and say so.
+    """
+
+    methods: frozenset[Method] = frozenset()
+    capabilities: frozenset[Capability] = frozenset()
+    limitations: Mapping[Capability, Mapping[Method, str]] = field(default_factory=dict)
+
+    @property
+    def bits(self) -> frozenset[int]:
+        return frozenset(b for b, cap in BITS.items() if cap in self.capabilities)
+
+    def has(self, cap: str | Capability, for_method: str | Method | None = None) -> bool:
+        """Whether ``cap`` is declared (and, given a method, not limited for it)."""
+        cap = capability(cap)
+        if cap not in self.capabilities:
+            return False
+        return for_method is None or method(for_method) not in self.limitations.get(cap, {})
+
+    def limitation(self, cap: str | Capability, for_method: str | Method) -> str | None:
+        """Why ``cap`` does not hold for ``for_method`` (None when it does, or when it is not declared at all)."""
+        return self.limitations.get(capability(cap), {}).get(method(for_method))
+
+    @classmethod
+    def of(cls, impl: Any) -> Declaration:
+        """Read ``impl.methods``, ``impl.capabilities`` and ``impl.limitations`` (``UnknownName`` / ``TypeError``
+        for what does not fit; the message says what does).
+
+        A method named among ``capabilities`` (the spelling before ``methods`` existed: ``{"lora", "4bit"}``)
+        counts as declaring that method; naming methods both ways is accepted only where both agree (a subclass
+        of an implementation with ``methods`` that narrows ``capabilities`` must narrow ``methods``). ``limitations`` maps a capability to ``{method: reason}``; the
+        flat ``{"CAPABILITY/METHOD": reason}`` form is read too.
+        """
+        caps = getattr(impl, "capabilities", ())
+        if isinstance(caps, str) or not isinstance(caps, Iterable):
+            raise TypeError(f"capabilities must be a set of names, got {type(caps).__name__}")
+        meths = getattr(impl, "methods", ()) or ()
+        if isinstance(meths, str) or not isinstance(meths, Iterable) or callable(meths):
+            raise TypeError(f"methods must be a set of names, got {type(meths).__name__}")
+        method_names = {m.value for m in Method}
+        declared_methods = methods(meths)
+        old_spelling = frozenset(Method(c) for c in caps if c in method_names)
+        if declared_methods and old_spelling and old_spelling != declared_methods:
+            raise UnknownName(f"methods {sorted(map(str, declared_methods))} and the methods named in capabilities "
+                              f"{sorted(map(str, old_spelling))} differ; declare methods in `methods` only")
+        declared_methods = declared_methods or old_spelling
+        declared_caps = capabilities(c for c in caps if c not in method_names)
+        lims = getattr(impl, "limitations", None) or {}
+        if not isinstance(lims, Mapping):
+            raise TypeError("limitations must be a mapping capability -> {method: reason}")
+        limits: dict[Capability, dict[Method, str]] = {}
+        for key, value in lims.items():
+            if isinstance(value, Mapping):
+                pairs = [(key, m, reason) for m, reason in value.items()]
+            else:
+                cap_name, sep, method_name = str(key).partition("/")
+                if not sep:
+                    raise UnknownName(f"limitations key {key!r} needs a mapping {{method: reason}} as its value "
+                                      "(or the form 'CAPABILITY/METHOD': reason)")
+                pairs = [(cap_name, method_name, value)]
+            for cap_name, method_name, reason in pairs:
+                try:
+                    cap, meth = capability(cap_name), method(method_name)
+                except UnknownName as exc:
+                    raise UnknownName(f"limitations key {key!r}: {exc}") from None
+                if not reason:
+                    raise UnknownName(f"limitations key {key!r}: the limitation of {cap} for {meth} needs a reason")
+                limits.setdefault(cap, {})[meth] = str(reason)
+        return cls(declared_methods, declared_caps, limits)
+
+
+def check_complete() -> None:
+    """Every member documented (scikit-learn's ``_raise_for_missing_tags``); called by the test suite."""
+    missing = [c.value for c in Capability if c not in DOCS] + [m.value for m in Method if m not in METHOD_DOCS]
+    if missing:
+        raise RuntimeError(f"undocumented vocabulary: {', '.join(missing)}")
