@@ -411,7 +411,9 @@ def test_clauses_under_one_budget_share_one_machine_run(monkeypatch: pytest.Monk
     assert checks.machine_run(_ctx(b, MERGE, budget=budget)) is not first
     assert checks.machine_run(_ctx(a, MERGE, stateful_examples=3, stateful_steps=4, stateful_shrink_s=1)) is not first
     assert len(made) == 3 and len(budget.shared) == 2
-    assert made[0] == (a, "cpu", {"examples": 3, "steps": 4, "shrink_s": 1, "out": None})
+    impl, device, kwargs = made[0]
+    assert (impl, device) == (a, "cpu") and {k: kwargs[k] for k in ("examples", "steps", "shrink_s", "out")} == {
+        "examples": 3, "steps": 4, "shrink_s": 1, "out": None}
 
 
 def test_thin_examples_are_inconclusive() -> None:
