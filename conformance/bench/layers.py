@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from conformance.quant.layers import make_base_layer
+from conformance.quant.torchnames import dtype_of
 from conformance.reference import LoraLinear4bit, LoraLinear8bit, OftLinear4bit, OftLinear8bit
 
 from . import roofline
-from .cases import BenchCase, dtype_of
+from .cases import BenchCase
 from .memory import stored_bytes
 from .timing import host_clock, spin
 
@@ -79,11 +79,7 @@ def make_base(case: BenchCase, device: str, seed: int = 0) -> nn.Module:
     w.mul_(case.in_features ** -0.5)
     if case.bits == 8:
         w = w.cpu()  # bnb's Int8Params quantizes only on a move from the CPU
-    return make_base_layer(
-        case.in_features, case.out_features, bits=case.bits, quant_type=case.quant_type, blocksize=64,
-        double_quant=case.double_quant, compute_dtype=dtype, weight_dtype=dtype, bias=False, device=device,
-        weight=w,
-    )
+    return case.base.build(device, weight=w)
 
 
 def _peft_layer(base: nn.Module, method: str, params: dict[str, Any]) -> nn.Module:
@@ -131,7 +127,7 @@ def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1) -> nn.Mo
     dtype = dtype_of(case.dtype)
     gen = torch.Generator(device=base.weight.device).manual_seed(seed)
     if case.method == "lora":
-        params = {"r": case.rank, "lora_alpha": case.alpha, "init_lora_weights": False}
+        params = dict(case.adapter.params)
         if case.impl == "litgpt":
             layer = _litgpt_layer(base, params, dtype)
         elif case.impl == "peft":
@@ -150,7 +146,7 @@ def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1) -> nn.Mo
                 p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) * 0.02)
         return layer
     # OFT: rotation parameters stay float32 in both implementations (the Cayley solve needs it)
-    params = {"r": 0, "oft_block_size": 32, "init_weights": False}
+    params = dict(case.adapter.params)
     if case.impl == "peft":
         layer = _peft_layer(base, "oft", params)
     else:
