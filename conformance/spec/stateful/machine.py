@@ -20,7 +20,7 @@ the CI budget; the weights live in the op table.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import replace
 
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -39,7 +39,7 @@ def make_machine(impl: Implementation, configs: Sequence[MachineConfig], device:
     ``exclude_invalid`` drops invalid-step kinds (to look past a known finding)."""
     stats = stats if stats is not None else Stats()
     caps = frozenset(impl.capabilities)
-    starts = [MachineConfig(**{**asdict(c), "variant": v}) for c in configs
+    starts = [replace(c, variant=v) for c in configs
               for v in allowed_variants(c.method, caps, c.bias)]
 
     class AdapterLayerMachine(RuleBasedStateMachine):
@@ -68,7 +68,7 @@ def make_machine(impl: Implementation, configs: Sequence[MachineConfig], device:
 
         @initialize(config=st.sampled_from(starts), seed=SEEDS)
         def create(self, config: MachineConfig, seed: int) -> None:
-            self._build(MachineConfig(**{**asdict(config), "seed": seed}))
+            self._build(replace(config, seed=seed))
 
         @rule(data=st.data())
         def step(self, data: st.DataObject) -> None:
