@@ -126,7 +126,7 @@ class BaseCase:
         for f in fields(cls):
             if f.name in d:
                 v = d[f.name]
-                kw[f.name] = dtype_of(v) if "dtype" in f.name and v is not None else v
+                kw[f.name] = dtype_of(v) if "torch.dtype" in str(f.type) and v is not None else v
         return cls(**kw)
 
 
