@@ -154,10 +154,10 @@ def test_matrix_covers_storage_dtypes_shapes_and_lora_bias() -> None:
     """Issue 14's axes are in the sampled matrix: every storage dtype, square and non-square, lora_bias."""
     for mixed in (False, True):
         matrix = cases.grad_matrix("lora", [4, 8], mixed=mixed)
-        assert {c.weight_dtype for c in matrix} == set(cases.STORAGE_DTYPES)
-        assert {c.out_features for c in matrix} == {cases.GRAD_OUT_FEATURES, cases.GRAD_IN_FEATURES}
+        assert {c.base.weight_dtype for c in matrix} == set(cases.STORAGE_DTYPES)
+        assert {c.base.out_features for c in matrix} == {cases.GRAD_OUT_FEATURES, cases.GRAD_IN_FEATURES}
         assert any(c.adapter.params.get("lora_bias") for c in matrix)
-        pairs = {(c.dtype, c.weight_dtype) for c in matrix}
+        pairs = {(c.dtype, c.base.weight_dtype) for c in matrix}
         assert pairs == set(itertools.product(cases.GRAD_DTYPES, cases.STORAGE_DTYPES))
 
 
@@ -217,7 +217,7 @@ def test_pairwise_respects_constraints() -> None:
     matrix = cases.grad_matrix("lora", [4, 8])
     assert all(c.rank > 1 or c.batch == 1 for c in matrix)
     assert {c.rank for c in matrix} == {1, 2, 3} and {c.dtype for c in matrix} == set(cases.GRAD_DTYPES)
-    assert {c.quant_type for c in matrix} == {"nf4", "fp4", "int8"} and {c.x_requires_grad for c in matrix} == {True, False}
+    assert {c.base.quant_label for c in matrix} == {"nf4", "fp4", "int8"} and {c.x_requires_grad for c in matrix} == {True, False}
     assert all(c.mixed and c.rank > 1 for c in cases.grad_matrix("oft", [4], mixed=True))
 
 

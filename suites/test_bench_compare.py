@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,18 +135,18 @@ def test_peak_table() -> None:
 
 
 def test_flops_bytes_and_peak_floor() -> None:
-    c = BenchCase("reference", "lora", 4, 4096, 4096, 4096, "bfloat16", "fwd", double_quant=False)
+    c = BenchCase.make("reference", "lora", 4, 4096, 4096, 4096, "bfloat16", "fwd", double_quant=False)
     base = 2 * 4096**3
     assert roofline.flops(c) == base + 2 * 4096 * 16 * (4096 + 4096)
     assert roofline.flops(c.with_impl("bnb")) == base
-    fb = BenchCase("reference", "lora", 4, 4096, 4096, 4096, "bfloat16", "fwdbwd", double_quant=False)
+    fb = BenchCase.make("reference", "lora", 4, 4096, 4096, 4096, "bfloat16", "fwdbwd", double_quant=False)
     assert roofline.flops(fb) == 2 * base + 3 * 2 * 4096 * 16 * 8192
     w = 4096 * 4096 / 2 + 4096 * 4096 / 64 * 4  # packed 4-bit + fp32 absmax per 64
     assert roofline.weight_bytes(c) == w
     assert roofline.min_bytes(c) == 4096 * 4096 * 2 * 2 + w
     peak = roofline.Peak("x", 1e15, 1e12)
     assert roofline.peak_floor_s(c, peak) == max(roofline.flops(c) / 1e15, roofline.min_bytes(c) / 1e12)
-    decode = BenchCase("bnb", "lora", 4, 4096, 4096, 1, "bfloat16", "fwd")
+    decode = BenchCase.make("bnb", "lora", 4, 4096, 4096, 1, "bfloat16", "fwd")
     assert roofline.peak_floor_s(decode, peak) == roofline.min_bytes(decode) / 1e12  # memory-bound
     assert roofline.peak_floor_s(c, None) is None
 
@@ -154,7 +155,7 @@ def test_measured_floor_matches_autograd_on_cpu() -> None:
     """The hand-written floor computes the same gradient of x as autograd through the reference."""
     from conformance.bench.layers import Builder, lora_tensors, make_adapter_layer
 
-    case = BenchCase("floor", "lora", 4, 64, 48, 5, "float32", "fwdbwd")
+    case = BenchCase.make("floor", "lora", 4, 64, 48, 5, "float32", "fwdbwd")
     base = Builder("cpu").base(case)
     layer = make_adapter_layer(case.with_impl("reference"), base)
     x = torch.randn(5, 64)
@@ -212,3 +213,17 @@ def test_normalize_cancels_machine_drift_but_not_a_slowdown() -> None:
     assert set(norm) == {"g/reference", "g/peft"}
     assert norm["g/peft"].status != "regression"
     assert norm["g/reference"].status == "regression" and norm["g/reference"].ratio == pytest.approx(1.1, abs=0.03)
+
+
+def test_stored_bench_records_read_back_as_cases() -> None:
+    """Every record of a stored benchmark reads back (``BenchCase.from_dict``) as the case it was: same key, group
+    and flat fields; the current GPU matrix is the stored one, key for key (a baseline stays comparable)."""
+    root = Path(__file__).resolve().parent.parent / "baselines" / "bench"
+    files = [f for f in sorted(root.glob("*.json")) if "results" in json.loads(f.read_text())]
+    assert files
+    for f in files:
+        for r in json.loads(f.read_text())["results"]:
+            case = BenchCase.from_dict(r)
+            assert case.to_dict() == {k: r[k] for k in case.to_dict()}, (f.name, r["key"])
+    stored = json.loads(files[-1].read_text())["results"]
+    assert [c.key for c in matrix("cuda")] == [r["key"] for r in stored]

@@ -17,6 +17,7 @@ from conformance.harness.context import CheckContext
 from conformance.harness.execute import run_clause
 from conformance.harness.results import Result
 from conformance.impls.reference import ReferenceImplementation
+from conformance.spec import cases
 from conformance.spec.checks import merge as merge_checks
 from conformance.spec.clauses import Clause, get
 from conformance.spec.interface import ImplementationUnsupported
@@ -172,7 +173,7 @@ def test_an_exception_out_of_create_is_the_implementations_failure() -> None:
 def test_a_missing_protocol_attribute_is_the_implementations_failure() -> None:
     def check(ctx: CheckContext) -> None:
         for method, bits in ctx.cases():
-            layer = ctx.make_layer(ctx.make_base(bits=bits), method, r=4)
+            layer = ctx.make_layer(ctx.make_base(cases.BaseCase(bits)), method, r=4)
             layer.no_such_protocol_attribute  # noqa: B018
 
     res = run_clause(_clause(check, methods=frozenset({"lora"}), bits=frozenset({4})), _LoraOnly())
@@ -184,7 +185,7 @@ def test_the_suites_own_exception_is_an_error() -> None:
     def check(ctx: CheckContext) -> None:
         for method, bits in ctx.cases():
             with ctx.case("own bug"):
-                layer = ctx.make_layer(ctx.make_base(bits=bits), method, r=4)
+                layer = ctx.make_layer(ctx.make_base(cases.BaseCase(bits)), method, r=4)
                 y = layer(ctx.randn(2, 64))
                 torch.zeros(3, 5) @ y  # the suite's own shape bug (its call into torch, not into the layer)
 

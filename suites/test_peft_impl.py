@@ -67,7 +67,7 @@ def _needs(*caps: str) -> None:
 
 def _pair(case: BaseCase, method: str, params: dict[str, Any], seed: int = 0) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(reference layer, PEFT layer, untouched base copy) with PEFT's adapter tensors = the reference's."""
-    base = make_base_layer(case.in_features, case.out_features, seed=seed, **case.kwargs())
+    base = case.build(seed=seed)
     torch.manual_seed(seed)
     ref = REF.create(copy.deepcopy(base), AdapterSpec(method, "default", params))
     with warnings.catch_warnings():

@@ -62,19 +62,20 @@ class FakeBase(nn.Module):
 
 
 def factory(fn: type[torch.autograd.Function]) -> Any:
-    def make(bits: int, quant: str, dtype: torch.dtype, device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-        base = FakeBase(fn, dtype)
+    def make(case: cases.BaseCase, device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        base = FakeBase(fn, case.compute_dtype)
         return base, base.w.double(), base.b.double()
     return make
 
 
 def fake_cases(modes: tuple[str, ...] = ("grad", "no_grad")) -> list[clone.ProbeCase]:
     out = []
+    base = cases.grad_base(4, "fake", torch.float32)
     for mode in modes:
         for t in clone.SINGLE_TECHNIQUES:
-            out.append(clone.ProbeCase(4, "fake", "float32", 2, 3, True, mode, "single", t))
+            out.append(clone.ProbeCase(base, 2, 3, True, mode, "single", t))
         for t in clone.MIXED_TECHNIQUES:
-            out.append(clone.ProbeCase(4, "fake", "float32", 2, 3, True, mode, "mixed", t))
+            out.append(clone.ProbeCase(base, 2, 3, True, mode, "mixed", t))
     return out
 
 
@@ -114,7 +115,7 @@ def test_probe_reports_not_required_when_everything_works() -> None:
 
 def test_collapse_summarises_full_factor_groups() -> None:
     rows = clone.matrix((4,))
-    universe = [{**c.__dict__} for c in rows]
+    universe = [c.to_json() for c in rows]
     failing = [u for u in universe if u["mode"] == "grad" and u["rank"] == 3]
     pats = clone.collapse(failing, universe)
     assert all(p["mode"] == "grad" and p["rank"] == 3 for p in pats)
@@ -158,3 +159,17 @@ def test_saved_cpu_baseline_is_well_formed() -> None:
     assert report["schema_version"] == clone.SCHEMA_VERSION
     assert len(report["cases"]) == len(clone.matrix())
     assert report["verdict"]["line"]
+
+
+def test_stored_baselines_read_back_as_cases() -> None:
+    """Every stored probe report's cases read back as ``ProbeCase`` records with the same id and factors, and
+    the current matrix has the ids of the stored CPU one (a baseline stays comparable)."""
+    files = sorted(BASELINES.glob("*.json"))
+    assert files
+    for f in files:
+        for rec in json.loads(f.read_text())["cases"]:
+            case = clone.ProbeCase.from_json(rec)
+            assert case.id == rec["id"], f
+            assert case.to_json() == {k: rec[k] for k in case.to_json()}, f
+    stored = json.loads(sorted(BASELINES.glob("cpu-torch*-bnb*.json"))[-1].read_text())["cases"]
+    assert [c.id for c in clone.matrix()] == [r["id"] for r in stored]

@@ -586,7 +586,7 @@ def test_device_move_reports_tensors_left_behind(monkeypatch: pytest.MonkeyPatch
 def sc_driver() -> Any:
     from conformance.spec.stateful.driver import Driver
 
-    return Driver(ReferenceImplementation(), sc.MachineConfig("lora", 8, 32, 24))
+    return Driver(ReferenceImplementation(), sc.MachineConfig.make("lora", 8, 32, 24))
 
 
 def test_cpu_seeding_never_touches_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -687,12 +687,11 @@ def test_settings_are_recorded_when_the_base_is_created() -> None:
     """A first merge that changes the quantization settings is a STATE-MERGE-MATCHES-MODEL violation at that
     merge (the base starts without double quant: configs_for(...)[0])."""
     cfg = sc.configs_for("lora", 4)[0]
-    assert not cfg.double_quant
+    assert not cfg.base.double_quant
     from conformance.spec.stateful.driver import Driver
 
     d = Driver(FirstMergeTurnsOnDoubleQuant(), cfg)
-    assert d.settings == qlayers.quant_settings(qlayers.make_base_layer(cfg.in_features, cfg.out_features,
-                                                                        **cfg.base_kwargs()))
+    assert d.settings == qlayers.quant_settings(cfg.base.build(seed=cfg.seed))
     with pytest.raises(sc.Violation) as err:
         ops.run_step(d, {"op": "merge", "adapter_names": None, "safe_merge": False})
     # reported by the settings record or, first, by the quantized-base validity check after every merge
@@ -816,7 +815,7 @@ def test_forward_unmerge_then_bias_retyping_is_modelled(seed: int) -> None:
 
     cfg = {"method": "lora", "bits": 8, "in_features": 32, "out_features": 24, "variant": 2, "seed": seed}
     assert shrink.replay(_REF, cfg, BIAS_RETYPE_STEPS) is None
-    d = Driver(_REF, sc.MachineConfig(**cfg))
+    d = Driver(_REF, sc.MachineConfig.from_dict(cfg))
     for step in BIAS_RETYPE_STEPS[:-1]:
         ops.run_step(d, step)
         d.check_invariants()
@@ -874,7 +873,7 @@ def test_unclipped_training_overflows_float16_and_the_machine_clips() -> None:
     assert shrink.replay(_REF, OVERFLOW_CONFIG, clipped) is None
     from conformance.numerics.rounding import U32
 
-    d = Driver(_REF, sc.MachineConfig(**OVERFLOW_CONFIG))
+    d = Driver(_REF, sc.MachineConfig.from_dict(OVERFLOW_CONFIG))
 
     def flat() -> torch.Tensor:
         return torch.cat([t.flatten().double() for t in d.read("a0").values()])

@@ -21,10 +21,13 @@ with a ``BitsAndBytesConfig`` leaves it). Adapters are held in the compute dtype
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
+
+from conformance.quant.torchnames import dtype_name, dtype_of
+from conformance.spec.cases import AdapterCase, BaseCase
 
 GPU_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672))
 GPU_TOKENS: tuple[int, ...] = (1, 512, 4096, 16384)  # 1 = decode, 16384 = a training micro-batch
@@ -50,44 +53,100 @@ OPS_MERGE = ("merge", "unmerge")
 MAIN_SHAPES = ((4096, 4096), (8192, 28672))
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def bench_base(bits: int, in_features: int, out_features: int, dtype: str, *, quant_type: str = "nf4",
+               double_quant: bool = True) -> BaseCase:
+    """The base of a benchmark: no bias (LLaMA), the weight stored in the compute dtype, blocksize 64."""
+    dt = dtype_of(dtype)
+    return BaseCase(bits, in_features, out_features, quant_type=quant_type, blocksize=64, double_quant=double_quant,
+                    compute_dtype=dt, bias=False, weight_dtype=dt)
 
 
-def dtype_of(name: str) -> torch.dtype:
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dt
+def bench_adapter(method: str, rank: int = RANK, alpha: int = ALPHA) -> AdapterCase:
+    """The adapter of a benchmark: LoRA rank ``rank`` (random A and B), or OFT with PEFT's default block size."""
+    if method == "lora":
+        return AdapterCase("lora", {"r": rank, "lora_alpha": alpha, "init_lora_weights": False})
+    if method == "oft":
+        return AdapterCase("oft", {"r": 0, "oft_block_size": OFT_BLOCK_SIZE, "init_weights": False})
+    raise ValueError(f"unknown method {method!r}: one of lora, oft")
 
 
 @dataclass(frozen=True)
 class BenchCase:
-    """One timed measurement: an implementation running one operation on one layer shape."""
+    """One timed measurement: an implementation running one operation (``op``) on ``tokens`` tokens through an
+    adapter (``adapter``) over a base layer (``base``). The flat JSON form (:meth:`to_dict`, read back by
+    :meth:`from_dict`) keeps the keys of every stored benchmark."""
 
     impl: str  # one of IMPLS_LORA
-    method: str  # lora | oft ("bnb" rows carry the method of their group, the layer has no adapter)
-    bits: int
-    in_features: int
-    out_features: int
+    base: BaseCase
+    #: the method of the group ("bnb" rows carry it too: their layer has no adapter)
+    adapter: AdapterCase
     tokens: int
-    dtype: str
     op: str  # fwd | fwdbwd | merge | unmerge
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    rank: int = RANK
-    alpha: int = ALPHA
+
+    #: the flat keys of a stored case (before ``key``/``group``/``shape``), in their order
+    FLAT_KEYS: ClassVar[tuple[str, ...]] = ("impl", "method", "bits", "in_features", "out_features", "tokens", "dtype",
+                                            "op", "quant_type", "double_quant", "rank", "alpha")
+
+    @classmethod
+    def make(cls, impl: str, method: str, bits: int, in_features: int, out_features: int, tokens: int, dtype: str,
+             op: str, *, quant_type: str = "nf4", double_quant: bool = True, rank: int = RANK,
+             alpha: int = ALPHA) -> BenchCase:
+        """A case from its flat description (the order of :attr:`FLAT_KEYS`)."""
+        return cls(impl, bench_base(bits, in_features, out_features, dtype, quant_type=quant_type,
+                                    double_quant=double_quant), bench_adapter(method, rank, alpha), tokens, op)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchCase:
+        """The case of a stored record (:meth:`to_dict`; extra keys such as timings are ignored)."""
+        return cls.make(**{k: d[k] for k in cls.FLAT_KEYS if k in d})
+
+    @property
+    def method(self) -> str:
+        return self.adapter.method
+
+    @property
+    def bits(self) -> int:
+        return self.base.bits
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype's name (``bfloat16``)."""
+        return dtype_name(self.base.compute_dtype)
+
+    @property
+    def quant_type(self) -> str:
+        return self.base.quant_type
+
+    @property
+    def double_quant(self) -> bool:
+        return self.base.double_quant
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank (OFT rows carry the suite's ``RANK``, as stored benchmarks do)."""
+        return self.adapter.params.get("r", RANK) if self.method == "lora" else RANK
+
+    @property
+    def alpha(self) -> int:
+        return self.adapter.params.get("lora_alpha", ALPHA) if self.method == "lora" else ALPHA
 
     @property
     def shape(self) -> str:
-        return f"{self.in_features}x{self.out_features}"
+        return self.base.shape_label
 
     @property
     def group(self) -> str:
         """Everything but the implementation: rows of one group are compared with each other."""
-        q = f"{self.quant_type}{'-dq' if self.double_quant else ''}" if self.bits == 4 else "int8"
         t = f"t{self.tokens}" if self.op in OPS_RUN else "t-"
-        return f"{self.method}-{q}/{self.op}/{self.shape}/{t}/{self.dtype}"
+        return f"{self.method}-{self.base.quant_label}/{self.op}/{self.shape}/{t}/{self.dtype}"
 
     @property
     def key(self) -> str:
@@ -98,7 +157,7 @@ class BenchCase:
         return replace(self, impl=impl)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {k: getattr(self, k) for k in self.FLAT_KEYS}
         d.update(key=self.key, group=self.group, shape=self.shape)
         return d
 
@@ -110,12 +169,12 @@ def _run_cases(method: str, bits: int, impls: tuple[str, ...], shapes, tokens, d
             for op in OPS_RUN:
                 for t in tokens:
                     for impl in impls:
-                        out.append(BenchCase(impl, method, bits, i, o, t, dtype_name(dtype), op, **kw))
+                        out.append(BenchCase.make(impl, method, bits, i, o, t, dtype_name(dtype), op, **kw))
     return out
 
 
 def _merge_cases(method: str, bits: int, impls: tuple[str, ...], shapes, dtype: torch.dtype, **kw: Any) -> list[BenchCase]:
-    return [BenchCase(impl, method, bits, i, o, 0, dtype_name(dtype), op, **kw)
+    return [BenchCase.make(impl, method, bits, i, o, 0, dtype_name(dtype), op, **kw)
             for (i, o) in shapes for op in OPS_MERGE for impl in impls]
 
 

@@ -132,13 +132,15 @@ def run(shapes: Sequence[tuple[int, int]], impls: Sequence[str], dtype: str = "b
     """Every (shape, impl) record; an implementation that cannot be built records why."""
     import torch
 
-    from .cases import BenchCase, dtype_of
+    from conformance.quant.torchnames import dtype_of
+
+    from .cases import BenchCase
     from .layers import make_adapter_layer, make_base
 
     progress = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     records = []
     for (i, o) in shapes:
-        probe = BenchCase("bnb", "lora", 4, i, o, 1, dtype, "fwd")
+        probe = BenchCase.make("bnb", "lora", 4, i, o, 1, dtype, "fwd")
         base = make_base(probe, "cuda")
         gen = torch.Generator(device="cuda").manual_seed(2)
         x = torch.randn(1, i, generator=gen, device="cuda", dtype=dtype_of(dtype))

@@ -36,12 +36,12 @@ from torch import nn
 from conformance.harness.loader import load
 from conformance.impls.library import LibraryLayer
 from conformance.impls.reference import ReferenceImplementation
-from conformance.quant.layers import make_base_layer
+from conformance.quant.torchnames import dtype_of
 from conformance.reference import LoraLinear4bit, LoraLinear8bit
 from conformance.spec.interface import AdapterSpec, Implementation
 
 from . import roofline
-from .cases import BenchCase, dtype_of
+from .cases import BenchCase
 from .memory import stored_bytes
 from .timing import host_clock, spin
 
@@ -86,11 +86,7 @@ def make_base(case: BenchCase, device: str, seed: int = 0) -> nn.Module:
     w.mul_(case.in_features ** -0.5)
     if case.bits == 8:
         w = w.cpu()  # bnb's Int8Params quantizes only on a move from the CPU
-    return make_base_layer(
-        case.in_features, case.out_features, bits=case.bits, quant_type=case.quant_type, blocksize=64,
-        double_quant=case.double_quant, compute_dtype=dtype, weight_dtype=dtype, bias=False, device=device,
-        weight=w,
-    )
+    return case.base.build(device, weight=w)
 
 
 def implementation(name: str) -> Implementation:
@@ -120,11 +116,8 @@ def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1, impl: Im
     it). ``impl``: the loaded implementation (default: ``implementation(case.impl)``)."""
     dtype = dtype_of(case.dtype)
     gen = torch.Generator(device=base.weight.device).manual_seed(seed)
-    if case.method == "lora":
-        params: dict[str, Any] = {"r": case.rank, "lora_alpha": case.alpha, "init_lora_weights": False}
-        adapter_dtype = case.dtype
-    else:
-        params, adapter_dtype = {"r": 0, "oft_block_size": 32, "init_weights": False}, "float32"
+    params = dict(case.adapter.params)
+    adapter_dtype = case.dtype if case.method == "lora" else "float32"
     if case.impl.startswith("reference-v0"):
         if case.method != "lora":
             raise ValueError(f"{case.impl} is a LoRA forward: it has no {case.method}")

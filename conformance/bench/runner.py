@@ -97,7 +97,7 @@ def derive(records: list[dict[str, Any]], peak: roofline.Peak | None) -> None:
     for r in records:
         if r.get("status") != "ok":
             continue
-        case = BenchCase(**{k: r[k] for k in BenchCase.__dataclass_fields__})
+        case = BenchCase.from_dict(r)
         med = r["timing"]["median_s"]
         f, b = roofline.flops(case), roofline.min_bytes(case)
         r["flops"], r["min_bytes"] = f, b

@@ -55,6 +55,7 @@ from conformance.core.vocabulary import Capability, Declaration, capability, par
 from conformance.quant import layers as qlayers
 from conformance.quant import validate
 from conformance.spec.budget import Budget
+from conformance.spec.cases import BaseCase
 from conformance.spec.clauses import Clause, ClauseFailure, ClauseInconclusive, ClauseSkipped
 from conformance.spec.interface import AdapterSpec, Implementation, ImplementationUnsupported, declared
 
@@ -273,10 +274,9 @@ class CheckContext:
         return True
 
     # -- builders ----------------------------------------------------------------------
-    def make_base(self, in_features: int = 64, out_features: int = 48, **kwargs: Any) -> nn.Module:
-        kwargs.setdefault("device", self.device)
-        kwargs.setdefault("seed", self.seed)
-        return qlayers.make_base_layer(in_features, out_features, **kwargs)
+    def make_base(self, case: BaseCase, *, seed: int | None = None) -> nn.Module:
+        """The quantized base layer of ``case`` on this context's device (``seed``: the context's by default)."""
+        return case.build(self.device, seed=self.seed if seed is None else seed)
 
     def adapter_dtype(self, base: nn.Module) -> torch.dtype:
         """The adapter dtype a layer over ``base`` is built in: float32 when the implementation casts its

@@ -48,6 +48,7 @@ from torch import nn
 from conformance.core.vocabulary import Capability, Method
 from conformance.impls.library import LibraryImplementation, LibraryLayer
 from conformance.quant.layers import bits_of
+from conformance.quant.torchnames import dtype_of
 from conformance.spec.interface import AdapterSpec, ImplementationUnsupported
 
 INSTALL = ("pip install --no-deps litgpt==0.5.13 lightning lightning-utilities torchmetrics tqdm pyyaml "
@@ -172,10 +173,11 @@ class LitgptApi:
 
 def _dtype_of(spec: AdapterSpec) -> torch.dtype:
     """The adapter dtype the spec asks for (``AdapterSpec.dtype`` where the protocol has it), float32 otherwise."""
-    dtype = getattr(spec, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    try:
+        dtype: torch.dtype | None = dtype_of(getattr(spec, "dtype", None) or torch.float32)
+    except ValueError:
+        dtype = None
+    if dtype is None or not dtype.is_floating_point:
         raise ValueError(f"adapter dtype must be a floating torch dtype, got {getattr(spec, 'dtype', None)!r}")
     return dtype
 

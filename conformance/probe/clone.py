@@ -29,7 +29,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -39,6 +39,7 @@ from torch import nn
 from conformance import numerics
 from conformance.probe.options import add_arguments  # noqa: F401  (re-exported: the probe's options)
 from conformance.quant import layers as qlayers
+from conformance.quant.torchnames import GRAD_MODES, dtype_name, dtype_of, grad_mode
 from conformance.spec.cases import (
     BASE,
     GRAD_BATCH_SIZES,
@@ -46,14 +47,19 @@ from conformance.spec.cases import (
     GRAD_IN_FEATURES,
     GRAD_INPUT_RANKS,
     GRAD_OUT_FEATURES,
+    AdapterCase,
+    BaseCase,
+    grad_base,
     grad_input_shape,
     quants_for,
 )
 
 SCHEMA_VERSION = 1
 RANK, ALPHA = 4, 8.0
+#: the LoRA adapter every case adds (its A and B are seeded in ``_adapters``)
+ADAPTER = AdapterCase("lora", {"r": RANK, "lora_alpha": ALPHA})
 MIXED_NAMES = ("a", BASE, "b")
-MODES = ("grad", "no_grad", "inference_mode")
+MODES = tuple(GRAD_MODES)
 SINGLE_TECHNIQUES = ("iadd", "add_", "view_add_", "mul1_add_", "addmm_")
 MIXED_TECHNIQUES = ("index_add_", "setitem_iadd")
 TECHNIQUE_CODE = {
@@ -67,20 +73,36 @@ TECHNIQUE_CODE = {
 }
 FACTORS = ("quant", "dtype", "rank", "batch", "x_requires_grad", "mode", "batch_kind", "technique")
 
-BaseFactory = Callable[[int, str, torch.dtype, str], tuple[nn.Module, torch.Tensor, "torch.Tensor | None"]]
+#: (base case, device) -> (the layer, its dequantized weight, its bias)
+BaseFactory = Callable[[BaseCase, str], tuple[nn.Module, torch.Tensor, "torch.Tensor | None"]]
 
 
 @dataclass(frozen=True)
 class ProbeCase:
-    bits: int
-    quant: str  # nf4 / fp4 / int8
-    dtype: str  # float32 / float16 / bfloat16
+    """One probe case: the base (a backprop-matrix base, ``cases.grad_base``), the input layout, the grad mode,
+    single or mixed batch, and the in-place technique. Its JSON keys (:meth:`to_json`) are the factors."""
+
+    base: BaseCase
     rank: int
     batch: int
     x_requires_grad: bool
     mode: str
     batch_kind: str  # single / mixed
     technique: str
+
+    @property
+    def bits(self) -> int:
+        return self.base.bits
+
+    @property
+    def quant(self) -> str:
+        """nf4 / fp4 / int8"""
+        return self.base.quant_label
+
+    @property
+    def dtype(self) -> str:
+        """float32 / float16 / bfloat16 (the compute dtype's name)"""
+        return dtype_name(self.base.compute_dtype)
 
     @property
     def id(self) -> str:
@@ -90,30 +112,40 @@ class ProbeCase:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+        return self.base.compute_dtype
 
     def input_shape(self) -> tuple[int, ...]:
         return grad_input_shape(self.rank, self.batch)
+
+    def to_json(self) -> dict[str, Any]:
+        """The factors, flat (the keys of every stored probe report: bits, quant, dtype, rank, ...)."""
+        return {"bits": self.bits, "quant": self.quant, "dtype": self.dtype, "rank": self.rank, "batch": self.batch,
+                "x_requires_grad": self.x_requires_grad, "mode": self.mode, "batch_kind": self.batch_kind,
+                "technique": self.technique}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ProbeCase:
+        """The case of a stored record (:meth:`to_json`'s keys)."""
+        base = grad_base(d["bits"], d["quant"], dtype_of(d["dtype"]))
+        return cls(base, d["rank"], d["batch"], d["x_requires_grad"], d["mode"], d["batch_kind"], d["technique"])
 
 
 def matrix(bits: Iterable[int] = (4, 8)) -> list[ProbeCase]:
     """The full cross product (the probe is a measurement: no sampling)."""
     out = []
-    dtypes = [str(d).removeprefix("torch.") for d in GRAD_DTYPES]
-    for (b, qt), dt, mode, xg in itertools.product(quants_for(list(bits)), dtypes, MODES, (True, False)):
+    for (b, qt), dt, mode, xg in itertools.product(quants_for(list(bits)), GRAD_DTYPES, MODES, (True, False)):
+        base = grad_base(b, qt, dt)
         for rank in GRAD_INPUT_RANKS:
             for batch in (GRAD_BATCH_SIZES if rank > 1 else (1,)):
-                out += [ProbeCase(b, qt, dt, rank, batch, xg, mode, "single", t) for t in SINGLE_TECHNIQUES]
+                out += [ProbeCase(base, rank, batch, xg, mode, "single", t) for t in SINGLE_TECHNIQUES]
             if rank > 1:
-                out += [ProbeCase(b, qt, dt, rank, len(MIXED_NAMES), xg, mode, "mixed", t) for t in MIXED_TECHNIQUES]
+                out += [ProbeCase(base, rank, len(MIXED_NAMES), xg, mode, "mixed", t) for t in MIXED_TECHNIQUES]
     return out
 
 
-def default_base(bits: int, quant: str, dtype: torch.dtype, device: str) -> tuple[nn.Module, torch.Tensor,
-                                                                                   torch.Tensor | None]:
+def default_base(case: BaseCase, device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
     """A bitsandbytes base layer, its dequantized weight and its bias (read before any forward)."""
-    base = qlayers.make_base_layer(GRAD_IN_FEATURES, GRAD_OUT_FEATURES, bits=bits,
-                                   quant_type=quant if bits == 4 else "nf4", compute_dtype=dtype, device=device)
+    base = case.build(device)
     bias = None if base.bias is None else base.bias.detach().double().cpu().clone()
     return base, qlayers.dequantize(base).double().cpu(), bias
 
@@ -175,18 +207,17 @@ def _run_path(case: ProbeCase, clone: bool, base: nn.Module, x0: torch.Tensor, g
     """One path (cloned or not): outcome, where it raised, worst ratio to the bound, the output."""
     params = {n: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for n, (a, b) in ad.items()}
     x = x0.clone().requires_grad_(case.x_requires_grad)
-    ctxm = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[case.mode]
     phase = "base forward"
     rec: dict[str, Any] = {"outcome": "works"}
     try:
-        with ctxm():
+        with grad_mode(case.mode):
             result = base(x)
             rec["raw_is_view"] = bool(result._is_view())
             rec["raw_grad_fn"] = type(result.grad_fn).__name__ if result.grad_fn is not None else None
             if clone:
                 result = result.clone()
             phase = "in-place update"
-            result = _apply(case.technique, result, x, params, numerics.lora_scaling({"r": RANK, "lora_alpha": ALPHA}))
+            result = _apply(case.technique, result, x, params, numerics.lora_scaling(ADAPTER.params))
             if case.mode == "grad":
                 phase = "backward"
                 (result * g).sum().backward()
@@ -226,14 +257,12 @@ def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
     cases = list(cases if cases is not None else matrix())
     if base_factory is None:
         # one bitsandbytes layer per (bits, quant, dtype): the in-place updates touch only its output
-        cache: dict[tuple, tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = {}
+        cache: dict[tuple[BaseCase, str], tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = {}
 
-        def factory(bits: int, quant: str, dtype: torch.dtype, dev: str) -> tuple[nn.Module, torch.Tensor,
-                                                                                    torch.Tensor | None]:
-            key = (bits, quant, dtype, dev)
-            if key not in cache:
-                cache[key] = default_base(bits, quant, dtype, dev)
-            return cache[key]
+        def factory(base: BaseCase, dev: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+            if (base, dev) not in cache:
+                cache[base, dev] = default_base(base, dev)
+            return cache[base, dev]
     else:
         factory = base_factory
     ad = _adapters(device)
@@ -245,15 +274,15 @@ def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
         if progress is not None and (i % 50 == 0 or i == len(cases) - 1):
             print(f"[clone probe] {i + 1}/{len(cases)} {case.id} ({time.perf_counter() - start:.1f}s)",
                   file=progress, flush=True)
-        base, w, bias = factory(case.bits, case.quant, case.torch_dtype, device)
-        key = (case.bits, case.quant, case.dtype, case.rank, case.batch, case.x_requires_grad, case.batch_kind)
+        base, w, bias = factory(case.base, device)
+        key = (case.base, case.rank, case.batch, case.x_requires_grad, case.batch_kind)
         if key not in expected_cache:
             x0 = torch.randn(*case.input_shape(), generator=gen).to(device=device, dtype=case.torch_dtype)
             g = torch.randn(*x0.shape[:-1], GRAD_OUT_FEATURES, generator=gen).to(device=device, dtype=case.torch_dtype)
             names = list(MIXED_NAMES) if case.batch_kind == "mixed" else None
             used = ("a", "b") if names else ("a",)
             state = numerics.LayerState(
-                w, bias, "lora", {n: {"r": RANK, "lora_alpha": ALPHA} for n in used},
+                w, bias, ADAPTER.method, {n: dict(ADAPTER.params) for n in used},
                 {n: {"lora_A.weight": ad[n][0].double().cpu(), "lora_B.weight": ad[n][1].double().cpu()} for n in used},
                 int8_input=case.bits == 8 and str(device).startswith("cuda"),
             )
@@ -261,7 +290,7 @@ def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
             expected_cache[key] = (x0, g, exp)
         x0, g, exp = expected_cache[key]
         unc = _run_path(case, False, base, x0, g, ad, exp)
-        base, _, _ = factory(case.bits, case.quant, case.torch_dtype, device)
+        base, _, _ = factory(case.base, device)
         clo = _run_path(case, True, base, x0, g, ad, exp)
         ut, ct = unc.pop("_tensors", None), clo.pop("_tensors", None)
         if ut is not None and ct is not None:
@@ -269,7 +298,7 @@ def run_probe(device: str = "cpu", *, cases: Sequence[ProbeCase] | None = None,
                 (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
                 for a, b in zip(ut, ct))
         records.append({
-            "id": case.id, **asdict(case),
+            "id": case.id, **case.to_json(),
             "uncloned": unc, "cloned": clo,
             "clone_required": unc["outcome"] != "works" and clo["outcome"] == "works",
             "both_fail": unc["outcome"] != "works" and clo["outcome"] != "works",

@@ -1,25 +1,29 @@
 """Case matrices: the data the checks iterate (torch OpInfo style). One place, imported everywhere.
 
-A ``BaseCase`` describes a quantized base layer, an ``AdapterCase`` the adapter put on it, a
-``GradCase`` one forward/backward of the backprop matrix (sampled with ``pairwise``). Checks and the
-clone probe (``conformance.probe.clone``) combine them; hypothesis strategies in
-``conformance.spec.strategies`` draw from the same value lists, so widening a list here widens every
-suite. ``fill_adapter`` / ``set_skew_norm`` put the seeded adapter values of a case into a layer.
-"""
+A ``BaseCase`` describes a quantized base layer (device-independent), an ``AdapterCase`` the adapter put
+on it: the one case record. The clauses build bases through ``ctx.make_base(case)``; composites hold one
+of each plus their own input layout: ``GradCase`` (one forward/backward of the backprop matrix, sampled
+with ``pairwise``), the clone probe's ``ProbeCase`` (``conformance.probe.clone``), the stateful machine's
+``MachineConfig`` (``conformance.spec.stateful.config``) and the benchmarks' ``BenchCase``
+(``conformance.bench.cases``). Hypothesis strategies in ``conformance.spec.strategies`` draw from the
+same value lists, so widening a list here widens every suite. ``fill_adapter`` / ``set_skew_norm`` put
+the seeded adapter values of a case into a layer."""
 
 from __future__ import annotations
 
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from conformance.numerics import cayley
 from conformance.numerics.grads import BASE as BASE  # re-exported: adapter_names entry of the base alone
+from conformance.quant import layers as qlayers
+from conformance.quant.torchnames import dtype_name, dtype_of
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128)
@@ -53,6 +57,14 @@ MIXED_INPUT_RANKS = (2, 3)
 
 @dataclass(frozen=True)
 class BaseCase:
+    """A quantized base layer, device-independent: the one description every case builds its base from.
+
+    The clauses (``ctx.make_base(case)``), the backprop matrix (:class:`GradCase`), the clone probe, the
+    stateful machine and the benchmarks all hold one. Every field is a keyword argument of
+    ``quant.make_base_layer`` (:meth:`layer_kwargs`), so a new base-layer axis is a field here with its
+    default (and that argument there); the JSON form (:meth:`to_json`) follows the fields.
+    """
+
     bits: int
     in_features: int = 64
     out_features: int = 48
@@ -64,36 +76,78 @@ class BaseCase:
     #: storage dtype (``quant.make_base_layer``'s ``weight_dtype``); None: float32 weight, today's bias dtype
     weight_dtype: torch.dtype | None = None
 
-    def kwargs(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("in_features")
-        d.pop("out_features")
+    #: fields a bit width does not have (``make_base_layer`` ignores them; they are left out of its arguments)
+    FOUR_BIT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "blocksize", "double_quant")
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``quant.make_base_layer`` besides the shape (no device, no seed)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("in_features", "out_features")}
         if self.weight_dtype is None:
             d.pop("weight_dtype")
         if self.bits == 8:
-            for k in ("quant_type", "blocksize", "double_quant"):
+            for k in self.FOUR_BIT_ONLY:
                 d.pop(k)
         return d
 
+    def build(self, device: str | torch.device = "cpu", *, seed: int = 0, weight: torch.Tensor | None = None
+              ) -> nn.Module:
+        """The quantized layer on ``device`` (``seed`` draws its float weight and bias unless ``weight`` is given)."""
+        return qlayers.make_base_layer(self.in_features, self.out_features, device=device, seed=seed, weight=weight,
+                                       **self.layer_kwargs())
+
+    @property
+    def quant_label(self) -> str:
+        """``int8``, or the 4-bit quant type with ``-dq`` for double quantization (``nf4-dq``)."""
+        if self.bits == 8:
+            return "int8"
+        return self.quant_type + ("-dq" if self.double_quant else "")
+
+    @property
+    def shape_label(self) -> str:
+        return f"{self.in_features}x{self.out_features}"
+
     @property
     def label(self) -> str:
-        dt = str(self.compute_dtype).removeprefix("torch.")
+        dt = dtype_name(self.compute_dtype)
         if self.weight_dtype is not None:
-            dt += "-stored-" + str(self.weight_dtype).removeprefix("torch.")
+            dt += "-stored-" + dtype_name(self.weight_dtype)
         if self.bits == 8:
-            return f"int8-{self.in_features}x{self.out_features}-{dt}"
-        dq = "-dq" if self.double_quant else ""
-        return f"{self.quant_type}{dq}-b{self.blocksize}-{self.in_features}x{self.out_features}-{dt}"
+            return f"int8-{self.shape_label}-{dt}"
+        return f"{self.quant_label}-b{self.blocksize}-{self.shape_label}-{dt}"
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, dtypes as names (``"bfloat16"``)."""
+        return {f.name: _json_value(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> BaseCase:
+        """The case of a :meth:`to_json` dict (keys that are not fields are ignored; missing ones take the default)."""
+        kw = {}
+        for f in fields(cls):
+            if f.name in d:
+                v = d[f.name]
+                kw[f.name] = dtype_of(v) if "torch.dtype" in str(f.type) and v is not None else v
+        return cls(**kw)
+
+
+def _json_value(v: Any) -> Any:
+    return dtype_name(v) if isinstance(v, torch.dtype) else v
 
 
 @dataclass(frozen=True)
 class AdapterCase:
+    """An adapter put on a base: the method and its parameters (PEFT's config keys)."""
+
     method: str
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         return self.method + "".join(f"-{k}={v}" for k, v in sorted(self.params.items()))
+
+    def with_params(self, **params: Any) -> AdapterCase:
+        """This adapter with ``params`` changed or added."""
+        return AdapterCase(self.method, {**self.params, **params})
 
 
 def base_cases(bits: int, *, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> list[BaseCase]:
@@ -140,28 +194,24 @@ def adapter_cases(method: str) -> list[AdapterCase]:
 
 @dataclass(frozen=True)
 class GradCase:
-    """One forward/backward: base layer, adapter, input layout, and (mixed batch) per-sample names."""
+    """One forward/backward: a base case, an adapter case, the input layout, and (mixed batch) the second adapter."""
 
-    method: str
-    bits: int
-    quant_type: str
-    dtype: torch.dtype
+    base: BaseCase
+    adapter: AdapterCase
     rank: int
     batch: int
     x_requires_grad: bool
-    adapter: AdapterCase
     mixed: bool = False
     second: AdapterCase | None = field(default=None, compare=False)
-    #: the base's storage dtype (``BaseCase.weight_dtype``)
-    weight_dtype: torch.dtype | None = None
-    #: the base's out_features (in_features is ``GRAD_IN_FEATURES``): non-square or square
-    out_features: int = GRAD_OUT_FEATURES
 
     @property
-    def base(self) -> BaseCase:
-        qt = self.quant_type if self.bits == 4 else "nf4"
-        return BaseCase(self.bits, GRAD_IN_FEATURES, self.out_features, quant_type=qt, compute_dtype=self.dtype,
-                        weight_dtype=self.weight_dtype)
+    def method(self) -> str:
+        return self.adapter.method
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the input's)."""
+        return self.base.compute_dtype
 
     def input_shape(self) -> tuple[int, ...]:
         return grad_input_shape(self.rank, self.batch)
@@ -172,6 +222,13 @@ class GradCase:
         grad = "xgrad" if self.x_requires_grad else "xnograd"
         mixed = "-mixed" if self.mixed else ""
         return f"{self.adapter.label}/{self.base.label}/in{shape}-{grad}{mixed}"
+
+
+def grad_base(bits: int, quant_type: str, dtype: torch.dtype, *, weight_dtype: torch.dtype | None = None,
+              out_features: int = GRAD_OUT_FEATURES) -> BaseCase:
+    """The base of a backprop-matrix case (in_features ``GRAD_IN_FEATURES``; ``quant_type`` from ``GRAD_QUANTS``)."""
+    return BaseCase(bits, GRAD_IN_FEATURES, out_features, quant_type=quant_type if bits == 4 else "nf4",
+                    compute_dtype=dtype, weight_dtype=weight_dtype)
 
 
 def grad_input_shape(rank: int, batch: int) -> tuple[int, ...]:
@@ -223,9 +280,9 @@ def grad_matrix(method: str, bits: Sequence[int], *, mixed: bool = False) -> lis
     out = []
     for c in pairwise(factors, valid=lambda c: c["rank"] > 1 or c["batch"] == 1):
         (b, qt), a = c["quant"], c["adapter"]
-        out.append(GradCase(method, b, qt, c["dtype"], c["rank"], c["batch"], c["xgrad"], adapters[a], mixed,
-                            second=adapters[(a + 1) % len(adapters)] if mixed else None, weight_dtype=c["stored"],
-                            out_features=c["out"]))
+        base = grad_base(b, qt, c["dtype"], weight_dtype=c["stored"], out_features=c["out"])
+        out.append(GradCase(base, adapters[a], c["rank"], c["batch"], c["xgrad"], mixed,
+                            second=adapters[(a + 1) % len(adapters)] if mixed else None))
     return out
 
 

@@ -12,13 +12,14 @@ model is in its docstring); the sampled case matrix is ``conformance.spec.cases.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from conformance import numerics
+from conformance.quant.torchnames import dtype_name, grad_mode
 from conformance.spec.clauses import check
 
 from ..cases import BASE, GradCase, grad_matrix
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 # running one case against the implementation
 # --------------------------------------------------------------------------------------------------
 def _build(ctx: CheckContext, case: GradCase) -> tuple[nn.Module, dict[str, dict[str, Any]], list[str] | None]:
-    base = ctx.make_base(case.base.in_features, case.base.out_features, **case.base.kwargs())
+    base = ctx.make_base(case.base)
     layer = ctx.make_layer(base, case.method, **case.adapter.params)
     params = {"default": dict(case.adapter.params)}
     names = None
@@ -100,11 +101,10 @@ def _run_matrix(ctx: CheckContext, mixed: bool) -> None:
                 continue
             with ctx.case(case.label):
                 ratio = _grad_case(ctx, case, offset=100 * i)
-                dt = str(case.dtype).removeprefix("torch.")
+                dt = dtype_name(case.dtype)
                 ctx.measure_max(f"{method}.{dt}.worst_ratio", ratio)
-                if case.weight_dtype is not None:
-                    ctx.measure_max(f"{method}.stored-{str(case.weight_dtype).removeprefix('torch.')}.worst_ratio",
-                                    ratio)
+                if case.base.weight_dtype is not None:
+                    ctx.measure_max(f"{method}.stored-{dtype_name(case.base.weight_dtype)}.worst_ratio", ratio)
                 if case.adapter.params.get("lora_bias"):
                     ctx.measure_max("lora_bias.worst_ratio", ratio)
                 n += 1
@@ -127,9 +127,6 @@ def check_mixed_grad_f64(ctx: CheckContext) -> None:
     _run_matrix(ctx, mixed=True)
 
 
-MODES: dict[str, Callable[[], Any]] = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
-
-
 @check("BACKPROP-NOGRAD-FORWARD")
 def check_nograd_forward(ctx: CheckContext) -> None:
     n = bitwise = 0
@@ -149,7 +146,7 @@ def check_nograd_forward(ctx: CheckContext) -> None:
                             y = layer(xm)
                             y.sum().backward()
                         else:
-                            with MODES[mode]():
+                            with grad_mode(mode):
                                 y = layer(xm)
                     except Exception as exc:  # noqa: BLE001
                         after = " after inference_mode/no_grad forwards" if mode == "grad" else ""
@@ -160,7 +157,7 @@ def check_nograd_forward(ctx: CheckContext) -> None:
                     outs[mode] = y.detach().clone() if mode == "grad" else y.clone()
                 numerics.refresh_adapters(state, layer)
                 exp = numerics.grad_expected(state, x, torch.ones_like(outs["grad"]), compute_dtype=case.dtype)
-                for mode in MODES:
+                for mode in ("no_grad", "inference_mode"):
                     ratio, where = numerics.compare(outs[mode], outs["grad"].double(), 2 * exp.y_bound)
                     ctx.bounded(f"{method}.{mode}_vs_grad_ratio", ratio, lambda: (
                         f"{case.label}: output under {mode} differs from the grad-mode output beyond twice the "

@@ -55,6 +55,7 @@ from torch import nn
 from conformance.numerics import ratio as nratio
 from conformance.numerics.rounding import gamma_n
 from conformance.quant import layers as qlayers
+from conformance.spec.cases import AdapterCase, BaseCase
 from conformance.spec.clauses import check
 from conformance.spec.interface import AdapterSpec
 
@@ -66,11 +67,12 @@ BATCH = 8  # per step, split in halves over the ranks
 DIMS = (32, 32, 16)  # in -> hidden -> out
 STEPS = 3
 LR = 0.01
-PARAMS: dict[str, dict[str, Any]] = {
-    "lora": {"r": 4, "lora_alpha": 8.0, "init_lora_weights": False},
-    "oft": {"r": 0, "oft_block_size": 8, "init_weights": False},
+#: the stack's adapters, one per method
+ADAPTERS: dict[str, AdapterCase] = {
+    "lora": AdapterCase("lora", {"r": 4, "lora_alpha": 8.0, "init_lora_weights": False}),
+    "oft": AdapterCase("oft", {"r": 0, "oft_block_size": 8, "init_weights": False}),
 }
-INNER = {"lora": PARAMS["lora"]["r"], "oft": PARAMS["oft"]["oft_block_size"]}
+INNER = {"lora": ADAPTERS["lora"].params["r"], "oft": ADAPTERS["oft"].params["oft_block_size"]}
 PG_TIMEOUT_S = 120
 
 #: (id(impl), device, seed) -> (impl, {(method, bits): rank records or an error string})
@@ -90,9 +92,10 @@ def build_stack(impl: Any, method: str, bits: int, seed: int, device: str) -> tu
     """The 2-layer stack every rank and the parent build identically (fixed seeds, float32 adapters)."""
     layers = []
     for i, (fan_in, fan_out) in enumerate(zip(DIMS, DIMS[1:])):
-        base = qlayers.make_base_layer(fan_in, fan_out, bits=bits, seed=seed + 11 * i, device=device)
+        base = BaseCase(bits, fan_in, fan_out).build(device, seed=seed + 11 * i)
         torch.manual_seed(seed + i)
-        layers.append(impl.create(base, AdapterSpec(method=method, params=dict(PARAMS[method]), dtype="float32")))
+        adapter = ADAPTERS[method]
+        layers.append(impl.create(base, AdapterSpec(method=adapter.method, params=dict(adapter.params), dtype="float32")))
     return _Stack(*layers), layers
 
 

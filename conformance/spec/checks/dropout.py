@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from conformance import numerics
+from conformance.quant import torchnames
 from conformance.spec import cases
 from conformance.spec.catalog.dropout import ACTIVE_FORWARDS, DROPOUT_P, LORA_PARAMS, MEAN_FORWARDS, OFT_PARAMS
 from conformance.spec.clauses import check
@@ -15,9 +16,8 @@ from conformance.spec.clauses import check
 if TYPE_CHECKING:
     from conformance.harness.context import CheckContext  # the spec never imports the harness at run time
 
-#: eval-mode grad modes: (label, context manager factory)
-GRAD_MODES: tuple[tuple[str, Any], ...] = (
-    ("grad", torch.enable_grad), ("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode))
+#: eval-mode grad modes: (label, context manager factory), in ``torchnames.GRAD_MODES`` order (grad, no_grad, ...)
+GRAD_MODES: tuple[tuple[str, Any], ...] = tuple(torchnames.GRAD_MODES.items())
 
 
 def dropout_params(method: str, p: float) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def base_cases(bits: int) -> list[cases.BaseCase]:
 
 def build(ctx: CheckContext, method: str, case: cases.BaseCase, p: float, seed: int = 0) -> torch.nn.Module:
     """A layer with dropout ``p`` over a seeded base, with seeded adapter values (the same for every ``p``)."""
-    base = ctx.make_base(case.in_features, case.out_features, seed=ctx.seed + seed, **case.kwargs())
+    base = ctx.make_base(case, seed=ctx.seed + seed)
     layer = ctx.make_layer(base, method, **dropout_params(method, p))
     cases.fill_adapter(layer, "default", ctx.generator(100 + seed))
     return layer

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from conformance import numerics
+from conformance.quant.torchnames import dtype_name
 from conformance.spec import cases
 from conformance.spec.clauses import check
 from conformance.spec.observe import recorded_warnings
@@ -18,12 +19,8 @@ if TYPE_CHECKING:
 INPUT_SHAPES = cases.INPUT_LEADS  # leading dims: 1-D, 2-D, 3-D inputs
 
 
-def _dt(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _base(ctx: CheckContext, case: cases.BaseCase, seed_offset: int = 0) -> torch.nn.Module:
-    return ctx.make_base(case.in_features, case.out_features, seed=ctx.seed + seed_offset, **case.kwargs())
+    return ctx.make_base(case, seed=ctx.seed + seed_offset)
 
 
 def _x(ctx: CheckContext, lead: tuple[int, ...], n: int, dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
@@ -96,10 +93,10 @@ def check_oracle(ctx: CheckContext) -> None:
                         check_output(ctx, label, y, lead, case.out_features, case.compute_dtype)
                         r = exp.ratio(y)
                         if case.weight_dtype is not None:
-                            ctx.measure_max(f"ratio.{method}.{bits}bit.stored-{_dt(case.weight_dtype)}", r)
+                            ctx.measure_max(f"ratio.{method}.{bits}bit.stored-{dtype_name(case.weight_dtype)}", r)
                         if acase.params.get("lora_bias"):
                             ctx.measure_max(f"ratio.lora_bias.{bits}bit", r)
-                        ctx.bounded(f"ratio.{method}.{bits}bit.{_dt(case.compute_dtype)}", r,
+                        ctx.bounded(f"ratio.{method}.{bits}bit.{dtype_name(case.compute_dtype)}", r,
                                     lambda: f"{label}: output outside the oracle bound {exp.describe(y)}")
 
 

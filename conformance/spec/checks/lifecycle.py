@@ -60,7 +60,7 @@ SCALE = 8.0
 
 def _build(ctx: CheckContext, method: str, bits: int, seed: int = 0, other: bool = False) -> torch.nn.Module:
     case = cases.BaseCase(bits)
-    base = ctx.make_base(case.in_features, case.out_features, seed=ctx.seed + seed, **case.kwargs())
+    base = ctx.make_base(case, seed=ctx.seed + seed)
     layer = ctx.make_layer(base, method, **_params(method))
     cases.fill_adapter(layer, "default", ctx.generator(200 + seed), scale=SCALE)
     if other:

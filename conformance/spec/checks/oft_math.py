@@ -37,7 +37,7 @@ def _blocks(r: torch.Tensor, n_blocks: int, size: int) -> tuple[torch.Tensor, fl
 
 
 def _oft_layer(ctx: CheckContext, bits: int, block_size: int, **extra: object) -> torch.nn.Module:
-    base = ctx.make_base(IN_FEATURES, 48, bits=bits)
+    base = ctx.make_base(cases.BaseCase(bits, IN_FEATURES, 48))
     return ctx.make_layer(base, "oft", r=IN_FEATURES // block_size, oft_block_size=0, init_weights=False, **extra)
 
 
@@ -147,7 +147,7 @@ def check_block_share(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
         for bs in cases.OFT_BLOCK_SIZES:  # block share
             with ctx.case(f"oft {bits}-bit block size {bs}, block_share=True"):
-                base = ctx.make_base(IN_FEATURES, 48, bits=bits)
+                base = ctx.make_base(cases.BaseCase(bits, IN_FEATURES, 48))
                 layer = ctx.make_layer(base, "oft", r=0, oft_block_size=bs, block_share=True, init_weights=False)
                 cases.fill_adapter(layer, "default", ctx.generator(41), scale=4.0)
                 blocks, off = _blocks(_delta(layer), IN_FEATURES // bs, bs)

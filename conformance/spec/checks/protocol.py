@@ -9,7 +9,7 @@ from torch import nn
 from conformance.quant import layers as qlayers
 from conformance.spec.clauses import check
 
-from ..cases import adapter_cases
+from ..cases import BaseCase, adapter_cases
 
 if TYPE_CHECKING:
     from conformance.harness.context import CheckContext  # the spec never imports the harness at run time
@@ -23,7 +23,7 @@ _KEYS = {"lora": {"lora_A.weight", "lora_B.weight"}, "oft": {"oft_R.weight"}}
 def check_protocol_surface(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         case = adapter_cases(method)[0]
-        base = ctx.make_base(bits=bits)
+        base = ctx.make_base(BaseCase(bits))
         layer = ctx.make_layer(base, method, **case.params)
         where = f"{method} {bits}-bit"
         ctx.check(isinstance(layer, nn.Module), f"{where}: create() returned {type(layer).__name__}, not an nn.Module")

@@ -35,7 +35,7 @@ def nan_message(adapter: str) -> str:
 
 def _params(method: str) -> dict[str, Any]:
     if method == "lora":
-        return {"r": 4, "lora_alpha": 16.0, "init_lora_weights": False, "lora_bias": True}
+        return cases.adapter_cases("lora")[0].with_params(lora_bias=True).params
     return dict(cases.adapter_cases("oft")[0].params)
 
 
@@ -57,7 +57,7 @@ def _layer(ctx: CheckContext, method: str, case: cases.BaseCase, name: str = "br
     params = _params(method)
     if method == "lora" and not ctx.has("lora_bias"):
         params.pop("lora_bias")
-    base = ctx.make_base(case.in_features, case.out_features, **case.kwargs())
+    base = ctx.make_base(case)
     layer = ctx.make_layer(base, method, adapter_name=name, **params)
     cases.fill_adapter(layer, name, ctx.generator(11))
     return layer
@@ -107,7 +107,7 @@ def check_other_adapter(ctx: CheckContext) -> None:
         case = cases.BaseCase(bits)
         params = _params(method)
         params.pop("lora_bias", None)  # lora_bias has its own clause (SAFE-MERGE-FINITE-BIAS)
-        base = ctx.make_base(case.in_features, case.out_features, **case.kwargs())
+        base = ctx.make_base(case)
         layer = ctx.make_layer(base, method, adapter_name="broken", **params)
         cases.fill_adapter(layer, "broken", ctx.generator(11))
         layer.add_adapter("good", **params)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 def _layer(ctx: CheckContext, method: str, bits: int, name: str = "default") -> torch.nn.Module:
     case = cases.BaseCase(bits)
-    base = ctx.make_base(case.in_features, case.out_features, **case.kwargs())
+    base = ctx.make_base(case)
     layer = ctx.make_layer(base, method, adapter_name=name, **cases.adapter_cases(method)[0].params)
     cases.fill_adapter(layer, name, ctx.generator(21))
     return layer

@@ -1,7 +1,7 @@
 """What a stateful example starts from, what it can break, and what a run counts.
 
-- :class:`MachineConfig`: the base layer and first adapter of one example (JSON-able: reproducers
-  embed it); :func:`configs_for` lists the ones a (method, bits) case draws from;
+- :class:`MachineConfig`: the base layer (a ``cases.BaseCase``) and first adapter of one example (JSON-able:
+  reproducers embed it); :func:`configs_for` lists the ones a (method, bits) case draws from;
 - :class:`Violation`: an invariant of one clause broken by the last step of a trace; its ``key`` is
   (clause, step kind), and each key has a subclass of its own (:func:`violation_type`), so hypothesis
   treats violations of different clauses or step kinds as distinct bugs;
@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 
 from conformance.core.vocabulary import params_needing
+from conformance.spec.cases import BaseCase
 from conformance.spec.catalog.stateful import STATE_IDS
 
 #: (in_features, out_features): out_features not a power of two (issue #8)
@@ -92,10 +93,6 @@ def violation_type(clause: str, kind: str) -> type[Violation]:
     return _KIND_TYPES[key]
 
 
-def dtype_of(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
 def seed_for(device: str, seed: int) -> None:
     """Seed the generators a step on ``device`` uses: the CPU one only unless the machine runs on CUDA.
 
@@ -127,39 +124,72 @@ def allowed_variants(method: str, caps: Iterable[str], bias: bool) -> list[int]:
 
 @dataclass(frozen=True)
 class MachineConfig:
-    """The layer a machine example starts from (JSON-able; the reproducer embeds it)."""
+    """The layer a machine example starts from: the method, the base case, the first adapter's variant and the
+    seed of the base's weights. JSON-able through :meth:`to_dict` / :meth:`from_dict` (the reproducer embeds it;
+    the flat keys of every stored trace)."""
 
     method: str
-    bits: int
-    in_features: int = 64
-    out_features: int = 40
-    quant_type: str = "nf4"
-    double_quant: bool = False
-    blocksize: int = 64
-    bias: bool = True
+    base: BaseCase
     variant: int = 0
     seed: int = 0
 
+    #: the base fields every stored config carries, in their order (others are written when not at their default)
+    BASE_KEYS: ClassVar[tuple[str, ...]] = ("bits", "in_features", "out_features", "quant_type", "double_quant",
+                                            "blocksize", "bias")
+
+    @classmethod
+    def make(cls, method: str, bits: int, in_features: int = 64, out_features: int = 40, quant_type: str = "nf4",
+             double_quant: bool = False, blocksize: int = 64, bias: bool = True, variant: int = 0,
+             seed: int = 0) -> MachineConfig:
+        """A config from its flat description (float32 compute dtype, float32 weight)."""
+        return cls(method, BaseCase(bits, in_features, out_features, quant_type=quant_type, blocksize=blocksize,
+                                    double_quant=double_quant, bias=bias), variant, seed)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MachineConfig:
+        """The config of a :meth:`to_dict` dict (a stored trace's ``create`` step without its ``op``)."""
+        base = {k: v for k, v in d.items() if k not in ("method", "variant", "seed", "op")}
+        return cls(d["method"], BaseCase.from_json({"out_features": 40, **base}), d.get("variant", 0), d.get("seed", 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        base = self.base.to_json()
+        default = BaseCase(self.base.bits).to_json()
+        extra = {f.name: base[f.name] for f in fields(BaseCase)
+                 if f.name not in self.BASE_KEYS and base[f.name] != default[f.name]}
+        return {"method": self.method, **{k: base[k] for k in self.BASE_KEYS}, **extra, "variant": self.variant,
+                "seed": self.seed}
+
+    @property
+    def bits(self) -> int:
+        return self.base.bits
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def bias(self) -> bool:
+        return self.base.bias
+
     @property
     def label(self) -> str:
-        q = "int8" if self.bits == 8 else self.quant_type + ("-dq" if self.double_quant else "")
-        return f"{self.method}-{q}-{self.in_features}x{self.out_features}-v{self.variant}"
-
-    def base_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"bits": self.bits, "bias": self.bias, "seed": self.seed}
-        if self.bits == 4:
-            kw.update(quant_type=self.quant_type, double_quant=self.double_quant, blocksize=self.blocksize)
-        return kw
+        return f"{self.method}-{self.base.quant_label}-{self.base.shape_label}-v{self.variant}"
 
 
 def configs_for(method: str, bits: int) -> list[MachineConfig]:
     """The base layers a (method, bits) machine draws from: both shapes, NF4/FP4, double quant."""
     if bits == 8:
-        return [MachineConfig(method, 8, i, o) for (i, o) in SHAPES]
+        return [MachineConfig.make(method, 8, i, o) for (i, o) in SHAPES]
     # blocksize divides in_features: bitsandbytes 0.50.2's CPU dequantize_4bit is wrong otherwise (see
     # the report of issue #8: the packed bytes are right, the dequantized weights are not)
-    return [MachineConfig(method, 4, 64, 40, "nf4", False, 64), MachineConfig(method, 4, 32, 24, "fp4", True, 32),
-            MachineConfig(method, 4, 64, 40, "fp4", False, 64), MachineConfig(method, 4, 32, 24, "nf4", True, 32)]
+    return [MachineConfig.make(method, 4, 64, 40, "nf4", False, 64),
+            MachineConfig.make(method, 4, 32, 24, "fp4", True, 32),
+            MachineConfig.make(method, 4, 64, 40, "fp4", False, 64),
+            MachineConfig.make(method, 4, 32, 24, "nf4", True, 32)]
 
 
 def _size(trace: Sequence[dict[str, Any]]) -> tuple[int, int]:

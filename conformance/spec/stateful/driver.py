@@ -13,7 +13,6 @@ from __future__ import annotations
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 from conformance import numerics
 from conformance.core.vocabulary import Capability, capability
 from conformance.quant import layers as qlayers
+from conformance.quant.torchnames import dtype_of
 from conformance.spec.catalog.stateful import ADAPTERS, BASE, DRIFT, FLAGS, MERGE, OUTPUT, UNMERGE, VALID
 from conformance.spec.interface import AdapterSpec, Implementation, declared
 
@@ -30,7 +30,6 @@ from .config import (
     Stats,
     StepNotApplicable,
     Violation,
-    dtype_of,
     seed_for,
     step_kind,
     variant_ok,
@@ -80,7 +79,7 @@ class Driver:
         #: CPU<->CUDA moves: only in a machine run for CUDA (a CPU run on a GPU host never touches CUDA)
         self.moves = str(device).startswith("cuda") and torch.cuda.is_available() and self.has("cuda")
         self._checked_at = -1
-        self.trace.append({"op": "create", **asdict(config)})
+        self.trace.append({"op": "create", **config.to_dict()})
         if verbose:
             verbose(render_step(self.trace[-1]))
         if not variant_ok(self.method, config.variant, self.caps, config.bias):
@@ -139,7 +138,7 @@ class Driver:
         and then moved.
         """
         c = self.config
-        base = qlayers.make_base_layer(c.in_features, c.out_features, device=self.quant_device, **c.base_kwargs())
+        base = c.base.build(self.quant_device, seed=c.seed)
         return qlayers.move_base_layer(base, self.device)
 
     def input(self, lead: Sequence[int], dtype: str, seed: int, in_features: int | None = None) -> torch.Tensor:
@@ -181,7 +180,7 @@ class Driver:
         from .ops import render_step
 
         v = violation_type(clause, step_kind(self.trace[-1]))(f"[{self.config.label}, step {len(self.trace) - 1}: {render_step(self.trace[-1])}] "
-                               f"{message}", self.trace, asdict(self.config))
+                               f"{message}", self.trace, self.config.to_dict())
         if self.recording:
             self.stats.record(v)
         raise v

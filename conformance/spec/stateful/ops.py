@@ -27,12 +27,14 @@ from torch import nn
 from conformance import numerics
 from conformance.core.vocabulary import Capability, capability
 from conformance.quant import layers as qlayers
+from conformance.quant import torchnames
 from conformance.quant import validate as qvalidate
+from conformance.quant.torchnames import dtype_of, grad_mode, grad_mode_code
 from conformance.spec.cases import POISONS
 from conformance.spec.catalog.stateful import ADAPTERS, BASE, MERGE, VALID
 from conformance.spec.interface import AdapterSpec
 
-from .config import MachineConfig, StepNotApplicable, allowed_variants, dtype_of, seed_for, variant_ok, variants
+from .config import MachineConfig, StepNotApplicable, allowed_variants, seed_for, variant_ok, variants
 from .driver import Driver
 from .invalid import applicable_kinds, poison_safe_merge, poisonable, run_invalid
 from .model import AdapterModel
@@ -44,7 +46,7 @@ INPUT_DTYPES = ("float32", "float16", "bfloat16")
 #: (bitsandbytes/nn/modules.py): a bfloat16 input would round the base bias for good, a bnb
 #: behaviour outside the adapter layer under test; 8-bit machines use float32/float16 inputs
 INPUT_DTYPES_8BIT = ("float32", "float16")
-GRAD_MODES = ("grad", "no_grad", "inference_mode")
+GRAD_MODES = tuple(torchnames.GRAD_MODES)
 #: adapter dtypes a dtype move goes to; OFT stays in float32/float64 (the Cayley solve, see report)
 ADAPTER_DTYPES = {"lora": ("float32", "bfloat16", "float16"), "oft": ("float32", "float64")}
 MAX_ADAPTERS = 3
@@ -90,12 +92,11 @@ def _unmerged(d: Driver) -> list[str]:
 
 def forward(d: Driver, a: Args) -> None:
     x = d.input(a["lead"], a["dtype"], a["seed"])
-    ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[a["grad_mode"]]
     unmerges = d.pending_unmerge_on_forward()
     bias_before = d.bias_dtype()
 
     def go() -> torch.Tensor:
-        with ctx():
+        with grad_mode(a["grad_mode"]):
             return d.layer(x)
 
     y = d.call(f"forward under {a['grad_mode']}", go)
@@ -388,8 +389,6 @@ def _fmt(template: str) -> Callable[[Args], str]:
     return lambda a: template.format(**{k: repr(v) if k in ("name", "device") else v for k, v in a.items()})
 
 
-_GRAD = {"grad": "enable_grad", "no_grad": "no_grad"}
-
 #: in the order hypothesis shrinks towards (the first op is the simplest); weights are relative draw rates
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("forward", 4, forward,
@@ -397,7 +396,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
                         "dtype": data.draw(st.sampled_from(_in_dtypes(d))),
                         "grad_mode": data.draw(st.sampled_from(GRAD_MODES)), "seed": data.draw(SEEDS)},
        lambda a: (f"x = randn({(*a['lead'], 'in')}, seed={a['seed']}).to({a['dtype']}); "
-                  f"with torch.{_GRAD.get(a['grad_mode'], a['grad_mode'])}(): y = layer(x)")),
+                  f"with {grad_mode_code(a['grad_mode'])}: y = layer(x)")),
     Op("merge", 4, merge, _draw_merge, _fmt("layer.merge(safe_merge={safe_merge}, adapter_names={adapter_names})"),
        applies=lambda d: bool(_unmerged(d)), accepts=_accepts_merge),
     Op("unmerge", 3, unmerge, lambda data, d: {}, _fmt("layer.unmerge()"), needs=("unmerge",),
@@ -486,9 +485,10 @@ def render_step(step: dict[str, Any]) -> str:
     """A step as the plain calls it makes on the layer (for messages and reproducers)."""
     a = {k: v for k, v in step.items() if k != "op"}
     if step["op"] == "create":
-        cfg = MachineConfig(**a)
+        cfg = MachineConfig.from_dict(a)
         params = variants(cfg.method)[cfg.variant]
-        return (f"base = make_base_layer({cfg.in_features}, {cfg.out_features}, **{cfg.base_kwargs()}); "
+        kw = {**cfg.base.layer_kwargs(), "seed": cfg.seed}
+        return (f"base = make_base_layer({cfg.in_features}, {cfg.out_features}, **{kw}); "
                 f"torch.manual_seed({cfg.seed}); layer = impl.create(base, AdapterSpec({cfg.method!r}, 'a0', {params}))")
     op = OPS.get(step["op"])
     return op.render(a) if op is not None else f"{step['op']}({a})"

@@ -30,7 +30,7 @@ def replay(impl: Implementation, config: dict[str, Any], steps: Sequence[dict[st
 
     ``StepNotApplicable`` when a step could not have been drawn where it stands."""
     try:
-        d = Driver(impl, MachineConfig(**config), device, verbose=verbose, exclude_invalid=exclude_invalid)
+        d = Driver(impl, MachineConfig.from_dict(config), device, verbose=verbose, exclude_invalid=exclude_invalid)
         d.recording = False
         for step in steps:
             if step["op"] != "create":
