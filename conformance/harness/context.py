@@ -54,6 +54,7 @@ from conformance.core.applicability import Applicability, applicability
 from conformance.core.vocabulary import Capability, Declaration, capability, params_needing
 from conformance.quant import layers as qlayers
 from conformance.quant import validate
+from conformance.quant.torchnames import dtype_name
 from conformance.spec.budget import Budget
 from conformance.spec.cases import BaseCase
 from conformance.spec.clauses import Clause, ClauseFailure, ClauseInconclusive, ClauseSkipped
@@ -298,7 +299,7 @@ class CheckContext:
                 raise self._case_skipped(f"{self.impl.name} does not declare capability {cap} ({key}={params[key]!r})")
         dtype = self.adapter_dtype(base)
         spec = AdapterSpec(method=method, adapter_name=adapter_name, params=params,
-                           dtype=str(dtype).removeprefix("torch."))
+                           dtype=dtype_name(dtype))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.manual_seed(self.seed)
@@ -456,7 +457,7 @@ class CheckContext:
         return CaseSkipped(message)
 
     def malformed(self) -> list[str]:
-        """What is wrong with the layers this context built (``harness.validate``; empty when all are sound)."""
+        """What is wrong with the layers this context built (``quant.validate``; empty when all are sound)."""
         out = []
         for layer, exp in self.built:
             out += [p for p in validate.problems(layer, exp) if p not in out]

@@ -9,7 +9,7 @@ is skipped alone, and a failing case ends only itself. A family's outcome:
 - ``failed`` if a case failed (every failing case counted, the first ``QUOTED_FAILURES`` quoted): a check
   that failed, an exception out of a call into the implementation (attributed at the protocol boundary:
   ``CheckContext.verdict``), or a crash of the check on a layer the implementation left malformed
-  (``harness.validate``);
+  (``quant.validate``);
 - else ``error`` if the suite's own code raised;
 - else ``skipped`` when the check skipped the whole family (``ctx.skip``: a method limitation);
 - else ``inconclusive`` when no case ran (every case was skipped, with the reasons), or the check ended it

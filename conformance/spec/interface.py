@@ -50,12 +50,12 @@ class AdapterSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        import torch
+        from conformance.quant.torchnames import dtype_of
 
-        dt = getattr(torch, self.dtype, None)
-        if not isinstance(dt, torch.dtype):
-            raise ValueError(f"AdapterSpec.dtype {self.dtype!r} is not a torch dtype name (e.g. 'float32')")
-        return dt
+        try:
+            return dtype_of(self.dtype)
+        except ValueError:
+            raise ValueError(f"AdapterSpec.dtype {self.dtype!r} is not a torch dtype name (e.g. 'float32')") from None
 
 
 @runtime_checkable
