@@ -13,19 +13,8 @@ from pathlib import Path
 import pytest
 
 from conformance.core import join
+from conformance.core import report as cr
 from conformance.core.outcome import MARKS, NOT_RUN, OUTCOMES, TEXT_MARKS, Outcome
-from conformance.core.report import (
-    SCHEMA_VERSION,
-    ClauseInfo,
-    Family,
-    ImplementationInfo,
-    Report,
-    ReportError,
-    Result,
-    is_number,
-    is_report,
-    load_report,
-)
 from conformance.harness import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,44 +31,44 @@ def _stored_json() -> list[Path]:
 
 def test_every_stored_report_loads() -> None:
     """Every conformance report in ``baselines/`` (a JSON object with ``schema_version`` and a ``results`` list:
-    ``is_report``) loads through ``Report.from_json``; the other stored JSON (clone probe, benchmarks, matrix
+    ``cr.is_report``) loads through ``cr.Report.from_json``; the other stored JSON (clone probe, benchmarks, matrix
     joins, step logs) is not one, and nothing under the report folders is skipped by that rule."""
     loaded, others = [], []
     for path in _stored_json():
         doc = json.loads(path.read_text(encoding="utf-8"))
-        if not is_report(doc):
+        if not cr.is_report(doc):
             others.append(path)
             continue
-        rep = load_report(path)
+        rep = cr.load_report(path)
         loaded.append(path)
         assert len(rep.results) == len(doc["results"]) > 0, path
         assert rep.schema_version in ("1", "2")
         for r in rep.results:  # schema "1"'s keys moved to their fields; measurements are numbers only
-            assert all(is_number(v) for v in r.measurements.values()), (path, r.clause, r.measurements)
+            assert all(cr.is_number(v) for v in r.measurements.values()), (path, r.clause, r.measurements)
             assert not {"notes", "families", "cases_skipped", "reproducer", "reproducers"} & r.details.keys()
-        assert Report.from_json(json.loads(json.dumps(rep.to_json()))) == dataclasses.replace(
-            rep, schema_version=SCHEMA_VERSION), path
+        assert cr.Report.from_json(json.loads(json.dumps(rep.to_json()))) == dataclasses.replace(
+            rep, schema_version=cr.SCHEMA_VERSION), path
     assert len(loaded) > 0
     skipped_in_report_folders = [p for p in others if str(p.relative_to(ROOT).parent).startswith(REPORT_FOLDERS)
                                  and not p.name.startswith("nox-")]
     assert not skipped_in_report_folders, f"not read as reports: {skipped_in_report_folders}"
 
 
-def _v2() -> Report:
+def _v2() -> cr.Report:
     res = [
-        Result("MERGE-ROUNDTRIP", "ref", Outcome.FAILED, "merged forward off", 1.25,
+        cr.Result("MERGE-ROUNDTRIP", "ref", Outcome.FAILED, "merged forward off", 1.25,
                {"worst_ratio": 2.5, "cases": 12}, "MUST", "cpu",
-               families={"lora/4bit": Family(Outcome.FAILED, 6, 2, {"rslora not declared": 2}, "off"),
-                         "oft/8bit": Family(Outcome.PASSED, 4, 0)},
+               families={"lora/4bit": cr.Family(Outcome.FAILED, 6, 2, {"rslora not declared": 2}, "off"),
+                         "oft/8bit": cr.Family(Outcome.PASSED, 4, 0)},
                notes=["a note"], cases_skipped={"rslora": 2}, reproducers=["/tmp/r/a.py", "/tmp/r/b.py"],
                details={"violations": ["lora/4bit merge"], "rejected_ways": {"x": ["y"]}}),
-        Result("FWD-ORACLE", "ref", Outcome.SKIPPED, "ref does not declare capability cuda", level="SHOULD"),
+        cr.Result("FWD-ORACLE", "ref", Outcome.SKIPPED, "ref does not declare capability cuda", level="SHOULD"),
     ]
-    return Report(results=res,
-                  implementations={"ref": ImplementationInfo("1.0", ["lora"], {"oft": "no"}, "/envs/py",
+    return cr.Report(results=res,
+                  implementations={"ref": cr.ImplementationInfo("1.0", ["lora"], {"oft": "no"}, "/envs/py",
                                                              {"torch": "2.13.0"})},
-                  clauses={"MERGE-ROUNDTRIP": ClauseInfo("MUST", "t", "s", "merge"),
-                           "FWD-ORACLE": ClauseInfo("SHOULD", "t", "s", "forward")},
+                  clauses={"MERGE-ROUNDTRIP": cr.ClauseInfo("MUST", "t", "s", "merge"),
+                           "FWD-ORACLE": cr.ClauseInfo("SHOULD", "t", "s", "forward")},
                   environment={"device": "cpu", "packages": {"torch": "2.13.0"}}, summary=report.summarize(res),
                   generated_at="2026-01-01T00:00:00+00:00", command="conformance run",
                   not_run=[{"clause": "X-Y", "implementation": "ref"}])
@@ -88,12 +77,12 @@ def _v2() -> Report:
 def test_v2_round_trips() -> None:
     rep = _v2()
     doc = json.loads(json.dumps(rep.to_json()))
-    assert doc["schema_version"] == SCHEMA_VERSION == "2"
+    assert doc["schema_version"] == cr.SCHEMA_VERSION == "2"
     assert doc["results"][0]["measurements"] == {"worst_ratio": 2.5, "cases": 12}
     assert doc["results"][0]["families"]["lora/4bit"] == {"outcome": "failed", "run": 6, "skipped": 2,
                                                           "skip_reasons": {"rslora not declared": 2}, "message": "off"}
-    assert Report.from_json(doc) == rep
-    assert Result.from_json({"event": "result", **rep.results[0].to_json()}) == rep.results[0]  # a worker's event
+    assert cr.Report.from_json(doc) == rep
+    assert cr.Result.from_json({"event": "result", **rep.results[0].to_json()}) == rep.results[0]  # a worker's event
 
 
 #: a result as schema "1" wrote it: notes, family texts, skipped cases and reproducers inside measurements
@@ -120,15 +109,15 @@ def _v1_doc() -> dict:
 def test_v1_reads_into_the_fields(tmp_path: Path) -> None:
     path = tmp_path / "v1.json"
     path.write_text(json.dumps(_v1_doc()))
-    rep = load_report(path)
+    rep = cr.load_report(path)
     assert rep.schema_version == "1"
     r = rep.results[0]
     assert r.measurements == {"examples": 40, "worst_ratio": 1.5}
     assert r.details == {"exploring": True, "steps_per_op": {"merge": 3}, "violations": ["lora/4bit merge"]}
     assert r.reproducers == ["/r/repro_1.py", "/r/repro_2.py"] and r.notes == ["shrinking was cut"]
     assert r.cases_skipped == {"input_cast": 6}
-    assert r.families == {"lora/4bit": Family(Outcome.FAILED, message="merged off"),
-                          "lora/8bit": Family(Outcome.PASSED)}
+    assert r.families == {"lora/4bit": cr.Family(Outcome.FAILED, message="merged off"),
+                          "lora/8bit": cr.Family(Outcome.PASSED)}
     assert not r.families["lora/4bit"].counted  # schema "1" kept no case counts here
     # the Markdown says what it said: the family texts, the skipped cases, the reproducer link, no notes
     md = report.markdown(rep, base=tmp_path)
@@ -142,7 +131,7 @@ def test_v1_reads_into_the_fields(tmp_path: Path) -> None:
     # written again as schema 2, it compares equal to itself and to the file
     v2 = tmp_path / "v2.json"
     v2.write_text(json.dumps(rep.to_json()))
-    text, status = report.compare(load_report(path), load_report(v2))
+    text, status = report.compare(cr.load_report(path), cr.load_report(v2))
     assert status == 0 and "New failures: 0" in text and "Other outcome changes: 0" in text
     assert "Measurement drift > 25%: 0" in text
 
@@ -157,14 +146,14 @@ def test_v1_reads_into_the_fields(tmp_path: Path) -> None:
 def test_a_file_that_is_no_report_is_one_line(tmp_path: Path, doc: dict, words: str) -> None:
     path = tmp_path / "r.json"
     path.write_text(json.dumps(doc))
-    with pytest.raises(ReportError, match=words) as info:
-        load_report(path)
+    with pytest.raises(cr.ReportError, match=words) as info:
+        cr.load_report(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_the_joiners_read_both_schemas(tmp_path: Path) -> None:
     v1 = _v1_doc()
-    v2 = Report.from_json(_v1_doc()).to_json()
+    v2 = cr.Report.from_json(_v1_doc()).to_json()
     doc = join.join([("v1.json", v1), ("v2.json", v2)])
     cols = [c["id"] for c in doc["columns"]]
     assert doc["cells"]["STATE-OUTPUT-MATCHES-MODEL"] == {c: {"outcome": "failed", "message": V1_RESULT["message"]}
@@ -200,7 +189,7 @@ def test_one_table_of_outcome_marks() -> None:
 def test_cli_compares_a_stored_v1_baseline_with_a_v2_report(tmp_path: Path) -> None:
     stored = ROOT / "baselines" / "conformance" / "cpu-torch2.13.0-bnb0.50.2.json"
     v2 = tmp_path / "v2.json"
-    v2.write_text(json.dumps(load_report(stored).to_json()))
+    v2.write_text(json.dumps(cr.load_report(stored).to_json()))
     for old, new in ((stored, v2), (v2, stored)):
         proc = subprocess.run([sys.executable, "-m", "conformance", "compare", str(old), str(new)],
                               capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from conformance.quant.torchnames import dtype_name, dtype_of
-from conformance.spec.cases import AdapterCase, BaseCase
+from conformance.spec.cases import AdapterCase, BaseCase, OnBase
 
 GPU_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672))
 GPU_TOKENS: tuple[int, ...] = (1, 512, 4096, 16384)  # 1 = decode, 16384 = a training micro-batch
@@ -71,7 +71,7 @@ def bench_adapter(method: str, rank: int = RANK, alpha: int = ALPHA) -> AdapterC
 
 
 @dataclass(frozen=True)
-class BenchCase:
+class BenchCase(OnBase):
     """One timed measurement: an implementation running one operation (``op``) on ``tokens`` tokens through an
     adapter (``adapter``) over a base layer (``base``). The flat JSON form (:meth:`to_dict`, read back by
     :meth:`from_dict`) keeps the keys of every stored benchmark."""
@@ -103,31 +103,6 @@ class BenchCase:
     @property
     def method(self) -> str:
         return self.adapter.method
-
-    @property
-    def bits(self) -> int:
-        return self.base.bits
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def dtype(self) -> str:
-        """The compute dtype's name (``bfloat16``)."""
-        return dtype_name(self.base.compute_dtype)
-
-    @property
-    def quant_type(self) -> str:
-        return self.base.quant_type
-
-    @property
-    def double_quant(self) -> bool:
-        return self.base.double_quant
 
     @property
     def rank(self) -> int:

@@ -39,7 +39,7 @@ from torch import nn
 from conformance import numerics
 from conformance.probe.options import add_arguments  # noqa: F401  (re-exported: the probe's options)
 from conformance.quant import layers as qlayers
-from conformance.quant.torchnames import GRAD_MODES, dtype_name, dtype_of, grad_mode
+from conformance.quant.torchnames import GRAD_MODES, dtype_of, grad_mode
 from conformance.spec.cases import (
     BASE,
     GRAD_BATCH_SIZES,
@@ -49,6 +49,7 @@ from conformance.spec.cases import (
     GRAD_OUT_FEATURES,
     AdapterCase,
     BaseCase,
+    OnBase,
     grad_base,
     grad_input_shape,
     quants_for,
@@ -78,7 +79,7 @@ BaseFactory = Callable[[BaseCase, str], tuple[nn.Module, torch.Tensor, "torch.Te
 
 
 @dataclass(frozen=True)
-class ProbeCase:
+class ProbeCase(OnBase):
     """One probe case: the base (a backprop-matrix base, ``cases.grad_base``), the input layout, the grad mode,
     single or mixed batch, and the in-place technique. Its JSON keys (:meth:`to_json`) are the factors."""
 
@@ -89,20 +90,6 @@ class ProbeCase:
     mode: str
     batch_kind: str  # single / mixed
     technique: str
-
-    @property
-    def bits(self) -> int:
-        return self.base.bits
-
-    @property
-    def quant(self) -> str:
-        """nf4 / fp4 / int8"""
-        return self.base.quant_label
-
-    @property
-    def dtype(self) -> str:
-        """float32 / float16 / bfloat16 (the compute dtype's name)"""
-        return dtype_name(self.base.compute_dtype)
 
     @property
     def id(self) -> str:

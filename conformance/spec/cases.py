@@ -134,6 +134,29 @@ def _json_value(v: Any) -> Any:
     return dtype_name(v) if isinstance(v, torch.dtype) else v
 
 
+def _from_base(name: str, doc: str = "") -> property:
+    return property(lambda self: getattr(self.base, name), doc=doc or f"``base.{name}``")
+
+
+class OnBase:
+    """Read-only views of ``self.base`` (a ``BaseCase``) for the records that hold one besides fields of their own
+    (the clone probe's ``ProbeCase``, the benchmarks' ``BenchCase``, the stateful ``MachineConfig``)."""
+
+    base: BaseCase
+    bits = _from_base("bits")
+    in_features = _from_base("in_features")
+    out_features = _from_base("out_features")
+    quant_type = _from_base("quant_type")
+    double_quant = _from_base("double_quant")
+    bias = _from_base("bias")
+    quant = _from_base("quant_label", "nf4 / fp4 / int8")
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype's name (``bfloat16``)."""
+        return dtype_name(self.base.compute_dtype)
+
+
 @dataclass(frozen=True)
 class AdapterCase:
     """An adapter put on a base: the method and its parameters (PEFT's config keys)."""

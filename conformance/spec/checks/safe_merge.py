@@ -72,16 +72,28 @@ def _poison(layer: torch.nn.Module, name: str, key: str, value: float) -> bool:
     return True
 
 
-@check("SAFE-MERGE-NONFINITE")
-def check_safe_merge(ctx: CheckContext) -> None:
-    for method, _bits, case, key, poison in _poisoned_cases(ctx):
+def _labelled_cases(ctx: CheckContext) -> Iterator[tuple[str, int, cases.BaseCase, str, str, str]]:
+    """``_poisoned_cases`` with each case's label; a ``lora_B.bias`` case needs ``lora_bias`` (else skipped)."""
+    for method, bits, case, key, poison in _poisoned_cases(ctx):
         if key == "lora_B.bias" and not ctx.require_case("lora_bias", f"{method} on {case.label}, {key}"):
             continue
-        with ctx.case(f"{method} on {case.label}, {key}[0] = {poison}"):
-            layer = _layer(ctx, method, case)
-            if not _poison(layer, "broken", key, POISONS[poison]):
-                ctx.skip_this_case(f"the layer has no adapter tensor {key}")
-            label = f"{method} on {case.label}, {key}[0] = {poison}"
+        yield method, bits, case, key, poison, f"{method} on {case.label}, {key}[0] = {poison}"
+
+
+def _poisoned_layer(ctx: CheckContext, method: str, case: cases.BaseCase, key: str, poison: str) -> torch.nn.Module:
+    """A fresh layer of the case whose adapter ``broken`` holds ``poison`` at ``key[0]`` (the case is skipped when
+    the layer has no such tensor)."""
+    layer = _layer(ctx, method, case)
+    if not _poison(layer, "broken", key, POISONS[poison]):
+        ctx.skip_this_case(f"the layer has no adapter tensor {key}")
+    return layer
+
+
+@check("SAFE-MERGE-NONFINITE")
+def check_safe_merge(ctx: CheckContext) -> None:
+    for method, _bits, case, key, poison, label in _labelled_cases(ctx):
+        with ctx.case(label):
+            layer = _poisoned_layer(ctx, method, case, key, poison)
             snap = qlayers.snapshot(layer.base_layer)
             try:
                 with recorded_warnings():
@@ -161,14 +173,9 @@ NONFINITE_WORDS = ("nan", "inf", "finite", "broken")
 @check("SAFE-UNSAFE-WARNS")
 def check_unsafe_warns(ctx: CheckContext) -> None:
     silent = []
-    for method, bits, case, key, poison in _poisoned_cases(ctx):
-        if key == "lora_B.bias" and not ctx.require_case("lora_bias", f"{method} on {case.label}, {key}"):
-            continue
-        with ctx.case(f"{method} on {case.label}, {key}[0] = {poison}"):
-            layer = _layer(ctx, method, case)
-            if not _poison(layer, "broken", key, POISONS[poison]):
-                ctx.skip_this_case(f"the layer has no adapter tensor {key}")
-            label = f"{method} on {case.label}, {key}[0] = {poison}"
+    for method, bits, case, key, poison, label in _labelled_cases(ctx):
+        with ctx.case(label):
+            layer = _poisoned_layer(ctx, method, case, key, poison)
             outcome = "silent"
             try:
                 with recorded_warnings() as caught:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from conformance.core.vocabulary import params_needing
-from conformance.spec.cases import BaseCase
+from conformance.spec.cases import BaseCase, OnBase
 from conformance.spec.catalog.stateful import STATE_IDS
 
 #: (in_features, out_features): out_features not a power of two (issue #8)
@@ -123,7 +123,7 @@ def allowed_variants(method: str, caps: Iterable[str], bias: bool) -> list[int]:
 
 
 @dataclass(frozen=True)
-class MachineConfig:
+class MachineConfig(OnBase):
     """The layer a machine example starts from: the method, the base case, the first adapter's variant and the
     seed of the base's weights. JSON-able through :meth:`to_dict` / :meth:`from_dict` (the reproducer embeds it;
     the flat keys of every stored trace)."""
@@ -158,22 +158,6 @@ class MachineConfig:
                  if f.name not in self.BASE_KEYS and base[f.name] != default[f.name]}
         return {"method": self.method, **{k: base[k] for k in self.BASE_KEYS}, **extra, "variant": self.variant,
                 "seed": self.seed}
-
-    @property
-    def bits(self) -> int:
-        return self.base.bits
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def bias(self) -> bool:
-        return self.base.bias
 
     @property
     def label(self) -> str:
