@@ -128,6 +128,18 @@ def test_every_subcommand_answers_help_without_torch() -> None:
 
 
 @pytest.mark.e2e
+def test_bench_help_imports_no_torch() -> None:
+    """``python -m conformance.bench --help`` answers before torch and bitsandbytes are imported."""
+    code = ("import json, runpy, sys\nsys.argv = ['conformance.bench', '--help']\ntry:\n"
+            "    runpy.run_module('conformance.bench', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+            f"print(json.dumps([code, sorted(m for m in {list(HEAVY)!r} if m in sys.modules)]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == [0, []], (got, proc.stderr[-2000:])
+    assert "usage: python -m conformance.bench" in proc.stdout
+
+
+@pytest.mark.e2e
 def test_console_script_help_imports_no_torch() -> None:
     """The installed ``conformance`` script (pip install -e .) answers --help without torch."""
     script = shutil.which("conformance", path=os.path.dirname(sys.executable))

@@ -13,12 +13,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from conformance.harness.files import write_atomic
 
-from . import cases as bench_cases
-from . import compare as bench_compare
-from .report import summary_table
+if TYPE_CHECKING:
+    from . import cases as bench_cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from conformance.quant.layers import quiet_int8_cast_notice
+
+    from . import cases as bench_cases  # torch from here on: --help and usage errors answer without it
+    from . import compare as bench_compare
+    from .report import summary_table
 
     quiet_int8_cast_notice()
 
