@@ -227,7 +227,7 @@ def run_elsewhere(python: str, cases: list[BenchCase], device: str, quick: bool,
         spec, out, errlog = (os.path.join(tmp, f) for f in ("cases.json", "records.json", "stderr.log"))
         there = [c.with_impl(split_impl(c.impl)[0]) for c in cases]
         with open(spec, "w", encoding="utf-8") as fh:
-            json.dump([{k: getattr(c, k) for k in BenchCase.__dataclass_fields__} for c in there], fh)
+            json.dump([c.to_dict() for c in there], fh)
         cmd = [python, "-m", "conformance.bench.runner", "--cases", spec, "--out", out, "--device", device,
                "--passes", str(passes), *(["--quick"] if quick else []),
                *(["--max-seconds", f"{max_seconds:g}"] if max_seconds is not None else [])]
@@ -328,7 +328,7 @@ def run(cases: list[BenchCase], device: str = "cpu", quick: bool = False, max_se
 def main(argv: list[str] | None = None) -> int:
     """The timing entry ``run_elsewhere`` starts in another interpreter: time the cases of a JSON file there."""
     p = argparse.ArgumentParser(prog="python -m conformance.bench.runner", description=main.__doc__)
-    p.add_argument("--cases", required=True, help="JSON list of BenchCase fields")
+    p.add_argument("--cases", required=True, help="JSON list of BenchCase records (BenchCase.to_dict)")
     p.add_argument("--out", required=True, help="where the records and this interpreter's fingerprint go (JSON)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true")
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu" and args.quick:
         torch.set_num_threads(1)  # as ``python -m conformance.bench --quick``
     with open(args.cases, encoding="utf-8") as fh:
-        cases = [BenchCase(**d) for d in json.load(fh)]
+        cases = [BenchCase.from_dict(d) for d in json.load(fh)]
     deadline = None if args.max_seconds is None else time.perf_counter() + args.max_seconds
     records = time_cases(Builder(args.device), cases, args.device, args.quick, deadline, args.passes)
     for r in records:
