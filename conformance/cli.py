@@ -38,6 +38,11 @@ def cmd_clauses(args: argparse.Namespace) -> int:
     from .spec.clauses import select
 
     chosen = select(args.clauses, bound=False)
+    if args.markdown:
+        from .docs import clauses_markdown
+
+        print(clauses_markdown(chosen), end="")
+        return EXIT_OK
     if args.json:
         print(json.dumps([c.to_json() for c in chosen], indent=2))
         return EXIT_OK
@@ -54,6 +59,26 @@ def cmd_clauses(args: argparse.Namespace) -> int:
                                 break_on_hyphens=False))
     print(f"\n{len(chosen)} clauses ({sum(c.level == 'MUST' for c in chosen)} MUST, "
           f"{sum(c.level == 'SHOULD' for c in chosen)} SHOULD)")
+    return EXIT_OK
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    from . import docs
+
+    root = Path(args.root) if args.root else Path(__file__).resolve().parents[1]
+    if not (root / "docs").is_dir():
+        return _usage(f"no docs/ folder under {root}: run from a checkout or give --root CHECKOUT")
+    try:
+        pages = docs.write(root) if args.write else docs.stale(root)
+    except docs.DocsError as exc:
+        return _usage(str(exc))
+    if args.write:
+        print(f"rewrote {', '.join(pages)}" if pages else "generated pages up to date: nothing to write")
+        return EXIT_OK
+    if pages:
+        print(f"out of date: {', '.join(pages)}; run `{docs.WRITE_COMMAND}`", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"generated pages up to date ({len(docs.PAGES) + len(docs.SECTIONS)} pages and sections)")
     return EXIT_OK
 
 
@@ -315,9 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("clauses", help="list the clauses (ID, level, text, scope, source)")
-    c.add_argument("--json", action="store_true")
+    fmt = c.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--markdown", action="store_true", help="the clause list as a Markdown page (docs/clauses.md)")
     c.add_argument("--clauses", action="append", default=[], metavar="PATTERN")
     c.set_defaults(func=cmd_clauses)
+
+    d = sub.add_parser("docs", help="check (default) or rewrite the generated pages of docs/ (torch-free)")
+    mode = d.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 naming every page out of date (the default)")
+    mode.add_argument("--write", action="store_true", help="rewrite the generated pages and sections")
+    d.add_argument("--root", metavar="CHECKOUT", help="the checkout holding docs/ (default: this package's)")
+    d.set_defaults(func=cmd_docs)
 
     k = sub.add_parser("compare", help="compare two JSON reports clause by clause (exit 1 on a new failure)")
     k.add_argument("old")

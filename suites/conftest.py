@@ -1,6 +1,6 @@
 """pytest integration: ``--impl`` picks implementations, ``--device`` the device; hypothesis profiles; test tiers.
 
-Three tiers (README, "Test tiers"): the default one runs in this process; ``e2e`` tests start interpreters
+Three tiers (docs/running.md, "Test tiers"): the default one runs in this process; ``e2e`` tests start interpreters
 (a ``python`` subprocess, a fork server, ``mp.spawn`` ranks) or send signals; ``slow`` ones are long runs,
 skipped unless ``--run-slow`` or ``-m slow``. ``-m "not e2e"`` runs the default tier alone. A test without
 the ``e2e`` marker that starts a Python interpreter fails, naming the command and the marker to add

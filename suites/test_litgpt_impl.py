@@ -8,7 +8,7 @@ transformers needs) and is skipped with that reason elsewhere:
   names are translated, values are LitGPT's own Parameters; the capabilities are exactly LitGPT's.
 - Part 3, no gaps filled: what LitGPT lacks raises ``ImplementationUnsupported`` with the reason.
 - Part 4, numbers: the forward is LitGPT's expression, matched against the float64 value.
-- Part 5, findings: the clauses that carry the README's LitGPT findings report them.
+- Part 5, findings: the clauses that carry the LitGPT findings of docs/findings.md report them.
 """
 
 from __future__ import annotations

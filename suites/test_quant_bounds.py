@@ -165,7 +165,7 @@ def test_forward_rounding_model_holds(bits: int, dtype: torch.dtype, training: b
     assert exp.ratio(y) <= 1.0, exp.describe(y)
 
 
-#: where the straddling-blocks bug of bitsandbytes' CPU dequantize_4bit was seen (README, Findings)
+#: where the straddling-blocks bug of bitsandbytes' CPU dequantize_4bit was seen (docs/findings.md)
 STRADDLING_REPRODUCES = ("AMD EPYC (avx2 avx512f avx512_vnni avx512_bf16, no AMX; torch CPU capability AVX512), "
                          "torch 2.13.0+cpu, bitsandbytes 0.50.2")
 

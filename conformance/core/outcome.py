@@ -15,7 +15,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-#: exit codes of ``python -m conformance run`` (README, "Exit codes of `run`")
+#: exit codes of ``python -m conformance run`` (README, "Exit codes of `run`"; docs/running.md)
 EXIT_OK = 0  #: no MUST clause failed, errored or was inconclusive, no strict xpass, something was checked
 EXIT_FAIL = 1  #: a MUST clause failed, errored or was inconclusive, or a listed known bug passed (xpassed)
 EXIT_USAGE = 2  #: bad usage: one line naming the problem and the fix, found before anything runs

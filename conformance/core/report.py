@@ -59,7 +59,7 @@ def is_number(value: Any) -> bool:
 class Family:
     """One case family (``"lora/4bit"``) of a clause: its outcome and the cases run and skipped."""
 
-    outcome: Outcome
+    outcome: Outcome  #: the family's outcome
     run: int | None = None  #: cases run; None where a schema "1" report kept only the outcome text
     skipped: int | None = None  #: cases skipped; None as ``run``
     skip_reasons: dict[str, int] = field(default_factory=dict)  #: reason -> cases skipped for it
@@ -102,14 +102,14 @@ class Result:
     ``details``, ``reproducers`` and (schema "1" keys) ``notes``, ``families`` and ``cases_skipped``, and every
     ``Result`` built does so with what it is given (so a schema "1" result reads into its fields)."""
 
-    clause: str
-    implementation: str
-    outcome: Outcome
-    message: str = ""
-    duration_s: float = 0.0
-    measurements: dict[str, Number] = field(default_factory=dict)
-    level: str = MUST
-    device: str = "cpu"
+    clause: str  #: the clause ID
+    implementation: str  #: the implementation's name
+    outcome: Outcome  #: ``conformance.core.outcome.Outcome``: passed, failed, error, inconclusive, skipped, ...
+    message: str = ""  #: why it did not pass (or why it was skipped)
+    duration_s: float = 0.0  #: wall time of the clause (reported, never asserted)
+    measurements: dict[str, Number] = field(default_factory=dict)  #: numbers only (e.g. worst observed / bound)
+    level: str = MUST  #: the clause's level
+    device: str = "cpu"  #: where it ran
     #: per case family ("lora/4bit"); empty for a clause that did not run (and in schema "1" reports written
     #: before case counts, where only several families left their outcome text)
     families: dict[str, Family] = field(default_factory=dict)
@@ -177,9 +177,9 @@ class Result:
 class ImplementationInfo:
     """What a report says of an implementation that ran."""
 
-    version: str = "unknown"
-    capabilities: list[str] = field(default_factory=list)
-    unsupported: dict[str, str] = field(default_factory=dict)
+    version: str = "unknown"  #: the implementation's ``version()``
+    capabilities: list[str] = field(default_factory=list)  #: the capabilities it declares
+    unsupported: dict[str, str] = field(default_factory=dict)  #: feature -> why it is not supported
     python: str = ""  #: the interpreter its workers ran in, when not the report's (``--impl NAME@PYTHON``)
     packages: dict[str, str] = field(default_factory=dict)  #: versions installed in ``python``
     #: the adapter methods it declares (``core.vocabulary.Method``); version 1 listed them among the capabilities
@@ -208,10 +208,10 @@ class ImplementationInfo:
 class ClauseInfo:
     """A clause as a report lists it."""
 
-    level: str = ""
-    text: str = ""
-    source: str = ""
-    area: str = ""
+    level: str = ""  #: ``MUST`` or ``SHOULD``
+    text: str = ""  #: the requirement, one sentence
+    source: str = ""  #: the upstream file, version or paper it comes from
+    area: str = ""  #: its area (``merge``, ``forward``, ...)
 
     def to_json(self) -> dict[str, str]:
         return {"level": self.level, "text": self.text, "source": self.source, "area": self.area}
@@ -226,14 +226,17 @@ class Report:
     """A run: its environment (the fingerprint), the implementations, the clauses, one ``Result`` per (clause,
     implementation), the summary and, for an interrupted run, what was never reached."""
 
-    results: list[Result] = field(default_factory=list)
-    implementations: dict[str, ImplementationInfo] = field(default_factory=dict)
-    clauses: dict[str, ClauseInfo] = field(default_factory=dict)
+    results: list[Result] = field(default_factory=list)  #: one per (clause, implementation) that was reached
+    implementations: dict[str, ImplementationInfo] = field(default_factory=dict)  #: name -> what ran
+    clauses: dict[str, ClauseInfo] = field(default_factory=dict)  #: ID -> the clause as listed
+    #: the fingerprint: Python, torch and its build, bitsandbytes, transformers, peft, accelerate, the GPU or CPU
+    #: model, ``cpu_dispatch`` (the CPU features torch and bitsandbytes dispatch on, what bitsandbytes' CPU backend
+    #: chose), suite version, git sha and a hash of the suite's sources (``conformance.harness.environment``)
     environment: dict[str, Any] = field(default_factory=dict)
     #: ``{implementations: {name: {outcome: count, must_failures, total}}, exit_status[, nothing_checked]}``
     summary: dict[str, Any] = field(default_factory=dict)
-    generated_at: str = ""
-    command: str = ""
+    generated_at: str = ""  #: when the report was built (ISO 8601, UTC)
+    command: str = ""  #: the command line that ran it
     not_run: list[dict[str, str]] | None = None  #: (clause, implementation) pairs an interrupted run never reached
     schema_version: str = SCHEMA_VERSION  #: as read (a report read from schema "1" says "1"); written as "2"
 

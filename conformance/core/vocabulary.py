@@ -68,7 +68,7 @@ class Capability(str, enum.Enum):
     __format__ = str.__format__
 
 
-#: What declaring each capability promises (the README's capability table is made from this).
+#: What declaring each capability promises (docs/implementing.md's capability table is made from this: ``conformance.docs``).
 DOCS: dict[Capability, str] = {
     Capability.BITS4: "bnb.nn.Linear4bit bases (NF4/FP4, with and without double quant)",
     Capability.BITS8: "bnb.nn.Linear8bitLt bases",

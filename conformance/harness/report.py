@@ -1,7 +1,7 @@
 """Reports: building the versioned JSON document (``conformance.core.report.Report``, where its schema is
 documented), the Markdown page, the terminal table, and comparing two runs. Every function here takes a ``Report``
 or its JSON document (schema "1" or "2": read through ``Report.from_json``). Torch-free: ``compare`` and
-``markdown`` use it. See README ("Report format").
+``markdown`` use it. See docs/running.md ("Report format", generated from ``core.report``).
 """
 
 from __future__ import annotations
