@@ -41,10 +41,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.WARNING)
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(BNB_CPU_LOG)
 
 _LAZY = {
-    "AdapterLayer": "conformance.spec.interface",
-    "AdapterSpec": "conformance.spec.interface",
-    "Implementation": "conformance.spec.interface",
-    "ImplementationBase": "conformance.spec.interface",
+    "AdapterLayer": "conformance.clauses.interface",
+    "AdapterSpec": "conformance.clauses.interface",
+    "Implementation": "conformance.clauses.interface",
+    "ImplementationBase": "conformance.clauses.interface",
 }
 
 __all__ = ["AdapterLayer", "AdapterSpec", "Implementation", "ImplementationBase", "__version__"]

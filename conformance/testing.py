@@ -28,14 +28,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Literal
 
+from conformance.clauses.budget import Budget
+from conformance.clauses.clause import Clause, catalog, select
+from conformance.clauses.interface import Implementation
 from conformance.core.outcome import EXIT_NOTHING_CHECKED, Outcome
 from conformance.harness import xfails as xf
 from conformance.harness.execute import run_clause
 from conformance.harness.loader import load
 from conformance.harness.results import Result, exit_status, nothing_checked
-from conformance.spec.budget import Budget
-from conformance.spec.clauses import Clause, catalog, select
-from conformance.spec.interface import Implementation
 
 ExpectedFailed = Mapping[str, str] | Callable[[Implementation], Mapping[str, str] | None] | None
 OnFail = Literal["raise", "warn"] | None
@@ -137,7 +137,7 @@ def check_implementation(
     if isinstance(impl, str):
         obj, results = _results_in_workers(impl, chosen, device)
     else:
-        from conformance.spec.interface import validate
+        from conformance.clauses.interface import validate
 
         validate(impl)
         obj, results = impl, _results_in_process(impl, chosen, device)

@@ -153,8 +153,8 @@ def ddp_reference_result() -> Any:
     """DIST-DDP-GRADS-AGREE for the reference on the CPU, run once per session (two gloo ranks started with
     ``mp.spawn``, each importing torch): suites/test_distributed.py and the clause's test in suites/test_clauses.py
     judge this one result."""
+    from conformance.clauses.clause import get
     from conformance.harness.execute import run_clause
     from conformance.impls.reference import ReferenceImplementation
-    from conformance.spec.clauses import get
 
     return run_clause(get("DIST-DDP-GRADS-AGREE"), ReferenceImplementation())

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from conformance import numerics
+from conformance.clauses import AdapterSpec, cases
+from conformance.clauses import clause as clauses
 from conformance.harness.execute import run_clause
 from conformance.harness.results import Result
 from conformance.impls.reference import ReferenceImplementation
-from conformance.spec import AdapterSpec, cases, clauses
 
 GRAD, MIXED, NOGRAD = "BACKPROP-GRAD-F64", "BACKPROP-MIXED-GRAD-F64", "BACKPROP-NOGRAD-FORWARD"
 

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from conformance.clauses.clause import registry
+from conformance.clauses.distributed import checks as ddp_checks
 from conformance.harness.execute import run_clause
 from conformance.impls.reference import ReferenceImplementation
-from conformance.spec.checks import distributed as ddp_checks
-from conformance.spec.clauses import registry
 
 pytestmark = [
     pytest.mark.cpu_only,

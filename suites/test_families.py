@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conformance.clauses import cases
+from conformance.clauses.clause import Clause, get
+from conformance.clauses.context import CheckContext
+from conformance.clauses.interface import ImplementationUnsupported
+from conformance.clauses.merge import checks as merge_checks
 from conformance.harness import report
-from conformance.harness.context import CheckContext
 from conformance.harness.execute import run_clause
 from conformance.harness.results import Result
 from conformance.impls.reference import ReferenceImplementation
-from conformance.spec import cases
-from conformance.spec.checks import merge as merge_checks
-from conformance.spec.clauses import Clause, get
-from conformance.spec.interface import ImplementationUnsupported
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import broken_impls  # noqa: E402

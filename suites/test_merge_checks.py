@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch import nn
 
+from conformance.clauses.clause import get
+from conformance.clauses.interface import AdapterSpec
 from conformance.harness.execute import run_clause
 from conformance.impls.reference import ReferenceImplementation
 from conformance.quant import layers as qlayers
 from conformance.reference import rotation
-from conformance.spec.clauses import get
-from conformance.spec.interface import AdapterSpec
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from clause_table import clause_table_tests  # noqa: E402

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from conformance.clauses import cases
 from conformance.probe import clone
-from conformance.spec import cases
 
 BASELINES = Path(__file__).resolve().parent.parent / "baselines" / "clone_probe"
 

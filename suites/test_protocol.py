@@ -13,15 +13,15 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 
+from conformance.clauses import interface
+from conformance.clauses.clause import Clause, get
+from conformance.clauses.context import CheckContext
 from conformance.core import vocabulary
 from conformance.harness import loader
 from conformance.harness import xfails as xf
-from conformance.harness.context import CheckContext
 from conformance.harness.execute import run_clause
 from conformance.harness.results import Result
 from conformance.impls.reference import ReferenceImplementation
-from conformance.spec import interface
-from conformance.spec.clauses import Clause, get
 from conformance.testing import ConformanceFailure, ConformanceWarning, check_implementation
 
 ROOT = Path(__file__).resolve().parents[1]

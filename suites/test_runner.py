@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from conformance.clauses.clause import get
 from conformance.harness import report, runner, xfails
 from conformance.harness.results import Result
-from conformance.spec.clauses import get
 
 # tooling, not device code: CPU CI runs it; the gpu session leaves it out
 pytestmark = [pytest.mark.cpu_only, pytest.mark.e2e]

@@ -20,14 +20,15 @@ import torch
 from torch import nn
 
 import conformance
-from conformance.harness.context import CheckContext
-from conformance.harness.execute import run_clause
-from conformance.harness.loader import load
-from conformance.impls.reference import ReferenceImplementation
-from conformance.quant import layers as qlayers
-from conformance.reference import layer_class
-from conformance.spec.budget import CI, Budget
-from conformance.spec.catalog.stateful import (
+from conformance.clauses.budget import CI, Budget
+from conformance.clauses.clause import ClauseFailure, ClauseInconclusive, ClauseSkipped, registry
+from conformance.clauses.context import CheckContext
+from conformance.clauses.interface import AdapterSpec
+from conformance.clauses.stateful import checks as checks
+from conformance.clauses.stateful import config as sc
+from conformance.clauses.stateful import ops, shrink
+from conformance.clauses.stateful import run as sr
+from conformance.clauses.stateful.declare import (
     ADAPTERS,
     DRIFT,
     FLAGS,
@@ -39,13 +40,12 @@ from conformance.spec.catalog.stateful import (
     UNMERGE,
     VALID,
 )
-from conformance.spec.checks import stateful as checks
-from conformance.spec.clauses import ClauseFailure, ClauseInconclusive, ClauseSkipped, registry
-from conformance.spec.interface import AdapterSpec
-from conformance.spec.stateful import config as sc
-from conformance.spec.stateful import ops, shrink
-from conformance.spec.stateful import run as sr
-from conformance.spec.stateful.reproducer import load_steps
+from conformance.clauses.stateful.reproducer import load_steps
+from conformance.harness.execute import run_clause
+from conformance.harness.loader import load
+from conformance.impls.reference import ReferenceImplementation
+from conformance.quant import layers as qlayers
+from conformance.reference import layer_class
 
 STATE_CLAUSES = [c for c in registry().values() if c.area == "stateful"]
 
@@ -556,7 +556,7 @@ def test_device_move_only_in_cuda_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     from hypothesis import HealthCheck, settings
     from hypothesis.stateful import run_state_machine_as_test
 
-    from conformance.spec.stateful.machine import make_machine
+    from conformance.clauses.stateful.machine import make_machine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     stats = sc.Stats()
@@ -584,7 +584,7 @@ def test_device_move_reports_tensors_left_behind(monkeypatch: pytest.MonkeyPatch
 
 
 def sc_driver() -> Any:
-    from conformance.spec.stateful.driver import Driver
+    from conformance.clauses.stateful.driver import Driver
 
     return Driver(ReferenceImplementation(), sc.MachineConfig.make("lora", 8, 32, 24))
 
@@ -609,7 +609,7 @@ def test_a_library_warning_is_not_the_implementation_warning() -> None:
 
     import bitsandbytes as bnb
 
-    from conformance.spec.observe import implementation_warnings, recorded_warnings
+    from conformance.clauses.observe import implementation_warnings, recorded_warnings
 
     with recorded_warnings() as caught:
         warnings.warn_explicit("from bitsandbytes", UserWarning, filename=bnb.functional.__file__, lineno=1)
@@ -688,7 +688,7 @@ def test_settings_are_recorded_when_the_base_is_created() -> None:
     merge (the base starts without double quant: configs_for(...)[0])."""
     cfg = sc.configs_for("lora", 4)[0]
     assert not cfg.base.double_quant
-    from conformance.spec.stateful.driver import Driver
+    from conformance.clauses.stateful.driver import Driver
 
     d = Driver(FirstMergeTurnsOnDoubleQuant(), cfg)
     assert d.settings == qlayers.quant_settings(cfg.base.build(seed=cfg.seed))
@@ -699,7 +699,7 @@ def test_settings_are_recorded_when_the_base_is_created() -> None:
 
 
 def test_poisoned_safe_merge_is_an_invalid_step_the_reference_refuses() -> None:
-    from conformance.spec.stateful.driver import Driver
+    from conformance.clauses.stateful.driver import Driver
 
     cfg = sc.configs_for("lora", 4)[0]
     for seed in range(3):  # nan, +inf, -inf
@@ -711,7 +711,7 @@ def test_poisoned_safe_merge_is_an_invalid_step_the_reference_refuses() -> None:
 
 
 def test_poisoned_safe_merge_catches_a_merge_without_the_check() -> None:
-    from conformance.spec.stateful.driver import Driver
+    from conformance.clauses.stateful.driver import Driver
 
     d = Driver(SafeMergeWritesPoison(), sc.configs_for("oft", 8)[0])
     with pytest.raises(sc.Violation) as err:
@@ -811,7 +811,7 @@ BIAS_RETYPE_STEPS = [
 def test_forward_unmerge_then_bias_retyping_is_modelled(seed: int) -> None:
     """The unmerge a disabled fp16 forward performs is checked against the bias rounded to float16 exactly
     (the merged adapter has no bias: the stored bias is determined, the bound 0)."""
-    from conformance.spec.stateful.driver import Driver
+    from conformance.clauses.stateful.driver import Driver
 
     cfg = {"method": "lora", "bits": 8, "in_features": 32, "out_features": 24, "variant": 2, "seed": seed}
     assert shrink.replay(_REF, cfg, BIAS_RETYPE_STEPS) is None
@@ -831,7 +831,7 @@ def test_forward_unmerge_then_bias_retyping_is_modelled(seed: int) -> None:
 def test_cast_chain_is_the_exact_image_of_the_interval() -> None:
     """cast_chain: where the bound is 0 the rounded value itself; else [round(b - eb), round(b + eb)], which
     holds the rounding of every value within the bound and is reached at its ends."""
-    from conformance.spec.stateful.model import Chain, cast_chain
+    from conformance.clauses.stateful.model import Chain, cast_chain
 
     g = torch.Generator().manual_seed(0)
     b = torch.randn(4000, generator=g, dtype=torch.float64) * 0.3
@@ -865,7 +865,7 @@ def test_unclipped_training_overflows_float16_and_the_machine_clips() -> None:
     """Unclipped SGD on the machine's linear loss grows LoRA's B A geometrically until an fp16 forward
     overflows (a trace recorded before clipping replays as it ran and still shows it); the machine's training
     steps clip the gradient norm (ops.MAX_GRAD_NORM), and the same sequence then stays finite and in bound."""
-    from conformance.spec.stateful.driver import Driver
+    from conformance.clauses.stateful.driver import Driver
 
     v = shrink.replay(_REF, OVERFLOW_CONFIG, OVERFLOW_STEPS)
     assert v is not None and v.key == (OUTPUT, "forward") and "non-finite output" in v.message, v

@@ -1,4 +1,4 @@
-"""transformers Trainer clauses (``conformance.spec.checks.trainer``, seed 004) on this environment.
+"""transformers Trainer clauses (``conformance.clauses.trainer.checks``, seed 004) on this environment.
 
 The clauses test the installed transformers + PEFT + bitsandbytes, so they run here against a
 tiny in-test implementation that only declares capabilities (the checks build whole models with
@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from conformance import quant, tinymodels
-from conformance.harness.context import CheckContext
+from conformance.clauses import clause as clauses
+from conformance.clauses.context import CheckContext
+from conformance.clauses.interface import ImplementationBase
+from conformance.clauses.trainer import checks as tc
 from conformance.harness.execute import run_clause
 from conformance.harness.results import Result
-from conformance.spec import clauses
-from conformance.spec.checks import trainer as tc
-from conformance.spec.interface import ImplementationBase
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")

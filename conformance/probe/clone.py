@@ -37,10 +37,7 @@ import torch
 from torch import nn
 
 from conformance import numerics
-from conformance.probe.options import add_arguments  # noqa: F401  (re-exported: the probe's options)
-from conformance.quant import layers as qlayers
-from conformance.quant.torchnames import GRAD_MODES, dtype_of, grad_mode
-from conformance.spec.cases import (
+from conformance.clauses.cases import (
     BASE,
     GRAD_BATCH_SIZES,
     GRAD_DTYPES,
@@ -54,6 +51,9 @@ from conformance.spec.cases import (
     grad_input_shape,
     quants_for,
 )
+from conformance.probe.options import add_arguments  # noqa: F401  (re-exported: the probe's options)
+from conformance.quant import layers as qlayers
+from conformance.quant.torchnames import GRAD_MODES, dtype_of, grad_mode
 
 SCHEMA_VERSION = 1
 RANK, ALPHA = 4, 8.0
