@@ -1,0 +1,5 @@
+"""Deprecated: moved to ``conformance.clauses.budget`` (this name stays for old imports)."""
+
+from conformance.spec import _alias
+
+_alias(__name__)
