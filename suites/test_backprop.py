@@ -72,7 +72,7 @@ def test_reference_passes(cid: str) -> None:
 
 # -- fails on broken layers -------------------------------------------------------------------------
 def test_grad_fails_without_defensive_clone() -> None:
-    """Seed 000 on torch 2.13 CPU: the raw bnb output is a view for 1-D/3-D inputs; in-place add raises."""
+    """PEFT's defensive clone (peft/tuners/lora/bnb.py) on torch 2.13 CPU: the raw bnb output is a view for 1-D/3-D inputs; in-place add raises."""
     res = run(GRAD, ReferenceImplementation(clone_base_output=False))
     assert res.outcome == "failed", res.message
     assert "is a view and is being modified inplace" in res.message or "view was created" in res.message
@@ -120,7 +120,7 @@ def test_mixed_fails_on_wrong_rows() -> None:
 
 
 def _drop_lora_bias(layer: nn.Module) -> None:
-    """The forward leaves out lora_B.bias (issue 14: lora_bias now runs in the backprop oracle)."""
+    """The forward leaves out lora_B.bias (lora_bias runs in the backprop oracle)."""
 
     def add(self: nn.Module, name: str, x: torch.Tensor, result: torch.Tensor, inplace: bool) -> torch.Tensor:
         a, b = self.lora_A[name], self.lora_B[name]
@@ -152,7 +152,7 @@ def test_fails_when_output_dtype_is_not_the_input_dtype(cid: str) -> None:
 
 
 def test_matrix_covers_storage_dtypes_shapes_and_lora_bias() -> None:
-    """Issue 14's axes are in the sampled matrix: every storage dtype, square and non-square, lora_bias."""
+    """The case axes are in the sampled matrix: every storage dtype, square and non-square, lora_bias."""
     for mixed in (False, True):
         matrix = cases.grad_matrix("lora", [4, 8], mixed=mixed)
         assert {c.base.weight_dtype for c in matrix} == set(cases.STORAGE_DTYPES)

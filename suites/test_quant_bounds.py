@@ -189,7 +189,7 @@ def test_bnb_cpu_dequantize_straddling_blocks() -> None:
     pytest.skip(f"the documented bug does not reproduce here ({here}); seen on {STRADDLING_REPRODUCES}")
 
 
-# -- storage dtype and the validator (issue 14) -----------------------------------------------------
+# -- storage dtype and the validator --------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("wdt", WEIGHT_DTYPES)

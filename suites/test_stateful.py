@@ -1,4 +1,4 @@
-"""Stateful conformance (issue #8): the machine passes for the reference, catches broken layers,
+"""Stateful conformance: the machine passes for the reference, catches broken layers,
 and writes runnable reproducers.
 
 The broken implementations are defined here; reproducers import them as ``test_stateful:NAME``
@@ -519,7 +519,7 @@ def test_stored_reproducers_run(tmp_path: Any) -> None:
 
 @pytest.mark.slow
 def test_reference_long_run() -> None:
-    """The long run (issue #8): 2000 sequences on the CPU, nothing found."""
+    """The long run: 2000 sequences on the CPU, nothing found."""
     res = sr.run(ReferenceImplementation(), examples=500, steps=15)
     assert not res.failures and not res.errors, res.summary()
 
@@ -646,7 +646,7 @@ def test_long_run_cli_takes_examples_and_steps(tmp_path: Any, capsys: pytest.Cap
     assert main(["--impl", "no-such-impl"]) == 2
 
 
-# -- settings recorded at creation; NaN/Inf poisoning mid-sequence (issue 14) ------------------------
+# -- settings recorded at creation; NaN/Inf poisoning mid-sequence ---------------------------------
 
 class _FirstMergeTurnsOnDoubleQuant:
     """Every requantization uses double quant, whatever the base had: only the first merge changes the settings

@@ -1,6 +1,6 @@
 """Probe: is the defensive ``result = result.clone()`` before adding the adapter output still needed?
 
-Seed 000 (``peft/tuners/lora/bnb.py``): "As per Tim Dettmers, for 4bit, we need to defensively clone
+PEFT (``peft/tuners/lora/bnb.py``, the 4-bit forward): "As per Tim Dettmers, for 4bit, we need to defensively clone
 here. The reason is that in some cases, an error can occur that backprop does not work on a
 manipulated view. This issue may be solved with newer PyTorch versions but this would need extensive
 testing to be sure." This is that testing. For every case of the backprop matrix (bits / quant type,

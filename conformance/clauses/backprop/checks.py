@@ -1,6 +1,6 @@
 """Backprop through adapter layers on quantized bases: gradients vs float64, forward without grad.
 
-Seed 000 (``peft/tuners/lora/bnb.py``: "As per Tim Dettmers, for 4bit, we need to defensively clone
+PEFT (``peft/tuners/lora/bnb.py``: "As per Tim Dettmers, for 4bit, we need to defensively clone
 here ... backprop does not work on a manipulated view"): training through a bitsandbytes base must
 give the gradients of the math, for every input rank, dtype and batch layout; the probe
 ``python -m conformance probe clone`` asks whether the clone is still needed, these clauses ask

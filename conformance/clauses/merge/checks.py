@@ -2,8 +2,8 @@
 bookkeeping (twice, nothing merged, several adapters, subsets); lora_bias; requantization settings.
 
 Numbers come from ``conformance.numerics`` (float64 value + bound, observed/bound ratio); every bound that involves a
-requantization uses ``conformance.quant.weight_bound`` of the layer state *after* it (seed 001:
-merge = dequantize -> apply -> requantize with the original settings).
+requantization uses ``conformance.quant.weight_bound`` of the layer state *after* it (PEFT's
+``peft/tuners/lora/bnb.py``: merge = dequantize -> apply -> requantize with the original settings).
 """
 
 from __future__ import annotations

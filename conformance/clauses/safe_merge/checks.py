@@ -1,6 +1,6 @@
 """Safe-merge clauses: a non-finite adapter never reaches the quantized base weights.
 
-PEFT's text (``peft/tuners/lora/bnb.py``, seed 001): ``safe_merge=True`` checks the merged weights
+PEFT's text (``peft/tuners/lora/bnb.py``, the merge): ``safe_merge=True`` checks the merged weights
 with ``torch.isfinite`` *before* writing them and raises ``ValueError("NaNs detected in the merged
 weights. The adapter {name} seems to be broken")``. The poison is one element set to NaN, +Inf or
 -Inf in each adapter tensor. For OFT a NaN parameter makes the whole rotation block NaN, an Inf

@@ -1,4 +1,4 @@
-"""Stateful clauses (area "stateful", issue #8): invariants of an adapter layer's lifecycle.
+"""Stateful clauses (area "stateful"): invariants of an adapter layer's lifecycle.
 
 One hypothesis state machine run (``conformance.clauses.stateful.run``) per (implementation, device,
 budget) feeds every clause here: it is kept by the budget (``Budget.shared``, owned by whoever runs the

@@ -24,7 +24,7 @@ from conformance.clauses.cases import BaseCase, OnBase
 from conformance.clauses.stateful.declare import STATE_IDS
 from conformance.core.vocabulary import params_needing
 
-#: (in_features, out_features): out_features not a power of two (issue #8)
+#: (in_features, out_features): out_features not a power of two (a non-square layer)
 SHAPES = ((64, 40), (32, 24))
 LORA_VARIANTS: tuple[dict[str, Any], ...] = (
     {"r": 4, "lora_alpha": 8.0, "init_lora_weights": False},
@@ -168,8 +168,8 @@ def configs_for(method: str, bits: int) -> list[MachineConfig]:
     """The base layers a (method, bits) machine draws from: both shapes, NF4/FP4, double quant."""
     if bits == 8:
         return [MachineConfig.make(method, 8, i, o) for (i, o) in SHAPES]
-    # blocksize divides in_features: bitsandbytes 0.50.2's CPU dequantize_4bit is wrong otherwise (see
-    # the report of issue #8: the packed bytes are right, the dequantized weights are not)
+    # blocksize divides in_features: bitsandbytes 0.50.2's CPU dequantize_4bit is wrong otherwise
+    # (the packed bytes are right, the dequantized weights are not)
     return [MachineConfig.make(method, 4, 64, 40, "nf4", False, 64),
             MachineConfig.make(method, 4, 32, 24, "fp4", True, 32),
             MachineConfig.make(method, 4, 64, 40, "fp4", False, 64),

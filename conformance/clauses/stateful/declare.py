@@ -59,7 +59,7 @@ for _id, _text, _extra in STATE_CLAUSES:
 
 STATE_IDS: tuple[str, ...] = tuple(c[0] for c in STATE_CLAUSES)
 
-#: What a stateful clause needs from one run before a pass means anything (issue 13). A clause whose
+#: What a stateful clause needs from one run before a pass means anything. A clause whose
 #: run falls short is ``inconclusive``, not ``passed``:
 #:
 #: - ``steps_per_example``: exploring examples (those hypothesis generated before the case's first

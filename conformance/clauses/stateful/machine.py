@@ -1,4 +1,4 @@
-"""The hypothesis state machine over an adapter layer's lifecycle (clauses STATE-*, issue #8).
+"""The hypothesis state machine over an adapter layer's lifecycle (clauses STATE-*).
 
 Modelled on zarr's store state-machine tests: an ``@initialize`` rule builds a :class:`~.driver.Driver`
 (layer + float64 model) from a drawn :class:`~.config.MachineConfig`; one ``@rule`` draws an op among

@@ -6,7 +6,7 @@ which adapters are active / merged, whether adapters are disabled and the train/
 gives, for an input, the expected output and its analytic bound (``conformance.numerics``:
 ``weight_bound``/``matmul_rounding_bound`` based, never a magic tolerance).
 
-Merges and unmerges are *requantizations* (seed 001, seed 003: dequantize -> apply -> requantize
+Merges and unmerges are *requantizations* (PEFT's ``peft/tuners/lora/bnb.py``: dequantize -> apply -> requantize
 with the original settings). The model tracks three chains of "exact value, bound on how far the
 stored weight may be from it" (:class:`Chain`):
 

@@ -1,11 +1,11 @@
-"""transformers ``Trainer`` rules for quantized models (seed 004), checked against the real Trainer.
+"""transformers ``Trainer`` rules for quantized models (its quantization validation), checked against the real Trainer.
 
 These clauses test the environment (transformers + PEFT + bitsandbytes), not an adapter layer:
 they build whole tiny models (``conformance.tinymodels``), wrap them with ``peft.get_peft_model``
 and hand them to ``transformers.Trainer``. So they ``require`` the ``peft_model`` capability; an
 implementation that only builds layers (the reference) reports them skipped.
 
-Seed 004 quotes ``trainer.py:500-529`` of an older transformers. In transformers 5.x the same
+The rule was first written at ``trainer.py:500-529`` of an older transformers. In transformers 5.x the same
 logic lives in ``transformers/trainer_utils.py`` (``validate_quantization_for_training``, 5.23.0:
 lines 102-142), called from ``Trainer.__init__``; in 4.x (4.53-4.57) it is inline in
 ``Trainer.__init__`` (4.57.6: ``trainer.py:539-568``). ``validator_location`` finds either; a
@@ -18,7 +18,7 @@ The rule as written there (and what the clauses expect):
 1. a quantized model that is not a ``PeftModel`` and whose quantizer is not QAT-trainable is
    rejected ("purely quantized");
 2. a quantized model whose quantizer's ``is_trainable`` is False is rejected;
-3. a quantized model combined with ``torch.compile()`` is rejected (seed 004: "Quantized models
+3. a quantized model combined with ``torch.compile()`` is rejected (transformers' error text: "Quantized models
    CANNOT be combined with torch.compile() ... The combination is explicitly blocked"). The code
    only looks for ``_orig_mod`` on the object handed to the Trainer, so compiling in another way
    may slip through; the compile clause tries every way and fails on the ones that do.
