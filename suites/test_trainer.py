@@ -23,6 +23,7 @@ from conformance.clauses import clause as clauses
 from conformance.clauses.context import CheckContext
 from conformance.clauses.interface import ImplementationBase
 from conformance.clauses.trainer import checks as tc
+from conformance.clauses.trainer import helpers as trainer_helpers
 from conformance.harness.execute import run_clause
 from conformance.harness.results import Result
 
@@ -110,7 +111,7 @@ def test_skipped_without_peft_model_capability() -> None:
 
 
 def test_validator_location_recorded() -> None:
-    loc = tc.validator_location()
+    loc = trainer_helpers.validator_location()
     assert loc["transformers"] == transformers.__version__
     assert "missing" not in loc
     if ORIGINAL_VALIDATOR is not None:
@@ -133,7 +134,7 @@ def _unchecked_init(self: object, model: object = None) -> None:
 def test_validator_location_finds_an_inline_check(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(hf_trainer, "validate_quantization_for_training", raising=False)
     monkeypatch.setattr(hf_trainer.Trainer, "__init__", _inline_init)
-    loc = tc.validator_location()
+    loc = trainer_helpers.validator_location()
     assert "missing" not in loc
     assert "inline in Trainer.__init__" in loc["validator"]
     first, last = (int(x) for x in loc["validator"].split(":")[1].split(" ")[0].split("-"))

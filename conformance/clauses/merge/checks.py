@@ -9,7 +9,6 @@ requantization uses ``conformance.quant.weight_bound`` of the layer state *after
 from __future__ import annotations
 
 import itertools
-import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +17,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conformance import numerics
-from conformance.clauses import cases, strategies
+from conformance.clauses import cases
 from conformance.clauses.clause import check
+from conformance.clauses.merge.cases import _bias_cases, _build, _draw_case, _label, _seed, _settings_cases
 from conformance.clauses.merge.declare import CYCLES, ROUNDING_WORDS
 from conformance.clauses.observe import recorded_warnings, warning_texts
 from conformance.quant import bounds as qbounds
@@ -36,31 +36,6 @@ def _property(ctx: CheckContext, max_examples: int) -> Callable[[Callable[..., N
         max_examples=max_examples, derandomize=True, database=None, deadline=None, print_blob=False,
         phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
     )
-
-
-def _draw_case(ctx: CheckContext, data: st.DataObject) -> tuple[str, int, cases.BaseCase, dict[str, Any]]:
-    pairs = list(ctx.cases())
-    method, bits = data.draw(st.sampled_from(pairs), label="method, bits")
-    case = data.draw(strategies.base_cases(bits, cpu_safe=ctx.device == "cpu", storage_dtypes=(None, *cases.STORAGE_DTYPES)),
-                     label="base")
-    params = data.draw(strategies.adapter_params(method, case.in_features), label="adapter")
-    return method, bits, case, params
-
-
-def _label(method: str, case: cases.BaseCase, params: dict[str, Any]) -> str:
-    return f"{cases.AdapterCase(method, params).label} on {case.label}"
-
-
-def _seed(label: str) -> int:
-    return zlib.crc32(label.encode())
-
-
-def _build(ctx: CheckContext, method: str, case: cases.BaseCase, params: dict[str, Any], name: str = "default",
-           seed: int = 0) -> torch.nn.Module:
-    base = ctx.make_base(case, seed=ctx.seed + seed % 1000)
-    layer = ctx.make_layer(base, method, adapter_name=name, **params)
-    cases.fill_adapter(layer, name, ctx.generator(seed))
-    return layer
 
 
 def step(ctx: CheckContext, layer: torch.nn.Module, what: str, label: str, **kwargs: Any) -> None:
@@ -170,8 +145,6 @@ def check_roundtrip(ctx: CheckContext) -> None:
             ctx.bounded(f"ratio.roundtrip.{method}.{bits}bit", ratio, moved)
 
     prop()
-
-
 
 
 @check("MERGE-CYCLES")
@@ -346,14 +319,6 @@ def check_merge_subset(ctx: CheckContext) -> None:
                         lambda: f"{label}: the merged weights are not W0 + 'other' alone: {exp.describe(y)}")
 
 
-def _bias_cases(bits: int) -> list[cases.BaseCase]:
-    """MERGE-LORA-BIAS bases: compute dtypes, a bfloat16-stored base (its bias is bfloat16), square and not."""
-    if bits == 4:
-        return [cases.BaseCase(4, compute_dtype=torch.float32), cases.BaseCase(4, compute_dtype=torch.float16),
-                cases.BaseCase(4, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.bfloat16)]
-    return [cases.BaseCase(8), cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.bfloat16)]
-
-
 @check("MERGE-LORA-BIAS")
 def check_lora_bias(ctx: CheckContext) -> None:
     for _, bits in ctx.cases():
@@ -394,18 +359,6 @@ def check_lora_bias(ctx: CheckContext) -> None:
                 ctx.bounded(f"ratio.bias_merged_vs_unmerged.{bits}bit", r, lambda: (
                     f"{label}: merged vs unmerged output differ by {gap.max():.3g}, beyond the sum of their bounds "
                     f"(ratio {r:.3g}); merged output vs its oracle: {exp_m.describe(y_m)}"))
-
-
-def _settings_cases(bits: int) -> list[cases.BaseCase]:
-    """MERGE-KEEPS-QUANT-SETTINGS bases: settings, compute and storage dtypes varied together, square and not."""
-    if bits == 4:
-        return [cases.BaseCase(4, quant_type=q, blocksize=bs, double_quant=dq, compute_dtype=dt, weight_dtype=wd)
-                for q, bs, dq, dt, wd in (("fp4", 32, True, torch.float16, torch.float16),
-                                          ("nf4", 128, False, torch.bfloat16, torch.float32),
-                                          ("fp4", 64, False, torch.float32, torch.bfloat16),
-                                          ("nf4", 64, True, torch.float32, torch.float16))]
-    return [cases.BaseCase(8), cases.BaseCase(8, weight_dtype=torch.bfloat16),
-            cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.float32)]
 
 
 @check("MERGE-KEEPS-QUANT-SETTINGS")

@@ -15,29 +15,25 @@ have produced in the replayed state) and the rendering of steps as plain calls (
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from hypothesis import strategies as st
-from torch import nn
 
-from conformance import numerics
 from conformance.clauses.cases import POISONS
-from conformance.clauses.interface import AdapterSpec
-from conformance.clauses.stateful.declare import ADAPTERS, BASE, MERGE, VALID
+from conformance.clauses.stateful.declare import ADAPTERS, MERGE
 from conformance.core.vocabulary import Capability, capability
-from conformance.quant import layers as qlayers
 from conformance.quant import torchnames
 from conformance.quant import validate as qvalidate
-from conformance.quant.torchnames import dtype_of, grad_mode, grad_mode_code
+from conformance.quant.torchnames import grad_mode_code
 
 from .config import MachineConfig, StepNotApplicable, allowed_variants, seed_for, variant_ok, variants
 from .driver import Driver
+from .forwards import forward, mixed_forward, train_step
 from .invalid import applicable_kinds, poison_safe_merge, poisonable, run_invalid
 from .model import AdapterModel
+from .moves import _other_device, deepcopy, device_move, dtype_move, state_dict_roundtrip
 
 #: leading shapes of a forward's input (the last dimension is in_features)
 INPUT_SHAPES = ((3,), (2, 3), (1,))
@@ -89,80 +85,6 @@ def _unmerged(d: Driver) -> list[str]:
 
 
 # -- forwards -----------------------------------------------------------------------------------
-
-def forward(d: Driver, a: Args) -> None:
-    x = d.input(a["lead"], a["dtype"], a["seed"])
-    unmerges = d.pending_unmerge_on_forward()
-    bias_before = d.bias_dtype()
-
-    def go() -> torch.Tensor:
-        with grad_mode(a["grad_mode"]):
-            return d.layer(x)
-
-    y = d.call(f"forward under {a['grad_mode']}", go)
-    if unmerges:
-        d.forward_unmerge(x.dtype, bias_before)
-    d.bnb8_bias_cast(x.dtype)
-    d.check_invariants()
-    d.check_output(y, x)
-
-
-def mixed_forward(d: Driver, a: Args) -> None:
-    names = list(a["adapter_names"])
-    x = d.input((len(names),), a["dtype"], a["seed"])
-
-    def go() -> torch.Tensor:
-        with torch.no_grad():
-            return d.layer(x, adapter_names=names)
-
-    y = d.call("forward with adapter_names", go)
-    d.bnb8_bias_cast(x.dtype)
-    d.check_invariants()
-    d.check_output(y, x, names)
-
-
-def train_step(d: Driver, a: Args) -> None:
-    lead = a["lead"]
-    x = d.input(lead, "float32", a["seed"])
-    g = torch.randn(*lead, d.config.out_features, generator=torch.Generator().manual_seed(a["seed"] + 1))
-    unmerges = d.pending_unmerge_on_forward()
-    bias_before = d.bias_dtype()
-    holder: dict[str, torch.Tensor] = {}
-
-    def go() -> None:
-        with torch.enable_grad():
-            y = d.layer(x)
-            holder["y"] = y.detach()
-            params = [p for n in d.names for p in d.layer.adapter_parameters(n).values()]
-            for p in params:
-                p.grad = None
-            loss = (y.float() * g.to(y.device)).sum()
-            if loss.requires_grad:
-                loss.backward()
-            opt_params = [p for p in params if p.grad is not None]
-            if opt_params:
-                if a.get("max_norm") is not None:  # traces recorded before clipping replay as they ran
-                    torch.nn.utils.clip_grad_norm_(opt_params, a["max_norm"])
-                torch.optim.SGD(opt_params, lr=a["lr"]).step()
-            for p in params:
-                p.grad = None
-
-    d.call("forward + backward + SGD step", go)
-    if unmerges:
-        d.forward_unmerge(x.dtype, bias_before)
-    d.bnb8_bias_cast(x.dtype)
-    d.check_flags()
-    d.check_base()
-    d.check_output(holder["y"], x)
-    trainable = set() if (d.model.disabled or d.merged) else set(d.model.active)
-    for name, ad in d.model.adapters.items():
-        new = d.read(name)
-        changed = any(not new[k].equal(ad.tensors[k]) for k in ad.tensors if k in new)
-        if changed and name not in trainable:
-            d.fail(ADAPTERS, f"an optimizer step changed adapter {name!r}, which is not trained in this state "
-                             f"(active={d.model.active}, merged={d.model.merged}, disabled={d.model.disabled})")
-        if changed:
-            ad.tensors = new
 
 
 # -- merge / unmerge ------------------------------------------------------------------------------
@@ -295,92 +217,6 @@ def _may_disable(d: Driver) -> bool:
 
 
 # -- copies and moves -----------------------------------------------------------------------------
-
-def _module_prefix(root: nn.Module, target: nn.Module) -> str | None:
-    for name, mod in root.named_modules():
-        if mod is target:
-            return name
-    return None
-
-
-def state_dict_roundtrip(d: Driver, a: Args) -> None:
-    """state_dict() of the adapter tensors, loaded into a fresh layer over a fresh base."""
-    base_prefix = _module_prefix(d.layer, d.layer.base_layer)
-    sd = {k: v for k, v in d.layer.state_dict().items()
-          if base_prefix is None or not (k == base_prefix or k.startswith(base_prefix + "."))}
-    names = d.names
-    first = d.model.adapters[names[0]]
-    holder: dict[str, Any] = {}
-
-    def go() -> None:
-        seed_for(d.device, a["seed"])
-        fresh = d.impl.create(d.fresh_base(), AdapterSpec(d.method, names[0], dict(first.params)))
-        for n in names[1:]:
-            fresh.add_adapter(n, **d.model.adapters[n].params)
-        fresh.set_adapter(list(d.model.active))
-        if d.model.disabled:
-            fresh.enable_adapters(False)
-        fresh.train(d.model.training)
-        for n, ad in d.model.adapters.items():  # the same dtype moves as the saved layer
-            for k, p in fresh.adapter_parameters(n).items():
-                if k in ad.tensors and p.dtype != ad.tensors[k].dtype:
-                    p.data = p.data.to(ad.tensors[k].dtype)
-        holder["res"] = fresh.load_state_dict(sd, strict=False)
-        holder["layer"] = fresh
-
-    d.call("build a fresh layer and load_state_dict", go)
-    res, fresh = holder["res"], holder["layer"]
-    fresh_prefix = _module_prefix(fresh, fresh.base_layer)
-    missing = [k for k in res.missing_keys
-               if fresh_prefix is None or not (k == fresh_prefix or k.startswith(fresh_prefix + "."))]
-    if missing or res.unexpected_keys:
-        d.fail(ADAPTERS, f"state_dict round trip: keys missing in the saved state {missing}, unexpected "
-                         f"{list(res.unexpected_keys)}")
-    d.layer = fresh
-    d.model.w, d.model.b = numerics.base_weights(fresh.base_layer)
-    if not d.model.w.equal(d.model.w_orig):
-        d.fail(BASE, "a fresh base built with the same settings dequantizes to other weights than the original one")
-    d.model.reset_chains(original=True)
-    d.snap = qlayers.snapshot(fresh.base_layer)
-    d.check_flags(where="after the state_dict round trip: ")
-    d.check_adapters(where="after the state_dict round trip: ")
-
-
-def deepcopy(d: Driver, a: Args) -> None:
-    d.layer = d.call("copy.deepcopy(layer)", lambda: copy.deepcopy(d.layer))
-
-
-def dtype_move(d: Driver, a: Args) -> None:
-    dt = dtype_of(a["dtype"])
-
-    def go() -> None:
-        for n in d.names:
-            for p in d.layer.adapter_parameters(n).values():
-                p.data = p.data.to(dt)
-
-    d.call(f"adapter parameters .to({a['dtype']})", go)
-    for ad in d.model.adapters.values():
-        ad.tensors = {k: v.to(dt) for k, v in ad.tensors.items()}
-
-
-def device_move(d: Driver, a: Args) -> None:
-    device = a["device"]
-    d.layer = d.call(f"layer.to({device!r})", lambda: d.layer.to(device))
-    d.device = device
-    # Checked before any kernel runs on the moved layer: a tensor left on the other device is
-    # reported here instead of crashing the process at the next forward (see
-    # conformance.quant.layers.tensors_off_device; finding: bitsandbytes 0.50.2 Linear8bitLt.state.CB/SCB
-    # stay behind when a parent module is moved, because nn.Module.to() reaches children through
-    # _apply, not their .to()).
-    stale = qlayers.tensors_off_device(d.layer, device)
-    if stale:
-        d.fail(VALID, f"device_move: layer.to({device!r}) left tensors on another device: "
-                      f"{', '.join(stale[:6])}{' ...' if len(stale) > 6 else ''}; a forward would hand "
-                      "them to the kernels of the new device (on CUDA: an illegal memory access)")
-
-
-def _other_device(d: Driver) -> str:
-    return "cpu" if str(d.device).startswith("cuda") else "cuda"
 
 
 # -- the table ------------------------------------------------------------------------------------
