@@ -344,7 +344,7 @@ def test_reproducer_script_rebuilds_the_implementation_and_shows_divergence(tmp_
     assert f"TARGET = {target!r}\n" in text
     # the script puts the checkout on sys.path itself (it must run from anywhere) and shows the divergence
     root = str(Path(conformance.__file__).resolve().parents[1])
-    assert f"({root!r})  # the conformance checkout that wrote this script" in text
+    assert f", {root!r})  # the conformance checkout that wrote this script" in text
     proc = _run_script(f.reproducer, tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "DIVERGENCE" in proc.stdout and f.clause in proc.stdout, proc.stdout
