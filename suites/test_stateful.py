@@ -1,13 +1,12 @@
 """Stateful conformance: the machine passes for the reference, catches broken layers,
 and writes runnable reproducers.
 
-The broken implementations are defined here; reproducers import them as ``test_stateful:NAME``
-(the script puts this folder on ``sys.path``).
+The broken implementations are in ``conformance.clauses.stateful.broken``; reproducers import them as
+``conformance.clauses.stateful.broken:NAME``.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -17,7 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 import conformance
 from conformance.clauses.budget import CI, Budget
@@ -28,6 +26,18 @@ from conformance.clauses.stateful import checks as checks
 from conformance.clauses.stateful import config as sc
 from conformance.clauses.stateful import ops, shrink
 from conformance.clauses.stateful import run as sr
+from conformance.clauses.stateful.broken import (
+    DeepcopyLosesAdapter,
+    MergeForgetsFlags,
+    MergeRaises,
+    Minimal,
+    OutputOffForPositiveInput,
+    SilentUnknownAdapter,
+    ThreeBugs,
+    UnmergeForgetsRequantize,
+    _Broken,
+    _RecordsMerges,
+)
 from conformance.clauses.stateful.declare import (
     ADAPTERS,
     DRIFT,
@@ -51,142 +61,6 @@ STATE_CLAUSES = [c for c in registry().values() if c.area == "stateful"]
 
 
 # -- deliberately broken implementations ---------------------------------------------------------
-
-class _UnmergeForgetsRequantize:
-    """unmerge() clears the bookkeeping but never writes the weights back."""
-
-    def unmerge(self) -> None:
-        self.merged_adapters.clear()
-
-
-class _MergeForgetsFlags:
-    """merge() rewrites the weights but leaves merged_adapters empty."""
-
-    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
-        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        self.merged_adapters.clear()
-
-
-class _DeepcopyLosesAdapter:
-    """copy.deepcopy drops the most recently added adapter (when there are several)."""
-
-    def __deepcopy__(self, memo: dict) -> nn.Module:
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            new.__dict__[k] = copy.deepcopy(v, memo)
-        if len(new.adapter_names) > 1:
-            last = new.adapter_names[-1]
-            new._drop_adapter(last)
-            new.active_adapters = [n for n in new.active_adapters if n != last] or new.adapter_names[:1]
-        return new
-
-
-class _MergeRaises:
-    """merge() always raises (a library whose merges are broken): the examples end at the first merge."""
-
-    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
-        raise RuntimeError("merge is broken")
-
-
-class _OutputOffForPositiveInput:
-    """forward adds 1 to the output when the input's first element is positive: a finding that needs
-    the drawn input seed."""
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = super().forward(x, *args, **kwargs)
-        return y + 1 if float(x.flatten()[0]) > 0 else y
-
-
-class _RecordsMerges:
-    """merge() records its safe_merge argument (to see what the machine drew)."""
-
-    calls: list[bool] = []
-
-    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
-        type(self).calls.append(bool(safe_merge))
-        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-
-
-class _EvalDeactivates:
-    """eval() leaves no adapter active (a layer that resets its state on a mode switch)."""
-
-    def train(self, mode: bool = True) -> nn.Module:
-        out = super().train(mode)
-        if not mode:
-            self.active_adapters = []
-        return out
-
-
-class _ThreeBugs(_DeepcopyLosesAdapter, _EvalDeactivates, _MergeForgetsFlags):
-    """Three distinct violations: STATE-ADAPTERS-PRESERVED by a deepcopy and by eval(), STATE-MERGED-FLAGS by a merge."""
-
-
-class _SilentUnknownAdapter:
-    """set_adapter() accepts unknown names silently (what a layer without validation does)."""
-
-    def set_adapter(self, adapter_names: Any) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self.active_adapters = names
-
-
-_CLASSES: dict[tuple[type, type], type] = {}
-
-
-class _Broken(ReferenceImplementation):
-    mixin: type = object
-
-    def __init__(self, tag: str = "") -> None:
-        super().__init__()
-        self.name = f"broken-{type(self).__name__}{tag}"
-
-    def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
-        layer = super().create(base_layer, spec)
-        key = (self.mixin, type(layer))
-        if key not in _CLASSES:
-            _CLASSES[key] = type(f"{self.mixin.__name__.strip('_')}{type(layer).__name__}", key, {})
-        layer.__class__ = _CLASSES[key]
-        return layer
-
-
-class UnmergeForgetsRequantize(_Broken):
-    mixin = _UnmergeForgetsRequantize
-
-
-class MergeForgetsFlags(_Broken):
-    mixin = _MergeForgetsFlags
-
-
-class DeepcopyLosesAdapter(_Broken):
-    mixin = _DeepcopyLosesAdapter
-
-
-class SilentUnknownAdapter(_Broken):
-    mixin = _SilentUnknownAdapter
-
-
-class ThreeBugs(_Broken):
-    mixin = _ThreeBugs
-
-
-class MergeRaises(_Broken):
-    mixin = _MergeRaises
-
-
-class OutputOffForPositiveInput(_Broken):
-    mixin = _OutputOffForPositiveInput
-
-
-class Minimal(_Broken):
-    """The reference declaring none of the optional capabilities (no unmerge, safe merge, rsLoRA, LoRA bias, ...)."""
-
-    mixin = _RecordsMerges
-    capabilities = frozenset({"lora", "oft", "4bit", "8bit"})
-
-
-#: a configured object: a reproducer must rebuild it from "test_stateful:CONFIGURED", tag included
-CONFIGURED = MergeForgetsFlags(tag="-configured")
-
 
 
 def _ctx(impl: Any, clause: str, tmp_path: Any = None, budget: Budget | None = None, **counts: Any) -> CheckContext:
@@ -336,7 +210,7 @@ def test_reproducer_script_rebuilds_the_implementation_and_shows_divergence(tmp_
     """The script runs from anywhere and exits 1 with the divergence. An implementation loaded as
     module:attr is rebuilt from that string, so an object built with constructor arguments comes
     back as it was (not a zero-argument rebuild)."""
-    target = f"{__name__}:CONFIGURED"
+    target = "conformance.clauses.stateful.broken:CONFIGURED"
     impl = load(target)
     res = sr.run(impl, examples=8, steps=6, cases=[("lora", 8)], out=str(tmp_path), shrink_s=3, target=target)
     f = res.failures[FLAGS][0]
