@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 
 from conformance.clauses.broken import Broken, bind
 from conformance.clauses.interface import AdapterSpec
+from conformance.impls.reference import ReferenceImplementation
 from conformance.quant import layers as qlayers
 
 
@@ -163,3 +165,27 @@ MORE: list[tuple[str, Broken]] = [
     ("MERGE-ROUNDTRIP", Broken("leaves-dense-weight", leaves_dense_weight)),
     ("MERGE-KEEPS-QUANT-SETTINGS", Broken("leaves-dense-weight", leaves_dense_weight)),
 ]
+
+
+#: a twin for the harness's malformed-layer report (``suites/test_protocol.py``)
+class TransposingMerge(ReferenceImplementation):
+    """The merge writes the transposed merged weight back: the layer it leaves is malformed (its base no longer
+    has the shape its quant state describes), which the harness reports as what is wrong with it."""
+
+    name = "transposing"
+    methods = frozenset({"lora"})
+    capabilities = frozenset({"4bit", "unmerge", "safe_merge", "rslora", "input_cast"})
+
+    def create(self, base_layer, spec):  # noqa: ANN001, ANN201
+        layer = super().create(base_layer, spec)
+        merge = layer.merge
+
+        def transposed(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            merge(*args, **kwargs)
+            b, w = layer.base_layer, layer.base_layer.weight
+            dense = bnb.functional.dequantize_4bit(w.data, w.quant_state).float().t().contiguous()
+            b.weight = bnb.nn.Params4bit(dense.to(w.quant_state.dtype), requires_grad=False, blocksize=w.blocksize,
+                                         quant_type=w.quant_type, module=b).to(w.device)
+
+        layer.merge = transposed
+        return layer
