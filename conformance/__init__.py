@@ -5,7 +5,8 @@ Layout (each layer imports only those above it):
 - ``conformance.quant``: bitsandbytes layer helpers and bounds from the quantization state;
 - ``conformance.numerics``: float64 expected values, bounds and observed/bound ratios;
 - ``conformance.reference``: the reference LoRA/OFT layers (the yardstick);
-- ``conformance.spec``: the clauses, their checks, cases and strategies, the implementation protocol;
+- ``conformance.clauses``: the clauses, one package per area (declarations, checks, cases, broken twins), the
+  implementation protocol and the check API (``context``); ``conformance.spec`` is its deprecated old name;
 - ``conformance.impls``: the built-in implementations under test (reference, peft);
 - ``conformance.harness``: what runs the spec (loader, runner, workers, results, reports, xfails);
 - ``conformance.cli`` / ``conformance.testing``: the command line and the pytest/adopter API;

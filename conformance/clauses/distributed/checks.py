@@ -1,6 +1,6 @@
 """Checks of area ``distributed``: adapter layers under DistributedDataParallel (2 ranks).
 
-How the ranks get the implementation: the spec may not import the harness (so it cannot resolve a
+How the ranks get the implementation: the clauses may not import the harness (so it cannot resolve a
 target string the way the loader does), hence the check pickles the implementation *object* itself
 into ``torch.multiprocessing.spawn`` (start method ``spawn``: each rank re-imports its class's module
 and unpickles it). An object that does not pickle (PEFT's wrapper holds imported modules) is sent as its
