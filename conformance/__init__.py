@@ -5,7 +5,8 @@ Layout (each layer imports only those above it):
 - ``conformance.quant``: bitsandbytes layer helpers and bounds from the quantization state;
 - ``conformance.numerics``: float64 expected values, bounds and observed/bound ratios;
 - ``conformance.reference``: the reference LoRA/OFT layers (the yardstick);
-- ``conformance.spec``: the clauses, their checks, cases and strategies, the implementation protocol;
+- ``conformance.clauses``: the clauses, one package per area (declarations, checks, cases, broken twins), the
+  implementation protocol and the check API (``context``); ``conformance.spec`` is its deprecated old name;
 - ``conformance.impls``: the built-in implementations under test (reference, peft);
 - ``conformance.harness``: what runs the spec (loader, runner, workers, results, reports, xfails);
 - ``conformance.cli`` / ``conformance.testing``: the command line and the pytest/adopter API;
@@ -41,10 +42,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.WARNING)
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(BNB_CPU_LOG)
 
 _LAZY = {
-    "AdapterLayer": "conformance.spec.interface",
-    "AdapterSpec": "conformance.spec.interface",
-    "Implementation": "conformance.spec.interface",
-    "ImplementationBase": "conformance.spec.interface",
+    "AdapterLayer": "conformance.clauses.interface",
+    "AdapterSpec": "conformance.clauses.interface",
+    "Implementation": "conformance.clauses.interface",
+    "ImplementationBase": "conformance.clauses.interface",
 }
 
 __all__ = ["AdapterLayer", "AdapterSpec", "Implementation", "ImplementationBase", "__version__"]

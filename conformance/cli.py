@@ -35,7 +35,7 @@ def cmd_clauses(args: argparse.Namespace) -> int:
     import shutil
     import textwrap
 
-    from .spec.clauses import select
+    from .clauses.clause import select
 
     chosen = select(args.clauses, bound=False)
     if args.markdown:
@@ -122,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from conformance.harness import interrupts, runner
     from conformance.harness import xfails as xf
 
-    from .spec.clauses import select
+    from .clauses.clause import select
 
     try:
         impls, pythons = parse_impls(args.impl or [os.environ.get("CONFORMANCE_IMPL") or "reference"], args.python)

@@ -131,7 +131,7 @@ def clauses_markdown(clauses: Iterable[Any] | None = None) -> str:
     """The clause list as a Markdown page (``python -m conformance clauses --markdown``): one table per area,
     every clause with its ID, level, text, scope (methods · bits · devices · needed capabilities) and source."""
     if clauses is None:
-        from conformance.spec.clauses import catalog
+        from conformance.clauses.clause import catalog
 
         clauses = catalog().values()
     clauses = list(clauses)

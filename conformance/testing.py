@@ -28,14 +28,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Literal
 
+from conformance.clauses.budget import Budget
+from conformance.clauses.clause import Clause, catalog, select
+from conformance.clauses.interface import Implementation
 from conformance.core.outcome import EXIT_NOTHING_CHECKED, Outcome
 from conformance.harness import xfails as xf
 from conformance.harness.execute import run_clause
 from conformance.harness.loader import load
 from conformance.harness.results import Result, exit_status, nothing_checked
-from conformance.spec.budget import Budget
-from conformance.spec.clauses import Clause, catalog, select
-from conformance.spec.interface import Implementation
 
 ExpectedFailed = Mapping[str, str] | Callable[[Implementation], Mapping[str, str] | None] | None
 OnFail = Literal["raise", "warn"] | None
@@ -137,7 +137,7 @@ def check_implementation(
     if isinstance(impl, str):
         obj, results = _results_in_workers(impl, chosen, device)
     else:
-        from conformance.spec.interface import validate
+        from conformance.clauses.interface import validate
 
         validate(impl)
         obj, results = impl, _results_in_process(impl, chosen, device)
@@ -235,3 +235,34 @@ def parametrize_with_checks(
     return pytest.mark.parametrize("check", params(impls, clauses=clauses, device=device,
                                                     expected_failed_checks=expected_failed_checks,
                                                     xfail_strict=xfail_strict))
+
+
+def broken_twin_tests(broken: Mapping[str, Any], areas: Iterable[str]) -> tuple[Callable[..., None], ...]:
+    """The suite's own evidence that its clauses can fail: three pytest test functions for a test module to bind at
+    top level. Every clause of ``areas`` has a broken twin in ``broken`` (clause ID -> implementation, e.g.
+    ``conformance.clauses.broken.twins(areas)``) and nothing else is listed, each clause passes on the reference,
+    and each fails (outcome ``failed``, never ``error``) on its twin."""
+    import pytest
+
+    from conformance.clauses.clause import get, registry
+    from conformance.impls.reference import ReferenceImplementation
+
+    areas = frozenset(areas)
+
+    def test_every_clause_of_these_areas_has_a_broken_fixture() -> None:
+        mine = {c.id for c in registry().values() if c.area in areas}
+        assert mine == set(broken), f"missing: {sorted(mine - set(broken))}, extra: {sorted(set(broken) - mine)}"
+
+    @pytest.mark.parametrize("clause_id", sorted(broken))
+    def test_passes_on_reference(clause_id: str, record_property: Callable[[str, object], None]) -> None:
+        res = run_clause(get(clause_id), ReferenceImplementation())
+        record_property("measurements", res.measurements)
+        assert res.outcome == "passed", res.message
+
+    @pytest.mark.parametrize("clause_id", sorted(broken))
+    def test_fails_on_broken(clause_id: str) -> None:
+        impl = broken[clause_id]
+        res = run_clause(get(clause_id), impl)
+        assert res.outcome == "failed", f"{impl.name}: {res.outcome}: {res.message}"
+
+    return test_every_clause_of_these_areas_has_a_broken_fixture, test_passes_on_reference, test_fails_on_broken

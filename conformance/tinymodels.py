@@ -1,6 +1,6 @@
 """Tiny random causal-LM models, quantized by bitsandbytes through transformers, built in process.
 
-The Trainer clauses (``conformance.spec.checks.trainer``, seed 004) need whole
+The Trainer clauses (``conformance.clauses.trainer.checks``: transformers' ``Trainer`` rules) need whole
 ``PreTrainedModel`` objects loaded the way users load them: ``from_pretrained(...,
 quantization_config=BitsAndBytesConfig(...))``. Nothing is downloaded: a random model is built
 from a small config (hidden size 64, 2 layers, vocabulary 96), saved once per process to a

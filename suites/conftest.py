@@ -29,7 +29,7 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -131,8 +131,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def fork_server() -> Iterator[Callable[[str], Any]]:
     """``fork_server(name)``: the implementation's fork server (``runner.open_implementation``), started once per
     pytest session and shared by every test that runs its clauses (each run still forks its own worker). Only
-    for tests about isolation that leave the server as they found it; ``suites/fixtures`` is on its PYTHONPATH
-    (``broken_impls:faults`` and friends)."""
+    for tests about isolation that leave the server as they found it; the checkout is on its PYTHONPATH
+    (``conformance.clauses.faults:faults`` and friends)."""
     from conformance.harness import runner
 
     servers: dict[str, Any] = {}
@@ -141,7 +141,7 @@ def fork_server() -> Iterator[Callable[[str], Any]]:
         def get(name: str) -> Any:
             if name not in servers:
                 with pytest.MonkeyPatch.context() as mp:  # the server's environment; its forks inherit it
-                    mp.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")]))
+                    mp.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
                     servers[name] = stack.enter_context(runner.open_implementation(name))
             return servers[name]
 
@@ -153,8 +153,8 @@ def ddp_reference_result() -> Any:
     """DIST-DDP-GRADS-AGREE for the reference on the CPU, run once per session (two gloo ranks started with
     ``mp.spawn``, each importing torch): suites/test_distributed.py and the clause's test in suites/test_clauses.py
     judge this one result."""
+    from conformance.clauses.clause import get
     from conformance.harness.execute import run_clause
     from conformance.impls.reference import ReferenceImplementation
-    from conformance.spec.clauses import get
 
     return run_clause(get("DIST-DDP-GRADS-AGREE"), ReferenceImplementation())

@@ -6,7 +6,6 @@ Also the pieces they stand on: the pairwise case sampler and the float64 oracle 
 from __future__ import annotations
 
 import itertools
-import types
 from collections.abc import Callable
 
 import pytest
@@ -14,49 +13,18 @@ import torch
 from torch import nn
 
 from conformance import numerics
+from conformance.clauses import cases
+from conformance.clauses import clause as clauses
+from conformance.clauses.backprop.broken import Scale, Wrapped, drop_lora_bias, wrap_forward
 from conformance.harness.execute import run_clause
 from conformance.harness.results import Result
 from conformance.impls.reference import ReferenceImplementation
-from conformance.spec import AdapterSpec, cases, clauses
 
 GRAD, MIXED, NOGRAD = "BACKPROP-GRAD-F64", "BACKPROP-MIXED-GRAD-F64", "BACKPROP-NOGRAD-FORWARD"
 
 
-
 def run(cid: str, impl: object) -> Result:
     return run_clause(clauses.get(cid), impl)  # type: ignore[arg-type]
-
-
-class _Wrapped(ReferenceImplementation):
-    """Reference layers with a deliberate defect injected by ``patch(layer)``."""
-
-    def __init__(self, patch: Callable[[nn.Module], None], methods: frozenset[str] = frozenset({"lora", "oft"}),
-                 **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.patch = patch
-        self.methods = frozenset(methods)
-        self.name = "broken"
-
-    def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
-        layer = super().create(base_layer, spec)
-        self.patch(layer)
-        return layer
-
-
-class _Scale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.factor = factor
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return g * ctx.factor, None
-
-
-def wrap_forward(layer: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
-    orig = layer.forward
-    layer.forward = types.MethodType(lambda self, x, adapter_names=None: fn(orig, x, adapter_names), layer)
 
 
 # -- passes on the reference ------------------------------------------------------------------------
@@ -71,7 +39,7 @@ def test_reference_passes(cid: str) -> None:
 
 # -- fails on broken layers -------------------------------------------------------------------------
 def test_grad_fails_without_defensive_clone() -> None:
-    """Seed 000 on torch 2.13 CPU: the raw bnb output is a view for 1-D/3-D inputs; in-place add raises."""
+    """PEFT's defensive clone (peft/tuners/lora/bnb.py) on torch 2.13 CPU: the raw bnb output is a view for 1-D/3-D inputs; in-place add raises."""
     res = run(GRAD, ReferenceImplementation(clone_base_output=False))
     assert res.outcome == "failed", res.message
     assert "is a view and is being modified inplace" in res.message or "view was created" in res.message
@@ -84,15 +52,15 @@ def test_grad_fails_on_doubled_adapter_gradient(method: str) -> None:
         for p in layer.adapter_parameters("default").values():
             p.register_hook(lambda g: 2 * g)
 
-    res = run(GRAD, _Wrapped(patch, frozenset({method})))
+    res = run(GRAD, Wrapped(patch, frozenset({method})))
     assert res.outcome == "failed", res.message
     assert f"grad wrt default:{'lora_A' if method == 'lora' else 'oft_R'}" in res.message or "grad wrt default" in res.message
 
 
 def test_grad_fails_on_wrong_input_gradient() -> None:
     # forward exact, only dL/dx is off by 1 %: still far outside the fp32 rounding bound
-    res = run(GRAD, _Wrapped(lambda layer: wrap_forward(
-        layer, lambda orig, x, names: orig(_Scale.apply(x, 1.01), adapter_names=names))))
+    res = run(GRAD, Wrapped(lambda layer: wrap_forward(
+        layer, lambda orig, x, names: orig(Scale.apply(x, 1.01), adapter_names=names))))
     assert res.outcome == "failed", res.message
     assert "grad wrt input" in res.message
 
@@ -103,7 +71,7 @@ def test_grad_fails_when_gradient_is_lost() -> None:
     def patch(layer: nn.Module) -> None:
         layer.adapter_parameters("default")["lora_A.weight"].register_hook(torch.zeros_like)
 
-    res = run(GRAD, _Wrapped(patch, frozenset({"lora"})))
+    res = run(GRAD, Wrapped(patch, frozenset({"lora"})))
     assert res.outcome == "failed", res.message
     assert "lora_A" in res.message
 
@@ -113,30 +81,14 @@ def test_mixed_fails_on_wrong_rows() -> None:
         wrap_forward(layer, lambda orig, x, names: orig(
             x, adapter_names=None if names is None else ["default"] * len(names)))
 
-    res = run(MIXED, _Wrapped(patch))
+    res = run(MIXED, Wrapped(patch))
     assert res.outcome == "failed", res.message
     assert "-mixed" in res.message
 
 
-def _drop_lora_bias(layer: nn.Module) -> None:
-    """The forward leaves out lora_B.bias (issue 14: lora_bias now runs in the backprop oracle)."""
-
-    def add(self: nn.Module, name: str, x: torch.Tensor, result: torch.Tensor, inplace: bool) -> torch.Tensor:
-        a, b = self.lora_A[name], self.lora_B[name]
-        delta = torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.weight.dtype), a.weight), b.weight)
-        return torch.add(result, delta.to(result.dtype), alpha=self.scaling[name])
-
-    def lora(self: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:  # the mixed-batch path
-        a, b = self.lora_A[name], self.lora_B[name]
-        return torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.weight.dtype), a.weight), b.weight)
-
-    layer._add_lora = types.MethodType(add, layer)
-    layer._lora = types.MethodType(lora, layer)
-
-
 @pytest.mark.parametrize("cid", [GRAD, MIXED])
 def test_grad_fails_when_forward_drops_lora_bias(cid: str) -> None:
-    res = run(cid, _Wrapped(_drop_lora_bias, frozenset({"lora"})))
+    res = run(cid, Wrapped(drop_lora_bias, frozenset({"lora"})))
     assert res.outcome == "failed", res.message
     if cid == GRAD:  # mixed: the case label names the first adapter; the lora_bias one may be the second
         assert "lora_bias=True" in res.message
@@ -144,14 +96,14 @@ def test_grad_fails_when_forward_drops_lora_bias(cid: str) -> None:
 
 @pytest.mark.parametrize("cid", [GRAD, NOGRAD])
 def test_fails_when_output_dtype_is_not_the_input_dtype(cid: str) -> None:
-    res = run(cid, _Wrapped(lambda layer: wrap_forward(
+    res = run(cid, Wrapped(lambda layer: wrap_forward(
         layer, lambda orig, x, names: orig(x, adapter_names=names).float())))
     assert res.outcome == "failed", res.message
     assert "torch.float32, expected" in res.message and "(the input's)" in res.message
 
 
 def test_matrix_covers_storage_dtypes_shapes_and_lora_bias() -> None:
-    """Issue 14's axes are in the sampled matrix: every storage dtype, square and non-square, lora_bias."""
+    """The case axes are in the sampled matrix: every storage dtype, square and non-square, lora_bias."""
     for mixed in (False, True):
         matrix = cases.grad_matrix("lora", [4, 8], mixed=mixed)
         assert {c.base.weight_dtype for c in matrix} == set(cases.STORAGE_DTYPES)
@@ -172,7 +124,7 @@ def test_nograd_fails_when_no_grad_output_differs() -> None:
         y = orig(x, adapter_names=names)
         return y if torch.is_grad_enabled() else y * 1.01
 
-    res = run(NOGRAD, _Wrapped(lambda layer: wrap_forward(layer, fn)))
+    res = run(NOGRAD, Wrapped(lambda layer: wrap_forward(layer, fn)))
     assert res.outcome == "failed", res.message
     assert "differs from the grad-mode output" in res.message
 
@@ -183,7 +135,7 @@ def test_nograd_fails_when_inference_mode_raises() -> None:
             raise RuntimeError("Inference tensors cannot be saved for backward")
         return orig(x, adapter_names=names)
 
-    res = run(NOGRAD, _Wrapped(lambda layer: wrap_forward(layer, fn)))
+    res = run(NOGRAD, Wrapped(lambda layer: wrap_forward(layer, fn)))
     assert res.outcome == "failed" and "inference_mode" in res.message, res.message
 
 
@@ -198,7 +150,7 @@ def test_nograd_fails_when_output_requires_grad() -> None:
     def layer_param(orig: Callable[..., torch.Tensor]) -> torch.Tensor:
         return next(iter(orig.__self__.adapter_parameters("default").values()))  # type: ignore[attr-defined]
 
-    res = run(NOGRAD, _Wrapped(lambda layer: wrap_forward(layer, fn)))
+    res = run(NOGRAD, Wrapped(lambda layer: wrap_forward(layer, fn)))
     assert res.outcome == "failed" and "requires grad" in res.message, res.message
 
 

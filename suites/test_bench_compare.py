@@ -172,7 +172,7 @@ def test_theoretical_bits_match_qlora_paper() -> None:
     assert memory.theoretical_bits(4, 64, True)["stats"] == pytest.approx(0.127, abs=1e-3)
     assert memory.double_quant_saving_bits() == pytest.approx(0.373, abs=1e-3)  # QLoRA sec. 3
     assert memory.theoretical_bits(8, in_features=4096)["total"] == pytest.approx(8 + 32 / 4096)
-    # seed 002: "4-bit allows 7B models on 8GB VRAM" -> ~3.4 GiB of NF4+DQ weights
+    # the common claim "4-bit allows 7B models on 8GB VRAM" -> ~3.4 GiB of NF4+DQ weights
     assert memory.model_gib(6.74e9, memory.theoretical_bits(4, 64, True)["total"]) < 4.0
 
 

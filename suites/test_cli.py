@@ -272,7 +272,7 @@ def test_run_names_the_fix_for_an_interpreter_without_conformance(tmp_path: Path
                                       env={"PATH": "/usr/bin:/bin"}).returncode == 0:
         pytest.skip("no system python3 without conformance here")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+    code = (f"import sys; sys.path[:0] = [{str(Path(__file__).resolve().parents[1])!r}]; "
             f"from conformance.cli import main; sys.exit(main(['run', '--impl', 'reference@{base}']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env=env)

@@ -1,25 +1,22 @@
 """Every dropout / lifecycle clause passes on the reference and fails on its broken variant
-(``suites/fixtures/broken_coverage.py``), the pattern of ``suites/test_merge_checks.py``."""
+(``conformance.clauses.dropout.broken``, ``conformance.clauses.lifecycle.broken``), the pattern of
+``suites/test_merge_checks.py``."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from conformance import numerics
-
-sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-from broken_coverage import BROKEN  # noqa: E402
-from clause_table import clause_table_tests  # noqa: E402
+from conformance.clauses.broken import twins
+from conformance.testing import broken_twin_tests
 
 AREAS = {"dropout", "lifecycle"}
+BROKEN = twins(AREAS)
 
 
 (test_every_clause_of_these_areas_has_a_broken_fixture, test_passes_on_reference,
- test_fails_on_broken) = clause_table_tests(BROKEN, AREAS)
+ test_fails_on_broken) = broken_twin_tests(BROKEN, AREAS)
 
 
 def test_hoeffding_halfwidth_matches_the_formula() -> None:

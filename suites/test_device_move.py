@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from conformance import numerics
+from conformance.clauses import cases
 from conformance.quant import layers as qlayers
 from conformance.reference import layer_class
-from conformance.spec import cases
 
 pytestmark = pytest.mark.gpu
 

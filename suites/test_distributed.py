@@ -1,8 +1,7 @@
 """DIST-DDP-GRADS-AGREE on gloo with 2 spawned ranks: the reference passes, broken variants fail.
 
-The broken implementations live at module level so they pickle into the spawned ranks (the ranks
-import this module by name: pytest put ``suites/`` on ``sys.path`` and spawn passes it on). Each
-breakage covers one family of one implementation (``OneBreakagePerFamily``: per-rank state on 4-bit, lora_B
+The broken implementations are in ``conformance.clauses.distributed.broken`` (they pickle into the spawned
+ranks, which import that module by name). Each breakage covers one family of one implementation (``OneBreakagePerFamily``: per-rank state on 4-bit, lora_B
 hidden on 8-bit), so the module starts one process group for the broken cases; the reference's run is the
 session's (``ddp_reference_result``, shared with suites/test_clauses.py). Tests that spawn
 ranks are the ``e2e`` tier.
@@ -10,16 +9,14 @@ ranks are the ``e2e`` tier.
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
 import pytest
-import torch
 import torch.distributed as dist
-from torch import nn
 
+from conformance.clauses.clause import registry
+from conformance.clauses.distributed import checks as ddp_checks
+from conformance.clauses.distributed.broken import OneBreakagePerFamily
 from conformance.harness.execute import run_clause
 from conformance.impls.reference import ReferenceImplementation
-from conformance.spec.checks import distributed as ddp_checks
-from conformance.spec.clauses import registry
 
 pytestmark = [
     pytest.mark.cpu_only,
@@ -28,38 +25,6 @@ pytestmark = [
 ]
 
 CLAUSE = "DIST-DDP-GRADS-AGREE"
-
-
-def per_rank_state(layer: nn.Module, base_layer: nn.Module) -> nn.Module:
-    """Adapter state outside parameters and buffers that differs per rank (seeded by the rank): DDP
-    cannot synchronise it, so the averaged gradient is not the single-process one."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    offset = torch.randn(base_layer.out_features, generator=torch.Generator().manual_seed(rank)) * 0.1
-    layer.register_forward_hook(lambda _m, _args, out: out + offset.to(out))
-    return layer
-
-
-def hidden_from_ddp(layer: nn.Module) -> nn.Module:
-    """lora_B held outside the module tree: still trained through adapter_parameters, but DDP never
-    all-reduces its gradient, so the ranks drift apart."""
-    holder = layer._modules.pop("lora_B")
-    object.__setattr__(layer, "lora_B", holder)
-    return layer
-
-
-class OneBreakagePerFamily(ReferenceImplementation):
-    """LoRA broken one way per family: per-rank state on 4-bit bases, lora_B hidden from DDP on 8-bit ones.
-    The clause judges each family on its own, so one spawned run shows both (one process group, not two)."""
-
-    name = "one-breakage-per-family"
-    methods = frozenset({"lora"})
-    capabilities = frozenset({"4bit", "8bit", "distributed"})
-
-    def create(self, base_layer, spec):
-        layer = super().create(base_layer, spec)
-        if isinstance(base_layer, bnb.nn.Linear4bit):
-            return per_rank_state(layer, base_layer)
-        return hidden_from_ddp(layer)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from conformance import cli, docs
 from conformance.core.vocabulary import Capability, Method
-from conformance.spec.clauses import catalog
+from conformance.clauses.clause import catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from conformance.clauses import interface
+from conformance.clauses.clause import registry
 from conformance.harness import loader as implementation
 from conformance.harness.execute import run_clause
 from conformance.harness.results import applicability
-from conformance.spec import interface
-from conformance.spec.clauses import registry
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy_impl"
 MERGE_ONLY = Path(__file__).resolve().parents[1] / "examples" / "merge_only"

@@ -1,29 +1,25 @@
 """Cases inside a case family: a skipped case is skipped alone, a failing case never hides a later one, the
 counts per family are reported, and an exception is attributed at the protocol boundary (the implementation's
 failure, an ``ImplementationUnsupported`` skip, or the suite's own error). In-process, with broken twins of the
-reference (``suites/fixtures/broken_impls.py``)."""
+reference (``conformance.clauses.faults``)."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
+from conformance.clauses import cases
+from conformance.clauses import faults as broken_impls
+from conformance.clauses.clause import Clause, get
+from conformance.clauses.context import CheckContext
+from conformance.clauses.interface import ImplementationUnsupported
+from conformance.clauses.merge import checks as merge_checks
 from conformance.harness import report
-from conformance.harness.context import CheckContext
 from conformance.harness.execute import run_clause
 from conformance.harness.results import Result
 from conformance.impls.reference import ReferenceImplementation
-from conformance.spec import cases
-from conformance.spec.checks import merge as merge_checks
-from conformance.spec.clauses import Clause, get
-from conformance.spec.interface import ImplementationUnsupported
-
-sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-import broken_impls  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -150,8 +146,8 @@ def test_an_exception_out_of_the_implementations_merge_is_its_failure_with_its_f
     for fam in res.families.values():
         assert fam.outcome == "failed", fam
         assert "AttributeError" in fam.message and "_merge_plan" in fam.message, fam.message
-        assert "raised in the implementation at fixtures/broken_impls.py:" in fam.message, fam.message
-        assert "in merge, called from checks/merge.py:" in fam.message, fam.message
+        assert "raised in the implementation at clauses/faults.py:" in fam.message, fam.message
+        assert "in merge, called from merge/checks.py:" in fam.message, fam.message
 
 
 def test_an_exception_out_of_the_implementations_forward_is_its_failure() -> None:
@@ -159,15 +155,15 @@ def test_an_exception_out_of_the_implementations_forward_is_its_failure() -> Non
     assert res.outcome == "failed", res.message
     for fam in res.families.values():
         assert fam.outcome == "failed" and fam.run == 2, fam  # both cases ran and failed
-        assert "RuntimeError" in fam.message and "in forward, called from checks/forward.py:" in fam.message
+        assert "RuntimeError" in fam.message and "in forward, called from forward/checks.py:" in fam.message
 
 
 def test_an_exception_out_of_create_is_the_implementations_failure() -> None:
     res = run_clause(get("FWD-DISABLED"), broken_impls.raises)
     assert res.outcome == "failed", res.message
     assert "RuntimeError: boom from a broken implementation" in res.message
-    assert "raised in the implementation at fixtures/broken_impls.py:" in res.message
-    assert "in create, called from checks/forward.py:" in res.message, res.message
+    assert "raised in the implementation at clauses/faults.py:" in res.message
+    assert "in create, called from forward/checks.py:" in res.message, res.message
 
 
 def test_a_missing_protocol_attribute_is_the_implementations_failure() -> None:

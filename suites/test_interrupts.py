@@ -26,7 +26,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[1]
 SAFETY_S = 600  # only a broken runner gets near this; a passing run takes seconds
 BOTH = ("LAYER-PROTOCOL-SURFACE", "FWD-ERR-SHAPE")  # catalog order runs FWD-ERR-SHAPE first
-HANGS = "broken_impls:hang_in_protocol"  # FWD-ERR-SHAPE passes, LAYER-PROTOCOL-SURFACE never returns
+HANGS = "conformance.clauses.faults:hang_in_protocol"  # FWD-ERR-SHAPE passes, LAYER-PROTOCOL-SURFACE never returns
 
 
 def _alive(mark: str) -> list[int]:
@@ -57,7 +57,7 @@ def _run(tmp_path: Path, impl: str, clauses: tuple[str, ...], at: str, *, script
         out.write_text(old_report)
     mark = f"CONFORMANCE_TEST_RUN={uuid.uuid4().hex}"
     env = {**os.environ, "CONFORMANCE_SIGINT_AT": at, mark.split("=")[0]: mark.split("=")[1],
-           "PYTHONPATH": os.pathsep.join([str(FIXTURES), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     head = [sys.executable, str(script)] if script else [sys.executable, "-m", "conformance"]
     args = ["run", "--impl", impl, *(a for c in clauses for a in ("--clauses", c)), "--report", str(out),
             "--markdown", str(tmp_path / "r.md")]
@@ -90,7 +90,7 @@ def test_first_ctrl_c_writes_the_partial_report_and_exits_130(tmp_path: Path, at
 
 
 def test_ctrl_c_while_a_worker_is_hung(tmp_path: Path) -> None:
-    _proc, out = _run(tmp_path, "broken_impls:hang", ("FWD-ERR-SHAPE",), "hung")
+    _proc, out = _run(tmp_path, "conformance.clauses.faults:hang", ("FWD-ERR-SHAPE",), "hung")
     assert _outcomes(out) == ([], ["FWD-ERR-SHAPE"])
 
 
@@ -123,7 +123,7 @@ def test_check_implementation_raises_keyboard_interrupt_with_the_partial_results
     mark = uuid.uuid4().hex
     monkeypatch.setenv("CONFORMANCE_TEST_RUN", mark)
     monkeypatch.setenv("CONFORMANCE_SIGINT_AT", "between:1")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     with pytest.raises(KeyboardInterrupt) as info:
         check_implementation(HANGS, clauses=list(BOTH))
     assert isinstance(info.value, Interrupted)

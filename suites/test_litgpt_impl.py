@@ -21,9 +21,9 @@ import sys
 import pytest
 import torch
 
+from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported, declared
 from conformance.harness.loader import load
 from conformance.quant.layers import dequantize, make_base_layer
-from conformance.spec.interface import AdapterSpec, ImplementationUnsupported, declared
 
 HAS_LITGPT = importlib.util.find_spec("litgpt") is not None
 needs_litgpt = pytest.mark.skipif(not HAS_LITGPT, reason="litgpt is not installed (its own venv: see "
@@ -203,8 +203,8 @@ def test_gradients_reach_litgpts_lora_parameters_only() -> None:
     ("MERGE-WARNS-LORA", "failed"),  # finding: a merge into 4/8-bit emits no rounding warning
 ])
 def test_clauses_report_litgpt(clause: str, outcome: str) -> None:
+    from conformance.clauses.clause import get
     from conformance.harness.execute import run_clause
-    from conformance.spec.clauses import get
 
     res = run_clause(get(clause), _impl())
     assert res.outcome == outcome, res.message
@@ -212,8 +212,8 @@ def test_clauses_report_litgpt(clause: str, outcome: str) -> None:
 
 @needs_litgpt
 def test_the_8bit_cases_litgpt_can_take_run_and_the_fp16_inputs_are_skipped_alone() -> None:
+    from conformance.clauses.clause import get
     from conformance.harness.execute import run_clause
-    from conformance.spec.clauses import get
 
     res = run_clause(get("FWD-INIT-IDENTITY"), _impl())
     fam = res.families["lora/8bit"]  # LitGPT declares no input_cast: fp16 inputs to fp32 adapters are left out
@@ -223,8 +223,8 @@ def test_the_8bit_cases_litgpt_can_take_run_and_the_fp16_inputs_are_skipped_alon
 
 @needs_litgpt
 def test_an_exception_out_of_litgpts_8bit_merge_is_its_failure() -> None:
+    from conformance.clauses.clause import get
     from conformance.harness.execute import run_clause
-    from conformance.spec.clauses import get
 
     res = run_clause(get("MERGE-WARNS-LORA"), _impl())
     fam = res.families["lora/8bit"]  # finding 2: a merge into an int8-stored base raises

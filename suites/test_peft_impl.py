@@ -30,6 +30,8 @@ pytest.importorskip("peft")
 import peft  # noqa: E402
 from packaging.version import Version  # noqa: E402
 
+from conformance.clauses.cases import BaseCase, base_cases  # noqa: E402
+from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
 from conformance.core.vocabulary import Capability, Method
 from conformance.harness.loader import load
 from conformance.impls import peft as peft_impl  # noqa: E402
@@ -38,8 +40,6 @@ from conformance.impls.reference import ReferenceImplementation  # noqa: E402
 from conformance.quant.bounds import gamma, matmul_rounding_bound, output_bound, unit_roundoff, weight_bound
 from conformance.quant.layers import dequantize, make_base_layer  # noqa: E402
 from conformance.reference import rotation  # noqa: E402
-from conformance.spec.cases import BaseCase, base_cases  # noqa: E402
-from conformance.spec.interface import AdapterSpec, ImplementationUnsupported
 
 PEFT_VERSION = Version(peft.__version__)
 IMPL = PeftImplementation()

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from conformance.probe import clone
-from conformance.spec import cases
+from conformance.clauses import cases
+from conformance.probe import clone, clone_report
 
 BASELINES = Path(__file__).resolve().parent.parent / "baselines" / "clone_probe"
 
@@ -117,7 +117,7 @@ def test_collapse_summarises_full_factor_groups() -> None:
     rows = clone.matrix((4,))
     universe = [c.to_json() for c in rows]
     failing = [u for u in universe if u["mode"] == "grad" and u["rank"] == 3]
-    pats = clone.collapse(failing, universe)
+    pats = clone_report.collapse(failing, universe)
     assert all(p["mode"] == "grad" and p["rank"] == 3 for p in pats)
     assert all(p["dtype"] == "*" and p["quant"] == "*" and p["technique"] == "*" for p in pats)
 

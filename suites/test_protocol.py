@@ -10,18 +10,18 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import bitsandbytes as bnb
 import pytest
 
+from conformance.clauses import interface
+from conformance.clauses.clause import Clause, get
+from conformance.clauses.context import CheckContext
+from conformance.clauses.merge.broken import TransposingMerge
 from conformance.core import vocabulary
 from conformance.harness import loader
 from conformance.harness import xfails as xf
-from conformance.harness.context import CheckContext
 from conformance.harness.execute import run_clause
 from conformance.harness.results import Result
 from conformance.impls.reference import ReferenceImplementation
-from conformance.spec import interface
-from conformance.spec.clauses import Clause, get
 from conformance.testing import ConformanceFailure, ConformanceWarning, check_implementation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,28 +193,10 @@ def test_clause_needing_an_undeclared_operation_is_skipped() -> None:
 
 
 # -- a malformed layer is a failure that says what is wrong --------------------------------------
-class _TransposingMerge(ReferenceImplementation):
-    name = "transposing"
-    methods = frozenset({"lora"})
-    capabilities = frozenset({"4bit", "unmerge", "safe_merge", "rslora", "input_cast"})
-
-    def create(self, base_layer, spec):  # noqa: ANN001, ANN201
-        layer = super().create(base_layer, spec)
-        merge = layer.merge
-
-        def transposed(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
-            merge(*args, **kwargs)
-            b, w = layer.base_layer, layer.base_layer.weight
-            dense = bnb.functional.dequantize_4bit(w.data, w.quant_state).float().t().contiguous()
-            b.weight = bnb.nn.Params4bit(dense.to(w.quant_state.dtype), requires_grad=False, blocksize=w.blocksize,
-                                         quant_type=w.quant_type, module=b).to(w.device)
-
-        layer.merge = transposed
-        return layer
 
 
 def test_malformed_merged_layer_fails_naming_the_shape() -> None:
-    res = run_clause(get("MERGE-FORWARD-BOUND"), _TransposingMerge())
+    res = run_clause(get("MERGE-FORWARD-BOUND"), TransposingMerge())
     assert res.outcome == "failed", res.message
     assert "merged base weight is" in res.message and "expected" in res.message
 
@@ -267,7 +249,7 @@ def test_shipped_xfail_lists_name_known_clauses(path: Path) -> None:
 
 # -- the adopter API -------------------------------------------------------------------------------
 def test_check_implementation_in_process_and_on_fail_modes() -> None:
-    impl = _TransposingMerge()
+    impl = TransposingMerge()
     with pytest.raises(ConformanceFailure, match="MERGE-FORWARD-BOUND") as info:
         check_implementation(impl, clauses=["MERGE-FORWARD-BOUND", "FWD-ERR-RANK"])
     assert {r.clause: r.outcome for r in info.value.results}["FWD-ERR-RANK"] == "passed"

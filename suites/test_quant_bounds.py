@@ -9,7 +9,7 @@
 - the float64 oracle's rounding model holds for base-layer forwards in every compute dtype.
 
 bitsandbytes 0.50.2's CPU ``dequantize_4bit`` kernel is wrong when ``in_features % blocksize != 0``
-(see ``conformance.spec.strategies.cpu_blocksize_ok``); the cases keep to valid shapes and one
+(see ``conformance.clauses.strategies.cpu_blocksize_ok``); the cases keep to valid shapes and one
 xfail test documents the bug.
 """
 
@@ -23,9 +23,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conformance import numerics
+from conformance.clauses import cases
 from conformance.quant import dequantize, make_base_layer, output_bound, weight_bound
 from conformance.quant.bounds import max_code_gap
-from conformance.spec import cases
 
 WEIGHT_DTYPES = cases.WEIGHT_DTYPES
 KINDS = ("normal", "midpoint", "outlier", "constant", "zero_block", "row_scales")
@@ -189,7 +189,7 @@ def test_bnb_cpu_dequantize_straddling_blocks() -> None:
     pytest.skip(f"the documented bug does not reproduce here ({here}); seen on {STRADDLING_REPRODUCES}")
 
 
-# -- storage dtype and the validator (issue 14) -----------------------------------------------------
+# -- storage dtype and the validator --------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("wdt", WEIGHT_DTYPES)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conformance.clauses import cases
 from conformance.quant import dequantize, make_base_layer, snapshot
 from conformance.quant.layers import BaseLayerError
 from conformance.reference import (
@@ -21,7 +22,6 @@ from conformance.reference import (
     nan_message,
     rotation,
 )
-from conformance.spec import cases
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """The runner isolates implementations: crashes, hangs and exceptions become ``error`` outcomes.
 
 The whole module is the ``e2e`` tier (fork servers, CLI subprocesses, signals). The fault tests share one
-fork server for the session (``fork_server("broken_impls:faults")``: a fault per clause), and the reference's
+fork server for the session (``fork_server("conformance.clauses.faults:faults")``: a fault per clause), and the reference's
 server is shared too; each run still forks its own worker, which is what isolation is about.
 """
 
@@ -17,19 +17,19 @@ from pathlib import Path
 
 import pytest
 
+from conformance.clauses.clause import get
 from conformance.harness import report, runner, xfails
 from conformance.harness.results import Result
-from conformance.spec.clauses import get
 
 # tooling, not device code: CPU CI runs it; the gpu session leaves it out
 pytestmark = [pytest.mark.cpu_only, pytest.mark.e2e]
 
-FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: its conformance.clauses.faults is importable
 
 
 @pytest.fixture(autouse=True)
-def _fixtures_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")]))
+def _checkout_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
 
 def _run(impl: str, **kw) -> list[Result]:
@@ -41,12 +41,12 @@ def _quiet(_msg: str) -> None:
 
 
 def _faults(fork_server, *ids: str, timeout_s: float | None = None) -> list[Result]:  # noqa: ANN001 - the fixture
-    """Run ``ids`` on the shared ``broken_impls:faults`` server (FAULTS says which clause does what);
+    """Run ``ids`` on the shared ``conformance.clauses.faults:faults`` server (FAULTS says which clause does what);
     ``timeout_s`` replaces each clause's own time limit (the runner reads it from the clause given)."""
     clauses = [get(i, bound=False) for i in ids]
     if timeout_s is not None:
         clauses = [dataclasses.replace(c, timeout_s=timeout_s) for c in clauses]
-    return fork_server("broken_impls:faults").run(clauses, _quiet)
+    return fork_server("conformance.clauses.faults:faults").run(clauses, _quiet)
 
 
 @pytest.mark.parametrize("fork", [True, False], ids=["fork-server", "fresh-interpreter"])
@@ -55,7 +55,7 @@ def test_segfault_is_an_error_and_the_run_completes(fork: bool, fork_server) -> 
         res = _faults(fork_server, "FWD-ERR-ADAPTER-NAME", "FWD-ERR-SHAPE")
         assert res[1].outcome == "passed", res[1].message
     else:
-        res = _run("broken_impls:segfault", fork=False)
+        res = _run("conformance.clauses.faults:segfault", fork=False)
     assert res[0].outcome == "error"
     assert "SIGSEGV" in res[0].message
 
@@ -92,7 +92,7 @@ def test_an_abort_in_every_merge_clause_costs_only_those_clauses(fork_server) ->
 
 
 def test_no_fork_server_after_cuda_was_initialised_while_loading(fork_server) -> None:  # noqa: ANN001
-    with runner.open_implementation("broken_impls:inits_cuda") as loaded:
+    with runner.open_implementation("conformance.clauses.faults:inits_cuda") as loaded:
         assert loaded.workers.kind == "fresh-interpreter"
         (res,) = loaded.run(_ids("LAYER-PROTOCOL-SURFACE"), progress=lambda m: None)
     assert res.outcome == "passed", res.message
@@ -100,7 +100,7 @@ def test_no_fork_server_after_cuda_was_initialised_while_loading(fork_server) ->
 
 
 def test_budget_and_report_dir_reach_the_check_context(tmp_path: Path) -> None:
-    (res,) = runner.run_implementation("broken_impls:echo_context", _ids("LAYER-PROTOCOL-SURFACE"), examples=3,
+    (res,) = runner.run_implementation("conformance.clauses.faults:echo_context", _ids("LAYER-PROTOCOL-SURFACE"), examples=3,
                                        steps=2, report_dir=str(tmp_path), progress=lambda m: None)
     assert res.outcome == "failed"  # create() raised: the implementation's failure, with its message
     assert "'property_examples': 3, 'stateful_examples': 3, 'stateful_steps': 2" in res.message, res.message
@@ -137,7 +137,7 @@ def test_cli_bad_usage_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_cli_run_writes_reports_and_exit_code(tmp_path: Path) -> None:
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "conformance", "run", "--impl", "reference", "--impl", "broken_impls:not_a_module",
+        [sys.executable, "-m", "conformance", "run", "--impl", "reference", "--impl", "conformance.clauses.faults:not_a_module",
          "--clauses", "LAYER-PROTOCOL-*", "--report", str(out), "--markdown", str(md)],
         capture_output=True, text=True, env=os.environ | {"PYTHONPATH": os.environ["PYTHONPATH"]},
     )
@@ -160,7 +160,7 @@ def test_cli_run_writes_reports_and_exit_code(tmp_path: Path) -> None:
     xf = tmp_path / "xfails.txt"
     xf.write_text("LAYER-PROTOCOL-* not_a_* returns a plain object on purpose\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "conformance", "run", "--impl", "broken_impls:not_a_module", "--clauses",
+        [sys.executable, "-m", "conformance", "run", "--impl", "conformance.clauses.faults:not_a_module", "--clauses",
          "LAYER-PROTOCOL-SURFACE", "--xfails", str(common), "--xfails", str(xf), "--report", str(out)],
         capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

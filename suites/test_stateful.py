@@ -1,13 +1,12 @@
-"""Stateful conformance (issue #8): the machine passes for the reference, catches broken layers,
+"""Stateful conformance: the machine passes for the reference, catches broken layers,
 and writes runnable reproducers.
 
-The broken implementations are defined here; reproducers import them as ``test_stateful:NAME``
-(the script puts this folder on ``sys.path``).
+The broken implementations are in ``conformance.clauses.stateful.broken``; reproducers import them as
+``conformance.clauses.stateful.broken:NAME``.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -17,17 +16,29 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 import conformance
-from conformance.harness.context import CheckContext
-from conformance.harness.execute import run_clause
-from conformance.harness.loader import load
-from conformance.impls.reference import ReferenceImplementation
-from conformance.quant import layers as qlayers
-from conformance.reference import layer_class
-from conformance.spec.budget import CI, Budget
-from conformance.spec.catalog.stateful import (
+from conformance.clauses.budget import CI, Budget
+from conformance.clauses.clause import ClauseFailure, ClauseInconclusive, ClauseSkipped, registry
+from conformance.clauses.context import CheckContext
+from conformance.clauses.interface import AdapterSpec
+from conformance.clauses.stateful import checks as checks
+from conformance.clauses.stateful import config as sc
+from conformance.clauses.stateful import ops, shrink
+from conformance.clauses.stateful import run as sr
+from conformance.clauses.stateful.broken import (
+    DeepcopyLosesAdapter,
+    MergeForgetsFlags,
+    MergeRaises,
+    Minimal,
+    OutputOffForPositiveInput,
+    SilentUnknownAdapter,
+    ThreeBugs,
+    UnmergeForgetsRequantize,
+    _Broken,
+    _RecordsMerges,
+)
+from conformance.clauses.stateful.declare import (
     ADAPTERS,
     DRIFT,
     FLAGS,
@@ -39,154 +50,17 @@ from conformance.spec.catalog.stateful import (
     UNMERGE,
     VALID,
 )
-from conformance.spec.checks import stateful as checks
-from conformance.spec.clauses import ClauseFailure, ClauseInconclusive, ClauseSkipped, registry
-from conformance.spec.interface import AdapterSpec
-from conformance.spec.stateful import config as sc
-from conformance.spec.stateful import ops, shrink
-from conformance.spec.stateful import run as sr
-from conformance.spec.stateful.reproducer import load_steps
+from conformance.clauses.stateful.reproducer import load_steps
+from conformance.harness.execute import run_clause
+from conformance.harness.loader import load
+from conformance.impls.reference import ReferenceImplementation
+from conformance.quant import layers as qlayers
+from conformance.reference import layer_class
 
 STATE_CLAUSES = [c for c in registry().values() if c.area == "stateful"]
 
 
 # -- deliberately broken implementations ---------------------------------------------------------
-
-class _UnmergeForgetsRequantize:
-    """unmerge() clears the bookkeeping but never writes the weights back."""
-
-    def unmerge(self) -> None:
-        self.merged_adapters.clear()
-
-
-class _MergeForgetsFlags:
-    """merge() rewrites the weights but leaves merged_adapters empty."""
-
-    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
-        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        self.merged_adapters.clear()
-
-
-class _DeepcopyLosesAdapter:
-    """copy.deepcopy drops the most recently added adapter (when there are several)."""
-
-    def __deepcopy__(self, memo: dict) -> nn.Module:
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            new.__dict__[k] = copy.deepcopy(v, memo)
-        if len(new.adapter_names) > 1:
-            last = new.adapter_names[-1]
-            new._drop_adapter(last)
-            new.active_adapters = [n for n in new.active_adapters if n != last] or new.adapter_names[:1]
-        return new
-
-
-class _MergeRaises:
-    """merge() always raises (a library whose merges are broken): the examples end at the first merge."""
-
-    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
-        raise RuntimeError("merge is broken")
-
-
-class _OutputOffForPositiveInput:
-    """forward adds 1 to the output when the input's first element is positive: a finding that needs
-    the drawn input seed."""
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = super().forward(x, *args, **kwargs)
-        return y + 1 if float(x.flatten()[0]) > 0 else y
-
-
-class _RecordsMerges:
-    """merge() records its safe_merge argument (to see what the machine drew)."""
-
-    calls: list[bool] = []
-
-    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
-        type(self).calls.append(bool(safe_merge))
-        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-
-
-class _EvalDeactivates:
-    """eval() leaves no adapter active (a layer that resets its state on a mode switch)."""
-
-    def train(self, mode: bool = True) -> nn.Module:
-        out = super().train(mode)
-        if not mode:
-            self.active_adapters = []
-        return out
-
-
-class _ThreeBugs(_DeepcopyLosesAdapter, _EvalDeactivates, _MergeForgetsFlags):
-    """Three distinct violations: STATE-ADAPTERS-PRESERVED by a deepcopy and by eval(), STATE-MERGED-FLAGS by a merge."""
-
-
-class _SilentUnknownAdapter:
-    """set_adapter() accepts unknown names silently (what a layer without validation does)."""
-
-    def set_adapter(self, adapter_names: Any) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self.active_adapters = names
-
-
-_CLASSES: dict[tuple[type, type], type] = {}
-
-
-class _Broken(ReferenceImplementation):
-    mixin: type = object
-
-    def __init__(self, tag: str = "") -> None:
-        super().__init__()
-        self.name = f"broken-{type(self).__name__}{tag}"
-
-    def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
-        layer = super().create(base_layer, spec)
-        key = (self.mixin, type(layer))
-        if key not in _CLASSES:
-            _CLASSES[key] = type(f"{self.mixin.__name__.strip('_')}{type(layer).__name__}", key, {})
-        layer.__class__ = _CLASSES[key]
-        return layer
-
-
-class UnmergeForgetsRequantize(_Broken):
-    mixin = _UnmergeForgetsRequantize
-
-
-class MergeForgetsFlags(_Broken):
-    mixin = _MergeForgetsFlags
-
-
-class DeepcopyLosesAdapter(_Broken):
-    mixin = _DeepcopyLosesAdapter
-
-
-class SilentUnknownAdapter(_Broken):
-    mixin = _SilentUnknownAdapter
-
-
-class ThreeBugs(_Broken):
-    mixin = _ThreeBugs
-
-
-class MergeRaises(_Broken):
-    mixin = _MergeRaises
-
-
-class OutputOffForPositiveInput(_Broken):
-    mixin = _OutputOffForPositiveInput
-
-
-class Minimal(_Broken):
-    """The reference declaring none of the optional capabilities (no unmerge, safe merge, rsLoRA, LoRA bias, ...)."""
-
-    mixin = _RecordsMerges
-    capabilities = frozenset({"lora", "oft", "4bit", "8bit"})
-
-
-#: a configured object: a reproducer must rebuild it from "test_stateful:CONFIGURED", tag included
-CONFIGURED = MergeForgetsFlags(tag="-configured")
-
 
 
 def _ctx(impl: Any, clause: str, tmp_path: Any = None, budget: Budget | None = None, **counts: Any) -> CheckContext:
@@ -336,7 +210,7 @@ def test_reproducer_script_rebuilds_the_implementation_and_shows_divergence(tmp_
     """The script runs from anywhere and exits 1 with the divergence. An implementation loaded as
     module:attr is rebuilt from that string, so an object built with constructor arguments comes
     back as it was (not a zero-argument rebuild)."""
-    target = f"{__name__}:CONFIGURED"
+    target = "conformance.clauses.stateful.broken:CONFIGURED"
     impl = load(target)
     res = sr.run(impl, examples=8, steps=6, cases=[("lora", 8)], out=str(tmp_path), shrink_s=3, target=target)
     f = res.failures[FLAGS][0]
@@ -344,7 +218,7 @@ def test_reproducer_script_rebuilds_the_implementation_and_shows_divergence(tmp_
     assert f"TARGET = {target!r}\n" in text
     # the script puts the checkout on sys.path itself (it must run from anywhere) and shows the divergence
     root = str(Path(conformance.__file__).resolve().parents[1])
-    assert f"sys.path.insert(0, {root!r})" in text
+    assert f", {root!r})  # the conformance checkout that wrote this script" in text
     proc = _run_script(f.reproducer, tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "DIVERGENCE" in proc.stdout and f.clause in proc.stdout, proc.stdout
@@ -519,7 +393,7 @@ def test_stored_reproducers_run(tmp_path: Any) -> None:
 
 @pytest.mark.slow
 def test_reference_long_run() -> None:
-    """The long run (issue #8): 2000 sequences on the CPU, nothing found."""
+    """The long run: 2000 sequences on the CPU, nothing found."""
     res = sr.run(ReferenceImplementation(), examples=500, steps=15)
     assert not res.failures and not res.errors, res.summary()
 
@@ -556,7 +430,7 @@ def test_device_move_only_in_cuda_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     from hypothesis import HealthCheck, settings
     from hypothesis.stateful import run_state_machine_as_test
 
-    from conformance.spec.stateful.machine import make_machine
+    from conformance.clauses.stateful.machine import make_machine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     stats = sc.Stats()
@@ -584,7 +458,7 @@ def test_device_move_reports_tensors_left_behind(monkeypatch: pytest.MonkeyPatch
 
 
 def sc_driver() -> Any:
-    from conformance.spec.stateful.driver import Driver
+    from conformance.clauses.stateful.driver import Driver
 
     return Driver(ReferenceImplementation(), sc.MachineConfig.make("lora", 8, 32, 24))
 
@@ -609,7 +483,7 @@ def test_a_library_warning_is_not_the_implementation_warning() -> None:
 
     import bitsandbytes as bnb
 
-    from conformance.spec.observe import implementation_warnings, recorded_warnings
+    from conformance.clauses.observe import implementation_warnings, recorded_warnings
 
     with recorded_warnings() as caught:
         warnings.warn_explicit("from bitsandbytes", UserWarning, filename=bnb.functional.__file__, lineno=1)
@@ -646,7 +520,7 @@ def test_long_run_cli_takes_examples_and_steps(tmp_path: Any, capsys: pytest.Cap
     assert main(["--impl", "no-such-impl"]) == 2
 
 
-# -- settings recorded at creation; NaN/Inf poisoning mid-sequence (issue 14) ------------------------
+# -- settings recorded at creation; NaN/Inf poisoning mid-sequence ---------------------------------
 
 class _FirstMergeTurnsOnDoubleQuant:
     """Every requantization uses double quant, whatever the base had: only the first merge changes the settings
@@ -688,7 +562,7 @@ def test_settings_are_recorded_when_the_base_is_created() -> None:
     merge (the base starts without double quant: configs_for(...)[0])."""
     cfg = sc.configs_for("lora", 4)[0]
     assert not cfg.base.double_quant
-    from conformance.spec.stateful.driver import Driver
+    from conformance.clauses.stateful.driver import Driver
 
     d = Driver(FirstMergeTurnsOnDoubleQuant(), cfg)
     assert d.settings == qlayers.quant_settings(cfg.base.build(seed=cfg.seed))
@@ -699,7 +573,7 @@ def test_settings_are_recorded_when_the_base_is_created() -> None:
 
 
 def test_poisoned_safe_merge_is_an_invalid_step_the_reference_refuses() -> None:
-    from conformance.spec.stateful.driver import Driver
+    from conformance.clauses.stateful.driver import Driver
 
     cfg = sc.configs_for("lora", 4)[0]
     for seed in range(3):  # nan, +inf, -inf
@@ -711,7 +585,7 @@ def test_poisoned_safe_merge_is_an_invalid_step_the_reference_refuses() -> None:
 
 
 def test_poisoned_safe_merge_catches_a_merge_without_the_check() -> None:
-    from conformance.spec.stateful.driver import Driver
+    from conformance.clauses.stateful.driver import Driver
 
     d = Driver(SafeMergeWritesPoison(), sc.configs_for("oft", 8)[0])
     with pytest.raises(sc.Violation) as err:
@@ -811,7 +685,7 @@ BIAS_RETYPE_STEPS = [
 def test_forward_unmerge_then_bias_retyping_is_modelled(seed: int) -> None:
     """The unmerge a disabled fp16 forward performs is checked against the bias rounded to float16 exactly
     (the merged adapter has no bias: the stored bias is determined, the bound 0)."""
-    from conformance.spec.stateful.driver import Driver
+    from conformance.clauses.stateful.driver import Driver
 
     cfg = {"method": "lora", "bits": 8, "in_features": 32, "out_features": 24, "variant": 2, "seed": seed}
     assert shrink.replay(_REF, cfg, BIAS_RETYPE_STEPS) is None
@@ -831,7 +705,7 @@ def test_forward_unmerge_then_bias_retyping_is_modelled(seed: int) -> None:
 def test_cast_chain_is_the_exact_image_of_the_interval() -> None:
     """cast_chain: where the bound is 0 the rounded value itself; else [round(b - eb), round(b + eb)], which
     holds the rounding of every value within the bound and is reached at its ends."""
-    from conformance.spec.stateful.model import Chain, cast_chain
+    from conformance.clauses.stateful.model import Chain, cast_chain
 
     g = torch.Generator().manual_seed(0)
     b = torch.randn(4000, generator=g, dtype=torch.float64) * 0.3
@@ -865,7 +739,7 @@ def test_unclipped_training_overflows_float16_and_the_machine_clips() -> None:
     """Unclipped SGD on the machine's linear loss grows LoRA's B A geometrically until an fp16 forward
     overflows (a trace recorded before clipping replays as it ran and still shows it); the machine's training
     steps clip the gradient norm (ops.MAX_GRAD_NORM), and the same sequence then stays finite and in bound."""
-    from conformance.spec.stateful.driver import Driver
+    from conformance.clauses.stateful.driver import Driver
 
     v = shrink.replay(_REF, OVERFLOW_CONFIG, OVERFLOW_STEPS)
     assert v is not None and v.key == (OUTPUT, "forward") and "non-finite output" in v.message, v

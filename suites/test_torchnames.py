@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conformance.clauses import cases
 from conformance.quant import layers as qlayers
 from conformance.quant.torchnames import GRAD_MODES, dtype_name, dtype_of, grad_mode, grad_mode_code
-from conformance.spec import cases
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8])

@@ -1,4 +1,4 @@
-"""transformers Trainer clauses (``conformance.spec.checks.trainer``, seed 004) on this environment.
+"""transformers Trainer clauses (``conformance.clauses.trainer.checks``) on this environment.
 
 The clauses test the installed transformers + PEFT + bitsandbytes, so they run here against a
 tiny in-test implementation that only declares capabilities (the checks build whole models with
@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from conformance import quant, tinymodels
-from conformance.harness.context import CheckContext
+from conformance.clauses import clause as clauses
+from conformance.clauses.context import CheckContext
+from conformance.clauses.interface import ImplementationBase
+from conformance.clauses.trainer import checks as tc
+from conformance.clauses.trainer import helpers as trainer_helpers
 from conformance.harness.execute import run_clause
 from conformance.harness.results import Result
-from conformance.spec import clauses
-from conformance.spec.checks import trainer as tc
-from conformance.spec.interface import ImplementationBase
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -101,7 +102,7 @@ def test_registered_with_peft_model_requirement(cid: str) -> None:
     assert c.area == "trainer"
     assert "peft_model" in c.requires
     assert c.devices == frozenset({"cpu"})
-    assert "transformers" in c.source or "seed 004" in c.source
+    assert "transformers" in c.source
 
 
 def test_skipped_without_peft_model_capability() -> None:
@@ -110,7 +111,7 @@ def test_skipped_without_peft_model_capability() -> None:
 
 
 def test_validator_location_recorded() -> None:
-    loc = tc.validator_location()
+    loc = trainer_helpers.validator_location()
     assert loc["transformers"] == transformers.__version__
     assert "missing" not in loc
     if ORIGINAL_VALIDATOR is not None:
@@ -133,7 +134,7 @@ def _unchecked_init(self: object, model: object = None) -> None:
 def test_validator_location_finds_an_inline_check(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(hf_trainer, "validate_quantization_for_training", raising=False)
     monkeypatch.setattr(hf_trainer.Trainer, "__init__", _inline_init)
-    loc = tc.validator_location()
+    loc = trainer_helpers.validator_location()
     assert "missing" not in loc
     assert "inline in Trainer.__init__" in loc["validator"]
     first, last = (int(x) for x in loc["validator"].split(":")[1].split(" ")[0].split("-"))

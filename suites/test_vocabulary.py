@@ -116,7 +116,7 @@ def test_the_scan_passes_correct_names() -> None:
 
 
 def test_declare_refuses_a_misspelled_requirement_at_import() -> None:
-    from conformance.spec.clauses import declare
+    from conformance.clauses.clause import declare
 
     with pytest.raises(ValueError, match="unknown capability 'safe-merge'; valid: .*safe_merge"):
         declare("VOCAB-TYPO", "MUST", "t", source="s", area="a", requires=["safe-merge"])
@@ -125,7 +125,7 @@ def test_declare_refuses_a_misspelled_requirement_at_import() -> None:
 
 
 def test_a_stateful_op_refuses_a_misspelled_need() -> None:
-    from conformance.spec.stateful.ops import Op
+    from conformance.clauses.stateful.ops import Op
 
     with pytest.raises(UnknownName, match="unknown capability 'mixed_batches'"):
         Op("x", 1, lambda d, a: None, lambda data, d: {}, str, needs=("mixed_batches",))

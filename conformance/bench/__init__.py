@@ -1,4 +1,4 @@
-"""Throughput and memory benchmarks of the reference, PEFT and bare bitsandbytes layers (issue #6).
+"""Throughput and memory benchmarks of the reference, PEFT and bare bitsandbytes layers.
 
 Entry point: ``python -m conformance.bench [--device cuda] [--quick] [--out DIR] [--compare OLD.json]``.
 Modules: ``cases`` (the matrix), ``timing`` (CUDA events / synchronising perf_counter), ``roofline``

@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from conformance.clauses.cases import AdapterCase, BaseCase, OnBase
 from conformance.quant.torchnames import dtype_name, dtype_of
-from conformance.spec.cases import AdapterCase, BaseCase, OnBase
 
 GPU_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672))
 GPU_TOKENS: tuple[int, ...] = (1, 512, 4096, 16384)  # 1 = decode, 16384 = a training micro-batch

@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.clauses.interface import AdapterSpec, Implementation
 from conformance.harness.loader import load
 from conformance.impls.library import LibraryLayer
 from conformance.impls.reference import ReferenceImplementation
 from conformance.quant.torchnames import dtype_of
 from conformance.reference import LoraLinear4bit, LoraLinear8bit
-from conformance.spec.interface import AdapterSpec, Implementation
 
 from . import roofline
 from .cases import BenchCase

@@ -8,10 +8,10 @@ What the stored layer holds (bitsandbytes 0.4x-0.50):
   and an fp32 offset (``quant_state.state2`` / ``quant_state.offset``).
 - 8-bit: an int8 weight and one fp32 absmax per output row (``SCB``).
 
-Claims checked (seed 002 and the QLoRA paper it cites, arXiv:2305.14314 sec. 3): NF4 stores about
+Claims checked (the QLoRA paper, arXiv:2305.14314 sec. 3): NF4 stores about
 0.5 byte per parameter plus statistics (4 + 32/64 = 4.5 bits with blocksize 64), double quant cuts the
 statistics from 32/64 = 0.5 to 8/64 + 32/(64*256) = 0.127 bit per parameter (a saving of ~0.373 bit);
-and seed 002's "4-bit allows 7B models on 8GB VRAM".
+and the common claim "4-bit allows 7B models on 8GB VRAM".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Text summaries of a benchmark result: the main table and the speed targets (issue #6).
+"""Text summaries of a benchmark result: the main table and the speed targets.
 
 Targets: 4-bit LoRA r=16 forward+backward with a frozen base at training shapes (4096 and 16384
 tokens): reference <= 1.15x the measured floor and never slower than PEFT in the same run; at decode

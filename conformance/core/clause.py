@@ -1,6 +1,6 @@
 """A clause: one numbered requirement, its level, its source and where it applies (standard library only).
 
-``conformance.spec.clauses.declare`` builds them (the torch-free catalog) and binds their checks;
+``conformance.clauses.clause.declare`` builds them (the torch-free catalog) and binds their checks;
 ``conformance.core.applicability`` decides from a clause's scope which of an implementation's case
 families it applies to.
 """
@@ -35,7 +35,7 @@ class Clause:
     area: str = ""
     slow: bool = False
     timeout_s: float = 300.0
-    #: the check (``conformance.spec.clauses.registry`` binds it); None in the torch-free catalog
+    #: the check (``conformance.clauses.clause.registry`` binds it); None in the torch-free catalog
     check: Callable[[Any], None] | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:

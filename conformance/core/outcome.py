@@ -23,7 +23,7 @@ EXIT_NOTHING_CHECKED = 3  #: no failure, but for some implementation no clause r
 EXIT_INTERRUPTED = 130  #: Ctrl-C (the partial report is written; a second Ctrl-C exits at once, writing nothing)
 EXIT_BROKEN_PIPE = 141  #: 128 + SIGPIPE: the reader of the output left early (`conformance clauses | head`)
 
-#: the levels of a clause (``conformance.spec.clauses``): only MUST clauses fail a run
+#: the levels of a clause (``conformance.clauses.clause``): only MUST clauses fail a run
 MUST, SHOULD = "MUST", "SHOULD"
 
 

@@ -2,7 +2,7 @@
 
 A clause's cases fall into families, one per (method, bits) pair the clause and the implementation
 share (``lora/4bit``, ``oft/8bit``, ...). The check runs once per family with a context narrowed to it
-(``CheckContext.family``); inside a family each case is a ``ctx.case`` block (``harness.context``): a
+(``CheckContext.family``); inside a family each case is a ``ctx.case`` block (``clauses.context``): a
 case needing an undeclared capability, or refused by the implementation (``ImplementationUnsupported``),
 is skipped alone, and a failing case ends only itself. A family's outcome:
 
@@ -33,15 +33,15 @@ import time
 import warnings
 from typing import Any
 
+from conformance.clauses.budget import Budget
+from conformance.clauses.clause import Clause
+from conformance.clauses.context import QUOTED_FAILURES, CheckContext
+from conformance.clauses.interface import Implementation, declared
 from conformance.core.applicability import applicability as _applicability
 from conformance.core.applicability import family_label
 from conformance.core.outcome import Outcome
 from conformance.core.report import Family
-from conformance.harness.context import QUOTED_FAILURES, CheckContext
 from conformance.harness.results import Result
-from conformance.spec.budget import Budget
-from conformance.spec.clauses import Clause
-from conformance.spec.interface import Implementation, declared
 
 #: areas whose check reports over all families at once
 UNSPLIT_AREAS = frozenset({"stateful"})

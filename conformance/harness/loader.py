@@ -7,7 +7,7 @@ import os
 from importlib import metadata
 from typing import Any
 
-from conformance.spec.interface import (
+from conformance.clauses.interface import (
     Implementation,
     ImplementationNotFound,
     ImplementationUnsupported,

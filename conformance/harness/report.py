@@ -28,8 +28,8 @@ from conformance.core.report import (
 from conformance.harness.results import exit_status, nothing_checked
 
 if TYPE_CHECKING:
+    from conformance.clauses.clause import Clause
     from conformance.harness.runner import ImplInfo
-    from conformance.spec.clauses import Clause
 
 #: the Markdown report's symbol and legend per outcome (``conformance.core.outcome.MARKS``)
 MARKS = {o: m.symbol for o, m in _MARKS.items()}

@@ -8,15 +8,15 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from conformance.clauses.interface import declared
 from conformance.core import outcome as _outcome
 from conformance.core.applicability import applicability as _applicability
 from conformance.core.outcome import OUTCOMES, Outcome
 from conformance.core.report import Result
-from conformance.spec.interface import declared
 
 if TYPE_CHECKING:
-    from conformance.spec.clauses import Clause
-    from conformance.spec.interface import Implementation
+    from conformance.clauses.clause import Clause
+    from conformance.clauses.interface import Implementation
 
 __all__ = ["OUTCOMES", "Outcome", "Result", "applicability", "exit_status", "nothing_checked"]
 

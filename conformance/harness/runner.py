@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from conformance.clauses.clause import Clause
 from conformance.harness import interrupts, processes
 from conformance.harness import xfails as xf
 from conformance.harness.results import Result, exit_status  # noqa: F401  (re-exported)
 from conformance.harness.worker import Options
-from conformance.spec.clauses import Clause
 
 
 class UsageError(Exception):

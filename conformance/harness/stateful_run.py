@@ -15,7 +15,7 @@ import argparse
 import random
 import sys
 
-from conformance.spec.budget import CI
+from conformance.clauses.budget import CI
 
 
 def _seed(text: str) -> int:
@@ -46,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shrink-s", type=float, default=None, help="seconds of shrinking per case after its first "
                    f"violation (default {CI.stateful_shrink_s:g})")
     args = p.parse_args(argv)  # --help and usage errors answer before torch is imported
+    from conformance.clauses.stateful.run import run
     from conformance.quant.layers import quiet_int8_cast_notice
-    from conformance.spec.stateful.run import run
 
     quiet_int8_cast_notice()
 
+    from conformance.clauses.interface import ImplementationNotFound, ImplementationUnsupported
     from conformance.harness.loader import load
-    from conformance.spec.interface import ImplementationNotFound, ImplementationUnsupported
 
     try:
         impl = load(args.impl)

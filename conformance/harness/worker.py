@@ -50,7 +50,7 @@ class Options:
     report_dir: str | None = None
 
     def budget(self) -> Any:
-        from conformance.spec.budget import Budget
+        from conformance.clauses.budget import Budget
 
         base = Budget()
         return Budget(
@@ -72,9 +72,9 @@ def prepare(opts: Options) -> tuple[Any, dict[str, Any]]:
     # server with no intra-op thread pool forks safely)
     torch.set_num_threads(int(os.environ.get("CONFORMANCE_TORCH_THREADS", "1")))
 
+    from conformance.clauses.clause import registry
+    from conformance.clauses.interface import ImplementationNotFound, ImplementationUnsupported, declared
     from conformance.harness.loader import load
-    from conformance.spec.clauses import registry
-    from conformance.spec.interface import ImplementationNotFound, ImplementationUnsupported, declared
 
     registry()  # import every check module now: a fork server's children inherit them
     try:
@@ -98,8 +98,8 @@ def prepare(opts: Options) -> tuple[Any, dict[str, Any]]:
 
 def run_batch(impl: Any, opts: Options, clause_ids: list[str], events: str) -> None:
     """Run the clauses in order, a ``start`` and a ``result`` event each."""
+    from conformance.clauses.clause import registry
     from conformance.harness.execute import run_clause
-    from conformance.spec.clauses import registry
 
     reg = registry()
     budget = opts.budget()

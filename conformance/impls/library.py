@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from conformance.spec.interface import AdapterSpec, ImplementationBase
+from conformance.clauses.interface import AdapterSpec, ImplementationBase
 
 
 class LibraryImplementation(ImplementationBase):

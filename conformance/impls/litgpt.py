@@ -45,11 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
 from conformance.core.vocabulary import Capability, Method
 from conformance.impls.library import LibraryImplementation, LibraryLayer
 from conformance.quant.layers import bits_of
 from conformance.quant.torchnames import dtype_of
-from conformance.spec.interface import AdapterSpec, ImplementationUnsupported
 
 INSTALL = ("pip install --no-deps litgpt==0.5.13 lightning lightning-utilities torchmetrics tqdm pyyaml "
            "safetensors psutil==7.2.2 (in a venv of its own: LitGPT caps huggingface-hub below what transformers needs)")

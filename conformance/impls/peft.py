@@ -2,7 +2,7 @@
 
 ``PeftImplementation.create`` builds PEFT's *own* layer over the bitsandbytes base and returns a
 thin ``nn.Module`` wrapper (``PeftAdapterLayer``) that only translates the API to the protocol in
-``conformance.spec.interface``: every call goes straight to PEFT, nothing is validated,
+``conformance.clauses.interface``: every call goes straight to PEFT, nothing is validated,
 fixed or re-computed here, so whatever PEFT does differently shows up in the clause results.
 
 Version awareness is by feature, not by version number:
@@ -35,12 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
 from conformance.core.vocabulary import Capability, Method
 from conformance.impls.library import LibraryImplementation, LibraryLayer
 from conformance.quant.layers import bits_of
 from conformance.reference.lora import LoraConfig as _RefLoraConfig
 from conformance.reference.oft import OftConfig as _RefOftConfig
-from conformance.spec.interface import AdapterSpec, ImplementationUnsupported
 
 LORA_PARAMS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(_RefLoraConfig)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 import conformance
+from conformance.clauses.interface import AdapterSpec, ImplementationBase
 from conformance.core.vocabulary import Capability, Method
 from conformance.quant.layers import bits_of
 from conformance.reference import layer_class
-from conformance.spec.interface import AdapterSpec, ImplementationBase
 
 
 class ReferenceImplementation(ImplementationBase):

@@ -1,7 +1,7 @@
 """Read and rewrite the weights of bitsandbytes layers.
 
 Every merge in this project is *dequantize -> modify -> requantize with the original
-settings* (seed 001, seed 003). These helpers are the only place that knows how a
+settings* (PEFT's merge in ``peft/tuners/lora/bnb.py``). These helpers are the only place that knows how a
 ``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8bitLt`` stores its weight, so the reference
 layers, the bounds and the checks all read it the same way.
 """

@@ -10,7 +10,7 @@ Two moments, two records: ``expected_of(base)`` at build time records what no fo
 (shape, quant settings, the storage dtypes); ``expected_of(base, at_merge=True)`` right before a
 merge also records what bitsandbytes' own forward may change (``Linear4bit.compute_dtype`` follows
 a float32/bfloat16 input; both layers cast the bias to the input dtype), which a merge must keep.
-Used by the merge clauses, the stateful machine and the harness (``harness.context``).
+Used by the merge clauses, the stateful machine and the harness (``clauses.context``).
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class LoraLinearQuant(QuantAdapterLayer):
         if b.bias is None and xa.dtype == result.dtype:
             # B's GEMM adds into the output with alpha=scaling (cuBLAS epilogue, beta=1): no delta tensor, no
             # separate scale/add passes forward or backward. Out of place it moves the same bytes as in place
-            # and never writes bnb's output, which is all the defensive clone (seed 000) protects.
+            # and never writes bnb's output, which is all PEFT's defensive clone (peft lora/bnb.py) protects.
             xa2, bt = xa.reshape(-1, xa.shape[-1]), b.weight.t()  # addmm wants 2-D: (tokens, r) @ (r, out)
             if inplace:
                 # clone_base_output=False: write bnb's output through a 2-D view, the update the
@@ -153,7 +153,7 @@ class LoraLinearQuant(QuantAdapterLayer):
         if self.merged:
             return self._base_forward(x)
         result = self._base_forward(x)
-        # Seed 000 / peft lora/bnb.py: "As per Tim Dettmers, for 4bit, we need to defensively
+        # peft/tuners/lora/bnb.py: "As per Tim Dettmers, for 4bit, we need to defensively
         # clone here" -- bnb may hand back a view that in-place updates must not touch. With
         # clone_base_output the base output is never written in place: updates go out of place
         # (a fresh tensor at no extra pass), and a result with nothing added is cloned.

@@ -1,4 +1,4 @@
-"""Layer benchmarks through pytest-benchmark (issue #6).
+"""Layer benchmarks through pytest-benchmark.
 
 - ``test_smoke``: the quick matrix (256x256, 8 tokens, fp32) on the CPU, part of the normal test run
   (a few seconds): every implementation and operation runs, is timed, and returns finite values.

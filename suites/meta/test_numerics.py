@@ -24,7 +24,7 @@ from conformance.numerics import cayley
 from conformance.numerics.rounding import INT8_DEQUANT_ERROR, INT8_DEQUANT_SCALE_ERROR, U32
 
 NUMERICS_DIR = Path(numerics.__file__).parent
-FORBIDDEN = ("conformance.reference", "conformance.spec", "conformance.harness", "conformance.impls",
+FORBIDDEN = ("conformance.reference", "conformance.clauses", "conformance.spec", "conformance.harness", "conformance.impls",
              "conformance.cli")
 
 

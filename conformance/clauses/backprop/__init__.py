@@ -1,0 +1,4 @@
+"""Area ``backprop``: backprop through cloned views.
+
+``declare`` declares its clauses (torch-free), ``checks`` binds their checks. Importing this package imports nothing else.
+"""

@@ -1,0 +1,61 @@
+"""Broken twins of the backprop clauses: the reference with a defect injected into the layers it builds
+(``Wrapped(patch)``), and the defects ``suites/test_backprop.py`` injects that need more than a line."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from conformance.clauses import AdapterSpec
+from conformance.impls.reference import ReferenceImplementation
+
+
+class Wrapped(ReferenceImplementation):
+    """Reference layers with a deliberate defect injected by ``patch(layer)``."""
+
+    def __init__(self, patch: Callable[[nn.Module], None], methods: frozenset[str] = frozenset({"lora", "oft"}),
+                 **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.patch = patch
+        self.methods = frozenset(methods)
+        self.name = "broken"
+
+    def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
+        layer = super().create(base_layer, spec)
+        self.patch(layer)
+        return layer
+
+
+class Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return g * ctx.factor, None
+
+
+def wrap_forward(layer: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
+    orig = layer.forward
+    layer.forward = types.MethodType(lambda self, x, adapter_names=None: fn(orig, x, adapter_names), layer)
+
+
+def drop_lora_bias(layer: nn.Module) -> None:
+    """The forward leaves out lora_B.bias (lora_bias runs in the backprop oracle)."""
+
+    def add(self: nn.Module, name: str, x: torch.Tensor, result: torch.Tensor, inplace: bool) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        delta = torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.weight.dtype), a.weight), b.weight)
+        return torch.add(result, delta.to(result.dtype), alpha=self.scaling[name])
+
+    def lora(self: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:  # the mixed-batch path
+        a, b = self.lora_A[name], self.lora_B[name]
+        return torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.weight.dtype), a.weight), b.weight)
+
+    layer._add_lora = types.MethodType(add, layer)
+    layer._lora = types.MethodType(lora, layer)

@@ -1,0 +1,75 @@
+"""Broken twins: deliberately broken implementations that show a clause can fail.
+
+Each area keeps its twins in ``conformance.clauses.<area>.broken``: ``BROKEN`` (one per clause of the area: the clause
+passes on the reference and fails on its twin) and, where an area has them, ``MORE`` (further ``(clause, twin)``
+pairs). A twin is the reference implementation with one bug someone could plausibly write: ``Broken(name, patch)``
+patches the layer ``create`` returns, ``spec_hook`` changes the spec it is asked for. The twins are test material:
+nothing in the package imports them; the suites do (``suites/test_merge_checks.py``,
+``suites/test_coverage_checks.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import types
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from conformance.clauses.interface import AdapterSpec
+from conformance.impls.reference import ReferenceImplementation
+
+Patch = Callable[[nn.Module, AdapterSpec], None]
+
+
+class Broken(ReferenceImplementation):
+    """The reference with one deliberate bug: ``patch(layer, spec)`` and/or ``spec_hook(spec)``."""
+
+    def __init__(self, name: str, patch: Patch | None = None,
+                 spec_hook: Callable[[AdapterSpec], AdapterSpec] | None = None) -> None:
+        super().__init__()
+        self.name = f"broken-{name}"
+        self.patch = patch
+        self.spec_hook = spec_hook
+
+    def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
+        if self.spec_hook is not None:
+            spec = self.spec_hook(spec)
+        layer = super().create(base_layer, spec)
+        if self.patch is not None:
+            self.patch(layer, spec)
+        return layer
+
+
+def bind(layer: nn.Module, name: str, fn: Callable[..., Any]) -> None:
+    object.__setattr__(layer, name, types.MethodType(fn, layer))
+
+
+def with_params(**changes: Any) -> Callable[[AdapterSpec], AdapterSpec]:
+    def hook(spec: AdapterSpec) -> AdapterSpec:
+        params = dict(spec.params)
+        for k, v in changes.items():
+            if callable(v):
+                params = v(spec.method, params)
+            else:
+                params[k] = v
+        return dataclasses.replace(spec, params=params)
+    return hook
+
+
+def twins(areas: Iterable[str]) -> dict[str, Broken]:
+    """The ``BROKEN`` tables of ``areas``, merged (clause ID -> its broken twin)."""
+    out: dict[str, Broken] = {}
+    for area in sorted(areas):
+        out.update(importlib.import_module(f"conformance.clauses.{area}.broken").BROKEN)
+    return out
+
+
+def more_twins(areas: Iterable[str]) -> list[tuple[str, Broken]]:
+    """The ``MORE`` lists of ``areas`` (those that have one), in the order given."""
+    out: list[tuple[str, Broken]] = []
+    for area in areas:
+        out += getattr(importlib.import_module(f"conformance.clauses.{area}.broken"), "MORE", [])
+    return out

@@ -1,0 +1,347 @@
+"""Case matrices: the data the checks iterate (torch OpInfo style). One place, imported everywhere.
+
+A ``BaseCase`` describes a quantized base layer (device-independent), an ``AdapterCase`` the adapter put
+on it: the one case record. The clauses build bases through ``ctx.make_base(case)``; composites hold one
+of each plus their own input layout: ``GradCase`` (one forward/backward of the backprop matrix, sampled
+with ``pairwise``), the clone probe's ``ProbeCase`` (``conformance.probe.clone``), the stateful machine's
+``MachineConfig`` (``conformance.clauses.stateful.config``) and the benchmarks' ``BenchCase``
+(``conformance.bench.cases``). Hypothesis strategies in ``conformance.clauses.strategies`` draw from the
+same value lists, so widening a list here widens every suite. ``fill_adapter`` / ``set_skew_norm`` put
+the seeded adapter values of a case into a layer."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from conformance.numerics import cayley
+from conformance.numerics.grads import BASE as BASE  # re-exported: adapter_names entry of the base alone
+from conformance.quant import layers as qlayers
+from conformance.quant.torchnames import dtype_name, dtype_of
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128)
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the float weight handed to bitsandbytes
+# the storage dtype of a base (the checkpoint's ``from_pretrained(torch_dtype=...)``), separate from the compute dtype
+STORAGE_DTYPES = WEIGHT_DTYPES
+SHAPES = ((64, 48), (48, 64), (64, 64), (96, 40))  # (in_features, out_features): square and not
+ORIENTATION_SHAPES = (SHAPES[0], SHAPES[2])  # clauses whose delta/rotation orientation matters: non-square, square
+RANKS = (1, 4, 8)
+ALPHAS = (1.0, 8.0, 16.0)
+OFT_BLOCK_SIZES = (4, 8, 16)
+OFT_SKEW_NORMS = (0.1, 1.0, 4.0)  # ||Q||_2 per block: small, moderate, large rotations
+OFT_IN_FEATURES = 64  # the OFT rotation clauses' base layer (every OFT_BLOCK_SIZES entry divides it)
+NEUMANN_TERMS = tuple(range(2, 9))
+NEUMANN_BLOCK_SIZE = 8
+COFT_BLOCK_SIZES = (8, 16)
+INPUT_LEADS = ((), (3,), (2, 3))  # leading dims of forward inputs: 1-D, 2-D, 3-D
+POISONS = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}  # what a broken adapter holds
+
+# the backprop matrix (BACKPROP-* clauses and the clone probe)
+GRAD_IN_FEATURES, GRAD_OUT_FEATURES = 64, 48
+GRAD_BATCH_SIZES = (1, 3)
+GRAD_INPUT_RANKS = (1, 2, 3)
+GRAD_SEQ_LEN = 2
+GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GRAD_QUANTS = ((4, "nf4"), (4, "fp4"), (8, "int8"))  # (bits, quant type); 8-bit has no quant type
+MIXED_BATCH_SIZE = 4
+MIXED_INPUT_RANKS = (2, 3)
+
+
+@dataclass(frozen=True)
+class BaseCase:
+    """A quantized base layer, device-independent: the one description every case builds its base from.
+
+    The clauses (``ctx.make_base(case)``), the backprop matrix (:class:`GradCase`), the clone probe, the
+    stateful machine and the benchmarks all hold one. Every field is a keyword argument of
+    ``quant.make_base_layer`` (:meth:`layer_kwargs`), so a new base-layer axis is a field here with its
+    default (and that argument there); the JSON form (:meth:`to_json`) follows the fields.
+    """
+
+    bits: int
+    in_features: int = 64
+    out_features: int = 48
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = False
+    compute_dtype: torch.dtype = torch.float32
+    bias: bool = True
+    #: storage dtype (``quant.make_base_layer``'s ``weight_dtype``); None: float32 weight, today's bias dtype
+    weight_dtype: torch.dtype | None = None
+
+    #: fields a bit width does not have (``make_base_layer`` ignores them; they are left out of its arguments)
+    FOUR_BIT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "blocksize", "double_quant")
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``quant.make_base_layer`` besides the shape (no device, no seed)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("in_features", "out_features")}
+        if self.weight_dtype is None:
+            d.pop("weight_dtype")
+        if self.bits == 8:
+            for k in self.FOUR_BIT_ONLY:
+                d.pop(k)
+        return d
+
+    def build(self, device: str | torch.device = "cpu", *, seed: int = 0, weight: torch.Tensor | None = None
+              ) -> nn.Module:
+        """The quantized layer on ``device`` (``seed`` draws its float weight and bias unless ``weight`` is given)."""
+        return qlayers.make_base_layer(self.in_features, self.out_features, device=device, seed=seed, weight=weight,
+                                       **self.layer_kwargs())
+
+    @property
+    def quant_label(self) -> str:
+        """``int8``, or the 4-bit quant type with ``-dq`` for double quantization (``nf4-dq``)."""
+        if self.bits == 8:
+            return "int8"
+        return self.quant_type + ("-dq" if self.double_quant else "")
+
+    @property
+    def shape_label(self) -> str:
+        return f"{self.in_features}x{self.out_features}"
+
+    @property
+    def label(self) -> str:
+        dt = dtype_name(self.compute_dtype)
+        if self.weight_dtype is not None:
+            dt += "-stored-" + dtype_name(self.weight_dtype)
+        if self.bits == 8:
+            return f"int8-{self.shape_label}-{dt}"
+        return f"{self.quant_label}-b{self.blocksize}-{self.shape_label}-{dt}"
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, dtypes as names (``"bfloat16"``)."""
+        return {f.name: _json_value(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> BaseCase:
+        """The case of a :meth:`to_json` dict (keys that are not fields are ignored; missing ones take the default)."""
+        kw = {}
+        for f in fields(cls):
+            if f.name in d:
+                v = d[f.name]
+                kw[f.name] = dtype_of(v) if "torch.dtype" in str(f.type) and v is not None else v
+        return cls(**kw)
+
+
+def _json_value(v: Any) -> Any:
+    return dtype_name(v) if isinstance(v, torch.dtype) else v
+
+
+def _from_base(name: str, doc: str = "") -> property:
+    return property(lambda self: getattr(self.base, name), doc=doc or f"``base.{name}``")
+
+
+class OnBase:
+    """Read-only views of ``self.base`` (a ``BaseCase``) for the records that hold one besides fields of their own
+    (the clone probe's ``ProbeCase``, the benchmarks' ``BenchCase``, the stateful ``MachineConfig``)."""
+
+    base: BaseCase
+    bits = _from_base("bits")
+    in_features = _from_base("in_features")
+    out_features = _from_base("out_features")
+    quant_type = _from_base("quant_type")
+    double_quant = _from_base("double_quant")
+    bias = _from_base("bias")
+    quant = _from_base("quant_label", "nf4 / fp4 / int8")
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype's name (``bfloat16``)."""
+        return dtype_name(self.base.compute_dtype)
+
+
+@dataclass(frozen=True)
+class AdapterCase:
+    """An adapter put on a base: the method and its parameters (PEFT's config keys)."""
+
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.method + "".join(f"-{k}={v}" for k, v in sorted(self.params.items()))
+
+    def with_params(self, **params: Any) -> AdapterCase:
+        """This adapter with ``params`` changed or added."""
+        return AdapterCase(self.method, {**self.params, **params})
+
+
+def base_cases(bits: int, *, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> list[BaseCase]:
+    """A small cross-section of base layers: both quant types, double quant on/off, non-square."""
+    if bits == 8:
+        return [BaseCase(8, i, o, compute_dtype=d) for (i, o) in SHAPES[:2] for d in dtypes]
+    out = []
+    for qt in QUANT_TYPES:
+        for dq in (False, True):
+            for (i, o) in SHAPES[:2]:
+                for d in dtypes:
+                    out.append(BaseCase(4, i, o, quant_type=qt, double_quant=dq, compute_dtype=d))
+    return out
+
+
+def with_storage_dtypes(bases: Sequence[BaseCase]) -> list[BaseCase]:
+    """``bases`` with the storage-dtype axis combined in (not a product): case ``i`` gets
+    ``STORAGE_DTYPES[(i + i // 3) % 3]``, so over a list ordered by compute dtype (``base_cases``) every
+    run of nine consecutive cases meets every (compute dtype, storage dtype) pair."""
+    n = len(STORAGE_DTYPES)
+    return [replace(c, weight_dtype=STORAGE_DTYPES[(i + i // n) % n]) for i, c in enumerate(bases)]
+
+
+def adapter_cases(method: str) -> list[AdapterCase]:
+    """Non-trivial adapters (random B / non-identity R), with alpha != r and rsLoRA/COFT/Neumann variants.
+
+    The first entry of each method is the plain one many clauses take; LoRA's last one has ``lora_bias``
+    (the forward and backprop oracles run it; an implementation without the capability skips it)."""
+    if method == "lora":
+        return [
+            AdapterCase("lora", {"r": 4, "lora_alpha": 16.0, "init_lora_weights": False}),
+            AdapterCase("lora", {"r": 8, "lora_alpha": 8.0, "init_lora_weights": False, "use_rslora": True}),
+            AdapterCase("lora", {"r": 4, "lora_alpha": 8.0, "init_lora_weights": False, "lora_bias": True}),
+        ]
+    if method == "oft":
+        return [
+            AdapterCase("oft", {"r": 4, "oft_block_size": 0, "init_weights": False}),
+            AdapterCase("oft", {"r": 0, "oft_block_size": 8, "init_weights": False, "block_share": True}),
+        ]
+    raise ValueError(f"unknown method {method!r}")
+
+
+# -- the backprop matrix ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GradCase:
+    """One forward/backward: a base case, an adapter case, the input layout, and (mixed batch) the second adapter."""
+
+    base: BaseCase
+    adapter: AdapterCase
+    rank: int
+    batch: int
+    x_requires_grad: bool
+    mixed: bool = False
+    second: AdapterCase | None = field(default=None, compare=False)
+
+    @property
+    def method(self) -> str:
+        return self.adapter.method
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the input's)."""
+        return self.base.compute_dtype
+
+    def input_shape(self) -> tuple[int, ...]:
+        return grad_input_shape(self.rank, self.batch)
+
+    @property
+    def label(self) -> str:
+        shape = "x".join(map(str, self.input_shape()))
+        grad = "xgrad" if self.x_requires_grad else "xnograd"
+        mixed = "-mixed" if self.mixed else ""
+        return f"{self.adapter.label}/{self.base.label}/in{shape}-{grad}{mixed}"
+
+
+def grad_base(bits: int, quant_type: str, dtype: torch.dtype, *, weight_dtype: torch.dtype | None = None,
+              out_features: int = GRAD_OUT_FEATURES) -> BaseCase:
+    """The base of a backprop-matrix case (in_features ``GRAD_IN_FEATURES``; ``quant_type`` from ``GRAD_QUANTS``)."""
+    return BaseCase(bits, GRAD_IN_FEATURES, out_features, quant_type=quant_type if bits == 4 else "nf4",
+                    compute_dtype=dtype, weight_dtype=weight_dtype)
+
+
+def grad_input_shape(rank: int, batch: int) -> tuple[int, ...]:
+    """The input of a backprop case: (in,), (batch, in) or (batch, seq, in)."""
+    if rank == 1:
+        return (GRAD_IN_FEATURES,)
+    if rank == 2:
+        return (batch, GRAD_IN_FEATURES)
+    return (batch, GRAD_SEQ_LEN, GRAD_IN_FEATURES)
+
+
+def pairwise(factors: Mapping[str, Sequence[Any]], valid: Callable[[dict[str, Any]], bool] | None = None
+             ) -> list[dict[str, Any]]:
+    """Deterministic all-pairs covering of a cross product (greedy, first-best in product order).
+
+    Every pair of values of two factors that occurs in some valid combination occurs in a chosen
+    one; a handful of cases instead of the full product (Cohen et al., AETG, 1997).
+    """
+    names = list(factors)
+    full = [dict(zip(names, combo)) for combo in itertools.product(*factors.values())]
+    full = [c for c in full if valid is None or valid(c)]
+
+    def pairs(c: dict[str, Any]) -> set[tuple[str, Any, str, Any]]:
+        return {(a, repr(c[a]), b, repr(c[b])) for i, a in enumerate(names) for b in names[i + 1:]}
+
+    uncovered: set[tuple[str, Any, str, Any]] = set().union(*(pairs(c) for c in full)) if full else set()
+    chosen: list[dict[str, Any]] = []
+    while uncovered:
+        best = max(full, key=lambda c: len(pairs(c) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
+def quants_for(bits: Sequence[int]) -> list[tuple[int, str]]:
+    """The ``GRAD_QUANTS`` entries of the given bit widths."""
+    return [q for q in GRAD_QUANTS if q[0] in bits]
+
+
+def grad_matrix(method: str, bits: Sequence[int], *, mixed: bool = False) -> list[GradCase]:
+    """The sampled matrix of the BACKPROP clauses (pairwise over every factor), one method."""
+    adapters = adapter_cases(method)
+    factors: dict[str, Sequence[Any]] = {
+        "quant": quants_for(bits), "dtype": GRAD_DTYPES, "rank": MIXED_INPUT_RANKS if mixed else GRAD_INPUT_RANKS,
+        "batch": (MIXED_BATCH_SIZE,) if mixed else GRAD_BATCH_SIZES, "xgrad": (True, False),
+        "adapter": range(len(adapters)), "stored": STORAGE_DTYPES,
+        "out": tuple(o for i, o in ORIENTATION_SHAPES if i == GRAD_IN_FEATURES),
+    }
+    out = []
+    for c in pairwise(factors, valid=lambda c: c["rank"] > 1 or c["batch"] == 1):
+        (b, qt), a = c["quant"], c["adapter"]
+        base = grad_base(b, qt, c["dtype"], weight_dtype=c["stored"], out_features=c["out"])
+        out.append(GradCase(base, adapters[a], c["rank"], c["batch"], c["xgrad"], mixed,
+                            second=adapters[(a + 1) % len(adapters)] if mixed else None))
+    return out
+
+
+# -- adapter values of a case ------------------------------------------------------------------
+
+def fill_adapter(layer: nn.Module, name: str, gen: torch.Generator, *, scale: float = 1.0) -> None:
+    """Overwrite an adapter's tensors (read through ``adapter_parameters``) with seeded random values.
+
+    LoRA: ``A ~ N(0, 1/in)``, ``B ~ N(0, 1/r) * 0.2 * scale``, ``b_B ~ N(0, 0.01)``; OFT: the
+    upper-triangle parameters ``~ N(0, 0.05 * scale)``. Checks use it so that the adapter is
+    non-trivial whatever the implementation's own initialisation is.
+    """
+    tensors = layer.adapter_parameters(name)
+    with torch.no_grad():
+        for key, p in tensors.items():
+            if key == "lora_A.weight":
+                v = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
+            elif key == "lora_B.weight":
+                v = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5 * 0.2 * scale
+            elif key == "lora_B.bias":
+                v = torch.randn(p.shape, generator=gen) * 0.1
+            elif key == "oft_R.weight":
+                v = torch.randn(p.shape, generator=gen) * 0.05 * scale
+            else:
+                continue
+            p.copy_(v.to(device=p.device, dtype=p.dtype))
+
+
+def set_skew_norm(layer: nn.Module, name: str, block_size: int, norm2: float, gen: torch.Generator) -> float:
+    """Random OFT parameters scaled so every block's ``||Q||_2`` equals ``norm2``; returns the largest
+    ``||Q||_2`` of what the layer stores (after rounding to its dtype)."""
+    p = layer.adapter_parameters(name)["oft_R.weight"]
+    v = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+    s = torch.linalg.matrix_norm(cayley.skew(v, block_size), ord=2)
+    v = v * (norm2 / s)[:, None]
+    with torch.no_grad():
+        p.copy_(v.to(device=p.device, dtype=p.dtype))
+    q = cayley.skew(p.detach().double().cpu(), block_size)
+    return float(torch.linalg.matrix_norm(q, ord=2).max())

@@ -1,0 +1,128 @@
+"""Broken twins of the forward clauses: the reference with one plausible bug each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from conformance.clauses.broken import Broken, bind, with_params
+from conformance.clauses.interface import AdapterSpec
+from conformance.reference import rotation
+
+
+def nonzero_init(layer: nn.Module, spec: AdapterSpec) -> None:
+    """'Default' init that is not the identity (B += 1e-3 / R != I)."""
+    key = "lora_B.weight" if spec.method == "lora" else "oft_R.weight"
+    with torch.no_grad():
+        layer.adapter_parameters(spec.adapter_name)[key].add_(1e-3)
+
+
+def rslora_confusion(layer: nn.Module, spec: AdapterSpec) -> None:
+    """LoRA: scaling = alpha/sqrt(r) even without rsLoRA; OFT: the forward rotates with R^T."""
+    if spec.method == "lora":
+        cfg = layer.configs[spec.adapter_name]
+        layer.scaling[spec.adapter_name] = cfg.lora_alpha / cfg.r**0.5
+    else:
+        bind(layer, "_rotate", lambda self, name, x: rotation.rotate_input(
+            x.float(), self.rotation_blocks(name).transpose(-2, -1), self.layout(name)[0]))
+
+
+def delta_without_scaling(layer: nn.Module, spec: AdapterSpec) -> None:
+    bind(layer, "get_delta_weight", lambda self, name: self.lora_B[name].weight @ self.lora_A[name].weight)
+
+
+def ignores_adapter_names(layer: nn.Module, spec: AdapterSpec) -> None:
+    orig = layer.forward
+    bind(layer, "forward", lambda self, x, adapter_names=None: orig(x))
+
+
+def enable_is_noop(layer: nn.Module, spec: AdapterSpec) -> None:
+    bind(layer, "enable_adapters", lambda self, enabled: None)
+
+
+def pads_input(layer: nn.Module, spec: AdapterSpec) -> None:
+    orig = layer.forward
+
+    def forward(self: nn.Module, x: torch.Tensor, adapter_names: Any = None) -> torch.Tensor:
+        n = self.in_features
+        x = x[..., :n] if x.shape[-1] > n else torch.nn.functional.pad(x, (0, n - x.shape[-1]))
+        return orig(x, adapter_names)
+    bind(layer, "forward", forward)
+
+
+def unknown_names_to_base(layer: nn.Module, spec: AdapterSpec) -> None:
+    orig = layer.forward
+
+    def forward(self: nn.Module, x: torch.Tensor, adapter_names: Any = None) -> torch.Tensor:
+        if adapter_names is not None:
+            adapter_names = [n if n in self.adapter_names else "__base__" for n in adapter_names]
+        return orig(x, adapter_names)
+    bind(layer, "forward", forward)
+
+
+def clamp_rank(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    if method == "lora" and params.get("r", 8) <= 0:
+        params["r"] = 1
+    return params
+
+
+def adjust_oft_layout(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """PEFT-like: silently pick a valid r / block size."""
+    if method == "oft":
+        if params.get("r", 8) and 64 % params["r"]:
+            params["r"] = 4
+        if params.get("oft_block_size", 0) and 64 % params["oft_block_size"]:
+            params["oft_block_size"] = 16
+    return params
+
+
+#: one broken twin per clause of the area: the clause passes on the reference and fails on it
+BROKEN: dict[str, Broken] = {
+    "FWD-INIT-IDENTITY": Broken("nonzero-init", nonzero_init),
+    "FWD-ORACLE": Broken("wrong-scaling-or-rotation", rslora_confusion),
+    "FWD-LORA-DELTA": Broken("delta-without-scaling", delta_without_scaling),
+    "FWD-MIXED-BATCH": Broken("ignores-adapter-names", ignores_adapter_names),
+    "FWD-DISABLED": Broken("enable-noop", enable_is_noop),
+    "FWD-ERR-SHAPE": Broken("pads-input", pads_input),
+    "FWD-ERR-ADAPTER-NAME": Broken("unknown-names-to-base", unknown_names_to_base),
+    "FWD-ERR-RANK": Broken("clamps-rank", spec_hook=with_params(r=clamp_rank)),
+    "FWD-ERR-OFT-LAYOUT": Broken("adjusts-layout", spec_hook=with_params(r=adjust_oft_layout)),
+}
+
+
+def forward_drops_lora_bias(layer: nn.Module, spec: AdapterSpec) -> None:
+    """The forward leaves out lora_B.bias (only the merge applies it)."""
+    if spec.method != "lora":
+        return
+
+    def add(self: nn.Module, name: str, x: torch.Tensor, result: torch.Tensor, inplace: bool) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        delta = torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.weight.dtype), a.weight), b.weight)
+        return torch.add(result, delta.to(result.dtype), alpha=self.scaling[name])
+    bind(layer, "_add_lora", add)
+
+
+def output_in_float32(layer: nn.Module, spec: AdapterSpec) -> None:
+    """The output comes back in float32 (the adapter's dtype) whatever the input's dtype."""
+    orig = layer.forward
+    bind(layer, "forward", lambda self, x, adapter_names=None: orig(x, adapter_names).float())
+
+
+def transposed_delta(layer: nn.Module, spec: AdapterSpec) -> None:
+    """get_delta_weight returns (scaling B A)^T: right shape on a square layer, wrong on a non-square one."""
+    orig = layer.get_delta_weight
+    bind(layer, "get_delta_weight", lambda self, name: orig(name).t())
+
+
+#: (clause, broken twin): further twins, each failing its clause through one of the cases added for
+#: storage dtypes, lora_bias in the oracles, the output dtype and a valid base after a merge
+MORE: list[tuple[str, Broken]] = [
+    ("FWD-ORACLE", Broken("forward-drops-lora-bias", forward_drops_lora_bias)),
+    ("FWD-ORACLE", Broken("output-in-float32", output_in_float32)),
+    ("FWD-INIT-IDENTITY", Broken("output-in-float32", output_in_float32)),
+    ("FWD-MIXED-BATCH", Broken("output-in-float32", output_in_float32)),
+    ("FWD-DISABLED", Broken("output-in-float32", output_in_float32)),
+    ("FWD-LORA-DELTA", Broken("transposed-delta", transposed_delta)),
+]

@@ -1,0 +1,160 @@
+"""The protocol an implementation under test follows: the implementation, its layer, what it declares.
+
+An implementation turns a bitsandbytes base layer plus an ``AdapterSpec`` into an adapter layer
+(``AdapterLayer`` below: what the reference layers have; ``conformance.impls.peft`` shows how to
+wrap a library whose API differs). The implementation object needs ``name``, ``methods``,
+``capabilities``, ``version()`` and ``create(base_layer, spec)``, and may have ``limitations``.
+
+What it declares is typed once, in ``conformance.core.vocabulary``: ``methods`` is a set of
+``Method`` names (``lora``, ``oft``), ``capabilities`` a set of ``Capability`` names (``4bit``, ``8bit``,
+``unmerge``, ...; a method named there counts as declared, the spelling before ``methods``), and
+``limitations`` maps a capability to ``{method: reason}`` for the methods it does not hold for (e.g.
+``{"mixed_batch": {"oft": "..."}}``; the flat ``{"mixed_batch/oft": reason}`` is read too). The loader
+refuses an unknown name as a usage error naming the valid ones; ``declared(impl)`` reads the
+declaration (``Declaration``), nothing is patched onto the object. A clause, a case inside a clause,
+or a stateful operation that needs what the implementation does not declare is reported ``skipped``
+with the reason, never ``failed`` or ``error`` (``conformance.core.applicability`` decides).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from conformance.core import vocabulary
+from conformance.core.vocabulary import Capability, Declaration, Method
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["AdapterLayer", "AdapterSpec", "Capability", "Declaration", "Implementation", "ImplementationBase",
+           "ImplementationNotFound", "ImplementationUnsupported", "InvalidImplementation", "Method", "declared",
+           "validate"]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Which adapter to build: method ('lora' or 'oft'), its name, constructor parameters and dtype.
+
+    ``dtype`` is the adapter parameters' dtype (a name such as ``"float32"``; ``torch_dtype`` gives the
+    ``torch.dtype``): the checks read the adapter's tensors and compute their expectations in it, so a
+    layer that does not cast its input (no ``input_cast`` capability) is checked on what it does.
+    """
+
+    method: str
+    adapter_name: str = "default"
+    params: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        from conformance.quant.torchnames import dtype_of
+
+        try:
+            return dtype_of(self.dtype)
+        except ValueError:
+            raise ValueError(f"AdapterSpec.dtype {self.dtype!r} is not a torch dtype name (e.g. 'float32')") from None
+
+
+@runtime_checkable
+class AdapterLayer(Protocol):
+    """The layer ``Implementation.create`` returns (an ``nn.Module``).
+
+    Always required: ``forward(x)``, ``merge()``, ``merged``, ``merged_adapters``,
+    ``get_delta_weight(name)`` (LoRA ``scaling * B @ A``; OFT the block-diagonal rotation ``R``),
+    ``adapter_parameters(name)`` (the adapter's tensors under canonical names: ``lora_A.weight``
+    (r x in), ``lora_B.weight`` (out x r), ``lora_B.bias``; ``oft_R.weight`` (blocks x b(b-1)/2,
+    PEFT's upper-triangle layout); checks read and poison them through this), ``set_adapter(name)``,
+    ``active_adapters``, ``base_layer`` (the possibly rewritten bitsandbytes layer).
+
+    Optional, each tied to a capability (``conformance.core.vocabulary.LAYER_API``): ``unmerge()`` (``unmerge``),
+    ``merge(safe_merge=True)`` (``safe_merge``), ``add_adapter``/``set_adapter([...])``/
+    ``merge(adapter_names=...)`` (``multi_adapter``), ``forward(x, adapter_names=[...])``
+    (``mixed_batch``), ``enable_adapters(bool)`` (``disable_adapters``), ``delete_adapter(name)``
+    (``delete_adapter``). A layer without the capability may leave the method out.
+    """
+
+    base_layer: nn.Module
+    merged_adapters: list[str]
+
+    @property
+    def merged(self) -> bool: ...
+
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor: ...
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None: ...
+
+    def get_delta_weight(self, name: str) -> torch.Tensor: ...
+
+    def adapter_parameters(self, name: str) -> Mapping[str, torch.Tensor]: ...
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None: ...
+
+
+@runtime_checkable
+class Implementation(Protocol):
+    """What the runner needs from an implementation under test.
+
+    ``methods`` (``Method`` names) and ``capabilities`` (``Capability`` names) say what it covers; an optional
+    ``limitations`` maps a capability to ``{method: reason}`` (see the module docstring).
+    """
+
+    name: str
+    capabilities: frozenset[str]  # and optionally ``methods`` and ``limitations``
+
+    def version(self) -> str:
+        """A version string for the report (package version, git sha, ...)."""
+
+    def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
+        """An adapter layer (``AdapterLayer``) over ``base_layer`` with the adapter ``spec`` added and active."""
+
+
+class ImplementationBase:
+    """Convenience base with the protocol's attributes (no method, no capability, no limitation)."""
+
+    name: str = ""
+    methods: frozenset[str] = frozenset()
+    capabilities: frozenset[str] = frozenset()
+    limitations: Mapping[str, Any] = {}
+
+    def version(self) -> str:
+        return "unknown"
+
+    def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
+        raise NotImplementedError
+
+
+class ImplementationNotFound(LookupError):
+    """The name does not resolve to an implementation; the message lists what does."""
+
+
+class InvalidImplementation(ImplementationNotFound):
+    """The object resolves but does not follow the protocol (an unknown capability or limitations key, a
+    missing attribute); a usage error (exit 2) whose message names the valid values."""
+
+
+class ImplementationUnsupported(RuntimeError):
+    """The implementation exists but cannot run here (e.g. an unsupported PEFT version)."""
+
+
+def declared(impl: Any, label: str = "") -> Declaration:
+    """What ``impl`` declares (``InvalidImplementation`` for an unknown name or a malformed declaration)."""
+    label = label or repr(getattr(impl, "name", impl))
+    try:
+        return Declaration.of(impl)
+    except vocabulary.UnknownName as exc:
+        raise InvalidImplementation(f"{label}: {exc}") from None
+    except TypeError as exc:
+        raise InvalidImplementation(f"{label}: {exc}") from None
+
+
+def validate(impl: Any, label: str = "") -> Declaration:
+    """Raise ``InvalidImplementation`` unless ``impl`` follows the protocol with a valid declaration; return it."""
+    label = label or repr(getattr(impl, "name", impl))
+    for attr in ("name", "capabilities", "create", "version"):
+        if not hasattr(impl, attr):
+            raise InvalidImplementation(f"{label} is not an implementation: it lacks {attr!r} "
+                                        "(see conformance.clauses.interface)")
+    return declared(impl, label)

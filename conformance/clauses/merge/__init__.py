@@ -1,0 +1,4 @@
+"""Area ``merge``: merge and unmerge.
+
+``declare`` declares its clauses (torch-free), ``checks`` binds their checks. Importing this package imports nothing else.
+"""

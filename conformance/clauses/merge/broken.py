@@ -1,0 +1,191 @@
+"""Broken twins of the merge clauses: the reference with one plausible bug each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from conformance.clauses.broken import Broken, bind
+from conformance.clauses.interface import AdapterSpec
+from conformance.impls.reference import ReferenceImplementation
+from conformance.quant import layers as qlayers
+
+
+def merge_unscaled(layer: nn.Module, spec: AdapterSpec) -> None:
+    if spec.method == "lora":
+        bind(layer, "_merged_weights", lambda self, name, w, b: (
+            w + (self.lora_B[name].weight @ self.lora_A[name].weight).detach().float(), b))
+    else:  # merge with R instead of R^T
+        bind(layer, "_merged_weights", lambda self, name, w, b: (w @ self.get_delta_weight(name).detach().float(), b))
+
+
+def unmerge_wrong(layer: nn.Module, spec: AdapterSpec) -> None:
+    if spec.method == "lora":
+        bind(layer, "_unmerged_weights", lambda self, name, w, b: (
+            w - 0.9 * self.get_delta_weight(name).detach().float(), b))
+    else:  # "inverse" = applying the rotation again
+        bind(layer, "_unmerged_weights", lambda self, name, w, b: (
+            w @ self.get_delta_weight(name).detach().float().t(), b))
+
+
+def silent_merge(layer: nn.Module, spec: AdapterSpec) -> None:
+    object.__setattr__(layer, "merge_warning", "merged")
+
+
+def merges_twice(layer: nn.Module, spec: AdapterSpec) -> None:
+    bind(layer, "_adapters_to_merge", lambda self, names: list(self.active_adapters if names is None else names))
+
+
+def unmerge_silent(layer: nn.Module, spec: AdapterSpec) -> None:
+    orig = layer.unmerge
+    bind(layer, "unmerge", lambda self: orig() if self.merged else None)
+
+
+def multi_merge_wrong(layer: nn.Module, spec: AdapterSpec) -> None:
+    if spec.method == "oft":  # the order PEFT 0.21 uses
+        bind(layer, "_merge_order", lambda self, names: names)
+    else:
+        orig = layer._adapters_to_merge
+        bind(layer, "_adapters_to_merge", lambda self, names: orig(names)[:1])
+
+
+def merge_ignores_names(layer: nn.Module, spec: AdapterSpec) -> None:
+    orig = layer.merge
+    bind(layer, "merge", lambda self, safe_merge=False, adapter_names=None: orig(safe_merge))
+
+
+def bias_unscaled(layer: nn.Module, spec: AdapterSpec) -> None:
+    """PEFT 0.21 bnb layers: b + b_B."""
+    orig = layer._merged_weights
+
+    def merged(self: nn.Module, name: str, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+        new_w, _ = orig(name, w, b)
+        bb = self.lora_B[name].bias
+        return new_w, b if bb is None else b + bb.detach().float()
+    bind(layer, "_merged_weights", merged)
+
+
+def default_requant_settings(layer: nn.Module, spec: AdapterSpec) -> None:
+    """Requantize with bnb defaults (nf4, blocksize 64, no double quant) instead of the layer's."""
+    def write(self: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        base = self.base_layer
+        if qlayers.bits_of(base) == 4:
+            import bitsandbytes as bnb
+            base.weight = bnb.nn.Params4bit(weight.detach().float().contiguous(), requires_grad=False,
+                                            module=base).to(base.weight.device)
+        else:
+            qlayers.requantize(base, weight)
+            base.state.threshold = 6.0
+        if bias is not None:
+            base.bias.data = bias.to(base.bias.dtype)
+    bind(layer, "_write_base", write)
+
+
+#: one broken twin per clause of the area: the clause passes on the reference and fails on it
+BROKEN: dict[str, Broken] = {
+    "MERGE-FORWARD-BOUND": Broken("merge-unscaled", merge_unscaled),
+    "MERGE-ROUNDTRIP": Broken("unmerge-wrong", unmerge_wrong),
+    "MERGE-CYCLES": Broken("unmerge-wrong", unmerge_wrong),
+    "MERGE-WARNS-LORA": Broken("silent-merge", silent_merge),
+    "MERGE-WARNS-OFT": Broken("silent-merge", silent_merge),
+    "MERGE-TWICE-WARNS": Broken("merges-twice", merges_twice),
+    "MERGE-UNMERGE-NOTHING-WARNS": Broken("unmerge-silent", unmerge_silent),
+    "MERGE-MULTI": Broken("multi-merge-wrong", multi_merge_wrong),
+    "MERGE-SUBSET": Broken("merge-ignores-names", merge_ignores_names),
+    "MERGE-LORA-BIAS": Broken("bias-unscaled", bias_unscaled),
+    "MERGE-KEEPS-QUANT-SETTINGS": Broken("default-requant-settings", default_requant_settings),
+}
+
+
+def _params4bit(base: nn.Module, data: torch.Tensor, **extra: Any) -> Any:
+    import bitsandbytes as bnb
+
+    old = base.weight
+    return bnb.nn.Params4bit(data, requires_grad=False, blocksize=old.blocksize, compress_statistics=old.compress_statistics,
+                             quant_type=old.quant_type, quant_storage=old.quant_storage, module=base, **extra)
+
+
+def requant_from_float32(layer: nn.Module, spec: AdapterSpec) -> None:
+    """PEFT-like: requantize ``dequantize(W) + delta`` as promoted to float32 (the checkpoint's float16/bfloat16
+    storage dtype is lost: quant_state.dtype float32), and write the bias as float32."""
+    def write(self: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        base = self.base_layer
+        if qlayers.bits_of(base) == 4:
+            base.weight = _params4bit(base, weight.detach().float().cpu().contiguous()).to(base.weight.device)
+        else:
+            qlayers.requantize(base, weight)
+        if bias is not None:
+            base.bias.data = bias.detach().float()
+    bind(layer, "_write_base", write)
+
+
+def merged_forward_adds_bias(layer: nn.Module, spec: AdapterSpec) -> None:
+    """The merged bias is right, but the merged layer's forward still adds scaling * b_B."""
+    orig = layer.forward
+
+    def forward(self: nn.Module, x: torch.Tensor, adapter_names: Any = None) -> torch.Tensor:
+        y = orig(x, adapter_names)
+        for n in self.merged_adapters if spec.method == "lora" else ():
+            bb = self.lora_B[n].bias
+            if bb is not None:
+                y = y + (self.scaling[n] * bb).to(y.dtype)
+        return y
+    bind(layer, "forward", forward)
+
+
+def leaves_dense_weight(layer: nn.Module, spec: AdapterSpec) -> None:
+    """The merge leaves the dense merged weight in the base, marked as quantized (4-bit: the old quant state
+    attached; 8-bit: a float16 Int8Params never quantized)."""
+    import bitsandbytes as bnb
+
+    def write(self: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        base = self.base_layer
+        if qlayers.bits_of(base) == 4:
+            old = base.weight
+            base.weight = _params4bit(base, weight.detach().to(old.quant_state.dtype).contiguous(),
+                                      quant_state=old.quant_state, bnb_quantized=True)
+        else:
+            base.weight = bnb.nn.Int8Params(weight.detach().half().contiguous(), requires_grad=False,
+                                            has_fp16_weights=False)
+        if bias is not None:
+            base.bias.data = bias.to(base.bias.dtype)
+    bind(layer, "_write_base", write)
+
+
+#: (clause, broken twin): further twins, each failing its clause through one of the cases added for
+#: storage dtypes, lora_bias in the oracles, the output dtype and a valid base after a merge
+MORE: list[tuple[str, Broken]] = [
+    ("MERGE-KEEPS-QUANT-SETTINGS", Broken("requant-from-float32", requant_from_float32)),
+    ("MERGE-FORWARD-BOUND", Broken("requant-from-float32", requant_from_float32)),
+    ("MERGE-LORA-BIAS", Broken("merged-forward-adds-bias", merged_forward_adds_bias)),
+    ("MERGE-FORWARD-BOUND", Broken("leaves-dense-weight", leaves_dense_weight)),
+    ("MERGE-ROUNDTRIP", Broken("leaves-dense-weight", leaves_dense_weight)),
+    ("MERGE-KEEPS-QUANT-SETTINGS", Broken("leaves-dense-weight", leaves_dense_weight)),
+]
+
+
+#: a twin for the harness's malformed-layer report (``suites/test_protocol.py``)
+class TransposingMerge(ReferenceImplementation):
+    """The merge writes the transposed merged weight back: the layer it leaves is malformed (its base no longer
+    has the shape its quant state describes), which the harness reports as what is wrong with it."""
+
+    name = "transposing"
+    methods = frozenset({"lora"})
+    capabilities = frozenset({"4bit", "unmerge", "safe_merge", "rslora", "input_cast"})
+
+    def create(self, base_layer, spec):  # noqa: ANN001, ANN201
+        layer = super().create(base_layer, spec)
+        merge = layer.merge
+
+        def transposed(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            merge(*args, **kwargs)
+            b, w = layer.base_layer, layer.base_layer.weight
+            dense = bnb.functional.dequantize_4bit(w.data, w.quant_state).float().t().contiguous()
+            b.weight = bnb.nn.Params4bit(dense.to(w.quant_state.dtype), requires_grad=False, blocksize=w.blocksize,
+                                         quant_type=w.quant_type, module=b).to(w.device)
+
+        layer.merge = transposed
+        return layer

@@ -1,0 +1,61 @@
+"""The merge area's own cases: the drawn (method, bits, base, params) case of the hypothesis properties, its label,
+seed and layer, and the bases of the lora_bias and quantization-settings clauses (shared records:
+``conformance.clauses.cases``)."""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+from hypothesis import strategies as st
+
+from conformance.clauses import cases, strategies
+
+if TYPE_CHECKING:
+    from conformance.clauses.context import CheckContext
+
+
+def _draw_case(ctx: CheckContext, data: st.DataObject) -> tuple[str, int, cases.BaseCase, dict[str, Any]]:
+    pairs = list(ctx.cases())
+    method, bits = data.draw(st.sampled_from(pairs), label="method, bits")
+    case = data.draw(strategies.base_cases(bits, cpu_safe=ctx.device == "cpu", storage_dtypes=(None, *cases.STORAGE_DTYPES)),
+                     label="base")
+    params = data.draw(strategies.adapter_params(method, case.in_features), label="adapter")
+    return method, bits, case, params
+
+
+def _label(method: str, case: cases.BaseCase, params: dict[str, Any]) -> str:
+    return f"{cases.AdapterCase(method, params).label} on {case.label}"
+
+
+def _seed(label: str) -> int:
+    return zlib.crc32(label.encode())
+
+
+def _build(ctx: CheckContext, method: str, case: cases.BaseCase, params: dict[str, Any], name: str = "default",
+           seed: int = 0) -> torch.nn.Module:
+    base = ctx.make_base(case, seed=ctx.seed + seed % 1000)
+    layer = ctx.make_layer(base, method, adapter_name=name, **params)
+    cases.fill_adapter(layer, name, ctx.generator(seed))
+    return layer
+
+
+def _bias_cases(bits: int) -> list[cases.BaseCase]:
+    """MERGE-LORA-BIAS bases: compute dtypes, a bfloat16-stored base (its bias is bfloat16), square and not."""
+    if bits == 4:
+        return [cases.BaseCase(4, compute_dtype=torch.float32), cases.BaseCase(4, compute_dtype=torch.float16),
+                cases.BaseCase(4, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.bfloat16)]
+    return [cases.BaseCase(8), cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.bfloat16)]
+
+
+def _settings_cases(bits: int) -> list[cases.BaseCase]:
+    """MERGE-KEEPS-QUANT-SETTINGS bases: settings, compute and storage dtypes varied together, square and not."""
+    if bits == 4:
+        return [cases.BaseCase(4, quant_type=q, blocksize=bs, double_quant=dq, compute_dtype=dt, weight_dtype=wd)
+                for q, bs, dq, dt, wd in (("fp4", 32, True, torch.float16, torch.float16),
+                                          ("nf4", 128, False, torch.bfloat16, torch.float32),
+                                          ("fp4", 64, False, torch.float32, torch.bfloat16),
+                                          ("nf4", 64, True, torch.float32, torch.float16))]
+    return [cases.BaseCase(8), cases.BaseCase(8, weight_dtype=torch.bfloat16),
+            cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.float32)]

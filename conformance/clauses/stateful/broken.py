@@ -1,0 +1,151 @@
+"""Broken twins of the stateful clauses: the reference with one bug mixed into the layer class it builds
+(``suites/test_stateful.py`` shows the machine catches each one; its reproducer tests rebuild ``CONFIGURED`` from
+``conformance.clauses.stateful.broken:CONFIGURED``)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from conformance.clauses.interface import AdapterSpec
+from conformance.impls.reference import ReferenceImplementation
+
+
+class _UnmergeForgetsRequantize:
+    """unmerge() clears the bookkeeping but never writes the weights back."""
+
+    def unmerge(self) -> None:
+        self.merged_adapters.clear()
+
+
+class _MergeForgetsFlags:
+    """merge() rewrites the weights but leaves merged_adapters empty."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        self.merged_adapters.clear()
+
+
+class _DeepcopyLosesAdapter:
+    """copy.deepcopy drops the most recently added adapter (when there are several)."""
+
+    def __deepcopy__(self, memo: dict) -> nn.Module:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        if len(new.adapter_names) > 1:
+            last = new.adapter_names[-1]
+            new._drop_adapter(last)
+            new.active_adapters = [n for n in new.active_adapters if n != last] or new.adapter_names[:1]
+        return new
+
+
+class _MergeRaises:
+    """merge() always raises (a library whose merges are broken): the examples end at the first merge."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
+        raise RuntimeError("merge is broken")
+
+
+class _OutputOffForPositiveInput:
+    """forward adds 1 to the output when the input's first element is positive: a finding that needs
+    the drawn input seed."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = super().forward(x, *args, **kwargs)
+        return y + 1 if float(x.flatten()[0]) > 0 else y
+
+
+class _RecordsMerges:
+    """merge() records its safe_merge argument (to see what the machine drew)."""
+
+    calls: list[bool] = []
+
+    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
+        type(self).calls.append(bool(safe_merge))
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+
+class _EvalDeactivates:
+    """eval() leaves no adapter active (a layer that resets its state on a mode switch)."""
+
+    def train(self, mode: bool = True) -> nn.Module:
+        out = super().train(mode)
+        if not mode:
+            self.active_adapters = []
+        return out
+
+
+class _ThreeBugs(_DeepcopyLosesAdapter, _EvalDeactivates, _MergeForgetsFlags):
+    """Three distinct violations: STATE-ADAPTERS-PRESERVED by a deepcopy and by eval(), STATE-MERGED-FLAGS by a merge."""
+
+
+class _SilentUnknownAdapter:
+    """set_adapter() accepts unknown names silently (what a layer without validation does)."""
+
+    def set_adapter(self, adapter_names: Any) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.active_adapters = names
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+class _Broken(ReferenceImplementation):
+    mixin: type = object
+
+    def __init__(self, tag: str = "") -> None:
+        super().__init__()
+        self.name = f"broken-{type(self).__name__}{tag}"
+
+    def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
+        layer = super().create(base_layer, spec)
+        key = (self.mixin, type(layer))
+        if key not in _CLASSES:
+            _CLASSES[key] = type(f"{self.mixin.__name__.strip('_')}{type(layer).__name__}", key, {})
+        layer.__class__ = _CLASSES[key]
+        return layer
+
+
+class UnmergeForgetsRequantize(_Broken):
+    mixin = _UnmergeForgetsRequantize
+
+
+class MergeForgetsFlags(_Broken):
+    mixin = _MergeForgetsFlags
+
+
+class DeepcopyLosesAdapter(_Broken):
+    mixin = _DeepcopyLosesAdapter
+
+
+class SilentUnknownAdapter(_Broken):
+    mixin = _SilentUnknownAdapter
+
+
+class ThreeBugs(_Broken):
+    mixin = _ThreeBugs
+
+
+class MergeRaises(_Broken):
+    mixin = _MergeRaises
+
+
+class OutputOffForPositiveInput(_Broken):
+    mixin = _OutputOffForPositiveInput
+
+
+class Minimal(_Broken):
+    """The reference declaring none of the optional capabilities (no unmerge, safe merge, rsLoRA, LoRA bias, ...)."""
+
+    mixin = _RecordsMerges
+    capabilities = frozenset({"lora", "oft", "4bit", "8bit"})
+
+
+#: a configured object: a reproducer must rebuild it from "conformance.clauses.stateful.broken:CONFIGURED", tag
+#: included
+CONFIGURED = MergeForgetsFlags(tag="-configured")

@@ -1,0 +1,4 @@
+"""Area ``trainer``: transformers Trainer rules.
+
+``declare`` declares its clauses (torch-free), ``checks`` binds their checks. Importing this package imports nothing else.
+"""

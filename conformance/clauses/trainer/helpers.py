@@ -1,0 +1,192 @@
+"""What the trainer checks read from transformers and PEFT: where the Trainer's quantization validator lives, the
+registered quantizers and their flags, PEFT configs, a probe loss and adapter-parameter bookkeeping."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from conformance import tinymodels
+
+if TYPE_CHECKING:
+    from conformance.clauses.context import CheckContext
+
+
+#: Path components that mark a PEFT adapter parameter (PEFT's ``adapter_layer_names`` for LoRA/OFT).
+ADAPTER_PREFIXES: tuple[str, ...] = ("lora_", "oft_")
+
+
+#: Configs under which a registered QAT quantizer also declares itself trainable (transformers 5.23:
+#: ``FPQuantHfQuantizer.is_trainable`` is ``store_master_weights``; ``BitNetHfQuantizer`` needs
+#: ``linear_class="autobitlinear"`` and ``quantization_mode="online"``). Default configs are tried too.
+QAT_CONFIG_VARIANTS: dict[str, list[dict[str, Any]]] = {
+    "fp_quant": [{"store_master_weights": True}],
+    "bitnet": [{"linear_class": "autobitlinear", "quantization_mode": "online"}],
+}
+
+
+#: Text of the purely-quantized rejection; where it appears is where the installed transformers checks.
+REJECTION_MARK = "purely quantized"
+
+
+def _trainer_validator() -> Callable[..., Any] | None:
+    """The function the installed transformers' ``Trainer.__init__`` calls to check quantized models, if any.
+
+    transformers >= 5.0 has ``validate_quantization_for_training`` (``trainer_utils``, imported into
+    ``trainer``); 4.x release check inline in ``Trainer.__init__`` (no separate function).
+    """
+    from transformers import trainer
+
+    return getattr(trainer, "validate_quantization_for_training", None)
+
+
+def validator_location() -> dict[str, str]:
+    """Where the installed transformers checks quantized models, found at run time.
+
+    ``validator`` names the function (5.x) or the ``Trainer.__init__`` lines holding the check inline
+    (4.x); ``missing`` says why neither was found (then the trainer clauses are skipped).
+    """
+    import transformers
+    from transformers import trainer
+
+    out = {"transformers": transformers.__version__}
+    init_lines, init_start = inspect.getsourcelines(trainer.Trainer.__init__)
+    fn = _trainer_validator()
+    if fn is not None:
+        lines, start = inspect.getsourcelines(fn)
+        out["validator"] = f"{fn.__module__.replace('.', '/')}.py:{start}-{start + len(lines) - 1} ({fn.__name__})"
+        for i, line in enumerate(init_lines):
+            if f"{fn.__name__}(" in line:
+                out["called_from"] = f"transformers/trainer.py:{init_start + i} (Trainer.__init__)"
+                break
+        from transformers import trainer_utils
+
+        if fn is not getattr(trainer_utils, fn.__name__, fn):
+            out["note"] = f"transformers.trainer.{fn.__name__} is patched"
+        return out
+    hits = [init_start + i for i, line in enumerate(init_lines) if REJECTION_MARK in line or "support training" in line]
+    if hits:
+        first = next((init_start + i for i, line in enumerate(init_lines[: hits[0] - init_start])
+                      if "is_quantized" in line), hits[0])
+        out["validator"] = f"transformers/trainer.py:{first}-{hits[-1]} (inline in Trainer.__init__)"
+        out["called_from"] = "transformers/trainer.py (Trainer.__init__, inline)"
+        return out
+    out["missing"] = (f"transformers {transformers.__version__} has no quantized-model check in Trainer "
+                      f"(no validate_quantization_for_training, no {REJECTION_MARK!r} rejection in Trainer.__init__)")
+    return out
+
+
+def _record_source(ctx: CheckContext) -> None:
+    """Record where the check lives; skip the clause when the installed transformers has none."""
+    where = validator_location()
+    for key, value in where.items():
+        ctx.measure(key, value)
+    if "missing" in where:
+        ctx.skip(where["missing"])
+
+
+def peft_config(method: str, arch: str) -> Any:
+    """A small LoRA (r=4) or OFT (block size 8) config over the tiny model's attention projections."""
+    import peft
+
+    targets = tinymodels.ATTENTION_TARGETS[arch]
+    if method == "lora":
+        return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    if method == "oft":
+        return peft.OFTConfig(r=0, oft_block_size=8, module_dropout=0.0, target_modules=targets)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _short(msg: str) -> str:
+    return msg if len(msg) <= 90 else msg[:87] + "..."
+
+
+def _label(arch: str, bits: int, method: str | None = None) -> str:
+    q = "nf4" if bits == 4 else "int8"
+    return f"{arch}-{q}" + (f"-{method}" if method else "")
+
+
+def _probe_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """Loss on ``batch`` without gradients, measured in *training* mode (all dropouts are 0 here).
+
+    Not ``model.eval()``: on CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit``
+    weight in place on its first eval-mode no-grad forward (``_convert_weight_packed_for_cpu``),
+    after which its forward no longer backpropagates; measuring must not change what is measured.
+    TRAINER-EVAL-THEN-TRAIN checks that effect on its own.
+    """
+    was = model.training
+    model.train()
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    model.train(was)
+    return loss
+
+
+def _is_adapter_param(name: str) -> bool:
+    return any(part.startswith(ADAPTER_PREFIXES) for part in name.split("."))
+
+
+def _param_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone() for n, p in model.named_parameters()}
+
+
+def registry_quantizers(extra_configs: dict[str, list[dict[str, Any]]] | None = None) -> tuple[list[Any], list[str]]:
+    """Instances of every quantizer in transformers' ``AUTO_QUANTIZER_MAPPING`` that can be built offline.
+
+    Each is built from its registered config class (``AUTO_QUANTIZATION_CONFIG_MAPPING``) with
+    default arguments and with each variant in ``extra_configs[key]``; building a quantizer does
+    not load its kernels (``validate_environment`` is not called). Returns (quantizers, reasons
+    for the ones that could not be built or whose flags raise).
+    """
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    got, skipped = [], []
+    for key, cls in AUTO_QUANTIZER_MAPPING.items():
+        cfg_cls = AUTO_QUANTIZATION_CONFIG_MAPPING.get(key)
+        if cfg_cls is None:
+            skipped.append(f"{key}: no config class registered")
+            continue
+        for kwargs in [{}, *(extra_configs or {}).get(key, [])]:
+            tag = key + "".join(f" {k}={v}" for k, v in kwargs.items())
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    q = cls(cfg_cls(**kwargs))
+                    _flags(q)
+            except Exception as exc:  # optional backends missing, required arguments, ...
+                skipped.append(f"{tag}: {type(exc).__name__}")
+                continue
+            q._conformance_tag = tag
+            got.append(q)
+    return got, skipped
+
+
+def _flags(q: Any) -> tuple[bool, bool]:
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # FPQuant/MXFP4 log a warning when asked is_trainable
+    try:
+        return bool(q.is_trainable), bool(getattr(q, "is_qat_trainable", False))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _names_method(msg: str, q: Any) -> bool:
+    """The message names the quant method, as its value ("fp_quant") or as the enum member.
+
+    transformers formats ``f"{quant_method}"``; on Python >= 3.11 a ``(str, Enum)`` member then
+    renders as ``QuantizationMethod.FPQUANT``, not its value, so both spellings count.
+    """
+    m = q.quantization_config.quant_method
+    return str(getattr(m, "value", m)) in msg or str(m) in msg
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (where ``hf_quantizer`` lives), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
