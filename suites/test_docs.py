@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conformance import cli, docs
-from conformance.core.vocabulary import Capability, Method
 from conformance.clauses.clause import catalog
+from conformance.core.vocabulary import Capability, Method
 
 ROOT = Path(__file__).resolve().parents[1]
 

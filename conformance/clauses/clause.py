@@ -119,10 +119,13 @@ def _import_all(module: str) -> None:
 
 
 def catalog() -> dict[str, Clause]:
-    """Every declared clause, by ID, in declaration order, without its check (imports no torch)."""
+    """Every declared clause, by ID, area by area (``areas()`` order) and in declaration order within an area,
+    without its check (imports no torch). The order does not depend on which module happened to be imported
+    first (a check module imports its own declarations)."""
     _import_all("declare")  # declares the clauses
-
-    return dict(_CATALOG)
+    rank = {area: i for i, area in enumerate(areas())}
+    ordered = sorted(_CATALOG.values(), key=lambda c: rank.get(c.area, len(rank)))  # stable within an area
+    return {c.id: c for c in ordered}
 
 
 def registry() -> dict[str, Clause]:

@@ -18,13 +18,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conformance.core.clause import Clause
-from conformance.core.outcome import Outcome
-from conformance.clauses.context import CheckContext
-from conformance.harness.execute import run_clause
-from conformance.impls.reference import ReferenceImplementation
 from conformance.clauses.cases import COMPUTE_DTYPES, STORAGE_DTYPES, base_cases, pairwise, with_storage_dtypes
 from conformance.clauses.clause import ClauseFailure
+from conformance.clauses.context import CheckContext
+from conformance.core.clause import Clause
+from conformance.core.outcome import Outcome
+from conformance.harness.execute import run_clause
+from conformance.impls.reference import ReferenceImplementation
 
 # -- case builders --------------------------------------------------------------------------------------------
 
