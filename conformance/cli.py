@@ -62,26 +62,6 @@ def cmd_clauses(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_docs(args: argparse.Namespace) -> int:
-    from . import docs
-
-    root = Path(args.root) if args.root else Path(__file__).resolve().parents[1]
-    if not (root / "docs").is_dir():
-        return _usage(f"no docs/ folder under {root}: run from a checkout or give --root CHECKOUT")
-    try:
-        pages = docs.write(root) if args.write else docs.stale(root)
-    except docs.DocsError as exc:
-        return _usage(str(exc))
-    if args.write:
-        print(f"rewrote {', '.join(pages)}" if pages else "generated pages up to date: nothing to write")
-        return EXIT_OK
-    if pages:
-        print(f"out of date: {', '.join(pages)}; run `{docs.WRITE_COMMAND}`", file=sys.stderr)
-        return EXIT_FAIL
-    print(f"generated pages up to date ({len(docs.PAGES) + len(docs.SECTIONS)} pages and sections)")
-    return EXIT_OK
-
-
 def _check_writable(path: str, option: str) -> str | None:
     """None if a report can be written at ``path`` (``conformance.harness.files.check_writable``)."""
     from conformance.harness.files import check_writable
@@ -346,12 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clauses", action="append", default=[], metavar="PATTERN")
     c.set_defaults(func=cmd_clauses)
 
-    d = sub.add_parser("docs", help="check (default) or rewrite the generated pages of docs/ (torch-free)")
-    mode = d.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true", help="exit 1 naming every page out of date (the default)")
-    mode.add_argument("--write", action="store_true", help="rewrite the generated pages and sections")
-    d.add_argument("--root", metavar="CHECKOUT", help="the checkout holding docs/ (default: this package's)")
-    d.set_defaults(func=cmd_docs)
+    from . import docs
+
+    docs.add_parser(sub)
 
     k = sub.add_parser("compare", help="compare two JSON reports clause by clause (exit 1 on a new failure)")
     k.add_argument("old")

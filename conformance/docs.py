@@ -216,3 +216,40 @@ def write(root: Path) -> list[str]:
     for page in changed:
         (root / page).write_text(pages[page], encoding="utf-8")
     return changed
+
+
+# -- the command (``python -m conformance docs``) ------------------------------------------------------------
+
+def add_parser(sub: Any) -> None:
+    """The ``docs`` subcommand on the CLI's subparsers."""
+    d = sub.add_parser("docs", help="check (default) or rewrite the generated pages of docs/ (torch-free)")
+    mode = d.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 naming every page out of date (the default)")
+    mode.add_argument("--write", action="store_true", help="rewrite the generated pages and sections")
+    d.add_argument("--root", metavar="CHECKOUT", help="the checkout holding docs/ (default: this package's)")
+    d.set_defaults(func=command)
+
+
+def command(args: Any) -> int:
+    """``python -m conformance docs [--check | --write] [--root CHECKOUT]``: 0 up to date (or rewritten), 1 stale
+    pages (named, with the command that fixes them), 2 bad usage (one line)."""
+    import sys
+
+    from conformance.core.outcome import EXIT_FAIL, EXIT_OK, EXIT_USAGE
+
+    root = Path(args.root) if args.root else Path(__file__).resolve().parents[1]
+    try:
+        if not (root / "docs").is_dir():
+            raise DocsError(f"no docs/ folder under {root}: run from a checkout or give --root CHECKOUT")
+        pages = write(root) if args.write else stale(root)
+    except DocsError as exc:
+        print(f"conformance: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.write:
+        print(f"rewrote {', '.join(pages)}" if pages else "generated pages up to date: nothing to write")
+        return EXIT_OK
+    if pages:
+        print(f"out of date: {', '.join(pages)}; run `{WRITE_COMMAND}`", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"generated pages up to date ({len(PAGES) + len(SECTIONS)} pages and sections)")
+    return EXIT_OK

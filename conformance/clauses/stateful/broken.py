@@ -111,32 +111,18 @@ class _Broken(ReferenceImplementation):
         return layer
 
 
-class UnmergeForgetsRequantize(_Broken):
-    mixin = _UnmergeForgetsRequantize
+def _twin(name: str, mixin: type) -> type[_Broken]:
+    """The reference with ``mixin``'s defect, as a class of this module named ``name`` (``module:name`` rebuilds it)."""
+    return type(name, (_Broken,), {"mixin": mixin, "__module__": __name__, "__qualname__": name})
 
 
-class MergeForgetsFlags(_Broken):
-    mixin = _MergeForgetsFlags
-
-
-class DeepcopyLosesAdapter(_Broken):
-    mixin = _DeepcopyLosesAdapter
-
-
-class SilentUnknownAdapter(_Broken):
-    mixin = _SilentUnknownAdapter
-
-
-class ThreeBugs(_Broken):
-    mixin = _ThreeBugs
-
-
-class MergeRaises(_Broken):
-    mixin = _MergeRaises
-
-
-class OutputOffForPositiveInput(_Broken):
-    mixin = _OutputOffForPositiveInput
+UnmergeForgetsRequantize = _twin("UnmergeForgetsRequantize", _UnmergeForgetsRequantize)
+MergeForgetsFlags = _twin("MergeForgetsFlags", _MergeForgetsFlags)
+DeepcopyLosesAdapter = _twin("DeepcopyLosesAdapter", _DeepcopyLosesAdapter)
+SilentUnknownAdapter = _twin("SilentUnknownAdapter", _SilentUnknownAdapter)
+ThreeBugs = _twin("ThreeBugs", _ThreeBugs)
+MergeRaises = _twin("MergeRaises", _MergeRaises)
+OutputOffForPositiveInput = _twin("OutputOffForPositiveInput", _OutputOffForPositiveInput)
 
 
 class Minimal(_Broken):
