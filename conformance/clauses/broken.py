@@ -2,7 +2,7 @@
 
 Each area keeps its twins in ``conformance.clauses.<area>.broken``: ``BROKEN`` (one per clause of the area: the clause
 passes on the reference and fails on its twin) and, where an area has them, ``MORE`` (further ``(clause, twin)``
-pairs). A twin is the reference implementation with one bug someone could plausibly write: ``Broken(name, patch)``
+pairs), filled by the ``@twin(clause, name)`` decorator on each patch. A twin is the reference implementation with one bug someone could plausibly write: ``Broken(name, patch)``
 patches the layer ``create`` returns, ``spec_hook`` changes the spec it is asked for. The twins are test material:
 nothing in the package imports them; the suites do (``suites/test_merge_checks.py``,
 ``suites/test_coverage_checks.py``).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -57,6 +58,23 @@ def with_params(**changes: Any) -> Callable[[AdapterSpec], AdapterSpec]:
                 params[k] = v
         return dataclasses.replace(spec, params=params)
     return hook
+
+
+def twin(clause: str, name: str, *, more: bool = False) -> Callable[[Patch], Patch]:
+    """Declare the decorated patch the broken twin ``name`` of ``clause``, next to its code: it is entered into its
+    module's ``BROKEN`` table (one twin per clause) or, with ``more``, appended to its ``MORE`` list."""
+
+    def record(patch: Patch) -> Patch:
+        tables = sys.modules[patch.__module__].__dict__
+        if more:
+            tables["MORE"].append((clause, Broken(name, patch)))
+        elif clause in tables["BROKEN"]:
+            raise ValueError(f"{patch.__module__}: a second broken twin for {clause} ({name}); use more=True")
+        else:
+            tables["BROKEN"][clause] = Broken(name, patch)
+        return patch
+
+    return record
 
 
 def twins(areas: Iterable[str]) -> dict[str, Broken]:

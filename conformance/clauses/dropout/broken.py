@@ -8,8 +8,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from conformance.clauses.broken import Broken, bind
+from conformance.clauses.broken import Broken, bind, twin
 from conformance.clauses.interface import AdapterSpec
+
+#: one broken twin per clause of the area (``@twin``): the clause passes on the reference and fails on it
+BROKEN: dict[str, Broken] = {}
 
 
 class _AlwaysDropout(nn.Module):
@@ -31,6 +34,7 @@ def _lora_dropouts(layer: nn.Module, make: Callable[[float], nn.Module]) -> None
             layer.lora_dropout[name] = make(cfg.lora_dropout)
 
 
+@twin("DROPOUT-EVAL-EXACT", "dropout-in-eval")
 def dropout_in_eval(layer: nn.Module, spec: AdapterSpec) -> None:
     """Dropout ignores the module's mode (functional dropout with training=True / OFT ignoring self.training)."""
     if spec.method == "lora":
@@ -48,6 +52,7 @@ def dropout_in_eval(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "_dropout", always)
 
 
+@twin("DROPOUT-TRAIN-ACTIVE", "dropout-never")
 def dropout_never(layer: nn.Module, spec: AdapterSpec) -> None:
     """The dropout probability is accepted and ignored (PEFT v0.21.2's OFT module_dropout, for both methods)."""
     if spec.method == "lora":
@@ -56,6 +61,7 @@ def dropout_never(layer: nn.Module, spec: AdapterSpec) -> None:
         bind(layer, "_dropout", lambda self, name, blocks: blocks)
 
 
+@twin("DROPOUT-TRAIN-MEAN", "dropout-biased")
 def dropout_biased(layer: nn.Module, spec: AdapterSpec) -> None:
     """LoRA: dropout without the 1/(1-p) rescale; OFT: dropped blocks become zero instead of the identity."""
     if spec.method == "lora":
@@ -69,11 +75,3 @@ def dropout_biased(layer: nn.Module, spec: AdapterSpec) -> None:
         dropped = (out == eye).all(dim=-1).all(dim=-1)
         return torch.where(dropped.view(-1, 1, 1), torch.zeros_like(out), out)
     bind(layer, "_dropout", zeroed)
-
-
-#: one broken twin per clause of the area: the clause passes on the reference and fails on it
-BROKEN: dict[str, Broken] = {
-    "DROPOUT-EVAL-EXACT": Broken("dropout-in-eval", dropout_in_eval),
-    "DROPOUT-TRAIN-ACTIVE": Broken("dropout-never", dropout_never),
-    "DROPOUT-TRAIN-MEAN": Broken("dropout-biased", dropout_biased),
-}

@@ -7,11 +7,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from conformance.clauses.broken import Broken, bind, with_params
+from conformance.clauses.broken import Broken, bind, twin, with_params
 from conformance.clauses.interface import AdapterSpec
 from conformance.reference import rotation
 
+#: one broken twin per clause of the area (``@twin``): the clause passes on the reference and fails on it
+BROKEN: dict[str, Broken] = {}
+#: further (clause, twin) pairs (``@twin(..., more=True)``), each failing its clause through one of the cases
+#: added for storage dtypes, lora_bias in the oracles, the output dtype and a valid base after a merge
+MORE: list[tuple[str, Broken]] = []
 
+
+@twin("FWD-INIT-IDENTITY", "nonzero-init")
 def nonzero_init(layer: nn.Module, spec: AdapterSpec) -> None:
     """'Default' init that is not the identity (B += 1e-3 / R != I)."""
     key = "lora_B.weight" if spec.method == "lora" else "oft_R.weight"
@@ -19,6 +26,7 @@ def nonzero_init(layer: nn.Module, spec: AdapterSpec) -> None:
         layer.adapter_parameters(spec.adapter_name)[key].add_(1e-3)
 
 
+@twin("FWD-ORACLE", "wrong-scaling-or-rotation")
 def rslora_confusion(layer: nn.Module, spec: AdapterSpec) -> None:
     """LoRA: scaling = alpha/sqrt(r) even without rsLoRA; OFT: the forward rotates with R^T."""
     if spec.method == "lora":
@@ -29,19 +37,23 @@ def rslora_confusion(layer: nn.Module, spec: AdapterSpec) -> None:
             x.float(), self.rotation_blocks(name).transpose(-2, -1), self.layout(name)[0]))
 
 
+@twin("FWD-LORA-DELTA", "delta-without-scaling")
 def delta_without_scaling(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "get_delta_weight", lambda self, name: self.lora_B[name].weight @ self.lora_A[name].weight)
 
 
+@twin("FWD-MIXED-BATCH", "ignores-adapter-names")
 def ignores_adapter_names(layer: nn.Module, spec: AdapterSpec) -> None:
     orig = layer.forward
     bind(layer, "forward", lambda self, x, adapter_names=None: orig(x))
 
 
+@twin("FWD-DISABLED", "enable-noop")
 def enable_is_noop(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "enable_adapters", lambda self, enabled: None)
 
 
+@twin("FWD-ERR-SHAPE", "pads-input")
 def pads_input(layer: nn.Module, spec: AdapterSpec) -> None:
     orig = layer.forward
 
@@ -52,6 +64,7 @@ def pads_input(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "forward", forward)
 
 
+@twin("FWD-ERR-ADAPTER-NAME", "unknown-names-to-base")
 def unknown_names_to_base(layer: nn.Module, spec: AdapterSpec) -> None:
     orig = layer.forward
 
@@ -78,20 +91,7 @@ def adjust_oft_layout(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-#: one broken twin per clause of the area: the clause passes on the reference and fails on it
-BROKEN: dict[str, Broken] = {
-    "FWD-INIT-IDENTITY": Broken("nonzero-init", nonzero_init),
-    "FWD-ORACLE": Broken("wrong-scaling-or-rotation", rslora_confusion),
-    "FWD-LORA-DELTA": Broken("delta-without-scaling", delta_without_scaling),
-    "FWD-MIXED-BATCH": Broken("ignores-adapter-names", ignores_adapter_names),
-    "FWD-DISABLED": Broken("enable-noop", enable_is_noop),
-    "FWD-ERR-SHAPE": Broken("pads-input", pads_input),
-    "FWD-ERR-ADAPTER-NAME": Broken("unknown-names-to-base", unknown_names_to_base),
-    "FWD-ERR-RANK": Broken("clamps-rank", spec_hook=with_params(r=clamp_rank)),
-    "FWD-ERR-OFT-LAYOUT": Broken("adjusts-layout", spec_hook=with_params(r=adjust_oft_layout)),
-}
-
-
+@twin("FWD-ORACLE", "forward-drops-lora-bias", more=True)
 def forward_drops_lora_bias(layer: nn.Module, spec: AdapterSpec) -> None:
     """The forward leaves out lora_B.bias (only the merge applies it)."""
     if spec.method != "lora":
@@ -104,25 +104,22 @@ def forward_drops_lora_bias(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "_add_lora", add)
 
 
+@twin("FWD-ORACLE", "output-in-float32", more=True)
+@twin("FWD-INIT-IDENTITY", "output-in-float32", more=True)
+@twin("FWD-MIXED-BATCH", "output-in-float32", more=True)
+@twin("FWD-DISABLED", "output-in-float32", more=True)
 def output_in_float32(layer: nn.Module, spec: AdapterSpec) -> None:
     """The output comes back in float32 (the adapter's dtype) whatever the input's dtype."""
     orig = layer.forward
     bind(layer, "forward", lambda self, x, adapter_names=None: orig(x, adapter_names).float())
 
 
+@twin("FWD-LORA-DELTA", "transposed-delta", more=True)
 def transposed_delta(layer: nn.Module, spec: AdapterSpec) -> None:
     """get_delta_weight returns (scaling B A)^T: right shape on a square layer, wrong on a non-square one."""
     orig = layer.get_delta_weight
     bind(layer, "get_delta_weight", lambda self, name: orig(name).t())
 
 
-#: (clause, broken twin): further twins, each failing its clause through one of the cases added for
-#: storage dtypes, lora_bias in the oracles, the output dtype and a valid base after a merge
-MORE: list[tuple[str, Broken]] = [
-    ("FWD-ORACLE", Broken("forward-drops-lora-bias", forward_drops_lora_bias)),
-    ("FWD-ORACLE", Broken("output-in-float32", output_in_float32)),
-    ("FWD-INIT-IDENTITY", Broken("output-in-float32", output_in_float32)),
-    ("FWD-MIXED-BATCH", Broken("output-in-float32", output_in_float32)),
-    ("FWD-DISABLED", Broken("output-in-float32", output_in_float32)),
-    ("FWD-LORA-DELTA", Broken("transposed-delta", transposed_delta)),
-]
+BROKEN["FWD-ERR-RANK"] = Broken("clamps-rank", spec_hook=with_params(r=clamp_rank))
+BROKEN["FWD-ERR-OFT-LAYOUT"] = Broken("adjusts-layout", spec_hook=with_params(r=adjust_oft_layout))

@@ -8,12 +8,19 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from conformance.clauses.broken import Broken, bind
+from conformance.clauses.broken import Broken, bind, twin
 from conformance.clauses.interface import AdapterSpec
 from conformance.impls.reference import ReferenceImplementation
 from conformance.quant import layers as qlayers
 
+#: one broken twin per clause of the area (``@twin``): the clause passes on the reference and fails on it
+BROKEN: dict[str, Broken] = {}
+#: further (clause, twin) pairs (``@twin(..., more=True)``), each failing its clause through one of the cases
+#: added for storage dtypes, lora_bias in the oracles, the output dtype and a valid base after a merge
+MORE: list[tuple[str, Broken]] = []
 
+
+@twin("MERGE-FORWARD-BOUND", "merge-unscaled")
 def merge_unscaled(layer: nn.Module, spec: AdapterSpec) -> None:
     if spec.method == "lora":
         bind(layer, "_merged_weights", lambda self, name, w, b: (
@@ -22,6 +29,8 @@ def merge_unscaled(layer: nn.Module, spec: AdapterSpec) -> None:
         bind(layer, "_merged_weights", lambda self, name, w, b: (w @ self.get_delta_weight(name).detach().float(), b))
 
 
+@twin("MERGE-ROUNDTRIP", "unmerge-wrong")
+@twin("MERGE-CYCLES", "unmerge-wrong")
 def unmerge_wrong(layer: nn.Module, spec: AdapterSpec) -> None:
     if spec.method == "lora":
         bind(layer, "_unmerged_weights", lambda self, name, w, b: (
@@ -31,19 +40,24 @@ def unmerge_wrong(layer: nn.Module, spec: AdapterSpec) -> None:
             w @ self.get_delta_weight(name).detach().float().t(), b))
 
 
+@twin("MERGE-WARNS-LORA", "silent-merge")
+@twin("MERGE-WARNS-OFT", "silent-merge")
 def silent_merge(layer: nn.Module, spec: AdapterSpec) -> None:
     object.__setattr__(layer, "merge_warning", "merged")
 
 
+@twin("MERGE-TWICE-WARNS", "merges-twice")
 def merges_twice(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "_adapters_to_merge", lambda self, names: list(self.active_adapters if names is None else names))
 
 
+@twin("MERGE-UNMERGE-NOTHING-WARNS", "unmerge-silent")
 def unmerge_silent(layer: nn.Module, spec: AdapterSpec) -> None:
     orig = layer.unmerge
     bind(layer, "unmerge", lambda self: orig() if self.merged else None)
 
 
+@twin("MERGE-MULTI", "multi-merge-wrong")
 def multi_merge_wrong(layer: nn.Module, spec: AdapterSpec) -> None:
     if spec.method == "oft":  # the order PEFT 0.21 uses
         bind(layer, "_merge_order", lambda self, names: names)
@@ -52,11 +66,13 @@ def multi_merge_wrong(layer: nn.Module, spec: AdapterSpec) -> None:
         bind(layer, "_adapters_to_merge", lambda self, names: orig(names)[:1])
 
 
+@twin("MERGE-SUBSET", "merge-ignores-names")
 def merge_ignores_names(layer: nn.Module, spec: AdapterSpec) -> None:
     orig = layer.merge
     bind(layer, "merge", lambda self, safe_merge=False, adapter_names=None: orig(safe_merge))
 
 
+@twin("MERGE-LORA-BIAS", "bias-unscaled")
 def bias_unscaled(layer: nn.Module, spec: AdapterSpec) -> None:
     """PEFT 0.21 bnb layers: b + b_B."""
     orig = layer._merged_weights
@@ -68,6 +84,7 @@ def bias_unscaled(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "_merged_weights", merged)
 
 
+@twin("MERGE-KEEPS-QUANT-SETTINGS", "default-requant-settings")
 def default_requant_settings(layer: nn.Module, spec: AdapterSpec) -> None:
     """Requantize with bnb defaults (nf4, blocksize 64, no double quant) instead of the layer's."""
     def write(self: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -84,22 +101,6 @@ def default_requant_settings(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "_write_base", write)
 
 
-#: one broken twin per clause of the area: the clause passes on the reference and fails on it
-BROKEN: dict[str, Broken] = {
-    "MERGE-FORWARD-BOUND": Broken("merge-unscaled", merge_unscaled),
-    "MERGE-ROUNDTRIP": Broken("unmerge-wrong", unmerge_wrong),
-    "MERGE-CYCLES": Broken("unmerge-wrong", unmerge_wrong),
-    "MERGE-WARNS-LORA": Broken("silent-merge", silent_merge),
-    "MERGE-WARNS-OFT": Broken("silent-merge", silent_merge),
-    "MERGE-TWICE-WARNS": Broken("merges-twice", merges_twice),
-    "MERGE-UNMERGE-NOTHING-WARNS": Broken("unmerge-silent", unmerge_silent),
-    "MERGE-MULTI": Broken("multi-merge-wrong", multi_merge_wrong),
-    "MERGE-SUBSET": Broken("merge-ignores-names", merge_ignores_names),
-    "MERGE-LORA-BIAS": Broken("bias-unscaled", bias_unscaled),
-    "MERGE-KEEPS-QUANT-SETTINGS": Broken("default-requant-settings", default_requant_settings),
-}
-
-
 def _params4bit(base: nn.Module, data: torch.Tensor, **extra: Any) -> Any:
     import bitsandbytes as bnb
 
@@ -108,6 +109,8 @@ def _params4bit(base: nn.Module, data: torch.Tensor, **extra: Any) -> Any:
                              quant_type=old.quant_type, quant_storage=old.quant_storage, module=base, **extra)
 
 
+@twin("MERGE-KEEPS-QUANT-SETTINGS", "requant-from-float32", more=True)
+@twin("MERGE-FORWARD-BOUND", "requant-from-float32", more=True)
 def requant_from_float32(layer: nn.Module, spec: AdapterSpec) -> None:
     """PEFT-like: requantize ``dequantize(W) + delta`` as promoted to float32 (the checkpoint's float16/bfloat16
     storage dtype is lost: quant_state.dtype float32), and write the bias as float32."""
@@ -122,6 +125,7 @@ def requant_from_float32(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "_write_base", write)
 
 
+@twin("MERGE-LORA-BIAS", "merged-forward-adds-bias", more=True)
 def merged_forward_adds_bias(layer: nn.Module, spec: AdapterSpec) -> None:
     """The merged bias is right, but the merged layer's forward still adds scaling * b_B."""
     orig = layer.forward
@@ -136,6 +140,9 @@ def merged_forward_adds_bias(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "forward", forward)
 
 
+@twin("MERGE-FORWARD-BOUND", "leaves-dense-weight", more=True)
+@twin("MERGE-ROUNDTRIP", "leaves-dense-weight", more=True)
+@twin("MERGE-KEEPS-QUANT-SETTINGS", "leaves-dense-weight", more=True)
 def leaves_dense_weight(layer: nn.Module, spec: AdapterSpec) -> None:
     """The merge leaves the dense merged weight in the base, marked as quantized (4-bit: the old quant state
     attached; 8-bit: a float16 Int8Params never quantized)."""
@@ -153,18 +160,6 @@ def leaves_dense_weight(layer: nn.Module, spec: AdapterSpec) -> None:
         if bias is not None:
             base.bias.data = bias.to(base.bias.dtype)
     bind(layer, "_write_base", write)
-
-
-#: (clause, broken twin): further twins, each failing its clause through one of the cases added for
-#: storage dtypes, lora_bias in the oracles, the output dtype and a valid base after a merge
-MORE: list[tuple[str, Broken]] = [
-    ("MERGE-KEEPS-QUANT-SETTINGS", Broken("requant-from-float32", requant_from_float32)),
-    ("MERGE-FORWARD-BOUND", Broken("requant-from-float32", requant_from_float32)),
-    ("MERGE-LORA-BIAS", Broken("merged-forward-adds-bias", merged_forward_adds_bias)),
-    ("MERGE-FORWARD-BOUND", Broken("leaves-dense-weight", leaves_dense_weight)),
-    ("MERGE-ROUNDTRIP", Broken("leaves-dense-weight", leaves_dense_weight)),
-    ("MERGE-KEEPS-QUANT-SETTINGS", Broken("leaves-dense-weight", leaves_dense_weight)),
-]
 
 
 #: a twin for the harness's malformed-layer report (``suites/test_protocol.py``)

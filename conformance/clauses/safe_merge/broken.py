@@ -8,11 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from conformance.clauses.broken import Broken, bind
+from conformance.clauses.broken import Broken, bind, twin
 from conformance.clauses.interface import AdapterSpec
 from conformance.quant import layers as qlayers
 
+#: one broken twin per clause of the area (``@twin``): the clause passes on the reference and fails on it
+BROKEN: dict[str, Broken] = {}
 
+
+@twin("SAFE-MERGE-NONFINITE", "writes-before-check")
 def writes_before_check(layer: nn.Module, spec: AdapterSpec) -> None:
     orig = layer.merge
 
@@ -24,6 +28,7 @@ def writes_before_check(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "merge", merge)
 
 
+@twin("SAFE-MERGE-OTHER-ADAPTER", "records-refused-merge")
 def records_refused_merge(layer: nn.Module, spec: AdapterSpec) -> None:
     orig = layer.merge
 
@@ -36,6 +41,7 @@ def records_refused_merge(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "merge", merge)
 
 
+@twin("SAFE-MERGE-FINITE-BIAS", "safe-bias-crashes")
 def safe_bias_crashes(layer: nn.Module, spec: AdapterSpec) -> None:
     orig = layer.merge
 
@@ -46,6 +52,7 @@ def safe_bias_crashes(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "merge", merge)
 
 
+@twin("SAFE-UNSAFE-WARNS", "no-nan-warning")
 def no_nan_warning(layer: nn.Module, spec: AdapterSpec) -> None:
     orig = layer.merge
 
@@ -54,12 +61,3 @@ def no_nan_warning(layer: nn.Module, spec: AdapterSpec) -> None:
             warnings.simplefilter("ignore", RuntimeWarning)
             orig(safe_merge, adapter_names)
     bind(layer, "merge", merge)
-
-
-#: one broken twin per clause of the area: the clause passes on the reference and fails on it
-BROKEN: dict[str, Broken] = {
-    "SAFE-MERGE-NONFINITE": Broken("writes-before-check", writes_before_check),
-    "SAFE-MERGE-OTHER-ADAPTER": Broken("records-refused-merge", records_refused_merge),
-    "SAFE-MERGE-FINITE-BIAS": Broken("safe-bias-crashes", safe_bias_crashes),
-    "SAFE-UNSAFE-WARNS": Broken("no-nan-warning", no_nan_warning),
-}
