@@ -99,7 +99,7 @@ V1_RESULT = {"clause": "STATE-OUTPUT-MATCHES-MODEL", "implementation": "peft", "
 def _v1_doc() -> dict:
     return {"schema_version": "1", "generated_at": "2025-01-01T00:00:00+00:00", "command": "",
             "environment": {"device": "cpu", "packages": {"torch": "2.13.0", "peft": "0.21.2"}},
-            "implementations": {"peft": {"version": "0.21.2", "capabilities": ["lora"], "unsupported": {}}},
+            "implementations": {"peft": {"version": "0.21.2", "capabilities": ["lora", "4bit"], "unsupported": {}}},
             "clauses": {"STATE-OUTPUT-MATCHES-MODEL": {"level": "MUST", "text": "t", "source": "s", "area": "a"}},
             "results": [V1_RESULT],
             "summary": {"implementations": {"peft": {"passed": 0, "failed": 1, "must_failures": 1, "total": 1}},
@@ -111,6 +111,8 @@ def test_v1_reads_into_the_fields(tmp_path: Path) -> None:
     path.write_text(json.dumps(_v1_doc()))
     rep = cr.load_report(path)
     assert rep.schema_version == "1"
+    info = rep.implementations["peft"]  # version 1 listed the methods among the capabilities
+    assert (info.methods, info.capabilities) == (["lora"], ["4bit"])
     r = rep.results[0]
     assert r.measurements == {"examples": 40, "worst_ratio": 1.5}
     assert r.details == {"exploring": True, "steps_per_op": {"merge": 3}, "violations": ["lora/4bit merge"]}
