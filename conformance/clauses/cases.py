@@ -75,9 +75,12 @@ class BaseCase:
     bias: bool = True
     #: storage dtype (``quant.make_base_layer``'s ``weight_dtype``); None: float32 weight, today's bias dtype
     weight_dtype: torch.dtype | None = None
+    #: bitsandbytes' CPU packed layout switched on (4-bit on a CPU with AVX512-BF16: it repacks on the first
+    #: eval-mode forward whose input needs no grad); off: the standard layout, as on CUDA
+    cpu_packed: bool = False
 
     #: fields a bit width does not have (``make_base_layer`` ignores them; they are left out of its arguments)
-    FOUR_BIT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "blocksize", "double_quant")
+    FOUR_BIT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "blocksize", "double_quant", "cpu_packed")
 
     def layer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``quant.make_base_layer`` besides the shape (no device, no seed)."""
@@ -88,6 +91,25 @@ class BaseCase:
             for k in self.FOUR_BIT_ONLY:
                 d.pop(k)
         return d
+
+    def unavailable(self, device: str | torch.device = "cpu") -> str | None:
+        """Why this base cannot be built on ``device`` (None when it can): the CPU packed layout exists only on
+        a CPU whose bitsandbytes has AVX512-BF16."""
+        if not self.cpu_packed:
+            return None
+        if torch.device(device).type != "cpu":
+            return f"bitsandbytes' CPU packed layout does not exist on {torch.device(device).type}"
+        if not qlayers.cpu_packed_layout_available():
+            return "bitsandbytes' CPU packed layout does not exist on this CPU (no AVX512-BF16)"
+        return None
+
+    @property
+    def cpu_pack_refusal(self) -> str | None:
+        """Why bitsandbytes cannot repack this base (``quant.layers.cpu_packed_shape_refusal``); None when it can
+        or the layout is off."""
+        if not self.cpu_packed:
+            return None
+        return qlayers.cpu_packed_shape_refusal(self.in_features, self.out_features, self.blocksize)
 
     def build(self, device: str | torch.device = "cpu", *, seed: int = 0, weight: torch.Tensor | None = None
               ) -> nn.Module:
@@ -113,7 +135,7 @@ class BaseCase:
             dt += "-stored-" + dtype_name(self.weight_dtype)
         if self.bits == 8:
             return f"int8-{self.shape_label}-{dt}"
-        return f"{self.quant_label}-b{self.blocksize}-{self.shape_label}-{dt}"
+        return f"{self.quant_label}-b{self.blocksize}-{self.shape_label}-{dt}" + ("-cpupacked" if self.cpu_packed else "")
 
     def to_json(self) -> dict[str, Any]:
         """Every field, dtypes as names (``"bfloat16"``)."""

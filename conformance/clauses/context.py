@@ -28,6 +28,7 @@ The family's counts (cases run, cases skipped with their reasons) are ``cases_ru
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import traceback
 import warnings
@@ -43,13 +44,21 @@ from conformance.clauses.budget import Budget
 from conformance.clauses.cases import BaseCase
 from conformance.clauses.clause import Clause, ClauseFailure, ClauseInconclusive, ClauseSkipped
 from conformance.clauses.interface import AdapterSpec, Implementation, ImplementationUnsupported, declared
+from conformance.core import upstream
 from conformance.core.applicability import Applicability, applicability
+from conformance.core.upstream import KnownFailure
 from conformance.core.vocabulary import Capability, Declaration, capability, params_needing
 from conformance.quant import validate
 from conformance.quant.torchnames import dtype_name
 
 #: how many case failures a family's message quotes (the count says how many there were)
 QUOTED_FAILURES = 3
+
+
+@functools.cache
+def _known_list() -> list[KnownFailure]:
+    """The shipped bitsandbytes known-failure list, read once per process."""
+    return upstream.load()
 
 
 @dataclass
@@ -212,7 +221,11 @@ class CheckContext:
 
     # -- builders ----------------------------------------------------------------------
     def make_base(self, case: BaseCase, *, seed: int | None = None) -> nn.Module:
-        """The quantized base layer of ``case`` on this context's device (``seed``: the context's by default)."""
+        """The quantized base layer of ``case`` on this context's device (``seed``: the context's by default); a
+        case that cannot be built here (``BaseCase.unavailable``: the CPU packed layout elsewhere) is skipped."""
+        why = case.unavailable(self.device)
+        if why is not None:
+            self.skip_this_case(why)
         return case.build(self.device, seed=self.seed if seed is None else seed)
 
     def adapter_dtype(self, base: nn.Module) -> torch.dtype:
@@ -262,8 +275,18 @@ class CheckContext:
     def cases_skipped_total(self) -> int:
         return sum(self.skip_reasons.values())
 
+    def known_upstream(self, key: str) -> KnownFailure | None:
+        """The shipped bitsandbytes known failure listing ``key`` for the running bitsandbytes on this CPU
+        (``conformance.core.upstream``), for ``case(..., known=...)``; None when it is not listed."""
+        import bitsandbytes
+
+        from conformance.quant import layers as qlayers
+
+        features = {"avx512_bf16": qlayers.cpu_packed_layout_available}
+        return upstream.find(_known_list(), key, bitsandbytes.__version__, lambda f: features[f]())
+
     @contextlib.contextmanager
-    def case(self, label: str, *, isolate: bool = True) -> Iterator[None]:
+    def case(self, label: str, *, isolate: bool = True, known: KnownFailure | None = None) -> Iterator[None]:
         """One case of the family: ``with ctx.case(label): <build a layer, check it>``.
 
         Counts the case as run or skipped. With ``isolate`` (loops), a skip, a failure or an error ends this
@@ -271,6 +294,9 @@ class CheckContext:
         case. Without it (hypothesis properties), the case is counted and every exception goes through, an
         ``ImplementationUnsupported`` as a ``CaseSkipped`` (a rejected example). A nested block is part of
         the outer case. ``ClauseSkipped`` / ``ClauseInconclusive`` always end the family.
+
+        ``known``: a listed bitsandbytes failure (``known_upstream``): the case is recorded ``xfailed`` when it
+        fails or errors with the entry's error text, ``xpassed`` when it passes, and as usual otherwise.
         """
         if self._case_depth:
             yield
@@ -295,9 +321,14 @@ class CheckContext:
                 raise
             if outcome in ("skipped", "inconclusive"):
                 raise
+            if known is not None and outcome in ("failed", "error") and known.matches(message):
+                outcome, message = "xfailed", f"{message} [{known.describe()}]"
             self.case_outcomes.append((outcome, message))
         else:
             self.cases_run += 1
+            if known is not None and self._case_depth == 1:
+                self.case_outcomes.append(("xpassed", f"{label}: passed although listed as {known.describe()} "
+                                                      "(fixed upstream? remove the entry)"))
         finally:
             self._case_depth -= 1
 

@@ -104,7 +104,9 @@ def linear_expected(
     is_training = base.training if training is None else training
     # each rounding below is relative to the magnitude of what is rounded: the exact value's magnitude
     # plus every rounding before it (``rnd``), so products of (1 + delta) need no slack factor
-    if bits == 4:
+    if bits == 4 and qlayers.forward_is_packed(base, training=is_training):
+        bound = bound + _packed_cpu_rounding(base, x_dtype, mag, b_abs, x_abs, w_abs, b)
+    elif bits == 4:
         c = base.compute_dtype or x_dtype
         b_dtype = base.bias.dtype if b is not None else c
         # x cast to c, x W^T in c (its rounding model: quant.matmul_rounding_bound), bias cast to c
@@ -141,6 +143,33 @@ def linear_expected(
         # bias add in float32 (u32 of the sum), then the cast of the rounded sum (<= y_dq (1 + u32)) to d
         bound = bound + U32 * y_dq + cast_error(torch.float32, d) * y_dq * (1 + U32)
     return Expected(value, bound)
+
+
+def _packed_cpu_rounding(base: nn.Module, x_dtype: torch.dtype, mag: torch.Tensor, b_abs: torch.Tensor,
+                         x_abs: torch.Tensor, w_abs: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Rounding of a 4-bit forward through bitsandbytes' packed CPU kernel (0.50.2 ``backends/cpu/ops.py``
+    ``gemv_4bit`` on AVX512-BF16, taken once the layer is repacked: ``autograd/_functions.py matmul_4bit``).
+
+    ``Linear4bit.forward`` casts x to the compute dtype c; the kernel casts it on to bfloat16 and multiplies
+    with the weight dequantized from the bfloat16 absmax; the result is bfloat16; ``result += bias`` (the bias
+    cast to c) rounds in bfloat16; ``.to(input dtype)`` last. Relative to ``dequantize`` (which, for a repacked
+    layer, already reads the bfloat16 absmax) the kernel's weight is not rounded to the storage dtype
+    (``storage_rounding``) and is rounded to bfloat16 (``matmul_rounding_bound``'s weight rounding); a layer
+    that repacks in this very forward was read with its float32 absmax, which the repack rounds to bfloat16
+    (``u / (1 - u)`` relative to the rounded value). Every rounding is relative to the magnitude of what it
+    rounds, as in the standard 4-bit branch."""
+    c = base.compute_dtype or x_dtype
+    k = torch.bfloat16
+    u = qbounds.unit_roundoff(k)
+    b_dtype = base.bias.dtype if b is not None else c
+    e_in = (1 + cast_error(x_dtype, c)) * (1 + cast_error(c, k)) - 1   # x -> c -> bfloat16
+    repack = 0.0 if qlayers.is_cpu_packed(base) else u / (1 - u)      # absmax rounded by this forward's repack
+    dw = (1 + repack) * (1 + storage_rounding(base)) - 1               # the kernel's weight vs dequantize's
+    rnd = e_in * mag + dw * mag
+    rnd = rnd + qbounds.matmul_rounding_bound(x_abs * (1 + e_in), w_abs * (1 + dw), k)
+    rnd = rnd + ((1 + cast_error(b_dtype, c)) * (1 + cast_error(c, k)) - 1) * b_abs  # the bias as added
+    rnd = rnd + u * (mag + b_abs + rnd)                                # bias add in bfloat16
+    return rnd + cast_error(k, x_dtype) * (mag + b_abs + rnd)          # cast back to the input dtype
 
 
 def base_expected(base: nn.Module, x: torch.Tensor, training: bool | None = None) -> Expected:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from conformance.quant import bounds as qbounds
+from conformance.quant.layers import weight_dtype_of
 
 U64 = qbounds.unit_roundoff(torch.float64)
 U32 = qbounds.unit_roundoff(torch.float32)
@@ -52,8 +53,10 @@ def storage_rounding(base: object) -> float:
     u_s / (1 - u_s) |W_stored|``. 0 for float32 storage and for 8-bit layers (their CB * SCB is float32).
     """
     qs = getattr(getattr(base, "weight", None), "quant_state", None)
-    dtype = getattr(qs, "dtype", torch.float32)
-    if qs is None or dtype == torch.float32:
+    if qs is None:
+        return 0.0
+    dtype = weight_dtype_of(base)  # a repacked layer keeps its storage dtype as quant_state.original_dtype
+    if dtype == torch.float32:
         return 0.0
     u = qbounds.unit_roundoff(dtype)
     return u / (1 - u)

@@ -24,7 +24,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from .layers import bits_of, require_quantized, scb_of
+from .layers import BaseLayerError, bits_of, double_quant_of, is_cpu_packed, require_quantized, scb_of, weight_dtype_of
 
 UNIT_ROUNDOFF = {
     torch.float64: 2.0**-53,
@@ -57,8 +57,22 @@ def max_code_gap(code: torch.Tensor) -> float:
 
 
 def absmax_4bit(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a', e_a): the per-block absmax dequantization uses, and its double-quant error bound."""
+    """(a', e_a): the per-block absmax dequantization uses, and its double-quant error bound.
+
+    A layer bitsandbytes repacked for the CPU (``layers.is_cpu_packed``) multiplies by its absmax rounded to
+    bfloat16 (``_convert_weight_packed_for_cpu``): ``a'`` is that, in the standard block order, and
+    ``e_a = a' u_bf16 / (1 - u_bf16)`` bounds its distance from the float32 absmax it was quantized with. The
+    repack of a double-quantized layer drops ``state2``, and with it what bounds the double-quant error: no
+    bound is derivable then (``BaseLayerError``)."""
     qs = layer.weight.quant_state
+    if is_cpu_packed(layer):
+        if double_quant_of(layer):
+            raise BaseLayerError("no weight bound for a double-quantized layer bitsandbytes repacked for the CPU: "
+                                 "the repack dropped the double-quant statistics (quant_state.state2); "
+                                 "read the bound before its first eval-mode forward")
+        a = qs.absmax.double().cpu().t().reshape(-1)
+        u = UNIT_ROUNDOFF[torch.bfloat16]
+        return a, a.abs() * (u / (1 - u))
     if qs.nested:
         a = bnb.functional.dequantize_blockwise(qs.absmax, qs.state2).double().cpu() + float(qs.offset)
         g2 = max_code_gap(qs.state2.code)
@@ -83,7 +97,7 @@ def weight_bound(layer: nn.Module) -> torch.Tensor:
         qs = layer.weight.quant_state
         a, e_a = absmax_4bit(layer)
         g = max_code_gap(qs.code)
-        u = unit_roundoff(qs.dtype)
+        u = unit_roundoff(weight_dtype_of(layer))
         amax = a.abs() + e_a
         per_block = amax * g / 2 + e_a + 2 * amax * u
         out, inn = qs.shape

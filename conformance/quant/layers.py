@@ -157,12 +157,96 @@ def tensors_off_device(layer: nn.Module, device: str) -> list[str]:
     return out
 
 
+# -- bitsandbytes' CPU packed layout -----------------------------------------------------------
+
+#: rows per tile of bitsandbytes' CPU packed layout (``functional._convert_weight_packed_for_cpu``'s ``block_n``)
+CPU_PACK_BLOCK_N = 32
+
+
+class PackedLayoutUnavailable(BaseLayerError):
+    """A base with bitsandbytes' CPU packed layout was asked for where that layout does not exist."""
+
+
+def cpu_packed_layout_available() -> bool:
+    """Whether bitsandbytes repacks 4-bit layers on this CPU: its native ``has_avx512bf16`` (AVX512-BF16).
+
+    bitsandbytes 0.50 sets ``Linear4bit.support_avx512bf16_for_cpu`` from it and registers the packed CPU
+    kernel (``backends/cpu/ops.py`` ``gemv_4bit``) only then; elsewhere a packed weight has no kernel."""
+    has = getattr(bnb.functional, "has_avx512bf16", None)
+    return bool(has()) if has is not None else False
+
+
+def cpu_packed_shape_refusal(in_features: int, out_features: int, blocksize: int) -> str | None:
+    """Why bitsandbytes 0.50.2 cannot repack a weight of this shape (None when it can): the repack asserts
+    ``N % block_n == 0`` and reshapes absmax to ``(out, in // blocksize)`` (``_convert_weight_packed_for_cpu``)."""
+    if out_features % CPU_PACK_BLOCK_N:
+        return f"out_features {out_features} is not a multiple of {CPU_PACK_BLOCK_N} (\"N must be divisible by block_n\")"
+    if in_features % blocksize:
+        return f"in_features {in_features} is not a multiple of the blocksize {blocksize} (absmax reshape)"
+    return None
+
+
+def is_cpu_packed(layer: nn.Module) -> bool:
+    """True once bitsandbytes has repacked the 4-bit weight into its CPU layout (``packing_format_for_cpu``)."""
+    qs = getattr(getattr(layer, "weight", None), "quant_state", None)
+    return bool(getattr(qs, "packing_format_for_cpu", False))
+
+
+def repacks_on_eval(layer: nn.Module) -> bool:
+    """Whether an eval-mode forward whose input needs no grad repacks this layer (``Linear4bit.forward``:
+    CPU weight, ``support_avx512bf16_for_cpu``, not yet packed)."""
+    return (isinstance(layer, bnb.nn.Linear4bit) and bool(getattr(layer, "support_avx512bf16_for_cpu", False))
+            and layer.weight.device.type == "cpu" and not is_cpu_packed(layer))
+
+
+def forward_is_packed(layer: nn.Module, *, training: bool | None = None, x_requires_grad: bool = False) -> bool:
+    """Whether the next forward of ``layer`` runs bitsandbytes' packed CPU kernel: it is packed already (then
+    every forward does, ``autograd/_functions.py matmul_4bit``), or this forward repacks it."""
+    is_training = layer.training if training is None else training
+    return is_cpu_packed(layer) or (repacks_on_eval(layer) and not is_training and not x_requires_grad)
+
+
+def standard_layout(layer: nn.Module) -> tuple[torch.Tensor, Any]:
+    """(packed bytes, quant state) of a 4-bit layer in bitsandbytes' standard layout, whatever layout it has now.
+
+    A repacked layer (``is_cpu_packed``) is read through a *copy* turned back by bitsandbytes' own
+    ``_convert_weight_packed_for_cpu_inverse`` (it mutates the state it is given), with the absmax the packed
+    kernel multiplies by: the repack stored it as bfloat16 (and dropped double quantization), so the weight this
+    describes is the one the layer computes with now, not the one it was quantized to."""
+    w = layer.weight
+    qs = w.quant_state
+    if not is_cpu_packed(layer):
+        return w.data, qs
+    state = copy.copy(qs)
+    data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data.clone(), state)
+    # the inverse re-quantizes a nested absmax; the packed kernel uses the bfloat16 one as it is
+    state.absmax = qs.absmax.float().t().reshape(-1).contiguous()
+    state.nested = False
+    state.state2 = None
+    state.offset = None
+    return data, state
+
+
+def weight_dtype_of(layer: nn.Module) -> torch.dtype:
+    """The dtype a 4-bit layer was quantized from (``quant_state.dtype``; a repack overwrites it with bfloat16
+    and keeps the original as ``original_dtype``)."""
+    qs = layer.weight.quant_state
+    return getattr(qs, "original_dtype", qs.dtype) if is_cpu_packed(layer) else qs.dtype
+
+
+def double_quant_of(layer: nn.Module) -> bool:
+    """Whether a 4-bit layer was quantized with double quantization (a repack sets ``nested`` False)."""
+    qs = layer.weight.quant_state
+    return bool(getattr(qs, "original_nested", qs.nested)) if is_cpu_packed(layer) else bool(qs.nested)
+
+
 def dequantize(layer: nn.Module) -> torch.Tensor:
-    """The weight as bitsandbytes would use it, in float32, shape (out_features, in_features)."""
+    """The weight as bitsandbytes would use it, in float32, shape (out_features, in_features); a 4-bit layer in
+    bitsandbytes' CPU packed layout is read through ``standard_layout``."""
     require_quantized(layer)
     if bits_of(layer) == 4:
-        w = layer.weight
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+        data, state = standard_layout(layer)
+        return bnb.functional.dequantize_4bit(data, state).float()
     return bnb.functional.int8_vectorwise_dequant(layer.weight.data, scb_of(layer).to(layer.weight.device)).float()
 
 
@@ -171,16 +255,16 @@ def requantize(layer: nn.Module, weight: torch.Tensor) -> None:
 
     4-bit: quant type, blocksize, double quant (compress_statistics), quant storage and the
     original weight dtype are kept (``quant_state.dtype`` is the dtype bitsandbytes quantized
-    from, so the new weight is cast to it first). 8-bit: ``has_fp16_weights`` and the layer's
-    ``MatmulLtState`` (threshold etc.) are kept; its cached statistics are reset so the next
-    forward reads the new ones.
+    from, so the new weight is cast to it first; ``weight_dtype_of`` for a repacked layer). The new weight is in
+    the standard layout: a layer that repacks does so again on its next eval-mode forward. 8-bit:
+    ``has_fp16_weights`` and the layer's ``MatmulLtState`` (threshold etc.) are kept; its cached statistics are
+    reset so the next forward reads the new ones.
     """
     require_quantized(layer)
     device = layer.weight.device
     if bits_of(layer) == 4:
         old = layer.weight
-        qs = old.quant_state
-        data = weight.detach().to(dtype=qs.dtype, device="cpu").contiguous()
+        data = weight.detach().to(dtype=weight_dtype_of(layer), device="cpu").contiguous()
         new = bnb.nn.Params4bit(
             data,
             requires_grad=False,
@@ -250,7 +334,7 @@ def quant_settings(layer: nn.Module) -> dict[str, Any]:
             "blocksize": w.blocksize,
             "double_quant": bool(w.compress_statistics),
             "quant_storage": str(w.quant_storage),
-            "weight_dtype": str(w.quant_state.dtype),
+            "weight_dtype": str(weight_dtype_of(layer)),
             "compute_dtype": str(layer.compute_dtype),
         }
     return {"bits": 8, "has_fp16_weights": bool(layer.weight.has_fp16_weights), "threshold": layer.state.threshold}
@@ -267,6 +351,7 @@ def make_base_layer(
     compute_dtype: torch.dtype = torch.float32,
     weight_dtype: torch.dtype | None = None,
     bias: bool = True,
+    cpu_packed: bool = False,
     device: str | torch.device = "cpu",
     weight: torch.Tensor | None = None,
     seed: int = 0,
@@ -277,8 +362,19 @@ def make_base_layer(
     described by these arguments (OpInfo style). ``weight_dtype`` is the storage dtype of the
     checkpoint (what ``from_pretrained(torch_dtype=...)`` leaves): 4-bit quantizes from it (it becomes
     ``quant_state.dtype``, what a dequantize returns) and the bias is stored in it; None: a float32
-    weight, the bias in the compute dtype (4-bit) or float16 (8-bit).
+    weight, the bias in the compute dtype (4-bit) or float16 (8-bit). ``cpu_packed``: the 4-bit layer keeps
+    bitsandbytes' CPU packed layout switched on, as every CPU user with AVX512-BF16 gets it (it repacks on its
+    first eval-mode forward whose input needs no grad); off, it stays in the standard layout, as on CUDA.
+    ``PackedLayoutUnavailable`` where that layout does not exist (another device, a CPU without AVX512-BF16).
     """
+    if cpu_packed:
+        if bits != 4:
+            raise PackedLayoutUnavailable("bitsandbytes' CPU packed layout exists for 4-bit layers only; "
+                                          "build an 8-bit base with cpu_packed=False")
+        if torch.device(device).type != "cpu" or not cpu_packed_layout_available():
+            where = "this CPU has no AVX512-BF16" if torch.device(device).type == "cpu" else f"device {device}"
+            raise PackedLayoutUnavailable(f"bitsandbytes' CPU packed layout does not exist here ({where}); "
+                                          "build the base with cpu_packed=False")
     gen = torch.Generator().manual_seed(seed)
     if weight is None:
         weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
@@ -292,9 +388,9 @@ def make_base_layer(
         )
         # bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks the weight on the first eval-mode,
         # no-grad forward (``_convert_weight_packed_for_cpu``): absmax becomes bfloat16, the packed
-        # layout is no longer what ``dequantize_4bit`` reads, and out_features % 32 != 0 asserts.
-        # That CPU-only path is not the one under test (CUDA has none); keep the standard layout.
-        layer.support_avx512bf16_for_cpu = False
+        # layout is no longer what ``dequantize_4bit`` reads (``standard_layout`` reads it), and
+        # out_features % 32 != 0 asserts. The base case's ``cpu_packed`` axis decides.
+        layer.support_avx512bf16_for_cpu = bool(cpu_packed)
         layer.weight = bnb.nn.Params4bit(
             weight.to(weight_dtype or torch.float32), requires_grad=False, blocksize=blocksize,
             compress_statistics=double_quant, quant_type=quant_type, module=layer,

@@ -21,7 +21,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from .layers import quant_settings
+from .layers import double_quant_of, is_cpu_packed, quant_settings
 
 #: settings a forward may change (``Linear4bit.set_compute_type``): compared only when recorded at a merge
 MUTABLE = ("compute_dtype", "bias_dtype")
@@ -43,10 +43,17 @@ def stored_dtypes(base: nn.Module) -> dict[str, str]:
     w = base.weight
     out: dict[str, str] = {}
     if isinstance(base, bnb.nn.Linear4bit):
-        out["packed_dtype"] = str(w.dtype)
         qs = getattr(w, "quant_state", None)
-        if qs is not None and qs.absmax is not None:
-            out["absmax_dtype"] = str(qs.absmax.dtype)
+        if is_cpu_packed(base):
+            # bitsandbytes' CPU repack views the storage as uint8 and keeps absmax in bfloat16 (no double quant):
+            # the dtypes are those of the standard layout it came from and a requantization goes back to
+            # (bitsandbytes 0.50.2 quantize_4bit: float32 absmax, uint8 when double-quantized)
+            out["packed_dtype"] = str(getattr(qs, "original_storage_type", None) or w.dtype)
+            out["absmax_dtype"] = str(torch.uint8 if double_quant_of(base) else torch.float32)
+        else:
+            out["packed_dtype"] = str(w.dtype)
+            if qs is not None and qs.absmax is not None:
+                out["absmax_dtype"] = str(qs.absmax.dtype)
     else:
         out["int8_dtype"] = str(w.dtype)
         scb = w.SCB if getattr(w, "SCB", None) is not None else getattr(base.state, "SCB", None)
@@ -116,8 +123,10 @@ def _packed_problems(base: nn.Module, w: torch.Tensor, exp: Expected, want: str)
     if w.is_floating_point() and w.numel() == exp.out_features * exp.in_features:
         return [f"base weight is a dense {w.dtype} {_shape(w.shape)} tensor marked as quantized (it has a quant_state)"]
     out: list[str] = []
-    if w.dtype != w.quant_storage:
-        out.append(f"packed 4-bit weight has dtype {w.dtype}, its quant_storage is {w.quant_storage}")
+    packed_cpu = is_cpu_packed(base)
+    storage = (getattr(qs, "original_storage_type", None) or w.dtype) if packed_cpu else w.dtype
+    if storage != w.quant_storage:
+        out.append(f"packed 4-bit weight has dtype {storage}, its quant_storage is {w.quant_storage}")
     if tuple(qs.shape) != (exp.out_features, exp.in_features):
         out.append(f"merged base weight is {_shape(qs.shape)}, expected {want} (quant_state.shape)")
     need = -(-exp.out_features * exp.in_features // 2)  # packed bytes
@@ -131,8 +140,8 @@ def _packed_problems(base: nn.Module, w: torch.Tensor, exp: Expected, want: str)
     if qs.blocksize != w.blocksize or qs.quant_type != w.quant_type:
         out.append(f"quant_state (blocksize {qs.blocksize}, {qs.quant_type}) does not describe the weight "
                    f"(blocksize {w.blocksize}, {w.quant_type})")
-    if bool(qs.nested) != bool(w.compress_statistics):
-        out.append(f"quant_state nested={qs.nested} but the weight has compress_statistics={w.compress_statistics}")
+    if double_quant_of(base) != bool(w.compress_statistics):
+        out.append(f"quant_state nested={double_quant_of(base)} but the weight has compress_statistics={w.compress_statistics}")
     return out
 
 

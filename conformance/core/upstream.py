@@ -1,0 +1,136 @@
+"""bitsandbytes' own known failures: the shipped list every implementation is checked against.
+
+Some cases fail inside bitsandbytes whatever adapter sits on the layer (its CPU packed layout asserts on some
+shapes, a train-mode forward after a repack raises). Such a case still runs and is reported ``xfailed`` when it
+fails *as listed* (its error text contains the entry's ``error``), ``xpassed`` when it passes (an upstream fix:
+remove the entry), and ``failed`` when it fails some other way. The list is ``xfails/bitsandbytes.ini``
+(documented in ``xfails/README.md``); each entry is keyed by a bitsandbytes version range and the CPU feature
+the failing path needs, and names a standalone reproducer that uses bitsandbytes and torch alone.
+
+A check names the situation of a case by ``key`` (``ctx.known_upstream(key)``); this module decides whether the
+running bitsandbytes on this CPU has that situation listed. Torch-free: the CLI lists the entries without it.
+"""
+
+from __future__ import annotations
+
+import configparser
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+#: the shipped list (in the checkout: the project runs from it, see noxfile.py)
+LIST_PATH = Path(__file__).resolve().parents[2] / "xfails" / "bitsandbytes.ini"
+
+#: CPU features an entry may need, each answered by bitsandbytes itself (``conformance.quant.layers``)
+CPU_FEATURES = ("avx512_bf16",)
+
+_FIELDS = {"key", "bitsandbytes", "cpu_feature", "error", "reason", "reproducer", "upstream"}
+
+
+class UpstreamListError(ValueError):
+    """The shipped list is malformed; the message names the entry and the fix."""
+
+
+@dataclass(frozen=True)
+class KnownFailure:
+    """One listed bitsandbytes failure."""
+
+    key: str  #: the situation a check names (``cpu-packed-shape``)
+    bitsandbytes: str  #: version range (``>=0.50,<0.51``; ``in_range``)
+    cpu_feature: str | None  #: the CPU feature the failing path needs (None: any CPU)
+    error: str  #: text the failure's message contains (another failure is not this one)
+    reason: str  #: what bitsandbytes does
+    reproducer: str  #: standalone script (bitsandbytes + torch), relative to the checkout
+    upstream: str = ""  #: where upstream it lives (file, function)
+
+    def applies(self, bnb_version: str, has_feature: Callable[[str], bool]) -> bool:
+        """Whether this entry covers a run with ``bnb_version`` on a CPU answering ``has_feature``."""
+        return in_range(bnb_version, self.bitsandbytes) and (self.cpu_feature is None or has_feature(self.cpu_feature))
+
+    def matches(self, message: str) -> bool:
+        """Whether a failure with ``message`` is this known one."""
+        return self.error.lower() in message.lower()
+
+    def describe(self) -> str:
+        return (f"bitsandbytes known failure {self.key} (bitsandbytes {self.bitsandbytes}"
+                + (f", {self.cpu_feature}" if self.cpu_feature else "") + f"): {self.reason}; reproducer "
+                + self.reproducer)
+
+
+_OPS: dict[str, Callable[[tuple[int, ...], tuple[int, ...]], bool]] = {
+    ">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b,
+    "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
+}
+
+
+def release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version (``0.50.2.dev0+cpu`` -> ``(0, 50, 2)``), zero-padded to three."""
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) < len(piece):
+            break
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def in_range(version: str, spec: str) -> bool:
+    """Whether ``version`` satisfies every comma-separated clause of ``spec`` (``>=0.50,<0.51``; the operators
+    of PEP 440 without its pre-release rules: only release numbers are compared). ValueError for a bad clause."""
+    v = release(version)
+    for clause in (c.strip() for c in spec.split(",") if c.strip()):
+        op = next((o for o in sorted(_OPS, key=len, reverse=True) if clause.startswith(o)), None)
+        if op is None or not clause[len(op):].strip():
+            raise ValueError(f"bad version clause {clause!r} in {spec!r}: use >=, <=, >, <, == or != and a version")
+        if not _OPS[op](v, release(clause[len(op):].strip())):
+            return False
+    return True
+
+
+def parse(text: str, source: str = "<bitsandbytes.ini>") -> list[KnownFailure]:
+    """The entries of a list (one INI section each, named by its key); ``UpstreamListError`` naming the entry
+    and the fix otherwise."""
+    parser = configparser.ConfigParser(interpolation=configparser.BasicInterpolation())
+    try:
+        parser.read_string(text, source)
+    except configparser.Error as exc:
+        raise UpstreamListError(f"{source}: not a valid list ({type(exc).__name__}: {exc}); fix the file") from None
+    out = []
+    for name in parser.sections():
+        entry = {"key": name, **dict(parser[name])}
+        where = f"{source}: [{name}]"
+        unknown = sorted(set(entry) - _FIELDS)
+        missing = sorted({"bitsandbytes", "error", "reason", "reproducer"} - set(entry))
+        if unknown or missing:
+            raise UpstreamListError(f"{where}: " + "; ".join(
+                ([f"unknown field(s) {unknown}"] if unknown else []) + ([f"missing field(s) {missing}"] if missing else []))
+                + f"; the fields are {sorted(_FIELDS - {'key'})}")
+        try:
+            in_range("0", entry["bitsandbytes"])
+        except ValueError as exc:
+            raise UpstreamListError(f"{where}: {exc}") from None
+        feature = entry.get("cpu_feature")
+        if feature is not None and feature not in CPU_FEATURES:
+            raise UpstreamListError(f"{where}: unknown cpu_feature {feature!r}; one of {list(CPU_FEATURES)}")
+        out.append(KnownFailure(**entry))
+    return out
+
+
+def load(path: str | Path = LIST_PATH) -> list[KnownFailure]:
+    """The shipped list (empty when the checkout has none: then nothing is known and such cases fail)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    return parse(p.read_text(encoding="utf-8"), str(p))
+
+
+def find(entries: Iterable[KnownFailure], key: str, bnb_version: str,
+         has_feature: Callable[[str], bool]) -> KnownFailure | None:
+    """The entry listing ``key`` for this bitsandbytes version and CPU, if any."""
+    for e in entries:
+        if e.key == key and e.applies(bnb_version, has_feature):
+            return e
+    return None
