@@ -257,7 +257,8 @@ def broken_twin_tests(broken: Mapping[str, Any], areas: Iterable[str]) -> tuple[
     def test_passes_on_reference(clause_id: str, record_property: Callable[[str, object], None]) -> None:
         res = run_clause(get(clause_id), ReferenceImplementation())
         record_property("measurements", res.measurements)
-        assert res.outcome == "passed", res.message
+        # xfailed: every case passed but those bitsandbytes itself fails as xfails/bitsandbytes.ini lists
+        assert res.outcome in ("passed", "xfailed"), res.message
 
     @pytest.mark.parametrize("clause_id", sorted(broken))
     def test_fails_on_broken(clause_id: str) -> None:

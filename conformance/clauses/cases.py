@@ -208,6 +208,17 @@ def base_cases(bits: int, *, dtypes: tuple[torch.dtype, ...] = (torch.float32,))
     return out
 
 
+def packed_cases(bits: int) -> list[BaseCase]:
+    """Bases with bitsandbytes' CPU packed layout on (4-bit only; a shape it repacks: out_features a multiple of
+    32, in_features of the blocksize): one per compute dtype, quant type and double quant alternating, a
+    different storage dtype each. Skipped where the layout does not exist (``BaseCase.unavailable``)."""
+    if bits != 4:
+        return []
+    combos = ((QUANT_TYPES[0], False), (QUANT_TYPES[1], True), (QUANT_TYPES[0], True))
+    return [BaseCase(4, 64, 64, quant_type=qt, double_quant=dq, compute_dtype=d, weight_dtype=STORAGE_DTYPES[(i + 1) % 3],
+                     cpu_packed=True) for i, (d, (qt, dq)) in enumerate(zip(COMPUTE_DTYPES, combos))]
+
+
 def with_storage_dtypes(bases: Sequence[BaseCase]) -> list[BaseCase]:
     """``bases`` with the storage-dtype axis combined in (not a product): case ``i`` gets
     ``STORAGE_DTYPES[(i + i // 3) % 3]``, so over a list ordered by compute dtype (``base_cases``) every

@@ -11,6 +11,7 @@ from conformance import numerics
 from conformance.clauses import cases
 from conformance.clauses.clause import check
 from conformance.clauses.observe import recorded_warnings
+from conformance.quant import layers as qlayers
 from conformance.quant.torchnames import dtype_name
 
 if TYPE_CHECKING:
@@ -29,9 +30,11 @@ def _x(ctx: CheckContext, lead: tuple[int, ...], n: int, dtype: torch.dtype, off
 
 def _forward_cases(bits: int) -> list[cases.BaseCase]:
     """Every base case with every compute dtype, a square layer per compute dtype, the storage-dtype axis
-    combined in (``with_storage_dtypes``)."""
+    combined in (``with_storage_dtypes``), then the bases with bitsandbytes' CPU packed layout on
+    (``packed_cases``: their first eval-mode forward repacks them)."""
     square = [cases.BaseCase(bits, *cases.ORIENTATION_SHAPES[1], compute_dtype=d) for d in cases.COMPUTE_DTYPES]
-    return cases.with_storage_dtypes(cases.base_cases(bits, dtypes=cases.COMPUTE_DTYPES) + square)
+    return cases.with_storage_dtypes(cases.base_cases(bits, dtypes=cases.COMPUTE_DTYPES) + square) + \
+        cases.packed_cases(bits)
 
 
 def check_output(ctx: CheckContext, label: str, y: torch.Tensor, lead: tuple[int, ...], out_features: int,
@@ -70,7 +73,7 @@ def check_oracle(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         for ai, acase in enumerate(cases.adapter_cases(method)):
             for i, case in enumerate(_forward_cases(bits)):
-                modes = (True, False) if bits == 8 else (True,)
+                modes = (True, False) if bits == 8 or case.cpu_packed else (True,)
                 for training in modes:
                     if not ctx.supports(acase.params, f"{acase.label} on {case.label}"):
                         continue  # counted per case
@@ -92,6 +95,17 @@ def check_oracle(ctx: CheckContext) -> None:
                             y = layer(x)
                         check_output(ctx, label, y, lead, case.out_features, case.compute_dtype)
                         r = exp.ratio(y)
+                        if case.cpu_packed and not training:  # the second eval forward runs on the repacked base
+                            with torch.no_grad():
+                                exp2 = numerics.layer_expected(layer, method, "default", acase.params, x)
+                            with torch.inference_mode():
+                                y2 = layer(x)
+                            check_output(ctx, f"{label}, second forward", y2, lead, case.out_features,
+                                         case.compute_dtype)
+                            r = max(r, exp2.ratio(y2))
+                            ctx.measure("forwards_on_packed_layout",
+                                        int(ctx.measurements.get("forwards_on_packed_layout", 0))
+                                        + int(qlayers.is_cpu_packed(layer.base_layer)))
                         if case.weight_dtype is not None:
                             ctx.measure_max(f"ratio.{method}.{bits}bit.stored-{dtype_name(case.weight_dtype)}", r)
                         if acase.params.get("lora_bias"):

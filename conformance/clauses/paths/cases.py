@@ -10,6 +10,11 @@ PACKABLE_SHAPES = ((64, 64), (64, 96))
 #: the one listed bitsandbytes failure drawn on purpose: out_features 48 asserts in the repack
 REFUSED_SHAPE = (64, 48)
 
+#: methods whose trainable transform of the input comes before the base layer (OFT: x R, then the base; OFT paper
+#: arXiv:2306.07280, peft v0.21.2 src/peft/tuners/oft/layer.py forward): in training the base's input requires grad
+#: even when the layer's input does not
+ROTATES_INPUT = frozenset({"oft"})
+
 #: the steps of PATH-SEQUENCE, in order
 STEPS = ("eval no_grad", "eval no_grad again", "eval inference_mode", "train", "train input grad", "delta",
          "merge", "merged eval", "unmerge", "unmerged eval")
