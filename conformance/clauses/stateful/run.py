@@ -177,7 +177,7 @@ def _run_case(impl: Implementation, device: str, method: str, bits: int, n_ex: i
         result.errors.append(f"{method}/{bits}bit: not run: the CUDA context broke in an earlier case")
         return
     cs = Stats(shrink_s=shrink)
-    machine = make_machine(impl, configs_for(method, bits), device, cs, exclude_invalid)
+    machine = make_machine(impl, configs_for(method, bits, device), device, cs, exclude_invalid)
     if seed is not None:
         machine = hypothesis_seed(seed)(machine)
     label = f"{method}/{bits}bit"
