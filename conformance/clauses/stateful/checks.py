@@ -67,7 +67,9 @@ def shortfall(clause: str, run: sr.RunResult) -> str | None:
     if run.mean_steps < need_steps:
         reasons.append(f"exploring examples ran {run.mean_steps:.1f} steps on average (floor {need_steps:.1f} of "
                        f"the {run.steps_per_example} budgeted): the implementation ended "
-                       f"{run.stats.ended_early} examples early (a step raised or was refused)")
+                       f"{run.stats.ended_early} examples early (a step raised or was refused)"
+                       + "".join(f"; bitsandbytes' listed failure {k} ended {n} examples"
+                                 for k, (n, _) in sorted(run.stats.upstream.items())))
     reached = sum(run.stats.reached.get(clause, {}).values())
     if reached < int(floor["reached"]):  # type: ignore[call-overload]
         ops: Any = floor["ops"]
