@@ -818,6 +818,20 @@ def test_packed_configs_are_appended_and_round_trip(monkeypatch: pytest.MonkeyPa
         assert sc.configs_for(method, 8, "cpu") == sc.configs_for(method, 8, "cuda")
 
 
+def test_a_packed_reproducer_says_where_it_cannot_replay(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A reproducer of a packed base run where the layout does not exist ends with one line and exit status 2."""
+    from conformance.clauses.stateful.reproducer import reproduce
+
+    _packed_available(monkeypatch, True)
+    cfg = sc.configs_for("lora", 4)[4].to_dict()
+    _packed_available(monkeypatch, False)
+    assert reproduce(_REF, OUTPUT, cfg, [{"op": "set_mode", "training": False}], "cpu") == 2
+    out = capsys.readouterr().out
+    assert "cannot replay here: bitsandbytes' CPU packed layout does not exist on this CPU" in out, out
+    assert "Traceback" not in out
+
+
 def test_a_repack_is_followed_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """bitsandbytes' repack (codes kept, absmax rounded to bfloat16) is not the adapter layer's change: the model
     adopts the repacked weights within the repack's bound; codes or absmax changed beyond it are BASE violations."""
