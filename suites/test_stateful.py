@@ -896,6 +896,38 @@ def test_an_unmerge_hidden_by_a_repack_is_bounded_without_the_lost_statistics(mo
             assert 0 < d.stats.worst[cid] <= 1, (cid, cfg.label, d.stats.worst)
 
 
+def test_a_grad_forward_raising_inside_bitsandbytes_on_a_packed_base_is_the_listed_situation(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a packed base, a training step (or a forward under grad) that raises inside bitsandbytes ends as the
+    listed situation (counted, not a violation to shrink); the same exception under no_grad is a VALID violation."""
+    import bitsandbytes as bnb
+
+    from conformance.clauses.stateful.driver import Driver
+    from conformance.core import upstream
+
+    entry = next(e for e in upstream.load() if e.key == sc.PACKED_TRAIN_GRAD)
+
+    def raising_kernel(*args: Any, **kwargs: Any) -> torch.Tensor:  # stands in for the packed CPU kernel's raise
+        raise RuntimeError(entry.error)
+
+    _packed_available(monkeypatch, True)
+    monkeypatch.setattr(bnb.functional, "gemv_4bit", raising_kernel)
+    cfg = sc.configs_for("oft", 4)[4]
+    steps = ({"op": "train_step", "lead": [3], "seed": 2, "lr": ops.LR, "max_norm": ops.MAX_GRAD_NORM},
+             {"op": "forward", "lead": [3], "dtype": "float32", "grad_mode": "grad", "seed": 1},
+             {"op": "forward", "lead": [3], "dtype": "float32", "grad_mode": "no_grad", "seed": 1})
+    for step, listed in zip(steps, (True, True, False), strict=True):
+        d = Driver(_REF, cfg)
+        _repack(d.layer.base_layer)
+        with pytest.raises(sc.Violation) as err:
+            ops.run_step(d, dict(step))
+        assert isinstance(err.value, sc.UpstreamFailure) is listed, (step, err.value)
+        assert err.value.clause == VALID and entry.error in err.value.message
+        assert d.stats.upstream == ({sc.PACKED_TRAIN_GRAD: [1, err.value.message]} if listed else {})
+        assert d.stats.steps_on_packed_layout == 1
+        assert (err.value.key in d.stats.best) is not listed  # a violation is recorded, the listed situation not
+
+
 def test_a_listed_bitsandbytes_failure_is_xfailed_only_when_listed(monkeypatch: pytest.MonkeyPatch) -> None:
     """A step that met the listed situation is reported by STATE-VALID-NEVER-RAISES as that listed failure
     (xfailed) when the shipped list covers the running bitsandbytes here, as a failure otherwise; it is never

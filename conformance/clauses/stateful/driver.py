@@ -56,8 +56,9 @@ _BNB_DIR = os.path.dirname(os.path.abspath(bnb.__file__)) + os.sep
 
 
 def _raised_in_bitsandbytes(tb: traceback.StackSummary) -> bool:
-    """Whether the innermost Python frame of a traceback is bitsandbytes' own code."""
-    return bool(tb) and os.path.abspath(tb[-1].filename).startswith(_BNB_DIR)
+    """Whether an exception went through bitsandbytes' own code (a frame of its package in the traceback: the
+    innermost Python frame may be torch's op dispatch or autograd below it)."""
+    return any(os.path.abspath(frame.filename).startswith(_BNB_DIR) for frame in tb)
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> str:
