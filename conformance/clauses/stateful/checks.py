@@ -11,11 +11,15 @@ clauses: one worker batch, one implementation's checks, one test), and each clau
   declared capabilities (``FLOORS[clause]["ops"]``, ``conformance.clauses.stateful.ops.OPS[op].needs``);
 - ``inconclusive``: the run fell short of the clause's floor (``conformance.clauses.stateful.declare.FLOORS``):
   exploring examples ended early (a step raised or was refused) or its ops reached its invariant too rarely;
+- ``xfailed``: (STATE-VALID-NEVER-RAISES) valid steps raised only inside bitsandbytes, in a situation its shipped
+  list (``xfails/bitsandbytes.ini``, ``CheckContext.known_upstream``) names for the running bitsandbytes on this
+  CPU (``config.UpstreamFailure``: a forward with grad on a base in the CPU packed layout); not listed, they fail;
 - ``passed`` otherwise.
 
 Budget: ``ctx.budget.stateful_examples`` / ``stateful_steps`` / ``stateful_shrink_s`` (CI default).
 Measurements: examples, steps, exploring examples/steps and steps per example, steps per op, the
-ops reaching the clause's invariant, the worst ratio of the bounded clauses and the run's wall time.
+ops reaching the clause's invariant, the worst ratio of the bounded clauses, the steps run on a base in
+bitsandbytes' CPU packed layout and the repacks, and the run's wall time.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from conformance.clauses.clause import check
 from conformance.clauses.stateful import run as sr
+from conformance.clauses.stateful.config import Stats
 from conformance.clauses.stateful.declare import DRIFT, FLOORS, INVALID, MERGE, OUTPUT, STATE_IDS, UNMERGE, VALID
 from conformance.clauses.stateful.ops import OPS, declared
 
@@ -62,13 +67,24 @@ def shortfall(clause: str, run: sr.RunResult) -> str | None:
     if run.mean_steps < need_steps:
         reasons.append(f"exploring examples ran {run.mean_steps:.1f} steps on average (floor {need_steps:.1f} of "
                        f"the {run.steps_per_example} budgeted): the implementation ended "
-                       f"{run.stats.ended_early} examples early (a step raised or was refused)")
+                       f"{run.stats.ended_early} examples early (a step raised or was refused)"
+                       + "".join(f"; bitsandbytes' listed failure {k} ended {n} examples"
+                                 for k, (n, _) in sorted(run.stats.upstream.items())))
     reached = sum(run.stats.reached.get(clause, {}).values())
     if reached < int(floor["reached"]):  # type: ignore[call-overload]
         ops: Any = floor["ops"]
         what = "steps" if "*" in ops else "/".join(ops) + " steps"
         reasons.append(f"{what} reached the clause's invariant {reached} times (floor {floor['reached']})")
     return "; ".join(reasons) or None
+
+
+def upstream_cases(ctx: CheckContext, s: Stats) -> None:
+    """One case per situation of a listed bitsandbytes failure the run met (``Stats.upstream``): ``xfailed`` when
+    the list covers it here and its error text matches, failed otherwise (``CheckContext.case``)."""
+    for situation, (n, message) in sorted(s.upstream.items()):
+        ctx.measure(f"steps_meeting_{situation}", n)
+        with ctx.case(f"stateful {situation}", known=ctx.known_upstream(situation)):
+            ctx.fail(f"{n} valid step(s) raised inside bitsandbytes ({situation}); the first: {message}")
 
 
 def report(ctx: CheckContext) -> None:
@@ -88,6 +104,8 @@ def report(ctx: CheckContext) -> None:
     ctx.measure("steps_per_op", dict(sorted(s.ops.items())))
     ctx.measure("reached_by_op", dict(sorted(s.reached.get(cid, {}).items())))
     ctx.measure("machine_wall_s", run.wall_s)
+    ctx.measure("steps_on_packed_layout", s.steps_on_packed_layout)
+    ctx.measure("repacks", s.repacks)
     ctx.measure("budget", {"examples": run.examples_per_case, "steps": run.steps_per_example,
                            "shrink_s": ctx.budget.stateful_shrink_s})
     if cid in _BOUNDED and cid in s.worst:
@@ -101,6 +119,8 @@ def report(ctx: CheckContext) -> None:
                 ctx.note(n)
     if run.errors and cid == VALID:
         ctx.fail("the state machine itself failed: " + " | ".join(run.errors))
+    if cid == VALID:
+        upstream_cases(ctx, s)
     fails = run.failures.get(cid, [])
     if fails:
         ctx.measure("reproducer", fails[0].reproducer)

@@ -23,9 +23,17 @@ import torch
 from conformance.clauses.cases import BaseCase, OnBase
 from conformance.clauses.stateful.declare import STATE_IDS
 from conformance.core.vocabulary import params_needing
+from conformance.quant import layers as qlayers
 
 #: (in_features, out_features): out_features not a power of two (a non-square layer)
 SHAPES = ((64, 40), (32, 24))
+#: (in_features, out_features, blocksize) of the bases with bitsandbytes' CPU packed layout switched on: a shape
+#: bitsandbytes 0.50.2 can repack (``quant.layers.cpu_packed_shape_refusal``: out_features a multiple of 32, the
+#: blocksize dividing in_features); the shapes above stay in the standard layout (40 and 24 rows assert)
+PACKED_SHAPE = (64, 64, 64)
+#: the situation of a listed bitsandbytes failure the driver recognises (``xfails/bitsandbytes.ini``): a valid
+#: forward with grad on a base in the packed layout raising inside bitsandbytes
+PACKED_TRAIN_GRAD = "cpu-packed-train-grad"
 LORA_VARIANTS: tuple[dict[str, Any], ...] = (
     {"r": 4, "lora_alpha": 8.0, "init_lora_weights": False},
     {"r": 2, "lora_alpha": 4.0, "init_lora_weights": False, "use_rslora": True},
@@ -75,6 +83,26 @@ class Violation(AssertionError):
     def key(self) -> tuple[str, str]:
         """(clause, step kind): what makes two violations of one (method, bits) case distinct."""
         return self.clause, self.kind
+
+
+class UpstreamFailure(Violation):
+    """A valid step that raised inside bitsandbytes in a situation bitsandbytes is listed as failing in
+    (``situation``, a key of ``xfails/bitsandbytes.ini``): the example ends with a fresh layer as after a recorded
+    violation, but it is neither recorded as a violation nor shrunk (``Stats.raises``); the step's clause
+    (``clause``) reports it from ``Stats.upstream``, as the listed failure when ``CheckContext.known_upstream``
+    lists it for the running bitsandbytes, as a violation otherwise."""
+
+    situation: str = ""
+
+    def __init__(self, clause: str, situation: str, message: str, trace: list[dict[str, Any]] | None = None,
+                 config: dict[str, Any] | None = None) -> None:
+        self.clause, self.situation = clause, situation
+        super().__init__(message, trace, config)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Distinct from every violation's key (a replay that meets it does not show the violation it shrinks)."""
+        return self.clause, f"{self.kind} [bitsandbytes {self.situation}]"
 
 
 VIOLATIONS: dict[str, type[Violation]] = {
@@ -140,10 +168,11 @@ class MachineConfig(OnBase):
     @classmethod
     def make(cls, method: str, bits: int, in_features: int = 64, out_features: int = 40, quant_type: str = "nf4",
              double_quant: bool = False, blocksize: int = 64, bias: bool = True, variant: int = 0,
-             seed: int = 0) -> MachineConfig:
-        """A config from its flat description (float32 compute dtype, float32 weight)."""
+             seed: int = 0, cpu_packed: bool = False) -> MachineConfig:
+        """A config from its flat description (float32 compute dtype, float32 weight; ``cpu_packed``: bitsandbytes'
+        CPU packed layout switched on, ``cases.BaseCase.cpu_packed``)."""
         return cls(method, BaseCase(bits, in_features, out_features, quant_type=quant_type, blocksize=blocksize,
-                                    double_quant=double_quant, bias=bias), variant, seed)
+                                    double_quant=double_quant, bias=bias, cpu_packed=cpu_packed), variant, seed)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MachineConfig:
@@ -161,19 +190,27 @@ class MachineConfig(OnBase):
 
     @property
     def label(self) -> str:
-        return f"{self.method}-{self.base.quant_label}-{self.base.shape_label}-v{self.variant}"
+        packed = "-cpupacked" if self.base.cpu_packed else ""
+        return f"{self.method}-{self.base.quant_label}-{self.base.shape_label}{packed}-v{self.variant}"
 
 
-def configs_for(method: str, bits: int) -> list[MachineConfig]:
-    """The base layers a (method, bits) machine draws from: both shapes, NF4/FP4, double quant."""
+def configs_for(method: str, bits: int, device: str = "cpu") -> list[MachineConfig]:
+    """The base layers a (method, bits) machine on ``device`` draws from: both shapes, NF4/FP4, double quant; on a
+    CPU whose bitsandbytes repacks 4-bit layers (``quant.layers.cpu_packed_layout_available``: AVX512-BF16), also
+    bases with that packed layout switched on (appended: the list elsewhere is unchanged, and so are the draws)."""
     if bits == 8:
         return [MachineConfig.make(method, 8, i, o) for (i, o) in SHAPES]
     # blocksize divides in_features: bitsandbytes 0.50.2's CPU dequantize_4bit is wrong otherwise
     # (the packed bytes are right, the dequantized weights are not)
-    return [MachineConfig.make(method, 4, 64, 40, "nf4", False, 64),
-            MachineConfig.make(method, 4, 32, 24, "fp4", True, 32),
-            MachineConfig.make(method, 4, 64, 40, "fp4", False, 64),
-            MachineConfig.make(method, 4, 32, 24, "nf4", True, 32)]
+    out = [MachineConfig.make(method, 4, 64, 40, "nf4", False, 64),
+           MachineConfig.make(method, 4, 32, 24, "fp4", True, 32),
+           MachineConfig.make(method, 4, 64, 40, "fp4", False, 64),
+           MachineConfig.make(method, 4, 32, 24, "nf4", True, 32)]
+    if torch.device(device).type == "cpu" and qlayers.cpu_packed_layout_available():
+        i, o, bs = PACKED_SHAPE
+        out += [MachineConfig.make(method, 4, i, o, "nf4", False, bs, cpu_packed=True),
+                MachineConfig.make(method, 4, i, o, "fp4", True, bs, cpu_packed=True)]
+    return out
 
 
 def _size(trace: Sequence[dict[str, Any]]) -> tuple[int, int]:
@@ -218,6 +255,12 @@ class Stats:
     stopped: bool = False
     #: set when a step raised a CUDA fault: the context is broken, the run stops (see Stats.tick)
     cuda_fault: str | None = None
+    #: steps that started with the base in bitsandbytes' CPU packed layout (``quant.layers.is_cpu_packed``)
+    steps_on_packed_layout: int = 0
+    #: forwards in which bitsandbytes repacked the base into that layout (the model followed, ``Driver.follow_repack``)
+    repacks: int = 0
+    #: per listed situation (:class:`UpstreamFailure`): [how many steps met it, the first one's message]
+    upstream: dict[str, list[Any]] = field(default_factory=dict)
 
     def start_example(self) -> None:
         self.examples += 1
@@ -239,7 +282,12 @@ class Stats:
 
     def raises(self, v: Violation) -> bool:
         """Whether ``v`` ends the example (a shrink pass's target) rather than being recorded and left behind."""
-        return self.target is not None and v.key in self.target
+        return self.target is not None and not isinstance(v, UpstreamFailure) and v.key in self.target
+
+    def met_upstream(self, f: UpstreamFailure) -> None:
+        """Count a step that met a listed bitsandbytes failure (its first message is kept)."""
+        entry = self.upstream.setdefault(f.situation, [0, f.message])
+        entry[0] += 1
 
     def tick(self) -> None:
         if self.cuda_fault is not None:
@@ -268,8 +316,11 @@ class Stats:
 
     def add(self, other: Stats) -> None:
         """Fold a case's counters into this (the run's total)."""
-        for name in ("examples", "steps", "explore_examples", "explore_steps", "ended_early", "shrink_passes"):
+        for name in ("examples", "steps", "explore_examples", "explore_steps", "ended_early", "shrink_passes",
+                     "steps_on_packed_layout", "repacks"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        for key, (n, message) in other.upstream.items():
+            self.upstream.setdefault(key, [0, message])[0] += n
         for k, n in other.ops.items():
             self.ops[k] = self.ops.get(k, 0) + n
         for cid, by_op in other.reached.items():

@@ -10,11 +10,13 @@ unchanged, adapters preserved); steps whose result the model predicts add their 
 
 from __future__ import annotations
 
+import os
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 
@@ -26,9 +28,11 @@ from conformance.quant import layers as qlayers
 from conformance.quant.torchnames import dtype_of
 
 from .config import (
+    PACKED_TRAIN_GRAD,
     MachineConfig,
     Stats,
     StepNotApplicable,
+    UpstreamFailure,
     Violation,
     seed_for,
     step_kind,
@@ -36,7 +40,7 @@ from .config import (
     variants,
     violation_type,
 )
-from .model import AdapterModel, LogicalModel, _ratio, copy_tensors
+from .model import AdapterModel, LogicalModel, _ratio, copy_tensors, repack_bound
 
 #: ops after which the base weights legitimately changed (their own checks bound the change)
 BASE_CHANGING = ("merge", "unmerge")
@@ -46,6 +50,15 @@ def _is_cuda_fault(exc: BaseException) -> bool:
     """A CUDA error that poisons the context (illegal memory access, launch failure, ...)."""
     text = f"{type(exc).__name__}: {exc}"
     return type(exc).__name__ == "AcceleratorError" or "CUDA error" in text
+
+
+_BNB_DIR = os.path.dirname(os.path.abspath(bnb.__file__)) + os.sep
+
+
+def _raised_in_bitsandbytes(tb: traceback.StackSummary) -> bool:
+    """Whether an exception went through bitsandbytes' own code (a frame of its package in the traceback: the
+    innermost Python frame may be torch's op dispatch or autograd below it)."""
+    return any(os.path.abspath(frame.filename).startswith(_BNB_DIR) for frame in tb)
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -79,6 +92,8 @@ class Driver:
         #: CPU<->CUDA moves: only in a machine run for CUDA (a CPU run on a GPU host never touches CUDA)
         self.moves = str(device).startswith("cuda") and torch.cuda.is_available() and self.has("cuda")
         self._checked_at = -1
+        #: a base with the example's settings in bitsandbytes' standard layout (built when a packed base needs it)
+        self._standard: nn.Module | None = None
         self.trace.append({"op": "create", **config.to_dict()})
         if verbose:
             verbose(render_step(self.trace[-1]))
@@ -163,6 +178,24 @@ class Driver:
         return found
 
     @property
+    def snap(self) -> qlayers.LayerSnapshot:
+        """The base layer's bytes as last seen (or adopted); ``snap_packed``: whether it was in bitsandbytes' CPU
+        packed layout then."""
+        return self._snap
+
+    @snap.setter
+    def snap(self, value: qlayers.LayerSnapshot) -> None:
+        self._snap = value
+        self.snap_packed = qlayers.is_cpu_packed(self.layer.base_layer)
+
+    def standard_base(self) -> nn.Module:
+        """A base with the example's quantization settings in bitsandbytes' standard layout (never run): what a
+        bound needs from the settings of a requantization that a repack in the same forward hid."""
+        if self._standard is None:
+            self._standard = self.fresh_base()
+        return self._standard
+
+    @property
     def settings(self) -> dict[str, Any]:
         """The base layer's quantization settings as created (every requantization keeps them)."""
         return self._settings
@@ -173,6 +206,8 @@ class Driver:
 
         self.trace.append(step)
         self.stats.op(step["op"])
+        if self.config.base.cpu_packed and qlayers.is_cpu_packed(self.layer.base_layer):
+            self.stats.steps_on_packed_layout += 1
         if self.verbose:
             self.verbose(render_step(step))
 
@@ -184,6 +219,22 @@ class Driver:
         if self.recording:
             self.stats.record(v)
         raise v
+
+    def met_upstream(self, clause: str, situation: str, message: str) -> None:
+        """End the step as a listed bitsandbytes failure (:class:`~.config.UpstreamFailure`), counted in
+        ``Stats.upstream``; the example goes on with a fresh layer."""
+        from .ops import render_step
+
+        f = UpstreamFailure(clause, situation, f"[{self.config.label}, step {len(self.trace) - 1}: "
+                                               f"{render_step(self.trace[-1])}] {message}", self.trace,
+                            self.config.to_dict())
+        self.stats.met_upstream(f)
+        raise f
+
+    def grad_forward(self) -> bool:
+        """Whether the step being run is a forward with grad enabled (a training step, a forward under grad)."""
+        step = self.trace[-1]
+        return step["op"] == "train_step" or (step["op"] == "forward" and step.get("grad_mode") == "grad")
 
     def bounded(self, clause: str, ratio: float, message: Callable[[], str]) -> None:
         """Record ``ratio`` (observed / analytic bound) for ``clause``; a violation unless it is <= 1 (NaN fails).
@@ -197,6 +248,7 @@ class Driver:
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run a valid step's call on the layer; any exception is a STATE-VALID-NEVER-RAISES violation."""
         self.stats.reach(VALID, self.op)
+        packed = self.config.base.cpu_packed and qlayers.is_cpu_packed(self.layer.base_layer)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -216,6 +268,13 @@ class Driver:
             where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
             if _is_cuda_fault(exc):
                 self.stats.cuda_fault = f"valid step {what} ({render_step(self.trace[-1])}) raised {exc}"
+            if packed and self.grad_forward() and _raised_in_bitsandbytes(tb):
+                # bitsandbytes 0.50.2 autograd/_functions.py matmul_4bit: once repacked, a forward whose input
+                # requires grad raises in the packed CPU branch (an OFT layer's rotated input does); the check
+                # reports it as the listed failure when the list covers this bitsandbytes (checks.report)
+                self.met_upstream(VALID, PACKED_TRAIN_GRAD,
+                                  f"valid step {what} on a base in bitsandbytes' CPU packed layout raised inside "
+                                  f"bitsandbytes {type(exc).__name__}: {exc}{where}")
             self.fail(VALID, f"valid step {what} raised {type(exc).__name__}: {exc}{where}")
 
     # -- the invariants ---------------------------------------------------------------------
@@ -262,6 +321,8 @@ class Driver:
     def check_base(self, where: str = "") -> None:
         self.stats.reach(BASE, self.op)
         base = self.layer.base_layer
+        if not self.snap_packed and self.config.base.cpu_packed and qlayers.is_cpu_packed(base):
+            self.follow_repack(where)
         try:
             snap = qlayers.snapshot(base)
         except Exception as exc:
@@ -282,6 +343,35 @@ class Driver:
             diff = "n/a" if b is None or self.model.b is None else f"{float((b - self.model.b).abs().max()):.3g}"
             self.fail(BASE, f"{where}the base bias changed (max |diff| {diff})")
 
+    def follow_repack(self, where: str = "") -> None:
+        """bitsandbytes repacked the base in a forward of this step (``Linear4bit.forward`` on a CPU with
+        AVX512-BF16: ``functional._convert_weight_packed_for_cpu``, bitsandbytes 0.50.2): the 4-bit codes are kept
+        and the absmax is rounded to bfloat16, which is bitsandbytes', not the adapter layer's, doing. Checked
+        (STATE-BASE-UNCHANGED-WITHOUT-MERGE) as exactly that: the codes read back in the standard layout
+        (``quant.layers.standard_layout``) are the bytes seen before, and the dequantized weights moved by at
+        most the absmax rounding (:func:`.model.repack_bound`). The model then follows, as it follows the 8-bit
+        bias cast (:meth:`bnb8_bias_cast`): its weights are the repacked ones and the anchor/orig chains widen by
+        the repack's bound."""
+        base = self.layer.base_layer
+        self.stats.repacks += 1
+        data, _ = qlayers.standard_layout(base)
+        codes = data.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        before = self.snap.tensors["weight"]
+        if not (codes.shape == before.shape and codes.equal(before)):
+            self.fail(BASE, f"{where}the base layer's 4-bit codes changed in a step that merged nothing (read back "
+                            "from bitsandbytes' CPU packed layout, which keeps them)")
+        w = numerics.base_weights(base)[0]
+        e = repack_bound(base)
+        r, at = _ratio(w, self.model.w, e, "weight", None, None, None)
+        self.bounded(BASE, r, lambda: (f"{where}the base layer's weights moved by more than bitsandbytes' CPU "
+                                       f"repack rounds them (absmax to bfloat16): {at}"))
+        for ch in (self.model.anchor, self.model.orig):
+            if ch is not None:
+                ch.ew = ch.ew + e
+        self.model.w = w
+        self.snap = qlayers.snapshot(base)
+        self.stats.notes.add("4-bit: a forward repacked the base into bitsandbytes' CPU packed layout (bitsandbytes)")
+
     # -- what the model predicts ------------------------------------------------------------
     def check_output(self, y: Any, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> None:
         if not isinstance(y, torch.Tensor):
@@ -290,7 +380,14 @@ class Driver:
             self.fail(OUTPUT, f"output shape {tuple(y.shape)}, expected {(*x.shape[:-1], self.config.out_features)}")
         if y.dtype != x.dtype:
             self.fail(OUTPUT, f"output dtype {y.dtype} for a {x.dtype} input")
-        exp = self.model.expected(self.layer.base_layer, x, adapter_names)
+        base = self.layer.base_layer
+        training = None
+        if self.config.base.cpu_packed and not qlayers.is_cpu_packed(base) and qlayers.repacks_on_eval(base):
+            # the forward just run left the base in the standard layout, so it ran the standard kernel (an
+            # eval-mode forward whose base input needed grad does not repack); for a 4-bit base ``training``
+            # only decides whether ``linear_expected`` models the packed kernel (``quant.layers.forward_is_packed``)
+            training = True
+        exp = self.model.expected(base, x, adapter_names, training=training)
         self.bounded(OUTPUT, exp.ratio(y), lambda: (
             f"output differs from the float64 model beyond the analytic bound: {exp.describe(y)}; state: "
             f"active={self.model.active}, merged={self.model.merged}, disabled={self.model.disabled}, "
@@ -322,7 +419,10 @@ class Driver:
             # written before the cast, in the dtype the bias had (the reference) or in float32 (PEFT promotes a
             # float16 bias when it adds the float32 lora_B.bias), then rounded to the input dtype (modelled exactly)
             dtypes = tuple(dt for dt in (bias_before, torch.float32) if dt is not None)
-        chains = self.model.run_ops(names, sign, base, dtypes, bias_cast)
+        # a forward that unmerged may have repacked the base afterwards (its eval-mode base forward): the
+        # requantization's own state is hidden then, its bound is taken from the exact weights (model.run_ops)
+        standard = self.standard_base() if qlayers.is_cpu_packed(base) else None
+        chains = self.model.run_ops(names, sign, base, dtypes, bias_cast, standard)
         r, where = chains["step"].ratio(w_act, b_act)
         self.bounded(MERGE, r, lambda: (
             f"{what} of {list(names)}: stored weights are not dequantize -> {'apply' if sign > 0 else 'remove'} "

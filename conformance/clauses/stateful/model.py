@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import bitsandbytes as bnb  # noqa: F401  (quant_state types)
@@ -40,9 +40,10 @@ from conformance.numerics.ratio import stored_vs_exact as _ratio
 from conformance.numerics.requant import requant_bound_from_exact
 from conformance.numerics.rounding import U32
 from conformance.quant import bounds as qbounds
+from conformance.quant import layers as qlayers
 
 __all__ = ["AdapterModel", "Chain", "LogicalModel", "_ratio", "apply_op", "cast_chain", "copy_tensors",
-           "requant_bound_from_exact"]
+           "repack_bound", "requant_bound_from_exact"]
 
 
 def _u(dtype: torch.dtype) -> float:
@@ -161,6 +162,28 @@ def cast_chain(chain: Chain, dtype: torch.dtype) -> Chain:
     return Chain(chain.w, chain.ew, (rlo + rhi) / 2, (rhi - rlo) / 2)
 
 
+def repack_bound(base: nn.Module) -> torch.Tensor:
+    """Bound on how far bitsandbytes' CPU repack moved the dequantized weights of ``base`` (a repacked 4-bit layer).
+
+    The repack (bitsandbytes 0.50.2 ``functional._convert_weight_packed_for_cpu``) keeps the 4-bit codes ``c`` and
+    rounds each block's absmax ``a`` (float32; a double-quantized one dequantized first) to bfloat16: ``a' = bf16(a)``,
+    so ``|a - a'| <= e = u_bf16 |a'| / (1 - u_bf16)``. A weight dequantizes to ``c a`` rounded to float32 and then to
+    the storage dtype (relative error at most ``k = (1 + u32)(1 + u_s) - 1``, ``u_s`` 0 for float32 storage), so
+    ``|W' - W| <= |c| e + k |c| (|a| + |a'|) <= cmax (e + k (2 |a'| + e))`` with ``cmax`` the code's largest
+    magnitude (``quant_state.code``). ``a'`` is what the layer stores now (``quant.layers.standard_layout``)."""
+    _, state = qlayers.standard_layout(base)
+    a = state.absmax.double().cpu().abs()
+    ub = qbounds.unit_roundoff(torch.bfloat16)
+    e = a * (ub / (1 - ub))
+    dtype = qlayers.weight_dtype_of(base)
+    us = 0.0 if dtype == torch.float32 else qbounds.unit_roundoff(dtype)
+    k = (1 + U32) * (1 + us) - 1
+    cmax = float(state.code.double().abs().max())
+    per_block = cmax * (e + k * (2 * a + e))
+    out, inn = state.shape
+    return per_block.repeat_interleave(state.blocksize)[: out * inn].reshape(out, inn)
+
+
 # -- the model ----------------------------------------------------------------------------------
 
 @dataclass
@@ -199,12 +222,19 @@ class LogicalModel:
 
     # -- merge / unmerge -------------------------------------------------------------------
     def run_ops(self, names: Sequence[str], sign: int, base_after: nn.Module,
-                bias_dtypes: Sequence[torch.dtype] = (), bias_cast: torch.dtype | None = None) -> dict[str, Chain]:
+                bias_dtypes: Sequence[torch.dtype] = (), bias_cast: torch.dtype | None = None,
+                standard: nn.Module | None = None) -> dict[str, Chain]:
         """Advance step/anchor/orig chains through len(names) requantizations; the last one's
         bound is read from ``base_after`` (observable), earlier ones from the exact weights.
 
         ``bias_dtypes``: the dtypes the call may write the bias in (:func:`apply_op`); ``bias_cast``: the
-        dtype the bias is rounded to after the call (:func:`cast_chain`; an 8-bit forward's re-typing)."""
+        dtype the bias is rounded to after the call (:func:`cast_chain`; an 8-bit forward's re-typing).
+        ``standard``: given when ``base_after`` is in bitsandbytes' CPU packed layout (the forward that unmerged
+        repacked it afterwards), a base with the same settings in the standard layout: the last requantization's
+        state is then hidden too (its bound comes from the exact weights with ``standard``'s settings, as the
+        earlier ones'; a repacked double-quantized layer has lost what ``weight_bound`` reads), and the repack's
+        :func:`repack_bound` is added."""
+        settings = base_after if standard is None else standard
         step = Chain.start(self.w, self.b)
         chains = {"step": step, "anchor": self.anchor, "orig": self.orig}
         w_in, w_in_err = self.w, None
@@ -213,8 +243,12 @@ class LogicalModel:
             chains = {k: apply_op(c, w_in, w_in_err, ad, sign, base_after, bias_dtypes) for k, c in chains.items()}
             last = i == len(names) - 1
             s = chains["step"]
-            q = qbounds.weight_bound(base_after).double().cpu() if last else requant_bound_from_exact(
-                base_after, s.w, s.ew)
+            if last and standard is None:
+                q = qbounds.weight_bound(base_after).double().cpu()
+            else:
+                q = requant_bound_from_exact(settings, s.w, s.ew)
+                if last:
+                    q = q + repack_bound(base_after)
             for c in chains.values():
                 c.ew = c.ew + q
             w_in, w_in_err = s.w, s.ew
@@ -225,13 +259,15 @@ class LogicalModel:
         return chains
 
     # -- forward ---------------------------------------------------------------------------
-    def expected(self, base: nn.Module, x: torch.Tensor, adapter_names: Sequence[str] | None = None
-                 ) -> numerics.Expected:
+    def expected(self, base: nn.Module, x: torch.Tensor, adapter_names: Sequence[str] | None = None,
+                 training: bool | None = None) -> numerics.Expected:
         """Expected output (value, bound) for ``x`` in the current state (merged/disabled aware).
 
-        ``base`` only supplies the base layer's settings (bits, compute dtype, bias dtype); the
-        weights are the model's.
+        ``base`` only supplies the base layer's settings (bits, compute dtype, bias dtype, layout); the
+        weights are the model's. ``training`` overrides the model's mode for ``numerics.linear_expected``.
         """
+        if training is not None:
+            return replace(self, training=training).expected(base, x, adapter_names)
         xd = x.detach().cpu()
         use_adapters = not self.disabled and not self.merged
         if not use_adapters:

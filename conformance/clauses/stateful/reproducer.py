@@ -169,7 +169,7 @@ def reproduce(impl: Implementation, clause: str, config: dict[str, Any], steps: 
     Exit status 1 when the divergence reproduces, 0 when it does not, 2 when the sequence cannot be
     replayed here (a CUDA sequence without a CUDA device, a step the machine could not have drawn).
     """
-    from .config import StepNotApplicable
+    from .config import MachineConfig, StepNotApplicable
     from .shrink import replay
 
     argv = list(argv)
@@ -188,6 +188,10 @@ def reproduce(impl: Implementation, clause: str, config: dict[str, Any], steps: 
         print(f"cannot replay here: the sequence runs on CUDA (device {device!r}"
               f"{', a device move' if any(s['op'] == 'device_move' for s in steps) else ''}) and no CUDA device "
               "is visible")
+        return 2
+    unavailable = MachineConfig.from_dict(config).base.unavailable(device)
+    if unavailable is not None:  # a base with bitsandbytes' CPU packed layout, where that layout does not exist
+        print(f"cannot replay here: {unavailable}")
         return 2
     print(f"implementation {impl.name} {impl.version()} on {device}; replaying {len(steps)} steps")
     try:

@@ -111,6 +111,12 @@ class RunResult:
                  f"example); {s.ended_early} examples ended by a violation; {s.shrink_passes} shrink passes",
                  "worst observed/bound ratios: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(s.worst.items())),
                  "steps run: " + ", ".join(f"{k} {v}" for k, v in sorted(s.ops.items()))]
+        if s.steps_on_packed_layout or s.repacks:
+            lines.append(f"bitsandbytes' CPU packed layout: {s.steps_on_packed_layout} steps on a packed base, "
+                         f"{s.repacks} repacks")
+        for situation, (n, message) in sorted(s.upstream.items()):
+            lines.append(f"bitsandbytes {situation} (listed failure, reported by STATE-VALID-NEVER-RAISES): "
+                         f"{n} steps, the first: {message}")
         if not self.failures and not self.errors:
             lines.append("no violations")
         for cid, fails in self.failures.items():
@@ -177,7 +183,7 @@ def _run_case(impl: Implementation, device: str, method: str, bits: int, n_ex: i
         result.errors.append(f"{method}/{bits}bit: not run: the CUDA context broke in an earlier case")
         return
     cs = Stats(shrink_s=shrink)
-    machine = make_machine(impl, configs_for(method, bits), device, cs, exclude_invalid)
+    machine = make_machine(impl, configs_for(method, bits, device), device, cs, exclude_invalid)
     if seed is not None:
         machine = hypothesis_seed(seed)(machine)
     label = f"{method}/{bits}bit"
