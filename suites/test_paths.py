@@ -210,3 +210,49 @@ def test_copy_of_a_packed_layer_reads_the_same() -> None:
     _repack(layer)
     twin = copy.deepcopy(layer)
     assert torch.equal(qlayers.dequantize(layer), qlayers.dequantize(twin))
+
+
+def _verdict(body: object) -> tuple[str, str]:
+    """The family outcome of a check that runs ``body(ctx)`` (``harness.execute._family_verdict``)."""
+    import dataclasses
+
+    from conformance.clauses.context import CheckContext
+    from conformance.harness.execute import _family_verdict
+
+    clause = dataclasses.replace(get("PATH-SEQUENCE"), check=body)
+    ctx = CheckContext(impl=ReferenceImplementation(), clause=clause, family=("lora", 4))
+    return _family_verdict(ctx, clause)
+
+
+def _listed(ctx: object) -> None:
+    with ctx.case("listed", known=KNOWN):
+        raise RuntimeError("boom from bitsandbytes")
+
+
+def test_a_family_whose_only_non_passing_cases_are_listed_is_xfailed() -> None:
+    def body(ctx: object) -> None:
+        with ctx.case("fine"):
+            pass
+        _listed(ctx)
+
+    outcome, message = _verdict(body)
+    assert outcome == "xfailed" and "bitsandbytes known failure k" in message
+
+
+def test_a_listed_pass_makes_the_family_xpassed_and_a_real_failure_beats_both() -> None:
+    def xpass(ctx: object) -> None:
+        _listed(ctx)
+        with ctx.case("listed but passes", known=KNOWN):
+            pass
+
+    assert _verdict(xpass)[0] == "xpassed"
+
+    def fails(ctx: object) -> None:
+        _listed(ctx)
+        with ctx.case("listed but passes", known=KNOWN):
+            pass
+        with ctx.case("broken"):
+            ctx.fail("outside the bound")
+
+    outcome, message = _verdict(fails)
+    assert outcome == "failed" and "outside the bound" in message
