@@ -161,7 +161,7 @@ def _ctx() -> object:
     return CheckContext(impl=ReferenceImplementation(), clause=get("PATH-SEQUENCE"))
 
 
-KNOWN = upstream.KnownFailure("k", ">=0", None, "boom from bitsandbytes", "reason", "xfails/x.py")
+KNOWN = upstream.KnownFailure("k", ">=0", error="boom from bitsandbytes", reason="reason", reproducer="xfails/x.py")
 
 
 def test_a_listed_failure_is_xfailed_another_failure_is_not_and_a_pass_is_xpassed() -> None:

@@ -31,6 +31,8 @@ COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the float weight handed to bitsandbytes
 # the storage dtype of a base (the checkpoint's ``from_pretrained(torch_dtype=...)``), separate from the compute dtype
 STORAGE_DTYPES = WEIGHT_DTYPES
+#: the dtype a 4-bit payload is stored as (``Params4bit.quant_storage``): bitsandbytes' uint8, FSDP-QLoRA's floats
+QUANT_STORAGES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
 SHAPES = ((64, 48), (48, 64), (64, 64), (96, 40))  # (in_features, out_features): square and not
 ORIENTATION_SHAPES = (SHAPES[0], SHAPES[2])  # clauses whose delta/rotation orientation matters: non-square, square
 RANKS = (1, 4, 8)
@@ -75,21 +77,24 @@ class BaseCase:
     bias: bool = True
     #: storage dtype (``quant.make_base_layer``'s ``weight_dtype``); None: float32 weight, today's bias dtype
     weight_dtype: torch.dtype | None = None
+    #: the dtype the 4-bit payload is stored as (``bnb_4bit_quant_storage``); None: uint8, bitsandbytes' default
+    quant_storage: torch.dtype | None = None
     #: bitsandbytes' CPU packed layout switched on (4-bit on a CPU with AVX512-BF16: it repacks on the first
     #: eval-mode forward whose input needs no grad); off: the standard layout, as on CUDA
     cpu_packed: bool = False
 
     #: fields a bit width does not have (``make_base_layer`` ignores them; they are left out of its arguments)
-    FOUR_BIT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "blocksize", "double_quant", "cpu_packed")
+    FOUR_BIT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "blocksize", "double_quant", "quant_storage", "cpu_packed")
 
     def layer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``quant.make_base_layer`` besides the shape (no device, no seed)."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("in_features", "out_features")}
-        if self.weight_dtype is None:
-            d.pop("weight_dtype")
+        for optional in ("weight_dtype", "quant_storage"):
+            if d.get(optional, 0) is None:
+                d.pop(optional)
         if self.bits == 8:
             for k in self.FOUR_BIT_ONLY:
-                d.pop(k)
+                d.pop(k, None)
         return d
 
     def unavailable(self, device: str | torch.device = "cpu") -> str | None:
@@ -135,7 +140,8 @@ class BaseCase:
             dt += "-stored-" + dtype_name(self.weight_dtype)
         if self.bits == 8:
             return f"int8-{self.shape_label}-{dt}"
-        return f"{self.quant_label}-b{self.blocksize}-{self.shape_label}-{dt}" + ("-cpupacked" if self.cpu_packed else "")
+        qs = f"-qs-{dtype_name(self.quant_storage)}" if self.quant_storage is not None else ""
+        return f"{self.quant_label}-b{self.blocksize}-{self.shape_label}-{dt}{qs}" + ("-cpupacked" if self.cpu_packed else "")
 
     def to_json(self) -> dict[str, Any]:
         """Every field, dtypes as names (``"bfloat16"``)."""
@@ -217,6 +223,18 @@ def packed_cases(bits: int) -> list[BaseCase]:
     combos = ((QUANT_TYPES[0], False), (QUANT_TYPES[1], True), (QUANT_TYPES[0], True))
     return [BaseCase(4, 64, 64, quant_type=qt, double_quant=dq, compute_dtype=d, weight_dtype=STORAGE_DTYPES[(i + 1) % 3],
                      cpu_packed=True) for i, (d, (qt, dq)) in enumerate(zip(COMPUTE_DTYPES, combos))]
+
+
+def quant_storage_cases(bits: int) -> list[BaseCase]:
+    """4-bit bases stored as each floating ``QUANT_STORAGES`` entry, one per compute dtype, quant type and double
+    quant alternating, non-square and square with in_features a multiple of every blocksize (merges on the CPU need
+    it: bitsandbytes' CPU dequantize_4bit is wrong otherwise). 8-bit layers have no quant storage: none."""
+    if bits != 4:
+        return []
+    floats = QUANT_STORAGES[1:]
+    combos = ((QUANT_TYPES[0], False), (QUANT_TYPES[1], True), (QUANT_TYPES[1], False))
+    return [BaseCase(4, *ORIENTATION_SHAPES[i % 2], quant_type=qt, double_quant=dq, compute_dtype=COMPUTE_DTYPES[i],
+                     quant_storage=qs) for i, (qs, (qt, dq)) in enumerate(zip(floats, combos))]
 
 
 def with_storage_dtypes(bases: Sequence[BaseCase]) -> list[BaseCase]:

@@ -38,10 +38,10 @@ class KnownFailure:
 
     key: str  #: the situation a check names (``cpu-packed-shape``)
     bitsandbytes: str  #: version range (``>=0.50,<0.51``; ``in_range``)
-    cpu_feature: str | None  #: the CPU feature the failing path needs (None: any CPU)
     error: str  #: text the failure's message contains (another failure is not this one)
     reason: str  #: what bitsandbytes does
     reproducer: str  #: standalone script (bitsandbytes + torch), relative to the checkout
+    cpu_feature: str | None = None  #: the CPU feature the failing path needs (None: any CPU)
     upstream: str = ""  #: where upstream it lives (file, function)
 
     def applies(self, bnb_version: str, has_feature: Callable[[str], bool]) -> bool:

@@ -351,6 +351,7 @@ def make_base_layer(
     compute_dtype: torch.dtype = torch.float32,
     weight_dtype: torch.dtype | None = None,
     bias: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
     cpu_packed: bool = False,
     device: str | torch.device = "cpu",
     weight: torch.Tensor | None = None,
@@ -365,6 +366,8 @@ def make_base_layer(
     weight, the bias in the compute dtype (4-bit) or float16 (8-bit). ``cpu_packed``: the 4-bit layer keeps
     bitsandbytes' CPU packed layout switched on, as every CPU user with AVX512-BF16 gets it (it repacks on its
     first eval-mode forward whose input needs no grad); off, it stays in the standard layout, as on CUDA.
+    ``quant_storage``: the dtype the 4-bit payload is stored as (FSDP-QLoRA loads with bfloat16, transformers'
+    ``bnb_4bit_quant_storage``); the same packed bytes, viewed as that dtype.
     ``PackedLayoutUnavailable`` where that layout does not exist (another device, a CPU without AVX512-BF16).
     """
     if cpu_packed:
@@ -384,7 +387,7 @@ def make_base_layer(
     if bits == 4:
         layer = bnb.nn.Linear4bit(
             in_features, out_features, bias=bias, compute_dtype=compute_dtype,
-            compress_statistics=double_quant, quant_type=quant_type,
+            compress_statistics=double_quant, quant_type=quant_type, quant_storage=quant_storage,
         )
         # bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks the weight on the first eval-mode,
         # no-grad forward (``_convert_weight_packed_for_cpu``): absmax becomes bfloat16, the packed
@@ -393,7 +396,7 @@ def make_base_layer(
         layer.support_avx512bf16_for_cpu = bool(cpu_packed)
         layer.weight = bnb.nn.Params4bit(
             weight.to(weight_dtype or torch.float32), requires_grad=False, blocksize=blocksize,
-            compress_statistics=double_quant, quant_type=quant_type, module=layer,
+            compress_statistics=double_quant, quant_type=quant_type, quant_storage=quant_storage, module=layer,
         )
     elif bits == 8:
         layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False, threshold=0.0)

@@ -39,7 +39,10 @@ def cayley(q: torch.Tensor, *, neumann_terms: int | None = None) -> torch.Tensor
     b = q.shape[-1]
     eye = torch.eye(b, device=q.device, dtype=q.dtype).expand_as(q)
     if neumann_terms is None:
-        # X (I + Q) = (I - Q)  <=>  X = (I - Q)(I + Q)^{-1}; the two factors commute.
+        # X (I + Q) = (I - Q)  <=>  X = (I - Q)(I + Q)^{-1}; the two factors commute. torch's CPU solve has no
+        # float16/bfloat16 kernel ("lu_cpu" not implemented): half blocks are solved in float32 and rounded back
+        if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+            return torch.linalg.solve((eye + q).float(), (eye - q).float(), left=False).to(q.dtype)
         return torch.linalg.solve(eye + q, eye - q, left=False)
     if neumann_terms < 1:
         raise ValueError(f"num_cayley_neumann_terms must be >= 1, got {neumann_terms}")

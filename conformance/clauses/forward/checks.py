@@ -31,10 +31,11 @@ def _x(ctx: CheckContext, lead: tuple[int, ...], n: int, dtype: torch.dtype, off
 def _forward_cases(bits: int) -> list[cases.BaseCase]:
     """Every base case with every compute dtype, a square layer per compute dtype, the storage-dtype axis
     combined in (``with_storage_dtypes``), then the bases with bitsandbytes' CPU packed layout on
-    (``packed_cases``: their first eval-mode forward repacks them)."""
+    (``packed_cases``: their first eval-mode forward repacks them), then bases stored as each float quant storage
+    (``quant_storage_cases``)."""
     square = [cases.BaseCase(bits, *cases.ORIENTATION_SHAPES[1], compute_dtype=d) for d in cases.COMPUTE_DTYPES]
     return cases.with_storage_dtypes(cases.base_cases(bits, dtypes=cases.COMPUTE_DTYPES) + square) + \
-        cases.packed_cases(bits)
+        cases.packed_cases(bits) + cases.quant_storage_cases(bits)
 
 
 def check_output(ctx: CheckContext, label: str, y: torch.Tensor, lead: tuple[int, ...], out_features: int,
