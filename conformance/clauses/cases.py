@@ -79,6 +79,8 @@ class BaseCase:
     weight_dtype: torch.dtype | None = None
     #: the dtype the 4-bit payload is stored as (``bnb_4bit_quant_storage``); None: uint8, bitsandbytes' default
     quant_storage: torch.dtype | None = None
+    #: the 8-bit outlier threshold (``llm_int8_threshold``; transformers loads with 6.0); 0.0: int8 throughout
+    threshold: float = 0.0
     #: bitsandbytes' CPU packed layout switched on (4-bit on a CPU with AVX512-BF16: it repacks on the first
     #: eval-mode forward whose input needs no grad); off: the standard layout, as on CUDA
     cpu_packed: bool = False
@@ -95,6 +97,8 @@ class BaseCase:
         if self.bits == 8:
             for k in self.FOUR_BIT_ONLY:
                 d.pop(k, None)
+        else:
+            d.pop("threshold")
         return d
 
     def unavailable(self, device: str | torch.device = "cpu") -> str | None:
@@ -139,7 +143,7 @@ class BaseCase:
         if self.weight_dtype is not None:
             dt += "-stored-" + dtype_name(self.weight_dtype)
         if self.bits == 8:
-            return f"int8-{self.shape_label}-{dt}"
+            return f"int8-{self.shape_label}-{dt}" + (f"-threshold{self.threshold:g}" if self.threshold else "")
         qs = f"-qs-{dtype_name(self.quant_storage)}" if self.quant_storage is not None else ""
         return f"{self.quant_label}-b{self.blocksize}-{self.shape_label}-{dt}{qs}" + ("-cpupacked" if self.cpu_packed else "")
 
@@ -235,6 +239,28 @@ def quant_storage_cases(bits: int) -> list[BaseCase]:
     combos = ((QUANT_TYPES[0], False), (QUANT_TYPES[1], True), (QUANT_TYPES[1], False))
     return [BaseCase(4, *ORIENTATION_SHAPES[i % 2], quant_type=qt, double_quant=dq, compute_dtype=COMPUTE_DTYPES[i],
                      quant_storage=qs) for i, (qs, (qt, dq)) in enumerate(zip(floats, combos))]
+
+
+#: transformers' ``BitsAndBytesConfig(llm_int8_threshold=6.0)`` default, the LLM.int8() paper's outlier threshold
+INT8_THRESHOLD = 6.0
+
+
+def outlier_cases(bits: int) -> list[BaseCase]:
+    """8-bit bases with the outlier threshold on, one per compute dtype, non-square and square (4-bit: none). Their
+    inputs need values of at least the threshold for the outlier path to run: ``with_outliers``."""
+    if bits != 8:
+        return []
+    return [BaseCase(8, *ORIENTATION_SHAPES[i % 2], compute_dtype=d, threshold=INT8_THRESHOLD)
+            for i, d in enumerate(COMPUTE_DTYPES)]
+
+
+def with_outliers(x: torch.Tensor, threshold: float, columns: Sequence[int] = (3, 17)) -> torch.Tensor:
+    """``x`` with LLM.int8()-style outlier features: the given input columns scaled so that every row holds a value
+    of 1.5 x ``threshold`` there (its sign kept), what the outlier decomposition exists for."""
+    x = x.clone()
+    cols = list(columns)
+    x[..., cols] = torch.where(x[..., cols] >= 0, 1.0, -1.0).to(x.dtype) * (1.5 * threshold)
+    return x
 
 
 def with_storage_dtypes(bases: Sequence[BaseCase]) -> list[BaseCase]:

@@ -142,7 +142,39 @@ def linear_expected(
         y_dq = y_abs * (1 + INT8_DEQUANT_ERROR) + b_abs         # |float32 sum| before the bias-add rounding
         # bias add in float32 (u32 of the sum), then the cast of the rounded sum (<= y_dq (1 + u32)) to d
         bound = bound + U32 * y_dq + cast_error(torch.float32, d) * y_dq * (1 + U32)
+        bound = bound + _outlier_rounding(base, xv, xe, w_abs, d, y_dq * (1 + U32) * (1 + cast_error(torch.float32, d)))
     return Expected(value, bound)
+
+
+def _outlier_rounding(base: nn.Module, xv: torch.Tensor, xe: torch.Tensor, w_abs: torch.Tensor, d: torch.dtype,
+                      int8_out: torch.Tensor) -> torch.Tensor | float:
+    """Rounding of the LLM.int8() outlier columns of an 8-bit eval forward (bitsandbytes 0.50.2
+    ``autograd/_functions.py MatMul8bitLt`` with ``state.threshold > 0`` -> ``backends/default/ops.py
+    int8_mixed_scaled_mm``); 0 without a threshold.
+
+    ``int8_vectorwise_quant`` zeroes every input value of at least the threshold (of the float16 cast) before the
+    row absmax, and every column holding one in the int8 operand: those columns contribute nothing to the int8
+    product, and the rest is quantized with a row absmax no larger than the one the int8 bound above assumes
+    (which already sums over every column). The outlier columns are then added back in the input's dtype d:
+    ``subA = x[:, cols]`` (the input as given), ``subB = (CB[:, cols] * SCB / 127).to(d)`` (one more rounding of
+    the stored weight, ``cast_error(float32, d)``), ``output.addmm(subA, subB)``: a dot product of at most |cols|
+    terms in d (``gamma_n``), the product rounded to d and its sum with the int8 output rounded to d. Columns that
+    may hold an outlier are those where ``|x| + x_err`` reaches the threshold (a superset: the bound only grows)."""
+    threshold = float(getattr(getattr(base, "state", None), "threshold", 0.0) or 0.0)
+    if threshold <= 0:
+        return 0.0
+    x_abs = xv.abs() + xe
+    rows = x_abs.reshape(-1, x_abs.shape[-1]) if x_abs.dim() > 1 else x_abs.reshape(1, -1)
+    cols = (rows * (1 + cast_error(d, torch.float16)) >= threshold).any(dim=0)
+    n = int(cols.sum())
+    if n == 0:
+        return 0.0
+    mag_o = (x_abs * cols.to(x_abs.dtype)) @ w_abs.t()
+    u = qbounds.unit_roundoff(d)
+    e_w = cast_error(torch.float32, d)
+    prod = mag_o * (1 + e_w)
+    rnd = e_w * mag_o + gamma_n(n, d) * prod + u * prod * (1 + gamma_n(n, d))  # weight cast, dot product, its rounding
+    return rnd + u * (int8_out + prod * (1 + gamma_n(n, d)) * (1 + u))       # the addmm's sum rounded to d
 
 
 def _packed_cpu_rounding(base: nn.Module, x_dtype: torch.dtype, mag: torch.Tensor, b_abs: torch.Tensor,

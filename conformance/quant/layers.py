@@ -352,6 +352,7 @@ def make_base_layer(
     weight_dtype: torch.dtype | None = None,
     bias: bool = True,
     quant_storage: torch.dtype = torch.uint8,
+    threshold: float = 0.0,
     cpu_packed: bool = False,
     device: str | torch.device = "cpu",
     weight: torch.Tensor | None = None,
@@ -367,7 +368,9 @@ def make_base_layer(
     bitsandbytes' CPU packed layout switched on, as every CPU user with AVX512-BF16 gets it (it repacks on its
     first eval-mode forward whose input needs no grad); off, it stays in the standard layout, as on CUDA.
     ``quant_storage``: the dtype the 4-bit payload is stored as (FSDP-QLoRA loads with bfloat16, transformers'
-    ``bnb_4bit_quant_storage``); the same packed bytes, viewed as that dtype.
+    ``bnb_4bit_quant_storage``); the same packed bytes, viewed as that dtype. ``threshold``: the 8-bit LLM.int8()
+    outlier threshold (transformers' ``llm_int8_threshold`` loads with 6.0): input columns holding a value of at
+    least that size are multiplied in the input's dtype, the rest in int8.
     ``PackedLayoutUnavailable`` where that layout does not exist (another device, a CPU without AVX512-BF16).
     """
     if cpu_packed:
@@ -399,7 +402,7 @@ def make_base_layer(
             compress_statistics=double_quant, quant_type=quant_type, quant_storage=quant_storage, module=layer,
         )
     elif bits == 8:
-        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False, threshold=0.0)
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False, threshold=threshold)
         layer.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
     else:
         raise ValueError(f"bits must be 4 or 8, got {bits}")

@@ -32,10 +32,11 @@ def _forward_cases(bits: int) -> list[cases.BaseCase]:
     """Every base case with every compute dtype, a square layer per compute dtype, the storage-dtype axis
     combined in (``with_storage_dtypes``), then the bases with bitsandbytes' CPU packed layout on
     (``packed_cases``: their first eval-mode forward repacks them), then bases stored as each float quant storage
-    (``quant_storage_cases``)."""
+    (``quant_storage_cases``) and the 8-bit bases with the outlier threshold on (``outlier_cases``; their inputs
+    carry outlier columns: ``with_outliers``)."""
     square = [cases.BaseCase(bits, *cases.ORIENTATION_SHAPES[1], compute_dtype=d) for d in cases.COMPUTE_DTYPES]
     return cases.with_storage_dtypes(cases.base_cases(bits, dtypes=cases.COMPUTE_DTYPES) + square) + \
-        cases.packed_cases(bits) + cases.quant_storage_cases(bits)
+        cases.packed_cases(bits) + cases.quant_storage_cases(bits) + cases.outlier_cases(bits)
 
 
 def check_output(ctx: CheckContext, label: str, y: torch.Tensor, lead: tuple[int, ...], out_features: int,
@@ -56,6 +57,8 @@ def check_init_identity(ctx: CheckContext) -> None:
             with ctx.case(label):
                 base = _base(ctx, case)
                 x = _x(ctx, lead, case.in_features, case.compute_dtype, offset=i)
+                if case.threshold:
+                    x = cases.with_outliers(x, case.threshold)
                 with torch.no_grad():
                     # bnb's CUDA int8 matmul rejects 1-D inputs: the base output of a 1-D input is its one row
                     y0 = (base(x.unsqueeze(0)).squeeze(0) if x.dim() == 1 else base(x)).clone()
@@ -91,11 +94,17 @@ def check_oracle(ctx: CheckContext) -> None:
                         cases.fill_adapter(layer, "default", ctx.generator(100 + i))
                         layer.train(training)
                         x = _x(ctx, lead, case.in_features, case.compute_dtype, offset=i)
+                        if case.threshold:
+                            x = cases.with_outliers(x, case.threshold)
                         with torch.no_grad():
                             exp = numerics.layer_expected(layer, method, "default", acase.params, x)
                             y = layer(x)
                         check_output(ctx, label, y, lead, case.out_features, case.compute_dtype)
                         r = exp.ratio(y)
+                        if case.threshold:  # the outlier columns bitsandbytes found (eval mode: MatMul8bitLt)
+                            idx = getattr(layer.base_layer.state, "idx", None)
+                            ctx.measure("outlier_columns", int(ctx.measurements.get("outlier_columns", 0))
+                                        + (0 if idx is None else int(idx.numel())))
                         if case.cpu_packed and not training:  # the second eval forward runs on the repacked base
                             with torch.no_grad():
                                 exp2 = numerics.layer_expected(layer, method, "default", acase.params, x)

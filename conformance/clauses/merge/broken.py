@@ -184,3 +184,27 @@ class TransposingMerge(ReferenceImplementation):
 
         layer.merge = transposed
         return layer
+
+
+@twin("MERGE-KEEPS-QUANT-SETTINGS", "requant-default-storage-and-threshold", more=True)
+def requant_default_storage_and_threshold(layer: nn.Module, spec: AdapterSpec) -> None:
+    """Requantize with bitsandbytes' constructor defaults for what the other settings tests do not vary: a 4-bit
+    payload back in uint8 storage (bnb_4bit_quant_storage lost), an 8-bit layer with threshold 0 (llm_int8_threshold
+    lost). Only the bases stored as floats and those with the outlier threshold on can see it."""
+    def write(self: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        base = self.base_layer
+        if qlayers.bits_of(base) == 4:
+            base.weight = _params4bit(base, weight.detach().to(qlayers.weight_dtype_of(base)).contiguous())
+            base.weight = bnb_uint8(base.weight).to(base.weight.device)
+        else:
+            qlayers.requantize(base, weight)
+            base.state.threshold = 0.0
+        if bias is not None:
+            base.bias.data = bias.to(base.bias.dtype)
+    bind(layer, "_write_base", write)
+
+
+def bnb_uint8(param: Any) -> Any:
+    """``param`` (an unquantized ``Params4bit``) set to quantize into uint8 storage."""
+    param.quant_storage = torch.uint8
+    return param

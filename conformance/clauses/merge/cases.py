@@ -51,7 +51,8 @@ def _bias_cases(bits: int) -> list[cases.BaseCase]:
 
 def _settings_cases(bits: int) -> list[cases.BaseCase]:
     """MERGE-KEEPS-QUANT-SETTINGS bases: settings, compute and storage dtypes varied together, square and not; then
-    the bases stored as each float quant storage (``cases.quant_storage_cases``)."""
+    the bases stored as each float quant storage (``cases.quant_storage_cases``) and the 8-bit bases with the outlier
+    threshold on (``cases.outlier_cases``)."""
     if bits == 4:
         return [cases.BaseCase(4, quant_type=q, blocksize=bs, double_quant=dq, compute_dtype=dt, weight_dtype=wd)
                 for q, bs, dq, dt, wd in (("fp4", 32, True, torch.float16, torch.float16),
@@ -60,4 +61,4 @@ def _settings_cases(bits: int) -> list[cases.BaseCase]:
                                           ("nf4", 64, True, torch.float32, torch.float16))] + \
             cases.quant_storage_cases(4)
     return [cases.BaseCase(8), cases.BaseCase(8, weight_dtype=torch.bfloat16),
-            cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.float32)]
+            cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.float32)] + cases.outlier_cases(8)
