@@ -1,0 +1,56 @@
+"""Broken twins of the compile clauses: the reference with one plausible bug each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from conformance.clauses.broken import Broken, bind, twin
+from conformance.clauses.interface import AdapterSpec
+from conformance.quant import layers as qlayers
+
+#: one broken twin per clause of the area (``@twin``): the clause passes on the reference and fails on it
+BROKEN: dict[str, Broken] = {}
+
+
+@twin("COMPILE-FORWARD", "forward-compiler-disabled")
+def forward_compiler_disabled(layer: nn.Module, spec: AdapterSpec) -> None:
+    """The forward is wrapped in ``torch.compiler.disable`` (as a library might do to keep bitsandbytes' graph
+    breaks out of users' graphs): the outputs are right, but every call through ``torch.compile`` runs eagerly."""
+    eager = torch.compiler.disable(type(layer).forward)
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return eager(self, *args, **kwargs)
+
+    bind(layer, "forward", forward)
+
+
+@twin("COMPILE-MERGE-CYCLE", "unmerge-keeps-cached-weight")
+def unmerge_keeps_cached_weight(layer: nn.Module, spec: AdapterSpec) -> None:
+    """The base output comes from a dequantized weight cached at the first forward; merge() drops the cache but
+    unmerge() does not, so the forward after unmerge reads the merged weight and adds the adapter a second time."""
+    cache: dict[str, Any] = {}
+    merge, unmerge = layer.merge, layer.unmerge
+
+    def base_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if "w" not in cache:
+            bias = getattr(self.base_layer, "bias", None)
+            cache["w"] = qlayers.dequantize(self.base_layer)
+            cache["b"] = None if bias is None else bias.detach().float()
+        y = x.float() @ cache["w"].t().to(x.device)
+        if cache["b"] is not None:
+            y = y + cache["b"].to(x.device)
+        return y.to(x.dtype)
+
+    def merge_(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        cache.clear()
+        merge(*args, **kwargs)
+
+    def unmerge_(self: nn.Module) -> None:
+        unmerge()  # the bug: the cached (merged) weight stays
+
+    bind(layer, "_base_forward", base_forward)
+    bind(layer, "merge", merge_)
+    bind(layer, "unmerge", unmerge_)
