@@ -17,6 +17,7 @@ import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from conformance.clauses.interface import AdapterSpec
@@ -91,3 +92,24 @@ def more_twins(areas: Iterable[str]) -> list[tuple[str, Broken]]:
     for area in areas:
         out += getattr(importlib.import_module(f"conformance.clauses.{area}.broken"), "MORE", [])
     return out
+
+
+def cache_base_forward(layer: nn.Module) -> dict[str, Any]:
+    """Bind to ``layer`` a base forward that dequantizes the base once, at its first call, and computes from that
+    copy afterwards (whatever happens to the base since); returns the cache, which a twin may clear."""
+    from conformance.quant import layers as qlayers
+
+    cache: dict[str, Any] = {}
+
+    def base_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if "w" not in cache:
+            bias = getattr(self.base_layer, "bias", None)
+            cache["w"] = qlayers.dequantize(self.base_layer)
+            cache["b"] = None if bias is None else bias.detach().float()
+        y = x.float() @ cache["w"].t().to(x.device)
+        if cache["b"] is not None:
+            y = y + cache["b"].to(x.device)
+        return y.to(x.dtype)
+
+    bind(layer, "_base_forward", base_forward)
+    return cache

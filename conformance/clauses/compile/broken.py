@@ -7,9 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from conformance.clauses.broken import Broken, bind, twin
+from conformance.clauses.broken import Broken, bind, cache_base_forward, twin
 from conformance.clauses.interface import AdapterSpec
-from conformance.quant import layers as qlayers
 
 #: one broken twin per clause of the area (``@twin``): the clause passes on the reference and fails on it
 BROKEN: dict[str, Broken] = {}
@@ -31,18 +30,8 @@ def forward_compiler_disabled(layer: nn.Module, spec: AdapterSpec) -> None:
 def unmerge_keeps_cached_weight(layer: nn.Module, spec: AdapterSpec) -> None:
     """The base output comes from a dequantized weight cached at the first forward; merge() drops the cache but
     unmerge() does not, so the forward after unmerge reads the merged weight and adds the adapter a second time."""
-    cache: dict[str, Any] = {}
+    cache = cache_base_forward(layer)
     merge, unmerge = layer.merge, layer.unmerge
-
-    def base_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if "w" not in cache:
-            bias = getattr(self.base_layer, "bias", None)
-            cache["w"] = qlayers.dequantize(self.base_layer)
-            cache["b"] = None if bias is None else bias.detach().float()
-        y = x.float() @ cache["w"].t().to(x.device)
-        if cache["b"] is not None:
-            y = y + cache["b"].to(x.device)
-        return y.to(x.dtype)
 
     def merge_(self: nn.Module, *args: Any, **kwargs: Any) -> None:
         cache.clear()
@@ -51,6 +40,5 @@ def unmerge_keeps_cached_weight(layer: nn.Module, spec: AdapterSpec) -> None:
     def unmerge_(self: nn.Module) -> None:
         unmerge()  # the bug: the cached (merged) weight stays
 
-    bind(layer, "_base_forward", base_forward)
     bind(layer, "merge", merge_)
     bind(layer, "unmerge", unmerge_)

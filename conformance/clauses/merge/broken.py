@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import bitsandbytes as bnb
@@ -87,8 +88,7 @@ def bias_unscaled(layer: nn.Module, spec: AdapterSpec) -> None:
 @twin("MERGE-KEEPS-QUANT-SETTINGS", "default-requant-settings")
 def default_requant_settings(layer: nn.Module, spec: AdapterSpec) -> None:
     """Requantize with bnb defaults (nf4, blocksize 64, no double quant) instead of the layer's."""
-    def write(self: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        base = self.base_layer
+    def write(base: nn.Module, weight: torch.Tensor) -> None:
         if qlayers.bits_of(base) == 4:
             import bitsandbytes as bnb
             base.weight = bnb.nn.Params4bit(weight.detach().float().contiguous(), requires_grad=False,
@@ -96,9 +96,17 @@ def default_requant_settings(layer: nn.Module, spec: AdapterSpec) -> None:
         else:
             qlayers.requantize(base, weight)
             base.state.threshold = 6.0
+    _bind_write(layer, write)
+
+
+def _bind_write(layer: nn.Module, write: Callable[[nn.Module, torch.Tensor], None]) -> None:
+    """Bind a ``_write_base`` that writes the merged weight with ``write(base, weight)`` and the bias as the
+    reference does."""
+    def write_base(self: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        write(self.base_layer, weight)
         if bias is not None:
-            base.bias.data = bias.to(base.bias.dtype)
-    bind(layer, "_write_base", write)
+            self.base_layer.bias.data = bias.to(self.base_layer.bias.dtype)
+    bind(layer, "_write_base", write_base)
 
 
 def _params4bit(base: nn.Module, data: torch.Tensor, **extra: Any) -> Any:
@@ -191,17 +199,14 @@ def requant_default_storage_and_threshold(layer: nn.Module, spec: AdapterSpec) -
     """Requantize with bitsandbytes' constructor defaults for what the other settings tests do not vary: a 4-bit
     payload back in uint8 storage (bnb_4bit_quant_storage lost), an 8-bit layer with threshold 0 (llm_int8_threshold
     lost). Only the bases stored as floats and those with the outlier threshold on can see it."""
-    def write(self: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        base = self.base_layer
+    def write(base: nn.Module, weight: torch.Tensor) -> None:
         if qlayers.bits_of(base) == 4:
             base.weight = _params4bit(base, weight.detach().to(qlayers.weight_dtype_of(base)).contiguous())
             base.weight = bnb_uint8(base.weight).to(base.weight.device)
         else:
             qlayers.requantize(base, weight)
             base.state.threshold = 0.0
-        if bias is not None:
-            base.bias.data = bias.to(base.bias.dtype)
-    bind(layer, "_write_base", write)
+    _bind_write(layer, write)
 
 
 def bnb_uint8(param: Any) -> Any:

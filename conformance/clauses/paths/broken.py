@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from conformance.clauses.broken import Broken, bind, twin
+from conformance.clauses.broken import Broken, bind, cache_base_forward, twin
 from conformance.clauses.interface import AdapterSpec
-from conformance.quant import layers as qlayers
 
 #: one broken twin per clause of the area (``@twin``): the clause passes on the reference and fails on it
 BROKEN: dict[str, Broken] = {}
@@ -22,19 +19,7 @@ MORE: list[tuple[str, Broken]] = []
 def stale_base_weight(layer: nn.Module, spec: AdapterSpec) -> None:
     """The base output comes from the weight read at the first forward and kept: a repack, a merge or an unmerge
     after it is not seen (the merged layer's forward misses the merged delta)."""
-    cache: dict[str, Any] = {}
-
-    def base_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if "w" not in cache:
-            bias = getattr(self.base_layer, "bias", None)
-            cache["w"] = qlayers.dequantize(self.base_layer)
-            cache["b"] = None if bias is None else bias.detach().float()
-        y = x.float() @ cache["w"].t().to(x.device)
-        if cache["b"] is not None:
-            y = y + cache["b"].to(x.device)
-        return y.to(x.dtype)
-
-    bind(layer, "_base_forward", base_forward)
+    cache_base_forward(layer)
 
 
 @twin("PATH-SEQUENCE", "naive-dequantize-merge", more=True)
