@@ -65,7 +65,7 @@ def test_the_listed_float_storage_cast_reproduces_with_bitsandbytes_alone(capsys
 
     import bitsandbytes as bnb
 
-    entry = next(e for e in upstream.load() if e.key == "float-storage-cast")
+    entry = next(e for e in upstream.load() if e.key == upstream.FLOAT_STORAGE_CAST)
     if not upstream.in_range(bnb.__version__, entry.bitsandbytes):
         pytest.skip(f"bitsandbytes {bnb.__version__} is outside the entry's range {entry.bitsandbytes}")
     with pytest.raises(SystemExit) as done:

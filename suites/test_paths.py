@@ -127,7 +127,7 @@ def test_sequence_cases_draw_the_layout_pairwise_with_one_refused_shape() -> Non
 
 def test_shipped_list_parses_and_names_existing_reproducers() -> None:
     entries = upstream.load()
-    assert {e.key for e in entries} >= {"cpu-packed-shape", "cpu-packed-train-grad"}
+    assert {e.key for e in entries} == set(upstream.SITUATIONS)  # every situation a check names, nothing else
     root = upstream.LIST_PATH.parents[1]
     for e in entries:
         assert (root / e.reproducer).is_file(), e.reproducer
@@ -182,7 +182,7 @@ def test_a_listed_failure_is_xfailed_another_failure_is_not_and_a_pass_is_xpasse
 
 def test_known_upstream_depends_on_the_cpu_feature() -> None:
     ctx = _ctx()
-    got = ctx.known_upstream("cpu-packed-train-grad")
+    got = ctx.known_upstream(upstream.CPU_PACKED_TRAIN_GRAD)
     assert (got is not None) == (PACKED and upstream.in_range(bnb.__version__, ">=0.50,<0.51"))
     assert ctx.known_upstream("no-such-key") is None
 

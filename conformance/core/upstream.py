@@ -22,6 +22,13 @@ from pathlib import Path
 #: the shipped list (in the checkout: the project runs from it, see noxfile.py)
 LIST_PATH = Path(__file__).resolve().parents[2] / "xfails" / "bitsandbytes.ini"
 
+#: the situations the checks name (one constant each; every one has an entry in the shipped list for the
+#: bitsandbytes versions it is known for: suites/test_paths.py)
+CPU_PACKED_SHAPE = "cpu-packed-shape"  #: an eval forward repacks a shape the repack refuses
+CPU_PACKED_TRAIN_GRAD = "cpu-packed-train-grad"  #: a forward with grad whose base input requires grad, once repacked
+FLOAT_STORAGE_CAST = "float-storage-cast"  #: a module dtype cast of a 4-bit payload stored as a float
+SITUATIONS = (CPU_PACKED_SHAPE, CPU_PACKED_TRAIN_GRAD, FLOAT_STORAGE_CAST)
+
 #: CPU features an entry may need, each answered by bitsandbytes itself (``conformance.quant.layers``)
 CPU_FEATURES = ("avx512_bf16",)
 

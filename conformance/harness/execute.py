@@ -11,15 +11,15 @@ is skipped alone, and a failing case ends only itself. A family's outcome:
   ``CheckContext.verdict``), or a crash of the check on a layer the implementation left malformed
   (``quant.validate``);
 - else ``error`` if the suite's own code raised;
-- else ``xpassed`` if a case listed as a bitsandbytes failure (``xfails/bitsandbytes.toml``) passed;
+- else ``xpassed`` if a case listed as a bitsandbytes failure (``xfails/bitsandbytes.ini``) passed;
 - else ``skipped`` when the check skipped the whole family (``ctx.skip``: a method limitation);
 - else ``inconclusive`` when no case ran (every case was skipped, with the reasons), or the check ended it
   so (stateful floors), or a skip outside any case block cut the family short;
 - else ``xfailed`` if some case failed as a listed bitsandbytes failure does (every other case passed);
 - else ``passed``.
 
-The clause takes the first outcome present among its families in the order failed, error, inconclusive,
-passed, skipped: a clause is ``passed`` only when every family that ran passed and none failed, and a
+The clause takes the first outcome present among its families in the order failed, error, xpassed, inconclusive,
+xfailed, passed, skipped (``Outcome.worst``): a clause is ``passed`` only when every family that ran passed and none failed, and a
 declared family that ran no case makes it ``inconclusive``. ``Result.families`` holds, per family, the
 outcome, the cases run and skipped and the skip reasons (``{"run": N, "skipped": M, "skip_reasons":
 {...}, "outcome": ..., "message": ...}``).

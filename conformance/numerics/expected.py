@@ -188,14 +188,14 @@ def _packed_cpu_rounding(base: nn.Module, x_dtype: torch.dtype, mag: torch.Tenso
     layer, already reads the bfloat16 absmax) the kernel's weight is not rounded to the storage dtype
     (``storage_rounding``) and is rounded to bfloat16 (``matmul_rounding_bound``'s weight rounding); a layer
     that repacks in this very forward was read with its float32 absmax, which the repack rounds to bfloat16
-    (``u / (1 - u)`` relative to the rounded value). Every rounding is relative to the magnitude of what it
+    (``quant.bounds.CPU_REPACK_ABSMAX_ERROR`` relative to the rounded value). Every rounding is relative to the magnitude of what it
     rounds, as in the standard 4-bit branch."""
     c = base.compute_dtype or x_dtype
     k = torch.bfloat16
     u = qbounds.unit_roundoff(k)
     b_dtype = base.bias.dtype if b is not None else c
     e_in = (1 + cast_error(x_dtype, c)) * (1 + cast_error(c, k)) - 1   # x -> c -> bfloat16
-    repack = 0.0 if qlayers.is_cpu_packed(base) else u / (1 - u)      # absmax rounded by this forward's repack
+    repack = 0.0 if qlayers.is_cpu_packed(base) else qbounds.CPU_REPACK_ABSMAX_ERROR  # this forward's repack
     dw = (1 + repack) * (1 + storage_rounding(base)) - 1               # the kernel's weight vs dequantize's
     rnd = e_in * mag + dw * mag
     rnd = rnd + qbounds.matmul_rounding_bound(x_abs * (1 + e_in), w_abs * (1 + dw), k)

@@ -24,7 +24,16 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from .layers import BaseLayerError, bits_of, double_quant_of, is_cpu_packed, require_quantized, scb_of, weight_dtype_of
+from .layers import (
+    BaseLayerError,
+    bits_of,
+    double_quant_of,
+    is_cpu_packed,
+    require_quantized,
+    scb_of,
+    standard_layout,
+    weight_dtype_of,
+)
 
 UNIT_ROUNDOFF = {
     torch.float64: 2.0**-53,
@@ -32,6 +41,12 @@ UNIT_ROUNDOFF = {
     torch.float16: 2.0**-11,
     torch.bfloat16: 2.0**-8,
 }
+
+
+#: relative distance of a block's absmax after bitsandbytes' CPU repack from the one it was quantized with: the repack
+#: (bitsandbytes 0.50.2 ``functional._convert_weight_packed_for_cpu``) rounds it to bfloat16, so ``|a - a'| <=
+#: u_bf16 |a'| / (1 - u_bf16)`` relative to the rounded ``a'``
+CPU_REPACK_ABSMAX_ERROR = UNIT_ROUNDOFF[torch.bfloat16] / (1 - UNIT_ROUNDOFF[torch.bfloat16])
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -61,7 +76,7 @@ def absmax_4bit(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
     A layer bitsandbytes repacked for the CPU (``layers.is_cpu_packed``) multiplies by its absmax rounded to
     bfloat16 (``_convert_weight_packed_for_cpu``): ``a'`` is that, in the standard block order, and
-    ``e_a = a' u_bf16 / (1 - u_bf16)`` bounds its distance from the float32 absmax it was quantized with. The
+    ``e_a = a' CPU_REPACK_ABSMAX_ERROR`` bounds its distance from the float32 absmax it was quantized with. The
     repack of a double-quantized layer drops ``state2``, and with it what bounds the double-quant error: no
     bound is derivable then (``BaseLayerError``)."""
     qs = layer.weight.quant_state
@@ -71,8 +86,7 @@ def absmax_4bit(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
                                  "the repack dropped the double-quant statistics (quant_state.state2); "
                                  "read the bound before its first eval-mode forward")
         a = qs.absmax.double().cpu().t().reshape(-1)
-        u = UNIT_ROUNDOFF[torch.bfloat16]
-        return a, a.abs() * (u / (1 - u))
+        return a, a.abs() * CPU_REPACK_ABSMAX_ERROR
     if qs.nested:
         a = bnb.functional.dequantize_blockwise(qs.absmax, qs.state2).double().cpu() + float(qs.offset)
         g2 = max_code_gap(qs.state2.code)
@@ -135,3 +149,24 @@ def matmul_rounding_bound(
     else:
         bound = bound + u_c * mag
     return bound
+
+
+def cpu_repack_bound(layer: nn.Module) -> torch.Tensor:
+    """Bound on how far bitsandbytes' CPU repack moved the dequantized weights of ``layer`` (a repacked 4-bit layer).
+
+    The repack (bitsandbytes 0.50.2 ``functional._convert_weight_packed_for_cpu``) keeps the 4-bit codes ``c`` and
+    rounds each block's absmax ``a`` (float32; a double-quantized one dequantized first) to bfloat16: ``a' = bf16(a)``,
+    ``|a - a'| <= e = CPU_REPACK_ABSMAX_ERROR |a'|``. A weight dequantizes to ``c a`` rounded to float32 and then to
+    the storage dtype (relative error at most ``k = (1 + u32)(1 + u_s) - 1``, ``u_s`` 0 for float32 storage), so
+    ``|W' - W| <= |c| e + k |c| (|a| + |a'|) <= cmax (e + k (2 |a'| + e))`` with ``cmax`` the code's largest
+    magnitude (``quant_state.code``). ``a'`` is what the layer stores now (``layers.standard_layout``)."""
+    _, state = standard_layout(layer)
+    a = state.absmax.double().cpu().abs()
+    e = a * CPU_REPACK_ABSMAX_ERROR
+    dtype = weight_dtype_of(layer)
+    us = 0.0 if dtype == torch.float32 else unit_roundoff(dtype)
+    k = (1 + UNIT_ROUNDOFF[torch.float32]) * (1 + us) - 1
+    cmax = float(state.code.double().abs().max())
+    per_block = cmax * (e + k * (2 * a + e))
+    out, inn = state.shape
+    return per_block.repeat_interleave(state.blocksize)[: out * inn].reshape(out, inn)

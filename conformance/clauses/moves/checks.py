@@ -10,6 +10,7 @@ from conformance import numerics
 from conformance.clauses import cases
 from conformance.clauses.clause import check
 from conformance.clauses.moves.cases import CASTS, REFUSAL_WORDS, move_cases
+from conformance.core import upstream
 from conformance.quant import layers as qlayers
 from conformance.quant.torchnames import dtype_name
 
@@ -33,7 +34,7 @@ def check_dtype_moves(ctx: CheckContext) -> None:
             for j, (name, (cast, dtype)) in enumerate(CASTS.items()):
                 label = f"{acase.label} on {case.label}, layer.{name}"
                 # bitsandbytes casts a floating 4-bit payload like any floating tensor
-                known = (ctx.known_upstream("float-storage-cast")
+                known = (ctx.known_upstream(upstream.FLOAT_STORAGE_CAST)
                          if bits == 4 and storage.is_floating_point and storage != dtype else None)
                 with ctx.case(label, known=known):
                     layer = ctx.make_layer(ctx.make_base(case, seed=ctx.seed + i), method, **acase.params)

@@ -19,6 +19,7 @@ from conformance.clauses import cases
 from conformance.clauses.clause import check
 from conformance.clauses.merge.checks import _merged_expected, step
 from conformance.clauses.paths.cases import ROTATES_INPUT, sequence_cases
+from conformance.core import upstream
 from conformance.quant import layers as qlayers
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def check_sequence(ctx: CheckContext) -> None:
                 continue
             layer = built[0]
             x = ctx.randn(3, case.in_features, dtype=case.compute_dtype, offset=i)
-            refused: KnownFailure | None = ctx.known_upstream("cpu-packed-shape") if case.cpu_pack_refusal else None
+            refused: KnownFailure | None = ctx.known_upstream(upstream.CPU_PACKED_SHAPE) if case.cpu_pack_refusal else None
             merged: dict[str, Any] = {}
 
             def run(what: str, body: Callable[[], None], known: KnownFailure | None = None) -> None:
@@ -112,7 +113,7 @@ def check_sequence(ctx: CheckContext) -> None:
                                  torch.inference_mode), refused)
             # bitsandbytes fails a train-mode forward on a repacked base whose *base* input requires grad
             packed_now = qlayers.is_cpu_packed(layer.base_layer)
-            grad_known = ctx.known_upstream("cpu-packed-train-grad") if packed_now else None
+            grad_known = ctx.known_upstream(upstream.CPU_PACKED_TRAIN_GRAD) if packed_now else None
             run("train forward and backward (input without grad)",
                 lambda: _train(ctx, layer, method, params, x, f"{label}, train forward", x_grad=False),
                 grad_known if method in ROTATES_INPUT else None)

@@ -22,6 +22,7 @@ import torch
 
 from conformance.clauses.cases import BaseCase, OnBase
 from conformance.clauses.stateful.declare import STATE_IDS
+from conformance.core import upstream
 from conformance.core.vocabulary import params_needing
 from conformance.quant import layers as qlayers
 
@@ -33,7 +34,7 @@ SHAPES = ((64, 40), (32, 24))
 PACKED_SHAPE = (64, 64, 64)
 #: the situation of a listed bitsandbytes failure the driver recognises (``xfails/bitsandbytes.ini``): a valid
 #: forward with grad on a base in the packed layout raising inside bitsandbytes
-PACKED_TRAIN_GRAD = "cpu-packed-train-grad"
+PACKED_TRAIN_GRAD = upstream.CPU_PACKED_TRAIN_GRAD
 LORA_VARIANTS: tuple[dict[str, Any], ...] = (
     {"r": 4, "lora_alpha": 8.0, "init_lora_weights": False},
     {"r": 2, "lora_alpha": 4.0, "init_lora_weights": False, "use_rslora": True},

@@ -24,6 +24,7 @@ from conformance import numerics
 from conformance.clauses.interface import AdapterSpec, Implementation, declared
 from conformance.clauses.stateful.declare import ADAPTERS, BASE, DRIFT, FLAGS, MERGE, OUTPUT, UNMERGE, VALID
 from conformance.core.vocabulary import Capability, capability
+from conformance.quant import bounds as qbounds
 from conformance.quant import layers as qlayers
 from conformance.quant.torchnames import dtype_of
 
@@ -40,7 +41,7 @@ from .config import (
     variants,
     violation_type,
 )
-from .model import AdapterModel, LogicalModel, _ratio, copy_tensors, repack_bound
+from .model import AdapterModel, LogicalModel, _ratio, copy_tensors
 
 #: ops after which the base weights legitimately changed (their own checks bound the change)
 BASE_CHANGING = ("merge", "unmerge")
@@ -349,7 +350,7 @@ class Driver:
         and the absmax is rounded to bfloat16, which is bitsandbytes', not the adapter layer's, doing. Checked
         (STATE-BASE-UNCHANGED-WITHOUT-MERGE) as exactly that: the codes read back in the standard layout
         (``quant.layers.standard_layout``) are the bytes seen before, and the dequantized weights moved by at
-        most the absmax rounding (:func:`.model.repack_bound`). The model then follows, as it follows the 8-bit
+        most the absmax rounding (``quant.bounds.cpu_repack_bound``). The model then follows, as it follows the 8-bit
         bias cast (:meth:`bnb8_bias_cast`): its weights are the repacked ones and the anchor/orig chains widen by
         the repack's bound."""
         base = self.layer.base_layer
@@ -361,7 +362,7 @@ class Driver:
             self.fail(BASE, f"{where}the base layer's 4-bit codes changed in a step that merged nothing (read back "
                             "from bitsandbytes' CPU packed layout, which keeps them)")
         w = numerics.base_weights(base)[0]
-        e = repack_bound(base)
+        e = qbounds.cpu_repack_bound(base)
         r, at = _ratio(w, self.model.w, e, "weight", None, None, None)
         self.bounded(BASE, r, lambda: (f"{where}the base layer's weights moved by more than bitsandbytes' CPU "
                                        f"repack rounds them (absmax to bfloat16): {at}"))

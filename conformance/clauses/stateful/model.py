@@ -40,10 +40,9 @@ from conformance.numerics.ratio import stored_vs_exact as _ratio
 from conformance.numerics.requant import requant_bound_from_exact
 from conformance.numerics.rounding import U32
 from conformance.quant import bounds as qbounds
-from conformance.quant import layers as qlayers
 
 __all__ = ["AdapterModel", "Chain", "LogicalModel", "_ratio", "apply_op", "cast_chain", "copy_tensors",
-           "repack_bound", "requant_bound_from_exact"]
+           "requant_bound_from_exact"]
 
 
 def _u(dtype: torch.dtype) -> float:
@@ -162,28 +161,6 @@ def cast_chain(chain: Chain, dtype: torch.dtype) -> Chain:
     return Chain(chain.w, chain.ew, (rlo + rhi) / 2, (rhi - rlo) / 2)
 
 
-def repack_bound(base: nn.Module) -> torch.Tensor:
-    """Bound on how far bitsandbytes' CPU repack moved the dequantized weights of ``base`` (a repacked 4-bit layer).
-
-    The repack (bitsandbytes 0.50.2 ``functional._convert_weight_packed_for_cpu``) keeps the 4-bit codes ``c`` and
-    rounds each block's absmax ``a`` (float32; a double-quantized one dequantized first) to bfloat16: ``a' = bf16(a)``,
-    so ``|a - a'| <= e = u_bf16 |a'| / (1 - u_bf16)``. A weight dequantizes to ``c a`` rounded to float32 and then to
-    the storage dtype (relative error at most ``k = (1 + u32)(1 + u_s) - 1``, ``u_s`` 0 for float32 storage), so
-    ``|W' - W| <= |c| e + k |c| (|a| + |a'|) <= cmax (e + k (2 |a'| + e))`` with ``cmax`` the code's largest
-    magnitude (``quant_state.code``). ``a'`` is what the layer stores now (``quant.layers.standard_layout``)."""
-    _, state = qlayers.standard_layout(base)
-    a = state.absmax.double().cpu().abs()
-    ub = qbounds.unit_roundoff(torch.bfloat16)
-    e = a * (ub / (1 - ub))
-    dtype = qlayers.weight_dtype_of(base)
-    us = 0.0 if dtype == torch.float32 else qbounds.unit_roundoff(dtype)
-    k = (1 + U32) * (1 + us) - 1
-    cmax = float(state.code.double().abs().max())
-    per_block = cmax * (e + k * (2 * a + e))
-    out, inn = state.shape
-    return per_block.repeat_interleave(state.blocksize)[: out * inn].reshape(out, inn)
-
-
 # -- the model ----------------------------------------------------------------------------------
 
 @dataclass
@@ -233,7 +210,7 @@ class LogicalModel:
         repacked it afterwards), a base with the same settings in the standard layout: the last requantization's
         state is then hidden too (its bound comes from the exact weights with ``standard``'s settings, as the
         earlier ones'; a repacked double-quantized layer has lost what ``weight_bound`` reads), and the repack's
-        :func:`repack_bound` is added."""
+        ``quant.bounds.cpu_repack_bound`` is added."""
         settings = base_after if standard is None else standard
         step = Chain.start(self.w, self.b)
         chains = {"step": step, "anchor": self.anchor, "orig": self.orig}
@@ -248,7 +225,7 @@ class LogicalModel:
             else:
                 q = requant_bound_from_exact(settings, s.w, s.ew)
                 if last:
-                    q = q + repack_bound(base_after)
+                    q = q + qbounds.cpu_repack_bound(base_after)
             for c in chains.values():
                 c.ew = c.ew + q
             w_in, w_in_err = s.w, s.ew
