@@ -11,6 +11,7 @@ the seeded adapter values of a case into a layer."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -271,6 +272,117 @@ def with_storage_dtypes(bases: Sequence[BaseCase]) -> list[BaseCase]:
     return [replace(c, weight_dtype=STORAGE_DTYPES[(i + i // n) % n]) for i, c in enumerate(bases)]
 
 
+# -- the base-layer matrix: one factor table per bit width -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Axis:
+    """One factor of the base-layer matrix: a ``BaseCase`` field (``shape``: in_features and out_features together)
+    and the values it takes. ``split``: a factor whose other values cannot exist on every device (the CPU packed
+    layout: ``BaseCase.unavailable``); its first value alone covers every pair of the other factors, so a device
+    that skips the rest loses no pair of them (``base_matrix``)."""
+
+    name: str
+    values: tuple[Any, ...]
+    split: bool = False
+
+
+#: the base-layer axes of each bit width and their values (from the value lists above). A new axis is one line
+#: here (its ``BaseCase`` field, with the default its cases had before) plus, if it rules combinations out, one rule
+#: in ``base_invalid``.
+BASE_AXES: Mapping[int, tuple[Axis, ...]] = {
+    4: (
+        Axis("shape", SHAPES[:3]),  # non-square both ways and square
+        Axis("quant_type", QUANT_TYPES),
+        Axis("blocksize", BLOCKSIZES),
+        Axis("double_quant", (False, True)),
+        Axis("compute_dtype", COMPUTE_DTYPES),
+        Axis("weight_dtype", STORAGE_DTYPES),
+        Axis("quant_storage", (None, *QUANT_STORAGES[1:])),  # None: uint8, bitsandbytes' default
+        Axis("cpu_packed", (False, True), split=True),
+    ),
+    8: (
+        Axis("shape", SHAPES[:3]),
+        Axis("compute_dtype", COMPUTE_DTYPES),
+        Axis("weight_dtype", STORAGE_DTYPES),
+        Axis("threshold", (0.0, INT8_THRESHOLD)),  # 6.0: inputs carry outlier columns (``with_outliers``)
+    ),
+}
+
+
+def base_invalid(bits: int, combo: Mapping[str, Any], *, merges: bool = False) -> str | None:
+    """Why a combination of ``BASE_AXES[bits]`` values is no case (None when it is one): the validity rules of the
+    base-layer matrix, in one place.
+
+    - the CPU packed layout only exists for shapes bitsandbytes repacks (``BaseCase.cpu_pack_refusal``: out_features
+      a multiple of 32, in_features of the blocksize);
+    - ``merges``: the clause requantizes the base and compares weights, which bitsandbytes 0.50.2's CPU
+      ``dequantize_4bit`` gets right only for ``in_features % blocksize == 0`` (``strategies.cpu_blocksize_ok``).
+    """
+    if bits != 4:
+        return None
+    in_features, out_features = combo["shape"]
+    if combo.get("cpu_packed"):
+        why = qlayers.cpu_packed_shape_refusal(in_features, out_features, combo["blocksize"])
+        if why is not None:
+            return f"CPU packed layout: {why}"
+    if merges and in_features % combo["blocksize"]:
+        return (f"merges: in_features {in_features} is not a multiple of the blocksize {combo['blocksize']} "
+                "(bitsandbytes 0.50.2's CPU dequantize_4bit)")
+    return None
+
+
+def base_case_of(bits: int, combo: Mapping[str, Any]) -> BaseCase:
+    """The ``BaseCase`` of one combination of ``BASE_AXES[bits]`` values."""
+    kw = {k: v for k, v in combo.items() if k != "shape"}
+    in_features, out_features = combo["shape"]
+    return BaseCase(bits, in_features, out_features, **kw)
+
+
+def _combos(axes: Sequence[Axis]) -> list[dict[str, Any]]:
+    return [dict(zip((a.name for a in axes), vs)) for vs in itertools.product(*(a.values for a in axes))]
+
+
+@functools.cache
+def _matrix(bits: int, full: bool, merges: bool, strength: int, pinned: tuple[tuple[str, Any], ...]
+            ) -> tuple[BaseCase, ...]:
+    if bits not in BASE_AXES:
+        raise ValueError(f"no base-layer axes for {bits}-bit layers; the bit widths are {sorted(BASE_AXES)}")
+    names = [a.name for a in BASE_AXES[bits]]
+    unknown = sorted(k for k, _ in pinned if k not in names)
+    if unknown:
+        raise ValueError(f"pinned {unknown}: no such {bits}-bit axis; the axes are {names} (cases.BASE_AXES)")
+    pins = dict(pinned)
+    axes = [replace(a, values=(pins[a.name],)) if a.name in pins else a for a in BASE_AXES[bits]]
+
+    def valid(c: dict[str, Any]) -> bool:
+        return base_invalid(bits, c, merges=merges) is None
+
+    if full:
+        return tuple(base_case_of(bits, c) for c in _combos(axes) if valid(c))
+    # the cases every device builds first: every split axis at its first value; then each other value of a split
+    # axis, with every value of the rest (``Axis.split``)
+    runs = [[replace(a, values=a.values[:1]) if a.split else a for a in axes]]
+    for a in (a for a in axes if a.split):
+        runs += [[replace(b, values=(v,)) if b is a else replace(b, values=b.values[:1]) if b.split else b
+                  for b in axes] for v in a.values[1:]]
+    return tuple(base_case_of(bits, c) for run in runs
+                 for c in pairwise({b.name: b.values for b in run}, valid, strength=strength))
+
+
+def base_matrix(bits: int, *, full: bool = False, merges: bool = False, strength: int = 2,
+                pinned: Mapping[str, Any] | None = None) -> list[BaseCase]:
+    """The base layers of ``BASE_AXES[bits]``: a covering of every pair of values (``pairwise``; the default tier)
+    or the full product (``full``; the slow tier), without the combinations ``base_invalid`` rules out (``merges``:
+    those a requantizing clause cannot use on the CPU).
+
+    A split axis (the CPU packed layout) is covered separately: the cases at its first value cover every pair of
+    the other axes by themselves, so a device where its other values cannot exist (those cases skip:
+    ``BaseCase.unavailable``) still meets every pair of the rest. ``strength=1``: every value once instead of every
+    pair (clauses whose cases are expensive: compile). ``pinned``: axes held at one value (``{"cpu_packed": False}``).
+    Deterministic; 8-bit cases at threshold 6.0 need inputs with outlier columns (``with_outliers``)."""
+    return list(_matrix(bits, full, merges, strength, tuple(sorted((pinned or {}).items()))))
+
+
 def adapter_cases(method: str) -> list[AdapterCase]:
     """Non-trivial adapters (random B / non-identity R), with alpha != r and rsLoRA/COFT/Neumann variants.
 
@@ -340,18 +452,23 @@ def grad_input_shape(rank: int, batch: int) -> tuple[int, ...]:
     return (batch, GRAD_SEQ_LEN, GRAD_IN_FEATURES)
 
 
-def pairwise(factors: Mapping[str, Sequence[Any]], valid: Callable[[dict[str, Any]], bool] | None = None
-             ) -> list[dict[str, Any]]:
+def pairwise(factors: Mapping[str, Sequence[Any]], valid: Callable[[dict[str, Any]], bool] | None = None,
+             *, strength: int = 2) -> list[dict[str, Any]]:
     """Deterministic all-pairs covering of a cross product (greedy, first-best in product order).
 
     Every pair of values of two factors that occurs in some valid combination occurs in a chosen
-    one; a handful of cases instead of the full product (Cohen et al., AETG, 1997).
+    one; a handful of cases instead of the full product (Cohen et al., AETG, 1997). ``strength=1``:
+    every value of every factor that occurs in some valid combination occurs in a chosen one.
     """
+    if strength not in (1, 2):
+        raise ValueError(f"pairwise covers single values (strength=1) or pairs (strength=2), not {strength}")
     names = list(factors)
     full = [dict(zip(names, combo)) for combo in itertools.product(*factors.values())]
     full = [c for c in full if valid is None or valid(c)]
 
     def pairs(c: dict[str, Any]) -> set[tuple[str, Any, str, Any]]:
+        if strength == 1:
+            return {(a, repr(c[a]), "", "") for a in names}
         return {(a, repr(c[a]), b, repr(c[b])) for i, a in enumerate(names) for b in names[i + 1:]}
 
     uncovered: set[tuple[str, Any, str, Any]] = set().union(*(pairs(c) for c in full)) if full else set()
