@@ -134,7 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             return _usage("--device cuda but no CUDA device is visible (torch.cuda.is_available() is False)")
     config = runner.RunConfig(device=args.device, seed=args.seed, examples=args.examples, steps=args.steps,
-                              report_dir=report_dir, timeout=args.timeout, timeout_scale=args.timeout_scale)
+                              report_dir=report_dir, timeout=args.timeout, timeout_scale=args.timeout_scale,
+                              slow=args.slow)
     # Ctrl-C: the first is acted on where it is safe (the partial report is written, exit 130); a second
     # kills the workers and exits 130 at once (conformance.harness.interrupts)
     with interrupts.deferred(hard_exit=True):
@@ -308,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report", metavar="OUT.json", help="write the JSON report here")
     r.add_argument("--markdown", metavar="OUT.md", help="write the Markdown report here")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--slow", action="store_true", help="include clauses marked slow")
+    r.add_argument("--slow", action="store_true", help="the slow tier: include clauses marked slow, and run the "
+                   "full product of the base-layer axes where the default tier runs a covering of every pair")
     r.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="per-clause time limit, replacing every clause's own (default: the clause's, mostly 300 s)")
     r.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every clause's own time limit")

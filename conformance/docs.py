@@ -124,6 +124,8 @@ def _scope(c: Any) -> str:
         parts.append("needs " + ", ".join(sorted(str(r) for r in c.requires)))
     if c.slow:
         parts.append("slow")
+    if getattr(c, "tiered", False):
+        parts.append("base-layer pairs (--slow: all)")
     return " · ".join(parts)
 
 

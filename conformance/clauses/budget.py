@@ -1,7 +1,8 @@
 """How much work a run spends on its randomised clauses: configuration, carried by the check context.
 
 The CI defaults are what ``nox -s tests`` and ``python -m conformance run`` use; longer runs pass a
-larger ``Budget`` (``python -m conformance run --examples N``, ``python -m conformance stateful``).
+larger ``Budget`` (``python -m conformance run --examples N``, ``python -m conformance stateful``); the slow tier
+(``run --slow``) is a budget too: ``Budget.slow``.
 No check reads an environment variable for its budget.
 
 A budget also carries the work its clauses share (``Budget.shared``, a :class:`SharedRuns`): the STATE-*
@@ -50,6 +51,9 @@ class Budget:
     ``property_examples``: examples per (method, bits) case of a property clause (merge, safe merge).
     ``stateful_examples`` / ``stateful_steps``: examples per (method, bits) case of the state machine,
     and steps per example. ``stateful_shrink_s``: seconds of shrinking per case after its first violation.
+    ``slow``: the slow tier: the clauses that take their base layers from the base-layer matrix
+    (``Clause.tiered``, ``CheckContext.base_matrix``) run its full product instead of a covering of every pair
+    (``python -m conformance run --slow``; pytest's slow tier). Each such verdict records the coverage it ran.
     ``shared``: results the clauses run under this budget share (not configuration: never compared,
     printed or serialised).
     """
@@ -58,6 +62,7 @@ class Budget:
     stateful_examples: int = 30
     stateful_steps: int = 15
     stateful_shrink_s: float = 20.0
+    slow: bool = False
     shared: SharedRuns = field(default_factory=SharedRuns, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -69,7 +74,7 @@ class Budget:
 
     def to_json(self) -> dict[str, float]:
         return {"property_examples": self.property_examples, "stateful_examples": self.stateful_examples,
-                "stateful_steps": self.stateful_steps, "stateful_shrink_s": self.stateful_shrink_s}
+                "stateful_steps": self.stateful_steps, "stateful_shrink_s": self.stateful_shrink_s, "slow": self.slow}
 
 
 CI = Budget()

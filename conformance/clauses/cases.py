@@ -296,14 +296,14 @@ BASE_AXES: Mapping[int, tuple[Axis, ...]] = {
         Axis("blocksize", BLOCKSIZES),
         Axis("double_quant", (False, True)),
         Axis("compute_dtype", COMPUTE_DTYPES),
-        Axis("weight_dtype", STORAGE_DTYPES),
+        Axis("weight_dtype", (None, *STORAGE_DTYPES)),  # None: a float32 weight, the bias in the compute dtype
         Axis("quant_storage", (None, *QUANT_STORAGES[1:])),  # None: uint8, bitsandbytes' default
         Axis("cpu_packed", (False, True), split=True),
     ),
     8: (
         Axis("shape", SHAPES[:3]),
         Axis("compute_dtype", COMPUTE_DTYPES),
-        Axis("weight_dtype", STORAGE_DTYPES),
+        Axis("weight_dtype", (None, *STORAGE_DTYPES)),  # None: a float32 weight, a float16 bias
         Axis("threshold", (0.0, INT8_THRESHOLD)),  # 6.0: inputs carry outlier columns (``with_outliers``)
     ),
 }

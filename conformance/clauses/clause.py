@@ -64,6 +64,7 @@ def declare(
     requires: Iterable[str] = (),
     area: str,
     slow: bool = False,
+    tiered: bool = False,
     timeout_s: float = 300.0,
 ) -> Clause:
     """Declare clause ``id`` (called at import time of a ``conformance.clauses.<area>.declare`` module)."""
@@ -83,7 +84,7 @@ def declare(
     if id in _CATALOG:
         raise ValueError(f"clause {id} declared twice")
     c = Clause(id=id, level=level, text=text, source=source, methods=methods_, bits=bits_, devices=devices_,
-               requires=requires_, area=area, slow=slow, timeout_s=timeout_s)
+               requires=requires_, area=area, slow=slow, tiered=tiered, timeout_s=timeout_s)
     _CATALOG[id] = c
     return c
 

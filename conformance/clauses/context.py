@@ -41,6 +41,7 @@ from torch import nn
 
 from conformance.clauses.attribution import IMPL_CALL, CaseSkipped, _short, _skip_cause, implementation_origin, leaf
 from conformance.clauses.budget import Budget
+from conformance.clauses import cases as _cases
 from conformance.clauses.cases import BaseCase
 from conformance.clauses.clause import Clause, ClauseFailure, ClauseInconclusive, ClauseSkipped
 from conformance.clauses.interface import AdapterSpec, Implementation, ImplementationUnsupported, declared
@@ -218,6 +219,31 @@ class CheckContext:
                 self.skip_case(cap, label or f"{key}={params.get(key)!r}")
                 return False
         return True
+
+    # -- the base-layer matrix -----------------------------------------------------------
+    def base_matrix(self, bits: int, *, merges: bool = False, pinned: dict[str, Any] | None = None,
+                    costly: bool = False) -> list[BaseCase]:
+        """The bases of ``cases.base_matrix(bits)`` for this run's tier (``Budget.slow``): a covering of every pair of
+        values by default, the full product in the slow tier; ``costly`` (clauses whose every case is expensive:
+        compile): every value once by default, every pair in the slow tier. ``merges`` and ``pinned`` as there.
+
+        Records the coverage that ran (``details["base_matrix"]``: ``pairwise``, ``full product`` or ``each value``)
+        and how many bases it has per bit width (``details["base_matrix_cases"]``), so a verdict never claims
+        the full product when a covering ran. Only a clause declared ``tiered`` may call it (its slow-tier run
+        differs from its default one)."""
+        if not self.clause.tiered:
+            raise RuntimeError(f"{self.clause.id} reads the base-layer matrix but is not declared tiered=True "
+                               "(conformance.clauses.clause.declare): its slow tier would not be run")
+        full = self.budget.slow and not costly
+        strength = 2 if self.budget.slow or not costly else 1
+        got = _cases.base_matrix(bits, full=full, strength=strength, merges=merges, pinned=pinned)
+        coverage = "full product" if full else "pairwise" if strength == 2 else "each value"
+        seen = self.measurements.get("base_matrix")
+        if seen is not None and seen != coverage:  # one coverage per verdict
+            raise RuntimeError(f"{self.clause.id} mixes base-matrix coverages ({seen}, {coverage})")
+        self.measure("base_matrix", coverage)
+        self.measure("base_matrix_cases", {**self.measurements.get("base_matrix_cases", {}), f"{bits}bit": len(got)})
+        return got
 
     # -- builders ----------------------------------------------------------------------
     def make_base(self, case: BaseCase, *, seed: int | None = None) -> nn.Module:

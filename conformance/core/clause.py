@@ -34,6 +34,10 @@ class Clause:
     requires: frozenset[Capability] = frozenset()
     area: str = ""
     slow: bool = False
+    #: its cases come from the base-layer matrix (``clauses.cases.base_matrix``, read through
+    #: ``CheckContext.base_matrix``): a covering of every pair of values by default, the full product in the slow
+    #: tier; its result records which ran (``details["base_matrix"]``)
+    tiered: bool = False
     timeout_s: float = 300.0
     #: the check (``conformance.clauses.clause.registry`` binds it); None in the torch-free catalog
     check: Callable[[Any], None] | None = field(default=None, compare=False, repr=False)
@@ -43,4 +47,5 @@ class Clause:
             "id": self.id, "level": self.level, "text": self.text, "source": self.source, "area": self.area,
             "methods": sorted(str(m) for m in self.methods), "bits": sorted(self.bits),
             "devices": sorted(self.devices), "requires": sorted(str(c) for c in self.requires), "slow": self.slow,
+            "tiered": self.tiered,
         }

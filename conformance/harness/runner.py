@@ -139,9 +139,10 @@ class RunConfig:
     report_dir: str | None = None  # where checks write reproducers
     timeout: float | None = None  # seconds per clause, overriding every Clause.timeout_s
     timeout_scale: float = 1.0  # multiplies Clause.timeout_s (not an explicit timeout)
+    slow: bool = False  # the slow tier: the full base-layer matrix (``Budget.slow``)
 
     def options(self, impl: str) -> Options:
-        return Options(impl, self.device, self.seed, self.examples, self.steps, self.report_dir)
+        return Options(impl, self.device, self.seed, self.examples, self.steps, self.report_dir, self.slow)
 
     def limit(self, clause: Clause) -> float:
         return self.timeout if self.timeout is not None else clause.timeout_s * self.timeout_scale
@@ -298,13 +299,14 @@ def run_implementation(
     label: str | None = None,
     python: str = sys.executable,
     fork: bool | None = None,
+    slow: bool = False,
 ) -> list[Result]:
     """Run ``clauses`` for one implementation in worker processes; never raises for the implementation's faults.
 
     ``impl`` is what to load (``--impl``); results carry the implementation's declared name
-    unless ``label`` names them otherwise.
+    unless ``label`` names them otherwise. ``slow``: the slow tier (``Budget.slow``).
     """
-    config = RunConfig(device, seed, examples, steps, report_dir, timeout, timeout_scale)
+    config = RunConfig(device, seed, examples, steps, report_dir, timeout, timeout_scale, slow)
     with interrupts.deferred():
         with open_implementation(impl, config, python=python, fork=fork) as loaded:
             loaded.info.name = label or loaded.info.name

@@ -48,6 +48,8 @@ class Options:
     examples: int | None = None
     steps: int | None = None
     report_dir: str | None = None
+    #: the slow tier (``Budget.slow``: the full base-layer matrix)
+    slow: bool = False
 
     def budget(self) -> Any:
         from conformance.clauses.budget import Budget
@@ -58,6 +60,7 @@ class Options:
             stateful_examples=self.examples or base.stateful_examples,
             stateful_steps=self.steps or base.stateful_steps,
             stateful_shrink_s=base.stateful_shrink_s,
+            slow=self.slow,
         )
 
 
@@ -117,6 +120,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--report-dir", default=None)
+    p.add_argument("--slow", action="store_true")
 
 
 def options_argv(opts: Options) -> list[str]:
@@ -128,6 +132,8 @@ def options_argv(opts: Options) -> list[str]:
         argv += ["--steps", str(opts.steps)]
     if opts.report_dir:
         argv += ["--report-dir", opts.report_dir]
+    if opts.slow:
+        argv += ["--slow"]
     return argv
 
 
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--describe", action="store_true", help="only load the implementation and describe it")
     p.add_argument("--serve", action="store_true", help="be a fork server: commands on stdin, replies on stdout")
     args = p.parse_args(argv)
-    opts = Options(args.impl, args.device, args.seed, args.examples, args.steps, args.report_dir)
+    opts = Options(args.impl, args.device, args.seed, args.examples, args.steps, args.report_dir, args.slow)
     if args.serve:
         from conformance.harness.zygote import serve
 

@@ -3,9 +3,14 @@ compiled layers sit on (a few: compiling on a CPU takes a second or so per layer
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from conformance.clauses import cases
+
+if TYPE_CHECKING:
+    from conformance.clauses.context import CheckContext
 
 #: the torch.compile backend per device: ``aot_eager`` on the CPU (dynamo's capture and AOTAutograd's functional
 #: graph, run by eager kernels: no C++ toolchain needed), ``inductor`` (the default backend) on CUDA
@@ -24,12 +29,8 @@ def backend_for(device: str | torch.device) -> str:
     return BACKENDS[kind]
 
 
-def compile_cases(bits: int) -> list[cases.BaseCase]:
-    """4-bit: NF4 without double quant in fp32, FP4 with double quant in bf16, a square NF4 double-quant base in
-    bf16; 8-bit: fp32 and bf16. All in the standard layout (the CPU packed layout off)."""
-    if bits == 4:
-        return [cases.BaseCase(4, quant_type="nf4", compute_dtype=torch.float32),
-                cases.BaseCase(4, quant_type="fp4", double_quant=True, compute_dtype=torch.bfloat16),
-                cases.BaseCase(4, *cases.ORIENTATION_SHAPES[1], quant_type="nf4", double_quant=True,
-                               compute_dtype=torch.bfloat16)]
-    return [cases.BaseCase(8, compute_dtype=torch.float32), cases.BaseCase(8, compute_dtype=torch.bfloat16)]
+def compile_cases(ctx: CheckContext, bits: int, *, merges: bool = False) -> list[cases.BaseCase]:
+    """The base-layer matrix (``cases.BASE_AXES``) in the standard layout (the CPU packed layout pinned off), each
+    value once by default and every pair in the slow tier (``CheckContext.base_matrix(costly=True)``: compiling on
+    a CPU takes a second or so per layer); ``merges``: bases a CPU requantization gets right."""
+    return ctx.base_matrix(bits, merges=merges, pinned={"cpu_packed": False} if bits == 4 else None, costly=True)

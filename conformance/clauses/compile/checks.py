@@ -77,12 +77,14 @@ def _build(ctx: CheckContext, method: str, case: cases.BaseCase, params: dict[st
 def check_compiled_forward(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
-        for i, case in enumerate(compile_cases(bits)):
+        for i, case in enumerate(compile_cases(ctx, bits)):
             lead = INPUT_LEADS[i % len(INPUT_LEADS)]
             label = f"compiled {acase.label} on {case.label}, input {(*lead, case.in_features)}"
             with ctx.case(label):
                 layer = _build(ctx, method, case, acase.params, i)
                 x = ctx.randn(*lead, case.in_features, dtype=case.compute_dtype, offset=i)
+                if case.threshold:
+                    x = cases.with_outliers(x, case.threshold)
                 with torch.no_grad():
                     exp = numerics.layer_expected(layer, method, "default", acase.params, x)
                 compiled, counter = _compiled(ctx, layer)
@@ -102,12 +104,14 @@ def check_compiled_merge_cycle(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
         params = acase.params
-        for i, case in enumerate(compile_cases(bits)):
+        for i, case in enumerate(compile_cases(ctx, bits, merges=True)):
             lead = INPUT_LEADS[i % len(INPUT_LEADS)]
             label = f"compiled {acase.label} on {case.label}, input {(*lead, case.in_features)}"
             with ctx.case(label):
                 layer = _build(ctx, method, case, params, i)
                 x = ctx.randn(*lead, case.in_features, dtype=case.compute_dtype, offset=i)
+                if case.threshold:
+                    x = cases.with_outliers(x, case.threshold)
                 compiled, counter = _compiled(ctx, layer)
                 try:
                     with torch.no_grad():

@@ -16,6 +16,7 @@ declare(
     "compute dtypes fp32 and bf16; and each call ran at least one compiled graph (a call dynamo ran eagerly fails).",
     source=f"{SOURCE_DYNAMO}; torch 2.13 torch/_dynamo/eval_frame.py OptimizedModule; peft v0.21.2 "
     "src/peft/tuners/lora/bnb.py forward; src/peft/tuners/oft/layer.py forward",
+    tiered=True,
     area="compile",
 )
 
@@ -30,5 +31,6 @@ declare(
     "bnb.nn.Params4bit, dropping the attributes torch.compile adds, those starting with '_') and Linear4bit.unmerge "
     "(assigns a new Params4bit from weight.__dict__ as it is); Linear8bitLt.merge/unmerge (new bnb.nn.Int8Params)",
     requires=["unmerge"],
+    tiered=True,
     area="compile",
 )

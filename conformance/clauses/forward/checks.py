@@ -28,15 +28,12 @@ def _x(ctx: CheckContext, lead: tuple[int, ...], n: int, dtype: torch.dtype, off
     return ctx.randn(*lead, n, dtype=dtype, offset=offset)
 
 
-def _forward_cases(bits: int) -> list[cases.BaseCase]:
-    """Every base case with every compute dtype, a square layer per compute dtype, the storage-dtype axis
-    combined in (``with_storage_dtypes``), then the bases with bitsandbytes' CPU packed layout on
-    (``packed_cases``: their first eval-mode forward repacks them), then bases stored as each float quant storage
-    (``quant_storage_cases``) and the 8-bit bases with the outlier threshold on (``outlier_cases``; their inputs
-    carry outlier columns: ``with_outliers``)."""
-    square = [cases.BaseCase(bits, *cases.ORIENTATION_SHAPES[1], compute_dtype=d) for d in cases.COMPUTE_DTYPES]
-    return cases.with_storage_dtypes(cases.base_cases(bits, dtypes=cases.COMPUTE_DTYPES) + square) + \
-        cases.packed_cases(bits) + cases.quant_storage_cases(bits) + cases.outlier_cases(bits)
+def _forward_cases(ctx: CheckContext, bits: int) -> list[cases.BaseCase]:
+    """The base-layer matrix (``cases.BASE_AXES``: shapes square and not, quant types, blocksizes, double quant,
+    compute and storage dtypes, float quant storages, bitsandbytes' CPU packed layout, whose first eval-mode forward
+    repacks the base; the 8-bit outlier threshold, whose inputs carry outlier columns: ``with_outliers``), every pair
+    of values by default, the full product in the slow tier (``CheckContext.base_matrix``)."""
+    return ctx.base_matrix(bits)
 
 
 def check_output(ctx: CheckContext, label: str, y: torch.Tensor, lead: tuple[int, ...], out_features: int,
@@ -51,7 +48,7 @@ def check_output(ctx: CheckContext, label: str, y: torch.Tensor, lead: tuple[int
 @check("FWD-INIT-IDENTITY")
 def check_init_identity(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
-        for i, case in enumerate(_forward_cases(bits)):
+        for i, case in enumerate(_forward_cases(ctx, bits)):
             lead = INPUT_SHAPES[i % len(INPUT_SHAPES)]
             label = f"{method} on {case.label}, input {(*lead, case.in_features)}"
             with ctx.case(label):
@@ -76,7 +73,7 @@ def check_init_identity(ctx: CheckContext) -> None:
 def check_oracle(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         for ai, acase in enumerate(cases.adapter_cases(method)):
-            for i, case in enumerate(_forward_cases(bits)):
+            for i, case in enumerate(_forward_cases(ctx, bits)):
                 modes = (True, False) if bits == 8 or case.cpu_packed else (True,)
                 for training in modes:
                     if not ctx.supports(acase.params, f"{acase.label} on {case.label}"):

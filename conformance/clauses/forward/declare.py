@@ -9,6 +9,7 @@ declare(
     source="peft v0.21.2 src/peft/tuners/lora/layer.py reset_lora_parameters (init_lora_weights=True zeros B); "
     "peft v0.21.2 src/peft/tuners/oft/layer.py reset_oft_parameters (init_weights=True gives R = I); OFT paper "
     "arXiv:2306.07280",
+    tiered=True,
     area='forward',
 )
 
@@ -21,6 +22,7 @@ declare(
     "leading dims, out_features and the input's dtype.",
     source="peft v0.21.2 src/peft/tuners/lora/bnb.py forward; src/peft/tuners/oft/layer.py forward; OFT paper arXiv:2306.07280; "
     "conformance/numerics/expected.py (error model)",
+    tiered=True,
     area='forward',
 )
 

@@ -49,16 +49,9 @@ def _bias_cases(bits: int) -> list[cases.BaseCase]:
     return [cases.BaseCase(8), cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.bfloat16)]
 
 
-def _settings_cases(bits: int) -> list[cases.BaseCase]:
-    """MERGE-KEEPS-QUANT-SETTINGS bases: settings, compute and storage dtypes varied together, square and not; then
-    the bases stored as each float quant storage (``cases.quant_storage_cases``) and the 8-bit bases with the outlier
-    threshold on (``cases.outlier_cases``)."""
-    if bits == 4:
-        return [cases.BaseCase(4, quant_type=q, blocksize=bs, double_quant=dq, compute_dtype=dt, weight_dtype=wd)
-                for q, bs, dq, dt, wd in (("fp4", 32, True, torch.float16, torch.float16),
-                                          ("nf4", 128, False, torch.bfloat16, torch.float32),
-                                          ("fp4", 64, False, torch.float32, torch.bfloat16),
-                                          ("nf4", 64, True, torch.float32, torch.float16))] + \
-            cases.quant_storage_cases(4)
-    return [cases.BaseCase(8), cases.BaseCase(8, weight_dtype=torch.bfloat16),
-            cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.float32)] + cases.outlier_cases(8)
+def _settings_cases(ctx: CheckContext, bits: int) -> list[cases.BaseCase]:
+    """MERGE-KEEPS-QUANT-SETTINGS bases: the base-layer matrix (``cases.BASE_AXES``: every setting that defines a
+    base, compute and storage dtypes, float quant storages, the CPU packed layout, the 8-bit outlier threshold), every
+    pair of values by default, the full product in the slow tier (``CheckContext.base_matrix``). Every blocksize
+    takes part: the clause compares settings, not weights (``cases.base_invalid``'s merge rule is not needed)."""
+    return ctx.base_matrix(bits)

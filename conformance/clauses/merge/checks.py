@@ -365,7 +365,7 @@ def check_lora_bias(ctx: CheckContext) -> None:
 def check_keeps_settings(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
-        for case, what in itertools.product(_settings_cases(bits),
+        for case, what in itertools.product(_settings_cases(ctx, bits),
                                             ("merge", "unmerge") if ctx.has("unmerge") else ("merge",)):
             label = f"{method} on {case.label} after {what}()"
             # each step from a freshly built layer: a merge that breaks the base does not hide what unmerge does

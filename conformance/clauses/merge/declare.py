@@ -117,5 +117,6 @@ declare(
     "layer. Every merge clause checks the base the same way (conformance.quant.validate) after each merge/unmerge.",
     source=SOURCE_MERGE + "; peft v0.16-v0.20 src/peft/tuners/oft/bnb.py Linear4bit.merge ('Re-quantize to 4-bit "
     "with original parameters')",
+    tiered=True,
     area='merge',
 )

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from conformance.clauses import cases
+
+if TYPE_CHECKING:
+    from conformance.clauses.context import CheckContext
 
 #: the casts users make on a whole module, with the dtype they give floating tensors
 CASTS: dict[str, tuple[Callable[[nn.Module], nn.Module], torch.dtype]] = {
@@ -22,10 +26,7 @@ REFUSAL_WORDS = ("quant", "storage", "4bit", "4-bit", "8bit", "8-bit", "int8", "
                  "Int8Params", "Linear4bit", "Linear8bitLt", "packed")
 
 
-def move_cases(bits: int) -> list[cases.BaseCase]:
-    """4-bit: one base per quant storage (quant types and compute dtypes alternating); 8-bit: one per compute dtype."""
-    if bits == 8:
-        return [cases.BaseCase(8, compute_dtype=d) for d in cases.COMPUTE_DTYPES]
-    return [cases.BaseCase(4, quant_type=cases.QUANT_TYPES[i % 2], compute_dtype=cases.COMPUTE_DTYPES[i % 3],
-                           quant_storage=None if qs == torch.uint8 else qs)
-            for i, qs in enumerate(cases.QUANT_STORAGES)]
+def move_cases(ctx: CheckContext, bits: int) -> list[cases.BaseCase]:
+    """The base-layer matrix (``cases.BASE_AXES``, every quant storage among them), every pair of values by default,
+    the full product in the slow tier (``CheckContext.base_matrix``)."""
+    return ctx.base_matrix(bits)

@@ -29,7 +29,7 @@ def _payload_changes(before: qlayers.LayerSnapshot, base: torch.nn.Module) -> li
 def check_dtype_moves(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         acase = cases.adapter_cases(method)[0]
-        for i, case in enumerate(move_cases(bits)):
+        for i, case in enumerate(move_cases(ctx, bits)):
             storage = case.quant_storage or torch.uint8
             for j, (name, (cast, dtype)) in enumerate(CASTS.items()):
                 label = f"{acase.label} on {case.label}, layer.{name}"

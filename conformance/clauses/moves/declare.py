@@ -13,5 +13,6 @@ declare(
     source="bitsandbytes 0.50.2 nn/modules.py Params4bit.to (quant_storage; a floating payload is cast like any "
     "tensor) and Int8Params; transformers BitsAndBytesConfig bnb_4bit_quant_storage (FSDP-QLoRA loads with bfloat16); "
     "torch 2.13 torch/nn/modules/module.py Module.to/half/bfloat16/float (_apply casts floating parameters)",
+    tiered=True,
     area="moves",
 )
