@@ -73,12 +73,13 @@ def expected_entries(expected: ExpectedFailed, impl: Implementation) -> list[xf.
     return [xf.Xfail(cid, "*", reason, 0, source="expected_failed_checks") for cid, reason in got.items()]
 
 
-def _results_in_process(impl: Implementation, chosen: Sequence[Clause], device: str) -> list[Result]:
+def _results_in_process(impl: Implementation, chosen: Sequence[Clause], device: str, slow: bool = False
+                        ) -> list[Result]:
     """One result per clause; Ctrl-C raises ``Interrupted`` (a ``KeyboardInterrupt``) carrying those reached."""
     from conformance.harness.runner import Interrupted
 
     results: list[Result] = []
-    budget = Budget()  # one per run: the STATE-* clauses share one machine run (Budget.shared)
+    budget = Budget(slow=slow)  # one per run: the STATE-* clauses share one machine run (Budget.shared)
     try:
         for c in chosen:
             results.append(run_clause(c, impl, device, budget=budget))
@@ -87,11 +88,12 @@ def _results_in_process(impl: Implementation, chosen: Sequence[Clause], device: 
     return results
 
 
-def _results_in_workers(target: str, chosen: Sequence[Clause], device: str) -> tuple[Implementation, list[Result]]:
+def _results_in_workers(target: str, chosen: Sequence[Clause], device: str, slow: bool = False
+                        ) -> tuple[Implementation, list[Result]]:
     from conformance.harness import runner
 
     # loaded once: the fork server that runs the clauses also describes the implementation
-    with runner.open_implementation(target, runner.RunConfig(device=device)) as loaded:
+    with runner.open_implementation(target, runner.RunConfig(device=device, slow=slow)) as loaded:
         info = loaded.info
         results = loaded.run(chosen, progress=lambda _msg: None)
 
@@ -116,6 +118,7 @@ def check_implementation(
     device: str = "cpu",
     expected_failed_checks: ExpectedFailed = None,
     on_fail: OnFail = "raise",
+    slow: bool = False,
 ) -> list[Result]:
     """Run the spec against ``impl`` and return one ``Result`` per clause.
 
@@ -127,7 +130,8 @@ def check_implementation(
     failed, errored or was inconclusive, or an expected failure passed, and ``NothingChecked`` (a
     ``ConformanceFailure``) when no clause ran at all (every one skipped); ``"warn"`` emits a
     ``ConformanceWarning`` per clause that did not pass, and one when nothing was checked; ``None`` only
-    returns the results.
+    returns the results. ``slow``: the slow tier (``Budget.slow``: the tiered clauses run the full base-layer
+    matrix instead of a covering of every pair; each result records which ran, ``details["base_matrix"]``).
     """
     if on_fail not in ("raise", "warn", None):
         raise ValueError(f"on_fail must be 'raise', 'warn' or None, got {on_fail!r}")
@@ -135,12 +139,12 @@ def check_implementation(
     if not chosen:
         raise ValueError(f"no clause matches {list(clauses or [])}")
     if isinstance(impl, str):
-        obj, results = _results_in_workers(impl, chosen, device)
+        obj, results = _results_in_workers(impl, chosen, device, slow)
     else:
         from conformance.clauses.interface import validate
 
         validate(impl)
-        obj, results = impl, _results_in_process(impl, chosen, device)
+        obj, results = impl, _results_in_process(impl, chosen, device, slow)
     entries = expected_entries(expected_failed_checks, obj)
     for msg in xf.apply(results, entries):
         warnings.warn(msg, ConformanceWarning, stacklevel=2)
@@ -193,30 +197,37 @@ def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entr
 def iter_checks(
     impls: Iterable[str | Implementation], *, clauses: Sequence[str] | None = None, device: str = "cpu",
     expected_failed_checks: ExpectedFailed = None, xfails: str | Sequence[str] | None = None,
-    xfail_strict: bool = True, include_slow: bool = True,
+    xfail_strict: bool = True, include_slow: bool = True, tier: Literal["default", "slow"] = "default",
 ) -> Iterable[tuple[str, Callable[[], None], Clause, Implementation]]:
     """(test id, zero-argument check, clause, implementation) for every clause x implementation.
 
     Implementations given by name are loaded in this process (``conformance.harness.loader.load``).
     ``xfails``: xfail file path(s) (the CLI's format), applied besides ``expected_failed_checks``.
+    ``tier="slow"``: only the clauses whose slow tier runs other cases (``Clause.tiered``: the full base-layer
+    matrix), under the slow budget (``Budget.slow``), their test ids ending in ``[slow]``; mark them slow.
     """
+    if tier not in ("default", "slow"):
+        raise ValueError(f"tier must be 'default' or 'slow', got {tier!r}")
     paths = [xfails] if isinstance(xfails, str) else list(xfails or [])
     from_files = [e for p in paths for e in xf.load(p)]
     resolved = [(load(i), i) if isinstance(i, str) else (i, None) for i in impls]
     for impl, target in resolved:
         entries = expected_entries(expected_failed_checks, impl) + from_files
-        budget = Budget()  # this implementation's checks share it (and their state-machine run)
+        budget = Budget(slow=tier == "slow")  # this implementation's checks share it (and their state-machine run)
         for c in select(clauses, include_slow=include_slow):
-            yield (f"{c.id}[{impl.name}]", partial(check_clause, c, impl, device, entries, xfail_strict, target=target,
+            if tier == "slow" and not c.tiered:
+                continue
+            yield (f"{c.id}[{impl.name}]" + ("[slow]" if tier == "slow" else ""), partial(check_clause, c, impl, device, entries, xfail_strict, target=target,
                                                   budget=budget), c, impl)
 
 
 def params(impls: Iterable[str | Implementation], **kwargs: Any) -> list[Any]:
-    """``pytest.param`` objects (one check callable each) for ``metafunc.parametrize("check", ...)``."""
+    """``pytest.param`` objects (one check callable each) for ``metafunc.parametrize("check", ...)``: the default
+    tier, then the slow tier of the tiered clauses (``iter_checks(tier="slow")``), marked slow."""
     import pytest
 
-    return [pytest.param(fn, id=tid, marks=[pytest.mark.slow] if c.slow else [])
-            for tid, fn, c, _ in iter_checks(impls, **kwargs)]
+    return [pytest.param(fn, id=tid, marks=[pytest.mark.slow] if c.slow or tier == "slow" else [])
+            for tier in ("default", "slow") for tid, fn, c, _ in iter_checks(impls, tier=tier, **kwargs)]
 
 
 def parametrize_with_checks(

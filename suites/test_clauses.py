@@ -9,10 +9,12 @@ xfails/peft-0.21.txt`` runs them against the installed PEFT with its known failu
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
 from conformance import testing
+from conformance.core.clause import Clause
 from conformance.impls.reference import ReferenceImplementation
 
 #: clause -> the session fixture (suites/conftest.py) holding its CPU run for the reference, shared with the
@@ -30,16 +32,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     config = metafunc.config
     device = config.getoption("--device")
     params = []
-    for tid, fn, clause, impl in testing.iter_checks(_impl_names(config), device=device,
-                                                     xfails=config.getoption("--xfails")):
-        marks = [pytest.mark.slow] if clause.slow else []
-        if "distributed" in clause.requires:  # spawned ranks: interpreters started
-            marks.append(pytest.mark.e2e)
-        if device == "cuda":
-            marks.append(pytest.mark.gpu)
-        shared = SHARED.get(clause.id) if device == "cpu" and type(impl) is ReferenceImplementation else None
-        params.append(pytest.param(fn, shared, id=tid, marks=marks))
+    # the default tier, then the slow tier of the tiered clauses (the full base-layer matrix), marked slow
+    for tier in ("default", "slow"):
+        for tid, fn, clause, impl in testing.iter_checks(_impl_names(config), device=device, tier=tier,
+                                                         xfails=config.getoption("--xfails")):
+            params.append(_param(tid, fn, clause, impl, device, slow=clause.slow or tier == "slow"))
     metafunc.parametrize(("check", "shared"), params)
+
+
+def _param(tid: str, fn: Any, clause: Clause, impl: Any, device: str, *, slow: bool) -> Any:
+    marks = [pytest.mark.slow] if slow else []
+    if "distributed" in clause.requires:  # spawned ranks: interpreters started
+        marks.append(pytest.mark.e2e)
+    if device == "cuda":
+        marks.append(pytest.mark.gpu)
+    shared = SHARED.get(clause.id) if device == "cpu" and type(impl) is ReferenceImplementation else None
+    return pytest.param(fn, shared, id=tid, marks=marks)
 
 
 def test_clause(check, shared: str | None, request: pytest.FixtureRequest) -> None:  # noqa: ANN001 - a check

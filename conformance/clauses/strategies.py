@@ -5,6 +5,7 @@ Widening a list in ``cases`` widens every property test and every hypothesis-dri
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,11 +30,16 @@ def base_cases(
     draw: st.DrawFn, bits: int | None = None, *, dtypes: tuple[torch.dtype, ...] = cases.COMPUTE_DTYPES,
     shapes: tuple[tuple[int, int], ...] = cases.SHAPES, cpu_safe: bool = True,
     storage_dtypes: tuple[torch.dtype | None, ...] = (None,),
+    quant_storages: tuple[torch.dtype | None, ...] = (None,), thresholds: tuple[float, ...] = (0.0,),
 ) -> cases.BaseCase:
     """A quantized base layer description: bits, shape, quant type, blocksize, double quant, compute dtype,
     and the storage dtype (``BaseCase.weight_dtype``) drawn from ``storage_dtypes`` (default: today's float32).
 
-    ``cpu_safe`` keeps 4-bit cases to ``in_features % blocksize == 0`` (``cpu_blocksize_ok``).
+    ``cpu_safe`` keeps 4-bit cases to ``in_features % blocksize == 0`` (``cpu_blocksize_ok``). Opt-in axes, each
+    drawn only when given more than one value (so a caller that leaves them draws exactly what it drew before):
+    ``quant_storages`` (4-bit ``BaseCase.quant_storage``; None: uint8) and ``thresholds`` (8-bit
+    ``BaseCase.threshold``; a case at a threshold above 0 needs inputs with outlier columns to take the outlier
+    path: ``cases.with_outliers``). The values come from ``cases.BASE_AXES`` (``base_axis_values``).
     """
     b = draw(st.sampled_from((4, 8))) if bits is None else bits
     if b == 4 and cpu_safe:
@@ -42,12 +48,26 @@ def base_cases(
     dt = draw(st.sampled_from(dtypes))
     wd = draw(st.sampled_from(storage_dtypes)) if len(storage_dtypes) > 1 else storage_dtypes[0]
     if b == 8:
-        return cases.BaseCase(8, i, o, compute_dtype=dt, weight_dtype=wd)
-    return cases.BaseCase(
+        th = draw(st.sampled_from(thresholds)) if len(thresholds) > 1 else thresholds[0]
+        return cases.BaseCase(8, i, o, compute_dtype=dt, weight_dtype=wd, threshold=th)
+    case = cases.BaseCase(
         4, i, o, quant_type=draw(st.sampled_from(cases.QUANT_TYPES)),
         blocksize=draw(st.sampled_from([bs for bs in cases.BLOCKSIZES if not cpu_safe or cpu_blocksize_ok(i, bs)])),
         double_quant=draw(st.booleans()), compute_dtype=dt, weight_dtype=wd,
     )
+    if len(quant_storages) > 1:
+        case = replace(case, quant_storage=draw(st.sampled_from(quant_storages)))
+    elif quant_storages[0] is not None:
+        case = replace(case, quant_storage=quant_storages[0])
+    return case
+
+
+def base_axis_values(bits: int, name: str) -> tuple[Any, ...]:
+    """The values of axis ``name`` of ``cases.BASE_AXES[bits]`` (what the opt-in draws of ``base_cases`` take)."""
+    for axis in cases.BASE_AXES[bits]:
+        if axis.name == name:
+            return axis.values
+    raise ValueError(f"no {bits}-bit axis {name!r}; the axes are {[a.name for a in cases.BASE_AXES[bits]]}")
 
 
 @st.composite

@@ -16,11 +16,22 @@ if TYPE_CHECKING:
     from conformance.clauses.context import CheckContext
 
 
+#: the merge properties whose drawn bases also take the quant storage and 8-bit threshold axes (the opt-in draws of
+#: ``strategies.base_cases``); the others draw what they drew before. Their inputs are plain normal draws (the
+#: property's text is hypothesis' derandomized seed): a threshold case checks that the merge keeps the threshold and
+#: the forward around it, not the outlier path
+DRAWS_EVERY_AXIS = frozenset({"MERGE-FORWARD-BOUND"})
+
+
 def _draw_case(ctx: CheckContext, data: st.DataObject) -> tuple[str, int, cases.BaseCase, dict[str, Any]]:
     pairs = list(ctx.cases())
     method, bits = data.draw(st.sampled_from(pairs), label="method, bits")
-    case = data.draw(strategies.base_cases(bits, cpu_safe=ctx.device == "cpu", storage_dtypes=(None, *cases.STORAGE_DTYPES)),
-                     label="base")
+    axes: dict[str, Any] = {}
+    if ctx.clause.id in DRAWS_EVERY_AXIS:
+        axes = {"quant_storages": strategies.base_axis_values(4, "quant_storage"),
+                "thresholds": strategies.base_axis_values(8, "threshold")}
+    case = data.draw(strategies.base_cases(bits, cpu_safe=ctx.device == "cpu", storage_dtypes=(None, *cases.STORAGE_DTYPES),
+                                           **axes), label="base")
     params = data.draw(strategies.adapter_params(method, case.in_features), label="adapter")
     return method, bits, case, params
 
