@@ -244,6 +244,8 @@ def quant_storage_cases(bits: int) -> list[BaseCase]:
 
 #: transformers' ``BitsAndBytesConfig(llm_int8_threshold=6.0)`` default, the LLM.int8() paper's outlier threshold
 INT8_THRESHOLD = 6.0
+#: the 8-bit threshold axis: int8 throughout, LLM.int8()'s outlier decomposition (the base matrix, the backprop one)
+INT8_THRESHOLDS = (0.0, INT8_THRESHOLD)
 
 
 def outlier_cases(bits: int) -> list[BaseCase]:
@@ -304,7 +306,7 @@ BASE_AXES: Mapping[int, tuple[Axis, ...]] = {
         Axis("shape", SHAPES[:3]),
         Axis("compute_dtype", COMPUTE_DTYPES),
         Axis("weight_dtype", (None, *STORAGE_DTYPES)),  # None: a float32 weight, a float16 bias
-        Axis("threshold", (0.0, INT8_THRESHOLD)),  # 6.0: inputs carry outlier columns (``with_outliers``)
+        Axis("threshold", INT8_THRESHOLDS),  # 6.0: inputs carry outlier columns (``with_outliers``)
     ),
 }
 
@@ -428,6 +430,10 @@ class GradCase:
     def input_shape(self) -> tuple[int, ...]:
         return grad_input_shape(self.rank, self.batch)
 
+    def with_outliers(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with outlier columns (``with_outliers``) when the base has an 8-bit threshold, else ``x``."""
+        return with_outliers(x, self.base.threshold) if self.base.threshold else x
+
     @property
     def label(self) -> str:
         shape = "x".join(map(str, self.input_shape()))
@@ -437,10 +443,11 @@ class GradCase:
 
 
 def grad_base(bits: int, quant_type: str, dtype: torch.dtype, *, weight_dtype: torch.dtype | None = None,
-              out_features: int = GRAD_OUT_FEATURES) -> BaseCase:
-    """The base of a backprop-matrix case (in_features ``GRAD_IN_FEATURES``; ``quant_type`` from ``GRAD_QUANTS``)."""
+              out_features: int = GRAD_OUT_FEATURES, threshold: float = 0.0) -> BaseCase:
+    """The base of a backprop-matrix case (in_features ``GRAD_IN_FEATURES``; ``quant_type`` from ``GRAD_QUANTS``;
+    ``threshold``: the 8-bit outlier threshold)."""
     return BaseCase(bits, GRAD_IN_FEATURES, out_features, quant_type=quant_type if bits == 4 else "nf4",
-                    compute_dtype=dtype, weight_dtype=weight_dtype)
+                    compute_dtype=dtype, weight_dtype=weight_dtype, threshold=threshold)
 
 
 def grad_input_shape(rank: int, batch: int) -> tuple[int, ...]:
@@ -486,18 +493,25 @@ def quants_for(bits: Sequence[int]) -> list[tuple[int, str]]:
 
 
 def grad_matrix(method: str, bits: Sequence[int], *, mixed: bool = False) -> list[GradCase]:
-    """The sampled matrix of the BACKPROP clauses (pairwise over every factor), one method."""
+    """The sampled matrix of the BACKPROP clauses (pairwise over every factor), one method. The 8-bit threshold
+    (``INT8_THRESHOLDS``) is a factor of the 8-bit cases; a case at 6.0 takes inputs with outlier columns
+    (``GradCase.with_outliers``)."""
     adapters = adapter_cases(method)
     factors: dict[str, Sequence[Any]] = {
         "quant": quants_for(bits), "dtype": GRAD_DTYPES, "rank": MIXED_INPUT_RANKS if mixed else GRAD_INPUT_RANKS,
         "batch": (MIXED_BATCH_SIZE,) if mixed else GRAD_BATCH_SIZES, "xgrad": (True, False),
         "adapter": range(len(adapters)), "stored": STORAGE_DTYPES,
         "out": tuple(o for i, o in ORIENTATION_SHAPES if i == GRAD_IN_FEATURES),
+        "threshold": INT8_THRESHOLDS if 8 in bits else INT8_THRESHOLDS[:1],
     }
+
+    def valid(c: dict[str, Any]) -> bool:
+        return (c["rank"] > 1 or c["batch"] == 1) and (c["threshold"] == 0.0 or c["quant"][0] == 8)
+
     out = []
-    for c in pairwise(factors, valid=lambda c: c["rank"] > 1 or c["batch"] == 1):
+    for c in pairwise(factors, valid=valid):
         (b, qt), a = c["quant"], c["adapter"]
-        base = grad_base(b, qt, c["dtype"], weight_dtype=c["stored"], out_features=c["out"])
+        base = grad_base(b, qt, c["dtype"], weight_dtype=c["stored"], out_features=c["out"], threshold=c["threshold"])
         out.append(GradCase(base, adapters[a], c["rank"], c["batch"], c["xgrad"], mixed,
                             second=adapters[(a + 1) % len(adapters)] if mixed else None))
     return out

@@ -29,6 +29,22 @@ its terms, ``M``. Then, for an implementation that works in the compute dtype ``
 gradient w.r.t. the input): base output ``x W^T`` (1), bias add (2), adapter output cast (3), sum
 into the result (4); backward ``g W`` (5), adapter-path cast (6), sum of the two paths (7), cast to
 the input's dtype (8). OFT: rotated input (1) then the base's four, backward the same.
+
+The 8-bit outlier threshold (``state.threshold > 0``, LLM.int8(); bitsandbytes 0.50.2 ``autograd/_functions.py``)
+adds no term, and the bound above holds as it stands:
+
+* CPU, training mode (the backprop matrix's layers): ``matmul`` takes ``MatMul8bitFp``, whose forward is
+  ``F.linear(A, CB.to(A.dtype) * (SCB * (1/127)))`` and whose ``grad_A`` is ``grad_output @ (the same
+  dequantized CB)``; the threshold is never read, so a base at 6.0 computes what one at 0.0 does.
+* CUDA (``MatMul8bitLt``, ``int8_input``): the backward's ``grad_A`` is ``grad_output.to(A.dtype) @
+  (CB.to(A.dtype) * (SCB * (1/127)))``, the dequantized CB with no outlier term: the weight leaf error above. The
+  forward quantizes the input with every value of at least the threshold zeroed (``int8_vectorwise_quant``): the
+  remaining int8 operand is scaled by a row absmax no larger than the whole row's, which ``int8_input``'s
+  ``absmax_row(h)/254`` already uses; the zeroed (outlier) columns contribute exactly nothing to the int8 product
+  and are added back by ``int8_mixed_scaled_mm`` as ``A[:, cols] @ (CB[:, cols] * SCB / 127).to(A.dtype)^T``: the
+  input as given (no input error) times the dequantized weight cast to the compute dtype (the weight leaf error),
+  accumulated in the compute dtype (``rho``'s accumulation), and one more value stored in the compute dtype (the
+  ``addmm`` sum), within the eight ``STORE_ROUNDINGS`` (the forward output's own path stores four).
 """
 
 from __future__ import annotations

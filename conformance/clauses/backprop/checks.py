@@ -52,7 +52,8 @@ def _grad_case(ctx: CheckContext, case: GradCase, offset: int) -> float:
     """Forward + backward one case, compare output and gradients with the oracle; worst ratio."""
     layer, params, names = _build(ctx, case)
     state = numerics.read_state(layer, case.method, params)
-    x = ctx.randn(*case.input_shape(), dtype=case.dtype, offset=offset).requires_grad_(case.x_requires_grad)
+    x = case.with_outliers(ctx.randn(*case.input_shape(), dtype=case.dtype, offset=offset))
+    x.requires_grad_(case.x_requires_grad)
     try:
         y = layer(x) if names is None else layer(x, adapter_names=names)
         g = ctx.randn(*y.shape, dtype=y.dtype, offset=offset + 1)
@@ -107,6 +108,8 @@ def _run_matrix(ctx: CheckContext, mixed: bool) -> None:
                     ctx.measure_max(f"{method}.stored-{dtype_name(case.base.weight_dtype)}.worst_ratio", ratio)
                 if case.adapter.params.get("lora_bias"):
                     ctx.measure_max("lora_bias.worst_ratio", ratio)
+                if case.base.threshold:
+                    ctx.measure_max(f"{method}.threshold{case.base.threshold:g}.worst_ratio", ratio)
                 n += 1
     ctx.measure("cases", n)
 
@@ -137,7 +140,7 @@ def check_nograd_forward(ctx: CheckContext) -> None:
             with ctx.case(case.label):
                 layer, params, _ = _build(ctx, case)
                 state = numerics.read_state(layer, case.method, params)
-                x = ctx.randn(*case.input_shape(), dtype=case.dtype, offset=100 * i)
+                x = case.with_outliers(ctx.randn(*case.input_shape(), dtype=case.dtype, offset=100 * i))
                 outs: dict[str, torch.Tensor] = {}
                 for mode in ("inference_mode", "no_grad", "grad"):
                     xm = x.clone().requires_grad_(case.x_requires_grad and mode == "grad")

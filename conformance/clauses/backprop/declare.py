@@ -9,7 +9,8 @@ declare(
     "BACKPROP-GRAD-F64", "MUST",
     "Gradients of a loss w.r.t. the input and the adapter parameters (and the output) match a float64 "
     "computation on the dequantized base weight within the rounding bound of the compute dtype, for 4-bit "
-    "(nf4, fp4) and 8-bit bases, fp32/fp16/bf16 compute and storage dtypes, square and non-square, lora_bias, "
+    "(nf4, fp4) and 8-bit bases (outlier threshold 0 and 6.0, the latter with inputs holding outlier columns), "
+    "fp32/fp16/bf16 compute and storage dtypes, square and non-square, lora_bias, "
     "1-D/2-D/3-D inputs, batch 1 and more, input requiring grad or not; the output has the input's shape (last dim "
     "out_features) and dtype.",
     source=SOURCE,
