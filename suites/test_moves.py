@@ -9,7 +9,7 @@ import torch
 
 from conformance.clauses import cases
 from conformance.clauses.broken import twins
-from conformance.clauses.moves.cases import CASTS, move_cases
+from conformance.clauses.moves.cases import CASTS
 from conformance.core import upstream
 from conformance.quant import layers as qlayers
 from conformance.quant import validate as qvalidate
@@ -41,8 +41,7 @@ def test_the_case_record_carries_the_storage() -> None:
     assert cases.BaseCase.from_json(c.to_json()) == c
     assert "quant_storage" not in cases.BaseCase(4).layer_kwargs()
     assert "quant_storage" not in cases.BaseCase(8, quant_storage=torch.bfloat16).layer_kwargs()
-    assert {c.quant_storage for c in move_cases(4)} == {None, *cases.QUANT_STORAGES[1:]}
-    assert {c.quant_storage for c in cases.quant_storage_cases(4)} == set(cases.QUANT_STORAGES[1:])
+    assert {c.quant_storage for c in cases.base_matrix(4)} == {None, *cases.QUANT_STORAGES[1:]}
 
 
 def test_a_validity_record_sees_a_changed_storage() -> None:

@@ -6,8 +6,11 @@ of each plus their own input layout: ``GradCase`` (one forward/backward of the b
 with ``pairwise``), the clone probe's ``ProbeCase`` (``conformance.probe.clone``), the stateful machine's
 ``MachineConfig`` (``conformance.clauses.stateful.config``) and the benchmarks' ``BenchCase``
 (``conformance.bench.cases``). Hypothesis strategies in ``conformance.clauses.strategies`` draw from the
-same value lists, so widening a list here widens every suite. ``fill_adapter`` / ``set_skew_norm`` put
-the seeded adapter values of a case into a layer."""
+same value lists, so widening a list here widens every suite. The clauses that stand on the base-layer
+settings take their bases from one factor table per bit width (``BASE_AXES``, validity rules in
+``base_invalid``): ``base_matrix`` covers every pair of values (the default tier) or gives the full product
+(the slow tier, ``CheckContext.base_matrix``). ``fill_adapter`` / ``set_skew_norm`` put the seeded adapter
+values of a case into a layer."""
 
 from __future__ import annotations
 
@@ -219,42 +222,10 @@ def base_cases(bits: int, *, dtypes: tuple[torch.dtype, ...] = (torch.float32,))
     return out
 
 
-def packed_cases(bits: int) -> list[BaseCase]:
-    """Bases with bitsandbytes' CPU packed layout on (4-bit only; a shape it repacks: out_features a multiple of
-    32, in_features of the blocksize): one per compute dtype, quant type and double quant alternating, a
-    different storage dtype each. Skipped where the layout does not exist (``BaseCase.unavailable``)."""
-    if bits != 4:
-        return []
-    combos = ((QUANT_TYPES[0], False), (QUANT_TYPES[1], True), (QUANT_TYPES[0], True))
-    return [BaseCase(4, 64, 64, quant_type=qt, double_quant=dq, compute_dtype=d, weight_dtype=STORAGE_DTYPES[(i + 1) % 3],
-                     cpu_packed=True) for i, (d, (qt, dq)) in enumerate(zip(COMPUTE_DTYPES, combos))]
-
-
-def quant_storage_cases(bits: int) -> list[BaseCase]:
-    """4-bit bases stored as each floating ``QUANT_STORAGES`` entry, one per compute dtype, quant type and double
-    quant alternating, non-square and square with in_features a multiple of every blocksize (merges on the CPU need
-    it: bitsandbytes' CPU dequantize_4bit is wrong otherwise). 8-bit layers have no quant storage: none."""
-    if bits != 4:
-        return []
-    floats = QUANT_STORAGES[1:]
-    combos = ((QUANT_TYPES[0], False), (QUANT_TYPES[1], True), (QUANT_TYPES[1], False))
-    return [BaseCase(4, *ORIENTATION_SHAPES[i % 2], quant_type=qt, double_quant=dq, compute_dtype=COMPUTE_DTYPES[i],
-                     quant_storage=qs) for i, (qs, (qt, dq)) in enumerate(zip(floats, combos))]
-
-
 #: transformers' ``BitsAndBytesConfig(llm_int8_threshold=6.0)`` default, the LLM.int8() paper's outlier threshold
 INT8_THRESHOLD = 6.0
 #: the 8-bit threshold axis: int8 throughout, LLM.int8()'s outlier decomposition (the base matrix, the backprop one)
 INT8_THRESHOLDS = (0.0, INT8_THRESHOLD)
-
-
-def outlier_cases(bits: int) -> list[BaseCase]:
-    """8-bit bases with the outlier threshold on, one per compute dtype, non-square and square (4-bit: none). Their
-    inputs need values of at least the threshold for the outlier path to run: ``with_outliers``."""
-    if bits != 8:
-        return []
-    return [BaseCase(8, *ORIENTATION_SHAPES[i % 2], compute_dtype=d, threshold=INT8_THRESHOLD)
-            for i, d in enumerate(COMPUTE_DTYPES)]
 
 
 def with_outliers(x: torch.Tensor, threshold: float, columns: Sequence[int] = (3, 17)) -> torch.Tensor:

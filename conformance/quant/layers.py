@@ -325,19 +325,31 @@ def snapshot(layer: nn.Module) -> LayerSnapshot:
 
 
 def quant_settings(layer: nn.Module) -> dict[str, Any]:
-    """The settings a requantization must keep, for messages and reports."""
+    """Every setting that defines a quantized base, which a requantization must keep: the validity record the merge
+    clauses, the stateful machine and ``quant.validate`` compare, and what messages and reports show.
+
+    4-bit: quant type, blocksize, double quant (the weight's ``compress_statistics`` and the quant state's own
+    ``nested``, ``double_quant_of``), quant storage, the dtype it was quantized from (``weight_dtype_of``) and the
+    compute dtype. 8-bit (bitsandbytes 0.50.2 ``nn/modules.py Linear8bitLt``): the weight's ``has_fp16_weights``
+    (``Int8Params``) and the layer's ``MatmulLtState`` settings its forward reads, ``threshold`` and
+    ``has_fp16_weights`` (``autograd/_functions.py``), each on its own: a requantization that rebuilds one and not
+    the other leaves them disagreeing."""
     if bits_of(layer) == 4:
         w = layer.weight
+        qs = getattr(w, "quant_state", None)
         return {
             "bits": 4,
             "quant_type": w.quant_type,
             "blocksize": w.blocksize,
             "double_quant": bool(w.compress_statistics),
+            "state_double_quant": None if qs is None else double_quant_of(layer),
             "quant_storage": str(w.quant_storage),
             "weight_dtype": str(weight_dtype_of(layer)),
             "compute_dtype": str(layer.compute_dtype),
         }
-    return {"bits": 8, "has_fp16_weights": bool(layer.weight.has_fp16_weights), "threshold": layer.state.threshold}
+    state = layer.state
+    return {"bits": 8, "has_fp16_weights": bool(layer.weight.has_fp16_weights), "threshold": state.threshold,
+            "state_has_fp16_weights": bool(state.has_fp16_weights)}
 
 
 def make_base_layer(
