@@ -113,6 +113,25 @@ def test_matrix_covers_storage_dtypes_shapes_and_lora_bias() -> None:
         assert pairs == set(itertools.product(cases.GRAD_DTYPES, cases.STORAGE_DTYPES))
 
 
+def test_matrix_has_the_8bit_threshold_factor_with_outlier_inputs() -> None:
+    """The 8-bit cases at threshold 6.0 meet every compute and storage dtype (pairwise); 4-bit ones have no
+    threshold; a case at 6.0 takes inputs whose outlier columns reach the threshold."""
+    for method, mixed in itertools.product(("lora", "oft"), (False, True)):
+        matrix = cases.grad_matrix(method, [4, 8], mixed=mixed)
+        eight = [c for c in matrix if c.base.bits == 8]
+        assert not any(c.base.threshold for c in matrix if c.base.bits == 4)
+        outliers = [c for c in eight if c.base.threshold == cases.INT8_THRESHOLD]
+        assert {c.dtype for c in outliers} == set(cases.GRAD_DTYPES)
+        assert {c.base.weight_dtype for c in outliers} == set(cases.STORAGE_DTYPES)
+        assert {c.x_requires_grad for c in outliers} == {True, False}
+        assert {c.base.threshold for c in cases.grad_matrix(method, [8], mixed=mixed)} == set(cases.INT8_THRESHOLDS)
+    case = next(c for c in cases.grad_matrix("lora", [8]) if c.base.threshold)
+    x = torch.zeros(case.input_shape(), dtype=case.dtype)
+    assert bool((case.with_outliers(x).abs() >= case.base.threshold).any())
+    plain = next(c for c in cases.grad_matrix("lora", [8]) if not c.base.threshold)
+    assert plain.with_outliers(x) is x
+
+
 def test_mixed_skipped_without_capability() -> None:
     impl = ReferenceImplementation()
     impl.capabilities = ReferenceImplementation.capabilities - {"mixed_batch"}
