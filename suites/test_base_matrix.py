@@ -193,6 +193,14 @@ def test_the_slow_flag_travels_from_the_run_config_to_the_workers_budget() -> No
     assert not runner.RunConfig().options("reference").budget().slow
 
 
+def test_the_slow_tier_gives_tiered_clauses_a_longer_time_limit() -> None:
+    tiered, plain = get("FWD-ORACLE", bound=False), get("FWD-LORA-DELTA", bound=False)
+    assert runner.RunConfig().limit(tiered) == tiered.timeout_s
+    assert runner.RunConfig(slow=True).limit(tiered) == tiered.timeout_s * runner.SLOW_TIER_TIMEOUT_SCALE
+    assert runner.RunConfig(slow=True).limit(plain) == plain.timeout_s
+    assert runner.RunConfig(slow=True, timeout=5).limit(tiered) == 5
+
+
 def test_the_cli_slow_flag_reaches_the_run_config(monkeypatch: pytest.MonkeyPatch) -> None:
     from conformance import cli
 

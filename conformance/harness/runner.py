@@ -128,6 +128,12 @@ def _info(target: str, ev: dict) -> ImplInfo:
                     environment=ev.get("environment") or {}, methods=ev.get("methods", []))
 
 
+#: the slow tier runs a tiered clause over the full base-layer product (``Clause.tiered``), tens of times the cases
+#: of its pairwise covering (4-bit: 2112 bases against 36): its time limit is this many times the clause's own (an
+#: explicit ``--timeout`` still wins)
+SLOW_TIER_TIMEOUT_SCALE = 10.0
+
+
 @dataclass
 class RunConfig:
     """What one run passes to every worker (besides the implementation)."""
@@ -145,7 +151,10 @@ class RunConfig:
         return Options(impl, self.device, self.seed, self.examples, self.steps, self.report_dir, self.slow)
 
     def limit(self, clause: Clause) -> float:
-        return self.timeout if self.timeout is not None else clause.timeout_s * self.timeout_scale
+        if self.timeout is not None:
+            return self.timeout
+        tier = SLOW_TIER_TIMEOUT_SCALE if self.slow and clause.tiered else 1.0
+        return clause.timeout_s * self.timeout_scale * tier
 
 
 class Implementation:
