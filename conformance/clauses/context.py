@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from conformance.clauses import cases as _cases
 from conformance.clauses.attribution import IMPL_CALL, CaseSkipped, _short, _skip_cause, implementation_origin, leaf
 from conformance.clauses.budget import Budget
-from conformance.clauses import cases as _cases
 from conformance.clauses.cases import BaseCase
 from conformance.clauses.clause import Clause, ClauseFailure, ClauseInconclusive, ClauseSkipped
 from conformance.clauses.interface import AdapterSpec, Implementation, ImplementationUnsupported, declared
