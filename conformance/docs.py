@@ -125,7 +125,7 @@ def _scope(c: Any) -> str:
     if c.slow:
         parts.append("slow")
     if getattr(c, "tiered", False):
-        parts.append("base-layer pairs (--slow: all)")
+        parts.append("base-layer matrix (larger with --slow)")
     return " · ".join(parts)
 
 

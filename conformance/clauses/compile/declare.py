@@ -12,8 +12,9 @@ declare(
     "COMPILE-FORWARD", "MUST",
     "torch.compile(layer, backend=B) of an adapter layer (B: aot_eager on the CPU, inductor on CUDA), called "
     "twice in eval mode under torch.no_grad(), gives outputs with the input's leading dims, out_features and dtype, "
-    "within the float64 oracle bound of FWD-ORACLE, for NF4/FP4 with and without double quant and 8-bit bases, "
-    "compute dtypes fp32 and bf16; and each call ran at least one compiled graph (a call dynamo ran eagerly fails).",
+    "within the float64 oracle bound of FWD-ORACLE, for the base-layer settings of FWD-ORACLE in the standard layout "
+    "(each value once; every pair with --slow); and each call ran at least one compiled graph (a call dynamo ran "
+    "eagerly fails).",
     source=f"{SOURCE_DYNAMO}; torch 2.13 torch/_dynamo/eval_frame.py OptimizedModule; peft v0.21.2 "
     "src/peft/tuners/lora/bnb.py forward; src/peft/tuners/oft/layer.py forward",
     tiered=True,

@@ -111,7 +111,8 @@ declare(
 declare(
     "MERGE-KEEPS-QUANT-SETTINGS", "MUST",
     "merge() and unmerge() requantize with the original settings: layer type, quant type, blocksize, double quant, "
-    "quant storage, weight dtype and compute dtype (4-bit), has_fp16_weights and threshold (8-bit) are unchanged "
+    "quant storage, weight dtype and compute dtype (4-bit), has_fp16_weights and threshold (8-bit: the weight's and the "
+    "layer's MatmulLtState's) are unchanged "
     "(unmerge() checked when the implementation declares unmerge), on bases stored in fp32/fp16/bf16; the storage "
     "dtypes (packed 4-bit storage, absmax, int8 weight, SCB, bias) are unchanged and the base stays a valid quantized "
     "layer. Every merge clause checks the base the same way (conformance.quant.validate) after each merge/unmerge.",
