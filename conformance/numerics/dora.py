@@ -218,7 +218,7 @@ def dora_expected(
     The steps bounded, in PEFT's order (``bnb.py`` forward, ``DoraLinearLayer.forward``), with ``t`` the adapter
     dtype, ``o`` the input/output dtype and ``u_w`` the coarser unit roundoff of the two:
     ``y0 = base(x)`` (``expected.linear_expected``: every bitsandbytes path); ``x_t = x.to(t)``; with dropout
-    ``x_d = x_t * keep`` (one rounding in ``t``) else ``x_d = x_t``; the base term ``T = y0 - bias`` (no dropout /
+    ``x_d = x_t * keep`` (two roundings in ``t``: the multiplier ``1/(1-p)`` and the product) else ``x_d = x_t``; the base term ``T = y0 - bias`` (no dropout /
     eval; one rounding in ``u_w``) or ``T = x_d W0^T`` in ``t`` (``W0`` dequantized, float32, cast to ``t``);
     ``f`` (``norm_expected`` and ``factor_expected`` in ``t``); ``z = B (A x_d)`` in ``t``;
     ``extra = (f - 1) T + (f z) s``; ``y = y0 + extra``, cast to ``o``.
