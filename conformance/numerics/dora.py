@@ -62,7 +62,7 @@ from .expected import Expected, linear_expected, lora_delta_error, lora_tensors
 from .rounding import U32, cast_error, gamma_n
 
 MAGNITUDE = "lora_magnitude_vector.weight"
-"""The canonical (``adapter_parameters``) name of the magnitude vector: PEFT's ``lora_magnitude_vector[name].weight``."""
+"""The magnitude vector's canonical (``adapter_parameters``) name; PEFT: ``lora_magnitude_vector[name].weight``."""
 
 
 # -- exact float64 math ----------------------------------------------------------------------
@@ -128,7 +128,7 @@ def dora_merged_weight(w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], sc
 
 def dora_unmerged_weight(w1: torch.Tensor, tensors: Mapping[str, torch.Tensor], scaling: float,
                          norm: torch.Tensor) -> torch.Tensor:
-    """``W1 / (m / norm) - s B A`` exactly, ``norm`` the one kept from the merge (PEFT ``DoraLinearVariant.unmerge``)."""
+    """``W1 / (m / norm) - s B A`` exactly, ``norm`` the one the merge kept (PEFT ``DoraLinearVariant.unmerge``)."""
     a, b, _ = lora_tensors(tensors)
     f = tensors[MAGNITUDE].detach().double().cpu() / norm.double().cpu()
     return w1.double().cpu() / f[:, None] - scaling * (b @ a)
@@ -218,9 +218,9 @@ def dora_expected(
     The steps bounded, in PEFT's order (``bnb.py`` forward, ``DoraLinearLayer.forward``), with ``t`` the adapter
     dtype, ``o`` the input/output dtype and ``u_w`` the coarser unit roundoff of the two:
     ``y0 = base(x)`` (``expected.linear_expected``: every bitsandbytes path); ``x_t = x.to(t)``; with dropout
-    ``x_d = x_t * keep`` (two roundings in ``t``: the multiplier ``1/(1-p)`` and the product) else ``x_d = x_t``; the base term ``T = y0 - bias`` (no dropout /
-    eval; one rounding in ``u_w``) or ``T = x_d W0^T`` in ``t`` (``W0`` dequantized, float32, cast to ``t``);
-    ``f`` (``norm_expected`` and ``factor_expected`` in ``t``); ``z = B (A x_d)`` in ``t``;
+    ``x_d = x_t * keep`` (two roundings in ``t``: the multiplier ``1/(1-p)`` and the product) else ``x_d = x_t``;
+    the base term ``T = y0 - bias`` (no dropout / eval; one rounding in ``u_w``) or ``T = x_d W0^T`` in ``t``
+    (``W0`` dequantized, float32, cast to ``t``); ``f`` (``norm_expected`` and ``factor_expected`` in ``t``); ``z = B (A x_d)`` in ``t``;
     ``extra = (f - 1) T + (f z) s``; ``y = y0 + extra``, cast to ``o``.
     """
     t = tensors["lora_A.weight"].dtype

@@ -47,7 +47,8 @@ def two_forwards(use_dora: bool, training: bool) -> str | None:
         except Exception as e:  # noqa: BLE001 - the defect is any exception here
             return f"forward {i} raised {type(e).__name__}: {e}"
         if layer.get_base_layer().state.SCB is None:
-            return f"after forward {i}: state.SCB is None, weight.CB set: {layer.get_base_layer().weight.CB is not None}"
+            cb_set = layer.get_base_layer().weight.CB is not None
+            return f"after forward {i}: state.SCB is None, weight.CB set: {cb_set}"
     return None
 
 
