@@ -220,8 +220,8 @@ def dora_expected(
     ``y0 = base(x)`` (``expected.linear_expected``: every bitsandbytes path); ``x_t = x.to(t)``; with dropout
     ``x_d = x_t * keep`` (two roundings in ``t``: the multiplier ``1/(1-p)`` and the product) else ``x_d = x_t``;
     the base term ``T = y0 - bias`` (no dropout / eval; one rounding in ``u_w``) or ``T = x_d W0^T`` in ``t``
-    (``W0`` dequantized, float32, cast to ``t``); ``f`` (``norm_expected`` and ``factor_expected`` in ``t``); ``z = B (A x_d)`` in ``t``;
-    ``extra = (f - 1) T + (f z) s``; ``y = y0 + extra``, cast to ``o``.
+    (``W0`` dequantized, float32, cast to ``t``); ``f`` (``norm_expected`` and ``factor_expected`` in ``t``);
+    ``z = B (A x_d)`` in ``t``; ``extra = (f - 1) T + (f z) s``; ``y = y0 + extra``, cast to ``o``.
     """
     t = tensors["lora_A.weight"].dtype
     o = x.dtype
