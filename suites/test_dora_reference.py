@@ -17,7 +17,7 @@ from torch import nn
 
 from conformance.clauses.cases import BaseCase
 from conformance.numerics import dora as nd
-from conformance.numerics import max_ratio
+from conformance.numerics import linear_expected, max_ratio
 from conformance.numerics.grads import WEIGHT_F32_ROUNDINGS
 from conformance.numerics.rounding import U32, storage_rounding
 from conformance.quant import bounds as qbounds
@@ -227,8 +227,6 @@ def test_merge_and_unmerge_within_bound(case: BaseCase, x_dtype: torch.dtype) ->
 
 def test_merged_forward_within_bound() -> None:
     """The merged layer's output is the base forward with the merged weight, within merge + requantization."""
-    from conformance.numerics import linear_expected
-
     case = CASES[0][0]
     layer = reference(case).eval()
     x = inputs(case, torch.float32)
@@ -353,6 +351,51 @@ def test_peft_gradients_agree(case: BaseCase, x_dtype: torch.dtype) -> None:
     assert max(ratios.values()) <= 1, ratios
 
 
+@pytest.mark.parametrize(("case", "x_dtype"), [CASES[0], CASES[2], CASES[5]], ids=[IDS[0], IDS[2], IDS[5]])
+def test_two_adapters_compose_in_sequence(case: BaseCase, x_dtype: torch.dtype) -> None:
+    """Two active adapters: the second scales the output so far (PEFT's composition, ``dora_stack_expected``), for
+    the reference and for PEFT; the independent composition (each on ``W0 x``) is outside the bound."""
+    peft = pytest.importorskip("peft")
+    ref = reference(case)
+    ref.add_adapter("second", r=2, lora_alpha=6)
+    twin = peft_twin(ref, base_of(case))
+    twin.update_layer("second", 2, lora_alpha=6, config=peft.LoraConfig(use_dora=True, r=2, lora_alpha=6))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        b2 = torch.randn(ref.lora_B["second"].weight.shape, generator=gen) * 0.3
+        m2 = ref.lora_magnitude_vector["second"].weight * 2  # f_2 near 2: the second adapter doubles what it scales
+        ref.lora_B["second"].weight.copy_(b2)
+        ref.lora_magnitude_vector["second"].weight.copy_(m2)
+        for key, value in ref.adapter_parameters("second").items():
+            getattr(twin, key.split(".")[0])["second"].weight.copy_(value)
+    names = [NAME, "second"]
+    ref.set_adapter(names)
+    twin.set_adapter(names)
+    x = inputs(case, x_dtype)
+    bounds = {}
+    for layer, get in ((ref, ref.adapter_parameters), (twin, lambda n: peft_tensors_of(twin, n))):
+        layer.eval()
+        exp = nd.dora_stack_expected(layer_base(layer), [(get(n), ALPHA / R if n == NAME else 3.0) for n in names], x)
+        with torch.no_grad():
+            y = layer(x)
+        assert exp.ratio(y) <= 1
+        bounds[layer is ref] = exp.bound
+    independent = nd.dora_expected(ref.base_layer, ref.adapter_parameters("second"), 3.0, x)
+    first = nd.dora_expected(ref.base_layer, ref.adapter_parameters(NAME), ALPHA / R, x)
+    y0 = linear_expected(ref.base_layer, x.double(), x.dtype)
+    with torch.no_grad():
+        y = ref(x).double()
+    assert max_ratio((y - (first.value + independent.value - y0.value)).abs(), bounds[True]) > 1
+
+
+def layer_base(layer: nn.Module) -> nn.Module:
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
+
+
+def peft_tensors_of(layer: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    return {k: getattr(layer, k.split(".")[0])[name].weight for k in ("lora_A.weight", "lora_B.weight", MAG)}
+
+
 # -- behaviour -----------------------------------------------------------------------------------
 
 def test_layer_class_and_names() -> None:
@@ -398,6 +441,20 @@ def _merge_without_magnitude(self: DoraLinearQuant, name: str, weight: torch.Ten
     delta = self.get_delta_weight(name).detach().float()
     self._merge_norms[name] = torch.linalg.vector_norm(weight + delta, dim=1)
     return weight + delta, bias
+
+
+def _independent_forward(self: DoraLinearQuant, x: torch.Tensor, adapter_names: object = None) -> torch.Tensor:
+    base_out = self._base_forward(x)
+    result = base_out
+    for name in self.active_adapters:
+        result = result + self._dora(name, x, base_out)  # each adapter on W0 x: not PEFT's composition
+    return result.to(base_out.dtype)
+
+
+def test_mutation_independent_composition_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DoraLinearQuant, "forward", _independent_forward)
+    with pytest.raises(AssertionError, match="assert .* <= 1"):
+        test_two_adapters_compose_in_sequence(*CASES[0])
 
 
 def test_mutation_broken_norm_fails_forward(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,7 +50,7 @@ Bounds (standard floating-point error analysis, Higham, *Accuracy and Stability 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -213,46 +213,63 @@ def dora_expected(
     base: torch.nn.Module, tensors: Mapping[str, torch.Tensor], scaling: float, x: torch.Tensor, *,
     keep: torch.Tensor | None = None, training: bool | None = None,
 ) -> Expected:
-    """Expected output of a DoRA layer over ``base`` (unmerged, one adapter), and its bound.
+    """Expected output of a DoRA layer over ``base`` (unmerged, one adapter), and its bound (``dora_stack_expected``
+    with one adapter)."""
+    return dora_stack_expected(base, [(tensors, scaling)], x, keeps=[keep], training=training)
 
-    The steps bounded, in PEFT's order (``bnb.py`` forward, ``DoraLinearLayer.forward``), with ``t`` the adapter
-    dtype, ``o`` the input/output dtype and ``u_w`` the coarser unit roundoff of the two:
-    ``y0 = base(x)`` (``expected.linear_expected``: every bitsandbytes path); ``x_t = x.to(t)``; with dropout
-    ``x_d = x_t * keep`` (two roundings in ``t``: the multiplier ``1/(1-p)`` and the product) else ``x_d = x_t``;
-    the base term ``T = y0 - bias`` (no dropout / eval; one rounding in ``u_w``) or ``T = x_d W0^T`` in ``t``
-    (``W0`` dequantized, float32, cast to ``t``); ``f`` (``norm_expected`` and ``factor_expected`` in ``t``);
-    ``z = B (A x_d)`` in ``t``; ``extra = (f - 1) T + (f z) s``; ``y = y0 + extra``, cast to ``o``.
+
+def dora_stack_expected(
+    base: torch.nn.Module, adapters: Sequence[tuple[Mapping[str, torch.Tensor], float]], x: torch.Tensor, *,
+    keeps: Sequence[torch.Tensor | None] | None = None, training: bool | None = None,
+) -> Expected:
+    """Expected output of a DoRA layer over ``base`` with ``adapters`` ((tensors, scaling) each) active in this order,
+    unmerged, and its bound.
+
+    PEFT composes several active adapters in sequence (``bnb.py`` forward passes the running ``result`` on as
+    ``base_result``): without dropout each adapter's base term is the output so far minus the bias, so
+    ``y_k = f_k (y_{k-1} - bias) + bias + f_k s_k B_k A_k x``, the same composition its merge makes
+    (``f_2 (f_1 (W0 + d_1) + d_2)``); with an active dropout in train mode the base term is ``W0 d(x)`` for each.
+
+    The steps bounded for each adapter, in PEFT's order (``DoraLinearLayer.forward``), with ``t`` the adapter dtype,
+    ``o`` the input/output dtype and ``u_w`` the coarser unit roundoff of the two: ``y0 = base(x)``
+    (``expected.linear_expected``: every bitsandbytes path); ``x_t = x.to(t)``; with dropout ``x_d = x_t * keep``
+    (two roundings in ``t``: the multiplier ``1/(1-p)`` and the product) else ``x_d = x_t``; the base term
+    ``T = y - bias`` (no dropout / eval; one rounding in ``u_w``) or ``T = x_d W0^T`` in ``t`` (``W0`` dequantized,
+    float32, cast to ``t``); ``f`` (``norm_expected`` and ``factor_expected`` in ``t``); ``z = B (A x_d)`` in ``t``;
+    ``extra = (f - 1) T + (f z) s``; ``y = y + extra``, cast to ``o`` (PEFT casts after each adapter).
     """
-    t = tensors["lora_A.weight"].dtype
     o = x.dtype
-    u_t = qbounds.unit_roundoff(t)
-    u_w = max(u_t, qbounds.unit_roundoff(o))
-    a, b, _ = lora_tensors(tensors)
     xv = x.detach().double().cpu()
     w0 = qlayers.dequantize(base).double().cpu()
-    y0 = linear_expected(base, xv, o, training=training)
-    x_t = Expected(xv, cast_error(o, t) * xv.abs())
-    if keep is None:
-        x_d = x_t
-        bias = getattr(base, "bias", None)
-        if bias is None:
-            term = y0
+    y = linear_expected(base, xv, o, training=training)
+    bias = getattr(base, "bias", None)
+    keeps = [None] * len(adapters) if keeps is None else list(keeps)
+    for (tensors, scaling), keep in zip(adapters, keeps, strict=True):
+        t = tensors["lora_A.weight"].dtype
+        u_t = qbounds.unit_roundoff(t)
+        u_w = max(u_t, qbounds.unit_roundoff(o))
+        a, b, _ = lora_tensors(tensors)
+        x_t = Expected(xv, cast_error(o, t) * xv.abs())
+        if keep is None:
+            x_d = x_t
+            if bias is None:
+                term = y
+            else:
+                bv = bias.detach().double().cpu()
+                term = _add(y, Expected(-bv, max(cast_error(bias.dtype, t), cast_error(bias.dtype, o)) * bv.abs()),
+                            u_w)
         else:
-            bv = bias.detach().double().cpu()
-            b_hat = Expected(-bv, max(cast_error(bias.dtype, t), cast_error(bias.dtype, o)) * bv.abs())
-            term = _add(y0, b_hat, u_w)
-    else:
-        kv = keep.detach().double().cpu()
-        # nn.Dropout: the multiplier 1/(1-p) rounded to t, then the product rounded: two roundings
-        x_d = _round(_round(Expected(x_t.value * kv, x_t.bound * kv.abs()), u_t), u_t)
-        term = _matmul(x_d, w0, t)  # matmul_rounding_bound counts the float32 weight's rounding to t
-    f = factor_expected(tensors[MAGNITUDE], norm_expected(w0, tensors, scaling, t), t)
-    f = Expected(f.value.expand_as(y0.value), f.bound.expand_as(y0.value))
-    z = _matmul(_matmul(x_d, a, t), b, t)
-    extra = _add(_mul(_add(f, _const(-1.0, f.value), u_t), term, u_w),
-                 _mul(_mul(f, z, u_t), _const(scaling, z.value), u_t), u_w)
-    out = _add(y0, extra, u_w)
-    return _round(out, cast_error(torch.promote_types(t, o), o))
+            kv = keep.detach().double().cpu()
+            # nn.Dropout: the multiplier 1/(1-p) rounded to t, then the product rounded: two roundings
+            x_d = _round(_round(Expected(x_t.value * kv, x_t.bound * kv.abs()), u_t), u_t)
+            term = _matmul(x_d, w0, t)  # matmul_rounding_bound counts the float32 weight's rounding to t
+        f = factor_expected(tensors[MAGNITUDE], norm_expected(w0, tensors, scaling, t), t)
+        f = Expected(f.value.expand_as(y.value), f.bound.expand_as(y.value))
+        z = _matmul(_matmul(x_d, a, t), b, t)
+        extra = _add(_mul(_add(f, _const(-1.0, f.value), u_t), term, u_w),
+                     _mul(_mul(f, z, u_t), _const(scaling, z.value), u_t), u_w)
+        y = _round(_add(y, extra, u_w), cast_error(torch.promote_types(t, o), o))
+    return y
 
 
 # -- merge and unmerge ---------------------------------------------------------------------------

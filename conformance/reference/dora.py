@@ -13,8 +13,9 @@ output row and ``m`` the magnitude vector ``lora_magnitude_vector``:
   both dequantize -> apply in float32 -> requantize (``QuantAdapterLayer.merge``, NaN-guarded safe merge).
 
 Not supported, as in PEFT: ``lora_bias`` (PEFT's ``LoraConfig`` refuses it with DoRA) and mixed batches
-(``adapter_names``: "Cannot pass `adapter_names` when DoRA is enabled."). With several active adapters each one's
-base term is ``W0 x`` (the base output), not the running sum.
+(``adapter_names``: "Cannot pass `adapter_names` when DoRA is enabled."). Several active adapters compose in
+sequence as in PEFT: without dropout each one's base term is the output so far minus the bias (the composition the
+merge makes, ``f_2 (f_1 (W0 + d_1) + d_2)``); with an active dropout in train mode it is ``W0 dropout(x)``.
 """
 
 from __future__ import annotations
@@ -118,8 +119,9 @@ class DoraLinearQuant(LoraLinearQuant):
         return new_weight, bias
 
     # -- forward -----------------------------------------------------------------------
-    def _dora(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """``(m/n - 1) T + (m/n) s B(A(dropout(x)))`` for adapter ``name`` (module docstring)."""
+    def _dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``(m/n - 1) T + (m/n) s B(A(dropout(x)))`` for adapter ``name``; ``result``: the output so far (module
+        docstring)."""
         a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
         dropout = self.lora_dropout[name]
         xt = x.to(a.weight.dtype)
@@ -127,7 +129,7 @@ class DoraLinearQuant(LoraLinearQuant):
         if isinstance(dropout, nn.Identity) or not self.training:
             xd = xt
             bias = self.base_layer.bias
-            term = base_out if bias is None else base_out - bias
+            term = result if bias is None else result - bias
         else:
             xd = dropout(xt)
             term = torch.nn.functional.linear(xd, w0.to(xd.dtype))
@@ -147,9 +149,9 @@ class DoraLinearQuant(LoraLinearQuant):
         if self.merged or adapter_names is not None:
             return base_out
         result = base_out
-        for name in self.active_adapters:
-            result = result + self._dora(name, x, base_out)  # out of place: bnb's output is never written
-        return result.to(base_out.dtype)
+        for name in self.active_adapters:  # out of place: bnb's output is never written; cast back after each (PEFT)
+            result = (result + self._dora(name, x, result)).to(base_out.dtype)
+        return result
 
 
 class DoraLinear4bit(DoraLinearQuant):
