@@ -118,10 +118,11 @@ def merge_ratio(layer: nn.Module, base_of_layer: Callable[[], nn.Module], tensor
     return merged, max_ratio((w2 - w0).abs(), bound)
 
 
-def grad_state(case: BaseCase, x_dtype: torch.dtype, base: nn.Module) -> tuple[torch.dtype, float]:
+def grad_state(case: BaseCase, x_dtype: torch.dtype, base: nn.Module, adapter_dtype: torch.dtype) -> tuple[
+        torch.dtype, float]:
     """(the coarsest dtype of the computation, the kernel weight's relative distance from ``dequantize``'s)."""
     c = case.compute_dtype if case.bits == 4 else x_dtype
-    coarse = max((c, x_dtype, torch.float32), key=unit_roundoff)
+    coarse = max((c, x_dtype, adapter_dtype), key=unit_roundoff)
     return coarse, unit_roundoff(c) + WEIGHT_F32_ROUNDINGS * U32 + storage_rounding(base)
 
 
@@ -135,15 +136,18 @@ def grads_of(layer: nn.Module, tensors: dict, x: torch.Tensor, g: torch.Tensor) 
 
 
 def grad_ratios(layer: nn.Module, case: BaseCase, tensors: dict, x: torch.Tensor, g: torch.Tensor,
-                *, detach_norm_oracle: bool = True) -> dict[str, float]:
+                *, detach_norm_oracle: bool = True, keep: torch.Tensor | None = None, seed: int | None = None,
+                ) -> dict[str, float]:
     """Worst ratio per gradient: against the detached-norm oracle within its bound, or (``detach_norm_oracle``
     False) the same bound around the oracle that differentiates through the norm."""
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
     w0 = dequantize(base).double()
     bias = None if base.bias is None else base.bias.detach().double()
     frozen = {k: v.detach().clone() for k, v in tensors.items()}
-    coarse, w_rel = grad_state(case, x.dtype, base)
-    exp = nd.dora_grad_expected(w0, bias, frozen, ALPHA / R, x, g, compute_dtype=coarse, weight_rel=w_rel)
+    coarse, w_rel = grad_state(case, x.dtype, base, tensors["lora_A.weight"].dtype)
+    exp = nd.dora_grad_expected(w0, bias, frozen, ALPHA / R, x, g, compute_dtype=coarse, weight_rel=w_rel, keep=keep)
+    if seed is not None:
+        torch.manual_seed(seed)
     got = grads_of(layer, tensors, x, g)
     if detach_norm_oracle:
         ref = exp.grads
@@ -263,6 +267,21 @@ def test_gradients_within_bound(case: BaseCase, x_dtype: torch.dtype) -> None:
     ratios = grad_ratios(layer, case, layer.adapter_parameters(NAME), x, g)
     assert set(ratios) == {"x", "lora_A.weight", "lora_B.weight", MAG}
     assert max(ratios.values()) <= 1, ratios
+
+
+def test_gradients_with_dropout_within_bound() -> None:
+    """Train mode with an active dropout: the magnitude term on the dropped input, gradients included."""
+    case, x_dtype = CASES[0]
+    p = 0.3
+    layer = reference(case, lora_dropout=p)
+    x = inputs(case, x_dtype)
+    g = torch.randn(x.shape[0], case.out_features, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(7)  # the draw nn.Dropout makes in grads_of below, on x cast to the adapter dtype
+    keep = torch.nn.functional.dropout(torch.ones(x.shape, dtype=torch.float32), p, training=True)
+    ratios = grad_ratios(layer, case, layer.adapter_parameters(NAME), x, g, keep=keep, seed=7)
+    assert max(ratios.values()) <= 1, ratios
+    without = grad_ratios(layer, case, layer.adapter_parameters(NAME), x, g, seed=7)  # the oracle without dropout
+    assert max(without.values()) > 1
 
 
 def test_norm_is_detached() -> None:

@@ -44,22 +44,6 @@ class DoraMagnitude(nn.Module):
 class DoraLinearQuant(LoraLinearQuant):
     method: ClassVar[str] = "dora"
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str = "default",
-        r: int = 8,
-        lora_alpha: float = 8,
-        lora_dropout: float = 0.0,
-        init_lora_weights: bool = True,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
-        clone_base_output: bool = True,
-    ) -> None:
-        super().__init__(base_layer, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         init_lora_weights=init_lora_weights, use_rslora=use_rslora, lora_bias=lora_bias,
-                         clone_base_output=clone_base_output)
-
     # -- adapters ----------------------------------------------------------------------
     def _new_adapter(self, name: str, **kwargs: Any) -> None:
         if kwargs.get("lora_bias", False):
