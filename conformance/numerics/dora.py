@@ -14,7 +14,9 @@ magnitude vector (``lora_magnitude_vector``, one entry per output feature), ``d(
 - merge: ``W1 = f (W0 + s B A)`` with ``n`` taken on the *unmerged* weight and kept; unmerge:
   ``W0 = W1 / f - s B A`` with that kept norm (PEFT caches it as ``<adapter>-weight_norm``);
 - initialisation: ``m = n`` at the initial ``A``, ``B`` (``B = 0``: the row norms of ``W0``), so the adapter starts
-  as the identity.
+  as the identity;
+- several active adapters compose in sequence (``dora_stack_expected``): without dropout each one's base term is the
+  output so far minus the bias, the composition PEFT's merge makes too.
 
 Where PEFT and the paper differ. Dropout: the paper writes ``W' = m (W0 + B A) / ||W0 + B A||_c`` applied to the
 input, with dropout on the low-rank branch, i.e. ``f W0 x + f s B A d(x)``; PEFT in train mode with an active dropout
