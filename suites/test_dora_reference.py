@@ -56,9 +56,12 @@ def base_of(case: BaseCase, seed: int = 0) -> nn.Module:
 
 
 def trained(layer: DoraLinearQuant, seed: int = 1) -> DoraLinearQuant:
-    """B away from 0 and m away from the norm (f != 1), as after some training: every DoRA term matters."""
+    """A from the seed, B away from 0 and m away from the norm (f != 1), as after some training: every DoRA term
+    matters."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        a = layer.lora_A[NAME].weight  # kaiming-uniform's range, drawn from the seed (the init used the global RNG)
+        a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1) / a.shape[1] ** 0.5)
         b = layer.lora_B[NAME].weight
         b.copy_(torch.randn(b.shape, generator=gen) * 0.3)
         m = layer.lora_magnitude_vector[NAME].weight
