@@ -128,3 +128,17 @@ def test_the_cuda_reproducers_say_when_they_cannot_run(script: str, capsys: pyte
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(ROOT / "xfails/bitsandbytes" / script), run_name="__main__")
     assert done.value.code == 2 and "not reproducible here" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", [cases.BaseCase(4, double_quant=True), cases.BaseCase(4, quant_type="fp4",
+                                                                                       quant_storage=torch.float16),
+                                  cases.BaseCase(8, threshold=cases.INT8_THRESHOLD)], ids=lambda c: c.label)
+def test_the_weight_read_on_the_cpu_is_the_dequantized_weight(case: cases.BaseCase) -> None:
+    """What the clause compares before and after a move is ``quant.layers.dequantize``'s reading, made on the CPU
+    from copies (the same kernel on both sides of a CPU<->CUDA move), and reading it changes nothing."""
+    from conformance.clauses.moves.checks import _weight_read_on_cpu
+
+    base = case.build()
+    before = qlayers.snapshot(base)
+    assert torch.equal(_weight_read_on_cpu(base), qlayers.dequantize(base))
+    assert qlayers.snapshot(base).differences(before) == []
