@@ -101,6 +101,9 @@ declare(
     "OptimizedModule",
     area="stateful",
     slow=True,
+    # every compiled forward compiles afresh: about a second each with aot_eager on a CPU (40 of them took 46-77 s
+    # here under the CI budget's share), more with inductor on CUDA
+    timeout_s=900.0,
 )
 #: what a STATE-COMPILE run needs before a pass means anything: compiled forwards that reached its check
 COMPILE_FLOOR = 4
