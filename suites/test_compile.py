@@ -8,9 +8,15 @@ import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from conformance.clauses import cases
+from conformance.clauses.attribution import CaseSkipped
 from conformance.clauses.broken import twins
+from conformance.clauses.clause import get
 from conformance.clauses.compile.cases import BACKENDS, backend_for
 from conformance.clauses.compile.counting import CountingBackend, graph_breaks
+from conformance.clauses.context import CheckContext
+from conformance.harness.execute import run_clause
+from conformance.impls.reference import ReferenceImplementation
 from conformance.testing import broken_twin_tests
 
 AREAS = {"compile"}
@@ -95,3 +101,25 @@ def test_backend_per_device() -> None:
     assert backend_for(torch.device("cuda", 0)) == "inductor"
     with pytest.raises(ValueError, match="no torch.compile backend chosen for device 'meta'.*BACKENDS"):
         backend_for("meta")
+
+
+class _NoInputCast(ReferenceImplementation):
+    """LitGPT's situation: no input cast declared, so inputs of another dtype than the adapters' are left out."""
+
+    name = "no-input-cast"
+    methods = frozenset({"lora"})
+    capabilities = ReferenceImplementation.capabilities - {"input_cast"}
+
+
+def test_the_input_gate_is_applied_before_the_compiled_call() -> None:
+    """The gate's pre-hook is traced by dynamo, which turns the skip it raises into an error of its own (torch
+    2.11); ``admit_input`` raises the skip in eager code first."""
+    ctx = CheckContext(_NoInputCast(), get("COMPILE-FORWARD"))
+    layer = ctx.make_layer(cases.BaseCase(8, compute_dtype=torch.bfloat16).build(), "lora",
+                           **cases.adapter_cases("lora")[0].params)
+    ctx.admit_input(layer, torch.zeros(2, 64))  # float32: the adapters' dtype
+    with pytest.raises(CaseSkipped, match="does not declare input_cast: a torch.bfloat16 input"):
+        ctx.admit_input(layer, torch.zeros(2, 64, dtype=torch.bfloat16))
+    res = run_clause(get("COMPILE-FORWARD"), _NoInputCast())
+    assert res.outcome == "passed", res.message
+    assert res.families["lora/8bit"].skip_reasons == {"input_cast not declared": res.families["lora/8bit"].skipped}

@@ -86,3 +86,25 @@ def test_relative_links_resolve(page: str) -> None:
     broken = [t for t in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
               if "://" not in t and not (path.parent / t).exists()]
     assert not broken, f"{page}: links to missing files {broken}"
+
+
+def test_the_baselines_summary_table_is_the_stored_reports() -> None:
+    from conformance.ci import baseline_table
+
+    assert baseline_table.main(["--check"]) == 0, "run `python -m conformance.ci.baseline_table --write`"
+
+
+def test_the_baselines_summary_table_follows_a_report(tmp_path: Path) -> None:
+    import json
+
+    from conformance.ci import baseline_table
+
+    doc = {"implementations": {"peft": {"version": "9.9"}},
+           "summary": {"implementations": {"peft": {"passed": 3, "failed": 2, "xfailed": 1, "total": 6,
+                                                    "must_failures": 2}}}}
+    (tmp_path / "cpu-x.json").write_text(json.dumps(doc), encoding="utf-8")
+    (tmp_path / "steps.json").write_text("[]", encoding="utf-8")
+    rows = baseline_table.table(tmp_path).splitlines()[2:]
+    assert rows == ["| `cpu-x` | 6 | PEFT 9.9 | 3 | 2 | 0 | 0 | 0 | 1 | 0 | 2 |"]
+    (tmp_path / "cpu.md").write_text("", encoding="utf-8")  # the Markdown of a report split by implementation
+    assert baseline_table.table(tmp_path).splitlines()[2].startswith("| [`cpu-x`](cpu.md) | 6 | PEFT 9.9 |")

@@ -97,6 +97,8 @@ class CheckContext:
     #: object built in this process): the stateful machine's reproducers rebuild it from this
     target: str | None = None
     _case_depth: int = field(default=0, repr=False)
+    #: id(layer) -> the adapter dtype its inputs must have (implementations without ``input_cast``)
+    _input_dtypes: dict[int, torch.dtype] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.impl_objects.append(self.impl)
@@ -291,7 +293,16 @@ class CheckContext:
             self.built.append((layer, exp))
         if not self.declaration.has(Capability.INPUT_CAST) and isinstance(layer, nn.Module):
             layer.register_forward_pre_hook(self._input_dtype_gate(dtype))
+            self._input_dtypes[id(layer)] = dtype
         return layer
+
+    def admit_input(self, layer: nn.Module, x: torch.Tensor) -> None:
+        """The input gate of ``make_layer``, applied before the call: a check that runs ``layer`` where the pre-hook
+        cannot raise the skip itself (under ``torch.compile`` dynamo traces the hook, and an exception it raises
+        there comes back as dynamo's) leaves the case out here, in eager code."""
+        dtype = self._input_dtypes.get(id(layer))
+        if dtype is not None:
+            self._input_dtype_gate(dtype)(layer, (x,))
 
     # -- cases ---------------------------------------------------------------------------
     def _skipped(self, reason: str) -> None:

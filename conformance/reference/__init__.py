@@ -1,19 +1,23 @@
 """Reference LoRA and OFT layers over bitsandbytes 4-bit and 8-bit layers: the yardstick."""
 
 from .adapter_layer import BASE_ADAPTER, QuantAdapterLayer, nan_message
+from .dora import DoraLinear4bit, DoraLinear8bit, DoraLinearQuant
 from .lora import LoraConfig, LoraLinear4bit, LoraLinear8bit, LoraLinearQuant
 from .oft import OftConfig, OftLinear4bit, OftLinear8bit, OftLinearQuant
 
 __all__ = [
-    "BASE_ADAPTER", "LoraConfig", "LoraLinear4bit", "LoraLinear8bit", "LoraLinearQuant", "OftConfig",
-    "OftLinear4bit", "OftLinear8bit", "OftLinearQuant", "QuantAdapterLayer", "nan_message",
+    "BASE_ADAPTER", "DoraLinear4bit", "DoraLinear8bit", "DoraLinearQuant", "LoraConfig", "LoraLinear4bit",
+    "LoraLinear8bit", "LoraLinearQuant", "OftConfig", "OftLinear4bit", "OftLinear8bit", "OftLinearQuant",
+    "QuantAdapterLayer", "nan_message",
 ]
 
 
 def layer_class(method: str, bits: int) -> type[QuantAdapterLayer]:
-    """The reference class for a method ('lora'/'oft') and bit width (4/8)."""
-    table = {("lora", 4): LoraLinear4bit, ("lora", 8): LoraLinear8bit, ("oft", 4): OftLinear4bit, ("oft", 8): OftLinear8bit}
+    """The reference class for a method ('lora'/'oft'/'dora') and bit width (4/8)."""
+    table = {("lora", 4): LoraLinear4bit, ("lora", 8): LoraLinear8bit, ("oft", 4): OftLinear4bit,
+             ("oft", 8): OftLinear8bit, ("dora", 4): DoraLinear4bit, ("dora", 8): DoraLinear8bit}
     try:
         return table[(method, bits)]
     except KeyError:
-        raise ValueError(f"no reference layer for method={method!r}, bits={bits!r}; methods: lora, oft; bits: 4, 8") from None
+        raise ValueError(f"no reference layer for method={method!r}, bits={bits!r}; "
+                         "methods: lora, oft, dora; bits: 4, 8") from None

@@ -39,9 +39,10 @@ def cayley(q: torch.Tensor, *, neumann_terms: int | None = None) -> torch.Tensor
     b = q.shape[-1]
     eye = torch.eye(b, device=q.device, dtype=q.dtype).expand_as(q)
     if neumann_terms is None:
-        # X (I + Q) = (I - Q)  <=>  X = (I - Q)(I + Q)^{-1}; the two factors commute. torch's CPU solve has no
-        # float16/bfloat16 kernel ("lu_cpu" not implemented): half blocks are solved in float32 and rounded back
-        if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+        # X (I + Q) = (I - Q)  <=>  X = (I - Q)(I + Q)^{-1}; the two factors commute. torch's solve has no
+        # float16/bfloat16 kernel on the CPU ("lu_cpu") nor on CUDA ("lu_factor_cublas", torch 2.11): half blocks
+        # are solved in float32 and rounded back
+        if q.dtype in (torch.float16, torch.bfloat16):
             return torch.linalg.solve((eye + q).float(), (eye - q).float(), left=False).to(q.dtype)
         return torch.linalg.solve(eye + q, eye - q, left=False)
     if neumann_terms < 1:

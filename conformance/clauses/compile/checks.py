@@ -43,6 +43,7 @@ def _call(ctx: CheckContext, compiled: torch.nn.Module, counter: CountingBackend
           label: str) -> torch.Tensor:
     """One eval-mode, no-grad call of the compiled layer; it must run at least one compiled graph."""
     before, graphs_before = counter.runs, counter.graphs
+    ctx.admit_input(getattr(compiled, "_orig_mod", compiled), x)
     with torch.no_grad():
         y = compiled(x)
     ctx.check(counter.runs > before, (

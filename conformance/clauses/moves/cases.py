@@ -30,3 +30,58 @@ def move_cases(ctx: CheckContext, bits: int) -> list[cases.BaseCase]:
     """The base-layer matrix (``cases.BASE_AXES``, every quant storage among them), every pair of values by default,
     the full product in the slow tier (``CheckContext.base_matrix``)."""
     return ctx.base_matrix(bits)
+
+
+# -- device moves (MOVE-DEVICE) ----------------------------------------------------------------
+
+Move = Callable[[nn.Module], nn.Module]
+
+#: the moves users make from the CPU to CUDA, as they write them (``Module.to`` hands each parameter to
+#: ``Params4bit.to``; ``Module.cuda`` to ``Params4bit.cuda``, which turns a CPU-packed weight back first)
+TO_CUDA: dict[str, Move] = {
+    "to('cuda')": lambda m: m.to("cuda"),
+    "cuda()": lambda m: m.cuda(),
+    "to(torch.device('cuda', 0))": lambda m: m.to(torch.device("cuda", 0)),
+}
+#: the moves back from CUDA (each CUDA move above is followed by one of them, alternating)
+BACK_TO_CPU: dict[str, Move] = {
+    "cpu()": lambda m: m.cpu(),
+    "to('cpu')": lambda m: m.to("cpu"),
+}
+#: the CPU round trip that runs everywhere: a CPU layer moved to the CPU goes through ``Params4bit.to``/``_apply``
+TO_CPU: dict[str, Move] = {
+    **BACK_TO_CPU,
+    "to(torch.device('cpu'))": lambda m: m.to(torch.device("cpu")),
+}
+
+#: bitsandbytes situations MOVE-DEVICE names for ``ctx.known_upstream`` (not listed in xfails/bitsandbytes.ini
+#: yet: they need a host with CUDA and AVX512-BF16 to confirm; once listed, their constants belong in
+#: ``conformance.core.upstream``). bitsandbytes 0.50.2 ``nn/modules.py``: ``Params4bit.to`` moves a CPU-packed
+#: weight to CUDA as it is (the CUDA kernels ignore ``packing_format_for_cpu``) ...
+CPU_PACKED_TO_CUDA = "cpu-packed-to-cuda"
+#: ... and ``Params4bit.cuda`` turns it back with ``functional._convert_weight_packed_for_cpu_inverse``, a
+#: "best-effort" inverse: it re-quantizes a double-quant absmax and leaves a single-quant absmax transposed
+CPU_PACKED_CUDA_INVERSE = "cpu-packed-cuda-inverse"
+
+
+def device_move_cases(bits: int) -> list[cases.BaseCase]:
+    """The bases MOVE-DEVICE moves. 4-bit: NF4/FP4, double quant on/off and quant storage uint8 and each float
+    (alternating, compute dtypes alternating), then two bases with bitsandbytes' CPU packed layout on, of a shape
+    it repacks with two blocks per row (``BaseCase.unavailable`` skips them where the layout does not exist).
+    8-bit: outlier threshold 0 and ``cases.INT8_THRESHOLD`` (their inputs get ``cases.with_outliers``)."""
+    if bits == 8:
+        return [cases.BaseCase(8, compute_dtype=torch.float32),
+                cases.BaseCase(8, compute_dtype=torch.bfloat16),
+                cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], compute_dtype=torch.float16,
+                               threshold=cases.INT8_THRESHOLD),
+                cases.BaseCase(8, compute_dtype=torch.float32, threshold=cases.INT8_THRESHOLD)]
+    combos = ((cases.QUANT_TYPES[0], False), (cases.QUANT_TYPES[1], True), (cases.QUANT_TYPES[0], True),
+              (cases.QUANT_TYPES[1], False))
+    out = [cases.BaseCase(4, quant_type=qt, double_quant=dq, compute_dtype=cases.COMPUTE_DTYPES[i % 3],
+                          quant_storage=None if qs == torch.uint8 else qs)
+           for i, (qs, (qt, dq)) in enumerate(zip(cases.QUANT_STORAGES, combos))]
+    out += [cases.BaseCase(4, 128, 64, quant_type=cases.QUANT_TYPES[0], double_quant=False,
+                           compute_dtype=torch.float32, cpu_packed=True),
+            cases.BaseCase(4, 128, 64, quant_type=cases.QUANT_TYPES[1], double_quant=True,
+                           compute_dtype=torch.bfloat16, quant_storage=torch.bfloat16, cpu_packed=True)]
+    return out

@@ -1,15 +1,30 @@
-"""MOVE-DTYPE: a whole-module dtype cast keeps the quantized base or refuses cleanly."""
+"""MOVE-DTYPE and MOVE-DEVICE: a whole-module dtype cast or device move keeps the quantized base or refuses
+cleanly."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import copy
+from typing import TYPE_CHECKING, Any
 
+import bitsandbytes as bnb
 import torch
+from torch import nn
 
 from conformance import numerics
 from conformance.clauses import cases
 from conformance.clauses.clause import check
-from conformance.clauses.moves.cases import CASTS, REFUSAL_WORDS, move_cases
+from conformance.clauses.moves.cases import (
+    BACK_TO_CPU,
+    CASTS,
+    CPU_PACKED_CUDA_INVERSE,
+    CPU_PACKED_TO_CUDA,
+    REFUSAL_WORDS,
+    TO_CPU,
+    TO_CUDA,
+    Move,
+    device_move_cases,
+    move_cases,
+)
 from conformance.core import upstream
 from conformance.quant import layers as qlayers
 from conformance.quant.torchnames import dtype_name
@@ -66,3 +81,125 @@ def check_dtype_moves(ctx: CheckContext) -> None:
                               f"{label}: output {tuple(y.shape)} {y.dtype} for a {dtype_name(dtype)} input")
                     ctx.bounded(f"ratio.{bits}bit", want.ratio(y),
                                 lambda: f"{label}: output after the cast outside the oracle bound {want.describe(y)}")
+
+
+# -- MOVE-DEVICE ---------------------------------------------------------------------------------
+
+def _adapter_values(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().cpu().clone() for k, p in layer.adapter_parameters("default").items()}
+
+
+def _weight_read_on_cpu(base: nn.Module) -> torch.Tensor:
+    """The weight ``base`` means, dequantized on the CPU from copies of its payload and quant state in bitsandbytes'
+    standard layout (``quant.layers.standard_layout``): the same kernel reads it before and after a move, so a
+    difference is a change of the payload or the state, never of the device's dequantize kernel."""
+    if qlayers.bits_of(base) == 8:
+        return bnb.functional.int8_vectorwise_dequant(base.weight.data.cpu(), qlayers.scb_of(base).cpu()).float()
+    data, state = qlayers.standard_layout(base)
+    state = copy.deepcopy(state)
+    state.to("cpu")  # QuantState.to moves its tensors in place (the copy's)
+    return bnb.functional.dequantize_4bit(data.cpu(), state).float()
+
+
+def _device_move(ctx: CheckContext, label: str, layer: nn.Module, move: Move, target: str, method: str,
+                 params: dict[str, Any], x: torch.Tensor) -> nn.Module | None:
+    """Make ``move`` on ``layer`` and check it: the quantized base means the same weight (the dequantized weight,
+    read through ``quant.layers.standard_layout``, bit for bit; the raw bytes too where the layout did not change),
+    every tensor is on ``target``, the adapters are kept, and a forward there is within the oracle bound; or the
+    move refused cleanly. The moved layer, or None after a refusal. Both weights are read on the CPU
+    (``_weight_read_on_cpu``)."""
+    base = layer.base_layer
+    before = qlayers.snapshot(base)
+    w_before = _weight_read_on_cpu(base)
+    packed_before = qlayers.is_cpu_packed(base)
+    adapters = _adapter_values(layer)
+    try:
+        moved = move(layer)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        ctx.measure("refused", int(ctx.measurements.get("refused", 0)) + 1)
+        ctx.check(any(w.lower() in str(exc).lower() for w in REFUSAL_WORDS),
+                  f"{label}: refused with {type(exc).__name__} that names neither the quantized layer nor its "
+                  f"storage: {exc}")
+        changed = qlayers.snapshot(layer.base_layer).differences(before)
+        now = _adapter_values(layer)
+        kept = now.keys() == adapters.keys() and all(torch.equal(now[k], adapters[k]) for k in now)
+        ctx.check(not changed and kept and qlayers.is_cpu_packed(layer.base_layer) == packed_before,
+                  f"{label}: refused, but the layer was changed ({', '.join(changed) or 'its adapters or layout'})")
+        return None
+    base = moved.base_layer
+    off = qlayers.tensors_off_device(moved, target)
+    ctx.check(not off, f"{label}: after the move, not on {target}: {'; '.join(off)}")
+    w_after = _weight_read_on_cpu(base)
+    ctx.check(w_after.shape == w_before.shape and torch.equal(w_after, w_before), (
+        f"{label}: the move changed the dequantized weight (max |diff| "
+        f"{(w_after - w_before).abs().max().item() if w_after.shape == w_before.shape else 'n/a'}; layout "
+        f"{'CPU-packed' if packed_before else 'standard'} -> {'CPU-packed' if qlayers.is_cpu_packed(base) else 'standard'})"))
+    if qlayers.is_cpu_packed(base) == packed_before:
+        changed = qlayers.snapshot(base).differences(before)
+        ctx.check(not changed, f"{label}: the move changed the quantized base ({', '.join(changed)})")
+    now = _adapter_values(moved)
+    ctx.check(now.keys() == adapters.keys() and all(torch.equal(now[k], adapters[k]) for k in now),
+              f"{label}: the move changed the adapter tensors")
+    xt = x.to(target)
+    with torch.no_grad():
+        want = numerics.layer_expected(moved, method, "default", params, xt)
+        y = moved(xt)
+    ctx.check(tuple(y.shape) == (*x.shape[:-1], base.out_features) and y.dtype == x.dtype
+              and y.device.type == torch.device(target).type,
+              f"{label}: output {tuple(y.shape)} {y.dtype} on {y.device} for a {dtype_name(x.dtype)} input on {target}")
+    bits = qlayers.bits_of(base)
+    ctx.bounded(f"ratio.{bits}bit.{torch.device(target).type}", want.ratio(y),
+                lambda: f"{label}: output after the move outside the oracle bound {want.describe(y)}")
+    return moved
+
+
+def _cuda_unavailable(ctx: CheckContext, method: str) -> str | None:
+    """Why the CUDA moves cannot run in this context (None when they can). A run on the CPU never touches CUDA
+    (a CPU run on a GPU host must not: another check may have broken its context)."""
+    if torch.device(ctx.device).type != "cuda":
+        return f"CPU<->CUDA moves run under --device cuda (this run is on {ctx.device})"
+    if not torch.cuda.is_available():
+        return "CPU<->CUDA moves need CUDA: torch.cuda.is_available() is False"
+    if not ctx.has("cuda", method):
+        return f"{ctx.impl.name} does not declare capability cuda"
+    return None
+
+
+@check("MOVE-DEVICE")
+def check_device_moves(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        acase = cases.adapter_cases(method)[0]
+        plans = ([(name, move, None) for name, move in TO_CPU.items()]
+                 + [(name, move, list(BACK_TO_CPU.items())[j % len(BACK_TO_CPU)])
+                    for j, (name, move) in enumerate(TO_CUDA.items())])
+        for i, case in enumerate(device_move_cases(bits)):
+            for j, (name, move, back) in enumerate(plans):
+                to_cuda = back is not None
+                label = (f"{acase.label} on {case.label}, CPU eval forward, layer.{name}"
+                         + (f", CUDA forward, layer.{back[0]}, CPU forward" if back else ", CPU forward"))
+                known = None
+                if to_cuda and case.cpu_packed:
+                    known = ctx.known_upstream(CPU_PACKED_CUDA_INVERSE if name == "cuda()" else CPU_PACKED_TO_CUDA)
+                with ctx.case(label, known=known):
+                    why = case.unavailable("cpu") or (_cuda_unavailable(ctx, method) if to_cuda else None)
+                    if why is not None:
+                        ctx.skip_this_case(why)
+                    layer = ctx.make_layer(case.build("cpu", seed=ctx.seed + i), method, **acase.params)
+                    cases.fill_adapter(layer, "default", ctx.generator(300 + i))
+                    layer.eval()
+                    x = torch.randn(3, case.in_features, generator=ctx.generator(j)).to(case.compute_dtype)
+                    if bits == 8 and case.threshold:
+                        x = cases.with_outliers(x, case.threshold)
+                    with torch.no_grad():  # an eval-mode no-grad forward: bitsandbytes repacks a cpu_packed base
+                        want = numerics.layer_expected(layer, method, "default", acase.params, x)
+                        y = layer(x)
+                    ctx.bounded(f"ratio.{bits}bit.cpu", want.ratio(y),
+                                lambda: f"{label}: the CPU forward before the move is outside the oracle bound "
+                                        f"{want.describe(y)}")
+                    ctx.measure("packed_before_move", int(ctx.measurements.get("packed_before_move", 0))
+                                + int(qlayers.is_cpu_packed(layer.base_layer)))
+                    moved = _device_move(ctx, f"{label} [the move]", layer, move, "cuda" if to_cuda else "cpu",
+                                         method, acase.params, x)
+                    if moved is not None and back is not None:
+                        _device_move(ctx, f"{label} [the move back]", moved, back[1], "cpu", method,
+                                     acase.params, x)

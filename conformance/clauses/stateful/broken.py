@@ -80,6 +80,16 @@ class _EvalDeactivates:
         return out
 
 
+class _CompilerDisabledForward:
+    """forward is wrapped in ``torch.compiler.disable`` (as a library might do to keep bitsandbytes' graph breaks out
+    of users' graphs): eager forwards are right, but every call through ``torch.compile`` runs eagerly
+    (STATE-COMPILE)."""
+
+    @torch.compiler.disable
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+
 class _ThreeBugs(_DeepcopyLosesAdapter, _EvalDeactivates, _MergeForgetsFlags):
     """Three distinct violations: STATE-ADAPTERS-PRESERVED by a deepcopy and by eval(), STATE-MERGED-FLAGS by a merge."""
 
@@ -123,6 +133,7 @@ SilentUnknownAdapter = _twin("SilentUnknownAdapter", _SilentUnknownAdapter)
 ThreeBugs = _twin("ThreeBugs", _ThreeBugs)
 MergeRaises = _twin("MergeRaises", _MergeRaises)
 OutputOffForPositiveInput = _twin("OutputOffForPositiveInput", _OutputOffForPositiveInput)
+CompilerDisabledForward = _twin("CompilerDisabledForward", _CompilerDisabledForward)
 
 
 class Minimal(_Broken):

@@ -140,3 +140,6 @@ def report(ctx: CheckContext) -> None:
 
 for _cid in STATE_IDS:
     check(_cid)(report)
+
+# STATE-COMPILE (slow tier) has its own machine and check
+from conformance.clauses.stateful import compiling as _compiling  # noqa: E402, F401

@@ -84,3 +84,26 @@ FLOORS: dict[str, dict[str, object]] = {
 }
 for _id in STATE_IDS:
     FLOORS[_id].setdefault("steps_per_example", STEPS_PER_EXAMPLE)
+
+#: the slow-tier clause run by its own machine (``conformance.clauses.stateful.compiling``): the machine above with
+#: one more rule, a compiled forward. Not in ``STATE_IDS``: the shared run does not feed it.
+COMPILE = "STATE-COMPILE"
+declare(
+    COMPILE, "MUST",
+    "In a state machine that takes the steps of the STATE-* machine and, between them, compiled forwards (a fresh "
+    "torch._dynamo.reset(), torch.compile(layer, backend=B) with B aot_eager on the CPU and inductor on CUDA, one "
+    "call under torch.no_grad() in the layer's current mode), each compiled forward runs at least one compiled "
+    "graph, gives the input's leading dims, out_features and dtype, stays within the analytic bound of the float64 "
+    "model of the layer's logical state (as STATE-OUTPUT-MATCHES-MODEL), and keeps what every step keeps (merged "
+    "flags, base layer, adapters).",
+    source=SOURCE + "; torch 2.13 torch/_dynamo/config.py recompile_limit and fail_on_recompile_limit_hit (a frame "
+    "past the limit, or under torch.compiler.disable, runs eagerly); torch 2.13 torch/_dynamo/eval_frame.py "
+    "OptimizedModule",
+    area="stateful",
+    slow=True,
+    # every compiled forward compiles afresh: about a second each with aot_eager on a CPU (40 of them took 46-77 s
+    # here under the CI budget's share), more with inductor on CUDA
+    timeout_s=900.0,
+)
+#: what a STATE-COMPILE run needs before a pass means anything: compiled forwards that reached its check
+COMPILE_FLOOR = 4
