@@ -15,6 +15,16 @@ the largest gap between adjacent codes, ``|w - a*c| <= a*g/2``. Double quant sto
 [-127, 127] and rounded, so ``|w - q*s/127| <= s/254``, plus the fp16 cast of the input
 (``s*u16``) and the float32 dequantize (``s*u32``).
 
+8-bit with ``has_fp16_weights`` (bitsandbytes' default, LitGPT's int8 training mode): the layer stores
+``W16 = fl16(W)`` and every forward that needs the int8 form quantizes it with the same
+``int8_vectorwise_quant(W16)`` (``MatMul8bitFp`` in training mode on the CPU, ``MatMul8bitLt`` otherwise;
+bitsandbytes 0.50.2 ``autograd/_functions.py``). The chain is the same as above, only the moment differs: the
+float16 rounding ``|W16 - W| <= u16 |W16| <= u16 s`` (Higham (2.5): ``fl(w) = w / (1 + d)``, ``|d| <= u``)
+happens when the weight is stored (built, or merged: ``requantize`` stores the float32 merged weight as float16),
+the row quantization ``s/254`` with ``s`` the row absmax of ``W16`` (what ``SCB`` is, exact in float32) and the
+float32 dequantize ``2 s u32`` at the forward. So ``weight_bound`` is the same expression with ``s`` computed
+from the float16 weight by bitsandbytes' own quantizer (``layers.int8_of``), never read from the state's cache.
+
 A layer output ``y = x W^T`` then errs by at most ``sum_k bound_jk |x_k|`` (triangle inequality).
 """
 
@@ -103,7 +113,9 @@ def weight_bound(layer: nn.Module) -> torch.Tensor:
     """Per-element bound on |W_stored - W_exact| (float64, shape out x in) for a quantized layer.
 
     ``W_exact`` is the float weight that was handed to bitsandbytes; ``W_stored`` what
-    ``conformance.quant.dequantize`` returns. Always on the CPU, like every bound here: float64
+    ``conformance.quant.dequantize`` returns. An 8-bit layer with ``has_fp16_weights``: ``W_stored`` is its float16
+    weight quantized and dequantized row-wise as its forward does, ``s`` that weight's row absmax (the module
+    docstring's derivation: the float16 storage rounding and the int8 rounding of the same row, in that order). Always on the CPU, like every bound here: float64
     oracle arithmetic happens there whatever device the layer is on.
     """
     require_quantized(layer)

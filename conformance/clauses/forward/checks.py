@@ -33,10 +33,10 @@ def _forward_cases(bits: int) -> list[cases.BaseCase]:
     combined in (``with_storage_dtypes``), then the bases with bitsandbytes' CPU packed layout on
     (``packed_cases``: their first eval-mode forward repacks them), then bases stored as each float quant storage
     (``quant_storage_cases``) and the 8-bit bases with the outlier threshold on (``outlier_cases``; their inputs
-    carry outlier columns: ``with_outliers``)."""
+    carry outlier columns: ``with_outliers``), then the 8-bit bases with ``has_fp16_weights`` (``fp16_weight_cases``)."""
     square = [cases.BaseCase(bits, *cases.ORIENTATION_SHAPES[1], compute_dtype=d) for d in cases.COMPUTE_DTYPES]
     return cases.with_storage_dtypes(cases.base_cases(bits, dtypes=cases.COMPUTE_DTYPES) + square) + \
-        cases.packed_cases(bits) + cases.quant_storage_cases(bits) + cases.outlier_cases(bits)
+        cases.packed_cases(bits) + cases.quant_storage_cases(bits) + cases.outlier_cases(bits) + cases.fp16_weight_cases(bits)
 
 
 def check_output(ctx: CheckContext, label: str, y: torch.Tensor, lead: tuple[int, ...], out_features: int,

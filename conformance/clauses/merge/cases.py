@@ -51,8 +51,8 @@ def _bias_cases(bits: int) -> list[cases.BaseCase]:
 
 def _settings_cases(bits: int) -> list[cases.BaseCase]:
     """MERGE-KEEPS-QUANT-SETTINGS bases: settings, compute and storage dtypes varied together, square and not; then
-    the bases stored as each float quant storage (``cases.quant_storage_cases``) and the 8-bit bases with the outlier
-    threshold on (``cases.outlier_cases``)."""
+    the bases stored as each float quant storage (``cases.quant_storage_cases``), the 8-bit bases with the outlier
+    threshold on (``cases.outlier_cases``) and with ``has_fp16_weights`` (``cases.fp16_weight_cases``)."""
     if bits == 4:
         return [cases.BaseCase(4, quant_type=q, blocksize=bs, double_quant=dq, compute_dtype=dt, weight_dtype=wd)
                 for q, bs, dq, dt, wd in (("fp4", 32, True, torch.float16, torch.float16),
@@ -61,4 +61,11 @@ def _settings_cases(bits: int) -> list[cases.BaseCase]:
                                           ("nf4", 64, True, torch.float32, torch.float16))] + \
             cases.quant_storage_cases(4)
     return [cases.BaseCase(8), cases.BaseCase(8, weight_dtype=torch.bfloat16),
-            cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.float32)] + cases.outlier_cases(8)
+            cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], weight_dtype=torch.float32)] + cases.outlier_cases(8) + \
+        cases.fp16_weight_cases(8)
+
+
+def _forward_bound_cases(bits: int) -> list[cases.BaseCase]:
+    """MERGE-FORWARD-BOUND's listed bases, run after its hypothesis property (whose strategy draws none of them): the
+    8-bit bases with ``has_fp16_weights`` (``cases.fp16_weight_cases``), each in train and eval mode."""
+    return cases.fp16_weight_cases(bits)
