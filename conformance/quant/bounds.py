@@ -37,7 +37,9 @@ from torch import nn
 from .layers import (
     BaseLayerError,
     bits_of,
+    dequantize,
     double_quant_of,
+    has_fp16_weights,
     is_cpu_packed,
     require_quantized,
     scb_of,
@@ -132,6 +134,22 @@ def weight_bound(layer: nn.Module) -> torch.Tensor:
     s = scb_of(layer).double().cpu()
     per_row = s / 254 + s * (UNIT_ROUNDOFF[torch.float16] + 2 * UNIT_ROUNDOFF[torch.float32])
     return per_row[:, None].expand(layer.out_features, layer.in_features).clone()
+
+
+def fp16_master_gap(layer: nn.Module) -> torch.Tensor:
+    """``|W16 - dequantize(layer)|`` elementwise (float64, CPU) for an 8-bit layer with ``has_fp16_weights``; zeros
+    for every other layer.
+
+    Such a layer holds two weights a merge may add its delta to: the float16 weight it stores (the master copy,
+    what ``W += delta`` on the parameter does: LitGPT's ``LoRALinear.merge``) and the int8 form its forward multiplies
+    by (``dequantize``, what dequantize -> modify -> requantize starts from). Both are merges of the same base; they
+    differ by this gap, computed exactly from the state before the merge (not a bound), which a merge bound adds once.
+    """
+    require_quantized(layer)
+    if not has_fp16_weights(layer):
+        return torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64)
+    w16 = layer.weight.data.detach().to(torch.float16).double().cpu()
+    return (w16 - dequantize(layer).double().cpu()).abs()
 
 
 def output_bound(elem_bound: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
