@@ -20,7 +20,9 @@ the largest gap between adjacent codes, ``|w - a*c| <= a*g/2``. Double quant sto
 ``int8_vectorwise_quant(W16)`` (``MatMul8bitFp`` in training mode on the CPU, ``MatMul8bitLt`` otherwise;
 bitsandbytes 0.50.2 ``autograd/_functions.py``). The chain is the same as above, only the moment differs: the
 float16 rounding ``|W16 - W| <= u16 |W16| <= u16 s`` (Higham (2.5): ``fl(w) = w / (1 + d)``, ``|d| <= u``)
-happens when the weight is stored (built, or merged: ``requantize`` stores the float32 merged weight as float16),
+happens when the weight is stored (built, or merged: ``requantize`` stores the float32 merged weight as float16;
+below float16's normal range, 2**-14, that rounding is absolute instead, at most ``FP16_SUBNORMAL_ERROR``, which
+both 8-bit kinds add),
 the row quantization ``s/254`` with ``s`` the row absmax of ``W16`` (what ``SCB`` is, exact in float32) and the
 float32 dequantize ``2 s u32`` at the forward. So ``weight_bound`` is the same expression with ``s`` computed
 from the float16 weight by bitsandbytes' own quantizer (``layers.int8_of``), never read from the state's cache.
@@ -59,6 +61,12 @@ UNIT_ROUNDOFF = {
 #: (bitsandbytes 0.50.2 ``functional._convert_weight_packed_for_cpu``) rounds it to bfloat16, so ``|a - a'| <=
 #: u_bf16 |a'| / (1 - u_bf16)`` relative to the rounded ``a'``
 CPU_REPACK_ABSMAX_ERROR = UNIT_ROUNDOFF[torch.bfloat16] / (1 - UNIT_ROUNDOFF[torch.bfloat16])
+
+
+#: half the spacing of float16's subnormals (2**-24): the absolute error of rounding a value below float16's smallest
+#: normal (2**-14) to float16, where the relative ``u16`` model does not hold; a row whose absmax is that small (a
+#: weight row of order 1e-5) rounds by up to this per element whatever its scale
+FP16_SUBNORMAL_ERROR = 2.0**-25
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -132,7 +140,8 @@ def weight_bound(layer: nn.Module) -> torch.Tensor:
         flat = per_block.repeat_interleave(qs.blocksize)[: out * inn]
         return flat.reshape(out, inn).cpu()
     s = scb_of(layer).double().cpu()
-    per_row = s / 254 + s * (UNIT_ROUNDOFF[torch.float16] + 2 * UNIT_ROUNDOFF[torch.float32])
+    # the float16 rounding: u16 s for normal values, FP16_SUBNORMAL_ERROR below float16's normal range
+    per_row = s / 254 + s * (UNIT_ROUNDOFF[torch.float16] + 2 * UNIT_ROUNDOFF[torch.float32]) + FP16_SUBNORMAL_ERROR
     return per_row[:, None].expand(layer.out_features, layer.in_features).clone()
 
 
