@@ -39,3 +39,22 @@ def test_requant_from_float32_fails_both_families(family: str) -> None:
     res = run_clause(get("MERGE-KEEPS-QUANT-SETTINGS"), Broken("requant-from-float32", requant_from_float32))
     fams = res.family_texts()
     assert fams[family].startswith("failed"), fams
+
+
+def test_requant_default_storage_fails_on_fp16_weight_bases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The twin also drops ``has_fp16_weights``: MERGE-KEEPS-QUANT-SETTINGS on the fp16-weight bases without the
+    outlier threshold alone (what the threshold drop cannot reach) passes on the reference and fails on the twin."""
+    from conformance.clauses import cases
+    from conformance.clauses.merge import checks
+    from conformance.clauses.merge.broken import requant_default_storage_and_threshold
+    from conformance.impls.reference import ReferenceImplementation
+
+    only = [c for c in cases.fp16_weight_cases(8) if not c.threshold]
+    assert only and all(c.has_fp16_weights for c in only)
+    monkeypatch.setattr(checks, "_settings_cases", lambda ctx, bits: only if bits == 8 else [])
+    clause = get("MERGE-KEEPS-QUANT-SETTINGS")
+    ok = run_clause(clause, ReferenceImplementation())
+    assert ok.outcome == "passed", ok.message
+    res = run_clause(clause, Broken("requant-default-storage-and-threshold", requant_default_storage_and_threshold))
+    fams = res.family_texts()
+    assert fams["lora/8bit"].startswith("failed") and "has_fp16_weights" in fams["lora/8bit"], fams

@@ -88,6 +88,9 @@ class BaseCase:
     #: bitsandbytes' CPU packed layout switched on (4-bit on a CPU with AVX512-BF16: it repacks on the first
     #: eval-mode forward whose input needs no grad); off: the standard layout, as on CUDA
     cpu_packed: bool = False
+    #: 8-bit: the weight kept in float16 and quantized by bitsandbytes at each forward (``Int8Params.has_fp16_weights``,
+    #: bitsandbytes' default and LitGPT's int8 training mode); False: int8 storage, what transformers loads
+    has_fp16_weights: bool = False
 
     #: fields a bit width does not have (``make_base_layer`` ignores them; they are left out of its arguments)
     FOUR_BIT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "blocksize", "double_quant", "quant_storage", "cpu_packed")
@@ -103,6 +106,7 @@ class BaseCase:
                 d.pop(k, None)
         else:
             d.pop("threshold")
+            d.pop("has_fp16_weights")
         return d
 
     def unavailable(self, device: str | torch.device = "cpu") -> str | None:
@@ -147,7 +151,8 @@ class BaseCase:
         if self.weight_dtype is not None:
             dt += "-stored-" + dtype_name(self.weight_dtype)
         if self.bits == 8:
-            return f"int8-{self.shape_label}-{dt}" + (f"-threshold{self.threshold:g}" if self.threshold else "")
+            return (f"int8-{self.shape_label}-{dt}" + (f"-threshold{self.threshold:g}" if self.threshold else "")
+                    + ("-fp16w" if self.has_fp16_weights else ""))
         qs = f"-qs-{dtype_name(self.quant_storage)}" if self.quant_storage is not None else ""
         return f"{self.quant_label}-b{self.blocksize}-{self.shape_label}-{dt}{qs}" + ("-cpupacked" if self.cpu_packed else "")
 
@@ -228,6 +233,16 @@ INT8_THRESHOLD = 6.0
 INT8_THRESHOLDS = (0.0, INT8_THRESHOLD)
 
 
+def fp16_weight_cases(bits: int) -> list[BaseCase]:
+    """8-bit bases with ``has_fp16_weights`` (the float16 weight quantized at each forward), one per compute dtype,
+    the outlier threshold off and on (``INT8_THRESHOLD``) alternating, non-square and square (4-bit: none). Inputs of
+    the threshold cases need outlier columns (``with_outliers``), as for ``outlier_cases``."""
+    if bits != 8:
+        return []
+    return [BaseCase(8, *ORIENTATION_SHAPES[i % 2], compute_dtype=d, threshold=INT8_THRESHOLD if i % 2 else 0.0,
+                     has_fp16_weights=True) for i, d in enumerate(COMPUTE_DTYPES)]
+
+
 def with_outliers(x: torch.Tensor, threshold: float, columns: Sequence[int] = (3, 17)) -> torch.Tensor:
     """``x`` with LLM.int8()-style outlier features: the given input columns scaled so that every row holds a value
     of 1.5 x ``threshold`` there (its sign kept), what the outlier decomposition exists for."""
@@ -278,6 +293,7 @@ BASE_AXES: Mapping[int, tuple[Axis, ...]] = {
         Axis("compute_dtype", COMPUTE_DTYPES),
         Axis("weight_dtype", (None, *STORAGE_DTYPES)),  # None: a float32 weight, a float16 bias
         Axis("threshold", INT8_THRESHOLDS),  # 6.0: inputs carry outlier columns (``with_outliers``)
+        Axis("has_fp16_weights", (False, True)),  # True: a float16 weight, quantized at each forward
     ),
 }
 

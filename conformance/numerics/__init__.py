@@ -25,7 +25,10 @@ How bitsandbytes 0.50 computes a forward (read from its sources; ``expected.line
   int8 too (``|x - x_q| <= absmax_row/254`` after a float16 cast), int32 accumulation (exact), float32
   dequantization ``A * (row * col) * 6.200124e-05`` (three roundings; the constant is ``1/127**2``
   only to 1.8e-5 relative, ``rounding.INT8_DEQUANT_SCALE_ERROR``), float32 bias add, cast to the input
-  dtype.
+  dtype;
+- ``Linear8bitLt`` with ``has_fp16_weights`` (bitsandbytes' default, LitGPT's int8 training mode): the same two
+  paths, with ``CB``/``SCB`` quantized from its float16 weight by the forward itself (``quant.layers.int8_of``;
+  cached in ``MatmulLtState`` between eval-mode forwards), so ``quant.dequantize`` is that int8 form.
 
 Modules: ``rounding`` (unit roundoffs, casts), ``ratio`` (THE ratio helper), ``cayley`` (exact
 rotations, solve-error bounds, Neumann and COFT bounds), ``blocks`` (OFT block layout), ``expected``

@@ -32,7 +32,8 @@ def requant_bound_from_exact(base: nn.Module, exact: torch.Tensor, err: torch.Te
     upper bounds: 4-bit block absmax ``a <= max_block(|exact| + err)``; with double quant the absmax
     error ``e_a <= absmax2 * g2 / 2`` where ``absmax2 = max |a_i - mean(a)| <= max(a)`` (all
     ``a_i >= 0``), plus the float32 offset add; 8-bit row absmax ``s <= max_row(|exact| + err)`` and
-    its float16 cast.
+    its float16 cast (relative ``u16``, or ``FP16_SUBNORMAL_ERROR`` below float16's normal range); the same with
+    ``has_fp16_weights``, where the float16 rounding happens at the merge and the int8 one at the next forward.
     """
     mag = exact.double().abs() + err.double()
     if qlayers.bits_of(base) == 4:
@@ -49,8 +50,8 @@ def requant_bound_from_exact(base: nn.Module, exact: torch.Tensor, err: torch.Te
         per_block = amax * g / 2 + e_a + 2 * amax * u
         out, inn = exact.shape
         return per_block.repeat_interleave(qs.blocksize)[: out * inn].reshape(out, inn)
-    s = mag.max(dim=1).values * (1 + U16)
-    per_row = s / 254 + s * (U16 + 2 * U32)
+    s = mag.max(dim=1).values * (1 + U16) + qbounds.FP16_SUBNORMAL_ERROR
+    per_row = s / 254 + s * (U16 + 2 * U32) + qbounds.FP16_SUBNORMAL_ERROR
     return per_row[:, None].expand_as(mag).clone()
 
 

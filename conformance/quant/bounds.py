@@ -15,6 +15,18 @@ the largest gap between adjacent codes, ``|w - a*c| <= a*g/2``. Double quant sto
 [-127, 127] and rounded, so ``|w - q*s/127| <= s/254``, plus the fp16 cast of the input
 (``s*u16``) and the float32 dequantize (``s*u32``).
 
+8-bit with ``has_fp16_weights`` (bitsandbytes' default, LitGPT's int8 training mode): the layer stores
+``W16 = fl16(W)`` and every forward that needs the int8 form quantizes it with the same
+``int8_vectorwise_quant(W16)`` (``MatMul8bitFp`` in training mode on the CPU, ``MatMul8bitLt`` otherwise;
+bitsandbytes 0.50.2 ``autograd/_functions.py``). The chain is the same as above, only the moment differs: the
+float16 rounding ``|W16 - W| <= u16 |W16| <= u16 s`` (Higham (2.5): ``fl(w) = w / (1 + d)``, ``|d| <= u``)
+happens when the weight is stored (built, or merged: ``requantize`` stores the float32 merged weight as float16;
+below float16's normal range, 2**-14, that rounding is absolute instead, at most ``FP16_SUBNORMAL_ERROR``, which
+both 8-bit kinds add),
+the row quantization ``s/254`` with ``s`` the row absmax of ``W16`` (what ``SCB`` is, exact in float32) and the
+float32 dequantize ``2 s u32`` at the forward. So ``weight_bound`` is the same expression with ``s`` computed
+from the float16 weight by bitsandbytes' own quantizer (``layers.int8_of``), never read from the state's cache.
+
 A layer output ``y = x W^T`` then errs by at most ``sum_k bound_jk |x_k|`` (triangle inequality).
 """
 
@@ -27,7 +39,9 @@ from torch import nn
 from .layers import (
     BaseLayerError,
     bits_of,
+    dequantize,
     double_quant_of,
+    has_fp16_weights,
     is_cpu_packed,
     require_quantized,
     scb_of,
@@ -47,6 +61,12 @@ UNIT_ROUNDOFF = {
 #: (bitsandbytes 0.50.2 ``functional._convert_weight_packed_for_cpu``) rounds it to bfloat16, so ``|a - a'| <=
 #: u_bf16 |a'| / (1 - u_bf16)`` relative to the rounded ``a'``
 CPU_REPACK_ABSMAX_ERROR = UNIT_ROUNDOFF[torch.bfloat16] / (1 - UNIT_ROUNDOFF[torch.bfloat16])
+
+
+#: half the spacing of float16's subnormals (2**-24): the absolute error of rounding a value below float16's smallest
+#: normal (2**-14) to float16, where the relative ``u16`` model does not hold; a row whose absmax is that small (a
+#: weight row of order 1e-5) rounds by up to this per element whatever its scale
+FP16_SUBNORMAL_ERROR = 2.0**-25
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -103,7 +123,9 @@ def weight_bound(layer: nn.Module) -> torch.Tensor:
     """Per-element bound on |W_stored - W_exact| (float64, shape out x in) for a quantized layer.
 
     ``W_exact`` is the float weight that was handed to bitsandbytes; ``W_stored`` what
-    ``conformance.quant.dequantize`` returns. Always on the CPU, like every bound here: float64
+    ``conformance.quant.dequantize`` returns. An 8-bit layer with ``has_fp16_weights``: ``W_stored`` is its float16
+    weight quantized and dequantized row-wise as its forward does, ``s`` that weight's row absmax (the module
+    docstring's derivation: the float16 storage rounding and the int8 rounding of the same row, in that order). Always on the CPU, like every bound here: float64
     oracle arithmetic happens there whatever device the layer is on.
     """
     require_quantized(layer)
@@ -118,8 +140,25 @@ def weight_bound(layer: nn.Module) -> torch.Tensor:
         flat = per_block.repeat_interleave(qs.blocksize)[: out * inn]
         return flat.reshape(out, inn).cpu()
     s = scb_of(layer).double().cpu()
-    per_row = s / 254 + s * (UNIT_ROUNDOFF[torch.float16] + 2 * UNIT_ROUNDOFF[torch.float32])
+    # the float16 rounding: u16 s for normal values, FP16_SUBNORMAL_ERROR below float16's normal range
+    per_row = s / 254 + s * (UNIT_ROUNDOFF[torch.float16] + 2 * UNIT_ROUNDOFF[torch.float32]) + FP16_SUBNORMAL_ERROR
     return per_row[:, None].expand(layer.out_features, layer.in_features).clone()
+
+
+def fp16_master_gap(layer: nn.Module) -> torch.Tensor:
+    """``|W16 - dequantize(layer)|`` elementwise (float64, CPU) for an 8-bit layer with ``has_fp16_weights``; zeros
+    for every other layer.
+
+    Such a layer holds two weights a merge may add its delta to: the float16 weight it stores (the master copy,
+    what ``W += delta`` on the parameter does: LitGPT's ``LoRALinear.merge``) and the int8 form its forward multiplies
+    by (``dequantize``, what dequantize -> modify -> requantize starts from). Both are merges of the same base; they
+    differ by this gap, computed exactly from the state before the merge (not a bound), which a merge bound adds once.
+    """
+    require_quantized(layer)
+    if not has_fp16_weights(layer):
+        return torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64)
+    w16 = layer.weight.data.detach().to(torch.float16).double().cpu()
+    return (w16 - dequantize(layer).double().cpu()).abs()
 
 
 def output_bound(elem_bound: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -34,11 +34,21 @@ def bits_of(layer: nn.Module) -> int:
     )
 
 
+def has_fp16_weights(layer: nn.Module) -> bool:
+    """Whether an 8-bit layer keeps a float16 weight and quantizes it at each forward (``Int8Params.has_fp16_weights``,
+    bitsandbytes' default and LitGPT's int8 training mode; transformers loads False); False for a 4-bit layer."""
+    return bits_of(layer) == 8 and bool(getattr(layer.weight, "has_fp16_weights", False))
+
+
 def is_quantized(layer: nn.Module) -> bool:
-    """True once bitsandbytes has packed the weight (it does so on the first ``.to(device)``)."""
+    """True once bitsandbytes has packed the weight (it does so on the first ``.to(device)``). An 8-bit layer with
+    ``has_fp16_weights`` never packs it: its floating weight is quantized by every forward that needs it
+    (``autograd/_functions.py``), so it is ready as it is."""
     w = layer.weight
     if bits_of(layer) == 4:
         return bool(getattr(w, "bnb_quantized", False)) and w.quant_state is not None
+    if has_fp16_weights(layer):
+        return w.is_floating_point()
     return w.dtype == torch.int8
 
 
@@ -50,8 +60,27 @@ def require_quantized(layer: nn.Module) -> None:
         )
 
 
+def int8_of(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB, SCB): the int8 rows and row absmax statistics an 8-bit layer multiplies by.
+
+    Stored (``has_fp16_weights`` False): the int8 weight and its statistics, wherever bitsandbytes keeps them now.
+    ``has_fp16_weights`` True: computed from the floating weight with bitsandbytes' own quantizer, as its matmul does
+    (bitsandbytes 0.50.2 ``autograd/_functions.py`` ``MatMul8bitLt``/``MatMul8bitFp``:
+    ``int8_vectorwise_quant(B.to(torch.float16))``, no threshold). Its ``MatmulLtState`` caches the result between
+    eval-mode forwards (recomputed on every training-mode forward, or once ``state.reset_grads()`` cleared it):
+    this is what the weight defines, not a cache that may be stale."""
+    w = layer.weight
+    if has_fp16_weights(layer):
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.data.to(torch.float16).contiguous())
+        return cb, scb
+    return w.data, scb_of(layer).to(w.device)
+
+
 def scb_of(layer: nn.Module) -> torch.Tensor:
-    """Row-wise absmax statistics of an 8-bit layer, wherever bitsandbytes keeps them now."""
+    """Row-wise absmax statistics of an 8-bit layer, wherever bitsandbytes keeps them now (``has_fp16_weights``:
+    those of its float16 weight, ``int8_of``)."""
+    if has_fp16_weights(layer):
+        return int8_of(layer)[1]
     scb = layer.weight.SCB if getattr(layer.weight, "SCB", None) is not None else layer.state.SCB
     if scb is None:
         raise BaseLayerError("8-bit layer has no SCB statistics: it was never quantized")
@@ -242,12 +271,13 @@ def double_quant_of(layer: nn.Module) -> bool:
 
 def dequantize(layer: nn.Module) -> torch.Tensor:
     """The weight as bitsandbytes would use it, in float32, shape (out_features, in_features); a 4-bit layer in
-    bitsandbytes' CPU packed layout is read through ``standard_layout``."""
+    bitsandbytes' CPU packed layout is read through ``standard_layout``; an 8-bit layer with ``has_fp16_weights`` is
+    its float16 weight quantized and dequantized row-wise by bitsandbytes' own functions (``int8_of``)."""
     require_quantized(layer)
     if bits_of(layer) == 4:
         data, state = standard_layout(layer)
         return bnb.functional.dequantize_4bit(data, state).float()
-    return bnb.functional.int8_vectorwise_dequant(layer.weight.data, scb_of(layer).to(layer.weight.device)).float()
+    return bnb.functional.int8_vectorwise_dequant(*int8_of(layer)).float()
 
 
 def requantize(layer: nn.Module, weight: torch.Tensor) -> None:
@@ -258,7 +288,9 @@ def requantize(layer: nn.Module, weight: torch.Tensor) -> None:
     from, so the new weight is cast to it first; ``weight_dtype_of`` for a repacked layer). The new weight is in
     the standard layout: a layer that repacks does so again on its next eval-mode forward. 8-bit:
     ``has_fp16_weights`` and the layer's ``MatmulLtState`` (threshold etc.) are kept; its cached statistics are
-    reset so the next forward reads the new ones.
+    reset so the next forward reads the new ones (with ``has_fp16_weights`` the new weight is stored as float16, as
+    bitsandbytes keeps it, and quantized by the next forward; without the reset an eval-mode forward would multiply
+    by the statistics cached from the old weight).
     """
     require_quantized(layer)
     device = layer.weight.device
@@ -308,7 +340,8 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def snapshot(layer: nn.Module) -> LayerSnapshot:
-    """Copy the packed weight, every quantization statistic and the bias, as raw bytes."""
+    """Copy the packed weight, every quantization statistic and the bias, as raw bytes. An 8-bit layer with
+    ``has_fp16_weights`` is defined by its float16 weight alone (its statistics are computed from it: no SCB)."""
     t: dict[str, torch.Tensor] = {"weight": _flat_bytes(layer.weight.data)}
     if getattr(layer, "bias", None) is not None:
         t["bias"] = _flat_bytes(layer.bias.data)
@@ -319,7 +352,7 @@ def snapshot(layer: nn.Module) -> LayerSnapshot:
                 t[f"quant_state.{key}"] = _flat_bytes(value)
             else:
                 t[f"quant_state.{key}"] = _flat_bytes(torch.tensor(list(str(value).encode()), dtype=torch.uint8))
-    else:
+    elif not has_fp16_weights(layer):
         t["SCB"] = _flat_bytes(scb_of(layer))
     return LayerSnapshot(t)
 
@@ -347,9 +380,11 @@ def quant_settings(layer: nn.Module) -> dict[str, Any]:
             "weight_dtype": str(weight_dtype_of(layer)),
             "compute_dtype": str(layer.compute_dtype),
         }
-    state = layer.state
-    return {"bits": 8, "has_fp16_weights": bool(layer.weight.has_fp16_weights), "threshold": state.threshold,
-            "state_has_fp16_weights": bool(state.has_fp16_weights)}
+    # read from the layer as it is now: a merge that put in a weight of another kind shows as a changed setting
+    state = getattr(layer, "state", None)
+    return {"bits": 8, "has_fp16_weights": getattr(layer.weight, "has_fp16_weights", None),
+            "threshold": getattr(state, "threshold", None),
+            "state_has_fp16_weights": getattr(state, "has_fp16_weights", None)}
 
 
 def make_base_layer(
@@ -366,6 +401,7 @@ def make_base_layer(
     quant_storage: torch.dtype = torch.uint8,
     threshold: float = 0.0,
     cpu_packed: bool = False,
+    has_fp16_weights: bool = False,
     device: str | torch.device = "cpu",
     weight: torch.Tensor | None = None,
     seed: int = 0,
@@ -382,7 +418,9 @@ def make_base_layer(
     ``quant_storage``: the dtype the 4-bit payload is stored as (FSDP-QLoRA loads with bfloat16, transformers'
     ``bnb_4bit_quant_storage``); the same packed bytes, viewed as that dtype. ``threshold``: the 8-bit LLM.int8()
     outlier threshold (transformers' ``llm_int8_threshold`` loads with 6.0): input columns holding a value of at
-    least that size are multiplied in the input's dtype, the rest in int8.
+    least that size are multiplied in the input's dtype, the rest in int8. ``has_fp16_weights``: the 8-bit layer
+    keeps its weight in float16 and bitsandbytes quantizes it at each forward (its default, LitGPT's int8 training
+    mode); the weight is built frozen (``requires_grad=False``), as an adapter's base is.
     ``PackedLayoutUnavailable`` where that layout does not exist (another device, a CPU without AVX512-BF16).
     """
     if cpu_packed:
@@ -414,8 +452,10 @@ def make_base_layer(
             compress_statistics=double_quant, quant_type=quant_type, quant_storage=quant_storage, module=layer,
         )
     elif bits == 8:
-        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False, threshold=threshold)
-        layer.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=has_fp16_weights,
+                                    threshold=threshold)
+        layer.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False,
+                                         has_fp16_weights=has_fp16_weights)
     else:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if b is not None:

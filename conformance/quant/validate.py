@@ -21,7 +21,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from .layers import double_quant_of, is_cpu_packed, quant_settings
+from .layers import double_quant_of, has_fp16_weights, is_cpu_packed, quant_settings
 
 #: settings a forward may change (``Linear4bit.set_compute_type``): compared only when recorded at a merge
 MUTABLE = ("compute_dtype", "bias_dtype")
@@ -39,7 +39,8 @@ class Expected:
 
 
 def stored_dtypes(base: nn.Module) -> dict[str, str]:
-    """The dtypes a valid base keeps: 4-bit packed storage, absmax; 8-bit int8 weight, SCB; the bias."""
+    """The dtypes a valid base keeps: 4-bit packed storage, absmax; 8-bit int8 weight, SCB (``has_fp16_weights``:
+    the float16 weight); the bias."""
     w = base.weight
     out: dict[str, str] = {}
     if isinstance(base, bnb.nn.Linear4bit):
@@ -54,6 +55,9 @@ def stored_dtypes(base: nn.Module) -> dict[str, str]:
             out["packed_dtype"] = str(w.dtype)
             if qs is not None and qs.absmax is not None:
                 out["absmax_dtype"] = str(qs.absmax.dtype)
+    elif has_fp16_weights(base):
+        # the float16 weight is all it stores; the row statistics are computed from it (state.SCB is a cache)
+        out["fp16_weight_dtype"] = str(w.dtype)
     else:
         out["int8_dtype"] = str(w.dtype)
         scb = w.SCB if getattr(w, "SCB", None) is not None else getattr(base.state, "SCB", None)
@@ -146,6 +150,8 @@ def _packed_problems(base: nn.Module, w: torch.Tensor, exp: Expected, want: str)
 
 
 def _int8_problems(base: nn.Module, w: torch.Tensor, exp: Expected, want: str) -> list[str]:
+    if has_fp16_weights(base):
+        return _fp16_weight_problems(base, w, exp, want)
     out: list[str] = []
     if w.dtype != torch.int8:
         out.append(f"8-bit base weight has dtype {w.dtype}, expected torch.int8")
@@ -156,4 +162,20 @@ def _int8_problems(base: nn.Module, w: torch.Tensor, exp: Expected, want: str) -
         out.append("8-bit base has no SCB statistics")
     elif scb.numel() != exp.out_features:
         out.append(f"8-bit SCB has {scb.numel()} row scales, expected {exp.out_features}")
+    return out
+
+
+def _fp16_weight_problems(base: nn.Module, w: torch.Tensor, exp: Expected, want: str) -> list[str]:
+    """An 8-bit base with ``has_fp16_weights``: a floating weight of the layer's shape that bitsandbytes quantizes at
+    each forward, with the layer's ``MatmulLtState`` agreeing (bitsandbytes 0.50.2 ``Linear8bitLt.forward`` reads
+    ``state.has_fp16_weights``, ``Int8Params`` its own flag)."""
+    out: list[str] = []
+    if not w.is_floating_point():
+        out.append(f"8-bit base weight has dtype {w.dtype}, but it has has_fp16_weights=True (a float16 weight)")
+    if tuple(w.shape) != (exp.out_features, exp.in_features):
+        out.append(f"merged base weight is {_shape(w.shape)}, expected {want}")
+    state = getattr(base, "state", None)
+    if state is not None and bool(getattr(state, "has_fp16_weights", True)) != bool(w.has_fp16_weights):
+        out.append(f"the weight has has_fp16_weights={w.has_fp16_weights} but the layer's MatmulLtState has "
+                   f"{state.has_fp16_weights}")
     return out

@@ -19,7 +19,7 @@ declare(
     "(x R) W^T + b on the dequantized base weight) within the analytic rounding bound, for NF4/FP4 with and without "
     "double quant and 8-bit, compute dtypes fp32/fp16/bf16 combined with base storage dtypes fp32/fp16/bf16, square and "
     "non-square layers, float quant storages, bitsandbytes' CPU packed layout, the 8-bit outlier threshold (inputs with "
-    "outlier columns), every pair of these base-layer settings (all combinations with --slow), lora_bias, 1-D/2-D/3-D inputs (8-bit: train and eval mode); the output has the input's "
+    "outlier columns), every pair of these base-layer settings (all combinations with --slow), lora_bias, 1-D/2-D/3-D inputs (8-bit: train and eval mode, int8 storage and has_fp16_weights); the output has the input's "
     "leading dims, out_features and the input's dtype.",
     source="peft v0.21.2 src/peft/tuners/lora/bnb.py forward; src/peft/tuners/oft/layer.py forward; OFT paper arXiv:2306.07280; "
     "conformance/numerics/expected.py (error model)",

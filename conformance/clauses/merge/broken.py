@@ -198,13 +198,19 @@ class TransposingMerge(ReferenceImplementation):
 def requant_default_storage_and_threshold(layer: nn.Module, spec: AdapterSpec) -> None:
     """Requantize with bitsandbytes' constructor defaults for what the other settings tests do not vary: a 4-bit
     payload back in uint8 storage (bnb_4bit_quant_storage lost), an 8-bit layer with threshold 0 (llm_int8_threshold
-    lost). Only the bases stored as floats and those with the outlier threshold on can see it."""
+    lost) and int8 storage (``Int8Params``' default ``has_fp16_weights=False``: a float16 weight is quantized away).
+    Only the bases stored as floats, those with the outlier threshold on and those with ``has_fp16_weights`` can
+    see it."""
     def write(base: nn.Module, weight: torch.Tensor) -> None:
         if qlayers.bits_of(base) == 4:
             base.weight = _params4bit(base, weight.detach().to(qlayers.weight_dtype_of(base)).contiguous())
             base.weight = bnb_uint8(base.weight).to(base.weight.device)
         else:
-            qlayers.requantize(base, weight)
+            device = base.weight.device
+            data = weight.detach().to(dtype=torch.float16, device="cpu").contiguous()
+            base.weight = bnb.nn.Int8Params(data, requires_grad=False).to(device)  # quantizes: int8 storage
+            base.state.reset_grads()
+            base.state.has_fp16_weights = False
             base.state.threshold = 0.0
     _bind_write(layer, write)
 

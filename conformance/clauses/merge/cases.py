@@ -66,3 +66,9 @@ def _settings_cases(ctx: CheckContext, bits: int) -> list[cases.BaseCase]:
     pair of values by default, the full product in the slow tier (``CheckContext.base_matrix``). Every blocksize
     takes part: the clause compares settings, not weights (``cases.base_invalid``'s merge rule is not needed)."""
     return ctx.base_matrix(bits)
+
+
+def _forward_bound_cases(bits: int) -> list[cases.BaseCase]:
+    """MERGE-FORWARD-BOUND's listed bases, run after its hypothesis property (whose strategy draws none of them): the
+    8-bit bases with ``has_fp16_weights`` (``cases.fp16_weight_cases``), each in train and eval mode."""
+    return cases.fp16_weight_cases(bits)

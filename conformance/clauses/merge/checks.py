@@ -19,7 +19,15 @@ from hypothesis import strategies as st
 from conformance import numerics
 from conformance.clauses import cases
 from conformance.clauses.clause import check
-from conformance.clauses.merge.cases import _bias_cases, _build, _draw_case, _label, _seed, _settings_cases
+from conformance.clauses.merge.cases import (
+    _bias_cases,
+    _build,
+    _draw_case,
+    _forward_bound_cases,
+    _label,
+    _seed,
+    _settings_cases,
+)
 from conformance.clauses.merge.declare import CYCLES, ROUNDING_WORDS
 from conformance.clauses.observe import recorded_warnings, warning_texts
 from conformance.quant import bounds as qbounds
@@ -51,10 +59,15 @@ def step(ctx: CheckContext, layer: torch.nn.Module, what: str, label: str, **kwa
 
 
 def _merged_expected(layer: torch.nn.Module, method: str, name: str, params: dict[str, Any], x: torch.Tensor,
-                     w0: torch.Tensor, b0: torch.Tensor | None) -> tuple[numerics.Expected, torch.Tensor]:
-    """Expected merged-layer output and the bound on |W_merged - target| (requantization + arithmetic)."""
+                     w0: torch.Tensor, b0: torch.Tensor | None, w0_gap: torch.Tensor | None = None
+                     ) -> tuple[numerics.Expected, torch.Tensor]:
+    """Expected merged-layer output and the bound on |W_merged - target| (requantization + arithmetic). ``w0_gap``:
+    how far the weight the merge may have started from is from ``w0`` (``quant.bounds.fp16_master_gap`` of the base
+    before the merge; its float32 arithmetic is relative to that weight, hence the ``1 + u32``)."""
     wt, we, bt, be = numerics.merge_target(layer, method, name, params, w0, b0)
     err = qbounds.weight_bound(layer.base_layer) + we
+    if w0_gap is not None:
+        err = err + w0_gap * (1 + numerics.U32)
     return numerics.linear_expected(layer.base_layer, x, x.dtype, weight=wt, weight_err=err, bias=bt,
                                   bias_err=be), err
 
@@ -99,7 +112,57 @@ def check_merge_forward(ctx: CheckContext) -> None:
                 f"{label}: merged vs unmerged output differ by {gap.max():.3g}, beyond the sum of their bounds "
                 f"(ratio {r:.3g})"))
 
+    # the listed bases first: a failing example ends the property (and the check) with its exception
+    for method, bits in ctx.cases():
+        for case, training in itertools.product(_forward_bound_cases(bits), (True, False)):
+            _merge_forward_listed(ctx, method, bits, case, dict(cases.adapter_cases(method)[0].params), training)
     prop()
+
+
+def _merge_forward_listed(ctx: CheckContext, method: str, bits: int, case: cases.BaseCase, params: dict[str, Any],
+                          training: bool) -> None:
+    """MERGE-FORWARD-BOUND on one listed base (``_forward_bound_cases``), the property's checks in train or eval mode.
+    The forward before the merge runs in that mode too: in eval mode it leaves bitsandbytes' cached int8 statistics
+    (``MatmulLtState.CB``/``SCB``) behind, which a merge must reset for the merged forward to read the new weight.
+    Inputs of threshold bases carry outlier columns (``cases.with_outliers``) in eval mode, where they matter. Such a
+    base holds its weight in float16 and multiplies by its int8 form: a merge may add the delta to either (LitGPT
+    adds it to the float16 weight, dequantize -> modify -> requantize to the int8 form), so the bound adds their
+    exact gap once (``quant.bounds.fp16_master_gap``). (The property's own text is hypothesis' derandomized seed: its
+    body is not shared with this.)"""
+    label = f"{_label(method, case, params)} ({'train' if training else 'eval'})"
+    with ctx.case(label):
+        layer = _build(ctx, method, case, params, seed=_seed(label))
+        layer.train(training)
+        x = ctx.randn(5, case.in_features, dtype=case.compute_dtype, offset=1)
+        if case.threshold and not training:
+            x = cases.with_outliers(x, case.threshold)
+        with torch.no_grad():
+            exp_u = numerics.layer_expected(layer, method, "default", params, x)
+            y_u = layer(x)
+            w0, b0 = numerics.base_weights(layer.base_layer)
+            gap = qbounds.fp16_master_gap(layer.base_layer)  # the float16 weight or its int8 form: either may merge
+            step(ctx, layer, "merge", label)
+            ctx.check(bool(layer.merged), f"{label}: merged is False after merge()")
+            exp_m, err = _merged_expected(layer, method, "default", params, x, w0, b0, gap)
+            wt = numerics.merge_target(layer, method, "default", params, w0, b0)[0]
+            w1, _ = numerics.base_weights(layer.base_layer)
+            y_m = layer(x)
+        fam = f"{method}.{bits}bit"
+        r_w = numerics.observed(w1, wt, err)
+        ctx.bounded(f"ratio.merged_weight.{fam}", r_w, lambda: (
+            f"{label}: the merged base dequantizes {float((w1 - wt).abs().max()):.3g} away from the merged weight, "
+            f"beyond one requantization's bound (ratio {r_w:.3g})"))
+        r_u, r_m = exp_u.ratio(y_u), exp_m.ratio(y_m)
+        ctx.measure_max(f"ratio.merged.{fam}.fp16w", r_m)
+        ctx.bounded(f"ratio.unmerged.{fam}", r_u,
+                    lambda: f"{label}: unmerged forward outside the oracle bound {exp_u.describe(y_u)}")
+        ctx.bounded(f"ratio.merged.{fam}", r_m,
+                    lambda: f"{label}: merged forward outside the bound of one requantization {exp_m.describe(y_m)}")
+        diff = (y_m.double() - y_u.double()).abs().cpu().reshape(exp_u.bound.shape)
+        r = numerics.max_ratio(diff, exp_u.bound + exp_m.bound)
+        ctx.bounded(f"ratio.merged_vs_unmerged.{fam}", r, lambda: (
+            f"{label}: merged vs unmerged output differ by {diff.max():.3g}, beyond the sum of their bounds "
+            f"(ratio {r:.3g})"))
 
 
 def _roundtrip(ctx: CheckContext, layer: torch.nn.Module, method: str, params: dict[str, Any], label: str,

@@ -20,7 +20,9 @@ declare(
     "After merge() the layer's output matches the unmerged adapter forward within the analytic bound: one "
     "requantization (weight_bound of the merged layer) plus the merge and matmul rounding (hypothesis over shapes, "
     "ranks, alphas != r, rsLoRA, OFT block sizes/sharing, quant types, blocksizes, double quant, compute dtypes, "
-    "storage dtypes), and the merged quant state dequantizes to the merged weight within that requantization bound.",
+    "storage dtypes; then listed 8-bit bases with has_fp16_weights in train and eval mode, where the merge may add to "
+    "the float16 weight or to its int8 form and the bound adds their exact gap), and the merged quant state "
+    "dequantizes to the merged weight within that requantization bound.",
     source=SOURCE_MERGE,
     area='merge',
 )
@@ -114,7 +116,8 @@ declare(
     "quant storage, weight dtype and compute dtype (4-bit), has_fp16_weights and threshold (8-bit: the weight's and the "
     "layer's MatmulLtState's) are unchanged "
     "(unmerge() checked when the implementation declares unmerge), on bases stored in fp32/fp16/bf16; the storage "
-    "dtypes (packed 4-bit storage, absmax, int8 weight, SCB, bias) are unchanged and the base stays a valid quantized "
+    "dtypes (packed 4-bit storage, absmax, int8 weight, SCB, the float16 weight of a has_fp16_weights base, bias) are "
+    "unchanged and the base stays a valid quantized "
     "layer. Every merge clause checks the base the same way (conformance.quant.validate) after each merge/unmerge.",
     source=SOURCE_MERGE + "; peft v0.16-v0.20 src/peft/tuners/oft/bnb.py Linear4bit.merge ('Re-quantize to 4-bit "
     "with original parameters')",

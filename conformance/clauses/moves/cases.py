@@ -28,8 +28,10 @@ REFUSAL_WORDS = ("quant", "storage", "4bit", "4-bit", "8bit", "8-bit", "int8", "
 
 def move_cases(ctx: CheckContext, bits: int) -> list[cases.BaseCase]:
     """The base-layer matrix (``cases.BASE_AXES``, every quant storage among them), every pair of values by default,
-    the full product in the slow tier (``CheckContext.base_matrix``)."""
-    return ctx.base_matrix(bits)
+    the full product in the slow tier (``CheckContext.base_matrix``). 8-bit ``has_fp16_weights`` is held False: such
+    a base has no quantized payload, its weight is a float16 tensor a cast changes like any other (the clause's
+    bit-for-bit premise does not apply)."""
+    return ctx.base_matrix(bits, pinned={"has_fp16_weights": False} if bits == 8 else None)
 
 
 # -- device moves (MOVE-DEVICE) ----------------------------------------------------------------
@@ -68,13 +70,15 @@ def device_move_cases(bits: int) -> list[cases.BaseCase]:
     """The bases MOVE-DEVICE moves. 4-bit: NF4/FP4, double quant on/off and quant storage uint8 and each float
     (alternating, compute dtypes alternating), then two bases with bitsandbytes' CPU packed layout on, of a shape
     it repacks with two blocks per row (``BaseCase.unavailable`` skips them where the layout does not exist).
-    8-bit: outlier threshold 0 and ``cases.INT8_THRESHOLD`` (their inputs get ``cases.with_outliers``)."""
+    8-bit: outlier threshold 0 and ``cases.INT8_THRESHOLD`` (their inputs get ``cases.with_outliers``), and a
+    ``has_fp16_weights`` base (a float16 weight that a device move must keep as it is)."""
     if bits == 8:
         return [cases.BaseCase(8, compute_dtype=torch.float32),
                 cases.BaseCase(8, compute_dtype=torch.bfloat16),
                 cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], compute_dtype=torch.float16,
                                threshold=cases.INT8_THRESHOLD),
-                cases.BaseCase(8, compute_dtype=torch.float32, threshold=cases.INT8_THRESHOLD)]
+                cases.BaseCase(8, compute_dtype=torch.float32, threshold=cases.INT8_THRESHOLD),
+                cases.BaseCase(8, *cases.ORIENTATION_SHAPES[1], compute_dtype=torch.bfloat16, has_fp16_weights=True)]
     combos = ((cases.QUANT_TYPES[0], False), (cases.QUANT_TYPES[1], True), (cases.QUANT_TYPES[0], True),
               (cases.QUANT_TYPES[1], False))
     out = [cases.BaseCase(4, quant_type=qt, double_quant=dq, compute_dtype=cases.COMPUTE_DTYPES[i % 3],

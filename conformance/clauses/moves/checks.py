@@ -95,6 +95,8 @@ def _weight_read_on_cpu(base: nn.Module) -> torch.Tensor:
     """The weight ``base`` means, dequantized on the CPU from copies of its payload and quant state in bitsandbytes'
     standard layout (``quant.layers.standard_layout``): the same kernel reads it before and after a move, so a
     difference is a change of the payload or the state, never of the device's dequantize kernel."""
+    if qlayers.has_fp16_weights(base):  # no quantized payload: the float16 weight itself, quantized at each forward
+        return base.weight.data.detach().cpu().float()
     if qlayers.bits_of(base) == 8:
         return bnb.functional.int8_vectorwise_dequant(base.weight.data.cpu(), qlayers.scb_of(base).cpu()).float()
     data, state = qlayers.standard_layout(base)

@@ -23,6 +23,8 @@ def _dequantize(base: nn.Module) -> torch.Tensor:
     w = base.weight
     if isinstance(base, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if w.dtype != torch.int8:  # has_fp16_weights: the float16 weight itself (bitsandbytes quantizes it per forward)
+        return w.data.float()
     scb = w.SCB if getattr(w, "SCB", None) is not None else base.state.SCB
     return bnb.functional.int8_vectorwise_dequant(w.data, scb.to(w.device)).float()
 
