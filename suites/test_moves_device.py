@@ -121,7 +121,7 @@ def test_the_cuda_inverse_reproducer_exits_1_here(capsys: pytest.CaptureFixture[
     assert "reproduced" in out
 
 
-@pytest.mark.parametrize("script", ["cpu_packed_to_cuda.py", "int8_state_cuda.py"])
+@pytest.mark.parametrize("script", ["int8_state_cuda.py", "int8_fp16_weights_to_device.py", "compile_bias_cast.py"])
 def test_the_cuda_reproducers_say_when_they_cannot_run(script: str, capsys: pytest.CaptureFixture[str]) -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA is available: run the reproducer itself (nox -s gpu)")

@@ -148,6 +148,7 @@ def test_version_ranges(version: str, spec: str, want: bool) -> None:
     ("[k]\nbitsandbytes = ~0.50\nerror = e\nreason = r\nreproducer = p\n", "bad version clause"),
     ("[k]\nbitsandbytes = >=0.50\ncpu_feature = amx\nerror = e\nreason = r\nreproducer = p\n", "unknown cpu_feature"),
     ("bitsandbytes = 1\n", "not a valid list"),
+    ("[k]\nbitsandbytes = >=0.50\nerror = e\nreason = r\nreproducer = p\navoidable = maybe\n", "avoidable must be yes or no"),
 ])
 def test_malformed_list_entries_are_named(text: str, needle: str) -> None:
     with pytest.raises(upstream.UpstreamListError, match=".*") as err:
@@ -178,6 +179,20 @@ def test_a_listed_failure_is_xfailed_another_failure_is_not_and_a_pass_is_xpasse
     assert outcomes == ["xfailed", "failed", "xpassed"]
     assert "bitsandbytes known failure k" in ctx.case_outcomes[0][1]
     assert "remove the entry" in ctx.case_outcomes[2][1]
+
+
+def test_an_avoidable_listed_failure_that_passes_is_a_pass_with_a_note() -> None:
+    """An implementation that works around a listed bitsandbytes failure (``avoidable = yes``) passes, it does not
+    xpass; failing with the listed error is still xfailed."""
+    known = upstream.parse("[k]\nbitsandbytes = >=0\nerror = boom\nreason = r\nreproducer = p\navoidable = yes\n")[0]
+    assert known.avoidable and not KNOWN.avoidable
+    ctx = _ctx()
+    with ctx.case("worked around", known=known):
+        pass
+    with ctx.case("hit", known=known):
+        raise RuntimeError("boom")
+    assert [o for o, _ in ctx.case_outcomes] == ["xfailed"]
+    assert ctx.notes == ["worked around bitsandbytes known failure k"]
 
 
 def test_known_upstream_depends_on_the_cpu_feature() -> None:

@@ -27,12 +27,16 @@ LIST_PATH = Path(__file__).resolve().parents[2] / "xfails" / "bitsandbytes.ini"
 CPU_PACKED_SHAPE = "cpu-packed-shape"  #: an eval forward repacks a shape the repack refuses
 CPU_PACKED_TRAIN_GRAD = "cpu-packed-train-grad"  #: a forward with grad whose base input requires grad, once repacked
 FLOAT_STORAGE_CAST = "float-storage-cast"  #: a module dtype cast of a 4-bit payload stored as a float
-SITUATIONS = (CPU_PACKED_SHAPE, CPU_PACKED_TRAIN_GRAD, FLOAT_STORAGE_CAST)
+INT8_STATE_CUDA = "int8-state-cuda"  #: a CUDA move of an 8-bit layer whose int8 state a CPU forward filled
+INT8_FP16_WEIGHTS_TO_DEVICE = "int8-fp16-weights-to-device"  #: a float16 Int8Params built on the CPU, moved to CUDA
+COMPILE_BIAS_CAST = "compile-bias-cast"  #: inductor over a forward that casts the layer's bias to the input dtype
+SITUATIONS = (CPU_PACKED_SHAPE, CPU_PACKED_TRAIN_GRAD, FLOAT_STORAGE_CAST, INT8_STATE_CUDA, INT8_FP16_WEIGHTS_TO_DEVICE,
+              COMPILE_BIAS_CAST)
 
 #: CPU features an entry may need, each answered by bitsandbytes itself (``conformance.quant.layers``)
 CPU_FEATURES = ("avx512_bf16",)
 
-_FIELDS = {"key", "bitsandbytes", "cpu_feature", "error", "reason", "reproducer", "upstream"}
+_FIELDS = {"key", "bitsandbytes", "cpu_feature", "error", "reason", "reproducer", "upstream", "avoidable"}
 
 
 class UpstreamListError(ValueError):
@@ -50,6 +54,9 @@ class KnownFailure:
     reproducer: str  #: standalone script (bitsandbytes + torch), relative to the checkout
     cpu_feature: str | None = None  #: the CPU feature the failing path needs (None: any CPU)
     upstream: str = ""  #: where upstream it lives (file, function)
+    #: an implementation can work around it (``avoidable = yes``): a case that passes is a pass, with a note,
+    #: never an xpass (the reference does, so the entry must stay listed for those that don't)
+    avoidable: bool = False
 
     def applies(self, bnb_version: str, has_feature: Callable[[str], bool]) -> bool:
         """Whether this entry covers a run with ``bnb_version`` on a CPU answering ``has_feature``."""
@@ -122,7 +129,10 @@ def parse(text: str, source: str = "<bitsandbytes.ini>") -> list[KnownFailure]:
         feature = entry.get("cpu_feature")
         if feature is not None and feature not in CPU_FEATURES:
             raise UpstreamListError(f"{where}: unknown cpu_feature {feature!r}; one of {list(CPU_FEATURES)}")
-        out.append(KnownFailure(**entry))
+        avoidable = entry.pop("avoidable", "no").strip().lower()
+        if avoidable not in ("yes", "no"):
+            raise UpstreamListError(f"{where}: avoidable must be yes or no, not {avoidable!r}")
+        out.append(KnownFailure(**entry, avoidable=avoidable == "yes"))
     return out
 
 

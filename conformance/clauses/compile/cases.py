@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from conformance.clauses import cases
+from conformance.core import upstream
 
 if TYPE_CHECKING:
     from conformance.clauses.context import CheckContext
+    from conformance.core.upstream import KnownFailure
 
 #: the torch.compile backend per device: ``aot_eager`` on the CPU (dynamo's capture and AOTAutograd's functional
 #: graph, run by eager kernels: no C++ toolchain needed), ``inductor`` (the default backend) on CUDA
@@ -34,3 +36,16 @@ def compile_cases(ctx: CheckContext, bits: int, *, merges: bool = False) -> list
     value once by default and every pair in the slow tier (``CheckContext.base_matrix(costly=True)``: compiling on
     a CPU takes a second or so per layer); ``merges``: bases a CPU requantization gets right."""
     return ctx.base_matrix(bits, merges=merges, pinned={"cpu_packed": False} if bits == 4 else None, costly=True)
+
+
+def compile_known(ctx: CheckContext, case: cases.BaseCase) -> KnownFailure | None:
+    """The listed bitsandbytes failure a compiled forward over ``case`` may meet here: on CUDA (inductor), a base whose
+    forward casts its bias to the input's dtype by assigning ``bias.data`` (4-bit: a bias stored in another dtype than
+    the compute dtype; 8-bit: the same with ``has_fp16_weights``), ``upstream.COMPILE_BIAS_CAST``; None elsewhere
+    (the aot_eager backend on the CPU computes it right)."""
+    if torch.device(ctx.device).type != "cuda" or not case.bias:
+        return None
+    bias_dtype = case.weight_dtype or (case.compute_dtype if case.bits == 4 else torch.float16)
+    if bias_dtype != case.compute_dtype and (case.bits == 4 or case.has_fp16_weights):
+        return ctx.known_upstream(upstream.COMPILE_BIAS_CAST)
+    return None

@@ -19,8 +19,9 @@ from torch._dynamo.utils import counters
 from conformance import numerics
 from conformance.clauses import cases
 from conformance.clauses.clause import check
-from conformance.clauses.compile.cases import INPUT_LEADS, backend_for, compile_cases
+from conformance.clauses.compile.cases import INPUT_LEADS, backend_for, compile_cases, compile_known
 from conformance.clauses.compile.counting import CountingBackend, graph_breaks
+from conformance.clauses.merge.cases import merge_known
 from conformance.clauses.merge.checks import _merged_expected, step
 from conformance.quant.torchnames import dtype_name
 
@@ -81,7 +82,7 @@ def check_compiled_forward(ctx: CheckContext) -> None:
         for i, case in enumerate(compile_cases(ctx, bits)):
             lead = INPUT_LEADS[i % len(INPUT_LEADS)]
             label = f"compiled {acase.label} on {case.label}, input {(*lead, case.in_features)}"
-            with ctx.case(label):
+            with ctx.case(label, known=compile_known(ctx, case)):
                 layer = _build(ctx, method, case, acase.params, i)
                 x = ctx.randn(*lead, case.in_features, dtype=case.compute_dtype, offset=i)
                 if case.threshold:
@@ -108,7 +109,7 @@ def check_compiled_merge_cycle(ctx: CheckContext) -> None:
         for i, case in enumerate(compile_cases(ctx, bits, merges=True)):
             lead = INPUT_LEADS[i % len(INPUT_LEADS)]
             label = f"compiled {acase.label} on {case.label}, input {(*lead, case.in_features)}"
-            with ctx.case(label):
+            with ctx.case(label, known=merge_known(ctx, case)):
                 layer = _build(ctx, method, case, params, i)
                 x = ctx.randn(*lead, case.in_features, dtype=case.compute_dtype, offset=i)
                 if case.threshold:

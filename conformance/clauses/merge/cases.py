@@ -11,9 +11,11 @@ import torch
 from hypothesis import strategies as st
 
 from conformance.clauses import cases, strategies
+from conformance.core import upstream
 
 if TYPE_CHECKING:
     from conformance.clauses.context import CheckContext
+    from conformance.core.upstream import KnownFailure
 
 
 #: the merge properties whose drawn bases also take the quant storage and 8-bit threshold axes (the opt-in draws of
@@ -72,3 +74,12 @@ def _forward_bound_cases(bits: int) -> list[cases.BaseCase]:
     """MERGE-FORWARD-BOUND's listed bases, run after its hypothesis property (whose strategy draws none of them): the
     8-bit bases with ``has_fp16_weights`` (``cases.fp16_weight_cases``), each in train and eval mode."""
     return cases.fp16_weight_cases(bits)
+
+
+def merge_known(ctx: CheckContext, case: cases.BaseCase) -> KnownFailure | None:
+    """The listed bitsandbytes failure a merge on ``case`` may meet here: an 8-bit base keeping a float16 weight, on
+    CUDA, where a merge that builds its new ``Int8Params`` on the CPU and moves it gets a plain tensor back
+    (``upstream.INT8_FP16_WEIGHTS_TO_DEVICE``); None elsewhere."""
+    if case.bits == 8 and case.has_fp16_weights and torch.device(ctx.device).type == "cuda":
+        return ctx.known_upstream(upstream.INT8_FP16_WEIGHTS_TO_DEVICE)
+    return None

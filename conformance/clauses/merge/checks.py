@@ -27,6 +27,7 @@ from conformance.clauses.merge.cases import (
     _label,
     _seed,
     _settings_cases,
+    merge_known,
 )
 from conformance.clauses.merge.declare import CYCLES, ROUNDING_WORDS
 from conformance.clauses.observe import recorded_warnings, warning_texts
@@ -130,7 +131,7 @@ def _merge_forward_listed(ctx: CheckContext, method: str, bits: int, case: cases
     exact gap once (``quant.bounds.fp16_master_gap``). (The property's own text is hypothesis' derandomized seed: its
     body is not shared with this.)"""
     label = f"{_label(method, case, params)} ({'train' if training else 'eval'})"
-    with ctx.case(label):
+    with ctx.case(label, known=merge_known(ctx, case)):
         layer = _build(ctx, method, case, params, seed=_seed(label))
         layer.train(training)
         x = ctx.randn(5, case.in_features, dtype=case.compute_dtype, offset=1)
@@ -432,7 +433,7 @@ def check_keeps_settings(ctx: CheckContext) -> None:
                                             ("merge", "unmerge") if ctx.has("unmerge") else ("merge",)):
             label = f"{method} on {case.label} after {what}()"
             # each step from a freshly built layer: a merge that breaks the base does not hide what unmerge does
-            with ctx.case(label):
+            with ctx.case(label, known=merge_known(ctx, case)):
                 layer = _build(ctx, method, case, dict(acase.params))
                 before = qlayers.quant_settings(layer.base_layer)
                 dtypes = qvalidate.stored_dtypes(layer.base_layer)

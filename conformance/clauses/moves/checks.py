@@ -16,8 +16,6 @@ from conformance.clauses.clause import check
 from conformance.clauses.moves.cases import (
     BACK_TO_CPU,
     CASTS,
-    CPU_PACKED_CUDA_INVERSE,
-    CPU_PACKED_TO_CUDA,
     REFUSAL_WORDS,
     TO_CPU,
     TO_CUDA,
@@ -182,8 +180,8 @@ def check_device_moves(ctx: CheckContext) -> None:
                 label = (f"{acase.label} on {case.label}, CPU eval forward, layer.{name}"
                          + (f", CUDA forward, layer.{back[0]}, CPU forward" if back else ", CPU forward"))
                 known = None
-                if to_cuda and case.cpu_packed:
-                    known = ctx.known_upstream(CPU_PACKED_CUDA_INVERSE if name == "cuda()" else CPU_PACKED_TO_CUDA)
+                if to_cuda and bits == 8 and not case.has_fp16_weights:  # the CPU forward filled layer.state
+                    known = ctx.known_upstream(upstream.INT8_STATE_CUDA)
                 with ctx.case(label, known=known):
                     why = case.unavailable("cpu") or (_cuda_unavailable(ctx, method) if to_cuda else None)
                     if why is not None:
