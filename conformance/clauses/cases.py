@@ -117,7 +117,8 @@ class BaseCase:
         if torch.device(device).type != "cpu":
             return f"bitsandbytes' CPU packed layout does not exist on {torch.device(device).type}"
         if not qlayers.cpu_packed_layout_available():
-            return "bitsandbytes' CPU packed layout does not exist on this CPU (no AVX512-BF16)"
+            return ("bitsandbytes' CPU packed layout does not exist here (bitsandbytes reports no AVX512-BF16: the CPU "
+                    "lacks it, or bitsandbytes loaded its CUDA library)")
         return None
 
     @property

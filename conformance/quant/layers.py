@@ -435,7 +435,8 @@ def make_base_layer(
             raise PackedLayoutUnavailable("bitsandbytes' CPU packed layout exists for 4-bit layers only; "
                                           "build an 8-bit base with cpu_packed=False")
         if torch.device(device).type != "cpu" or not cpu_packed_layout_available():
-            where = "this CPU has no AVX512-BF16" if torch.device(device).type == "cpu" else f"device {device}"
+            where = (f"device {device}" if torch.device(device).type != "cpu" else
+                     "bitsandbytes reports no AVX512-BF16: the CPU lacks it, or its CUDA library is loaded")
             raise PackedLayoutUnavailable(f"bitsandbytes' CPU packed layout does not exist here ({where}); "
                                           "build the base with cpu_packed=False")
     gen = torch.Generator().manual_seed(seed)
