@@ -38,6 +38,14 @@ def _payload_changes(before: qlayers.LayerSnapshot, base: torch.nn.Module) -> li
     return [k for k in qlayers.snapshot(base).differences(before) if k not in CASTABLE]
 
 
+def _check_refusal_names(ctx: CheckContext, label: str, exc: Exception) -> None:
+    """A move refused: counted, and its message must name the quantized layer or its storage (``REFUSAL_WORDS``)."""
+    ctx.measure("refused", int(ctx.measurements.get("refused", 0)) + 1)
+    ctx.check(any(w.lower() in str(exc).lower() for w in REFUSAL_WORDS),
+              f"{label}: refused with {type(exc).__name__} that names neither the quantized layer nor its storage: "
+              f"{exc}")
+
+
 @check("MOVE-DTYPE")
 def check_dtype_moves(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
@@ -58,10 +66,7 @@ def check_dtype_moves(ctx: CheckContext) -> None:
                     try:
                         moved = cast(layer)
                     except (TypeError, ValueError, NotImplementedError) as exc:
-                        ctx.measure("refused", int(ctx.measurements.get("refused", 0)) + 1)
-                        ctx.check(any(w.lower() in str(exc).lower() for w in REFUSAL_WORDS),
-                                  f"{label}: refused with {type(exc).__name__} that names neither the quantized layer "
-                                  f"nor its storage: {exc}")
+                        _check_refusal_names(ctx, label, exc)
                         changed = qlayers.snapshot(layer.base_layer).differences(before)
                         now = {k: p.dtype for k, p in layer.adapter_parameters("default").items()}
                         ctx.check(not changed and now == dtypes,
@@ -118,10 +123,7 @@ def _device_move(ctx: CheckContext, label: str, layer: nn.Module, move: Move, ta
     try:
         moved = move(layer)
     except (TypeError, ValueError, NotImplementedError) as exc:
-        ctx.measure("refused", int(ctx.measurements.get("refused", 0)) + 1)
-        ctx.check(any(w.lower() in str(exc).lower() for w in REFUSAL_WORDS),
-                  f"{label}: refused with {type(exc).__name__} that names neither the quantized layer nor its "
-                  f"storage: {exc}")
+        _check_refusal_names(ctx, label, exc)
         changed = qlayers.snapshot(layer.base_layer).differences(before)
         now = _adapter_values(layer)
         kept = now.keys() == adapters.keys() and all(torch.equal(now[k], adapters[k]) for k in now)
