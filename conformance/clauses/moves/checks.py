@@ -182,7 +182,7 @@ def check_device_moves(ctx: CheckContext) -> None:
                 label = (f"{acase.label} on {case.label}, CPU eval forward, layer.{name}"
                          + (f", CUDA forward, layer.{back[0]}, CPU forward" if back else ", CPU forward"))
                 known = None
-                if to_cuda and bits == 8 and not case.has_fp16_weights:  # the CPU forward filled layer.state
+                if to_cuda and bits == 8:  # the CPU forward filled layer.state (has_fp16_weights: its cached int8 form)
                     known = ctx.known_upstream(upstream.INT8_STATE_CUDA)
                 with ctx.case(label, known=known):
                     why = case.unavailable("cpu") or (_cuda_unavailable(ctx, method) if to_cuda else None)
