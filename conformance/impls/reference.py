@@ -34,9 +34,7 @@ class ReferenceImplementation(ImplementationBase):
 
 
 def cast_adapter(layer: nn.Module, spec: AdapterSpec) -> None:
-    """Put the adapter's parameters in ``spec.dtype``, float32 included: PEFT 0.21 builds OFT's parameters in the
-    base weight's dtype (float16 over a ``has_fp16_weights`` 8-bit base), and ``get_peft_model`` casts them back to
-    float32 (``autocast_adapter_dtype=True``, its default); a wrapper that builds layers directly does that here."""
-    for p in layer.adapter_parameters(spec.adapter_name).values():
-        if p.dtype != spec.torch_dtype:
+    """Put the adapter's parameters in ``spec.dtype`` (they are built in float32)."""
+    if spec.dtype != "float32":
+        for p in layer.adapter_parameters(spec.adapter_name).values():
             p.data = p.data.to(spec.torch_dtype)
