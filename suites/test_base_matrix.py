@@ -329,3 +329,11 @@ def test_merge_keeps_quant_settings_fails_a_merge_that_resets_the_state(monkeypa
     assert res.outcome == "failed", res.message
     assert res.families["lora/8bit"].outcome == "failed" and res.families["lora/4bit"].outcome == "passed"
     assert "state_has_fp16_weights" in res.message, res.message
+
+
+def test_a_case_knows_the_dtype_its_bias_is_built_in() -> None:
+    """``BaseCase.bias_dtype`` (what the compile clauses' bitsandbytes known failure keys on) is the built layer's."""
+    bases = [c for bits in (4, 8) for c in cases.base_matrix(bits) if c.unavailable() is None]
+    assert {c.bias_dtype for c in bases} == {torch.float32, torch.float16, torch.bfloat16}
+    for c in bases:
+        assert c.build().bias.dtype == c.bias_dtype, c.label

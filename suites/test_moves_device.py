@@ -7,6 +7,7 @@ a refusal that changed the layer fails. The CUDA half runs only under ``--device
 
 from __future__ import annotations
 
+import copy
 import runpy
 from pathlib import Path
 from typing import Any
@@ -132,13 +133,15 @@ def test_the_cuda_reproducers_say_when_they_cannot_run(script: str, capsys: pyte
 
 @pytest.mark.parametrize("case", [cases.BaseCase(4, double_quant=True), cases.BaseCase(4, quant_type="fp4",
                                                                                        quant_storage=torch.float16),
-                                  cases.BaseCase(8, threshold=cases.INT8_THRESHOLD)], ids=lambda c: c.label)
+                                  cases.BaseCase(8, threshold=cases.INT8_THRESHOLD),
+                                  cases.BaseCase(8, has_fp16_weights=True)], ids=lambda c: c.label)
 def test_the_weight_read_on_the_cpu_is_the_dequantized_weight(case: cases.BaseCase) -> None:
     """What the clause compares before and after a move is ``quant.layers.dequantize``'s reading, made on the CPU
-    from copies (the same kernel on both sides of a CPU<->CUDA move), and reading it changes nothing."""
-    from conformance.clauses.moves.checks import _weight_read_on_cpu
-
+    from copies (``on="cpu"``: the same kernel on both sides of a CPU<->CUDA move), and reading it changes nothing."""
     base = case.build()
     before = qlayers.snapshot(base)
-    assert torch.equal(_weight_read_on_cpu(base), qlayers.dequantize(base))
+    state_before = copy.deepcopy(getattr(base.weight, "quant_state", None))
+    assert torch.equal(qlayers.dequantize(base, on="cpu"), qlayers.dequantize(base))
     assert qlayers.snapshot(base).differences(before) == []
+    if state_before is not None:  # the quant state itself is not moved or replaced
+        assert base.weight.quant_state.absmax.device == state_before.absmax.device

@@ -136,6 +136,11 @@ class BaseCase:
                                        **self.layer_kwargs())
 
     @property
+    def bias_dtype(self) -> torch.dtype:
+        """The dtype the built layer's bias is stored in (``quant.layers.bias_dtype_for``)."""
+        return qlayers.bias_dtype_for(self.bits, self.compute_dtype, self.weight_dtype)
+
+    @property
     def quant_label(self) -> str:
         """``int8``, or the 4-bit quant type with ``-dq`` for double quantization (``nf4-dq``)."""
         if self.bits == 8:

@@ -60,7 +60,7 @@ def require_quantized(layer: nn.Module) -> None:
         )
 
 
-def int8_of(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_of(layer: nn.Module, *, on: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(CB, SCB): the int8 rows and row absmax statistics an 8-bit layer multiplies by.
 
     Stored (``has_fp16_weights`` False): the int8 weight and its statistics, wherever bitsandbytes keeps them now.
@@ -68,12 +68,15 @@ def int8_of(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     (bitsandbytes 0.50.2 ``autograd/_functions.py`` ``MatMul8bitLt``/``MatMul8bitFp``:
     ``int8_vectorwise_quant(B.to(torch.float16))``, no threshold). Its ``MatmulLtState`` caches the result between
     eval-mode forwards (recomputed on every training-mode forward, or once ``state.reset_grads()`` cleared it):
-    this is what the weight defines, not a cache that may be stale."""
+    this is what the weight defines, not a cache that may be stale. ``on``: copies on that device (the float16
+    weight is moved before it is quantized, so the kernel of ``on`` does it)."""
     w = layer.weight
     if has_fp16_weights(layer):
-        cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.data.to(torch.float16).contiguous())
+        data = w.data if on is None else w.data.to(on)
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(data.to(torch.float16).contiguous())
         return cb, scb
-    return w.data, scb_of(layer).to(w.device)
+    where = w.device if on is None else on
+    return w.data.to(where), scb_of(layer).to(where)
 
 
 def scb_of(layer: nn.Module) -> torch.Tensor:
@@ -269,15 +272,21 @@ def double_quant_of(layer: nn.Module) -> bool:
     return bool(getattr(qs, "original_nested", qs.nested)) if is_cpu_packed(layer) else bool(qs.nested)
 
 
-def dequantize(layer: nn.Module) -> torch.Tensor:
+def dequantize(layer: nn.Module, *, on: str | torch.device | None = None) -> torch.Tensor:
     """The weight as bitsandbytes would use it, in float32, shape (out_features, in_features); a 4-bit layer in
     bitsandbytes' CPU packed layout is read through ``standard_layout``; an 8-bit layer with ``has_fp16_weights`` is
-    its float16 weight quantized and dequantized row-wise by bitsandbytes' own functions (``int8_of``)."""
+    its float16 weight quantized and dequantized row-wise by bitsandbytes' own functions (``int8_of``). ``on``: read
+    on that device from copies of the payload and quant state (the same kernel reads a layer before and after a
+    device move, so a difference is one of what it stores); the layer is left as it was."""
     require_quantized(layer)
     if bits_of(layer) == 4:
         data, state = standard_layout(layer)
+        if on is not None:
+            state = copy.deepcopy(state)
+            state.to(on)  # QuantState.to moves its tensors in place: the copy's
+            data = data.to(on)
         return bnb.functional.dequantize_4bit(data, state).float()
-    return bnb.functional.int8_vectorwise_dequant(*int8_of(layer)).float()
+    return bnb.functional.int8_vectorwise_dequant(*int8_of(layer, on=on)).float()
 
 
 def requantize(layer: nn.Module, weight: torch.Tensor) -> None:
@@ -394,6 +403,12 @@ def quant_settings(layer: nn.Module) -> dict[str, Any]:
             "state_has_fp16_weights": getattr(state, "has_fp16_weights", None)}
 
 
+def bias_dtype_for(bits: int, compute_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype ``make_base_layer`` stores the bias in: the checkpoint's (``weight_dtype``), else the compute dtype
+    (4-bit) or float16 (8-bit)."""
+    return weight_dtype or (compute_dtype if bits == 4 else torch.float16)
+
+
 def make_base_layer(
     in_features: int,
     out_features: int,
@@ -467,8 +482,7 @@ def make_base_layer(
     else:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if b is not None:
-        b_dtype = weight_dtype or (compute_dtype if bits == 4 else torch.float16)
-        layer.bias = nn.Parameter(b.to(b_dtype), requires_grad=False)
+        layer.bias = nn.Parameter(b.to(bias_dtype_for(bits, compute_dtype, weight_dtype)), requires_grad=False)
     layer = layer.to(device)
     return layer
 

@@ -45,7 +45,6 @@ def compile_known(ctx: CheckContext, case: cases.BaseCase) -> KnownFailure | Non
     (the aot_eager backend on the CPU computes it right)."""
     if torch.device(ctx.device).type != "cuda" or not case.bias:
         return None
-    bias_dtype = case.weight_dtype or (case.compute_dtype if case.bits == 4 else torch.float16)
-    if bias_dtype != case.compute_dtype and (case.bits == 4 or case.has_fp16_weights):
+    if case.bias_dtype != case.compute_dtype and (case.bits == 4 or case.has_fp16_weights):
         return ctx.known_upstream(upstream.COMPILE_BIAS_CAST)
     return None

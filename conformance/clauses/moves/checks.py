@@ -3,10 +3,8 @@ cleanly."""
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
-import bitsandbytes as bnb
 import torch
 from torch import nn
 
@@ -94,30 +92,16 @@ def _adapter_values(layer: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu().clone() for k, p in layer.adapter_parameters("default").items()}
 
 
-def _weight_read_on_cpu(base: nn.Module) -> torch.Tensor:
-    """The weight ``base`` means, dequantized on the CPU from copies of its payload and quant state in bitsandbytes'
-    standard layout (``quant.layers.standard_layout``): the same kernel reads it before and after a move, so a
-    difference is a change of the payload or the state, never of the device's dequantize kernel."""
-    if qlayers.has_fp16_weights(base):  # no quantized payload: the float16 weight itself, quantized at each forward
-        return base.weight.data.detach().cpu().float()
-    if qlayers.bits_of(base) == 8:
-        return bnb.functional.int8_vectorwise_dequant(base.weight.data.cpu(), qlayers.scb_of(base).cpu()).float()
-    data, state = qlayers.standard_layout(base)
-    state = copy.deepcopy(state)
-    state.to("cpu")  # QuantState.to moves its tensors in place (the copy's)
-    return bnb.functional.dequantize_4bit(data.cpu(), state).float()
-
-
 def _device_move(ctx: CheckContext, label: str, layer: nn.Module, move: Move, target: str, method: str,
                  params: dict[str, Any], x: torch.Tensor) -> nn.Module | None:
     """Make ``move`` on ``layer`` and check it: the quantized base means the same weight (the dequantized weight,
     read through ``quant.layers.standard_layout``, bit for bit; the raw bytes too where the layout did not change),
     every tensor is on ``target``, the adapters are kept, and a forward there is within the oracle bound; or the
-    move refused cleanly. The moved layer, or None after a refusal. Both weights are read on the CPU
-    (``_weight_read_on_cpu``)."""
+    move refused cleanly. The moved layer, or None after a refusal. Both weights are read on the CPU from copies
+    (``quant.layers.dequantize(on="cpu")``: the same kernel on both sides of a CPU<->CUDA move)."""
     base = layer.base_layer
     before = qlayers.snapshot(base)
-    w_before = _weight_read_on_cpu(base)
+    w_before = qlayers.dequantize(base, on="cpu")
     packed_before = qlayers.is_cpu_packed(base)
     adapters = _adapter_values(layer)
     try:
@@ -133,7 +117,7 @@ def _device_move(ctx: CheckContext, label: str, layer: nn.Module, move: Move, ta
     base = moved.base_layer
     off = qlayers.tensors_off_device(moved, target)
     ctx.check(not off, f"{label}: after the move, not on {target}: {'; '.join(off)}")
-    w_after = _weight_read_on_cpu(base)
+    w_after = qlayers.dequantize(base, on="cpu")
     ctx.check(w_after.shape == w_before.shape and torch.equal(w_after, w_before), (
         f"{label}: the move changed the dequantized weight (max |diff| "
         f"{(w_after - w_before).abs().max().item() if w_after.shape == w_before.shape else 'n/a'}; layout "
