@@ -394,7 +394,30 @@ def adapter_cases(method: str) -> list[AdapterCase]:
             AdapterCase("oft", {"r": 4, "oft_block_size": 0, "init_weights": False}),
             AdapterCase("oft", {"r": 0, "oft_block_size": 8, "init_weights": False, "block_share": True}),
         ]
+    if method == "dora":  # LoRA's, without lora_bias (DoRA refuses it); make_layer moves the magnitude off the norm
+        return [
+            AdapterCase("dora", {"r": 4, "lora_alpha": 16.0, "init_lora_weights": False}),
+            AdapterCase("dora", {"r": 8, "lora_alpha": 8.0, "init_lora_weights": False, "use_rslora": True}),
+        ]
     raise ValueError(f"unknown method {method!r}")
+
+
+#: the magnitude vector's canonical name in ``adapter_parameters`` (``conformance.numerics.dora.MAGNITUDE``)
+DORA_MAGNITUDE = "lora_magnitude_vector.weight"
+#: a "trained" DoRA magnitude is the initial one (the row norms) times a factor drawn uniformly from this range
+DORA_MAGNITUDE_SPREAD = (0.5, 1.5)
+
+
+def trained_magnitude(layer: Any, name: str, generator: torch.Generator) -> None:
+    """Move DoRA adapter ``name``'s magnitude off its initial value, as training would: each entry times a factor in
+    ``DORA_MAGNITUDE_SPREAD``. A fresh DoRA adapter has ``m = ||W0 + s B A||_c``, i.e. the factor ``m/n`` is 1 up to
+    rounding, and a wrong norm, or a merge that leaves the magnitude out, would go unseen. In place, through the
+    implementation's own parameter (``adapter_parameters``)."""
+    m = layer.adapter_parameters(name)[DORA_MAGNITUDE]
+    lo, hi = DORA_MAGNITUDE_SPREAD
+    factor = lo + (hi - lo) * torch.rand(m.shape, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        m.copy_((m.detach().double().cpu() * factor).to(m.dtype))
 
 
 # -- the backprop matrix ------------------------------------------------------------------------

@@ -266,6 +266,7 @@ class CheckContext:
     def make_layer(self, base: nn.Module, method: str, adapter_name: str = "default", **params: Any) -> nn.Module:
         """The implementation's layer over ``base`` (warnings from construction are swallowed).
 
+        A DoRA layer with ``init_lora_weights=False`` gets a trained magnitude (``cases.trained_magnitude``).
         A case whose ``params`` need an undeclared capability (``vocabulary.params_needing``) raises ``CaseSkipped``;
         for an implementation without ``input_cast``, a forward whose input dtype is not the adapter dtype
         does too (a forward pre-hook): the case is left out, never failed.
@@ -287,6 +288,8 @@ class CheckContext:
                 with contextlib.suppress(Exception):  # an exception type with __slots__ keeps no tag
                     setattr(exc, IMPL_CALL, "create")
                 raise
+        if method == "dora" and params.get("init_lora_weights", True) is False:
+            _cases.trained_magnitude(layer, adapter_name, self.generator(offset=7))
         self.layers_built += 1
         self.impl_objects.append(layer)
         if exp is not None and isinstance(layer, nn.Module):

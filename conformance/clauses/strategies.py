@@ -95,8 +95,8 @@ def oft_params(draw: st.DrawFn, in_features: int) -> dict[str, Any]:
 
 
 def adapter_params(method: str, in_features: int) -> st.SearchStrategy[dict[str, Any]]:
-    """``lora_params()`` or ``oft_params(in_features)``."""
-    if method == "lora":
+    """``lora_params()`` (LoRA, DoRA: the same parameters, never ``lora_bias``) or ``oft_params(in_features)``."""
+    if method in ("lora", "dora"):
         return lora_params()
     if method == "oft":
         return oft_params(in_features)

@@ -3,7 +3,7 @@
 Modelled on scikit-learn's typed tags (``sklearn/utils/_tags.py``: tags as dataclasses, a missing or
 unknown tag is an error) and its one place that decides what applies (``estimator_checks.py``):
 
-- ``Method``: the adapter methods the suite knows (``lora``, ``oft``); a method issue adds a member.
+- ``Method``: the adapter methods the suite knows (``lora``, ``oft``, ``dora``); a method issue adds a member.
 - ``Capability``: what an implementation may promise besides its methods, each documented in ``DOCS``
   (and, for the layer's optional operations and parameters, where the promise lives in ``LAYER_API``).
 - ``PARAM_CAPABILITIES``: the adapter parameters whose use needs a capability (``params_needing``).
@@ -32,6 +32,7 @@ class Method(str, enum.Enum):
 
     LORA = "lora"  #: LoRA (Hu et al., arXiv:2106.09685; PEFT ``src/peft/tuners/lora``)
     OFT = "oft"  #: OFT (Qiu et al., arXiv:2306.07280; PEFT ``src/peft/tuners/oft``)
+    DORA = "dora"  #: DoRA (Liu et al., arXiv:2402.09353; PEFT ``LoraConfig(use_dora=True)``, ``src/peft/tuners/lora/dora.py``)
 
     def __str__(self) -> str:
         return self.value
@@ -82,7 +83,7 @@ DOCS: dict[Capability, str] = {
     Capability.DELETE_ADAPTER: "delete_adapter(name)",
     Capability.RSLORA: "LoRA with use_rslora=True (scaling lora_alpha / sqrt(r))",
     Capability.LORA_BIAS: "LoRA with lora_bias=True (a bias on lora_B, scaled like B's output)",
-    Capability.DROPOUT: "LoRA lora_dropout > 0 and OFT module_dropout > 0: active in train mode (whatever the grad "
+    Capability.DROPOUT: "LoRA/DoRA lora_dropout > 0 and OFT module_dropout > 0: active in train mode (whatever the grad "
                         "mode), the identity in eval mode",
     Capability.INPUT_CAST: "the layer casts its input to the adapter dtype (AdapterSpec.dtype) before the adapter "
                            "path, so inputs of any float dtype work with float32 adapters",
@@ -96,6 +97,8 @@ DOCS: dict[Capability, str] = {
 METHOD_DOCS: dict[Method, str] = {
     Method.LORA: "LoRA adapters (create(base, AdapterSpec(method='lora', ...)))",
     Method.OFT: "OFT adapters (create(base, AdapterSpec(method='oft', ...)))",
+    Method.DORA: "DoRA adapters: LoRA's parameters plus a magnitude vector (create(base, AdapterSpec(method='dora', "
+                 "...)); adapter_parameters adds 'lora_magnitude_vector.weight')",
 }
 
 #: Where the layer keeps the promise of a capability that adds an optional operation or parameter.
@@ -108,7 +111,7 @@ LAYER_API: dict[Capability, str] = {
     Capability.DELETE_ADAPTER: "AdapterLayer.delete_adapter",
     Capability.RSLORA: "AdapterSpec.params['use_rslora'] = True",
     Capability.LORA_BIAS: "AdapterSpec.params['lora_bias'] = True",
-    Capability.DROPOUT: "AdapterSpec.params['lora_dropout'] > 0 (LoRA) / AdapterSpec.params['module_dropout'] > 0 "
+    Capability.DROPOUT: "AdapterSpec.params['lora_dropout'] > 0 (LoRA, DoRA) / AdapterSpec.params['module_dropout'] > 0 "
                         "(OFT)",
 }
 

@@ -98,6 +98,7 @@ class LitgptApi:
         init = _params_of(cls.__init__)
         merge = _params_of(cls.merge)
         self._gap("oft", "has no OFT (litgpt/lora.py is LoRA only)")
+        self._gap("dora", "has no DoRA (litgpt/lora.py LoRALinear has no magnitude vector)")
         self._gap("multi_adapter", "LoRALinear holds one unnamed adapter (lora_A/lora_B), no add_adapter/set_adapter")
         self._gap("mixed_batch", "LoRALinear.forward(x) takes no adapter_names")
         self._gap("delete_adapter", "LoRALinear has no delete_adapter")

@@ -85,6 +85,7 @@ class PeftApi:
         self.oft_style = ""  # "backend" (0.21+), "bnb" (0.16-0.20) or "" (none)
         self._probe_lora()
         self._probe_oft()
+        self._probe_dora()
         self._probe_layer_features()
 
     # -- LoRA -------------------------------------------------------------------------
@@ -153,6 +154,26 @@ class PeftApi:
             "bitsandbytes layer (TypeError); passed through unchanged"
         )}
 
+    # -- DoRA -------------------------------------------------------------------------
+    def _probe_dora(self) -> None:
+        """DoRA is LoRA's bnb layer with ``LoraConfig(use_dora=True)`` (PEFT 0.9 added it; bnb layers took it in
+        0.10); its magnitude lives in ``lora_magnitude_vector``."""
+        if "lora" in self.unsupported:
+            self.unsupported["dora"] = self.unsupported["lora"]
+            return
+        fields = {f.name for f in dataclasses.fields(self.peft.LoraConfig)}
+        cls = next(iter(self.lora_classes.values()))
+        if "use_dora" not in fields or not (self.lora_config_api or _has_param(cls.__init__, "use_dora")):
+            self.unsupported["dora"] = f"peft {self.version}: LoRA bnb layers take no use_dora (DoRA)"
+            return
+        self.limitations.setdefault(Capability.MIXED_BATCH, {})[Method.DORA] = (
+            "PEFT raises 'Cannot pass `adapter_names` when DoRA is enabled.' (peft/tuners/lora/layer.py "
+            "_mixed_batch_forward checks)"
+        )
+        self.limitations.setdefault(Capability.LORA_BIAS, {})[Method.DORA] = (
+            "PEFT's LoraConfig refuses lora_bias=True with use_dora=True"
+        )
+
     # -- shared -----------------------------------------------------------------------
     def _probe_layer_features(self) -> None:
         tu = _import("peft.tuners.tuners_utils")
@@ -179,44 +200,47 @@ class PeftApi:
     # -- translation of the protocol's keyword arguments ------------------------------
     @staticmethod
     def _params(method: str, params: dict[str, Any]) -> dict[str, Any]:
-        allowed = LORA_PARAMS if method == "lora" else OFT_PARAMS
-        extra = set(params) - set(allowed) - ({"clone_base_output"} if method == "lora" else set())
+        lora = method in ("lora", "dora")
+        allowed = LORA_PARAMS if lora else OFT_PARAMS
+        extra = set(params) - set(allowed) - ({"clone_base_output"} if lora else set())
         if extra:
             raise TypeError(
                 f"unknown {method} parameter(s) {sorted(extra)}; the protocol's {method} parameters are {sorted(allowed)}"
             )
-        if method == "lora" and params.get("clone_base_output", True) is not True:
+        if lora and params.get("clone_base_output", True) is not True:
             raise ImplementationUnsupported(CLONE_MSG)
         return {k: params.get(k, v) for k, v in allowed.items()}
 
     def config(self, method: str, params: dict[str, Any]) -> Any:
-        """PEFT's own ``LoraConfig``/``OFTConfig`` for the protocol's parameters (PEFT validates them)."""
+        """PEFT's own ``LoraConfig``/``OFTConfig`` for the protocol's parameters (PEFT validates them); DoRA is
+        ``LoraConfig(use_dora=True)``."""
         p = self._params(method, params)
-        if method == "lora":
+        if method in ("lora", "dora"):
             if "lora_bias" in self.unsupported:
                 if p.pop("lora_bias"):
                     raise ImplementationUnsupported(self.unsupported["lora_bias"])
-            return self.peft.LoraConfig(**p)
+            return self.peft.LoraConfig(**p, **({"use_dora": True} if method == "dora" else {}))
         return self.peft.OFTConfig(**p)
 
     def build(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
         bits = bits_of(base_layer)
         method = spec.method
-        if method not in ("lora", "oft"):
-            raise ValueError(f"unknown method {method!r}; PEFT is tested with 'lora' and 'oft'")
+        if method not in ("lora", "oft", "dora"):
+            raise ValueError(f"unknown method {method!r}; PEFT is tested with 'lora', 'oft' and 'dora'")
         if method in self.unsupported:
             raise ImplementationUnsupported(self.unsupported[method])
-        classes = self.lora_classes if method == "lora" else self.oft_classes
+        lora = method in ("lora", "dora")
+        classes = self.lora_classes if lora else self.oft_classes
         cls = classes.get(bits)
         if cls is None:
             raise ImplementationUnsupported(f"peft {self.version} has no {method} layer for {bits}-bit bnb layers")
         p = self._params(method, dict(spec.params))
         name = spec.adapter_name
-        if method == "lora":
+        if lora:
             if self.lora_config_api:
-                layer = cls(base_layer, name, config=self.config("lora", p), r=p["r"], lora_alpha=p["lora_alpha"])
+                layer = cls(base_layer, name, config=self.config(method, p), r=p["r"], lora_alpha=p["lora_alpha"])
             else:
-                layer = cls(base_layer, name, **self._kwargs(cls.__init__, p))
+                layer = cls(base_layer, name, **self._kwargs(cls.__init__, self._dora_kwargs(method, p)))
         else:
             if self.oft_config_api:
                 layer = cls(base_layer, name, config=self.config("oft", p), r=p["r"])
@@ -229,10 +253,14 @@ class PeftApi:
                 )
         return PeftAdapterLayer(layer, method, self)
 
+    @staticmethod
+    def _dora_kwargs(method: str, p: dict[str, Any]) -> dict[str, Any]:
+        return {**p, "use_dora": True} if method == "dora" else p
+
     def _kwargs(self, fn: Any, p: dict[str, Any]) -> dict[str, Any]:
         """Keyword hyper-parameters for pre-config PEFT (<= 0.18): only those ``fn`` accepts."""
         sig = inspect.signature(fn).parameters
-        missing = [k for k, v in p.items() if k not in sig and v != (LORA_PARAMS | OFT_PARAMS).get(k)]
+        missing = [k for k, v in p.items() if k not in sig and v != (LORA_PARAMS | OFT_PARAMS | {"use_dora": False}).get(k)]
         if missing:
             raise ImplementationUnsupported(f"peft {self.version}: {fn.__qualname__} takes no {missing}")
         return {k: v for k, v in p.items() if k in sig}
@@ -242,12 +270,12 @@ class PeftApi:
         p = self._params(method, params)
         update = layer.update_layer
         if _has_param(update, "config"):
-            if method == "lora":
-                update(name, p["r"], lora_alpha=p["lora_alpha"], config=self.config("lora", p))
+            if method in ("lora", "dora"):
+                update(name, p["r"], lora_alpha=p["lora_alpha"], config=self.config(method, p))
             else:
                 update(name, p["r"], config=self.config("oft", p))
         else:
-            kwargs = self._kwargs(update, p)
+            kwargs = self._kwargs(update, self._dora_kwargs(method, p))
             kwargs.pop("r", None)
             update(name, p["r"], **kwargs)
 
@@ -298,15 +326,17 @@ class PeftAdapterLayer(LibraryLayer):
 
     @property
     def adapter_names(self) -> list[str]:
-        return list((self.layer.lora_A if self.method == "lora" else self.layer.oft_R).keys())
+        return list((self.layer.oft_R if self.method == "oft" else self.layer.lora_A).keys())
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """PEFT's own Parameters (not copies), under the canonical names."""
-        if self.method == "lora":
+        if self.method in ("lora", "dora"):
             a, b = self.layer.lora_A[name], self.layer.lora_B[name]
             out = {"lora_A.weight": a.weight, "lora_B.weight": b.weight}
             if b.bias is not None:
                 out["lora_B.bias"] = b.bias
+            if self.method == "dora":
+                out["lora_magnitude_vector.weight"] = self.layer.lora_magnitude_vector[name].weight
             return out
         return {"oft_R.weight": self.layer.oft_R[name].weight}
 

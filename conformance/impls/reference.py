@@ -16,6 +16,13 @@ class ReferenceImplementation(ImplementationBase):
     methods = frozenset(Method)
     #: every capability but whole PEFT models (the reference is layers only)
     capabilities = frozenset(Capability) - {Capability.PEFT_MODEL}
+    #: what DoRA leaves out, as PEFT does (``conformance.reference.dora``)
+    limitations = {
+        Capability.MIXED_BATCH: {Method.DORA: "DoRA takes no adapter_names (PEFT 0.21 peft/tuners/lora/layer.py: "
+                                              "'Cannot pass `adapter_names` when DoRA is enabled.')"},
+        Capability.LORA_BIAS: {Method.DORA: "DoRA takes no lora_bias (PEFT 0.21 LoraConfig refuses use_dora with "
+                                            "lora_bias)"},
+    }
 
     def __init__(self, clone_base_output: bool = True) -> None:
         self.clone_base_output = clone_base_output
@@ -26,7 +33,7 @@ class ReferenceImplementation(ImplementationBase):
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
         cls = layer_class(spec.method, bits_of(base_layer))
         params = dict(spec.params)
-        if spec.method == "lora":
+        if spec.method in ("lora", "dora"):
             params.setdefault("clone_base_output", self.clone_base_output)
         layer = cls(base_layer, spec.adapter_name, **params)
         cast_adapter(layer, spec)

@@ -67,7 +67,6 @@ from .expected import (
     Expected,
     base_expected,
     base_weights,
-    layer_expected,
     linear_expected,
     lora_delta,
     lora_delta_error,
@@ -88,6 +87,7 @@ from .merge import (
     oft_unmerge_error,
     roundtrip_bound,
 )
+from .methods import dora_layer_expected, layer_expected
 from .ratio import compare, max_ratio, observed, ratios, worst
 from .requant import hypothetical_requant_bound, requant_bound_from_exact
 from .rounding import INT8_DEQUANT_ERROR, INT8_DEQUANT_SCALE_ERROR, U16, U32, U64, cast_error, gamma_n
@@ -96,7 +96,7 @@ __all__ = [
     "BASE", "FALSE_ALARM", "DropoutMean", "hoeffding_halfwidth", "lora_dropout_mean", "oft_dropout_blocks",
     "oft_dropout_mean", "INT8_DEQUANT_ERROR", "INT8_DEQUANT_SCALE_ERROR", "U16", "U32", "U64", "Expected", "GradExpected",
     "LayerState", "base_expected", "base_weights", "bias_roundtrip_bound", "block_diagonal", "block_norms",
-    "cast_error", "cayley_exact", "coft_bound", "compare", "expand_blocks", "gamma_n", "grad_expected",
+    "cast_error", "cayley_exact", "dora_layer_expected", "coft_bound", "compare", "expand_blocks", "gamma_n", "grad_expected",
     "hypothetical_requant_bound", "inverse_rotation_error", "layer_expected", "linear_expected", "lora_delta", "lora_delta_error",
     "lora_expected", "lora_merge_error", "lora_merged_weight", "lora_path", "lora_scaling", "lora_tensors", "lu_growth", "max_ratio",
     "merge_target", "neumann", "neumann_bound", "neumann_rounding", "observed", "oft_blocks", "oft_expected",

@@ -297,15 +297,3 @@ def oft_expected(
     err = err + rotate_error(xv, r.abs(), delta, n_blocks, bs, pdt)
     err = err + cast_error(pdt, x.dtype) * (xr.abs() + err)
     return linear_expected(base, xr, x.dtype, x_err=err, training=training)
-
-
-def layer_expected(
-    layer: nn.Module, method: str, name: str, params: Mapping[str, Any], x: torch.Tensor,
-    *, training: bool | None = None,
-) -> Expected:
-    """Dispatch to ``lora_expected`` / ``oft_expected``."""
-    if method == "lora":
-        return lora_expected(layer, name, params, x, training=training)
-    if method == "oft":
-        return oft_expected(layer, name, params, x, training=training)
-    raise ValueError(f"unknown method {method!r}; expected 'lora' or 'oft'")

@@ -17,6 +17,7 @@ from conformance.quant import bounds as qbounds
 
 from .blocks import block_norms, oft_layout, oft_rotation, rotate_error
 from .cayley import inverse_rotation_error, rotation_error
+from .dora import dora_merge_error
 from .expected import lora_delta, lora_delta_error, lora_scaling
 from .rounding import U32, cast_error
 
@@ -96,9 +97,12 @@ def merge_target(
     bound on the float32 arithmetic of forming it (requantization excluded: add ``weight_bound``).
 
     LoRA's bias (``lora_bias``) merges as ``b + scaling * b_B`` (PEFT's unquantized ``Linear``), rounded
-    to the base bias dtype.
+    to the base bias dtype. DoRA: ``f (W0 + s B A)`` (``dora.dora_merge_error``), the bias unchanged.
     """
     tensors = layer.adapter_parameters(name)
+    if method == "dora":
+        w, we, _ = dora_merge_error(w0, tensors, lora_scaling(params))
+        return w, we, b0, None if b0 is None else torch.zeros_like(b0)
     if method == "lora":
         s = lora_scaling(params)
         w, we = lora_merged_weight(w0, tensors, s)
