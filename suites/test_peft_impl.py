@@ -541,3 +541,32 @@ def test_difference_oft_has_no_mixed_batch() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# -- DoRA -----------------------------------------------------------------------------------------
+def test_dora_is_lora_with_use_dora_and_its_magnitude_is_peft_own() -> None:
+    """``method='dora'`` builds PEFT's LoRA bnb layer with ``LoraConfig(use_dora=True)``; the canonical
+    ``lora_magnitude_vector.weight`` is PEFT's own Parameter, and the output is the DoRA oracle's within its bound."""
+    from conformance.numerics import dora as ndora
+
+    _needs("dora", "4bit")
+    impl = PeftImplementation()
+    decl = impl.limitations
+    assert Method.DORA in impl.methods
+    assert Method.DORA in decl[Capability.MIXED_BATCH] and Method.DORA in decl[Capability.LORA_BIAS]
+    base = make_base_layer(64, 48, bits=4, seed=3)
+    params = {"r": 4, "lora_alpha": 16.0, "init_lora_weights": False}
+    layer = impl.create(base, AdapterSpec(method="dora", params=params))
+    assert layer.layer.use_dora["default"] is True
+    mag = layer.adapter_parameters("default")[ndora.MAGNITUDE]
+    assert mag is layer.layer.lora_magnitude_vector["default"].weight
+    with torch.no_grad():  # a trained magnitude: m/n != 1
+        mag.mul_(torch.linspace(0.5, 1.5, mag.numel()))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = layer(x)
+    exp = ndora.dora_expected(base, layer.adapter_parameters("default"), 4.0, x)
+    diff = (y.double() - exp.value).abs()
+    assert bool((diff <= exp.bound).all()), _report("PEFT DoRA vs the oracle", diff, exp.bound)
+    with pytest.raises(ValueError, match="adapter_names"):
+        layer(x, adapter_names=["default"] * 5)

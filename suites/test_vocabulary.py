@@ -102,7 +102,7 @@ def test_no_unknown_capability_or_method_anywhere_in_the_package() -> None:
     ('declare("X-Y", "MUST", "t", source="s", area="a", requires=["safe-merge"])', "unknown capability 'safe-merge'"),
     ('Op("x", 1, f, g, h, needs=("mixed_batches",))', "unknown capability 'mixed_batches'"),
     ('if method == "lroa": pass', "unknown method 'lroa'"),
-    ('AdapterSpec("dora")', "unknown method 'dora'"),
+    ('AdapterSpec("qlora")', "unknown method 'qlora'"),
     ('ctx.make_layer(base, "Lora")', "unknown method 'Lora'"),
 ])
 def test_the_scan_finds_a_planted_misspelling(source: str, found: str) -> None:
@@ -120,8 +120,8 @@ def test_declare_refuses_a_misspelled_requirement_at_import() -> None:
 
     with pytest.raises(ValueError, match="unknown capability 'safe-merge'; valid: .*safe_merge"):
         declare("VOCAB-TYPO", "MUST", "t", source="s", area="a", requires=["safe-merge"])
-    with pytest.raises(ValueError, match="unknown method 'dora'"):
-        declare("VOCAB-TYPO", "MUST", "t", source="s", area="a", methods=["dora"])
+    with pytest.raises(ValueError, match="unknown method 'qlora'"):
+        declare("VOCAB-TYPO", "MUST", "t", source="s", area="a", methods=["qlora"])
 
 
 def test_a_stateful_op_refuses_a_misspelled_need() -> None:
