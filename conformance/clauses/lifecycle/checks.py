@@ -2,7 +2,10 @@
 eval forward or a training step) and which tensors require grad after set_adapter / add_adapter.
 
 Every weight comparison uses ``conformance.numerics`` (merge targets, round-trip bounds) and
-``conformance.quant.weight_bound`` of the layer state after a requantization.
+``conformance.quant.weight_bound`` of the layer state after a requantization. DoRA's merge is not additive
+(``f (W0 + s B A)``, ``f = m / ||W0 + s B A||_c``): its target is ``numerics.merge_target``'s and its round trip
+``numerics.dora.dora_roundtrip_bound``, which needs the weight merged into and the first requantization's bound apart
+(the unmerge divides by the very factor the merge used, PEFT's cached norm).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from conformance.clauses import cases
 from conformance.clauses.clause import check
 from conformance.clauses.lifecycle.declare import STEP_LR
 from conformance.clauses.observe import recorded_warnings
+from conformance.numerics import dora as ndora
 from conformance.quant import bounds as qbounds
 
 if TYPE_CHECKING:
@@ -36,6 +40,8 @@ class Merged:
     w1: torch.Tensor
     #: the adapter's tensors at merge time (the round-trip bound needs them after a delete_adapter too)
     tensors: dict[str, torch.Tensor]
+    #: ``weight_bound`` of the layer after the merge (the first requantization alone: DoRA's round trip needs it)
+    wb1: torch.Tensor
 
 
 @dataclass
@@ -77,10 +83,17 @@ def _merge(layer: torch.nn.Module, method: str, name: str, **kwargs: Any) -> Mer
     w1, _ = numerics.base_weights(layer.base_layer)
     saved = _tensors(layer, name)
     assert saved is not None
-    return Merged(name, w0, b0, wt, qbounds.weight_bound(layer.base_layer) + we, w1, saved)
+    wb1 = qbounds.weight_bound(layer.base_layer)
+    return Merged(name, w0, b0, wt, wb1 + we, w1, saved, wb1)
 
 
 def _roundtrip_bound(layer: torch.nn.Module, method: str, m: Merged) -> torch.Tensor:
+    """Bound on |W after unmerge - W0|. DoRA: ``dora_roundtrip_bound`` (the factor the merge computed, with its
+    bound, reused by the unmerge; the two requantizations apart), LoRA/OFT: ``numerics.roundtrip_bound``."""
+    if method == "dora":
+        s = numerics.lora_scaling(_params(method))
+        _, _, f = ndora.dora_merge_error(m.w0, m.tensors, s)
+        return ndora.dora_roundtrip_bound(m.w0, m.tensors, s, f, m.wb1, qbounds.weight_bound(layer.base_layer))
     return numerics.roundtrip_bound(_Frozen(layer.base_layer, m.tensors), method, m.name, _params(method), m.first,
                                     m.w1, qbounds.weight_bound(layer.base_layer))
 
@@ -202,6 +215,16 @@ def check_subset_unmerge(ctx: CheckContext) -> None:
                         f"{label}: the base weight moved {(w - m.w0).abs().max():.3g} beyond the round-trip bound"))
                     for n, t in kept.items():
                         ctx.check(_same(t, _tensors(layer, n)), f"{label}: adapter {n!r}'s tensors changed")
+                    if method == "dora" and len(active) > 1:
+                        # several active DoRA adapters compose in sequence (PEFT: each one's base term is the
+                        # output so far): the forward of the whole active set after the unmerge
+                        s = numerics.lora_scaling(_params(method))
+                        order = list(layer.active_adapters)
+                        exp_all = ndora.dora_stack_expected(
+                            layer.base_layer, [(layer.adapter_parameters(n), s) for n in order], x)
+                        y_all = layer(x)
+                        ctx.bounded(f"ratio.subset_stack_forward.{method}.{bits}bit", exp_all.ratio(y_all),
+                                    lambda: f"{label}: the forward of {order} afterwards: {exp_all.describe(y_all)}")
                     layer.set_adapter("default")
                     y = layer(x)
                     exp = numerics.layer_expected(layer, method, "default", _params(method), x)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from conformance.clauses.clause import check
+from conformance.numerics.dora import MAGNITUDE
 from conformance.quant import layers as qlayers
 
 from ..cases import BaseCase, adapter_cases
@@ -16,7 +17,10 @@ if TYPE_CHECKING:
 
 _REQUIRED = ("forward", "merge", "get_delta_weight", "set_adapter", "adapter_parameters")
 _OPTIONAL = {"unmerge": ("unmerge",), "multi_adapter": ("add_adapter",)}  # capability -> methods it promises
-_KEYS = {"lora": {"lora_A.weight", "lora_B.weight"}, "oft": {"oft_R.weight"}}
+#: the canonical ``adapter_parameters`` names of each method (DoRA: LoRA's plus the magnitude vector,
+#: ``numerics.dora.MAGNITUDE``; PEFT ``lora_magnitude_vector[name].weight``)
+_KEYS = {"lora": {"lora_A.weight", "lora_B.weight"}, "oft": {"oft_R.weight"},
+         "dora": {"lora_A.weight", "lora_B.weight", MAGNITUDE}}
 
 
 @check("LAYER-PROTOCOL-SURFACE")
