@@ -21,7 +21,7 @@ MORE: list[tuple[str, Broken]] = []
 @twin("FWD-INIT-IDENTITY", "nonzero-init")
 def nonzero_init(layer: nn.Module, spec: AdapterSpec) -> None:
     """'Default' init that is not the identity (B += 1e-3 / R != I)."""
-    key = "lora_B.weight" if spec.method == "lora" else "oft_R.weight"
+    key = "oft_R.weight" if spec.method == "oft" else "lora_B.weight"  # DoRA: LoRA's B
     with torch.no_grad():
         layer.adapter_parameters(spec.adapter_name)[key].add_(1e-3)
 

@@ -11,6 +11,9 @@ from conformance import numerics
 from conformance.clauses import cases
 from conformance.clauses.clause import check
 from conformance.clauses.observe import recorded_warnings
+from conformance.numerics import dora as ndora
+from conformance.numerics.dora import MAGNITUDE
+from conformance.quant import bounds as qbounds
 from conformance.quant import layers as qlayers
 from conformance.quant.torchnames import dtype_name
 
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
     from conformance.clauses.context import CheckContext
 
 INPUT_SHAPES = cases.INPUT_LEADS  # leading dims: 1-D, 2-D, 3-D inputs
+#: FWD-INIT-IDENTITY's adapter: every other parameter at the implementation's default
+INIT_PARAMS: dict[str, Any] = {"r": 4}
 
 
 def _base(ctx: CheckContext, case: cases.BaseCase, seed_offset: int = 0) -> torch.nn.Module:
@@ -59,14 +64,55 @@ def check_init_identity(ctx: CheckContext) -> None:
                 with torch.no_grad():
                     # bnb's CUDA int8 matmul rejects 1-D inputs: the base output of a 1-D input is its one row
                     y0 = (base(x.unsqueeze(0)).squeeze(0) if x.dim() == 1 else base(x)).clone()
-                    layer = ctx.make_layer(base, method, r=4)
+                    layer = ctx.make_layer(base, method, **INIT_PARAMS)
                     y = layer(x)
                 ctx.check(y.shape == y0.shape and y.dtype == y0.dtype,
                           f"{label}: output {tuple(y.shape)} {y.dtype}, base gives {tuple(y0.shape)} {y0.dtype}")
-                if not torch.equal(y, y0):
+                if method == "dora":
+                    _check_dora_init(ctx, label, layer, x, y, y0, bits)
+                elif not torch.equal(y, y0):
                     diff = (y.double() - y0.double()).abs().max().item()
                     ctx.fail(f"{label}: default-initialised adapter changes the output (max |diff| {diff:.3g}); "
                              "expected exactly the base output")
+
+
+def _init_norm_dtype(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], bits: int) -> torch.dtype:
+    """The coarsest dtype the initial magnitude may have been computed or stored in: its own, the adapter's and
+    the dequantized base weight's (PEFT 0.21.2 ``DoraLinearLayer.update_layer`` takes the norm of
+    ``dequantize_module_weight(base)`` in that weight's dtype and keeps it in it)."""
+    base = layer.base_layer
+    dtypes = [tensors[MAGNITUDE].dtype, tensors["lora_A.weight"].dtype]
+    if bits == 4:
+        dtypes.append(qlayers.weight_dtype_of(base))
+    elif qlayers.has_fp16_weights(base):
+        dtypes.append(base.weight.dtype)
+    return max(dtypes, key=qbounds.unit_roundoff)
+
+
+def _check_dora_init(ctx: CheckContext, label: str, layer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     y0: torch.Tensor, bits: int) -> None:
+    """DoRA's default initialisation: ``s B A = 0`` exactly and the magnitude the row norms ``||W0||_c`` within the
+    bound of computing them (``numerics.dora.norm_expected``); the forward then leaves the base output unchanged
+    within ``dora_expected``'s bound (with ``B = 0`` only the ``(m/n - 1) T`` term remains, zero up to rounding: the
+    forward recomputes ``n`` and need not round it as the initialisation did)."""
+    tensors = {k: v.detach() for k, v in layer.adapter_parameters("default").items()}
+    s = numerics.lora_scaling(INIT_PARAMS)  # B = 0 is checked exactly: the scaling does not enter the bound
+    delta = numerics.lora_delta(tensors, s)
+    ctx.check(bool((delta == 0).all()), f"{label}: default init has s*B@A != 0 (max |s*B@A| "
+              f"{delta.abs().max():.3g}); DoRA's default init (B = 0) starts at the identity")
+    w0 = qlayers.dequantize(layer.base_layer)
+    d = _init_norm_dtype(layer, tensors, bits)
+    norm = ndora.norm_expected(w0, tensors, s, d)
+    m = tensors[MAGNITUDE].double().cpu()
+    r_m = numerics.observed(m, norm.value, norm.bound)
+    ctx.bounded(f"ratio.init_magnitude.dora.{bits}bit", r_m, lambda: (
+        f"{label}: the initial magnitude is not ||W0 + s B A||_c (max |m - n| {(m - norm.value).abs().max():.3g}, "
+        f"{r_m:.3g} x the bound of computing the norm in {dtype_name(d)})"))
+    exp = numerics.layer_expected(layer, "dora", "default", INIT_PARAMS, x)
+    ctx.bounded(f"ratio.init.dora.{bits}bit", exp.ratio(y), lambda: (
+        f"{label}: default-initialised DoRA changes the output beyond the bound of its (m/n - 1) rounding term: "
+        f"{exp.describe(y)}"))
+    ctx.measure("dora_bit_identical", int(ctx.measurements.get("dora_bit_identical", 0)) + int(torch.equal(y, y0)))
 
 
 @check("FWD-ORACLE")
@@ -123,7 +169,7 @@ def check_oracle(ctx: CheckContext) -> None:
 
 @check("FWD-LORA-DELTA")
 def check_lora_delta(ctx: CheckContext) -> None:
-    for _, bits in ctx.cases():
+    for method, bits in ctx.cases():
         # a transposed delta has the right shape on the square layer and crashes on the non-square one
         for shape, (j, r) in itertools.product(cases.ORIENTATION_SHAPES, enumerate(cases.RANKS)):
             base_case = cases.BaseCase(bits, *shape)
@@ -131,11 +177,11 @@ def check_lora_delta(ctx: CheckContext) -> None:
                 for rs in (False, True):
                     params: dict[str, Any] = {"r": r, "lora_alpha": alpha, "init_lora_weights": False,
                                               "use_rslora": rs}
-                    if not ctx.supports(params, f"lora r={r} rslora={rs}"):
+                    if not ctx.supports(params, f"{method} r={r} rslora={rs}"):
                         continue
-                    label = f"lora r={r} alpha={alpha} rslora={rs} ({bits}-bit, {shape[0]}->{shape[1]})"
+                    label = f"{method} r={r} alpha={alpha} rslora={rs} ({bits}-bit, {shape[0]}->{shape[1]})"
                     with ctx.case(label):
-                        layer = ctx.make_layer(_base(ctx, base_case), "lora", **params)
+                        layer = ctx.make_layer(_base(ctx, base_case), method, **params)
                         cases.fill_adapter(layer, "default", ctx.generator(j))
                         tensors = layer.adapter_parameters("default")
                         s = numerics.lora_scaling(params)
@@ -265,11 +311,12 @@ def check_err_adapter_name(ctx: CheckContext) -> None:
 
 @check("FWD-ERR-RANK")
 def check_err_rank(ctx: CheckContext) -> None:
-    for _, bits in ctx.cases():
+    for method, bits in ctx.cases():
         for r in (0, -2):
-            with ctx.case(f"lora r={r} ({bits}-bit)"):
+            with ctx.case(f"{method} r={r} ({bits}-bit)"):
                 base = _base(ctx, cases.BaseCase(bits))
-                _expect_error(ctx, f"lora r={r} ({bits}-bit)", lambda base=base, r=r: ctx.make_layer(base, "lora", r=r),
+                _expect_error(ctx, f"{method} r={r} ({bits}-bit)",
+                              lambda base=base, r=r, method=method: ctx.make_layer(base, method, r=r),
                               (ValueError,), ["`r`", "r must", "r=", "rank"])
 
 

@@ -4,11 +4,16 @@ from conformance.clauses.clause import declare
 
 declare(
     "FWD-INIT-IDENTITY", "MUST",
-    "With default initialisation (LoRA B = 0, OFT R = I) the adapter layer's output is bit-for-bit the base "
-    "layer's output, for every quant type, double quant setting and compute dtype.",
+    "Default initialisation leaves the base output unchanged within its bound, for every quant type, double quant "
+    "setting and compute dtype: bit-identical where the adapter path is exactly zero (LoRA B = 0, OFT R = I: the "
+    "output is bit-for-bit the base layer's), which DoRA's (m/||W0||_c - 1) term is not: DoRA starts with s B A = 0 "
+    "exactly and the magnitude m the row norms ||W0||_c (within the bound of computing them), and its output is "
+    "within the oracle bound of its (m/n - 1) W0 x term (the forward recomputes the norm n), not necessarily "
+    "bit-identical.",
     source="peft v0.21.2 src/peft/tuners/lora/layer.py reset_lora_parameters (init_lora_weights=True zeros B); "
     "peft v0.21.2 src/peft/tuners/oft/layer.py reset_oft_parameters (init_weights=True gives R = I); OFT paper "
-    "arXiv:2306.07280",
+    "arXiv:2306.07280; peft v0.21.2 src/peft/tuners/lora/dora.py DoraLinearLayer.update_layer (magnitude = weight "
+    "norm) and forward (the norm recomputed); DoRA paper arXiv:2402.09353; conformance/numerics/dora.py (bounds)",
     tiered=True,
     area='forward',
 )
@@ -30,10 +35,13 @@ declare(
 declare(
     "FWD-LORA-DELTA", "MUST",
     "LoRA get_delta_weight(name) equals scaling * B @ A with scaling = lora_alpha / r (rsLoRA: lora_alpha / "
-    "sqrt(r)) within the rounding bound of computing it in the adapter dtype.",
-    source="peft v0.21.2 src/peft/tuners/lora/layer.py (update_layer scaling, get_delta_weight); rsLoRA "
+    "sqrt(r)) within the rounding bound of computing it in the adapter dtype. DoRA too: its get_delta_weight is the "
+    "low-rank delta s B A alone (the magnitude rescales it only in merge and forward).",
+    source="peft v0.21.2 src/peft/tuners/lora/layer.py (update_layer scaling, get_delta_weight); "
+    "src/peft/tuners/lora/bnb.py Linear8bitLt/Linear4bit get_delta_weight (the same with use_dora; "
+    "src/peft/tuners/lora/variants.py DoraLinearVariant.merge_safe scales it by m/||W + delta||_c); rsLoRA "
     "arXiv:2312.03732",
-    methods=["lora"],
+    methods=["lora", "dora"],
     area='forward',
 )
 
@@ -77,9 +85,10 @@ declare(
 
 declare(
     "FWD-ERR-RANK", "MUST",
-    "LoRA with r <= 0 is refused with a ValueError that names r.",
-    source="peft v0.21.2 src/peft/tuners/lora/layer.py update_layer ('`r` should be a positive integer value')",
-    methods=["lora"],
+    "LoRA (and DoRA) with r <= 0 is refused with a ValueError that names r.",
+    source="peft v0.21.2 src/peft/tuners/lora/layer.py update_layer ('`r` should be a positive integer value'; "
+    "use_dora goes through the same update_layer)",
+    methods=["lora", "dora"],
     area='forward',
 )
 
