@@ -76,7 +76,7 @@ def unknown_names_to_base(layer: nn.Module, spec: AdapterSpec) -> None:
 
 
 def clamp_rank(method: str, params: dict[str, Any]) -> dict[str, Any]:
-    if method == "lora" and params.get("r", 8) <= 0:
+    if method in ("lora", "dora") and params.get("r", 8) <= 0:
         params["r"] = 1
     return params
 
