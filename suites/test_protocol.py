@@ -55,7 +55,7 @@ def test_unknown_capability_names_the_valid_ones() -> None:
     assert issubclass(interface.InvalidImplementation, loader.ImplementationNotFound)  # the CLI's usage error
 
 
-@pytest.mark.parametrize("key", ["mixed-batch/oft", "mixed_batch/dora", "mixed_batch"])
+@pytest.mark.parametrize("key", ["mixed-batch/oft", "mixed_batch/qlora", "mixed_batch"])
 def test_unknown_limitations_key_is_refused(key: str) -> None:
     impl = _Impl()
     impl.limitations = {key: "why"}
@@ -80,7 +80,7 @@ def test_loader_reads_the_declaration_without_patching() -> None:
     impl = loader.load("reference")
     before = dict(vars(impl))
     decl = interface.declared(impl)
-    assert decl.methods == {"lora", "oft"} and decl.bits == {4, 8}
+    assert decl.methods == {"lora", "oft", "dora"} and decl.bits == {4, 8}
     assert "lora" not in decl.capabilities and vars(impl) == before and not hasattr(impl, "bits")
     assert interface.declared(ReferenceImplementation()) == decl
     assert isinstance(impl, interface.Implementation)
@@ -115,8 +115,8 @@ def test_methods_named_both_ways_must_agree() -> None:
 
 def test_unknown_method_names_the_valid_ones() -> None:
     impl = _Impl()
-    impl.methods = frozenset({"lora", "dora"})
-    with pytest.raises(interface.InvalidImplementation, match="unknown method 'dora'; valid: lora, oft"):
+    impl.methods = frozenset({"lora", "qlora"})
+    with pytest.raises(interface.InvalidImplementation, match="unknown method 'qlora'; valid: lora, oft, dora"):
         interface.validate(impl)
 
 
