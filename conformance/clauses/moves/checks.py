@@ -37,16 +37,17 @@ def _payload_changes(before: qlayers.LayerSnapshot, base: torch.nn.Module) -> li
     return [k for k in qlayers.snapshot(base).differences(before) if k not in CASTABLE]
 
 
-def _check_magnitude_follows(ctx: CheckContext, label: str, layer: nn.Module, method: str) -> None:
-    """DoRA: the magnitude vector is moved and cast with the layer, as its low-rank factors are (same dtype and
-    device as ``lora_A``): a magnitude left behind would be promoted or moved in every forward, or fail there."""
+def _check_magnitude_follows(ctx: CheckContext, label: str, layer: nn.Module, method: str, dtype: torch.dtype | None,
+                             device: str | torch.device) -> None:
+    """DoRA: the magnitude vector is moved and cast with the layer, as every floating parameter is
+    (``Module._apply``): ``dtype`` after a cast (the dtype it had before, after a device move), on ``device``. A
+    magnitude left behind would be promoted or moved in every forward, or fail there."""
     if method != "dora":
         return
-    tensors = layer.adapter_parameters("default")
-    a, m = tensors["lora_A.weight"], tensors[MAGNITUDE]
-    ctx.check(m.dtype == a.dtype and m.device == a.device,
-              f"{label}: the DoRA magnitude did not follow the layer ({dtype_name(m.dtype)} on {m.device}, lora_A "
-              f"{dtype_name(a.dtype)} on {a.device})")
+    m = layer.adapter_parameters("default")[MAGNITUDE]
+    ctx.check(m.dtype == dtype and m.device.type == torch.device(device).type,
+              f"{label}: the DoRA magnitude did not follow the layer ({dtype_name(m.dtype)} on {m.device}, expected "
+              f"{dtype_name(dtype)} on {device})")
 
 
 def _check_refusal_names(ctx: CheckContext, label: str, exc: Exception) -> None:
@@ -84,7 +85,7 @@ def check_dtype_moves(ctx: CheckContext) -> None:
                                   f"{label}: refused, but the layer was changed ({changed or now})")
                         continue
                     base = moved.base_layer
-                    _check_magnitude_follows(ctx, label, moved, method)
+                    _check_magnitude_follows(ctx, label, moved, method, dtype, moved.base_layer.weight.device)
                     changed = _payload_changes(before, base)
                     ctx.check(not changed, f"{label}: the cast changed the quantized base ({', '.join(changed)}; "
                                            f"payload stored as {dtype_name(storage)}, now {dtype_name(base.weight.dtype)})")
@@ -118,6 +119,7 @@ def _device_move(ctx: CheckContext, label: str, layer: nn.Module, move: Move, ta
     w_before = qlayers.dequantize(base, on="cpu")
     packed_before = qlayers.is_cpu_packed(base)
     adapters = _adapter_values(layer)
+    m_dtype = layer.adapter_parameters("default")[MAGNITUDE].dtype if method == "dora" else None
     try:
         moved = move(layer)
     except (TypeError, ValueError, NotImplementedError) as exc:
@@ -131,7 +133,7 @@ def _device_move(ctx: CheckContext, label: str, layer: nn.Module, move: Move, ta
     base = moved.base_layer
     off = qlayers.tensors_off_device(moved, target)
     ctx.check(not off, f"{label}: after the move, not on {target}: {'; '.join(off)}")
-    _check_magnitude_follows(ctx, label, moved, method)
+    _check_magnitude_follows(ctx, label, moved, method, m_dtype, target)
     w_after = qlayers.dequantize(base, on="cpu")
     ctx.check(w_after.shape == w_before.shape and torch.equal(w_after, w_before), (
         f"{label}: the move changed the dequantized weight (max |diff| "

@@ -8,7 +8,7 @@ declare(
     "its quant state (8-bit: its row statistics) bit for bit and give outputs within the forward oracle bound for an "
     "input of the new dtype, or refuse: raise TypeError, ValueError or NotImplementedError from the move itself, "
     "naming the quantized layer or its storage, with the layer left as it was; DoRA's magnitude vector is cast "
-    "with the layer (the dtype of its lora_A). For 4-bit bases stored as each "
+    "with the layer (to the new dtype, as every floating parameter). For 4-bit bases stored as each "
     "quant_storage (uint8, bfloat16, float16, float32) and for 8-bit bases; a cast bitsandbytes itself gets wrong is "
     "listed in xfails/bitsandbytes.ini.",
     source="bitsandbytes 0.50.2 nn/modules.py Params4bit.to (quant_storage; a floating payload is cast like any "
