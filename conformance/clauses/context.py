@@ -289,6 +289,10 @@ class CheckContext:
                     setattr(exc, IMPL_CALL, "create")
                 raise
         if method == "dora" and params.get("init_lora_weights", True) is False:
+            keys = set(layer.adapter_parameters(adapter_name))
+            if _cases.DORA_MAGNITUDE not in keys:  # the implementation's gap, not a crash of ours
+                self.fail(f"DoRA layer: adapter_parameters({adapter_name!r}) has no {_cases.DORA_MAGNITUDE!r} "
+                          f"(keys {sorted(keys)})")
             _cases.trained_magnitude(layer, adapter_name, self.generator(offset=7))
         self.layers_built += 1
         self.impl_objects.append(layer)
