@@ -58,6 +58,7 @@ from conformance.clauses.trainer.helpers import (
     _label,
     _names_method,
     _param_bytes,
+    _param_bytes_of,
     _probe_loss,
     _record_source,
     _short,
@@ -184,10 +185,6 @@ def _first_step_snapshot(params: dict[str, nn.Parameter]) -> tuple[Any, dict[str
                 got.update(_param_bytes_of(params))
 
     return AfterFirstStep(), got
-
-
-def _param_bytes_of(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone() for n, p in params.items()}
 
 
 def _in_env(ctx: CheckContext, what: str, fn: Callable[[], Any]) -> Any:

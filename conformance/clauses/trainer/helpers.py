@@ -171,7 +171,12 @@ def _is_magnitude_param(name: str) -> bool:
 
 
 def _param_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone() for n, p in model.named_parameters()}
+    return _param_bytes_of(dict(model.named_parameters()))
+
+
+def _param_bytes_of(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The bytes of each parameter (a bitwise snapshot)."""
+    return {n: p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone() for n, p in params.items()}
 
 
 def registry_quantizers(extra_configs: dict[str, list[dict[str, Any]]] | None = None) -> tuple[list[Any], list[str]]:
