@@ -35,6 +35,7 @@ from conformance.bench.cases import (
     select,
 )
 from conformance.bench.layers import Builder, make_base
+from conformance.impls.reference import ReferenceImplementation
 from conformance.numerics import dora as nd
 from conformance.numerics.rounding import gamma_n
 from conformance.quant import dequantize
@@ -167,6 +168,28 @@ def test_dora_floor_and_reference_rows_run_on_the_cpu(bits: int) -> None:
                 impl, "dora", bits, 64, 48, 4, "float32", op)).fn()
             out = out[0] if isinstance(out, tuple) else out
             assert torch.isfinite(out).all()
+
+
+class BaseBreaker(ReferenceImplementation):
+    """An implementation whose ``create`` breaks the shared base layer, then raises (as PEFT's DoRA breaks an 8-bit
+    CPU base at its first forward, docs/findings.md PEFT 15)."""
+
+    name = "base-breaker"
+
+    def create(self, base_layer: torch.nn.Module, spec: object) -> torch.nn.Module:
+        base_layer.weight.quant_state = None
+        raise RuntimeError("broke the base")
+
+
+def test_a_failed_case_does_not_break_the_next_ones() -> None:
+    """The failing implementation's row is an error of its own; the rows after it get a fresh base."""
+    from conformance.bench import runner
+
+    fwd = BenchCase.make("reference", "dora", 4, 64, 48, 4, "float32", "fwd")
+    cases = [fwd.with_impl(f"{__name__}:BaseBreaker"), fwd, fwd.with_impl("floor")]
+    recs = runner.time_cases(Builder("cpu"), cases, "cpu", quick=True, log=lambda _: None)
+    assert [r["status"] for r in recs] == ["error", "ok", "ok"], [r.get("error") for r in recs]
+    assert "broke the base" in recs[0]["error"]
 
 
 # -- a tiny CPU run and what it reports ----------------------------------------------------------------

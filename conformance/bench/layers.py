@@ -204,6 +204,14 @@ class Builder:
             self._layers = {}
         return self._base
 
+    def discard(self) -> None:
+        """Forget the cached base and layers: the next case builds its own. After a failed case, whose
+        implementation may have left the shared base broken (PEFT 0.21.2's DoRA re-wraps an 8-bit weight on the CPU
+        without its ``SCB``, docs/findings.md, PEFT 15), so that its failure stays its own."""
+        self._base_key = self._base = None
+        self._layers = {}
+        self._lora_for_floor = self._magnitude_for_floor = None
+
     def layer(self, case: BenchCase) -> nn.Module:
         base = self.base(case)
         if case.impl == "bnb":

@@ -88,6 +88,7 @@ def run_case(builder: Builder, case: BenchCase, device: str, quick: bool, flushe
         rec["status"] = "error"
         rec["error"] = f"{type(exc).__name__}: {exc}"
         rec["traceback"] = traceback.format_exc(limit=6)
+        builder.discard()  # what failed may have broken the shared base: the next case builds a fresh one
     return rec
 
 
