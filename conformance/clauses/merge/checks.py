@@ -31,6 +31,7 @@ from conformance.clauses.merge.cases import (
 )
 from conformance.clauses.merge.declare import CYCLES, ROUNDING_WORDS
 from conformance.clauses.observe import recorded_warnings, warning_texts
+from conformance.numerics.merge import dora_pair_merged
 from conformance.quant import bounds as qbounds
 from conformance.quant import layers as qlayers
 from conformance.quant import validate as qvalidate
@@ -171,12 +172,14 @@ def _roundtrip(ctx: CheckContext, layer: torch.nn.Module, method: str, params: d
     """merge + unmerge; returns (|W2 - W0| bound, W2, b2) after checking the bookkeeping."""
     step(ctx, layer, "merge", label)
     wt, we, bt, be = numerics.merge_target(layer, method, "default", params, w0, b0)
-    first = qbounds.weight_bound(layer.base_layer) + we
+    wb1 = qbounds.weight_bound(layer.base_layer)
+    first = wb1 + we
     w1, b1 = numerics.base_weights(layer.base_layer)
     step(ctx, layer, "unmerge", label)
     ctx.check(not layer.merged and list(layer.merged_adapters) == [],
               f"{label}: after unmerge() merged={layer.merged}, merged_adapters={list(layer.merged_adapters)}")
-    bound = numerics.roundtrip_bound(layer, method, "default", params, first, w1, qbounds.weight_bound(layer.base_layer))
+    bound = numerics.roundtrip_bound(layer, method, "default", params, first, w1, qbounds.weight_bound(layer.base_layer),
+                                     w0=w0, wb1=wb1)
     w2, b2 = numerics.base_weights(layer.base_layer)
     if b0 is not None and b1 is not None and be is not None:
         bias_bound = numerics.bias_roundtrip_bound(b0, be, layer.base_layer.bias.dtype)
@@ -323,6 +326,8 @@ def check_merge_multi(ctx: CheckContext) -> None:
             cases.fill_adapter(layer, "default", ctx.generator(5), scale=scale)
             layer.add_adapter("second", **acase.params)
             cases.fill_adapter(layer, "second", ctx.generator(6), scale=scale)
+            if method == "dora":  # make_layer trains only the first adapter's magnitude
+                cases.trained_magnitude(layer, "second", ctx.generator(7))
             layer.set_adapter(["default", "second"])
             x = ctx.randn(4, case.in_features, offset=2)
             with torch.no_grad():
@@ -330,7 +335,14 @@ def check_merge_multi(ctx: CheckContext) -> None:
                 w0, b0 = numerics.base_weights(layer.base_layer)
                 ta = numerics.merge_target(layer, method, "default", acase.params, w0, b0)
                 tb = numerics.merge_target(layer, method, "second", acase.params, w0, b0)
-                if method == "lora":
+                if method == "dora":
+                    # not additive: f_b (f_a (W0 + d_a) + d_b), each norm on the unmerged W0 (the forward's order
+                    # and norms; numerics.merge.dora_pair_merged bounds both ways of recovering W0 for the second)
+                    s = numerics.lora_scaling(acase.params)
+                    target, arith = dora_pair_merged(layer.base_layer, w0, (layer.adapter_parameters("default"), s),
+                                                     (layer.adapter_parameters("second"), s))
+                    inter = torch.zeros_like(target)
+                elif method == "lora":
                     target = w0 + (ta[0] - w0) + (tb[0] - w0)
                     # either order: first requantization of W0 + delta_first, then arithmetic of both
                     inter = torch.maximum(numerics.hypothetical_requant_bound(layer.base_layer, ta[0]),
@@ -369,6 +381,8 @@ def check_merge_subset(ctx: CheckContext) -> None:
             layer = _build(ctx, method, case, dict(acase.params), seed=7)
             layer.add_adapter("other", **acase.params)
             cases.fill_adapter(layer, "other", ctx.generator(8))
+            if method == "dora":  # make_layer trains only the first adapter's magnitude
+                cases.trained_magnitude(layer, "other", ctx.generator(9))
             label = f"{method} on {case.label}, active ['default'], merge(adapter_names=['other'])"
             x = ctx.randn(4, case.in_features, offset=3)
             with torch.no_grad():
