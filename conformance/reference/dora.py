@@ -44,6 +44,13 @@ class DoraMagnitude(nn.Module):
 class DoraLinearQuant(LoraLinearQuant):
     method: ClassVar[str] = "dora"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """PEFT's rounding warnings, verbatim: DoRA is a LoRA variant there, merged by the LoRA bnb layer, whose text
+        says "lora module" (``peft/tuners/lora/bnb.py`` merge/unmerge)."""
+        super().__init_subclass__(**kwargs)
+        cls.merge_warning = cls.merge_warning.replace(" dora module ", " lora module ")
+        cls.unmerge_warning = cls.unmerge_warning.replace(" dora module ", " lora module ")
+
     # -- adapters ----------------------------------------------------------------------
     def _new_adapter(self, name: str, **kwargs: Any) -> None:
         if kwargs.get("lora_bias", False):

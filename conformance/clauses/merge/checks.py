@@ -254,14 +254,14 @@ def user_warnings(caught: list[Any]) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
-def _check_rounding_warning(ctx: CheckContext, method: str) -> None:
-    for _, bits in ctx.cases():  # one case per family
+def _check_rounding_warning(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():  # one case per family
         with ctx.case(f"{method} {bits}-bit"):
             layer = _build(ctx, method, cases.BaseCase(bits), dict(cases.adapter_cases(method)[0].params))
             with recorded_warnings() as caught:
                 layer.merge()
             got = user_warnings(caught)
-            ctx.measure(f"warnings.{bits}bit", got)
+            ctx.measure(f"warnings.{method}.{bits}bit", got)
             if not any(w_ in t.lower() for t in got for w_ in ROUNDING_WORDS):
                 ctx.fail(f"{bits}-bit: merge() of a {method} adapter emitted no UserWarning naming rounding or "
                          f"quantization; warnings: {warning_texts(caught)}")
@@ -269,12 +269,12 @@ def _check_rounding_warning(ctx: CheckContext, method: str) -> None:
 
 @check("MERGE-WARNS-LORA")
 def check_warns_lora(ctx: CheckContext) -> None:
-    _check_rounding_warning(ctx, "lora")
+    _check_rounding_warning(ctx)  # LoRA and DoRA (PEFT merges DoRA through the same bnb merge, warning alike)
 
 
 @check("MERGE-WARNS-OFT")
 def check_warns_oft(ctx: CheckContext) -> None:
-    _check_rounding_warning(ctx, "oft")
+    _check_rounding_warning(ctx)
 
 
 @check("MERGE-TWICE-WARNS")
