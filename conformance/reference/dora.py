@@ -93,9 +93,20 @@ class DoraLinearQuant(LoraLinearQuant):
         return weight
 
     # -- merge -------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """``QuantAdapterLayer.merge``, each adapter's norm taken on the unmerged weight as it is when this merge
+        starts (the ``W0`` the forward reads), not on one recovered from the weight this merge requantized after
+        merging the adapters before it (that one is off by a requantization)."""
+        self._merge_start = self._unmerged_base_weight()
+        try:
+            super().merge(safe_merge, adapter_names)
+        finally:
+            self._merge_start = None
+
     def _merged_weights(self, name, weight, bias):
         delta = self.get_delta_weight(name).detach().float()
-        norm = torch.linalg.vector_norm(self._unmerged_base_weight() + delta, dim=1)
+        start = getattr(self, "_merge_start", None)
+        norm = torch.linalg.vector_norm((self._unmerged_base_weight() if start is None else start) + delta, dim=1)
         self._merge_norms[name] = norm  # kept: the unmerge divides by this very factor (PEFT's cached norm)
         factor = self._factor(name, norm).detach().float()
         return factor[:, None] * (weight + delta), bias

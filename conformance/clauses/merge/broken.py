@@ -75,6 +75,14 @@ def multi_merge_wrong(layer: nn.Module, spec: AdapterSpec) -> None:
         bind(layer, "_adapters_to_merge", lambda self, names: orig(names)[:1])
 
 
+@twin("MERGE-MULTI", "dora-merge-reversed", more=True)
+def dora_merge_reversed(layer: nn.Module, spec: AdapterSpec) -> None:
+    """DoRA: several adapters merged in the reverse of the forward's order (as if they commuted, as LoRA deltas do):
+    ``f_1 (f_2 (W0 + d_2) + d_1)`` where the forward computes ``f_2 (f_1 (W0 + d_1) + d_2)``."""
+    if spec.method == "dora":
+        bind(layer, "_merge_order", lambda self, names: list(reversed(names)))
+
+
 @twin("MERGE-SUBSET", "merge-ignores-names")
 def merge_ignores_names(layer: nn.Module, spec: AdapterSpec) -> None:
     orig = layer.merge

@@ -90,8 +90,10 @@ declare(
     "merge() with several active adapters merges all of them (merged_adapters lists each once) and the merged "
     "output matches the stacked unmerged forward within the bound of one requantization per adapter. DoRA adapters "
     "do not commute: they merge in the forward's order, f_2 (f_1 (W0 + d_1) + d_2), each norm on the unmerged base "
-    "weight as the forward takes it (PEFT _unmerged_base_weight); the bound also covers recovering that weight by an "
-    "unmerge and merging the first adapter again from it (PEFT), one requantization each.",
+    "weight W0 the forward reads (PEFT merge_safe: 'The weight norm has to be based on the unmerged weight'), the "
+    "intermediate requantization passing through f_2; a norm taken on a W0 recovered from the requantized merged "
+    "weight (unmerging the first adapter again, PEFT _unmerged_base_weight) is off by that requantization, which the "
+    "bound does not add.",
     source=SOURCE_MERGE + "; peft v0.21.2 src/peft/tuners/tuners_utils.py (merge loops over active adapters); peft v0.21.2 "
     "src/peft/tuners/lora/layer.py _unmerged_base_weight, src/peft/tuners/lora/variants.py DoraLinearVariant",
     requires=["multi_adapter"],
