@@ -4,6 +4,11 @@ bookkeeping (twice, nothing merged, several adapters, subsets); lora_bias; requa
 Numbers come from ``conformance.numerics`` (float64 value + bound, observed/bound ratio); every bound that involves a
 requantization uses ``conformance.quant.weight_bound`` of the layer state *after* it (PEFT's
 ``peft/tuners/lora/bnb.py``: merge = dequantize -> apply -> requantize with the original settings).
+
+DoRA goes through the same bnb merge in PEFT (``DoraLinearVariant.merge_safe`` forms the weight), but its merge is not
+additive: ``numerics.merge_target`` gives ``f (W0 + s B A)`` with the norm on the unmerged weight, the round trip is
+``dora.dora_roundtrip_bound`` (``numerics.roundtrip_bound`` with ``w0``/``wb1``), several adapters
+``numerics.merge.dora_pair_merged`` (the forward's order, every norm on ``W0``).
 """
 
 from __future__ import annotations
