@@ -399,12 +399,115 @@ def test_accept_qat_fails_without_qat_exemption(monkeypatch: pytest.MonkeyPatch)
     assert res.outcome == "failed" and "QAT-trainable" in res.message
 
 
+# -- DoRA (LoraConfig(use_dora=True)): the magnitude vectors learn -------------------------------
+DORA_4BIT = frozenset({"dora", "4bit", "peft_model"})
+
+
+def test_dora_trains_here() -> None:
+    """One DoRA training (4-bit, opt): the magnitudes are trainable and change in the first step."""
+    res = run("TRAINER-PEFT-TRAINS", DORA_4BIT)
+    assert res.outcome == "passed", res.message
+    assert res.details["cases_passed"] == ["dora-4bit"]
+    # two targeted projections per decoder layer, one magnitude vector each
+    assert res.measurements["magnitude_vectors.dora"] == 2 * tinymodels.NUM_LAYERS
+    assert res.measurements["loss_after_over_before.dora.4bit"] < 1
+
+
+def test_dora_config_is_lora_with_use_dora() -> None:
+    cfg = trainer_helpers.peft_config("dora", "llama")
+    assert cfg.use_dora is True and cfg.r == trainer_helpers.peft_config("lora", "llama").r
+    assert trainer_helpers.peft_config("lora", "llama").use_dora is False
+
+
+def _dora_twin(monkeypatch: pytest.MonkeyPatch, spoil: object) -> None:
+    """PEFT models whose DoRA magnitude vectors ``spoil(param)`` changes after get_peft_model."""
+    original = tc.make_peft_model
+
+    def make(model: torch.nn.Module, method: str, arch: str) -> torch.nn.Module:
+        out = original(model, method, arch)
+        for name, p in out.named_parameters():
+            if trainer_helpers._is_magnitude_param(name):
+                spoil(p)  # type: ignore[operator]
+        return out
+
+    monkeypatch.setattr(tc, "make_peft_model", make)
+
+
+def test_dora_fails_when_magnitudes_are_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    _dora_twin(monkeypatch, lambda p: p.requires_grad_(False))
+    res = run("TRAINER-PEFT-TRAINS", DORA_4BIT)
+    assert res.outcome == "failed" and "magnitude vectors not trainable" in res.message, res.message
+
+
+def test_dora_fails_when_magnitudes_get_no_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainable but cut from the loss (a zero gradient, as a magnitude detached in the forward would get): the
+    LoRA factors still learn and the loss falls, only the magnitude check bites."""
+    _dora_twin(monkeypatch, lambda p: p.register_hook(torch.zeros_like))
+    res = run("TRAINER-PEFT-TRAINS", DORA_4BIT)
+    assert res.outcome == "failed" and "magnitude vectors unchanged" in res.message, res.message
+
+
+def _peft_dora_int8_cpu_rewrap_bug() -> bool:
+    """Whether the installed PEFT's DoRA loses the int8 scales of a Linear8bitLt on the CPU (docs/findings.md,
+    PEFT 15; baselines/conformance/reproducers/peft_dora_int8_cpu_second_forward.py): two forwards, the second
+    raises."""
+    import bitsandbytes as bnb
+    import peft
+    from peft.tuners.lora import bnb as peft_bnb
+
+    base = bnb.nn.Linear8bitLt(16, 8, bias=False, has_fp16_weights=False, threshold=0.0)
+    base.weight = bnb.nn.Int8Params(torch.randn(8, 16).half(), requires_grad=False, has_fp16_weights=False)
+    layer = peft_bnb.Linear8bitLt(base.to("cpu"), "default", config=peft.LoraConfig(r=2, use_dora=True), r=2,
+                                  lora_alpha=2)
+    try:
+        layer(torch.randn(2, 16))
+        layer(torch.randn(2, 16))
+    except AttributeError:
+        return True
+    return False
+
+
+def _keep_int8_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEFT's DoRA weight read without the CPU re-wrap of an Int8Params (what loses its SCB)."""
+    from peft.tuners.lora import dora
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    original = dora.dequantize_module_weight
+
+    def no_rewrap(module: torch.nn.Module) -> torch.Tensor:
+        if type(module.weight).__name__ == "Int8Params":
+            return dequantize_bnb_weight(module.weight, state=module.state)
+        return original(module)
+
+    monkeypatch.setattr(dora, "dequantize_module_weight", no_rewrap)
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["as-installed", "int8-scales-kept"])
+def test_dora_8bit_verdict_follows_the_peft_int8_rewrap(monkeypatch: pytest.MonkeyPatch, fixed: bool) -> None:
+    """The dora/8bit failure is PEFT's re-wrap and nothing of ours: it fails iff the bug shows, naming the
+    exception and PEFT's frame, and passes once the re-wrap is gone."""
+    if fixed:
+        _keep_int8_scales(monkeypatch)
+    bug = _peft_dora_int8_cpu_rewrap_bug()
+    assert not (fixed and bug)
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"dora", "8bit", "peft_model"}))
+    if bug:
+        assert res.outcome == "failed", res.message
+        assert "Trainer.train() raised AttributeError" in res.message and "peft/tuners/lora/" in res.message
+    else:
+        assert res.outcome == "passed", res.message
+        assert res.details["cases_passed"] == ["dora-8bit"]
+
+
 # -- the full matrix (slow) --------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", tinymodels.ARCHS)
-@pytest.mark.parametrize("method", ["lora", "oft"])
+@pytest.mark.parametrize("method", ["lora", "oft", "dora"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_full_training_matrix(arch: str, method: str, bits: int) -> None:
+def test_full_training_matrix(request: pytest.FixtureRequest, arch: str, method: str, bits: int) -> None:
+    if method == "dora" and bits == 8 and _peft_dora_int8_cpu_rewrap_bug():
+        request.applymarker(pytest.mark.xfail(strict=True, reason="PEFT DoRA on Linear8bitLt (CPU) loses the int8 "
+                                              "scales at the second forward (docs/findings.md, PEFT 15)"))
     ctx = CheckContext(impl=EnvImpl(), clause=clauses.get("TRAINER-PEFT-TRAINS"))
     tc.train_and_check(ctx, arch, method, bits)
 

@@ -4,7 +4,9 @@ Runs the benchmark matrix (``conformance.bench.cases``), writes ``DIR/<environme
 PNG next to it, prints the summary table, and with ``--compare`` runs the noise-aware regression
 compare against an older result (exit 1 on a regression). ``--impl`` adds an implementation found as the
 conformance runner finds one (a built-in name, an entry point, ``package.module:attr``, or ``NAME@PYTHON`` to time
-it in another interpreter) beside the reference in every group the matrix times the reference in.
+it in another interpreter) beside the reference in every group the matrix times the reference in. ``--methods``
+picks the adapter methods (``--methods dora``: DoRA's cases alone; the default, LoRA and OFT, is the matrix of the
+stored baselines).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from conformance.bench import DEFAULT_METHODS, METHODS, parse_methods
 from conformance.harness.files import write_atomic
 
 if TYPE_CHECKING:
@@ -31,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.05, help="regression threshold for --compare (0.05)")
     p.add_argument("--normalize", default=None, metavar="IMPL", help="--compare relative to this implementation "
                    "of the same group (e.g. bnb): cancels machine-speed drift between the runs")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="M[,M..]",
+                   help=f"adapter methods to time, of {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)}: the "
+                   "stored baselines' matrix; --methods dora times DoRA's cases alone)")
     p.add_argument("--filter", default=None, help="only cases whose key contains all these ,-separated parts")
     p.add_argument("--max-seconds", type=float, default=None, help="stop starting new cases after this long")
     p.add_argument("--repeats", type=int, default=3, help="extra independent runs of the main cases (spread)")
@@ -41,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
                    "@PYTHON runs it in that interpreter")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    try:
+        methods = parse_methods(args.methods)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     problem = _check_impls(args.impl)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -63,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import run
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    matrix = with_impls(bench_cases.matrix(device, args.quick), args.impl)
+    matrix = with_impls(bench_cases.matrix(device, args.quick, methods), args.impl)
     matrix = bench_cases.select(matrix, args.filter)
     mem_shapes = sorted({(c.in_features, c.out_features) for c in matrix})  # only the shapes that were run
     from conformance.harness.runner import UsageError

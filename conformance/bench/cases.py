@@ -10,7 +10,12 @@ priority order (the runner stops at its time budget, so what matters most comes 
 2. the same in fp16;
 3. merge / unmerge on 4-bit (reference and PEFT);
 4. 8-bit (``Linear8bitLt``, threshold 0) LoRA, bf16;
-5. OFT on 4-bit (reference and PEFT), 8-bit merge / unmerge.
+5. OFT on 4-bit (reference and PEFT), 8-bit merge / unmerge;
+6. DoRA r=16 (``LoraConfig(use_dora=True)``) at the training token counts (:data:`TRAINING_TOKENS`), forward and
+   forward+backward, 4-bit NF4+DQ at every shape and 8-bit at two: the bare layer, the measured floor (LoRA's plus
+   the weight norm, ``conformance.bench.roofline``), the reference and PEFT. Timed on request: ``methods``
+   (``--methods dora`` runs these alone; the default, :data:`conformance.bench.DEFAULT_METHODS`, is the stored
+   baselines' matrix).
 
 Shapes are ``(in_features, out_features)`` and labelled ``"{in}x{out}"``: 4096x11008 is a LLaMA-7B
 up-projection, 11008x4096 its down-projection, 8192x28672 a LLaMA-70B MLP projection. Base layers have
@@ -21,6 +26,7 @@ with a ``BitsAndBytesConfig`` leaves it). Adapters are held in the compute dtype
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -29,9 +35,15 @@ import torch
 from conformance.clauses.cases import AdapterCase, BaseCase, OnBase
 from conformance.quant.torchnames import dtype_name, dtype_of
 
+from . import DEFAULT_METHODS, METHODS
+
 GPU_SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672))
 GPU_TOKENS: tuple[int, ...] = (1, 512, 4096, 16384)  # 1 = decode, 16384 = a training micro-batch
 GPU_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
+
+#: Token counts of a training step (a micro-batch of 4096 and of 16384 tokens): where the speed targets and the
+#: DoRA rows are taken.
+TRAINING_TOKENS: tuple[int, ...] = (4096, 16384)
 
 QUICK_SHAPES: tuple[tuple[int, int], ...] = ((256, 256),)
 QUICK_TOKENS: tuple[int, ...] = (8,)
@@ -46,6 +58,10 @@ OFT_BLOCK_SIZE = 32  # PEFT's OFTConfig default
 IMPLS_LORA = ("bnb", "floor-bare", "floor", "reference", "reference-noclone", "reference-v0", "reference-v0-noclone",
               "peft")
 IMPLS_OFT = ("bnb", "reference", "peft")
+#: DoRA: the bare layer, the measured floor (``roofline.floor_fn`` with the weight norm), the reference and PEFT.
+IMPLS_DORA = ("bnb", "floor", "reference", "peft")
+#: Methods of the LoRA family: a rank, a scaling, LoRA's factors (DoRA adds its magnitude vector).
+LORA_FAMILY = ("lora", "dora")
 OPS_RUN = ("fwd", "fwdbwd")
 OPS_MERGE = ("merge", "unmerge")
 
@@ -62,12 +78,13 @@ def bench_base(bits: int, in_features: int, out_features: int, dtype: str, *, qu
 
 
 def bench_adapter(method: str, rank: int = RANK, alpha: int = ALPHA) -> AdapterCase:
-    """The adapter of a benchmark: LoRA rank ``rank`` (random A and B), or OFT with PEFT's default block size."""
-    if method == "lora":
-        return AdapterCase("lora", {"r": rank, "lora_alpha": alpha, "init_lora_weights": False})
+    """The adapter of a benchmark: LoRA or DoRA rank ``rank`` (random A and B), or OFT with PEFT's default block
+    size."""
+    if method in LORA_FAMILY:
+        return AdapterCase(method, {"r": rank, "lora_alpha": alpha, "init_lora_weights": False})
     if method == "oft":
         return AdapterCase("oft", {"r": 0, "oft_block_size": OFT_BLOCK_SIZE, "init_weights": False})
-    raise ValueError(f"unknown method {method!r}: one of lora, oft")
+    raise ValueError(f"unknown method {method!r}: one of lora, dora, oft")
 
 
 @dataclass(frozen=True)
@@ -106,12 +123,12 @@ class BenchCase(OnBase):
 
     @property
     def rank(self) -> int:
-        """The LoRA rank (OFT rows carry the suite's ``RANK``, as stored benchmarks do)."""
-        return self.adapter.params.get("r", RANK) if self.method == "lora" else RANK
+        """The LoRA / DoRA rank (OFT rows carry the suite's ``RANK``, as stored benchmarks do)."""
+        return self.adapter.params.get("r", RANK) if self.method in LORA_FAMILY else RANK
 
     @property
     def alpha(self) -> int:
-        return self.adapter.params.get("lora_alpha", ALPHA) if self.method == "lora" else ALPHA
+        return self.adapter.params.get("lora_alpha", ALPHA) if self.method in LORA_FAMILY else ALPHA
 
     @property
     def shape(self) -> str:
@@ -153,8 +170,16 @@ def _merge_cases(method: str, bits: int, impls: tuple[str, ...], shapes, dtype: 
             for (i, o) in shapes for op in OPS_MERGE for impl in impls]
 
 
-def matrix(device: str = "cuda", quick: bool = False) -> list[BenchCase]:
-    """All cases in priority order. ``quick`` is the CPU smoke (tiny shapes, one token count)."""
+def matrix(device: str = "cuda", quick: bool = False, methods: Sequence[str] = DEFAULT_METHODS) -> list[BenchCase]:
+    """The cases of ``methods`` (default: the stored baselines' matrix, LoRA and OFT) in priority order. ``quick`` is
+    the CPU smoke (tiny shapes, one token count)."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}: the benchmarks time {', '.join(METHODS)}")
+    return [c for c in _all_cases(device, quick) if c.method in methods]
+
+
+def _all_cases(device: str, quick: bool) -> list[BenchCase]:
     if quick:
         dt = (torch.bfloat16,) if device == "cuda" else (torch.float32,)
         shapes, tokens = QUICK_SHAPES, QUICK_TOKENS
@@ -163,6 +188,7 @@ def matrix(device: str = "cuda", quick: bool = False) -> list[BenchCase]:
             + _run_cases("lora", 8, ("bnb", "floor-bare", "floor", "reference", "peft"), shapes, tokens, dt)
             + _run_cases("oft", 4, ("reference", "peft"), shapes, tokens, dt)
             + _merge_cases("lora", 4, ("reference", "peft"), shapes, dt[0])
+            + _run_cases("dora", 4, IMPLS_DORA, shapes, tokens, dt)
         )
     bf16, fp16 = torch.bfloat16, torch.float16
     return (
@@ -173,7 +199,15 @@ def matrix(device: str = "cuda", quick: bool = False) -> list[BenchCase]:
         + _run_cases("lora", 8, ("bnb", "floor-bare", "floor", "reference", "peft"), GPU_SHAPES, GPU_TOKENS, (bf16,))
         + _run_cases("oft", 4, IMPLS_OFT, ((4096, 4096), (8192, 8192)), (1, 4096), (bf16,))
         + _merge_cases("lora", 8, ("reference", "peft"), ((4096, 4096),), bf16)
+        + dora_cases()
     )
+
+
+def dora_cases() -> list[BenchCase]:
+    """DoRA at the training shapes (bfloat16): 4-bit NF4+DQ at every shape, 8-bit at two (96 cases)."""
+    bf16 = (torch.bfloat16,)
+    return (_run_cases("dora", 4, IMPLS_DORA, GPU_SHAPES, TRAINING_TOKENS, bf16)
+            + _run_cases("dora", 8, IMPLS_DORA, ((4096, 4096), (8192, 8192)), TRAINING_TOKENS[:1], bf16))
 
 
 def select(cases: list[BenchCase], pattern: str | None) -> list[BenchCase]:

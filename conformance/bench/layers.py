@@ -41,7 +41,7 @@ from conformance.quant.torchnames import dtype_of
 from conformance.reference import LoraLinear4bit, LoraLinear8bit
 
 from . import roofline
-from .cases import BenchCase
+from .cases import LORA_FAMILY, BenchCase
 from .memory import stored_bytes
 from .timing import host_clock, spin
 
@@ -108,16 +108,24 @@ def _adapter_tensors(layer: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def _is_magnitude(name: str) -> bool:
+    """DoRA's magnitude vector (reference ``lora_magnitude_vector.weight``, PEFT
+    ``lora_magnitude_vector.default.weight``)."""
+    return "lora_magnitude_vector" in name.split(".")
+
+
 def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1, impl: Implementation | None = None
                        ) -> nn.Module:
     """The adapter layer of a case over ``base``, random adapter tensors (never time on zeros).
 
-    LoRA adapters are held in the compute dtype; OFT's rotation parameters stay float32 (the Cayley solve needs
-    it). ``impl``: the loaded implementation (default: ``implementation(case.impl)``)."""
+    LoRA and DoRA adapters are held in the compute dtype; OFT's rotation parameters stay float32 (the Cayley solve
+    needs it). A DoRA magnitude keeps the layer's own initial value (the row norms of ``W0 + s B A`` at its initial
+    factors: positive, as trained magnitudes are). ``impl``: the loaded implementation (default:
+    ``implementation(case.impl)``)."""
     dtype = dtype_of(case.dtype)
     gen = torch.Generator(device=base.weight.device).manual_seed(seed)
     params = dict(case.adapter.params)
-    adapter_dtype = case.dtype if case.method == "lora" else "float32"
+    adapter_dtype = case.dtype if case.method in LORA_FAMILY else "float32"
     if case.impl.startswith("reference-v0"):
         if case.method != "lora":
             raise ValueError(f"{case.impl} is a LoRA forward: it has no {case.method}")
@@ -131,8 +139,9 @@ def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1, impl: Im
         if isinstance(layer, LibraryLayer):  # time the library's own layer, not the protocol wrapper
             layer = layer.layer
     with torch.no_grad():
-        for p in _adapter_tensors(layer).values():
-            p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) * 0.02)
+        for name, p in _adapter_tensors(layer).items():
+            if not _is_magnitude(name):
+                p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) * 0.02)
     return layer
 
 
@@ -140,6 +149,11 @@ def lora_tensors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A, B, scaling) of a LoRA layer, for the measured floor."""
     return layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach(), float(
         layer.scaling["default"])
+
+
+def magnitude_tensor(layer: nn.Module) -> torch.Tensor:
+    """The magnitude vector of a DoRA layer (reference or PEFT), for the measured floor."""
+    return layer.lora_magnitude_vector["default"].weight.detach()
 
 
 @dataclass
@@ -166,6 +180,7 @@ class Builder:
         self._base: nn.Module | None = None
         self._layers: dict[str, nn.Module] = {}
         self._lora_for_floor: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._magnitude_for_floor: torch.Tensor | None = None
         self._impls: dict[str, Implementation] = {}
 
     def implementation(self, name: str) -> Implementation | None:
@@ -181,13 +196,21 @@ class Builder:
                case.dtype)
         if key != self._base_key:
             self._base = self._layers = None
-            self._lora_for_floor = None
+            self._lora_for_floor = self._magnitude_for_floor = None
             if self.device == "cuda":
                 torch.cuda.empty_cache()
             self._base = make_base(case, self.device)
             self._base_key = key
             self._layers = {}
         return self._base
+
+    def discard(self) -> None:
+        """Forget the cached base and layers: the next case builds its own. After a failed case, whose
+        implementation may have left the shared base broken (PEFT 0.21.2's DoRA re-wraps an 8-bit weight on the CPU
+        without its ``SCB``, docs/findings.md, PEFT 15), so that its failure stays its own."""
+        self._base_key = self._base = None
+        self._layers = {}
+        self._lora_for_floor = self._magnitude_for_floor = None
 
     def layer(self, case: BenchCase) -> nn.Module:
         base = self.base(case)
@@ -202,6 +225,14 @@ class Builder:
             self._lora_for_floor = lora_tensors(self.layer(case.with_impl("reference")))
         return self._lora_for_floor
 
+    def floor_magnitude(self, case: BenchCase) -> torch.Tensor | None:
+        """The reference layer's DoRA magnitude for the measured floor of a DoRA case; None for other methods."""
+        if case.method != "dora":
+            return None
+        if self._magnitude_for_floor is None:
+            self._magnitude_for_floor = magnitude_tensor(self.layer(case.with_impl("reference")))
+        return self._magnitude_for_floor
+
     def prepare(self, case: BenchCase) -> Prepared:
         dev, dtype = self.device, dtype_of(case.dtype)
         if case.op in ("merge", "unmerge"):
@@ -214,7 +245,8 @@ class Builder:
         static = sum(stored_bytes(base).values())
         if case.impl in ("floor", "floor-bare"):
             lora = self.floor_lora(case) if case.impl == "floor" else None
-            fn = roofline.floor_fn(case, base, x, grad, lora)
+            magnitude = self.floor_magnitude(case) if case.impl == "floor" else None
+            fn = roofline.floor_fn(case, base, x, grad, lora, magnitude)
             return Prepared(case, fn, None, static)
         layer = self.layer(case)
         static += _param_bytes(layer) - _param_bytes(base) if layer is not base else 0

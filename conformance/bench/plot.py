@@ -5,6 +5,8 @@
 - ``<stem>-vs-peft.png``: how does each implementation compare with PEFT (time / PEFT's time; < 1 = faster)?
   Forward and forward+backward panels, grouped bars per shape and token count.
 - ``<stem>-memory.png``: peak extra device memory of forward+backward at the largest token count, per shape.
+- ``<stem>-dora-floor.png`` and ``<stem>-dora-vs-peft.png``: the same two questions for DoRA r=16 (NF4+DQ), when
+  the result has DoRA rows (``--filter dora-``); the ratios are measured, no target is drawn from them.
 - ``decode-graph-<slug>.png`` (from ``conformance.bench.decode_graph``): one-token forward against the bare
   bnb layer, eager and under CUDA-graph replay.
 
@@ -28,6 +30,9 @@ from typing import Any
 COLORS = {"bnb": "tab:gray", "reference": "tab:blue", "reference-noclone": "tab:cyan", "peft": "tab:orange",
           "litgpt": "tab:green", "reference-v0": "tab:purple"}
 MAIN_GROUP = "lora-nf4-dq"  # the QLoRA recipe: NF4 + double quant, LoRA r=16
+DORA_GROUP = "dora-nf4-dq"  # the same base with DoRA r=16
+#: what each group's figures say they show
+GROUP_LABELS = {MAIN_GROUP: "NF4+DQ, LoRA r=16, bf16", DORA_GROUP: "NF4+DQ, DoRA r=16, bf16"}
 DTYPE = "bfloat16"
 
 
@@ -107,8 +112,8 @@ def _pyplot() -> Any:
     return plt
 
 
-def floor_figure(doc: dict[str, Any], path: Path) -> Path | None:
-    rows = _rows(doc, "fwdbwd")
+def floor_figure(doc: dict[str, Any], path: Path, group: str = MAIN_GROUP) -> Path | None:
+    rows = _rows(doc, "fwdbwd", group)
     floors = {(r["shape"], r["tokens"]): r for r in rows if r["impl"] == "floor"}
     tokens = sorted({t for _, t in floors if t > 1})
     if not tokens:
@@ -125,20 +130,20 @@ def floor_figure(doc: dict[str, Any], path: Path) -> Path | None:
         _bars(ax, shapes, dict(series), "time / measured floor" if ax is axes[0][0] else "")
         ax.set_title(f"{t} tokens", fontsize=10)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"fwd+bwd over the measured floor (NF4+DQ, LoRA r=16, bf16): {hardware(doc)}", fontsize=10)
+    fig.suptitle(f"fwd+bwd over the measured floor ({GROUP_LABELS[group]}): {hardware(doc)}", fontsize=10)
     return _save(fig, path)
 
 
-def vs_peft_figure(doc: dict[str, Any], path: Path) -> Path | None:
-    ops = [op for op in ("fwd", "fwdbwd") if any(r["impl"] == "peft" for r in _rows(doc, op))]
+def vs_peft_figure(doc: dict[str, Any], path: Path, group: str = MAIN_GROUP) -> Path | None:
+    ops = [op for op in ("fwd", "fwdbwd") if any(r["impl"] == "peft" for r in _rows(doc, op, group))]
     if not ops:
         return None
     plt = _pyplot()
-    tokens = sorted({r["tokens"] for op in ops for r in _rows(doc, op)})
+    tokens = sorted({r["tokens"] for op in ops for r in _rows(doc, op, group)})
     fig, axes = plt.subplots(len(ops), len(tokens), figsize=(3.6 * len(tokens), 3.2 * len(ops)), squeeze=False,
                              sharey="row")
     for row, op in enumerate(ops):
-        rows = _rows(doc, op)
+        rows = _rows(doc, op, group)
         shapes = _shape_order(rows)
         peft = {(r["shape"], r["tokens"]): r for r in rows if r["impl"] == "peft"}
         for col, t in enumerate(tokens):
@@ -152,7 +157,7 @@ def vs_peft_figure(doc: dict[str, Any], path: Path) -> Path | None:
             _bars(ax, shapes, series, f"{'forward' if op == 'fwd' else 'fwd+bwd'}: time / PEFT" if col == 0 else "")
             ax.set_title(f"{'forward' if op == 'fwd' else 'fwd+bwd'}, {t} token{'s' if t > 1 else ''}", fontsize=10)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"against PEFT (< 1 = faster; NF4+DQ, LoRA r=16, bf16): {hardware(doc)}", fontsize=10)
+    fig.suptitle(f"against PEFT (< 1 = faster; {GROUP_LABELS[group]}): {hardware(doc)}", fontsize=10)
     return _save(fig, path)
 
 
@@ -202,7 +207,9 @@ def plot(doc: dict[str, Any], out: str | Path) -> list[Path]:
         made = [decode_figure(doc, out)]
     else:
         made = [floor_figure(doc, Path(f"{stem}-floor.png")), vs_peft_figure(doc, Path(f"{stem}-vs-peft.png")),
-                memory_figure(doc, Path(f"{stem}-memory.png"))]
+                memory_figure(doc, Path(f"{stem}-memory.png")),
+                floor_figure(doc, Path(f"{stem}-dora-floor.png"), DORA_GROUP),
+                vs_peft_figure(doc, Path(f"{stem}-dora-vs-peft.png"), DORA_GROUP)]
     return [p for p in made if p is not None]
 
 

@@ -36,7 +36,7 @@ from conformance.harness.environment import fingerprint, slug
 from conformance.harness.files import write_atomic
 
 from . import memory, roofline
-from .cases import BenchCase
+from .cases import LORA_FAMILY, BenchCase
 from .layers import Builder, inject_factor, with_slowdown
 from .timing import Budget, L2Flusher, Timing, measure, time_host
 
@@ -88,6 +88,7 @@ def run_case(builder: Builder, case: BenchCase, device: str, quick: bool, flushe
         rec["status"] = "error"
         rec["error"] = f"{type(exc).__name__}: {exc}"
         rec["traceback"] = traceback.format_exc(limit=6)
+        builder.discard()  # what failed may have broken the shared base: the next case builds a fresh one
     return rec
 
 
@@ -106,7 +107,7 @@ def derive(records: list[dict[str, Any]], peak: roofline.Peak | None) -> None:
             r["tflops"] = f / med / 1e12
             r["gbps"] = b / med / 1e9
             floor_impl = "floor-bare" if case.impl in roofline.BARE_IMPLS else "floor"
-            fl = by_key.get(f"{case.group}/{floor_impl}") if case.method == "lora" else None
+            fl = by_key.get(f"{case.group}/{floor_impl}") if case.method in LORA_FAMILY else None
             if fl is not None and case.impl != floor_impl:
                 fm = fl["timing"]["median_s"]
                 r["floor_measured_s"] = fm

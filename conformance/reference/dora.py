@@ -44,6 +44,13 @@ class DoraMagnitude(nn.Module):
 class DoraLinearQuant(LoraLinearQuant):
     method: ClassVar[str] = "dora"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """PEFT's rounding warnings, verbatim: DoRA is a LoRA variant there, merged by the LoRA bnb layer, whose text
+        says "lora module" (``peft/tuners/lora/bnb.py`` merge/unmerge)."""
+        super().__init_subclass__(**kwargs)
+        cls.merge_warning = cls.merge_warning.replace(" dora module ", " lora module ")
+        cls.unmerge_warning = cls.unmerge_warning.replace(" dora module ", " lora module ")
+
     # -- adapters ----------------------------------------------------------------------
     def _new_adapter(self, name: str, **kwargs: Any) -> None:
         if kwargs.get("lora_bias", False):
@@ -86,9 +93,20 @@ class DoraLinearQuant(LoraLinearQuant):
         return weight
 
     # -- merge -------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """``QuantAdapterLayer.merge``, each adapter's norm taken on the unmerged weight as it is when this merge
+        starts (the ``W0`` the forward reads), not on one recovered from the weight this merge requantized after
+        merging the adapters before it (that one is off by a requantization)."""
+        self._merge_start = self._unmerged_base_weight()
+        try:
+            super().merge(safe_merge, adapter_names)
+        finally:
+            self._merge_start = None
+
     def _merged_weights(self, name, weight, bias):
         delta = self.get_delta_weight(name).detach().float()
-        norm = torch.linalg.vector_norm(self._unmerged_base_weight() + delta, dim=1)
+        start = getattr(self, "_merge_start", None)
+        norm = torch.linalg.vector_norm((self._unmerged_base_weight() if start is None else start) + delta, dim=1)
         self._merge_norms[name] = norm  # kept: the unmerge divides by this very factor (PEFT's cached norm)
         factor = self._factor(name, norm).detach().float()
         return factor[:, None] * (weight + delta), bias

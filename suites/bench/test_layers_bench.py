@@ -1,9 +1,9 @@
 """Layer benchmarks through pytest-benchmark.
 
-- ``test_smoke``: the quick matrix (256x256, 8 tokens, fp32) on the CPU, part of the normal test run
-  (a few seconds): every implementation and operation runs, is timed, and returns finite values.
-- ``test_gpu``: the full matrix of ``conformance.bench.cases`` on CUDA (``-m bench --device cuda``;
-  select with ``-k``); rounds from ``$CONFORMANCE_BENCH_ROUNDS`` (default 20).
+- ``test_smoke``: the quick matrix (256x256, 8 tokens, fp32) of every method (DoRA's too) on the CPU, part of the
+  normal test run (a few seconds): every implementation and operation runs, is timed, and returns finite values.
+- ``test_gpu``: the full matrix of ``conformance.bench.cases`` on CUDA, every method (``-m bench --device cuda``;
+  select with ``-k``, e.g. ``-k dora``); rounds from ``$CONFORMANCE_BENCH_ROUNDS`` (default 20).
 
 The timed call synchronises the device (pytest-benchmark's timer is ``perf_counter``); the L2 flush and
 the untimed setup run in pytest-benchmark's ``setup`` hook. On a shared, oversubscribed CPU runner use
@@ -19,13 +19,13 @@ import warnings
 import pytest
 import torch
 
-from conformance.bench import roofline
+from conformance.bench import METHODS, roofline
 from conformance.bench.cases import BenchCase, matrix
 from conformance.bench.layers import inject_factor, with_slowdown
 from conformance.bench.timing import L2Flusher
 
-QUICK = matrix("cpu", quick=True)
-FULL = matrix("cuda", quick=False)
+QUICK = matrix("cpu", quick=True, methods=METHODS)  # every method: DoRA's smoke too
+FULL = matrix("cuda", quick=False, methods=METHODS)
 
 
 def _check_finite(out: object) -> None:

@@ -123,3 +123,23 @@ def transposed_delta(layer: nn.Module, spec: AdapterSpec) -> None:
 
 BROKEN["FWD-ERR-RANK"] = Broken("clamps-rank", spec_hook=with_params(r=clamp_rank))
 BROKEN["FWD-ERR-OFT-LAYOUT"] = Broken("adjusts-layout", spec_hook=with_params(r=adjust_oft_layout))
+
+
+@twin("FWD-ORACLE", "dora-wrong-norm", more=True)
+def dora_wrong_norm(layer: nn.Module, spec: AdapterSpec) -> None:
+    """DoRA: the weight norm taken on ``W0`` alone, ``||W0||_c`` instead of ``||W0 + s B A||_c`` (the norm the
+    magnitude is initialised from, reused as the denominator), in the forward and in the merge alike: one consistent
+    bug, so a merge round trip still comes back. (The norm over the wrong axis of the out x in weight, the columns,
+    has ``in_features`` entries and does not broadcast against the magnitude on a non-square layer: that bug crashes
+    rather than computes a wrong number.)"""
+    if spec.method != "dora":
+        return
+    bind(layer, "weight_norm", lambda self, name, weight: torch.linalg.vector_norm(
+        weight.detach().to(self.lora_A[name].weight.dtype), dim=1))
+
+    def merged(self: nn.Module, name: str, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+        norm = torch.linalg.vector_norm(self._unmerged_base_weight(), dim=1)
+        self._merge_norms[name] = norm  # the unmerge divides by the same (wrong) factor
+        factor = self._factor(name, norm).detach().float()
+        return factor[:, None] * (w + self.get_delta_weight(name).detach().float()), b
+    bind(layer, "_merged_weights", merged)

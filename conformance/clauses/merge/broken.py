@@ -26,6 +26,8 @@ def merge_unscaled(layer: nn.Module, spec: AdapterSpec) -> None:
     if spec.method == "lora":
         bind(layer, "_merged_weights", lambda self, name, w, b: (
             w + (self.lora_B[name].weight @ self.lora_A[name].weight).detach().float(), b))
+    elif spec.method == "dora":  # the merge's delta (and its norm) without the scaling; the forward is right
+        bind(layer, "get_delta_weight", lambda self, name: self.lora_B[name].weight @ self.lora_A[name].weight)
     else:  # merge with R instead of R^T
         bind(layer, "_merged_weights", lambda self, name, w, b: (w @ self.get_delta_weight(name).detach().float(), b))
 
@@ -36,6 +38,12 @@ def unmerge_wrong(layer: nn.Module, spec: AdapterSpec) -> None:
     if spec.method == "lora":
         bind(layer, "_unmerged_weights", lambda self, name, w, b: (
             w - 0.9 * self.get_delta_weight(name).detach().float(), b))
+    elif spec.method == "dora":  # divides by the kept factor, then subtracts 0.9 of the delta
+        def unmerged(self: nn.Module, name: str, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+            new_w = self._undo(name, w) + 0.1 * self.get_delta_weight(name).detach().float()
+            del self._merge_norms[name]
+            return new_w, b
+        bind(layer, "_unmerged_weights", unmerged)
     else:  # "inverse" = applying the rotation again
         bind(layer, "_unmerged_weights", lambda self, name, w, b: (
             w @ self.get_delta_weight(name).detach().float().t(), b))
@@ -65,6 +73,14 @@ def multi_merge_wrong(layer: nn.Module, spec: AdapterSpec) -> None:
     else:
         orig = layer._adapters_to_merge
         bind(layer, "_adapters_to_merge", lambda self, names: orig(names)[:1])
+
+
+@twin("MERGE-MULTI", "dora-merge-reversed", more=True)
+def dora_merge_reversed(layer: nn.Module, spec: AdapterSpec) -> None:
+    """DoRA: several adapters merged in the reverse of the forward's order (as if they commuted, as LoRA deltas do):
+    ``f_1 (f_2 (W0 + d_2) + d_1)`` where the forward computes ``f_2 (f_1 (W0 + d_1) + d_2)``."""
+    if spec.method == "dora":
+        bind(layer, "_merge_order", lambda self, names: list(reversed(names)))
 
 
 @twin("MERGE-SUBSET", "merge-ignores-names")
@@ -192,6 +208,32 @@ class TransposingMerge(ReferenceImplementation):
 
         layer.merge = transposed
         return layer
+
+
+@twin("MERGE-FORWARD-BOUND", "dora-wrong-norm", more=True)
+def dora_wrong_norm(layer: nn.Module, spec: AdapterSpec) -> None:
+    """``conformance.clauses.forward.broken.dora_wrong_norm``: the DoRA norm taken on ``W0`` alone, in the forward
+    and the merge alike (MERGE-FORWARD-BOUND sees the unmerged and the merged output off the oracle)."""
+    from conformance.clauses.forward.broken import dora_wrong_norm as patch
+
+    patch(layer, spec)
+
+
+@twin("MERGE-FORWARD-BOUND", "dora-merge-without-magnitude", more=True)
+@twin("MERGE-ROUNDTRIP", "dora-merge-without-magnitude", more=True)
+@twin("MERGE-CYCLES", "dora-merge-without-magnitude", more=True)
+def dora_merge_without_magnitude(layer: nn.Module, spec: AdapterSpec) -> None:
+    """DoRA: the merge adds ``s B A`` and forgets the factor ``m / n`` (writes ``W0 + s B A``, as a LoRA merge); the
+    unmerge is the reference's (divides by the kept factor, subtracts ``s B A``), so the round trip does not come
+    back to ``W0`` either (every cycle of MERGE-CYCLES is such a round trip); the forward is right."""
+    if spec.method != "dora":
+        return
+
+    def merged(self: nn.Module, name: str, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+        delta = self.get_delta_weight(name).detach().float()
+        self._merge_norms[name] = torch.linalg.vector_norm(self._unmerged_base_weight() + delta, dim=1)  # for unmerge
+        return w + delta, b
+    bind(layer, "_merged_weights", merged)
 
 
 @twin("MERGE-KEEPS-QUANT-SETTINGS", "requant-default-storage-and-threshold", more=True)

@@ -22,7 +22,9 @@ declare(
     "ranks, alphas != r, rsLoRA, OFT block sizes/sharing, quant types, blocksizes, double quant, compute dtypes, "
     "storage dtypes; then listed 8-bit bases with has_fp16_weights in train and eval mode, where the merge may add to "
     "the float16 weight or to its int8 form and the bound adds their exact gap), and the merged quant state "
-    "dequantizes to the merged weight within that requantization bound.",
+    "dequantizes to the merged weight within that requantization bound. DoRA's merge is not additive: the merged "
+    "weight is f (W0 + s B A) with f = m / ||W0 + s B A||_c, the norm of each output row taken on the unmerged "
+    "weight (PEFT DoraLinearVariant.merge_safe), with the DoRA bounds of conformance.numerics.dora.",
     source=SOURCE_MERGE,
     area='merge',
 )
@@ -30,8 +32,9 @@ declare(
 declare(
     "MERGE-ROUNDTRIP", "MUST",
     "merge() then unmerge() returns the dequantized base weight within the bound of two requantizations plus the "
-    "merge/unmerge arithmetic (OFT: unmerge applies the inverse rotation, R^T for the exact Cayley transform), and "
-    "the layer reports merged=False.",
+    "merge/unmerge arithmetic (OFT: unmerge applies the inverse rotation, R^T for the exact Cayley transform; DoRA: "
+    "unmerge divides by the very factor m/n the merge used, its norm n kept from the merge as PEFT caches it, since "
+    "the merged weight's own norm is another number, then subtracts s B A), and the layer reports merged=False.",
     source=SOURCE_MERGE, requires=["unmerge"],
     area='merge',
 )
@@ -46,10 +49,12 @@ declare(
 
 declare(
     "MERGE-WARNS-LORA", "MUST",
-    "Merging LoRA into a quantized base emits a UserWarning about rounding (its text names rounding or "
-    "quantization); PEFT's exact text is MERGE-WARNS-LORA-TEXT.",
-    source="peft v0.21.2 src/peft/tuners/lora/bnb.py Linear8bitLt.merge, Linear4bit.merge (warnings.warn on merge)",
-    methods=["lora"],
+    "Merging LoRA, or DoRA (a LoRA variant, merged by the same code in PEFT), into a quantized base emits a "
+    "UserWarning about rounding (its text names rounding or quantization); PEFT's exact text is "
+    "MERGE-WARNS-LORA-TEXT.",
+    source="peft v0.21.2 src/peft/tuners/lora/bnb.py Linear8bitLt.merge, Linear4bit.merge (warnings.warn on merge, "
+    "before the DoRA variant's merge_safe)",
+    methods=["lora", "dora"],
     area='merge',
 )
 
@@ -83,8 +88,14 @@ declare(
 declare(
     "MERGE-MULTI", "MUST",
     "merge() with several active adapters merges all of them (merged_adapters lists each once) and the merged "
-    "output matches the stacked unmerged forward within the bound of one requantization per adapter.",
-    source=SOURCE_MERGE + "; peft v0.21.2 src/peft/tuners/tuners_utils.py (merge loops over active adapters)",
+    "output matches the stacked unmerged forward within the bound of one requantization per adapter. DoRA adapters "
+    "do not commute: they merge in the forward's order, f_2 (f_1 (W0 + d_1) + d_2), each norm on the unmerged base "
+    "weight W0 the forward reads (PEFT merge_safe: 'The weight norm has to be based on the unmerged weight'), the "
+    "intermediate requantization passing through f_2; a norm taken on a W0 recovered from the requantized merged "
+    "weight (unmerging the first adapter again, PEFT _unmerged_base_weight) is off by that requantization, which the "
+    "bound does not add.",
+    source=SOURCE_MERGE + "; peft v0.21.2 src/peft/tuners/tuners_utils.py (merge loops over active adapters); peft v0.21.2 "
+    "src/peft/tuners/lora/layer.py _unmerged_base_weight, src/peft/tuners/lora/variants.py DoraLinearVariant",
     requires=["multi_adapter"],
     area='merge',
 )

@@ -3,8 +3,9 @@
 PEFT's text (``peft/tuners/lora/bnb.py``, the merge): ``safe_merge=True`` checks the merged weights
 with ``torch.isfinite`` *before* writing them and raises ``ValueError("NaNs detected in the merged
 weights. The adapter {name} seems to be broken")``. The poison is one element set to NaN, +Inf or
--Inf in each adapter tensor. For OFT a NaN parameter makes the whole rotation block NaN, an Inf
-may give NaN through the solve: either way the merged weights are non-finite.
+-Inf in each adapter tensor (``KEYS``). For OFT a NaN parameter makes the whole rotation block NaN, an Inf
+may give NaN through the solve: either way the merged weights are non-finite. DoRA goes through the same
+LoRA merge in PEFT (``DoraLinearVariant.merge_safe`` returns the weights the check reads).
 """
 
 from __future__ import annotations
@@ -36,11 +37,18 @@ def nan_message(adapter: str) -> str:
 def _params(method: str) -> dict[str, Any]:
     if method == "lora":
         return cases.adapter_cases("lora")[0].with_params(lora_bias=True).params
-    return dict(cases.adapter_cases("oft")[0].params)
+    return dict(cases.adapter_cases(method)[0].params)
+
+
+#: the adapter tensors a poison is put in, per method. DoRA: LoRA's (no lora_bias: DoRA refuses it) and the
+#: magnitude; a non-finite ``A`` or ``B`` makes the norm ``||W0 + s B A||_c`` of every row it reaches non-finite, a
+#: non-finite magnitude entry its row of the factor ``m / n``: either way the merged weights are non-finite
+KEYS = {"lora": ("lora_A.weight", "lora_B.weight", "lora_B.bias"), "oft": ("oft_R.weight",),
+        "dora": ("lora_A.weight", "lora_B.weight", cases.DORA_MAGNITUDE)}
 
 
 def _keys(method: str) -> tuple[str, ...]:
-    return ("lora_A.weight", "lora_B.weight", "lora_B.bias") if method == "lora" else ("oft_R.weight",)
+    return KEYS[method]
 
 
 def _poisoned_cases(ctx: CheckContext) -> Iterator[tuple[str, int, cases.BaseCase, str, str]]:

@@ -10,8 +10,8 @@ SOURCE = ("peft v0.21.2 src/peft/tuners/lora/bnb.py Linear8bitLt.merge / Linear4
 
 declare(
     "SAFE-MERGE-NONFINITE", "MUST",
-    "merge(safe_merge=True) with a NaN/+Inf/-Inf in any adapter tensor raises ValueError naming the adapter, "
-    "leaves the base layer bit-identical and merged False.",
+    "merge(safe_merge=True) with a NaN/+Inf/-Inf in any adapter tensor (DoRA: A, B and the magnitude vector) raises "
+    "ValueError naming the adapter, leaves the base layer bit-identical and merged False.",
     source=SOURCE, requires=["safe_merge"],
     area='safe_merge',
 )

@@ -26,6 +26,11 @@ The rule as written there (and what the clauses expect):
 Training itself (TRAINER-PEFT-TRAINS, TRAINER-EVAL-THEN-TRAIN) is checked on what a user sees:
 finite falling loss, non-zero gradient norms, only adapter parameters changed, bitsandbytes
 layers bit-identical (``conformance.quant.snapshot``), also when the Trainer evaluates in between.
+DoRA is ``LoraConfig(use_dora=True)`` (PEFT, peft/tuners/lora/dora.py ``DoraLinearLayer``): its magnitude
+vectors (``lora_magnitude_vector``) are adapter parameters of their own, trainable in PEFT as in the paper
+(arXiv:2402.09353, Sec. 4.1), so each must be trainable and change in the first optimizer step (the weight
+norm PEFT detaches does not stop the magnitude's own gradient). An exception out of the environment while it
+builds, evaluates or trains (``raised``) is its failure, named with the frame it came from.
 All clauses run on the CPU (``use_cpu=True``, ``device_map="cpu"``).
 """
 
@@ -44,17 +49,21 @@ from conformance import quant, tinymodels
 from conformance.clauses.clause import check
 from conformance.clauses.trainer.helpers import (
     ADAPTER_PREFIXES,
+    MAGNITUDE_PREFIX,
     QAT_CONFIG_VARIANTS,
     _flags,
     _hf_model,
     _is_adapter_param,
+    _is_magnitude_param,
     _label,
     _names_method,
     _param_bytes,
+    _param_bytes_of,
     _probe_loss,
     _record_source,
     _short,
     peft_config,
+    raised,
     registry_quantizers,
 )
 from conformance.quant.dispatch import describe as describe_cpu
@@ -155,12 +164,38 @@ def check_reject_purely_quantized(ctx: CheckContext) -> None:
                                                  f"name 'purely quantized': {_short(msg)!r}")
 
 
-#: Which tiny architecture trains each (method, bits) case: a Latin square, so every pair of
-#: (arch, bits), (arch, method), (method, bits) is covered with 4 trainings instead of 8.
+#: Which tiny architecture trains each (method, bits) case: every pair of (arch, bits), (arch, method),
+#: (method, bits) is covered with one training per (method, bits) instead of two.
 #: ``train_and_check`` runs any combination (the full matrix is in suites/test_trainer.py, slow).
 ARCH_FOR_CASE: dict[tuple[str, int], str] = {
     ("lora", 4): "llama", ("lora", 8): "opt", ("oft", 4): "opt", ("oft", 8): "llama",
+    ("dora", 4): "opt", ("dora", 8): "llama",
 }
+
+
+def _first_step_snapshot(params: dict[str, nn.Parameter]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A Trainer callback that copies ``params`` at the end of the first optimizer step, and the dict it fills."""
+    from transformers import TrainerCallback
+
+    got: dict[str, torch.Tensor] = {}
+
+    class AfterFirstStep(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 1:
+                got.update(_param_bytes_of(params))
+
+    return AfterFirstStep(), got
+
+
+def _in_env(ctx: CheckContext, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``; an exception out of the environment under test (transformers, PEFT, bitsandbytes) is its failure,
+    named with the frame it came from (the check's own assertions pass through)."""
+    try:
+        return fn()
+    except AssertionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - what the environment raises is the finding
+        ctx.fail(f"{what} raised {raised(exc)}")
 
 
 def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eval_steps: int = 0) -> None:
@@ -180,14 +215,24 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
     ctx.check(bool(layers), f"{label}: no bitsandbytes layers in the PEFT model")
     snaps = {name: quant.snapshot(layer) for name, layer in layers.items()}
     before = _param_bytes(model)
-    loss_before = _probe_loss(model, batch)
+    magnitudes = {n: p for n, p in model.named_parameters() if _is_magnitude_param(n)} if method == "dora" else {}
+    if method == "dora":  # DoRA's magnitude is an adapter parameter of its own: trainable, and it must learn
+        ctx.check(bool(magnitudes), f"{label}: no DoRA magnitude vectors ({MAGNITUDE_PREFIX}) in the PEFT model")
+        frozen = [n for n, p in magnitudes.items() if not p.requires_grad]
+        ctx.check(not frozen, f"{label}: DoRA magnitude vectors not trainable (requires_grad False): {frozen[:4]}"
+                              f"{' ...' if len(frozen) > 4 else ''}")
+    loss_before = _in_env(ctx, f"{label}: the forward before training", lambda: _probe_loss(model, batch))
     try:
         trainer = make_trainer(model, dataset, max_steps=TRAIN_STEPS, eval_steps=eval_steps)
     except ValueError as exc:
         ctx.fail(f"{label}: Trainer rejected a quantized model with {method} adapters: {_short(str(exc))!r}")
+    after_first: dict[str, torch.Tensor] = {}
+    if magnitudes:
+        callback, after_first = _first_step_snapshot(magnitudes)
+        trainer.add_callback(callback)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.train()
+        _in_env(ctx, f"{label}: Trainer.train()", trainer.train)
     # diagnostic only: bitsandbytes' CPU inference repacking (see TRAINER-EVAL-THEN-TRAIN)
     repacked = sum(bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False))
                    for m in tinymodels.bnb_layers(model).values())
@@ -217,7 +262,7 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
     for name, diff in rewritten.items():
         ctx.fail(f"{label}: quantized weights of {name} changed during training: {diff}"
                  f" ({len(rewritten)} layers changed){cpu}")
-    loss_after = _probe_loss(model, batch)
+    loss_after = _in_env(ctx, f"{label}: the forward after training", lambda: _probe_loss(model, batch))
     ctx.check(math.isfinite(loss_after), f"{label}: loss on the fixed batch is {loss_after} after training")
     ctx.check(loss_after < loss_before, f"{label}: loss on the fixed batch did not fall after {TRAIN_STEPS} "
                                         f"steps: {loss_before:.6g} -> {loss_after:.6g}")
@@ -230,6 +275,12 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
     n_adapters = sum(_is_adapter_param(n) for n in before)
     ctx.check(bool(changed), f"{label}: training changed no parameter (adapter tensors: {n_adapters})")
     ctx.measure_max(f"changed_adapter_tensors.{method}", float(len(changed)))
+    if magnitudes:
+        ctx.check(bool(after_first), f"{label}: the Trainer ran no first step to observe the DoRA magnitudes after")
+        still = [n for n in magnitudes if torch.equal(before[n], after_first[n])]
+        ctx.check(not still, f"{label}: the first training step left {len(still)} of {len(magnitudes)} DoRA "
+                             f"magnitude vectors unchanged (e.g. {still[:2]}): the magnitudes do not learn")
+        ctx.measure_max("magnitude_vectors.dora", float(len(magnitudes)))
 
 
 @check("TRAINER-PEFT-TRAINS")

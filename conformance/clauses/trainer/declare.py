@@ -18,10 +18,12 @@ declare(
 
 declare(
     "TRAINER-PEFT-TRAINS", "MUST",
-    "Trainer accepts a quantized model with LoRA/OFT adapters from peft.get_peft_model and a few steps on a "
+    "Trainer accepts a quantized model with LoRA/OFT/DoRA adapters from peft.get_peft_model and a few steps on a "
     "fixed batch give finite, falling loss, change only adapter parameters and leave every bitsandbytes "
-    "layer bit-identical.",
-    source=SOURCE + "; QLoRA arXiv:2305.14314 (4-bit base + LoRA set-up); https://huggingface.co/docs/transformers/peft", requires=["peft_model"], devices=["cpu"],
+    "layer bit-identical; with DoRA every magnitude vector is trainable and changes in the first step.",
+    source=SOURCE + "; QLoRA arXiv:2305.14314 (4-bit base + LoRA set-up); https://huggingface.co/docs/transformers/peft"
+                    "; DoRA arXiv:2402.09353 Sec. 4.1 (trainable magnitude), peft/tuners/lora/dora.py DoraLinearLayer",
+    requires=["peft_model"], devices=["cpu"],
     area='trainer',
 )
 

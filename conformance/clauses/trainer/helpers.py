@@ -4,6 +4,8 @@ registered quantizers and their flags, PEFT configs, a probe loss and adapter-pa
 from __future__ import annotations
 
 import inspect
+import os
+import traceback
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -17,8 +19,12 @@ if TYPE_CHECKING:
     from conformance.clauses.context import CheckContext
 
 
-#: Path components that mark a PEFT adapter parameter (PEFT's ``adapter_layer_names`` for LoRA/OFT).
+#: Path components that mark a PEFT adapter parameter (PEFT's ``adapter_layer_names`` for LoRA/OFT; DoRA's
+#: ``lora_magnitude_vector`` is one of LoRA's, peft/tuners/lora/layer.py ``LoraLayer.adapter_layer_names``).
 ADAPTER_PREFIXES: tuple[str, ...] = ("lora_", "oft_")
+
+#: Path component of DoRA's magnitude vectors in a PEFT model (``LoraLayer.lora_magnitude_vector``).
+MAGNITUDE_PREFIX = "lora_magnitude_vector"
 
 
 #: Configs under which a registered QAT quantizer also declares itself trainable (transformers 5.23:
@@ -91,12 +97,14 @@ def _record_source(ctx: CheckContext) -> None:
 
 
 def peft_config(method: str, arch: str) -> Any:
-    """A small LoRA (r=4) or OFT (block size 8) config over the tiny model's attention projections."""
+    """A small LoRA (r=4), DoRA (LoRA r=4 with ``use_dora=True``) or OFT (block size 8) config over the tiny
+    model's attention projections."""
     import peft
 
     targets = tinymodels.ATTENTION_TARGETS[arch]
-    if method == "lora":
-        return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    if method in ("lora", "dora"):
+        dora = {"use_dora": True} if method == "dora" else {}
+        return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, **dora)
     if method == "oft":
         return peft.OFTConfig(r=0, oft_block_size=8, module_dropout=0.0, target_modules=targets)
     raise ValueError(f"unknown method {method!r}")
@@ -104,6 +112,33 @@ def peft_config(method: str, arch: str) -> Any:
 
 def _short(msg: str) -> str:
     return msg if len(msg) <= 90 else msg[:87] + "..."
+
+
+def _where(filename: str, line: int | None) -> str:
+    """``package/module.py:line`` of an installed file (the path below site-packages), else its last two parts."""
+    path = filename.replace(os.sep, "/")
+    for marker in ("/site-packages/", "/dist-packages/"):
+        if marker in path:
+            return path.rsplit(marker, 1)[1] + f":{line}"
+    return "/".join(path.split("/")[-2:]) + f":{line}"
+
+
+def raised(exc: BaseException) -> str:
+    """``Type: message (at file:line in fn[, from the innermost PEFT frame])`` of an exception out of the environment.
+
+    In these clauses the environment under test (transformers + PEFT + bitsandbytes) is called directly, so what
+    it raises while a model is built, evaluated or trained is its failure, named with where it came from.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    if frames:
+        last = frames[-1]
+        where = f" (at {_where(last.filename, last.lineno)} in {last.name}"
+        peft_frames = [f for f in frames if f"{os.sep}peft{os.sep}" in f.filename]
+        if peft_frames and peft_frames[-1] is not last:
+            where += f", from {_where(peft_frames[-1].filename, peft_frames[-1].lineno)} in {peft_frames[-1].name}"
+        where += ")"
+    return f"{type(exc).__name__}: {_short(str(exc))}{where}"
 
 
 def _label(arch: str, bits: int, method: str | None = None) -> str:
@@ -131,8 +166,17 @@ def _is_adapter_param(name: str) -> bool:
     return any(part.startswith(ADAPTER_PREFIXES) for part in name.split("."))
 
 
+def _is_magnitude_param(name: str) -> bool:
+    return MAGNITUDE_PREFIX in name.split(".")
+
+
 def _param_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone() for n, p in model.named_parameters()}
+    return _param_bytes_of(dict(model.named_parameters()))
+
+
+def _param_bytes_of(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The bytes of each parameter (a bitwise snapshot)."""
+    return {n: p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone() for n, p in params.items()}
 
 
 def registry_quantizers(extra_configs: dict[str, list[dict[str, Any]]] | None = None) -> tuple[list[Any], list[str]]:

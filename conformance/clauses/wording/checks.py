@@ -32,9 +32,9 @@ def _warned(ctx: CheckContext, label: str, want: str, step: object) -> None:
 
 @check("MERGE-WARNS-LORA-TEXT")
 def check_lora_merge_text(ctx: CheckContext) -> None:
-    for _, bits in ctx.cases():
-        layer = _layer(ctx, "lora", bits)
-        _warned(ctx, f"lora {bits}-bit merge()", LORA_MERGE_TEXT.format(bits=bits), layer.merge)
+    for method, bits in ctx.cases():  # DoRA: a LoRA variant in PEFT, merged (and warned) by the same bnb code
+        layer = _layer(ctx, method, bits)
+        _warned(ctx, f"{method} {bits}-bit merge()", LORA_MERGE_TEXT.format(bits=bits), layer.merge)
 
 
 @check("MERGE-TWICE-TEXT")
@@ -57,7 +57,7 @@ def check_unmerge_nothing_text(ctx: CheckContext) -> None:
 def check_nan_text(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
         layer = _layer(ctx, method, bits, name="broken")
-        key = "lora_A.weight" if method == "lora" else "oft_R.weight"
+        key = "oft_R.weight" if method == "oft" else "lora_A.weight"
         with torch.no_grad():
             layer.adapter_parameters("broken")[key].view(-1)[0] = float("nan")
         label = f"{method} {bits}-bit merge(safe_merge=True) with NaN in {key}"

@@ -15,9 +15,10 @@ NAN_TEXT = "NaNs detected in the merged weights. The adapter {adapter} seems to 
 
 declare(
     "MERGE-WARNS-LORA-TEXT", "SHOULD",
-    f"The LoRA merge rounding warning is PEFT's text {LORA_MERGE_TEXT.format(bits='{4,8}')!r}.",
+    f"The LoRA merge rounding warning is PEFT's text {LORA_MERGE_TEXT.format(bits='{4,8}')!r}, for DoRA too (PEFT "
+    "merges DoRA, a LoRA variant, through the same code: 'lora' in the text).",
     source="peft v0.21.2 src/peft/tuners/lora/bnb.py Linear8bitLt.merge (line 100), Linear4bit.merge (line 378)",
-    methods=["lora"],
+    methods=["lora", "dora"],
     area="wording",
 )
 
