@@ -4,7 +4,7 @@ eval forward or a training step) and which tensors require grad after set_adapte
 Every weight comparison uses ``conformance.numerics`` (merge targets, round-trip bounds) and
 ``conformance.quant.weight_bound`` of the layer state after a requantization. DoRA's merge is not additive
 (``f (W0 + s B A)``, ``f = m / ||W0 + s B A||_c``): its target is ``numerics.merge_target``'s and its round trip
-``numerics.dora.dora_roundtrip_bound``, which needs the weight merged into and the first requantization's bound apart
+``numerics.roundtrip_bound``'s DoRA branch, which needs the weight merged into and the first requantization's bound apart
 (the unmerge divides by the very factor the merge used, PEFT's cached norm).
 """
 
@@ -88,14 +88,10 @@ def _merge(layer: torch.nn.Module, method: str, name: str, **kwargs: Any) -> Mer
 
 
 def _roundtrip_bound(layer: torch.nn.Module, method: str, m: Merged) -> torch.Tensor:
-    """Bound on |W after unmerge - W0|. DoRA: ``dora_roundtrip_bound`` (the factor the merge computed, with its
-    bound, reused by the unmerge; the two requantizations apart), LoRA/OFT: ``numerics.roundtrip_bound``."""
-    if method == "dora":
-        s = numerics.lora_scaling(_params(method))
-        _, _, f = ndora.dora_merge_error(m.w0, m.tensors, s)
-        return ndora.dora_roundtrip_bound(m.w0, m.tensors, s, f, m.wb1, qbounds.weight_bound(layer.base_layer))
+    """Bound on |W after unmerge - W0| (``numerics.roundtrip_bound``; DoRA's needs the weight merged into and the
+    first requantization's bound apart: the unmerge divides by the very factor the merge computed)."""
     return numerics.roundtrip_bound(_Frozen(layer.base_layer, m.tensors), method, m.name, _params(method), m.first,
-                                    m.w1, qbounds.weight_bound(layer.base_layer))
+                                    m.w1, qbounds.weight_bound(layer.base_layer), w0=m.w0, wb1=m.wb1)
 
 
 def _state(layer: torch.nn.Module, method: str, m: Merged) -> tuple[bool, bool]:
