@@ -25,6 +25,11 @@ its terms, ``M``. Then, for an implementation that works in the compute dtype ``
   nonnegative coefficients is monotone, so the propagated leaf error is at most
   ``M(|leaf| + E) - M(|leaf|)``; the rounding term uses ``M(|leaf| + E)``.
 
+DoRA (``state.method == "dora"``) is ``conformance.numerics.dora.dora_grad_expected``: the same magnitude-graph
+model with the norm ``||W0 + s B A||_c`` a detached leaf (its inverse known within the norm-and-division bound) and
+the magnitude a leaf with a gradient; the weight leaf error derived as here (``WEIGHT_F32_ROUNDINGS``, the storage
+rounding), the rounding dtype the coarsest of the compute, input and adapter dtypes, one active adapter.
+
 ``STORE_ROUNDINGS = 8`` counts the values stored in the compute dtype along the longest path (LoRA
 gradient w.r.t. the input): base output ``x W^T`` (1), bias add (2), adapter output cast (3), sum
 into the result (4); backward ``g W`` (5), adapter-path cast (6), sum of the two paths (7), cast to
