@@ -1,10 +1,10 @@
 """DIST-DDP-GRADS-AGREE on gloo with 2 spawned ranks: the reference passes, broken variants fail.
 
 The broken implementations are in ``conformance.clauses.distributed.broken`` (they pickle into the spawned
-ranks, which import that module by name). Each breakage covers one family of one implementation (``OneBreakagePerFamily``: per-rank state on 4-bit, lora_B
-hidden on 8-bit, DoRA's magnitude hidden on both), so the module starts one process group for the broken cases; the reference's run is the
-session's (``ddp_reference_result``, shared with suites/test_clauses.py). Tests that spawn
-ranks are the ``e2e`` tier.
+ranks, which import that module by name). Each breakage covers one family of one implementation
+(``OneBreakagePerFamily``: per-rank state on 4-bit, lora_B hidden on 8-bit, DoRA's magnitude hidden on both), so
+the module starts one process group for the broken cases; the reference's run is the session's
+(``ddp_reference_result``, shared with suites/test_clauses.py). Tests that spawn ranks are the ``e2e`` tier.
 """
 
 from __future__ import annotations

@@ -151,5 +151,5 @@ def test_dora_dropout_mean_range_and_rounding_hold_per_mask(case: cases.BaseCase
         worst_range = max(worst_range, max_ratio((exact - mean.value).abs(), mean.spread))
         onehot_ranges.append(((exact - mean.value).abs() / mean.spread)[:4])
     assert worst_round <= 1 and worst_range <= 1, (worst_round, worst_range)
-    assert torch.allclose(torch.stack(onehot_ranges), torch.full((12, 4, case.out_features), 1 - P, dtype=torch.float64),
-                          rtol=1e-9)
+    sharp = torch.full((12, 4, case.out_features), 1 - P, dtype=torch.float64)
+    assert torch.allclose(torch.stack(onehot_ranges), sharp, rtol=1e-9)

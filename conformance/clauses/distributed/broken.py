@@ -1,6 +1,6 @@
 """Broken twins of the distributed clause: LoRA and DoRA broken one way per family, so one spawned process group
-shows every breakage (``suites/test_distributed.py``). Defined in the package so they pickle into the spawned ranks, which import this
-module by name."""
+shows every breakage (``suites/test_distributed.py``). Defined in the package so they pickle into the spawned ranks,
+which import this module by name."""
 
 from __future__ import annotations
 

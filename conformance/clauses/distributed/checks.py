@@ -24,7 +24,8 @@ differences never compound through the steps). Loss ``L = (1/N) sum_s l_s`` with
 error of sample ``s``; each gradient entry is ``(1/N) sum_s d_s`` where ``d_s`` (the per-sample
 gradient entry) is, for an adapter weight, a product of two per-sample vectors (upstream gradient and
 layer input); for DoRA's magnitude ``m_j`` it is the upstream gradient times ``((W0 + s B A) x_s)_j / n_j``, again a
-per-sample product (the norm ``n`` depends on the parameters only, the same in both runs). DDP sums each half in a rank (mean over N/2), all-reduces and divides by the world size;
+per-sample product (the norm ``n`` depends on the parameters only, the same in both runs). DDP sums each half in a
+rank (mean over N/2), all-reduces and divides by the world size;
 the single process sums all N at once. Each float32 evaluation has error at most
 ``gamma_n(u32) * (1/N) sum_s |d_s|`` with ``n`` the accumulations on the longest path (the N batch
 rows, the inner dimensions in + hidden + out, the adapter rank or OFT block size (DoRA: the rank plus the values its
