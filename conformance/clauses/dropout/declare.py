@@ -40,8 +40,8 @@ SOURCE = ("peft v0.21.2 src/peft/tuners/lora/bnb.py Linear8bitLt/Linear4bit forw
 declare(
     "DROPOUT-EVAL-EXACT", "MUST",
     f"In eval mode, with dropout {DROPOUT_P} (LoRA and DoRA lora_dropout, OFT module_dropout), the forward is "
-    "bit-identical to the forward of the dropout-0 layer with the same weights, plainly, under torch.no_grad() and under "
-    "torch.inference_mode(), and lies within the float64 oracle bound.",
+    "bit-identical to the forward of the dropout-0 layer with the same weights, plainly, under torch.no_grad() and "
+    "under torch.inference_mode(), and lies within the float64 oracle bound.",
     source=SOURCE, requires=["dropout"], area="dropout",
 )
 
