@@ -1,10 +1,10 @@
 """DIST-DDP-GRADS-AGREE on gloo with 2 spawned ranks: the reference passes, broken variants fail.
 
 The broken implementations are in ``conformance.clauses.distributed.broken`` (they pickle into the spawned
-ranks, which import that module by name). Each breakage covers one family of one implementation (``OneBreakagePerFamily``: per-rank state on 4-bit, lora_B
-hidden on 8-bit), so the module starts one process group for the broken cases; the reference's run is the
-session's (``ddp_reference_result``, shared with suites/test_clauses.py). Tests that spawn
-ranks are the ``e2e`` tier.
+ranks, which import that module by name). Each breakage covers one family of one implementation
+(``OneBreakagePerFamily``: per-rank state on 4-bit, lora_B hidden on 8-bit, DoRA's magnitude hidden on both), so
+the module starts one process group for the broken cases; the reference's run is the session's
+(``ddp_reference_result``, shared with suites/test_clauses.py). Tests that spawn ranks are the ``e2e`` tier.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def test_reference_passes_every_family(ddp_reference_result) -> None:
     """The session's one reference run (suites/conftest.py; test_clauses judges the same result)."""
     res = ddp_reference_result
     assert res.outcome == "passed", res.message
-    assert res.family_texts() == {f: "passed" for f in ("lora/4bit", "lora/8bit", "oft/4bit", "oft/8bit")}
+    assert res.family_texts() == {f: "passed" for f in ("lora/4bit", "lora/8bit", "oft/4bit", "oft/8bit", "dora/4bit",
+                                                        "dora/8bit")}
     # the single-process comparison is informative: rounding differences exist and stay under the bound
     assert 0 < res.measurements["grad_ratio"] <= 1
 
@@ -51,6 +52,8 @@ def test_reference_passes_every_family(ddp_reference_result) -> None:
 @pytest.mark.parametrize("family, says", [
     ("lora/4bit", ["single process on the whole batch"]),  # state differing per rank
     ("lora/8bit", ["differ between rank 0 and rank 1", "lora_B.weight"]),  # parameters hidden from DDP
+    ("dora/4bit", ["differ between rank 0 and rank 1", "lora_magnitude_vector.weight"]),  # the magnitude hidden
+    ("dora/8bit", ["differ between rank 0 and rank 1", "lora_magnitude_vector.weight"]),
 ])
 def test_each_broken_family_fails_its_own_way(broken_result, family: str, says: list[str]) -> None:
     res = broken_result

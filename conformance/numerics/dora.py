@@ -358,7 +358,7 @@ class DoraGradExpected:
 def dora_grad_expected(
     w0: torch.Tensor, bias: torch.Tensor | None, tensors: Mapping[str, torch.Tensor], scaling: float,
     x: torch.Tensor, g: torch.Tensor, *, compute_dtype: torch.dtype, keep: torch.Tensor | None = None,
-    weight_rel: float = 0.0,
+    weight_rel: float = 0.0, x_err: torch.Tensor | None = None,
 ) -> DoraGradExpected:
     """Output and gradients of ``L = sum(y * g)`` with the norm detached, and their bounds.
 
@@ -370,7 +370,9 @@ def dora_grad_expected(
     (1 + gamma_K(u_c)) - 1``. Leaf errors enter as ``M(|leaf| + E) - M(|leaf|)`` (monotone: nonnegative
     coefficients): ``W0`` within ``weight_rel |W0|`` (the kernel's weight vs ``dequantize``'s:
     ``grads.WEIGHT_F32_ROUNDINGS`` and the storage rounding, as the caller derives it), the bias within ``u_c |b|``,
-    ``1/n`` within ``(1 + u)/(n - E_n) - 1/n`` (``norm_expected`` in the adapter dtype, the division's rounding).
+    ``1/n`` within ``(1 + u)/(n - E_n) - 1/n`` (``norm_expected`` in the adapter dtype, the division's rounding),
+    ``x`` within ``x_err`` where given (the int8-quantized base input of bitsandbytes' CUDA path, entered at ``x`` as
+    ``conformance.numerics.grads`` does for LoRA).
     """
     a_dtype = tensors["lora_A.weight"].dtype
     u_c = qbounds.unit_roundoff(compute_dtype)
@@ -401,7 +403,8 @@ def dora_grad_expected(
     small = {k: v.abs() for k, v in leaves.items()}
     big = {k: v.abs() + errs.get(k, 0) for k, v in leaves.items()}
     y_s, m_s = run(small, x64.abs(), g64.abs(), inv_n, True)
-    y_b, m_b = run(big, x64.abs(), g64.abs(), inv_big, True)
+    x_big = x64.abs() if x_err is None else x64.abs() + x_err.double().cpu()
+    y_b, m_b = run(big, x_big, g64.abs(), inv_big, True)
     rows = max(1, x64.numel() // x64.shape[-1])
     n_acc = x64.shape[-1] + w.shape[0] + tensors["lora_A.weight"].shape[0] + rows
     u_acc = min(u_c, U32)

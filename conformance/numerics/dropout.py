@@ -9,7 +9,14 @@ A train-mode forward with dropout is a random variable per output element. In ex
 - OFT: ``k = int(p * D)`` of the ``D`` rotation blocks, drawn uniformly without replacement, are replaced by the
   identity and nothing is rescaled (PEFT v0.21.2 src/peft/tuners/oft/layer.py ``MultiplicativeDropoutLayer``),
   so with ``c_jb = (W (x R_b - x))_j`` restricted to block ``b``: ``E[y_j] = W x + b + (1 - k/D) sum_b c_jb``
-  and ``y_j`` lies in an interval of width ``sum_b |c_jb|``.
+  and ``y_j`` lies in an interval of width ``sum_b |c_jb|``;
+- DoRA (``conformance.numerics.dora``: PEFT v0.21.2 src/peft/tuners/lora/variants.py ``DoraLinearVariant.forward``
+  computes the magnitude term on the dropped input): ``y = W0 x + b + (f - 1) W0 d(x) + f s B A d(x)`` with
+  ``d(x) = x * m / (1 - p)`` (``torch.nn.Dropout``) and ``f = m / ||W0 + s B A||_c`` per output row (the norm does
+  not depend on the mask), i.e. ``y_j = (W0 x + b)_j + sum_i c_ji x_i m_i / (1 - p)`` with ``c = (f - 1) W0 + f s
+  B A``. So ``E[y] = f (W0 + s B A) x + b``, the dropout-free (eval-mode) output -- the mean of the paper's form
+  ``f W0 x + f s B A d(x)`` too, since ``E[d(x)] = x`` -- and ``y_j`` lies in an interval of width
+  ``sum_i |c_ji x_i| / (1 - p)``.
 
 The bound (``DropoutMean.bound``): for the mean of ``N`` independent forwards, Hoeffding's inequality gives
 ``P(|mean - E| >= t) <= 2 exp(-2 N t^2 / L^2)`` per element (range width ``L``); a Bonferroni split of the
@@ -38,8 +45,9 @@ from conformance.quant import bounds as qbounds
 from . import ratio as nratio
 from .blocks import block_diagonal, oft_layout
 from .cayley import oft_blocks
-from .expected import base_expected, base_weights, lora_path, lora_scaling, lora_tensors, oft_expected
-from .rounding import gamma_n
+from .dora import MAGNITUDE, _add, _const, _matmul, _mul, _round, factor_expected, norm_expected
+from .expected import Expected, base_expected, base_weights, lora_path, lora_scaling, lora_tensors, oft_expected
+from .rounding import cast_error, gamma_n
 
 #: false-alarm rate of one mean test (see the module docstring for the per-run rate)
 FALSE_ALARM = 1e-8
@@ -128,3 +136,57 @@ def oft_dropout_mean(layer: nn.Module, name: str, params: Mapping[str, Any], x: 
     plain = base_expected(base, x, training=True)
     shape = full.value.shape
     return DropoutMean(value.reshape(shape), spread.reshape(shape), full.bound + plain.bound)
+
+
+def dora_dropout_mean(layer: nn.Module, name: str, params: Mapping[str, Any], x: torch.Tensor) -> DropoutMean:
+    """E and bounds of a train-mode DoRA forward with ``params['lora_dropout'] = p`` (module docstring: PEFT's
+    composition, the magnitude term on the dropped input).
+
+    ``rounding`` follows the steps of ``conformance.numerics.dora.dora_stack_expected`` with dropout (one adapter),
+    each evaluated on magnitudes: every value is replaced by a majorant of its absolute value over all masks (the
+    dropped input by ``|x| / (1 - p)``, ``W0``, ``A``, ``B`` by their absolute values, ``f`` and ``f - 1`` by theirs,
+    a sum by the sum of the absolute values). Every step's bound (``_round``, ``_mul``, ``_add``, ``_matmul``) is
+    nondecreasing in the magnitudes and bounds it is given, so the result bounds the rounding of the forward of every
+    mask."""
+    p = float(params["lora_dropout"])
+    tensors = layer.adapter_parameters(name)
+    s = lora_scaling(params)
+    base = layer.base_layer
+    o, t = x.dtype, tensors["lora_A.weight"].dtype
+    u_t = qbounds.unit_roundoff(t)
+    u_w = max(u_t, qbounds.unit_roundoff(o))
+    w0, bias = base_weights(base)
+    a, b, _ = lora_tensors(tensors)
+    xv = x.detach().double().cpu()
+    f = factor_expected(tensors[MAGNITUDE], norm_expected(w0, tensors, s, t), t)
+    v = w0 + s * (b @ a)
+    value = xv @ (f.value[:, None] * v).t() + (0.0 if bias is None else bias)
+    c = (f.value - 1)[:, None] * w0 + f.value[:, None] * (s * (b @ a))
+    spread = (xv.abs() @ c.abs().t()) / (1 - p)
+
+    y0 = base_expected(base, x, training=True)
+    x_abs = xv.abs()
+    x_t = Expected(x_abs, cast_error(o, t) * x_abs)
+    keep = 1 / (1 - p)  # the largest multiplier nn.Dropout applies
+    x_d = _round(_round(Expected(x_t.value * keep, x_t.bound * keep), u_t), u_t)
+    term = _matmul(x_d, w0.abs(), t)
+    shape = y0.value.shape
+    f_abs = Expected(f.value.abs().expand(shape), f.bound.expand(shape))
+    f_m1 = _round(Expected((f.value - 1).abs().expand(shape), f.bound.expand(shape)), u_t)
+    z = _matmul(_matmul(x_d, a.abs(), t), b.abs(), t)
+    extra = _add(_mul(f_m1, term, u_w), _mul(_mul(f_abs, z, u_t), _const(abs(s), z.value), u_t), u_w)
+    y = _round(_add(Expected(y0.value.abs(), y0.bound), extra, u_w), cast_error(torch.promote_types(t, o), o))
+    return DropoutMean(value.reshape(shape), spread.reshape(shape), y.bound)
+
+
+def dropout_mean(layer: nn.Module, method: str, name: str, params: Mapping[str, Any],
+                 x: torch.Tensor) -> DropoutMean:
+    """E and bounds of a train-mode forward with dropout: ``lora_dropout_mean`` / ``oft_dropout_mean`` /
+    ``dora_dropout_mean``."""
+    if method == "lora":
+        return lora_dropout_mean(layer, name, params, x)
+    if method == "oft":
+        return oft_dropout_mean(layer, name, params, x)
+    if method == "dora":
+        return dora_dropout_mean(layer, name, params, x)
+    raise ValueError(f"unknown method {method!r}; expected 'lora', 'oft' or 'dora'")

@@ -25,6 +25,11 @@ its terms, ``M``. Then, for an implementation that works in the compute dtype ``
   nonnegative coefficients is monotone, so the propagated leaf error is at most
   ``M(|leaf| + E) - M(|leaf|)``; the rounding term uses ``M(|leaf| + E)``.
 
+DoRA (``state.method == "dora"``) is ``conformance.numerics.dora.dora_grad_expected``: the same magnitude-graph
+model with the norm ``||W0 + s B A||_c`` a detached leaf (its inverse known within the norm-and-division bound) and
+the magnitude a leaf with a gradient; the weight leaf error derived as here (``WEIGHT_F32_ROUNDINGS``, the storage
+rounding), the rounding dtype the coarsest of the compute, input and adapter dtypes, one active adapter.
+
 ``STORE_ROUNDINGS = 8`` counts the values stored in the compute dtype along the longest path (LoRA
 gradient w.r.t. the input): base output ``x W^T`` (1), bias add (2), adapter output cast (3), sum
 into the result (4); backward ``g W`` (5), adapter-path cast (6), sum of the two paths (7), cast to
@@ -62,6 +67,7 @@ from conformance.quant import layers as qlayers
 
 from .blocks import oft_layout, rotate_input
 from .cayley import rotation_blocks, solve_error
+from .dora import dora_grad_expected
 from .expected import lora_scaling
 from .rounding import storage_rounding
 
@@ -113,6 +119,9 @@ class LayerState:
     int8_input: bool = False
     #: ``rounding.storage_rounding`` of the base (a 4-bit base stored in float16/bfloat16)
     storage_rounding: float = 0.0
+    #: adapter name -> canonical key -> the dtype the implementation holds the tensor in (DoRA's bound reads the
+    #: adapter and magnitude dtypes; ``tensors`` are float64 copies)
+    tensor_dtypes: dict[str, dict[str, torch.dtype]] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,10 +195,13 @@ def _graph(state: LayerState, leaves: dict[str, torch.Tensor], x: torch.Tensor, 
 
 def grad_expected(state: LayerState, x: torch.Tensor, g: torch.Tensor, *, compute_dtype: torch.dtype,
              names: Sequence[str] | None = None, active: Sequence[str] = ("default",)) -> GradExpected:
-    """Float64 output and gradients of ``L = sum(y * g)`` with componentwise bounds (module docstring)."""
+    """Float64 output and gradients of ``L = sum(y * g)`` with componentwise bounds (module docstring; DoRA:
+    ``_dora_grad_expected``)."""
     u_c = qbounds.unit_roundoff(compute_dtype)
     u_32 = qbounds.unit_roundoff(torch.float32)
     x64, g64 = x.detach().double().cpu(), g.detach().double().cpu()
+    if state.method == "dora":
+        return _dora_grad_expected(state, x64, g64, compute_dtype, names, active)
 
     leaves = {"W": state.weight, **({"b": state.bias} if state.bias is not None else {})}
     for name, ts in state.tensors.items():
@@ -241,8 +253,7 @@ def grad_expected(state: LayerState, x: torch.Tensor, g: torch.Tensor, *, comput
     if state.int8_input:
         # error of the int8-quantized base input, entered at x (conservative: for OFT the base input is
         # h = x R with |h_i| <= ||x_row||_2, and propagating an error e at x through |R| gives >= e at h)
-        row = x64.abs().amax(dim=-1, keepdim=True) if state.method == "lora" else x64.norm(dim=-1, keepdim=True)
-        x_big = x_big + row / 254 + qbounds.unit_roundoff(torch.float16) * row
+        x_big = x_big + _int8_input_error(x64, state.method)
     y_b, m_b = run(big, x_big, g64.abs(), True, {n: s_abs[n] + s_err[n] for n in s_abs})
 
     def bound(b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -252,6 +263,40 @@ def grad_expected(state: LayerState, x: torch.Tensor, g: torch.Tensor, *, comput
     y_bound = bound(y_b, y_s)
     grad_bounds = {k: bound(m_b[k], m_s[k]) for k in grads}
     return GradExpected(y, y_bound, grads, grad_bounds)
+
+
+def _int8_input_error(x64: torch.Tensor, method: str) -> torch.Tensor:
+    """Bound on the int8-quantized base input's error, per element of ``x`` (``LayerState.int8_input``)."""
+    row = x64.abs().amax(dim=-1, keepdim=True) if method != "oft" else x64.norm(dim=-1, keepdim=True)
+    return (row / 254 + qbounds.unit_roundoff(torch.float16) * row).expand_as(x64)
+
+
+def _dora_grad_expected(state: LayerState, x64: torch.Tensor, g64: torch.Tensor, compute_dtype: torch.dtype,
+                        names: Sequence[str] | None, active: Sequence[str]) -> GradExpected:
+    """DoRA: ``conformance.numerics.dora.dora_grad_expected`` (the norm detached; the magnitude gets a gradient), one
+    active adapter, no mixed batch (PEFT refuses ``adapter_names`` with DoRA). Its arguments are derived as above:
+    the kernel weight's relative error ``u_c + WEIGHT_F32_ROUNDINGS u_32 + storage_rounding``; the tensors in the
+    dtypes the implementation holds them in (their float64 copies are exact in those); the rounding dtype the
+    coarsest of the compute, input and adapter dtypes; the int8 input error (CUDA) entered at ``x``."""
+    if names is not None:
+        raise ValueError("DoRA takes no adapter_names (PEFT: 'Cannot pass `adapter_names` when DoRA is enabled.'); "
+                         "compute a DoRA layer's gradients without names")
+    if len(active) != 1:
+        raise ValueError(f"the DoRA gradient oracle models one active adapter, got {list(active)}; "
+                         "activate one adapter")
+    name = active[0]
+    tensors = {k: v.to(state.tensor_dtypes.get(name, {}).get(k, state.param_dtypes.get(name, torch.float32)))
+               for k, v in state.tensors[name].items()}
+    coarse = max((compute_dtype, tensors["lora_A.weight"].dtype, tensors["lora_B.weight"].dtype),
+                 key=qbounds.unit_roundoff)
+    w_rel = (qbounds.unit_roundoff(compute_dtype) + WEIGHT_F32_ROUNDINGS * qbounds.unit_roundoff(torch.float32)
+             + state.storage_rounding)
+    exp = dora_grad_expected(state.weight, state.bias, tensors, lora_scaling(state.params[name]), x64, g64,
+                             compute_dtype=coarse, weight_rel=w_rel,
+                             x_err=_int8_input_error(x64, state.method) if state.int8_input else None)
+    prefix = {k: k if k == "x" else f"{name}:{k}" for k in exp.grads}
+    return GradExpected(exp.y, exp.y_bound, {prefix[k]: v for k, v in exp.grads.items()},
+                        {prefix[k]: v for k, v in exp.grad_bounds.items()})
 
 
 def read_state(layer: nn.Module, method: str, params: dict[str, dict[str, Any]]) -> LayerState:
@@ -265,6 +310,7 @@ def read_state(layer: nn.Module, method: str, params: dict[str, dict[str, Any]])
         {n: next(iter(layer.adapter_parameters(n).values())).dtype for n in params},
         int8_input=qlayers.bits_of(base) == 8 and base.weight.device.type == "cuda",
         storage_rounding=storage_rounding(base),
+        tensor_dtypes={n: {k: v.dtype for k, v in layer.adapter_parameters(n).items()} for n in params},
     )
 
 

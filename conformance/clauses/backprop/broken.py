@@ -1,5 +1,6 @@
 """Broken twins of the backprop clauses: the reference with a defect injected into the layers it builds
-(``Wrapped(patch)``), and the defects ``suites/test_backprop.py`` injects that need more than a line."""
+(``Wrapped(patch)``), the defects ``suites/test_backprop.py`` injects that need more than a line, and (``MORE``,
+``@twin``) named twins that other suites run against several areas' clauses."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import torch
 from torch import nn
 
 from conformance.clauses import AdapterSpec
+from conformance.clauses.broken import Broken, bind, twin
 from conformance.impls.reference import ReferenceImplementation
+
+#: further (clause, twin) pairs (``@twin(..., more=True)``): ``dora-norm-not-detached`` fails BACKPROP-GRAD-F64 only
+MORE: list[tuple[str, Broken]] = []
 
 
 class Wrapped(ReferenceImplementation):
@@ -59,3 +64,19 @@ def drop_lora_bias(layer: nn.Module) -> None:
 
     layer._add_lora = types.MethodType(add, layer)
     layer._lora = types.MethodType(lora, layer)
+
+
+@twin("BACKPROP-GRAD-F64", "dora-norm-not-detached", more=True)
+def dora_norm_not_detached(layer: nn.Module, spec: AdapterSpec) -> None:
+    """DoRA's weight norm ``||W0 + s B A||_c`` keeps its graph: the gradients of ``A`` and ``B`` flow through it
+    (arXiv:2402.09353 section 4.3 and PEFT v0.21.2 ``peft/tuners/lora/dora.py`` detach it). The values are the
+    reference's, so every forward (and merge) is unchanged; only the gradients of ``A`` and ``B`` differ. LoRA and
+    OFT layers are left as they are."""
+    if spec.method != "dora":
+        return
+
+    def weight_norm(self: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return torch.linalg.vector_norm(weight.detach().to(a.dtype) + (b @ a) * self.scaling[name], dim=1)
+
+    bind(layer, "weight_norm", weight_norm)

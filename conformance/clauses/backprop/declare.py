@@ -3,7 +3,9 @@
 from conformance.clauses.clause import declare
 
 SOURCE = ("peft v0.21.2 src/peft/tuners/lora/bnb.py Linear4bit.forward ('As per Tim Dettmers, for 4bit, we need to "
-          "defensively clone here', result = result.clone()); peft v0.21.2 src/peft/tuners/oft/layer.py forward")
+          "defensively clone here', result = result.clone()); peft v0.21.2 src/peft/tuners/oft/layer.py forward; "
+          "peft v0.21.2 src/peft/tuners/lora/dora.py DoraLinearLayer.forward (weight_norm.detach()); "
+          "arXiv:2402.09353 section 4.3")
 
 declare(
     "BACKPROP-GRAD-F64", "MUST",
@@ -12,7 +14,9 @@ declare(
     "(nf4, fp4) and 8-bit bases (outlier threshold 0 and 6.0, the latter with inputs holding outlier columns), "
     "fp32/fp16/bf16 compute and storage dtypes, square and non-square, lora_bias, "
     "1-D/2-D/3-D inputs, batch 1 and more, input requiring grad or not; the output has the input's shape (last dim "
-    "out_features) and dtype.",
+    "out_features) and dtype. DoRA: the adapter parameters include the magnitude vector, and the weight norm "
+    "||W0 + s B A||_c is a constant of the gradient (detached, as PEFT and the paper's section 4.3 do): gradients "
+    "that flow through it fail.",
     source=SOURCE,
     area='backprop',
 )

@@ -23,10 +23,13 @@ Bound (single process on the concatenated batch vs DDP, at the *same* parameters
 differences never compound through the steps). Loss ``L = (1/N) sum_s l_s`` with ``l_s`` the squared
 error of sample ``s``; each gradient entry is ``(1/N) sum_s d_s`` where ``d_s`` (the per-sample
 gradient entry) is, for an adapter weight, a product of two per-sample vectors (upstream gradient and
-layer input). DDP sums each half in a rank (mean over N/2), all-reduces and divides by the world size;
+layer input); for DoRA's magnitude ``m_j`` it is the upstream gradient times ``((W0 + s B A) x_s)_j / n_j``, again a
+per-sample product (the norm ``n`` depends on the parameters only, the same in both runs). DDP sums each half in a
+rank (mean over N/2), all-reduces and divides by the world size;
 the single process sums all N at once. Each float32 evaluation has error at most
 ``gamma_n(u32) * (1/N) sum_s |d_s|`` with ``n`` the accumulations on the longest path (the N batch
-rows, the inner dimensions in + hidden + out, the adapter rank or OFT block size, and 3 for the scaling
+rows, the inner dimensions in + hidden + out, the adapter rank or OFT block size (DoRA: the rank plus the values its
+rescaling stores, ``INNER``), and 3 for the scaling
 by 1/N, the all-reduce sum of two ranks and the division by the world size; the same accumulation
 model as ``conformance.numerics.grads``), so the two differ by at most twice that. The magnitude
 ``sum_s |d_s|`` is computed from per-sample gradients (float32, summed in float64) on the stored
@@ -52,10 +55,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from conformance.clauses.cases import AdapterCase, BaseCase
+from conformance.clauses.cases import AdapterCase, BaseCase, trained_magnitude
 from conformance.clauses.clause import check
 from conformance.clauses.interface import AdapterSpec
 from conformance.numerics import ratio as nratio
+from conformance.numerics.dora import DORA_STORE_ROUNDINGS
 from conformance.numerics.rounding import gamma_n
 from conformance.quant import layers as qlayers
 
@@ -71,8 +75,13 @@ LR = 0.01
 ADAPTERS: dict[str, AdapterCase] = {
     "lora": AdapterCase("lora", {"r": 4, "lora_alpha": 8.0, "init_lora_weights": False}),
     "oft": AdapterCase("oft", {"r": 0, "oft_block_size": 8, "init_weights": False}),
+    "dora": AdapterCase("dora", {"r": 4, "lora_alpha": 8.0, "init_lora_weights": False}),
 }
-INNER = {"lora": ADAPTERS["lora"].params["r"], "oft": ADAPTERS["oft"].params["oft_block_size"]}
+#: the adapter's own accumulation length (rank, OFT block size) plus, for DoRA, the values it stores along its
+#: longest forward+backward path (``conformance.numerics.dora.DORA_STORE_ROUNDINGS``: the norm's factor, ``f - 1``,
+#: the products, sums and casts its rescaling adds to LoRA's path)
+INNER = {"lora": ADAPTERS["lora"].params["r"], "oft": ADAPTERS["oft"].params["oft_block_size"],
+         "dora": ADAPTERS["dora"].params["r"] + DORA_STORE_ROUNDINGS}
 PG_TIMEOUT_S = 120
 
 #: (id(impl), device, seed) -> (impl, {(method, bits): rank records or an error string})
@@ -89,13 +98,18 @@ class _Stack(nn.Module):
 
 
 def build_stack(impl: Any, method: str, bits: int, seed: int, device: str) -> tuple[_Stack, list[nn.Module]]:
-    """The 2-layer stack every rank and the parent build identically (fixed seeds, float32 adapters)."""
+    """The 2-layer stack every rank and the parent build identically (fixed seeds, float32 adapters). A DoRA
+    magnitude is moved off the row norms (``cases.trained_magnitude``, seeded), so ``m / n != 1`` and every term of
+    DoRA's gradient matters."""
     layers = []
     for i, (fan_in, fan_out) in enumerate(zip(DIMS, DIMS[1:])):
         base = BaseCase(bits, fan_in, fan_out).build(device, seed=seed + 11 * i)
         torch.manual_seed(seed + i)
         adapter = ADAPTERS[method]
-        layers.append(impl.create(base, AdapterSpec(method=adapter.method, params=dict(adapter.params), dtype="float32")))
+        layer = impl.create(base, AdapterSpec(method=adapter.method, params=dict(adapter.params), dtype="float32"))
+        if method == "dora":
+            trained_magnitude(layer, "default", torch.Generator().manual_seed(seed + 7 + i))
+        layers.append(layer)
     return _Stack(*layers), layers
 
 

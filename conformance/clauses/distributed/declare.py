@@ -11,9 +11,9 @@ declare(
     "DIST-DDP-GRADS-AGREE", "MUST",
     "Under DistributedDataParallel (2 processes; gloo on the CPU, NCCL on 2+ GPUs) over a 2-layer stack of adapter "
     "layers on a quantized base, for 3 SGD steps on each rank's half of a fixed batch: the adapter gradients and "
-    "parameters are bit-identical across ranks at every step, each step's gradient equals a single-process gradient "
-    "on the concatenated batch (at the same parameters) within the float32 accumulation bound, and the base layers' "
-    "bytes are identical on every rank and unchanged.",
+    "parameters (DoRA: the magnitude vector among them) are bit-identical across ranks at every step, each step's "
+    "gradient equals a single-process gradient on the concatenated batch (at the same parameters) within the float32 "
+    "accumulation bound, and the base layers' bytes are identical on every rank and unchanged.",
     source=SOURCE,
     requires=["distributed"],
     area="distributed",

@@ -34,28 +34,36 @@ def _lora_dropouts(layer: nn.Module, make: Callable[[float], nn.Module]) -> None
             layer.lora_dropout[name] = make(cfg.lora_dropout)
 
 
-@twin("DROPOUT-EVAL-EXACT", "dropout-in-eval")
-def dropout_in_eval(layer: nn.Module, spec: AdapterSpec) -> None:
-    """Dropout ignores the module's mode (functional dropout with training=True / OFT ignoring self.training)."""
-    if spec.method == "lora":
-        _lora_dropouts(layer, _AlwaysDropout)
-        return
-    orig = layer._dropout
+def _always_training(layer: nn.Module, method: str) -> None:
+    """Bind ``layer.<method>`` to a version that runs with ``self.training`` True whatever the module's mode."""
+    orig = getattr(layer, method)
 
-    def always(self: nn.Module, name: str, blocks: torch.Tensor) -> torch.Tensor:
+    def always(self: nn.Module, *args: object) -> torch.Tensor:
         was = self.training
         self.training = True
         try:
-            return orig(name, blocks)
+            return orig(*args)
         finally:
             self.training = was
-    bind(layer, "_dropout", always)
+    bind(layer, method, always)
+
+
+@twin("DROPOUT-EVAL-EXACT", "dropout-in-eval")
+def dropout_in_eval(layer: nn.Module, spec: AdapterSpec) -> None:
+    """Dropout ignores the module's mode (functional dropout with training=True / OFT ignoring self.training; DoRA:
+    both, since its eval path, as PEFT's, does not call the dropout module at all)."""
+    if spec.method in ("lora", "dora"):
+        _lora_dropouts(layer, _AlwaysDropout)
+        if spec.method == "dora":
+            _always_training(layer, "_dora")
+        return
+    _always_training(layer, "_dropout")
 
 
 @twin("DROPOUT-TRAIN-ACTIVE", "dropout-never")
 def dropout_never(layer: nn.Module, spec: AdapterSpec) -> None:
-    """The dropout probability is accepted and ignored (PEFT v0.21.2's OFT module_dropout, for both methods)."""
-    if spec.method == "lora":
+    """The dropout probability is accepted and ignored (PEFT v0.21.2's OFT module_dropout, for every method)."""
+    if spec.method in ("lora", "dora"):
         _lora_dropouts(layer, lambda p: nn.Identity())
     else:
         bind(layer, "_dropout", lambda self, name, blocks: blocks)
@@ -63,8 +71,8 @@ def dropout_never(layer: nn.Module, spec: AdapterSpec) -> None:
 
 @twin("DROPOUT-TRAIN-MEAN", "dropout-biased")
 def dropout_biased(layer: nn.Module, spec: AdapterSpec) -> None:
-    """LoRA: dropout without the 1/(1-p) rescale; OFT: dropped blocks become zero instead of the identity."""
-    if spec.method == "lora":
+    """LoRA, DoRA: dropout without the 1/(1-p) rescale; OFT: dropped blocks become zero instead of the identity."""
+    if spec.method in ("lora", "dora"):
         _lora_dropouts(layer, lambda p: _AlwaysDropout(p, rescale=False))
         return
     orig = layer._dropout

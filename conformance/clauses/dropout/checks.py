@@ -11,6 +11,7 @@ from conformance import numerics
 from conformance.clauses import cases
 from conformance.clauses.clause import check
 from conformance.clauses.dropout.declare import ACTIVE_FORWARDS, DROPOUT_P, LORA_PARAMS, MEAN_FORWARDS, OFT_PARAMS
+from conformance.numerics.dropout import dropout_mean
 from conformance.quant import torchnames
 
 if TYPE_CHECKING:
@@ -21,8 +22,8 @@ GRAD_MODES: tuple[tuple[str, Any], ...] = tuple(torchnames.GRAD_MODES.items())
 
 
 def dropout_params(method: str, p: float) -> dict[str, Any]:
-    """The area's adapter parameters with dropout ``p`` (LoRA ``lora_dropout``, OFT ``module_dropout``)."""
-    if method == "lora":
+    """The area's adapter parameters with dropout ``p`` (LoRA and DoRA ``lora_dropout``, OFT ``module_dropout``)."""
+    if method in ("lora", "dora"):
         return {**LORA_PARAMS, "lora_dropout": p}
     return {**OFT_PARAMS, "module_dropout": p}
 
@@ -109,10 +110,7 @@ def check_train_active(ctx: CheckContext) -> None:
 
 
 def _mean_expected(layer: torch.nn.Module, method: str, x: torch.Tensor) -> numerics.DropoutMean:
-    params = dropout_params(method, DROPOUT_P)
-    if method == "lora":
-        return numerics.lora_dropout_mean(layer, "default", params, x)
-    return numerics.oft_dropout_mean(layer, "default", params, x)
+    return dropout_mean(layer, method, "default", dropout_params(method, DROPOUT_P), x)
 
 
 @check("DROPOUT-TRAIN-MEAN")
@@ -141,7 +139,7 @@ def check_train_mean(ctx: CheckContext) -> None:
                     f"{float(mean.flatten()[i]):.6g}, expected {float(exp.value.flatten()[i]):.6g} "
                     f"(|diff| {float(err.flatten()[i]):.3g} > bound {float(bound.flatten()[i]):.3g}, ratio {rr:.3g}; "
                     f"false-alarm rate {numerics.FALSE_ALARM:g}): dropout is not unbiased "
-                    + ("(inverted dropout rescales the kept inputs by 1/(1-p))" if method == "lora" else
-                       "(int(p*D) of the D blocks become the identity)"))
+                    + ("(int(p*D) of the D blocks become the identity)" if method == "oft" else
+                       "(inverted dropout rescales the kept inputs by 1/(1-p))"))
 
         ctx.bounded(f"ratio.mean.{method}.{bits}bit", r, where)
