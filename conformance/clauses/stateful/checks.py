@@ -59,22 +59,33 @@ def unreachable(clause: str, capabilities: frozenset[str]) -> str | None:
     return "; ".join(f"{op} needs capability {', '.join(caps)}" for op, caps in missing.items())
 
 
-def shortfall(clause: str, run: sr.RunResult) -> str | None:
-    """Why ``run`` is too thin to judge ``clause`` (its floor in ``FLOORS``), or None."""
+def _thin(clause: str, s: Stats, steps_per_example: int, where: str = "") -> list[str]:
+    """Why the counters ``s`` fall short of ``clause``'s floor (``FLOORS``); ``where`` names a case."""
     floor = FLOORS[clause]
-    need_steps = float(floor["steps_per_example"]) * run.steps_per_example  # type: ignore[arg-type]
+    need_steps = float(floor["steps_per_example"]) * steps_per_example  # type: ignore[arg-type]
+    mean = s.explore_steps / s.explore_examples if s.explore_examples else 0.0
     reasons = []
-    if run.mean_steps < need_steps:
-        reasons.append(f"exploring examples ran {run.mean_steps:.1f} steps on average (floor {need_steps:.1f} of "
-                       f"the {run.steps_per_example} budgeted): the implementation ended "
-                       f"{run.stats.ended_early} examples early (a step raised or was refused)"
+    if mean < need_steps:
+        reasons.append(f"{where}exploring examples ran {mean:.1f} steps on average (floor {need_steps:.1f} of "
+                       f"the {steps_per_example} budgeted): the implementation ended "
+                       f"{s.ended_early} examples early (a step raised or was refused)"
                        + "".join(f"; bitsandbytes' listed failure {k} ended {n} examples"
-                                 for k, (n, _) in sorted(run.stats.upstream.items())))
-    reached = sum(run.stats.reached.get(clause, {}).values())
+                                 for k, (n, _) in sorted(s.upstream.items())))
+    reached = sum(s.reached.get(clause, {}).values())
     if reached < int(floor["reached"]):  # type: ignore[call-overload]
         ops: Any = floor["ops"]
         what = "steps" if "*" in ops else "/".join(ops) + " steps"
-        reasons.append(f"{what} reached the clause's invariant {reached} times (floor {floor['reached']})")
+        reasons.append(f"{where}{what} reached the clause's invariant {reached} times (floor {floor['reached']})")
+    return reasons
+
+
+def shortfall(clause: str, run: sr.RunResult) -> str | None:
+    """Why ``run`` is too thin to judge ``clause`` (its floor in ``FLOORS``), or None: over the whole run, and over
+    each (method, bits) case alone (``RunResult.case_stats``): one shared run feeds every family, and a family whose
+    examples all ended early must not pass on the steps of the others (a verdict never says more than what ran)."""
+    reasons = _thin(clause, run.stats, run.steps_per_example)
+    for label, s in sorted(run.case_stats.items()):
+        reasons += _thin(clause, s, run.steps_per_example, f"case {label}: ")
     return "; ".join(reasons) or None
 
 
