@@ -177,3 +177,16 @@ def test_a_dora_reproducer_runs(tmp_path: Any) -> None:
                           cwd=str(tmp_path), check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "DIVERGENCE" in proc.stdout, proc.stdout
+
+
+def test_a_training_step_trains_the_magnitude_too() -> None:
+    """The machine's training step optimizes every adapter parameter with a gradient: DoRA's magnitude moves with
+    A and B (the norm is detached, the magnitude is not), and the model adopts the new tensors."""
+    cfg = sc.MachineConfig.make("dora", 8, 32, 24, variant=0, seed=1)
+    d = Driver(ReferenceImplementation(), cfg)
+    before = {k: v.clone() for k, v in d.model.adapters["a0"].tensors.items()}
+    ops.run_step(d, {"op": "train_step", "lead": [3], "seed": 4, "lr": ops.LR, "max_norm": ops.MAX_GRAD_NORM})
+    d.check_invariants()
+    after = d.model.adapters["a0"].tensors
+    for k in ("lora_A.weight", "lora_B.weight", DORA_MAGNITUDE):
+        assert not after[k].equal(before[k]), k
