@@ -149,7 +149,8 @@ def test_broken_dora_layer_caught(impl: _Broken, clauses: set[str], tmp_path: An
 
 def test_a_method_whose_examples_all_end_at_create_does_not_pass_on_the_others(tmp_path: Any) -> None:
     """The vacuous pass this guards against: DoRA's layers could not be built, every DoRA example ended at its
-    first step, and the pooled counts of the LoRA case met every floor. Each case is held to the floors alone."""
+    first step, and the pooled counts of the LoRA case met every floor. Each case's steps must reach each clause's
+    invariant as often as its floor asks, on their own."""
     res = _run_twin(DoraCreateRaises(), tmp_path, [("lora", 4), ("dora", 4)])
     assert set(res.failures) == {VALID}, res.summary()
     assert all(f.config["method"] == "dora" for f in res.failures[VALID])

@@ -74,7 +74,8 @@ STATE_IDS: tuple[str, ...] = tuple(c[0] for c in STATE_CLAUSES)
 #:   violation, shrinking excluded) ran at least this fraction of the budgeted steps per example on
 #:   average; an example ends early only when a step raised or was refused;
 #: - ``ops`` / ``reached``: the steps whose outcome the clause's invariant checks ("*": every step)
-#:   reached that invariant at least ``reached`` times.
+#:   reached that invariant at least ``reached`` times, over the run and in each (method, bits) case alone (one run
+#:   feeds every family: a family whose examples all ended at once must not pass on the others' checks).
 #:
 #: An op the implementation cannot be given (a capability it does not declare) is never drawn; a clause
 #: none of whose ``ops`` can be drawn is ``skipped`` with the reason.
