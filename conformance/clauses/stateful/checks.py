@@ -18,7 +18,7 @@ clauses: one worker batch, one implementation's checks, one test), and each clau
 
 Budget: ``ctx.budget.stateful_examples`` / ``stateful_steps`` / ``stateful_shrink_s`` (CI default).
 Measurements: examples, steps, exploring examples/steps and steps per example, steps per op, the
-ops reaching the clause's invariant, the worst ratio of the bounded clauses, the steps run on a base in
+ops reaching the clause's invariant and how often each (method, bits) case reached it, the worst ratio of the bounded clauses, the steps run on a base in
 bitsandbytes' CPU packed layout and the repacks, and the run's wall time.
 """
 
@@ -118,6 +118,8 @@ def report(ctx: CheckContext) -> None:
     ctx.measure("examples_ended_early", s.ended_early)
     ctx.measure("steps_per_op", dict(sorted(s.ops.items())))
     ctx.measure("reached_by_op", dict(sorted(s.reached.get(cid, {}).items())))
+    ctx.measure("reached_by_case", {label: sum(cs.reached.get(cid, {}).values())
+                                    for label, cs in sorted(run.case_stats.items())})
     ctx.measure("machine_wall_s", run.wall_s)
     ctx.measure("steps_on_packed_layout", s.steps_on_packed_layout)
     ctx.measure("repacks", s.repacks)
