@@ -167,7 +167,7 @@ class Minimal(_Broken):
     """The reference declaring none of the optional capabilities (no unmerge, safe merge, rsLoRA, LoRA bias, ...)."""
 
     mixin = _RecordsMerges
-    capabilities = frozenset({"lora", "oft", "4bit", "8bit"})
+    capabilities = frozenset({"lora", "dora", "oft", "4bit", "8bit"})
 
 
 #: a configured object: a reproducer must rebuild it from "conformance.clauses.stateful.broken:CONFIGURED", tag
