@@ -102,6 +102,28 @@ class _SilentUnknownAdapter:
         self.active_adapters = names
 
 
+class _DoraIgnoresMagnitude:
+    """DoRA's factor ``m / ||W0 + s B A||_c`` taken as 1 in the forward and the merge (a DoRA layer that computes
+    LoRA): the model must tell DoRA from LoRA (the machine moves each magnitude off its init, so ``m/n != 1``)."""
+
+    def _factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(norm)
+
+
+class _DoraUnmergeRecomputesNorm:
+    """DoRA's unmerge divides by the factor of the norm of the *merged* weight instead of the norm its merge took
+    (what PEFT's cached ``<adapter>-weight_norm`` avoids: peft/tuners/lora/variants.py ``DoraLinearVariant.unmerge``)."""
+
+    def _undo(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        factor = self._factor(name, torch.linalg.vector_norm(weight, dim=1)).detach().float()
+        return weight / factor[:, None] - self.get_delta_weight(name).detach().float()
+
+
+class _DoraCreateRaises:
+    """Building a DoRA layer raises (a library without DoRA on quantized bases that declares it): every DoRA example
+    ends at its first step, and the clauses must not pass on the other methods' steps (per-case floors)."""
+
+
 _CLASSES: dict[tuple[type, type], type] = {}
 
 
@@ -113,6 +135,8 @@ class _Broken(ReferenceImplementation):
         self.name = f"broken-{type(self).__name__}{tag}"
 
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
+        if self.mixin is _DoraCreateRaises and spec.method == "dora":
+            raise RuntimeError("no DoRA here")
         layer = super().create(base_layer, spec)
         key = (self.mixin, type(layer))
         if key not in _CLASSES:
@@ -134,13 +158,16 @@ ThreeBugs = _twin("ThreeBugs", _ThreeBugs)
 MergeRaises = _twin("MergeRaises", _MergeRaises)
 OutputOffForPositiveInput = _twin("OutputOffForPositiveInput", _OutputOffForPositiveInput)
 CompilerDisabledForward = _twin("CompilerDisabledForward", _CompilerDisabledForward)
+DoraIgnoresMagnitude = _twin("DoraIgnoresMagnitude", _DoraIgnoresMagnitude)
+DoraUnmergeRecomputesNorm = _twin("DoraUnmergeRecomputesNorm", _DoraUnmergeRecomputesNorm)
+DoraCreateRaises = _twin("DoraCreateRaises", _DoraCreateRaises)
 
 
 class Minimal(_Broken):
     """The reference declaring none of the optional capabilities (no unmerge, safe merge, rsLoRA, LoRA bias, ...)."""
 
     mixin = _RecordsMerges
-    capabilities = frozenset({"lora", "oft", "4bit", "8bit"})
+    capabilities = frozenset({"lora", "dora", "oft", "4bit", "8bit"})
 
 
 #: a configured object: a reproducer must rebuild it from "conformance.clauses.stateful.broken:CONFIGURED", tag

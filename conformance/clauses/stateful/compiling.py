@@ -137,6 +137,9 @@ class CompileRun:
     others: list[Violation] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    #: per (method, bits) case, how many compiled forwards reached the check (each case must reach it: one run
+    #: feeds every family, and a method whose examples all ended early must not pass on the others' forwards)
+    case_reached: dict[str, int] = field(default_factory=dict)
 
 
 def run(impl: Implementation, device: str = "cpu", *, examples: int, steps: int,
@@ -160,6 +163,7 @@ def run(impl: Implementation, device: str = "cpu", *, examples: int, steps: int,
             for v in cs.best.values():
                 (out.failures if v.clause == COMPILE or v.kind == OP else out.others).append(v)
             out.stats.add(cs)
+            out.case_reached[f"{method}/{bits}bit"] = sum(cs.reached.get(COMPILE, {}).values())
     finally:
         torch.set_num_threads(threads)
         torch._dynamo.reset()
@@ -194,6 +198,9 @@ def check_stateful_compile(ctx: CheckContext) -> None:
         parts = [f"{v.clause} by a {v.kind} step: {v.message}\nsequence:\n"
                  + "\n".join(f"  {i}. {render_step(st_)}" for i, st_ in enumerate(v.trace)) for v in res.failures]
         ctx.fail(f"{len(res.failures)} violation(s) by compiled forwards:\n" + "\n\n".join(parts))
-    if reached < COMPILE_FLOOR:
+    ctx.measure("compiled_forwards_checked_by_case", dict(sorted(res.case_reached.items())))
+    unreached = sorted(k for k, n in res.case_reached.items() if n == 0)
+    if reached < COMPILE_FLOOR or unreached:
         ctx.inconclusive(f"compiled forwards reached the check {reached} times (floor {COMPILE_FLOOR}; "
-                         f"{s.ended_early} examples ended early)")
+                         f"{s.ended_early} examples ended early)"
+                         + (f"; none in case {', '.join(unreached)}" if unreached else ""))

@@ -40,6 +40,9 @@ LORA_VARIANTS: tuple[dict[str, Any], ...] = (
     {"r": 2, "lora_alpha": 4.0, "init_lora_weights": False, "use_rslora": True},
     {"r": 4, "lora_alpha": 16.0, "init_lora_weights": False, "lora_bias": True},
 )
+#: DoRA (``LoraConfig(use_dora=True)`` in PEFT): LoRA's variants without ``lora_bias``, which PEFT 0.21.2 refuses
+#: with DoRA (``LoraConfig.__post_init__``) and the reference declares a DoRA limitation
+DORA_VARIANTS: tuple[dict[str, Any], ...] = tuple(v for v in LORA_VARIANTS if not v.get("lora_bias"))
 OFT_VARIANTS: tuple[dict[str, Any], ...] = (
     {"r": 4, "oft_block_size": 0, "init_weights": False},
     {"r": 0, "oft_block_size": 8, "init_weights": False},
@@ -135,7 +138,12 @@ def seed_for(device: str, seed: int) -> None:
 
 
 def variants(method: str) -> tuple[dict[str, Any], ...]:
-    return LORA_VARIANTS if method == "lora" else OFT_VARIANTS
+    """The adapter variants a ``method`` machine draws from (a clear error for a method the machine does not know)."""
+    try:
+        return {"lora": LORA_VARIANTS, "dora": DORA_VARIANTS, "oft": OFT_VARIANTS}[method]
+    except KeyError:
+        raise ValueError(f"the stateful machine has no adapter variants for method {method!r}; "
+                         "add them to conformance/clauses/stateful/config.py") from None
 
 
 def variant_ok(method: str, index: int, caps: Iterable[str], bias: bool) -> bool:

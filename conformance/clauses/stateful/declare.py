@@ -16,14 +16,18 @@ INVALID = "STATE-INVALID-STEP-SAFE"
 SOURCE = ("hypothesis RuleBasedStateMachine (hypothesis.readthedocs.io, stateful testing); peft v0.21.2 "
           "src/peft/tuners/tuners_utils.py BaseTunerLayer (merge/unmerge/set_adapter/delete_adapter bookkeeping); "
           "peft v0.21.2 src/peft/tuners/lora/bnb.py merge/unmerge (dequantize, apply, requantize); "
-          "OFT arXiv:2306.07280")
+          "OFT arXiv:2306.07280; DoRA arXiv:2402.09353, peft v0.21.2 src/peft/tuners/lora/variants.py DoraLinearVariant "
+          "(merge_safe/unmerge: the norm on the unmerged weight, cached for the unmerge)")
 
 #: (clause id, text, extra source): one clause per invariant, all reported from the one shared run
 STATE_CLAUSES: tuple[tuple[str, str, str], ...] = (
     (OUTPUT,
      "After any valid sequence of steps (train/eval, grad modes, input shapes and dtypes, training steps, merges, "
      "adapter changes, deepcopy, state_dict round trips, dtype and device moves), the layer's output equals the float64 "
-     "model of its logical state within the analytic bound of the current base weights.", ""),
+     "model of its logical state within the analytic bound of the current base weights. DoRA: several active adapters "
+     "compose in sequence as PEFT composes them (each one's base term is the output so far minus the bias), and each "
+     "adapter's magnitude is moved off its initial value when it is added, so the factor m/||W + sBA|| is not 1 and "
+     "LoRA's output does not match.", ""),
     (BASE,
      "The base layer's packed bytes and quantization state are unchanged, and dequantize gives the same "
      "weights, after every step that is not a merge or unmerge.", "; conformance.quant.snapshot"),
@@ -32,14 +36,18 @@ STATE_CLAUSES: tuple[tuple[str, str, str], ...] = (
      "a forward with disabled adapters performs).", ""),
     (MERGE,
      "Each merge()/unmerge() call leaves weights within the requantization bound of dequantize -> apply/remove "
-     "the adapters -> requantize of the weights before the call, with the quantization settings kept.",
+     "the adapters -> requantize of the weights before the call, with the quantization settings kept. DoRA's merge is "
+     "not additive: it writes f (W + sBA) with f = m/||W + sBA|| taken on the unmerged weight, and its unmerge divides "
+     "by that very f (PEFT's cached norm) before taking sBA off; the machine merges one DoRA adapter at a time into an "
+     "unmerged layer (stacked DoRA merges, which PEFT performs by unmerging and merging again, are not drawn).",
      "; conformance.quant.bounds.weight_bound"),
     (UNMERGE,
      "Unmerging everything restores the pre-merge weights within the bound accumulated by the merges and "
      "unmerges in between.", ""),
     (DRIFT,
      "Across any number of merge/unmerge cycles the stored weights stay within the sum of the per-requantization "
-     "bounds of the original weights (with the merged adapters applied exactly): drift does not compound.", ""),
+     "bounds of the original weights (with the merged adapters applied exactly; a DoRA factor taken on those exact "
+     "weights): drift does not compound.", ""),
     (ADAPTERS,
      "Adapters (names, tensors, active set, enabled flag) change only through the steps meant to change them: "
      "optimizer steps change only trained adapters, and deepcopy and state_dict round trips keep every adapter.", ""),
@@ -66,7 +74,8 @@ STATE_IDS: tuple[str, ...] = tuple(c[0] for c in STATE_CLAUSES)
 #:   violation, shrinking excluded) ran at least this fraction of the budgeted steps per example on
 #:   average; an example ends early only when a step raised or was refused;
 #: - ``ops`` / ``reached``: the steps whose outcome the clause's invariant checks ("*": every step)
-#:   reached that invariant at least ``reached`` times.
+#:   reached that invariant at least ``reached`` times, over the run and in each (method, bits) case alone (one run
+#:   feeds every family: a family whose examples all ended at once must not pass on the others' checks).
 #:
 #: An op the implementation cannot be given (a capability it does not declare) is never drawn; a clause
 #: none of whose ``ops`` can be drawn is ``skipped`` with the reason.

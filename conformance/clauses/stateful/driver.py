@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from conformance import numerics
+from conformance.clauses.cases import DORA_MAGNITUDE as MAGNITUDE
+from conformance.clauses.cases import trained_magnitude
 from conformance.clauses.interface import AdapterSpec, Implementation, declared
 from conformance.clauses.stateful.declare import ADAPTERS, BASE, DRIFT, FLAGS, MERGE, OUTPUT, UNMERGE, VALID
 from conformance.core.vocabulary import Capability, capability
@@ -115,6 +117,7 @@ class Driver:
         except Exception as exc:
             self.fail(VALID, f"impl.create(base, AdapterSpec({self.method!r}, 'a0', {params})) raised "
                              f"{type(exc).__name__}: {exc}")
+        self.move_magnitude("a0", config.seed)
         self.model = LogicalModel.from_base(self.layer.base_layer)
         self.model.adapters["a0"] = AdapterModel(self.method, params, self.read("a0"))
         self.model.active = ["a0"]
@@ -161,6 +164,18 @@ class Driver:
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(*lead, in_features or self.config.in_features, generator=g)
         return x.to(device=self.device, dtype=dtype_of(dtype))
+
+    def move_magnitude(self, name: str, seed: int) -> None:
+        """DoRA: move adapter ``name``'s magnitude off its initial value, as training would (``cases.trained_magnitude``,
+        each entry times a factor drawn from ``seed``). A fresh DoRA adapter has ``m = ||W0 + s B A||_c``: its factor
+        ``m/n`` is 1 up to rounding, so a forward or merge that left the magnitude or the norm out would match the
+        model (LoRA's output) and go unseen. Rendered with the step that adds the adapter (``ops.render_step``)."""
+        if self.method != "dora":
+            return
+        if MAGNITUDE not in self.layer.adapter_parameters(name):
+            self.fail(ADAPTERS, f"DoRA adapter {name!r} has no {MAGNITUDE!r} among its adapter_parameters "
+                                f"({sorted(self.layer.adapter_parameters(name))})")
+        trained_magnitude(self.layer, name, torch.Generator().manual_seed(seed))
 
     def read(self, name: str) -> dict[str, torch.Tensor]:
         return copy_tensors(self.layer.adapter_parameters(name))

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from conformance import numerics
+from conformance.numerics.expected import lora_tensors
 from conformance.numerics.ratio import stored_vs_exact as _ratio
 from conformance.numerics.requant import requant_bound_from_exact
 from conformance.numerics.rounding import U32
@@ -68,12 +69,17 @@ def copy_tensors(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @dataclass
 class Chain:
-    """Exact float64 weights ``w``/``b`` and bounds ``ew``/``eb`` on |stored - exact|."""
+    """Exact float64 weights ``w``/``b`` and bounds ``ew``/``eb`` on |stored - exact|.
+
+    ``factors``: per merged DoRA adapter, the factor ``f = m / ||W + s B A||_c`` its merge took on this chain's
+    weights (value, and the bound on the factor the implementation computed from the stored weights): the unmerge
+    divides by that very factor (PEFT caches the norm, ``<adapter>-weight_norm``)."""
 
     w: torch.Tensor
     ew: torch.Tensor
     b: torch.Tensor | None
     eb: torch.Tensor | None
+    factors: dict[str, numerics.Expected] = field(default_factory=dict)
 
     @classmethod
     def start(cls, w: torch.Tensor, b: torch.Tensor | None) -> Chain:
@@ -103,7 +109,60 @@ def _lora_op(chain: Chain, w_in: torch.Tensor, w_in_err: torch.Tensor | None, ad
         b_in = chain.b.abs() + chain.eb
         eb = eb + (_u(bb.dtype) + 2 * U32) * sb.abs() + U32 * (b_in + sb.abs()) \
             + u_bias * (b_in + sb.abs()) * (1 + 3 * U32)
-    return Chain(w, ew, b, eb)
+    return Chain(w, ew, b, eb, dict(chain.factors))
+
+
+def _dora_op(chain: Chain, name: str, adapter: AdapterModel, sign: int) -> Chain:
+    """One DoRA merge (sign +1) or unmerge (-1) of adapter ``name`` on ``chain``, before requantization (PEFT 0.21.2
+    ``DoraLinearVariant.merge_safe``/``unmerge``, peft/tuners/lora/variants.py; the reference alike), in float32 on
+    the dequantized weight ``S``, which lies within ``chain.ew`` of ``chain.w``:
+
+    - merge: ``d_hat = s B A`` in the adapter dtype (``lora_delta_error``, cast to float32); the norm of ``S + d_hat``
+      and ``f_hat = fl(m / n_hat)`` in float32 (``numerics.dora.norm_expected`` with ``w0_err = chain.ew``: the norm
+      of the stored weights is within ``||ew_row||`` of the exact weights' norm, then ``factor_expected``);
+      ``v_hat = fl(S + d_hat)``: ``e_v = ew + e_d + u32 (|v| + ew + e_d)``; ``fl(f_hat v_hat)``: ``|f| e_v + e_f |v| +
+      e_f e_v`` plus one rounding. The exact value is ``f (w + d)`` with ``f`` the factor of the chain's exact
+      weights (``numerics.dora.dora_merge_error`` when ``ew`` is 0); ``f`` is kept in ``chain.factors``;
+    - unmerge: ``fl(fl(S / f_hat) - d_hat)`` with the kept ``f_hat`` (the merge's cached norm): ``|S / f_hat - w / f|
+      <= ew / (|f| - e_f) + |w| e_f / (|f| (|f| - e_f))``, one rounding, minus ``d_hat`` (``e_d``), one rounding. A
+      merge then unmerge is exact in the chain (``f (w + d) / f - d = w``); the bound is the two steps' sum, which
+      holds ``numerics.dora.dora_roundtrip_bound``'s terms and the factor's error, which that bound cancels (it
+      knows the same ``f_hat`` divides), times ``|w|``: ``O(gamma_n u |w|)``, far below a requantization.
+
+    The bias is left alone: DoRA scales the weight only, and PEFT refuses ``lora_bias`` with DoRA."""
+    from conformance.numerics import dora as ndora
+
+    t = adapter.tensors
+    s = numerics.lora_scaling(adapter.params)
+    a, b, _ = lora_tensors(t)
+    delta = s * (b @ a)
+    e_d = numerics.lora_delta_error(t, s)
+    e_d = e_d + numerics.cast_error(t["lora_A.weight"].dtype, torch.float32) * (delta.abs() + e_d)
+    factors = dict(chain.factors)
+    if sign > 0:
+        f = ndora.factor_expected(t[ndora.MAGNITUDE], ndora.norm_expected(chain.w, t, s, torch.float32,
+                                                                          w0_err=chain.ew), torch.float32)
+        v = chain.w + delta
+        e_v = chain.ew + e_d + U32 * (v.abs() + chain.ew + e_d)
+        fv, fe = f.value[:, None], f.bound[:, None]
+        w = fv * v
+        ew = fv.abs() * e_v + fe * v.abs() + fe * e_v
+        ew = ew + U32 * (w.abs() + ew)
+        factors[name] = f
+    else:
+        if name not in factors:
+            raise KeyError(f"the model unmerges DoRA adapter {name!r} without the factor of its merge")
+        f = factors.pop(name)
+        fv, fe = f.value[:, None], f.bound[:, None]
+        low = fv.abs() - fe
+        safe = low > 0
+        low = torch.where(safe, low, 1.0)
+        q = chain.w / fv
+        e_q = torch.where(safe, chain.ew / low + chain.w.abs() * fe / (fv.abs() * low), math.inf)
+        e_q = e_q + U32 * (q.abs() + e_q)
+        w = q - delta
+        ew = e_q + e_d + U32 * (w.abs() + e_q + e_d)
+    return Chain(w, ew, chain.b, chain.eb, factors)
 
 
 def _oft_op(chain: Chain, w_in: torch.Tensor, w_in_err: torch.Tensor | None, adapter: AdapterModel, sign: int,
@@ -120,20 +179,23 @@ def _oft_op(chain: Chain, w_in: torch.Tensor, w_in_err: torch.Tensor | None, ada
         # W = W' R^{-T}: inverse of the computed rotation (numerics.oft_unmerge_error)
         w = chain.w @ r
         ew = chain.ew @ r.abs() + numerics.oft_unmerge_error(w_in, tens, n_blocks, bs, w_in_err)
-    return Chain(w, ew, chain.b, chain.eb)
+    return Chain(w, ew, chain.b, chain.eb, dict(chain.factors))
 
 
 def apply_op(chain: Chain, w_in: torch.Tensor, w_in_err: torch.Tensor | None, adapter: AdapterModel, sign: int,
-             base: nn.Module, bias_dtypes: Sequence[torch.dtype] = ()) -> Chain:
+             base: nn.Module, bias_dtypes: Sequence[torch.dtype] = (), name: str = "") -> Chain:
     """The chain after merging (sign +1) or unmerging (-1) ``adapter``, before requantization.
 
     The operation computes on weights within ``w_in_err`` of ``w_in``: the stored weights for the first
     operation of a call (``w_in_err`` None: known exactly), the step chain's exact weights and bound for
     later ones (an intermediate state nobody can see). Its float32 arithmetic is bounded as in the merge
-    clauses (``numerics.lora_merge_error``, ``oft_merge_error``, ``oft_unmerge_error``).
+    clauses (``numerics.lora_merge_error``, ``oft_merge_error``, ``oft_unmerge_error``); a DoRA adapter (``name``)
+    as :func:`_dora_op` (its factor taken on each chain's own weights, ``w_in`` unused).
     ``bias_dtypes``: the dtypes the call may round the new bias to (the coarsest counts); default the
     dtype ``base`` stores its bias in.
     """
+    if adapter.method == "dora":
+        return _dora_op(chain, name, adapter, sign)
     if adapter.method == "lora":
         bias = getattr(base, "bias", None)
         dtypes = tuple(bias_dtypes) or ((bias.dtype,) if bias is not None else ())
@@ -158,7 +220,7 @@ def cast_chain(chain: Chain, dtype: torch.dtype) -> Chain:
     lo = torch.where(exact, b, torch.nextafter(b - eb, torch.full_like(b, -math.inf)))
     hi = torch.where(exact, b, torch.nextafter(b + eb, torch.full_like(b, math.inf)))
     rlo, rhi = lo.to(dtype).double(), hi.to(dtype).double()
-    return Chain(chain.w, chain.ew, (rlo + rhi) / 2, (rhi - rlo) / 2)
+    return Chain(chain.w, chain.ew, (rlo + rhi) / 2, (rhi - rlo) / 2, dict(chain.factors))
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -183,6 +245,9 @@ class LogicalModel:
     orig: Chain | None = None
     anchor_w: torch.Tensor | None = None
     anchor_b: torch.Tensor | None = None
+    #: the DoRA factors of the merged adapters as the step chain of their merge call took them (on the stored
+    #: weights then): the step chain of a later unmerge call divides by them (``Chain.factors``)
+    step_factors: dict[str, numerics.Expected] = field(default_factory=dict)
 
     @classmethod
     def from_base(cls, base: nn.Module) -> LogicalModel:
@@ -213,11 +278,13 @@ class LogicalModel:
         ``quant.bounds.cpu_repack_bound`` is added."""
         settings = base_after if standard is None else standard
         step = Chain.start(self.w, self.b)
+        step.factors = dict(self.step_factors)
         chains = {"step": step, "anchor": self.anchor, "orig": self.orig}
         w_in, w_in_err = self.w, None
         for i, name in enumerate(names):
             ad = self.adapters[name]
-            chains = {k: apply_op(c, w_in, w_in_err, ad, sign, base_after, bias_dtypes) for k, c in chains.items()}
+            chains = {k: apply_op(c, w_in, w_in_err, ad, sign, base_after, bias_dtypes, name)
+                      for k, c in chains.items()}
             last = i == len(names) - 1
             s = chains["step"]
             if last and standard is None:
@@ -233,6 +300,7 @@ class LogicalModel:
         if bias_cast is not None:
             chains = {k: cast_chain(c, bias_cast) for k, c in chains.items()}
         self.anchor, self.orig = chains["anchor"], chains["orig"]
+        self.step_factors = dict(chains["step"].factors)
         return chains
 
     # -- forward ---------------------------------------------------------------------------
@@ -262,7 +330,31 @@ class LogicalModel:
         method = methods.pop() if methods else "lora"
         if method == "lora":
             return self._lora_expected(base, xd, rows)
+        if method == "dora":
+            return self._dora_expected(base, xd, rows)
         return self._oft_expected(base, xd, rows)
+
+    def _dora_expected(self, base, x, rows) -> numerics.Expected:
+        """DoRA, unmerged: the active adapters in sequence (``numerics.dora.dora_stack_expected``: PEFT passes the
+        running result on as each adapter's base term); no dropout in the machine's variants. ``base`` is the layer's
+        own base (the oracle dequantizes it: the model's ``w`` are those weights, ``check_base`` holds them equal)."""
+        from conformance.numerics import dora as ndora
+
+        out: numerics.Expected | None = None
+        for names, idx in rows:
+            xs = x if idx is None else x.index_select(0, idx)
+            adapters = [(self.adapters[n].tensors, numerics.lora_scaling(self.adapters[n].params)) for n in names]
+            e = ndora.dora_stack_expected(base, adapters, xs, training=self.training)
+            if idx is None:
+                return e
+            if out is None:
+                shape = (x.shape[0], *e.value.shape[1:])
+                out = numerics.Expected(torch.zeros(shape, dtype=torch.float64),
+                                        torch.zeros(shape, dtype=torch.float64))
+            out.value.index_copy_(0, idx, e.value)
+            out.bound.index_copy_(0, idx, e.bound)
+        assert out is not None
+        return out
 
     def _lora_expected(self, base, x, rows) -> numerics.Expected:
         y0 = numerics.linear_expected(base, x.double(), x.dtype, weight=self.w, bias=self.b, training=self.training)

@@ -21,7 +21,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from conformance.clauses.cases import POISONS
+from conformance.clauses.cases import DORA_MAGNITUDE, DORA_MAGNITUDE_SPREAD, POISONS
 from conformance.clauses.stateful.declare import ADAPTERS, MERGE
 from conformance.core.vocabulary import Capability, capability
 from conformance.quant import torchnames
@@ -43,8 +43,11 @@ INPUT_DTYPES = ("float32", "float16", "bfloat16")
 #: behaviour outside the adapter layer under test; 8-bit machines use float32/float16 inputs
 INPUT_DTYPES_8BIT = ("float32", "float16")
 GRAD_MODES = tuple(torchnames.GRAD_MODES)
-#: adapter dtypes a dtype move goes to; OFT stays in float32/float64 (the Cayley solve, see report)
-ADAPTER_DTYPES = {"lora": ("float32", "bfloat16", "float16"), "oft": ("float32", "float64")}
+#: adapter dtypes a dtype move goes to; OFT stays in float32/float64 (the Cayley solve, see report); DoRA as LoRA
+#: (its magnitude moves with A and B: the norm and the factor are then formed in that dtype, which the oracle's
+#: ``numerics.dora.norm_expected``/``factor_expected`` bound)
+ADAPTER_DTYPES = {"lora": ("float32", "bfloat16", "float16"), "dora": ("float32", "bfloat16", "float16"),
+                  "oft": ("float32", "float64")}
 MAX_ADAPTERS = 3
 LR = 0.05
 #: a training step clips the adapters' gradient to this L2 norm before the SGD step, as fine-tuning does
@@ -119,8 +122,29 @@ def _still_valid(d: Driver, before: qvalidate.Expected | None, what: str) -> Non
         d.fail(MERGE, f"after {what} the base is no valid quantized layer: " + "; ".join(bad))
 
 
+#: DoRA merges one adapter into an unmerged layer only. Merging a DoRA adapter over merged ones is not modelled:
+#: its norm is taken on the *unmerged* base weight, which PEFT 0.21.2 recovers by unmerging the merged adapters and
+#: merging them again (``LoraLayer._unmerged_base_weight``, peft/tuners/lora/layer.py: two requantizations per merged
+#: adapter hidden inside the call) and the reference by undoing them in float32 without requantizing
+#: (conformance/reference/dora.py): the calls differ in what they requantize, and the model has one bound per call.
+DORA_MERGES_ONE = "dora: the machine merges one DoRA adapter at a time into an unmerged layer (stacked DoRA merges " \
+                  "are not modelled: ops.DORA_MERGES_ONE)"
+
+
+def _merge_applies(d: Driver) -> bool:
+    if d.method == "dora":
+        return not d.merged and bool(d.names)
+    return bool(_unmerged(d))
+
+
 def _draw_merge(data: st.DataObject, d: Driver) -> Args:
     safe = data.draw(st.booleans(), label="safe_merge") if d.has("safe_merge") else False
+    if d.method == "dora":
+        d.stats.notes.add(DORA_MERGES_ONE)
+        if len(d.model.active) == 1 and data.draw(st.booleans(), label="adapter_names=None"):
+            return {"adapter_names": None, "safe_merge": safe}
+        return {"adapter_names": [data.draw(st.sampled_from(_unmerged(d)), label="adapter_names")],
+                "safe_merge": safe}
     active_left = any(n not in d.model.merged for n in d.model.active)
     if active_left and data.draw(st.booleans(), label="adapter_names=None"):
         return {"adapter_names": None, "safe_merge": safe}
@@ -133,6 +157,9 @@ def _accepts_merge(d: Driver, a: Args) -> bool:
     if a["safe_merge"] and not d.has("safe_merge"):
         return False
     names = a["adapter_names"]
+    if d.method == "dora":
+        todo = list(d.model.active) if names is None else list(names or [])
+        return not d.merged and len(todo) == 1 and todo[0] in d.names
     if names is None:
         return any(n not in d.model.merged for n in d.model.active)
     return bool(names) and all(n in d.names and n not in d.model.merged for n in names)
@@ -162,14 +189,18 @@ def add_adapter(d: Driver, a: Args) -> None:
     d.call(f"add_adapter({name!r})", go)
     if name not in d.layer_names():
         d.fail(ADAPTERS, f"add_adapter({name!r}) did not add it (layer has {d.layer_names()})")
+    d.move_magnitude(name, a["seed"])
     d.model.adapters[name] = AdapterModel(d.method, params, d.read(name))
     d.counter += 1
 
 
 def _draw_add(data: st.DataObject, d: Driver) -> Args:
     variant = data.draw(st.sampled_from(allowed_variants(d.method, d.caps, d.config.bias)), label="variant")
-    return {"name": f"a{d.counter}", "variant": variant, "params": dict(variants(d.method)[variant]),
+    args = {"name": f"a{d.counter}", "variant": variant, "params": dict(variants(d.method)[variant]),
             "seed": data.draw(SEEDS)}
+    if d.method == "dora":  # rendered with the magnitude moved (Driver.move_magnitude); not a draw
+        args["method"] = "dora"
+    return args
 
 
 def _accepts_add(d: Driver, a: Args) -> bool:
@@ -221,6 +252,19 @@ def _may_disable(d: Driver) -> bool:
 
 # -- the table ------------------------------------------------------------------------------------
 
+def _magnitude_code(name: str, seed: int) -> str:
+    """What ``Driver.move_magnitude`` does to a DoRA adapter, as code."""
+    lo, hi = DORA_MAGNITUDE_SPREAD
+    return (f"m = layer.adapter_parameters({name!r})[{DORA_MAGNITUDE!r}]; "
+            f"m.data *= ({lo} + {hi - lo} * torch.rand(m.shape, generator=torch.Generator().manual_seed({seed}), "
+            "dtype=torch.float64)).to(m.dtype)  (DoRA: the magnitude moved off its init, cases.trained_magnitude)")
+
+
+def _render_add(a: Args) -> str:
+    text = _fmt("torch.manual_seed({seed}); layer.add_adapter({name}, **{params})")(a)
+    return text + ("; " + _magnitude_code(a["name"], a["seed"]) if a.get("method") == "dora" else "")
+
+
 def _fmt(template: str) -> Callable[[Args], str]:
     return lambda a: template.format(**{k: repr(v) if k in ("name", "device") else v for k, v in a.items()})
 
@@ -234,7 +278,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
        lambda a: (f"x = randn({(*a['lead'], 'in')}, seed={a['seed']}).to({a['dtype']}); "
                   f"with {grad_mode_code(a['grad_mode'])}: y = layer(x)")),
     Op("merge", 4, merge, _draw_merge, _fmt("layer.merge(safe_merge={safe_merge}, adapter_names={adapter_names})"),
-       applies=lambda d: bool(_unmerged(d)), accepts=_accepts_merge),
+       applies=_merge_applies, accepts=_accepts_merge),
     Op("unmerge", 3, unmerge, lambda data, d: {}, _fmt("layer.unmerge()"), needs=("unmerge",),
        applies=lambda d: d.merged),
     Op("train_step", 2, train_step,
@@ -244,7 +288,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
                   + ("" if a.get("max_norm") is None else
                      f"clip_grad_norm_(adapter params with grad, max_norm={a['max_norm']}); ")
                   + f"SGD(adapter params with grad, lr={a['lr']}).step()")),
-    Op("add_adapter", 2, add_adapter, _draw_add, _fmt("torch.manual_seed({seed}); layer.add_adapter({name}, **{params})"),
+    Op("add_adapter", 2, add_adapter, _draw_add, _render_add,
        needs=("multi_adapter",), applies=lambda d: len(d.names) < MAX_ADAPTERS, accepts=_accepts_add),
     Op("set_adapter", 2, set_adapter,
        lambda data, d: {"adapter_names": data.draw(st.lists(st.sampled_from(d.names), min_size=1, max_size=2,
@@ -324,7 +368,8 @@ def render_step(step: dict[str, Any]) -> str:
         cfg = MachineConfig.from_dict(a)
         params = variants(cfg.method)[cfg.variant]
         kw = {**cfg.base.layer_kwargs(), "seed": cfg.seed}
-        return (f"base = make_base_layer({cfg.in_features}, {cfg.out_features}, **{kw}); "
+        text = (f"base = make_base_layer({cfg.in_features}, {cfg.out_features}, **{kw}); "
                 f"torch.manual_seed({cfg.seed}); layer = impl.create(base, AdapterSpec({cfg.method!r}, 'a0', {params}))")
+        return text + ("; " + _magnitude_code("a0", cfg.seed) if cfg.method == "dora" else "")
     op = OPS.get(step["op"])
     return op.render(a) if op is not None else f"{step['op']}({a})"

@@ -90,6 +90,9 @@ class RunResult:
     wall_s: float = 0.0
     case_wall_s: dict[str, float] = field(default_factory=dict)
     stats: Stats = field(default_factory=Stats)
+    #: each (method, bits) case's own counters (``stats`` adds them up): the clauses' floors hold per case too, so a
+    #: case whose examples all ended at once (a method no step can be run for) cannot pass on the others' steps
+    case_stats: dict[str, Stats] = field(default_factory=dict)
     failures: dict[str, list[Failure]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     #: where this run's reproducers went (the ``out`` given, else one temporary directory per run)
@@ -226,6 +229,7 @@ def _run_case(impl: Implementation, device: str, method: str, bits: int, n_ex: i
             f.reproducer = f"(could not write a reproducer: {type(wexc).__name__}: {wexc})"
         result.failures.setdefault(v.clause, []).append(f)
     total.add(cs)
+    result.case_stats[label] = cs
 
 
 def _settings(n_ex: int, n_steps: int, derandomize: bool) -> settings:
