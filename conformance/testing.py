@@ -165,6 +165,15 @@ def check_implementation(
     return results
 
 
+def restricted(clause_id: str, *methods: str) -> Clause:
+    """Clause ``clause_id`` applying to ``methods`` only (a test that runs one method's families of a clause)."""
+    import dataclasses
+
+    from conformance.clauses.clause import get
+
+    return dataclasses.replace(get(clause_id), methods=frozenset(methods))
+
+
 def check_clause(clause: Clause, impl: Implementation, device: str = "cpu", entries: Sequence[xf.Xfail] = (),
                  strict: bool = True, result: Result | None = None, target: str | None = None,
                  budget: Budget | None = None) -> None:

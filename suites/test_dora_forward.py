@@ -5,38 +5,27 @@ and the twins of FWD-INIT-IDENTITY / FWD-ERR-RANK bite in the DoRA families. Fas
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
 
 from conformance.clauses.broken import Broken, bind, twins
-from conformance.clauses.clause import Clause, get
+from conformance.clauses.clause import get
 from conformance.clauses.interface import AdapterSpec
 from conformance.harness.execute import run_clause
 from conformance.impls.reference import ReferenceImplementation
 from conformance.numerics.dora import MAGNITUDE
+from conformance.testing import restricted
 
 DORA = ("dora/4bit", "dora/8bit")
 
 
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _only(clause_id: str, *methods: str) -> Clause:
-    return dataclasses.replace(get(clause_id), methods=frozenset(methods))
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.mark.parametrize("clause_id", ["FWD-INIT-IDENTITY", "FWD-LORA-DELTA", "FWD-ERR-RANK"])
 def test_the_reference_passes_in_the_dora_families(clause_id: str) -> None:
-    res = run_clause(_only(clause_id, "dora"), ReferenceImplementation())
+    res = run_clause(restricted(clause_id, "dora"), ReferenceImplementation())
     assert res.outcome == "passed", res.message
     for fam in DORA:
         assert res.families[fam].outcome == "passed" and res.families[fam].run > 0, res.families[fam]
@@ -63,7 +52,7 @@ def _norm_in_float64(layer: nn.Module, spec: AdapterSpec) -> None:
 
 
 def test_init_identity_accepts_dora_within_its_bound_where_it_is_not_bit_identical() -> None:
-    res = run_clause(_only("FWD-INIT-IDENTITY", "dora"), Broken("norm-in-float64", _norm_in_float64))
+    res = run_clause(restricted("FWD-INIT-IDENTITY", "dora"), Broken("norm-in-float64", _norm_in_float64))
     assert res.outcome == "passed", res.message
     run = sum(res.families[f].run for f in DORA)
     assert res.measurements["dora_bit_identical"] < run  # the bound, not bit-identity, let those cases pass
@@ -88,6 +77,6 @@ def test_init_identity_fails_a_dora_magnitude_off_its_norm() -> None:
 
 @pytest.mark.parametrize("clause_id", ["FWD-INIT-IDENTITY", "FWD-ERR-RANK", "FWD-LORA-DELTA"])
 def test_the_twins_fail_in_the_dora_families(clause_id: str) -> None:
-    res = run_clause(_only(clause_id, "dora"), twins({"forward"})[clause_id])
+    res = run_clause(restricted(clause_id, "dora"), twins({"forward"})[clause_id])
     for fam in DORA:
         assert res.families[fam].outcome == "failed", res.families[fam]

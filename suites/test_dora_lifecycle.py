@@ -5,33 +5,21 @@ magnitude that is not a parameter of the layer is left behind by a cast. Fast, C
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
 
 from conformance.clauses.broken import Broken, bind
-from conformance.clauses.clause import Clause, get
 from conformance.clauses.interface import AdapterSpec
 from conformance.harness.execute import run_clause
 from conformance.impls.reference import ReferenceImplementation
 from conformance.numerics.dora import MAGNITUDE
+from conformance.testing import restricted
 
 DORA = ("dora/4bit", "dora/8bit")
 
 
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _only(clause_id: str, *methods: str) -> Clause:
-    return dataclasses.replace(get(clause_id), methods=frozenset(methods))
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.mark.parametrize("clause_id", [
@@ -39,14 +27,14 @@ def _only(clause_id: str, *methods: str) -> Clause:
     "LIFECYCLE-MERGE-AFTER-STEP", "LIFECYCLE-TRAINABLE", "LAYER-PROTOCOL-SURFACE",
 ])
 def test_the_reference_passes_in_the_dora_families(clause_id: str) -> None:
-    res = run_clause(_only(clause_id, "dora"), ReferenceImplementation())
+    res = run_clause(restricted(clause_id, "dora"), ReferenceImplementation())
     assert res.outcome == "passed", res.message
     for fam in DORA:
         assert res.families[fam].outcome == "passed" and res.families[fam].run > 0, res.families[fam]
 
 
 def test_subset_unmerge_checks_the_stacked_dora_forward() -> None:
-    res = run_clause(_only("LIFECYCLE-SUBSET-UNMERGE", "dora"), ReferenceImplementation())
+    res = run_clause(restricted("LIFECYCLE-SUBSET-UNMERGE", "dora"), ReferenceImplementation())
     assert 0 < res.measurements["ratio.subset_stack_forward.dora.4bit"] <= 1.0
 
 
@@ -64,7 +52,7 @@ def _additive_unmerge(layer: nn.Module, spec: AdapterSpec) -> None:
 
 @pytest.mark.parametrize("clause_id", ["LIFECYCLE-MERGED-DISABLED", "LIFECYCLE-SUBSET-UNMERGE"])
 def test_an_unmerge_that_forgets_the_magnitude_fails(clause_id: str) -> None:
-    res = run_clause(_only(clause_id, "dora"), Broken("additive-unmerge", _additive_unmerge))
+    res = run_clause(restricted(clause_id, "dora"), Broken("additive-unmerge", _additive_unmerge))
     for fam in DORA:
         assert res.families[fam].outcome == "failed", res.families[fam]
 
@@ -76,7 +64,7 @@ def _no_magnitude_key(layer: nn.Module, spec: AdapterSpec) -> None:
 
 
 def test_the_protocol_needs_the_magnitude_among_the_adapter_parameters() -> None:
-    res = run_clause(_only("LAYER-PROTOCOL-SURFACE", "dora", "lora"), Broken("no-magnitude-key", _no_magnitude_key))
+    res = run_clause(restricted("LAYER-PROTOCOL-SURFACE", "dora", "lora"), Broken("no-magnitude-key", _no_magnitude_key))
     for fam in DORA:
         assert res.families[fam].outcome == "failed" and MAGNITUDE in res.families[fam].message, res.families[fam]
     assert res.families["lora/4bit"].outcome == "passed"
@@ -93,6 +81,6 @@ def _magnitude_not_a_parameter(layer: nn.Module, spec: AdapterSpec) -> None:
 
 
 def test_a_magnitude_left_behind_by_a_cast_fails_move_dtype() -> None:
-    res = run_clause(_only("MOVE-DTYPE", "dora"), Broken("magnitude-not-a-parameter", _magnitude_not_a_parameter))
+    res = run_clause(restricted("MOVE-DTYPE", "dora"), Broken("magnitude-not-a-parameter", _magnitude_not_a_parameter))
     fam = res.families["dora/8bit"]
     assert fam.outcome == "failed" and "magnitude did not follow" in fam.message, fam
