@@ -96,7 +96,8 @@ FAMILIES = [("lora", 4), ("lora", 8), ("oft", 4), ("oft", 8)]
 
 
 def _clause(check) -> Clause:  # noqa: ANN001
-    return Clause(id="META-FAMILIES", level="MUST", text="t", source="s", area="meta", check=check)
+    return Clause(id="META-FAMILIES", level="MUST", text="t", source="s", area="meta", check=check,
+                  methods=frozenset(m for m, _ in FAMILIES))
 
 
 def _check_doing(plan: dict[tuple[str, int], str]):  # noqa: ANN202
