@@ -1,5 +1,5 @@
-"""The DoRA merge numbers of ``conformance.numerics.merge``: ``dora_merge_into`` (a merge into a weight that is not
-the one its norm is taken on), ``dora_pair_merged`` (two adapters in sequence) and ``roundtrip_bound``'s DoRA branch,
+"""The DoRA merge numbers: ``numerics.dora.dora_merge_error`` into a weight that is not the one its norm is taken on,
+``numerics.merge.dora_pair_merged`` (two adapters in sequence) and ``roundtrip_bound``'s DoRA branch,
 against ``conformance.numerics.dora`` and an independent float64 computation."""
 
 from __future__ import annotations
@@ -36,24 +36,27 @@ def _exact(w0: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[torch.Te
     return f, delta
 
 
-def test_merge_into_without_errors_is_dora_merge_error() -> None:
+def test_merge_into_another_weight_scales_it_by_the_factor_of_the_norm_weight() -> None:
+    """f (W + s B A) with f from the norm on ``norm_on``, against an independent float64 computation."""
     layer = _layer()
     w0 = qlayers.dequantize(layer.base_layer).double()
     t = layer.adapter_parameters("a")
-    value, bound = nm.dora_merge_into(w0, None, w0, None, t, S)
-    want_value, want_bound, _ = nd.dora_merge_error(w0, t, S)
-    assert torch.equal(value, want_value)
-    torch.testing.assert_close(bound, want_bound, rtol=1e-12, atol=0)
+    w = w0 * 1.5
+    value, bound, f = nd.dora_merge_error(w, t, S, norm_on=w0)
+    fa, da = _exact(w0, t)
+    torch.testing.assert_close(f.value, fa, rtol=1e-12, atol=0)
+    torch.testing.assert_close(value, fa[:, None] * (w + da), rtol=1e-12, atol=1e-12)
+    assert bool(torch.isfinite(bound).all())
 
 
-def test_merge_into_bound_grows_with_the_errors() -> None:
+def test_merge_bound_grows_with_the_errors() -> None:
     layer = _layer()
     w0 = qlayers.dequantize(layer.base_layer).double()
     t = layer.adapter_parameters("a")
-    _, plain = nm.dora_merge_into(w0, None, w0, None, t, S)
+    _, plain, _ = nd.dora_merge_error(w0, t, S)
     err = torch.full_like(w0, 1e-3)
-    _, into = nm.dora_merge_into(w0, err, w0, None, t, S)
-    _, normed = nm.dora_merge_into(w0, None, w0, err, t, S)
+    _, into, _ = nd.dora_merge_error(w0, t, S, w_err=err, norm_on=w0)
+    _, normed, _ = nd.dora_merge_error(w0, t, S, norm_on=w0, norm_err=err)
     assert bool((into > plain).all()) and bool((normed > plain).all())
 
 

@@ -468,8 +468,9 @@ def _merge_without_magnitude(self: DoraLinearQuant, name: str, weight: torch.Ten
 def _independent_forward(self: DoraLinearQuant, x: torch.Tensor, adapter_names: object = None) -> torch.Tensor:
     base_out = self._base_forward(x)
     result = base_out
+    w0 = dequantize(self.base_layer)
     for name in self.active_adapters:
-        result = result + self._dora(name, x, base_out)  # each adapter on W0 x: not PEFT's composition
+        result = result + self._dora(name, x, base_out, w0)  # each adapter on W0 x: not PEFT's composition
     return result.to(base_out.dtype)
 
 

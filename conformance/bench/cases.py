@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from conformance.clauses.cases import AdapterCase, BaseCase, OnBase
+from conformance.core.vocabulary import LORA_LIKE
 from conformance.quant.torchnames import dtype_name, dtype_of
 
 from . import DEFAULT_METHODS, METHODS
@@ -60,8 +61,6 @@ IMPLS_LORA = ("bnb", "floor-bare", "floor", "reference", "reference-noclone", "r
 IMPLS_OFT = ("bnb", "reference", "peft")
 #: DoRA: the bare layer, the measured floor (``roofline.floor_fn`` with the weight norm), the reference and PEFT.
 IMPLS_DORA = ("bnb", "floor", "reference", "peft")
-#: Methods of the LoRA family: a rank, a scaling, LoRA's factors (DoRA adds its magnitude vector).
-LORA_FAMILY = ("lora", "dora")
 OPS_RUN = ("fwd", "fwdbwd")
 OPS_MERGE = ("merge", "unmerge")
 
@@ -80,7 +79,7 @@ def bench_base(bits: int, in_features: int, out_features: int, dtype: str, *, qu
 def bench_adapter(method: str, rank: int = RANK, alpha: int = ALPHA) -> AdapterCase:
     """The adapter of a benchmark: LoRA or DoRA rank ``rank`` (random A and B), or OFT with PEFT's default block
     size."""
-    if method in LORA_FAMILY:
+    if method in LORA_LIKE:
         return AdapterCase(method, {"r": rank, "lora_alpha": alpha, "init_lora_weights": False})
     if method == "oft":
         return AdapterCase("oft", {"r": 0, "oft_block_size": OFT_BLOCK_SIZE, "init_weights": False})
@@ -124,11 +123,11 @@ class BenchCase(OnBase):
     @property
     def rank(self) -> int:
         """The LoRA / DoRA rank (OFT rows carry the suite's ``RANK``, as stored benchmarks do)."""
-        return self.adapter.params.get("r", RANK) if self.method in LORA_FAMILY else RANK
+        return self.adapter.params.get("r", RANK) if self.method in LORA_LIKE else RANK
 
     @property
     def alpha(self) -> int:
-        return self.adapter.params.get("lora_alpha", ALPHA) if self.method in LORA_FAMILY else ALPHA
+        return self.adapter.params.get("lora_alpha", ALPHA) if self.method in LORA_LIKE else ALPHA
 
     @property
     def shape(self) -> str:

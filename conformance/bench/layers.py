@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from conformance.clauses.interface import AdapterSpec, Implementation
+from conformance.core.vocabulary import LORA_LIKE
 from conformance.harness.loader import load
 from conformance.impls.library import LibraryLayer
 from conformance.impls.reference import ReferenceImplementation
@@ -41,7 +42,7 @@ from conformance.quant.torchnames import dtype_of
 from conformance.reference import LoraLinear4bit, LoraLinear8bit
 
 from . import roofline
-from .cases import LORA_FAMILY, BenchCase
+from .cases import BenchCase
 from .memory import stored_bytes
 from .timing import host_clock, spin
 
@@ -125,7 +126,7 @@ def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1, impl: Im
     dtype = dtype_of(case.dtype)
     gen = torch.Generator(device=base.weight.device).manual_seed(seed)
     params = dict(case.adapter.params)
-    adapter_dtype = case.dtype if case.method in LORA_FAMILY else "float32"
+    adapter_dtype = case.dtype if case.method in LORA_LIKE else "float32"
     if case.impl.startswith("reference-v0"):
         if case.method != "lora":
             raise ValueError(f"{case.impl} is a LoRA forward: it has no {case.method}")

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .cases import LORA_FAMILY, BenchCase
+from conformance.core.vocabulary import LORA_LIKE
+
+from .cases import BenchCase
 
 BARE_IMPLS = ("bnb", "floor-bare")
 
@@ -86,7 +88,7 @@ def flops(case: BenchCase) -> float:
         return 0.0
     adapter = norm = 0.0
     bare = case.impl in BARE_IMPLS
-    if not bare and case.method in LORA_FAMILY:
+    if not bare and case.method in LORA_LIKE:
         adapter = 2.0 * t * r * (k + n)  # x A^T, (xA^T) B^T
     elif not bare and case.method == "oft":
         adapter = 2.0 * t * k * 32  # block-diagonal rotation of x (block size 32)
@@ -96,7 +98,7 @@ def flops(case: BenchCase) -> float:
         return base + adapter + norm
     # backward: grad input through W (no weight grad: frozen), and for LoRA dB, d(xA), dA, dx += d(xA) A; DoRA's
     # norm is detached (arXiv:2402.09353 sec. 4.3): not recomputed in the backward
-    return 2 * base + (3 if case.method in LORA_FAMILY else 2) * adapter + norm
+    return 2 * base + (3 if case.method in LORA_LIKE else 2) * adapter + norm
 
 
 def norm_reads(case: BenchCase) -> int:

@@ -32,11 +32,12 @@ from typing import Any
 
 import torch
 
+from conformance.core.vocabulary import LORA_LIKE
 from conformance.harness.environment import fingerprint, slug
 from conformance.harness.files import write_atomic
 
 from . import memory, roofline
-from .cases import LORA_FAMILY, BenchCase
+from .cases import BenchCase
 from .layers import Builder, inject_factor, with_slowdown
 from .timing import Budget, L2Flusher, Timing, measure, time_host
 
@@ -107,7 +108,7 @@ def derive(records: list[dict[str, Any]], peak: roofline.Peak | None) -> None:
             r["tflops"] = f / med / 1e12
             r["gbps"] = b / med / 1e9
             floor_impl = "floor-bare" if case.impl in roofline.BARE_IMPLS else "floor"
-            fl = by_key.get(f"{case.group}/{floor_impl}") if case.method in LORA_FAMILY else None
+            fl = by_key.get(f"{case.group}/{floor_impl}") if case.method in LORA_LIKE else None
             if fl is not None and case.impl != floor_impl:
                 fm = fl["timing"]["median_s"]
                 r["floor_measured_s"] = fm

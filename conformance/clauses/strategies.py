@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
+from conformance.core.vocabulary import LORA_LIKE
+
 from . import cases
 
 WEIGHT_DTYPES = cases.WEIGHT_DTYPES
@@ -96,7 +98,7 @@ def oft_params(draw: st.DrawFn, in_features: int) -> dict[str, Any]:
 
 def adapter_params(method: str, in_features: int) -> st.SearchStrategy[dict[str, Any]]:
     """``lora_params()`` (LoRA, DoRA: the same parameters, never ``lora_bias``) or ``oft_params(in_features)``."""
-    if method in ("lora", "dora"):
+    if method in LORA_LIKE:
         return lora_params()
     if method == "oft":
         return oft_params(in_features)

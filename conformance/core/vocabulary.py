@@ -93,6 +93,10 @@ DOCS: dict[Capability, str] = {
                             "object picklable for spawned ranks)",
 }
 
+#: The methods with LoRA's parameters and its ``lora_A``/``lora_B`` (DoRA adds a magnitude vector): where code treats
+#: "LoRA-like" methods alike, it asks this one set.
+LORA_LIKE: frozenset[Method] = frozenset({Method.LORA, Method.DORA})
+
 #: What each method promises (``create(base, AdapterSpec(method=...))``).
 METHOD_DOCS: dict[Method, str] = {
     Method.LORA: "LoRA adapters (create(base, AdapterSpec(method='lora', ...)))",

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
-from conformance.core.vocabulary import Capability, Method
+from conformance.core.vocabulary import LORA_LIKE, Capability, Method
 from conformance.impls.library import LibraryImplementation, LibraryLayer
 from conformance.quant.layers import bits_of
 from conformance.reference.lora import LoraConfig as _RefLoraConfig
@@ -200,7 +200,7 @@ class PeftApi:
     # -- translation of the protocol's keyword arguments ------------------------------
     @staticmethod
     def _params(method: str, params: dict[str, Any]) -> dict[str, Any]:
-        lora = method in ("lora", "dora")
+        lora = method in LORA_LIKE
         allowed = LORA_PARAMS if lora else OFT_PARAMS
         extra = set(params) - set(allowed) - ({"clone_base_output"} if lora else set())
         if extra:
@@ -215,7 +215,7 @@ class PeftApi:
         """PEFT's own ``LoraConfig``/``OFTConfig`` for the protocol's parameters (PEFT validates them); DoRA is
         ``LoraConfig(use_dora=True)``."""
         p = self._params(method, params)
-        if method in ("lora", "dora"):
+        if method in LORA_LIKE:
             if "lora_bias" in self.unsupported:
                 if p.pop("lora_bias"):
                     raise ImplementationUnsupported(self.unsupported["lora_bias"])
@@ -229,7 +229,7 @@ class PeftApi:
             raise ValueError(f"unknown method {method!r}; PEFT is tested with 'lora', 'oft' and 'dora'")
         if method in self.unsupported:
             raise ImplementationUnsupported(self.unsupported[method])
-        lora = method in ("lora", "dora")
+        lora = method in LORA_LIKE
         classes = self.lora_classes if lora else self.oft_classes
         cls = classes.get(bits)
         if cls is None:
@@ -270,7 +270,7 @@ class PeftApi:
         p = self._params(method, params)
         update = layer.update_layer
         if _has_param(update, "config"):
-            if method in ("lora", "dora"):
+            if method in LORA_LIKE:
                 update(name, p["r"], lora_alpha=p["lora_alpha"], config=self.config(method, p))
             else:
                 update(name, p["r"], config=self.config("oft", p))
@@ -330,7 +330,7 @@ class PeftAdapterLayer(LibraryLayer):
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """PEFT's own Parameters (not copies), under the canonical names."""
-        if self.method in ("lora", "dora"):
+        if self.method in LORA_LIKE:
             a, b = self.layer.lora_A[name], self.layer.lora_B[name]
             out = {"lora_A.weight": a.weight, "lora_B.weight": b.weight}
             if b.bias is not None:

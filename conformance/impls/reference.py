@@ -6,7 +6,7 @@ from torch import nn
 
 import conformance
 from conformance.clauses.interface import AdapterSpec, ImplementationBase
-from conformance.core.vocabulary import Capability, Method
+from conformance.core.vocabulary import LORA_LIKE, Capability, Method
 from conformance.quant.layers import bits_of
 from conformance.reference import layer_class
 
@@ -33,7 +33,7 @@ class ReferenceImplementation(ImplementationBase):
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
         cls = layer_class(spec.method, bits_of(base_layer))
         params = dict(spec.params)
-        if spec.method in ("lora", "dora"):
+        if spec.method in LORA_LIKE:
             params.setdefault("clone_base_output", self.clone_base_output)
         layer = cls(base_layer, spec.adapter_name, **params)
         cast_adapter(layer, spec)

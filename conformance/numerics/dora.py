@@ -276,21 +276,30 @@ def dora_stack_expected(
 
 # -- merge and unmerge ---------------------------------------------------------------------------
 
-def dora_merge_error(w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], scaling: float) -> tuple[
-        torch.Tensor, torch.Tensor, Expected]:
+def dora_merge_error(w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], scaling: float, *,
+                     w_err: torch.Tensor | None = None, norm_on: torch.Tensor | None = None,
+                     norm_err: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Expected]:
     """(exact merged weight ``f (W0 + s B A)``, bound on forming it in float32, the factor ``f`` with its bound).
 
     As PEFT's ``merge_safe`` computes it on a float32 dequantized ``W0``: ``delta = (B @ A) * s`` in the adapter
-    dtype (``lora_delta_error``); ``v_hat = fl(W0 + delta)`` (``e_v = e_delta + u32 (|v| + e_delta)``); the norm of
-    ``v_hat`` and ``f_hat = fl(m / n_hat)`` in float32 (``norm_expected``, ``factor_expected``); ``fl(f_hat v_hat)``:
-    ``|f| e_v + e_f |v| + e_f e_v`` plus one rounding. Requantization excluded (add ``weight_bound``)."""
+    dtype (``lora_delta_error``, then cast to float32); ``v_hat = fl(W0_hat + delta)`` (``e_v = e_w + e_delta + u32
+    (|v| + e_w + e_delta)``); the norm and ``f_hat = fl(m / n_hat)`` in float32 (``norm_expected``,
+    ``factor_expected``); ``fl(f_hat v_hat)``: ``|f| e_v + e_f |v| + e_f e_v`` plus one rounding. Requantization
+    excluded (add ``weight_bound``).
+
+    ``w_err``: ``W0`` is known within it (None: exactly). ``norm_on``/``norm_err``: the weight the norm is taken on
+    and its error, when it is not ``W0`` (a DoRA merge into a weight that already holds merged adapters scales that
+    weight but takes its norm on the unmerged base the forward reads; default ``W0`` and ``w_err``)."""
     a, b, _ = lora_tensors(tensors)
     w = w0.double().cpu()
     delta = scaling * (b @ a)
     e_d = lora_delta_error(tensors, scaling)
     e_d = e_d + cast_error(tensors["lora_A.weight"].dtype, torch.float32) * (delta.abs() + e_d)
-    v = _round(Expected(w + delta, e_d), U32)
-    f = factor_expected(tensors[MAGNITUDE], norm_expected(w, tensors, scaling, torch.float32), torch.float32)
+    e_in = e_d if w_err is None else e_d + w_err.double().cpu()
+    v = _round(Expected(w + delta, e_in), U32)
+    norm_w, norm_e = (w, w_err) if norm_on is None else (norm_on, norm_err)
+    f = factor_expected(tensors[MAGNITUDE], norm_expected(norm_w, tensors, scaling, torch.float32, w0_err=norm_e),
+                        torch.float32)
     merged = _mul(Expected(f.value[:, None].expand_as(w), f.bound[:, None].expand_as(w)), v, U32)
     return merged.value, merged.bound, f
 

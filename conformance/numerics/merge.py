@@ -17,8 +17,8 @@ from conformance.quant import bounds as qbounds
 
 from .blocks import block_norms, oft_layout, oft_rotation, rotate_error
 from .cayley import inverse_rotation_error, rotation_error
-from .dora import MAGNITUDE, dora_merge_error, dora_roundtrip_bound, factor_expected, norm_expected
-from .expected import lora_delta, lora_delta_error, lora_scaling, lora_tensors
+from .dora import dora_merge_error, dora_roundtrip_bound
+from .expected import lora_delta, lora_delta_error, lora_scaling
 from .requant import hypothetical_requant_bound
 from .rounding import U32, cast_error
 
@@ -150,35 +150,6 @@ def roundtrip_bound(
     return first_err @ r.abs() + oft_unmerge_error(w1, tensors, n_blocks, bs) + wb2
 
 
-def dora_merge_into(w: torch.Tensor, w_err: torch.Tensor | None, w_norm: torch.Tensor,
-                    norm_err: torch.Tensor | None, tensors: Mapping[str, torch.Tensor], scaling: float,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(exact ``f (W + s B A)`` with ``f = m / ||W_n + s B A||_c``, bound on computing it in float32 from a ``W``
-    known within ``w_err`` and a norm taken on a ``W_n`` known within ``norm_err``; None: exactly). Requantization
-    excluded (add ``weight_bound``).
-
-    A DoRA merge into a weight that already holds merged adapters: the weight it scales (``W``) and the weight its
-    norm is taken on (``W_n``: the unmerged base, as the forward sees it) differ. With ``W_n = W`` and no errors this
-    is ``dora.dora_merge_error``'s bound: ``v_hat = fl(W_hat + d_hat)``, ``|v_hat - v| <= e_v = e_w + e_d + u32 (|v|
-    + e_w + e_d)`` (``e_d``: ``lora_delta_error`` and the cast to float32); ``f_hat`` within ``e_f``
-    (``dora.norm_expected`` with ``w0_err = norm_err``, ``dora.factor_expected``, float32); ``fl(f_hat v_hat)``:
-    ``|f| e_v + e_f |v| + e_f e_v`` plus one rounding."""
-    a, b, _ = lora_tensors(tensors)
-    wv = w.double().cpu()
-    delta = scaling * (b @ a)
-    e_d = lora_delta_error(tensors, scaling)
-    e_d = e_d + cast_error(tensors["lora_A.weight"].dtype, torch.float32) * (delta.abs() + e_d)
-    v = wv + delta
-    e_in = e_d if w_err is None else e_d + w_err.double().cpu()
-    e_v = e_in + U32 * (v.abs() + e_in)
-    norm = norm_expected(w_norm, tensors, scaling, torch.float32, w0_err=norm_err)
-    f = factor_expected(tensors[MAGNITUDE], norm, torch.float32)
-    fv, fe = f.value[:, None], f.bound[:, None]
-    merged = fv * v
-    err = fv.abs() * e_v + fe * v.abs() + fe * e_v
-    return merged, err + U32 * (merged.abs() + err)
-
-
 def dora_pair_merged(base: nn.Module, w0: torch.Tensor, first: tuple[Mapping[str, torch.Tensor], float],
                      second: tuple[Mapping[str, torch.Tensor], float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(exact weight after merging DoRA adapter ``first`` then ``second`` ((tensors, scaling) each) into ``w0``, the
@@ -187,7 +158,7 @@ def dora_pair_merged(base: nn.Module, w0: torch.Tensor, first: tuple[Mapping[str
     The merged layer must compute what the unmerged one did (``dora.dora_stack_expected``): adapters in the forward's
     order, each adapter's norm on the unmerged base weight ``W0`` the forward reads, ``f_2 (f_1 (W0 + d_1) + d_2)``
     with ``f_k = m_k / ||W0 + d_k||_c`` (PEFT 0.21.2 ``DoraLinearVariant.merge_safe``: "The weight norm has to be
-    based on the unmerged weight, the same way `forward` computes it"). The first merge: ``dora_merge_into`` plus one
+    based on the unmerged weight, the same way `forward` computes it"). The first merge: ``dora_merge_error`` plus one
     requantization (``hypothetical_requant_bound`` of ``base``'s settings at ``f_1 (W0 + d_1)``); the second scales
     that weight, known within it, and takes its norm on ``W0`` exactly: the ``W0`` the merge started from, which a
     merge of several adapters at once still holds before it requantizes anything. A norm taken on a ``W0`` recovered
@@ -195,9 +166,10 @@ def dora_pair_merged(base: nn.Module, w0: torch.Tensor, first: tuple[Mapping[str
     covered: at 4 bits that error is a sizeable part of the norm."""
     (t1, s1), (t2, s2) = first, second
     w = w0.double().cpu()
-    t_first, e_first = dora_merge_into(w, None, w, None, t1, s1)
+    t_first, e_first, _ = dora_merge_error(w, t1, s1)
     e_first = e_first + hypothetical_requant_bound(base, t_first.float())
-    return dora_merge_into(t_first, e_first, w, None, t2, s2)
+    value, bound, _ = dora_merge_error(t_first, t2, s2, w_err=e_first, norm_on=w)
+    return value, bound
 
 
 def bias_roundtrip_bound(b0: torch.Tensor, b_err: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:

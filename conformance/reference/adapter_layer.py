@@ -32,6 +32,8 @@ class QuantAdapterLayer(nn.Module):
 
     method: ClassVar[str] = ""
     bits: ClassVar[int] = 0
+    #: the module name PEFT's rounding warning says (default the method; DoRA is merged by PEFT's LoRA layer: "lora")
+    warning_module: ClassVar[str] = ""
     merge_warning: ClassVar[str] = ""
     unmerge_warning: ClassVar[str] = ""
 
@@ -41,7 +43,8 @@ class QuantAdapterLayer(nn.Module):
         4-bit linear may get different generations due to rounding errors.")."""
         super().__init_subclass__(**kwargs)
         if cls.method and cls.bits:
-            tail = f" {cls.method} module to {cls.bits}-bit linear may get different generations due to rounding errors."
+            module = cls.warning_module or cls.method
+            tail = f" {module} module to {cls.bits}-bit linear may get different generations due to rounding errors."
             cls.merge_warning = "Merge" + tail
             cls.unmerge_warning = "Unmerge" + tail
 

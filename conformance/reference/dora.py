@@ -44,12 +44,8 @@ class DoraMagnitude(nn.Module):
 class DoraLinearQuant(LoraLinearQuant):
     method: ClassVar[str] = "dora"
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """PEFT's rounding warnings, verbatim: DoRA is a LoRA variant there, merged by the LoRA bnb layer, whose text
-        says "lora module" (``peft/tuners/lora/bnb.py`` merge/unmerge)."""
-        super().__init_subclass__(**kwargs)
-        cls.merge_warning = cls.merge_warning.replace(" dora module ", " lora module ")
-        cls.unmerge_warning = cls.unmerge_warning.replace(" dora module ", " lora module ")
+    #: PEFT's rounding warnings say "lora module" for DoRA: the LoRA bnb layer merges it (peft/tuners/lora/bnb.py)
+    warning_module: ClassVar[str] = "lora"
 
     # -- adapters ----------------------------------------------------------------------
     def _new_adapter(self, name: str, **kwargs: Any) -> None:
@@ -121,13 +117,12 @@ class DoraLinearQuant(LoraLinearQuant):
         return new_weight, bias
 
     # -- forward -----------------------------------------------------------------------
-    def _dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``(m/n - 1) T + (m/n) s B(A(dropout(x)))`` for adapter ``name``; ``result``: the output so far (module
-        docstring)."""
+    def _dora(self, name: str, x: torch.Tensor, result: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+        """``(m/n - 1) T + (m/n) s B(A(dropout(x)))`` for adapter ``name``; ``result``: the output so far, ``w0``: the
+        dequantized base weight (module docstring)."""
         a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
         dropout = self.lora_dropout[name]
         xt = x.to(a.weight.dtype)
-        w0 = qlayers.dequantize(self.base_layer)
         if isinstance(dropout, nn.Identity) or not self.training:
             xd = xt
             bias = self.base_layer.bias
@@ -151,8 +146,9 @@ class DoraLinearQuant(LoraLinearQuant):
         if self.merged or adapter_names is not None:
             return base_out
         result = base_out
+        w0 = qlayers.dequantize(self.base_layer)  # read once per forward: every adapter's norm is on this W0
         for name in self.active_adapters:  # out of place: bnb's output is never written; cast back after each (PEFT)
-            result = (result + self._dora(name, x, result)).to(base_out.dtype)
+            result = (result + self._dora(name, x, result, w0)).to(base_out.dtype)
         return result
 
 

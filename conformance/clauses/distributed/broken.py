@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from conformance.core.vocabulary import LORA_LIKE
 from conformance.impls.reference import ReferenceImplementation
 
 
@@ -35,7 +36,7 @@ class OneBreakagePerFamily(ReferenceImplementation):
     its own, so one spawned run shows every breakage (one process group, not several)."""
 
     name = "one-breakage-per-family"
-    methods = frozenset({"lora", "dora"})
+    methods = LORA_LIKE
     capabilities = frozenset({"4bit", "8bit", "distributed"})
 
     def create(self, base_layer, spec):

@@ -10,6 +10,7 @@ from torch import nn
 
 from conformance.clauses.broken import Broken, bind, twin
 from conformance.clauses.interface import AdapterSpec
+from conformance.core.vocabulary import LORA_LIKE
 
 #: one broken twin per clause of the area (``@twin``): the clause passes on the reference and fails on it
 BROKEN: dict[str, Broken] = {}
@@ -52,7 +53,7 @@ def _always_training(layer: nn.Module, method: str) -> None:
 def dropout_in_eval(layer: nn.Module, spec: AdapterSpec) -> None:
     """Dropout ignores the module's mode (functional dropout with training=True / OFT ignoring self.training; DoRA:
     both, since its eval path, as PEFT's, does not call the dropout module at all)."""
-    if spec.method in ("lora", "dora"):
+    if spec.method in LORA_LIKE:
         _lora_dropouts(layer, _AlwaysDropout)
         if spec.method == "dora":
             _always_training(layer, "_dora")
@@ -63,7 +64,7 @@ def dropout_in_eval(layer: nn.Module, spec: AdapterSpec) -> None:
 @twin("DROPOUT-TRAIN-ACTIVE", "dropout-never")
 def dropout_never(layer: nn.Module, spec: AdapterSpec) -> None:
     """The dropout probability is accepted and ignored (PEFT v0.21.2's OFT module_dropout, for every method)."""
-    if spec.method in ("lora", "dora"):
+    if spec.method in LORA_LIKE:
         _lora_dropouts(layer, lambda p: nn.Identity())
     else:
         bind(layer, "_dropout", lambda self, name, blocks: blocks)
@@ -72,7 +73,7 @@ def dropout_never(layer: nn.Module, spec: AdapterSpec) -> None:
 @twin("DROPOUT-TRAIN-MEAN", "dropout-biased")
 def dropout_biased(layer: nn.Module, spec: AdapterSpec) -> None:
     """LoRA, DoRA: dropout without the 1/(1-p) rescale; OFT: dropped blocks become zero instead of the identity."""
-    if spec.method in ("lora", "dora"):
+    if spec.method in LORA_LIKE:
         _lora_dropouts(layer, lambda p: _AlwaysDropout(p, rescale=False))
         return
     orig = layer._dropout

@@ -11,6 +11,7 @@ from conformance import numerics
 from conformance.clauses import cases
 from conformance.clauses.clause import check
 from conformance.clauses.dropout.declare import ACTIVE_FORWARDS, DROPOUT_P, LORA_PARAMS, MEAN_FORWARDS, OFT_PARAMS
+from conformance.core.vocabulary import LORA_LIKE
 from conformance.numerics.dropout import dropout_mean
 from conformance.quant import torchnames
 
@@ -23,7 +24,7 @@ GRAD_MODES: tuple[tuple[str, Any], ...] = tuple(torchnames.GRAD_MODES.items())
 
 def dropout_params(method: str, p: float) -> dict[str, Any]:
     """The area's adapter parameters with dropout ``p`` (LoRA and DoRA ``lora_dropout``, OFT ``module_dropout``)."""
-    if method in ("lora", "dora"):
+    if method in LORA_LIKE:
         return {**LORA_PARAMS, "lora_dropout": p}
     return {**OFT_PARAMS, "module_dropout": p}
 

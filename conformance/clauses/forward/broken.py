@@ -9,6 +9,7 @@ from torch import nn
 
 from conformance.clauses.broken import Broken, bind, twin, with_params
 from conformance.clauses.interface import AdapterSpec
+from conformance.core.vocabulary import LORA_LIKE
 from conformance.reference import rotation
 
 #: one broken twin per clause of the area (``@twin``): the clause passes on the reference and fails on it
@@ -76,7 +77,7 @@ def unknown_names_to_base(layer: nn.Module, spec: AdapterSpec) -> None:
 
 
 def clamp_rank(method: str, params: dict[str, Any]) -> dict[str, Any]:
-    if method in ("lora", "dora") and params.get("r", 8) <= 0:
+    if method in LORA_LIKE and params.get("r", 8) <= 0:
         params["r"] = 1
     return params
 

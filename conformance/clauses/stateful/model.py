@@ -140,14 +140,7 @@ def _dora_op(chain: Chain, name: str, adapter: AdapterModel, sign: int) -> Chain
     e_d = e_d + numerics.cast_error(t["lora_A.weight"].dtype, torch.float32) * (delta.abs() + e_d)
     factors = dict(chain.factors)
     if sign > 0:
-        f = ndora.factor_expected(t[ndora.MAGNITUDE], ndora.norm_expected(chain.w, t, s, torch.float32,
-                                                                          w0_err=chain.ew), torch.float32)
-        v = chain.w + delta
-        e_v = chain.ew + e_d + U32 * (v.abs() + chain.ew + e_d)
-        fv, fe = f.value[:, None], f.bound[:, None]
-        w = fv * v
-        ew = fv.abs() * e_v + fe * v.abs() + fe * e_v
-        ew = ew + U32 * (w.abs() + ew)
+        w, ew, f = ndora.dora_merge_error(chain.w, t, s, w_err=chain.ew)
         factors[name] = f
     else:
         if name not in factors:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from conformance import tinymodels
+from conformance.core.vocabulary import LORA_LIKE
 
 if TYPE_CHECKING:
     from conformance.clauses.context import CheckContext
@@ -102,7 +103,7 @@ def peft_config(method: str, arch: str) -> Any:
     import peft
 
     targets = tinymodels.ATTENTION_TARGETS[arch]
-    if method in ("lora", "dora"):
+    if method in LORA_LIKE:
         dora = {"use_dora": True} if method == "dora" else {}
         return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, **dora)
     if method == "oft":
