@@ -3,7 +3,8 @@
 Modelled on scikit-learn's typed tags (``sklearn/utils/_tags.py``: tags as dataclasses, a missing or
 unknown tag is an error) and its one place that decides what applies (``estimator_checks.py``):
 
-- ``Method``: the adapter methods the suite knows (``lora``, ``oft``, ``dora``); a method issue adds a member.
+- ``Method``: the adapter methods the suite knows: ``lora``, ``oft``, ``dora`` with hand oracles (``ORACLE_METHODS``),
+  and the methods judged against their dense twin (``TWIN_METHODS``; ``conformance.core.methods`` has their table).
 - ``Capability``: what an implementation may promise besides its methods, each documented in ``DOCS``
   (and, for the layer's optional operations and parameters, where the promise lives in ``LAYER_API``).
 - ``PARAM_CAPABILITIES``: the adapter parameters whose use needs a capability (``params_needing``).
@@ -33,6 +34,17 @@ class Method(str, enum.Enum):
     LORA = "lora"  #: LoRA (Hu et al., arXiv:2106.09685; PEFT ``src/peft/tuners/lora``)
     OFT = "oft"  #: OFT (Qiu et al., arXiv:2306.07280; PEFT ``src/peft/tuners/oft``)
     DORA = "dora"  #: DoRA (Liu et al., arXiv:2402.09353; PEFT ``LoraConfig(use_dora=True)``, ``src/peft/tuners/lora/dora.py``)
+    # judged against their dense twin only (``conformance.core.methods.TABLE``: config, twin rule, sources)
+    ADALORA = "adalora"  #: AdaLoRA (Zhang et al., arXiv:2303.10512; PEFT ``src/peft/tuners/adalora``)
+    HIRA = "hira"  #: HiRA (Huang et al., ICLR 2025; PEFT ``src/peft/tuners/hira``)
+    IA3 = "ia3"  #: (IA)^3 (Liu et al., arXiv:2205.05638; PEFT ``src/peft/tuners/ia3``)
+    PVERA = "pvera"  #: PVeRA (PEFT ``src/peft/tuners/pvera``)
+    RANDLORA = "randlora"  #: RandLoRA (Albert et al., arXiv:2502.00987; PEFT ``src/peft/tuners/randlora``)
+    ROAD = "road"  #: RoAd (Liao et al., arXiv:2409.00119; PEFT ``src/peft/tuners/road``)
+    BOFT = "boft"  #: BOFT (Liu et al., arXiv:2311.06243; PEFT ``src/peft/tuners/boft``)
+    MISS = "miss"  #: MiSS (Kang et al., arXiv:2409.15371; PEFT ``src/peft/tuners/miss``)
+    SHIRA = "shira"  #: SHiRA (Bhardwaj et al., arXiv:2406.13175; PEFT ``src/peft/tuners/shira``)
+    VERA = "vera"  #: VeRA (Kopiczko et al., arXiv:2310.11454; PEFT ``src/peft/tuners/vera``)
 
     def __str__(self) -> str:
         return self.value
@@ -62,6 +74,9 @@ class Capability(str, enum.Enum):
     # whole models
     PEFT_MODEL = "peft_model"
     DISTRIBUTED = "distributed"
+    # dense twins (the TWIN-* clauses)
+    DENSE_TWIN = "dense_twin"
+    MERGE = "merge"
 
     def __str__(self) -> str:
         return self.value
@@ -91,7 +106,18 @@ DOCS: dict[Capability, str] = {
     Capability.DISTRIBUTED: "layers built by create() train under torch DistributedDataParallel (adapter tensors "
                             "registered as parameters, deterministic under torch.manual_seed, implementation "
                             "object picklable for spawned ranks)",
+    Capability.DENSE_TWIN: "create() also takes a plain torch.nn.Linear base (the same method's dense layer, the "
+                           "TWIN-* clauses' yardstick), and adapter_parameters(name) gives every tensor of the "
+                           "adapter (parameters and buffers) under names that are the same on both bases",
+    Capability.MERGE: "merge() folds the adapter into the base weights (the TWIN-MERGE* clauses ask; the LoRA, OFT "
+                      "and DoRA clauses take merge() as given)",
 }
+
+#: The methods with a hand-written float64 oracle (``conformance.numerics``): a clause that names no methods
+#: applies to these. Every other method is judged against its dense twin only (the TWIN-* clauses).
+ORACLE_METHODS: frozenset[Method] = frozenset({Method.LORA, Method.OFT, Method.DORA})
+#: The methods judged against their dense twin only (``conformance.core.methods.TABLE`` has a row for each).
+TWIN_METHODS: frozenset[Method] = frozenset(Method) - ORACLE_METHODS
 
 #: The methods with LoRA's parameters and its ``lora_A``/``lora_B`` (DoRA adds a magnitude vector): where code treats
 #: "LoRA-like" methods alike, it asks this one set.
@@ -103,6 +129,10 @@ METHOD_DOCS: dict[Method, str] = {
     Method.OFT: "OFT adapters (create(base, AdapterSpec(method='oft', ...)))",
     Method.DORA: "DoRA adapters: LoRA's parameters plus a magnitude vector (create(base, AdapterSpec(method='dora', "
                  "...)); adapter_parameters adds 'lora_magnitude_vector.weight')",
+    **{m: f"{m.value} adapters, judged against their dense twin (TWIN-* clauses; minimal config and twin rule: "
+          f"conformance.core.methods.TABLE)" for m in (
+        Method.ADALORA, Method.HIRA, Method.IA3, Method.PVERA, Method.RANDLORA, Method.ROAD, Method.BOFT,
+        Method.MISS, Method.SHIRA, Method.VERA)},
 }
 
 #: Where the layer keeps the promise of a capability that adds an optional operation or parameter.

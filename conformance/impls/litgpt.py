@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
-from conformance.core.vocabulary import Capability, Method
+from conformance.core.vocabulary import ORACLE_METHODS, Capability, Method
 from conformance.impls.library import LibraryImplementation, LibraryLayer
 from conformance.quant.layers import bits_of
 from conformance.quant.torchnames import dtype_of
@@ -124,6 +124,8 @@ class LitgptApi:
         if fabric_bnb is None or modes is None:
             self._gap("4bit", "lightning.fabric's BitsandbytesPrecision (LitGPT's --quantize bnb.*) does not import")
             self._gap("8bit", "lightning.fabric's BitsandbytesPrecision (LitGPT's --quantize bnb.*) does not import")
+        self._gap("dense_twin", "this wrapper builds LoRALinear over bitsandbytes layers only (the TWIN-* clauses "
+                                "are PEFT's and the reference's for now)")
         self.clone_base_output_settable = False
         self.unsupported["clone_base_output=False"] = (
             f"litgpt {self.version}: LoRALinear.forward returns `pretrained + lora` (never writes the base output "
@@ -131,7 +133,7 @@ class LitgptApi:
         )
 
     def methods(self) -> frozenset[Method]:
-        return frozenset(m for m in Method if m not in self.unsupported)
+        return frozenset(m for m in ORACLE_METHODS if m not in self.unsupported)
 
     def capabilities(self) -> frozenset[Capability]:
         return frozenset(c for c in Capability if c not in self.unsupported)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
-from conformance.core.vocabulary import LORA_LIKE, Capability, Method
+from conformance.core.vocabulary import LORA_LIKE, ORACLE_METHODS, Capability, Method
 from conformance.impls.library import LibraryImplementation, LibraryLayer
 from conformance.quant.layers import bits_of
 from conformance.reference.lora import LoraConfig as _RefLoraConfig
@@ -192,7 +192,7 @@ class PeftApi:
         self.unsupported["clone_base_output=False"] = CLONE_MSG
 
     def methods(self) -> frozenset[Method]:
-        return frozenset(m for m in Method if m not in self.unsupported)
+        return frozenset(m for m in ORACLE_METHODS if m not in self.unsupported)
 
     def capabilities(self) -> frozenset[Capability]:
         return frozenset(c for c in Capability if c not in self.unsupported)
