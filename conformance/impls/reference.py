@@ -6,14 +6,14 @@ from torch import nn
 
 import conformance
 from conformance.clauses.interface import AdapterSpec, ImplementationBase
-from conformance.core.vocabulary import LORA_LIKE, Capability, Method
+from conformance.core.vocabulary import LORA_LIKE, ORACLE_METHODS, Capability, Method
 from conformance.quant.layers import bits_of
 from conformance.reference import layer_class
 
 
 class ReferenceImplementation(ImplementationBase):
     name = "reference"
-    methods = frozenset(Method)
+    methods = ORACLE_METHODS
     #: every capability but whole PEFT models (the reference is layers only)
     capabilities = frozenset(Capability) - {Capability.PEFT_MODEL}
     #: what DoRA leaves out, as PEFT does (``conformance.reference.dora``)

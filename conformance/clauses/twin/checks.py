@@ -1,0 +1,311 @@
+"""Twin clauses: each method on a bitsandbytes base against its dense twin (``conformance.clauses.twin.cases.Twin``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from conformance import numerics
+from conformance.clauses import cases
+from conformance.clauses.clause import check
+from conformance.clauses.observe import recorded_warnings
+from conformance.clauses.twin import cases as tcases
+from conformance.core.methods import TwinRule, row
+from conformance.numerics import twin as ntwin
+from conformance.numerics.rounding import cast_error, gamma_n
+from conformance.quant import bounds as qbounds
+from conformance.quant import layers as qlayers
+from conformance.quant import validate as qvalidate
+
+if TYPE_CHECKING:
+    from conformance.clauses.context import CheckContext
+
+#: what a refusal at creation may raise (TWIN-CREATE)
+REFUSALS = (ValueError, TypeError, NotImplementedError)
+#: words a refusal names its cause with (TWIN-CREATE-NAMES)
+CAUSE_WORDS = ("linear4bit", "linear8bitlt", "bitsandbytes", "bnb", "quantiz", "4bit", "8bit", "4-bit", "8-bit")
+
+
+def _label(method: str, case: Any) -> str:
+    return f"{method} on {case.label}"
+
+
+def _x(ctx: CheckContext, case: Any, offset: int = 0) -> torch.Tensor:
+    x = ctx.randn(tcases.INPUT_ROWS, case.in_features, dtype=case.compute_dtype, offset=offset)
+    return numerics_outliers(x, case)
+
+
+def numerics_outliers(x: torch.Tensor, case: Any) -> torch.Tensor:
+    return cases.with_outliers(x, case.threshold) if getattr(case, "threshold", 0) else x
+
+
+def _create(ctx: CheckContext, method: str, case: Any, label: str) -> tuple[torch.nn.Module | None, str]:
+    """The quantized layer (perturbed), or ``(None, refusal)`` when the implementation refused at creation; a
+    refusal of another type, or one that touched the base, fails the case."""
+    base = ctx.make_base(case)
+    before = qlayers.snapshot(base)
+    try:
+        layer = ctx.make_layer(base, method, **tcases.params(method))
+    except Exception as exc:  # noqa: BLE001 - every exception at creation is judged here
+        kind = type(exc).__name__
+        if not isinstance(exc, REFUSALS):
+            ctx.fail(f"{label}: create raised {kind}: {exc} (a refusal is ValueError, TypeError or "
+                     "NotImplementedError)")
+        changed = before.differences(qlayers.snapshot(base))
+        if changed:
+            ctx.fail(f"{label}: create refused ({kind}: {exc}) but changed the base: {'; '.join(changed)}")
+        return None, f"{kind}: {exc}"
+    tcases.perturb(layer, ctx.generator(offset=11))
+    return layer, ""
+
+
+def _step(ctx: CheckContext, label: str, what: str, fn: Callable[[], Any]) -> Any:
+    try:
+        with recorded_warnings():
+            return fn()
+    except Exception as exc:  # noqa: BLE001 - the implementation accepted the base: every step must run
+        ctx.fail(f"{label}: accepted the quantized base at create, then {what} raised {type(exc).__name__}: {exc}")
+
+
+def _valid(ctx: CheckContext, layer: torch.nn.Module, label: str, what: str, before: Any) -> None:
+    if before is not None:
+        bad = qvalidate.problems(layer, before)
+        if bad:
+            ctx.fail(f"{label}: after {what} the base is no valid quantized layer: " + "; ".join(bad))
+
+
+def _finite(ctx: CheckContext, label: str, what: str, y: torch.Tensor, want: tuple[int, ...]) -> None:
+    ctx.check(tuple(y.shape) == want, f"{label}: {what} gives shape {tuple(y.shape)}, expected {want}")
+    ctx.check(bool(torch.isfinite(y).all()), f"{label}: {what} gives non-finite values")
+
+
+@check("TWIN-CREATE")
+def check_create(ctx: CheckContext) -> None:
+    refused = 0
+    for method, bits in ctx.cases():
+        for i, case in enumerate(tcases.BASES[bits]):
+            label = _label(method, case)
+            with ctx.case(label):
+                layer, why = _create(ctx, method, case, label)
+                if layer is None:
+                    refused += 1
+                    ctx.note(f"{label}: refused at create ({why})")
+                    continue
+                x = _x(ctx, case, offset=i)
+                want = (x.shape[0], case.out_features)
+                layer.eval()
+                with torch.no_grad():
+                    _finite(ctx, label, "the eval forward", _step(ctx, label, "the eval forward", lambda: layer(x)),
+                            want)
+                layer.train()
+                xg = x.clone().requires_grad_(True)
+                y = _step(ctx, label, "the train forward", lambda: layer(xg))
+                _finite(ctx, label, "the train forward", y, want)
+                _step(ctx, label, "backward", lambda: y.float().square().sum().backward())
+                ctx.check(xg.grad is not None and bool(torch.isfinite(xg.grad).all()),
+                          f"{label}: backward gives no finite input gradient")
+                layer.eval()
+                if ctx.has("merge", method):
+                    before = qvalidate.expected_of(layer.base_layer, at_merge=True)
+                    _step(ctx, label, "merge()", lambda: layer.merge())
+                    _valid(ctx, layer, label, "merge()", before)
+                    with torch.no_grad():
+                        _finite(ctx, label, "the merged forward",
+                                _step(ctx, label, "the merged forward", lambda: layer(x)), want)
+                    if ctx.has("unmerge", method):
+                        before = qvalidate.expected_of(layer.base_layer, at_merge=True)
+                        _step(ctx, label, "unmerge()", lambda: layer.unmerge())
+                        _valid(ctx, layer, label, "unmerge()", before)
+                        with torch.no_grad():
+                            _finite(ctx, label, "the forward after unmerge",
+                                    _step(ctx, label, "the forward after unmerge", lambda: layer(x)), want)
+                        if ctx.has("safe_merge", method):
+                            before = qvalidate.expected_of(layer.base_layer, at_merge=True)
+                            _step(ctx, label, "merge(safe_merge=True)", lambda: layer.merge(safe_merge=True))
+                            _valid(ctx, layer, label, "merge(safe_merge=True)", before)
+    ctx.measure("refused", refused)
+
+
+@check("TWIN-CREATE-NAMES")
+def check_create_names(ctx: CheckContext) -> None:
+    refusals = 0
+    for method, bits in ctx.cases():
+        for case in tcases.BASES[bits]:
+            label = _label(method, case)
+            with ctx.case(label):
+                base = ctx.make_base(case)
+                try:
+                    ctx.make_layer(base, method, **tcases.params(method))
+                except (ValueError, TypeError, NotImplementedError) as exc:
+                    refusals += 1
+                    text = str(exc).lower()
+                    ctx.check(bool(text.strip()), f"{label}: refused with {type(exc).__name__} and no message")
+                    ctx.check(any(w in text for w in CAUSE_WORDS),
+                              f"{label}: the refusal does not name its cause (the quantized layer type, bitsandbytes "
+                              f"or quantization): {type(exc).__name__}: {exc}")
+    ctx.measure("refusals", refusals)
+
+
+def _rule_cases(ctx: CheckContext, method: str, bits: int, tiered: bool = False) -> list[Any]:
+    return list(ctx.base_matrix(bits)) if tiered else list(tcases.BASES[bits])
+
+
+@check("TWIN-FORWARD")
+def check_forward(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        sampled = row(method).sampled_training
+        if sampled:
+            ctx.note(f"{method}: eval-mode forwards only ({sampled})")
+        for i, case in enumerate(_rule_cases(ctx, method, bits, tiered=True)):
+            label = _label(method, case)
+            with ctx.case(label):
+                layer, why = _create(ctx, method, case, label)
+                if layer is None:
+                    ctx.skip_this_case(f"{method} refused at create ({why}): TWIN-CREATE judges the refusal")
+                twin = tcases.Twin.of(ctx, layer, method, label)
+                x = _x(ctx, case, offset=i)
+                steps: list[tuple[str, bool, bool]] = [
+                    ("eval, first no-grad forward", False, False), ("eval, second no-grad forward", False, False),
+                    ("eval, grad enabled", False, True)]
+                if not sampled:
+                    steps += [("train, no grad", True, False), ("train, grad enabled", True, True)]
+                for what, training, grad in steps:
+                    layer.train(training)
+                    xin = x.clone().requires_grad_(grad)
+                    with torch.set_grad_enabled(grad):
+                        y = _step(ctx, label, f"the forward ({what})", lambda xin=xin: layer(xin))
+                    exp = twin.expected(x, training)
+                    r = exp.ratio(y)
+                    ctx.bounded(f"ratio.{method}.{bits}bit", r,
+                                lambda what=what, y=y, exp=exp: f"{label} ({what}): outside the twin bound "
+                                                                f"{exp.describe(y)}")
+
+
+@check("TWIN-BACKWARD")
+def check_backward(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        for i, case in enumerate(_rule_cases(ctx, method, bits)):
+            label = _label(method, case)
+            with ctx.case(label):
+                layer, why = _create(ctx, method, case, label)
+                if layer is None:
+                    ctx.skip_this_case(f"{method} refused at create ({why}): TWIN-CREATE judges the refusal")
+                twin = tcases.Twin.of(ctx, layer, method, label)
+                layer.eval()
+                x = _x(ctx, case, offset=i).requires_grad_(True)
+                g = ctx.randn(x.shape[0], case.out_features, dtype=x.dtype, offset=i + 50)
+                y = _step(ctx, label, "the forward", lambda: layer(x))
+                _step(ctx, label, "backward", lambda: (y * g).sum().backward())
+                exp = twin.grad_expected(g, x.dtype)
+                ctx.check(x.grad is not None, f"{label}: no input gradient")
+                r = exp.ratio(x.grad)
+                ctx.bounded(f"ratio.grad_x.{method}.{bits}bit", r,
+                            lambda: f"{label}: input gradient outside the twin bound {exp.describe(x.grad)}")
+                xd = x.detach().double().requires_grad_(True)
+                twin.dense.zero_grad(set_to_none=True)
+                (twin.dense(xd) * g.double()).sum().backward()
+                got = {k for k, t in tcases.trainable(layer).items() if t.grad is not None and bool(t.grad.any())}
+                want = {k for k, t in tcases.trainable(twin.dense).items()
+                        if t.grad is not None and bool(t.grad.any())}
+                ctx.check(got == want, f"{label}: adapter tensors with a gradient {sorted(got)}, on the dense twin "
+                                       f"{sorted(want)}")
+
+
+def _merged(ctx: CheckContext, method: str, case: Any, label: str) -> tuple[Any, Any, torch.Tensor, Any] | None:
+    """(layer, twin, original dequantized weight, bound on |stored merged - twin merged|) after both merged."""
+    layer, why = _create(ctx, method, case, label)
+    if layer is None:
+        ctx.skip_this_case(f"{method} refused at create ({why}): TWIN-CREATE judges the refusal")
+    twin = tcases.Twin.of(ctx, layer, method, label)
+    layer.eval()
+    w0 = qlayers.dequantize(layer.base_layer).double().cpu()
+    arith = twin.merge_error(w0)
+    _step(ctx, label, "merge()", lambda: layer.merge())
+    with recorded_warnings():
+        twin.dense.merge()
+    return layer, twin, w0, arith
+
+
+@check("TWIN-MERGE")
+def check_merge(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        for case in _rule_cases(ctx, method, bits):
+            label = _label(method, case)
+            with ctx.case(label):
+                layer, twin, _w0, arith = _merged(ctx, method, case, label)
+                target = twin.dense.base_layer.weight.detach().double()
+                w1 = qlayers.dequantize(layer.base_layer).double().cpu()
+                err = qbounds.weight_bound(layer.base_layer).double().cpu() + arith
+                r = numerics.observed(w1, target, err)
+                ctx.bounded(f"ratio.merged_weight.{method}.{bits}bit", r, lambda: (
+                    f"{label}: the merged weight dequantizes {float((w1 - target).abs().max()):.3g} away from the "
+                    f"dense twin's merged weight, beyond one requantization plus the merge arithmetic (ratio {r:.3g})"))
+                b1, bt = getattr(layer.base_layer, "bias", None), getattr(twin.dense.base_layer, "bias", None)
+                if b1 is not None and bt is not None:
+                    bt = bt.detach().double()
+                    b_err = _bias_error(twin, bt, b1.dtype)
+                    rb = numerics.observed(b1.detach().double().cpu(), bt, b_err)
+                    ctx.bounded(f"ratio.merged_bias.{method}.{bits}bit", rb, lambda: (
+                        f"{label}: the merged bias is {float((b1.double().cpu() - bt).abs().max()):.3g} away from the "
+                        f"dense twin's (ratio {rb:.3g})"))
+
+
+def _bias_error(twin: Any, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The merged bias's bound: its cast to the stored dtype, and for a transform rule ``S b`` in the adapter
+    dtype."""
+    err = cast_error(torch.float64, dtype) * b.abs()
+    if twin.rule is TwinRule.TRANSFORM:
+        s, _t, se, _te = twin.transforms
+        mag = s.abs() @ b.abs()
+        err = err + gamma_n(ntwin.nnz(s, 1), twin.adapter_dtype) * mag + se @ b.abs()
+    return err
+
+
+@check("TWIN-UNMERGE")
+def check_unmerge(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        for case in _rule_cases(ctx, method, bits):
+            label = _label(method, case)
+            with ctx.case(label):
+                layer, twin, w0, arith = _merged(ctx, method, case, label)
+                err1 = qbounds.weight_bound(layer.base_layer).double().cpu() + arith
+                _step(ctx, label, "unmerge()", lambda: layer.unmerge())
+                ctx.check(not layer.merged, f"{label}: merged is still True after unmerge()")
+                w2 = qlayers.dequantize(layer.base_layer).double().cpu()
+                # unmerge: the requantized merged weight (within err1 of W0 + dW) minus the delta (its chain and the
+                # subtraction in float32), requantized again
+                err = err1 + twin.merge_error(w0) + qbounds.weight_bound(layer.base_layer).double().cpu()
+                r = numerics.observed(w2, w0, err)
+                ctx.bounded(f"ratio.roundtrip.{method}.{bits}bit", r, lambda: (
+                    f"{label}: merge then unmerge leaves the weight {float((w2 - w0).abs().max()):.3g} away from the "
+                    f"original, beyond two requantizations plus the arithmetic (ratio {r:.3g})"))
+
+
+@check("TWIN-SAFE-MERGE")
+def check_safe_merge(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        for case in tcases.BASES[bits]:
+            label = _label(method, case)
+            with ctx.case(label):
+                layer, why = _create(ctx, method, case, label)
+                if layer is None:
+                    ctx.skip_this_case(f"{method} refused at create ({why}): TWIN-CREATE judges the refusal")
+                with torch.no_grad():
+                    for t in tcases.trainable(layer).values():
+                        t.view(-1)[0] = float("nan")
+                before = qlayers.snapshot(layer.base_layer)
+                try:
+                    with recorded_warnings():
+                        layer.merge(safe_merge=True)
+                except ValueError:
+                    pass
+                except Exception as exc:  # noqa: BLE001 - the wrong refusal is the implementation's failure
+                    ctx.fail(f"{label}: safe merge of a NaN adapter raised {type(exc).__name__}: {exc}, not "
+                             "ValueError")
+                else:
+                    ctx.fail(f"{label}: merge(safe_merge=True) of an adapter with NaNs did not raise")
+                changed = before.differences(qlayers.snapshot(layer.base_layer))
+                ctx.check(not changed, f"{label}: the refused safe merge changed the base: {'; '.join(changed)}")
+                ctx.check(not layer.merged, f"{label}: merged is True after a refused safe merge")
