@@ -56,6 +56,19 @@ def vocabulary_tables() -> str:
     return "\n".join(lines)
 
 
+def method_table() -> str:
+    """The twin clauses' method table (``conformance.core.methods.TABLE``): config, rule, derivation."""
+    from conformance.core.methods import TABLE
+
+    lines = ["**The method table** (`conformance.core.methods.TABLE`: each method's minimal valid config, PEFT's "
+             "names, and how the TWIN-* clauses bound it against its dense twin, `conformance.numerics.twin`):", ""]
+    lines += _table(["method", "PEFT config", "minimal config", "twin rule", "why the rule fits (PEFT 0.21.2)"],
+                    ((f"`{m.value}`", f"`{r.peft_config}`", f"`{dict(r.config)}`", f"`{r.rule.value}`",
+                      r.derivation + (f" Training forward: {r.sampled_training}." if r.sampled_training else ""))
+                     for m, r in TABLE.items()))
+    return "\n".join(lines)
+
+
 # -- the report format (docs/running.md) -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -163,6 +176,7 @@ def clauses_markdown(clauses: Iterable[Any] | None = None) -> str:
 #: generated section name -> (page, renderer)
 SECTIONS: dict[str, tuple[str, Callable[[], str]]] = {
     "implementing": ("docs/implementing.md", vocabulary_tables),
+    "methods": ("docs/implementing.md", method_table),
     "report-format": ("docs/running.md", report_format),
 }
 

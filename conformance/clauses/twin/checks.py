@@ -146,6 +146,8 @@ def check_create_names(ctx: CheckContext) -> None:
                               f"{label}: the refusal does not name its cause (the quantized layer type, bitsandbytes "
                               f"or quantization): {type(exc).__name__}: {exc}")
     ctx.measure("refusals", refusals)
+    if not refusals:
+        ctx.note("nothing refused at create: no refusal to name its cause")
 
 
 def _rule_cases(ctx: CheckContext, method: str, bits: int, tiered: bool = False) -> list[Any]:
