@@ -7,8 +7,8 @@ from torch import nn
 import conformance
 from conformance.clauses.interface import AdapterSpec, ImplementationBase
 from conformance.core.vocabulary import LORA_LIKE, ORACLE_METHODS, Capability, Method
-from conformance.quant.layers import bits_of
-from conformance.reference import layer_class
+from conformance.quant.layers import bits_of, is_dense
+from conformance.reference import DENSE, layer_class
 
 
 class ReferenceImplementation(ImplementationBase):
@@ -31,7 +31,7 @@ class ReferenceImplementation(ImplementationBase):
         return conformance.__version__
 
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
-        cls = layer_class(spec.method, bits_of(base_layer))
+        cls = layer_class(spec.method, DENSE if is_dense(base_layer) else bits_of(base_layer))
         params = dict(spec.params)
         if spec.method in LORA_LIKE:
             params.setdefault("clone_base_output", self.clone_base_output)

@@ -70,7 +70,7 @@ def linear_map(fn: Forward, in_features: int) -> tuple[torch.Tensor, torch.Tenso
 
 def _dense_base(twin: nn.Module) -> nn.Linear:
     base = twin.base_layer
-    if not isinstance(base, nn.Linear) or qlayers.is_quantized(base):
+    if not qlayers.is_dense(base):
         raise TypeError(f"the dense twin's base_layer is {type(base).__name__}, not a torch.nn.Linear")
     return base
 

@@ -34,6 +34,11 @@ def bits_of(layer: nn.Module) -> int:
     )
 
 
+def is_dense(layer: nn.Module) -> bool:
+    """A plain ``torch.nn.Linear`` (not a bitsandbytes subclass): the base of a dense twin."""
+    return isinstance(layer, nn.Linear) and not isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
 def has_fp16_weights(layer: nn.Module) -> bool:
     """Whether an 8-bit layer keeps a float16 weight and quantizes it at each forward (``Int8Params.has_fp16_weights``,
     bitsandbytes' default and LitGPT's int8 training mode; transformers loads False); False for a 4-bit layer."""

@@ -22,6 +22,10 @@ BASE_ADAPTER = "__base__"
 """Name used in a mixed batch (``adapter_names``) for samples that get no adapter (PEFT)."""
 
 
+#: ``QuantAdapterLayer.bits`` of a layer over a plain ``nn.Linear`` (the dense twin)
+DENSE = 0
+
+
 def nan_message(adapter: str) -> str:
     """PEFT's safe-merge error text (``peft/tuners/lora/bnb.py``), kept verbatim."""
     return f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken"
@@ -31,6 +35,7 @@ class QuantAdapterLayer(nn.Module):
     """Base class of the reference LoRA/OFT layers over a bitsandbytes layer."""
 
     method: ClassVar[str] = ""
+    #: 4 or 8: the bitsandbytes base it wraps; 0: a plain ``nn.Linear`` (the dense twin, ``DENSE``)
     bits: ClassVar[int] = 0
     #: the module name PEFT's rounding warning says (default the method; DoRA is merged by PEFT's LoRA layer: "lora")
     warning_module: ClassVar[str] = ""
@@ -50,14 +55,18 @@ class QuantAdapterLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        actual = qlayers.bits_of(base_layer)
-        if actual != self.bits:
+        if self.bits == DENSE:
+            if not qlayers.is_dense(base_layer):
+                raise qlayers.BaseLayerError(f"{type(self).__name__} wraps a plain torch.nn.Linear, got "
+                                             f"{type(base_layer).__name__}; use the 4-bit or 8-bit variant")
+        elif (actual := qlayers.bits_of(base_layer)) != self.bits:
             expected = "bnb.nn.Linear4bit" if self.bits == 4 else "bnb.nn.Linear8bitLt"
             raise qlayers.BaseLayerError(
                 f"{type(self).__name__} wraps a {expected}, got {type(base_layer).__name__}; "
                 f"use the {actual}-bit variant of this layer instead"
             )
-        qlayers.require_quantized(base_layer)
+        else:
+            qlayers.require_quantized(base_layer)
         self.base_layer = base_layer
         self.in_features: int = base_layer.in_features
         self.out_features: int = base_layer.out_features
@@ -174,13 +183,24 @@ class QuantAdapterLayer(nn.Module):
         raise NotImplementedError
 
     def _write_base(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        qlayers.requantize(self.base_layer, weight)
+        if self.bits == DENSE:
+            self.base_layer.weight.data = weight.to(self.base_layer.weight.dtype)
+        else:
+            qlayers.requantize(self.base_layer, weight)
         if bias is not None:
             self.base_layer.bias.data = bias.to(self.base_layer.bias.dtype)
 
+    def base_weight(self) -> torch.Tensor:
+        """The base weight the layer computes with: dequantized (float32) over a bitsandbytes base; over a dense
+        base its own weight, detached, in its dtype (a float64 twin merges in float64)."""
+        if self.bits == DENSE:
+            return self.base_layer.weight.detach()
+        return qlayers.dequantize(self.base_layer)
+
     def _current(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         base_bias = getattr(self.base_layer, "bias", None)
-        return qlayers.dequantize(self.base_layer), None if base_bias is None else base_bias.detach().float()
+        w = self.base_weight()
+        return w, None if base_bias is None else base_bias.detach().to(w.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         """Merge adapters into the quantized base weights (dequantize, apply, requantize).
@@ -191,7 +211,8 @@ class QuantAdapterLayer(nn.Module):
         does) but never silently: a ``RuntimeWarning`` names the adapter (clause SAFE-UNSAFE-WARNS).
         """
         for name in self._merge_order(self._adapters_to_merge(adapter_names)):
-            warnings.warn(self.merge_warning, UserWarning, stacklevel=2)
+            if self.merge_warning:  # a dense base has no rounding to warn about (PEFT's dense layers do not warn)
+                warnings.warn(self.merge_warning, UserWarning, stacklevel=2)
             weight, bias = self._current()
             new_weight, new_bias = self._merged_weights(name, weight, bias)
             finite = bool(torch.isfinite(new_weight).all()) and (new_bias is None or bool(torch.isfinite(new_bias).all()))
@@ -218,7 +239,8 @@ class QuantAdapterLayer(nn.Module):
             return
         while self.merged_adapters:
             name = self.merged_adapters[-1]
-            warnings.warn(self.unmerge_warning, UserWarning, stacklevel=2)
+            if self.unmerge_warning:
+                warnings.warn(self.unmerge_warning, UserWarning, stacklevel=2)
             weight, bias = self._current()
             new_weight, new_bias = self._unmerged_weights(name, weight, bias)
             self._write_base(new_weight, new_bias)

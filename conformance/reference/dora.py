@@ -26,9 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from conformance.quant import layers as qlayers
-
-from .adapter_layer import BASE_ADAPTER
+from .adapter_layer import BASE_ADAPTER, DENSE
 from .lora import LoraLinearQuant
 
 
@@ -100,16 +98,16 @@ class DoraLinearQuant(LoraLinearQuant):
             self._merge_start = None
 
     def _merged_weights(self, name, weight, bias):
-        delta = self.get_delta_weight(name).detach().float()
+        delta = self.get_delta_weight(name).detach().to(weight.dtype)
         start = getattr(self, "_merge_start", None)
         norm = torch.linalg.vector_norm((self._unmerged_base_weight() if start is None else start) + delta, dim=1)
         self._merge_norms[name] = norm  # kept: the unmerge divides by this very factor (PEFT's cached norm)
-        factor = self._factor(name, norm).detach().float()
+        factor = self._factor(name, norm).detach().to(weight.dtype)
         return factor[:, None] * (weight + delta), bias
 
     def _undo(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        factor = self._factor(name, self._merge_norms[name]).detach().float()
-        return weight / factor[:, None] - self.get_delta_weight(name).detach().float()
+        factor = self._factor(name, self._merge_norms[name]).detach().to(weight.dtype)
+        return weight / factor[:, None] - self.get_delta_weight(name).detach().to(weight.dtype)
 
     def _unmerged_weights(self, name, weight, bias):
         new_weight = self._undo(name, weight)
@@ -146,7 +144,7 @@ class DoraLinearQuant(LoraLinearQuant):
         if self.merged or adapter_names is not None:
             return base_out
         result = base_out
-        w0 = qlayers.dequantize(self.base_layer)  # read once per forward: every adapter's norm is on this W0
+        w0 = self.base_weight()  # read once per forward: every adapter's norm is on this W0
         for name in self.active_adapters:  # out of place: bnb's output is never written; cast back after each (PEFT)
             result = (result + self._dora(name, x, result, w0)).to(base_out.dtype)
         return result
@@ -162,3 +160,9 @@ class DoraLinear8bit(DoraLinearQuant):
     """DoRA over ``bnb.nn.Linear8bitLt`` (LLM.int8 row-wise)."""
 
     bits: ClassVar[int] = 8
+
+
+class DoraLinearDense(DoraLinearQuant):
+    """DoRA over a plain ``torch.nn.Linear``: the reference's dense twin."""
+
+    bits: ClassVar[int] = DENSE

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .adapter_layer import BASE_ADAPTER, QuantAdapterLayer
+from .adapter_layer import BASE_ADAPTER, DENSE, QuantAdapterLayer
 
 
 @dataclass(frozen=True)
@@ -110,15 +110,15 @@ class LoraLinearQuant(QuantAdapterLayer):
         new_bias = bias
         b = self.lora_B[name].bias
         if b is not None:
-            new_bias = bias + self.scaling[name] * b.detach().float()
-        return weight + self.get_delta_weight(name).detach().float(), new_bias
+            new_bias = bias + self.scaling[name] * b.detach().to(bias.dtype)
+        return weight + self.get_delta_weight(name).detach().to(weight.dtype), new_bias
 
     def _unmerged_weights(self, name, weight, bias):
         new_bias = bias
         b = self.lora_B[name].bias
         if b is not None:
-            new_bias = bias - self.scaling[name] * b.detach().float()
-        return weight - self.get_delta_weight(name).detach().float(), new_bias
+            new_bias = bias - self.scaling[name] * b.detach().to(bias.dtype)
+        return weight - self.get_delta_weight(name).detach().to(weight.dtype), new_bias
 
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name], self.lora_B[name]
@@ -184,3 +184,9 @@ class LoraLinear8bit(LoraLinearQuant):
     """LoRA over ``bnb.nn.Linear8bitLt`` (LLM.int8 row-wise)."""
 
     bits: ClassVar[int] = 8
+
+
+class LoraLinearDense(LoraLinearQuant):
+    """LoRA over a plain ``torch.nn.Linear``: the reference's dense twin (no requantization, no rounding warning)."""
+
+    bits: ClassVar[int] = DENSE

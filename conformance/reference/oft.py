@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import rotation
-from .adapter_layer import BASE_ADAPTER, QuantAdapterLayer
+from .adapter_layer import BASE_ADAPTER, DENSE, QuantAdapterLayer
 
 
 def _divisors(n: int) -> list[int]:
@@ -133,7 +133,7 @@ class OftLinearQuant(QuantAdapterLayer):
         return rotation.block_diagonal(self.rotation_blocks(adapter), blocks)
 
     def _merged_weights(self, name, weight, bias):
-        r = self.get_delta_weight(name).detach().float()
+        r = self.get_delta_weight(name).detach().to(weight.dtype)
         return weight @ r.t(), bias
 
     def _merge_order(self, names: list[str]) -> list[str]:
@@ -148,7 +148,7 @@ class OftLinearQuant(QuantAdapterLayer):
         r = self.get_delta_weight(name).detach().double()
         # W' = W R^T  =>  W = W' R^{-T}; solve rather than invert (R^{-T} = R for exact Cayley)
         w = torch.linalg.solve(r, weight.double().t()).t()
-        return w.float(), bias
+        return w.to(weight.dtype), bias
 
     def _dropout(self, name: str, blocks: torch.Tensor) -> torch.Tensor:
         p = self.configs[name].module_dropout
@@ -198,3 +198,9 @@ class OftLinear8bit(OftLinearQuant):
     """OFT over ``bnb.nn.Linear8bitLt``."""
 
     bits: ClassVar[int] = 8
+
+
+class OftLinearDense(OftLinearQuant):
+    """OFT over a plain ``torch.nn.Linear``: the reference's dense twin."""
+
+    bits: ClassVar[int] = DENSE
