@@ -36,9 +36,10 @@ import torch
 from torch import nn
 
 from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
-from conformance.core.vocabulary import LORA_LIKE, ORACLE_METHODS, Capability, Method
+from conformance.core.vocabulary import LORA_LIKE, ORACLE_METHODS, TWIN_METHODS, Capability, Method
 from conformance.impls.library import LibraryImplementation, LibraryLayer
-from conformance.quant.layers import bits_of
+from conformance.impls.peft_tuners import TunerApi, inject
+from conformance.quant.layers import bits_of, is_dense
 from conformance.reference.lora import LoraConfig as _RefLoraConfig
 from conformance.reference.oft import OftConfig as _RefOftConfig
 
@@ -87,6 +88,11 @@ class PeftApi:
         self._probe_oft()
         self._probe_dora()
         self._probe_layer_features()
+        #: the methods judged against their dense twin (``conformance.impls.peft_tuners``)
+        self.tuners = TunerApi(self.peft, self.version)
+        self.unsupported.update(self.tuners.unsupported)
+        for cap, per_method in self.tuners.limitations.items():
+            self.limitations.setdefault(cap, {}).update(per_method)
 
     # -- LoRA -------------------------------------------------------------------------
     def _probe_lora(self) -> None:
@@ -192,7 +198,7 @@ class PeftApi:
         self.unsupported["clone_base_output=False"] = CLONE_MSG
 
     def methods(self) -> frozenset[Method]:
-        return frozenset(m for m in ORACLE_METHODS if m not in self.unsupported)
+        return frozenset(m for m in ORACLE_METHODS if m not in self.unsupported) | self.tuners.methods()
 
     def capabilities(self) -> frozenset[Capability]:
         return frozenset(c for c in Capability if c not in self.unsupported)
@@ -223,12 +229,18 @@ class PeftApi:
         return self.peft.OFTConfig(**p)
 
     def build(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
-        bits = bits_of(base_layer)
         method = spec.method
+        if method in {str(m) for m in TWIN_METHODS}:
+            return self.tuners.build(base_layer, spec)
         if method not in ("lora", "oft", "dora"):
-            raise ValueError(f"unknown method {method!r}; PEFT is tested with 'lora', 'oft' and 'dora'")
+            raise ValueError(f"unknown method {method!r}; PEFT is tested with {sorted(map(str, self.methods()))}")
         if method in self.unsupported:
             raise ImplementationUnsupported(self.unsupported[method])
+        if is_dense(base_layer):  # the dense twin: PEFT's own dispatch over a plain nn.Linear
+            p = self._params(method, dict(spec.params))
+            return PeftAdapterLayer(inject(self.peft, self.config(method, p), base_layer, spec.adapter_name), method,
+                                    self)
+        bits = bits_of(base_layer)
         lora = method in LORA_LIKE
         classes = self.lora_classes if lora else self.oft_classes
         cls = classes.get(bits)

@@ -44,4 +44,5 @@ def cast_adapter(layer: nn.Module, spec: AdapterSpec) -> None:
     """Put the adapter's parameters in ``spec.dtype`` (they are built in float32)."""
     if spec.dtype != "float32":
         for p in layer.adapter_parameters(spec.adapter_name).values():
-            p.data = p.data.to(spec.torch_dtype)
+            if p.is_floating_point():  # index tensors (PEFT SHiRA's) keep their dtype
+                p.data = p.data.to(spec.torch_dtype)

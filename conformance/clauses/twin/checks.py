@@ -208,9 +208,10 @@ def check_backward(ctx: CheckContext) -> None:
                 xd = x.detach().double().requires_grad_(True)
                 twin.dense.zero_grad(set_to_none=True)
                 (twin.dense(xd) * g.double()).sum().backward()
-                got = {k for k, t in tcases.trainable(layer).items() if t.grad is not None and bool(t.grad.any())}
-                want = {k for k, t in tcases.trainable(twin.dense).items()
-                        if t.grad is not None and bool(t.grad.any())}
+                mine = tcases.trainable(layer)  # the twin's own requires_grad flags are not the question here
+                theirs = twin.dense.adapter_parameters(tcases.NAME)
+                got = {k for k, t in mine.items() if t.grad is not None and bool(t.grad.any())}
+                want = {k for k in mine if theirs[k].grad is not None and bool(theirs[k].grad.any())}
                 ctx.check(got == want, f"{label}: adapter tensors with a gradient {sorted(got)}, on the dense twin "
                                        f"{sorted(want)}")
 
