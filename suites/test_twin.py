@@ -68,8 +68,8 @@ def test_transforms_recovers_s_and_t_whatever_the_shape(n_in: int, n_out: int) -
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_twin_rule_agrees_with_the_hand_oracle(method: str, bits: int) -> None:
     """The twin's value is the hand oracle's (float64), and the reference's forward is within both bounds."""
-    from conformance.clauses.context import CheckContext
     from conformance.clauses.clause import get
+    from conformance.clauses.context import CheckContext
     from conformance.clauses.twin import cases as tcases
 
     impl = ReferenceImplementation()

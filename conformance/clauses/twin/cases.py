@@ -30,11 +30,14 @@ if TYPE_CHECKING:
     from conformance.clauses.context import CheckContext
 
 NAME = "default"
-#: the bases of the clauses that are not tiered: a plain one and one that differs in every axis it can
+#: the bases of the clauses that are not tiered: a plain one, one that differs in every axis it can, and a square one
+#: (a method may handle square layers only, or those alone)
 BASES: dict[int, tuple[cases.BaseCase, ...]] = {
     4: (cases.BaseCase(4), cases.BaseCase(4, in_features=48, out_features=64, quant_type="fp4", double_quant=True,
-                                          compute_dtype=torch.bfloat16)),
-    8: (cases.BaseCase(8), cases.BaseCase(8, in_features=48, out_features=64, threshold=6.0)),
+                                          compute_dtype=torch.bfloat16),
+        cases.BaseCase(4, in_features=64, out_features=64, blocksize=128)),
+    8: (cases.BaseCase(8), cases.BaseCase(8, in_features=48, out_features=64, threshold=6.0),
+        cases.BaseCase(8, in_features=64, out_features=64)),
 }
 #: the spread of the perturbation, relative to the tensor's largest entry (or to 1/sqrt(in_features) for a tensor
 #: that starts at zero): trained adapters move by a fraction of their scale
