@@ -125,6 +125,12 @@ class ImplementationBase:
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
         raise NotImplementedError
 
+    def other_methods(self) -> Mapping[str, frozenset[str]]:
+        """Methods outside the suite's vocabulary that ``create`` builds by name (declaring method ``other``): name ->
+        the optional operations it has (``merge``, ``unmerge``, ``safe_merge``). TWIN-CREATE holds each to "refuse or
+        work"; none here."""
+        return {}
+
 
 class ImplementationNotFound(LookupError):
     """The name does not resolve to an implementation; the message lists what does."""

@@ -108,6 +108,11 @@ TABLE: Mapping[Method, MethodRow] = {row.method: row for row in (
     MethodRow(Method.SHIRA, TwinRule.ADDITIVE,
               "y = base(x) + x dW^T, dW sparse with a fixed random mask (peft/tuners/shira/layer.py)", "ShiraConfig",
               _GENERIC, {"r": 4, "random_seed": 0}),
+    MethodRow(Method.OTHER, TwinRule.STRUCTURAL,
+              "each tuner of the installed release outside this table that targets nn.Linear (found by the "
+              "implementation: other_methods()), with its own defaults: it refuses a quantized base at creation or "
+              "every later step runs (TWIN-CREATE)", "(every other PeftConfig with target_modules)",
+              "src/peft/tuners/*", {}),
     MethodRow(Method.VERA, TwinRule.ADDITIVE,
               "y = base(x) + lambda_b * B(lambda_d * A x), A and B shared random projections: dW = diag(lambda_b) B "
               "diag(lambda_d) A (peft/tuners/vera/layer.py)", "VeraConfig", _GENERIC,

@@ -45,6 +45,9 @@ class Method(str, enum.Enum):
     MISS = "miss"  #: MiSS (Kang et al., arXiv:2409.15371; PEFT ``src/peft/tuners/miss``)
     SHIRA = "shira"  #: SHiRA (Bhardwaj et al., arXiv:2406.13175; PEFT ``src/peft/tuners/shira``)
     VERA = "vera"  #: VeRA (Kopiczko et al., arXiv:2310.11454; PEFT ``src/peft/tuners/vera``)
+    #: every other method of an implementation (``Implementation.other_methods()``, e.g. PEFT's LoHa, LoKr and the
+    #: rest of the installed release's tuners that target ``nn.Linear``), held to "refuse or work" only (TWIN-CREATE)
+    OTHER = "other"
 
     def __str__(self) -> str:
         return self.value
@@ -117,7 +120,7 @@ DOCS: dict[Capability, str] = {
 #: applies to these. Every other method is judged against its dense twin only (the TWIN-* clauses).
 ORACLE_METHODS: frozenset[Method] = frozenset({Method.LORA, Method.OFT, Method.DORA})
 #: The methods judged against their dense twin only (``conformance.core.methods.TABLE`` has a row for each).
-TWIN_METHODS: frozenset[Method] = frozenset(Method) - ORACLE_METHODS
+TWIN_METHODS: frozenset[Method] = frozenset(Method) - ORACLE_METHODS - {Method.OTHER}
 
 #: The methods with LoRA's parameters and its ``lora_A``/``lora_B`` (DoRA adds a magnitude vector): where code treats
 #: "LoRA-like" methods alike, it asks this one set.
@@ -129,6 +132,8 @@ METHOD_DOCS: dict[Method, str] = {
     Method.OFT: "OFT adapters (create(base, AdapterSpec(method='oft', ...)))",
     Method.DORA: "DoRA adapters: LoRA's parameters plus a magnitude vector (create(base, AdapterSpec(method='dora', "
                  "...)); adapter_parameters adds 'lora_magnitude_vector.weight')",
+    Method.OTHER: "the implementation's other methods, each built by create(base, AdapterSpec(method=NAME)) for NAME "
+                  "in other_methods(): refuse at creation or work (TWIN-CREATE)",
     **{m: f"{m.value} adapters, judged against their dense twin (TWIN-* clauses; minimal config and twin rule: "
           f"conformance.core.methods.TABLE)" for m in (
         Method.ADALORA, Method.HIRA, Method.IA3, Method.PVERA, Method.RANDLORA, Method.ROAD, Method.BOFT,

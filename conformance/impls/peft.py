@@ -38,7 +38,7 @@ from torch import nn
 from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
 from conformance.core.vocabulary import LORA_LIKE, ORACLE_METHODS, TWIN_METHODS, Capability, Method
 from conformance.impls.library import LibraryImplementation, LibraryLayer
-from conformance.impls.peft_tuners import TunerApi, inject
+from conformance.impls.peft_tuners import OtherTuners, TunerApi, inject
 from conformance.quant.layers import bits_of, is_dense
 from conformance.reference.lora import LoraConfig as _RefLoraConfig
 from conformance.reference.oft import OftConfig as _RefOftConfig
@@ -90,6 +90,8 @@ class PeftApi:
         self._probe_layer_features()
         #: the methods judged against their dense twin (``conformance.impls.peft_tuners``)
         self.tuners = TunerApi(self.peft, self.version)
+        #: every other tuner of the installed release that targets nn.Linear (refuse or work only; found lazily)
+        self.others = OtherTuners(self.peft, self.version, frozenset(m.value for m in Method))
         self.unsupported.update(self.tuners.unsupported)
         for cap, per_method in self.tuners.limitations.items():
             self.limitations.setdefault(cap, {}).update(per_method)
@@ -198,7 +200,8 @@ class PeftApi:
         self.unsupported["clone_base_output=False"] = CLONE_MSG
 
     def methods(self) -> frozenset[Method]:
-        return frozenset(m for m in ORACLE_METHODS if m not in self.unsupported) | self.tuners.methods()
+        other = {Method.OTHER} if _import("peft.mapping") is not None else set()
+        return frozenset(m for m in ORACLE_METHODS if m not in self.unsupported) | self.tuners.methods() | other
 
     def capabilities(self) -> frozenset[Capability]:
         return frozenset(c for c in Capability if c not in self.unsupported)
@@ -232,6 +235,8 @@ class PeftApi:
         method = spec.method
         if method in {str(m) for m in TWIN_METHODS}:
             return self.tuners.build(base_layer, spec)
+        if method not in {m.value for m in Method} and method in self.others.found():
+            return self.others.build(base_layer, spec)
         if method not in ("lora", "oft", "dora"):
             raise ValueError(f"unknown method {method!r}; PEFT is tested with {sorted(map(str, self.methods()))}")
         if method in self.unsupported:
@@ -385,6 +390,16 @@ class PeftImplementation(LibraryImplementation):
 
     name = "peft"
     api_class = PeftApi
+
+    def other_methods(self) -> dict[str, frozenset[str]]:
+        """Every other tuner of the installed PEFT that targets nn.Linear -> the optional operations (merge, unmerge,
+        safe_merge) its bitsandbytes classes have (family ``other``: TWIN-CREATE)."""
+        return self._api.others.operations()
+
+    def other_methods_excluded(self) -> dict[str, str]:
+        """The installed PEFT's tuners left out of ``other_methods``, with why."""
+        self._api.others.found()
+        return dict(self._api.others.excluded)
 
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
         from conformance.impls.reference import cast_adapter

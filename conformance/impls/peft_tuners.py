@@ -62,6 +62,16 @@ def inject(peft: Any, config: Any, base: nn.Module, adapter_name: str) -> nn.Mod
     return getattr(holder, TARGET)
 
 
+#: what a tuner outside the method table needs besides its defaults to build on the suite's layers (64 x 48, 48 x 64,
+#: 64 x 64), found by the dense probe of PEFT 0.21.2 (``OtherTuners``): each default named fails on a dense layer
+OTHER_CONFIG: dict[str, dict[str, Any]] = {
+    "c3a": {"block_size": 16},  # default block_size 256 must divide in_features
+    "vblora": {"vector_length": 16},  # default vector_length 256 must divide in_features
+}
+#: the dense probe layers: every shape the twin clauses build
+PROBE_SHAPES = ((64, 48), (48, 64), (64, 64))
+
+
 def _own(cls: type, name: str, stop: type) -> bool:
     """Whether ``cls`` defines ``name`` in a class before ``stop`` in its MRO."""
     for klass in cls.__mro__:
@@ -70,6 +80,79 @@ def _own(cls: type, name: str, stop: type) -> bool:
         if name in klass.__dict__:
             return True
     return False
+
+
+class OtherTuners:
+    """Every tuner of the installed PEFT outside the method table that targets ``nn.Linear``: found once, on first
+    use, by a dense probe: ``get_peft_model`` over a plain ``nn.Linear`` of each shape the clauses build, then a
+    forward, and ``merge``/``unmerge``/``merge(safe_merge=True)`` to learn which of them the tuner has (what it does on
+    the path libraries test well; a tuner whose dense forward needs more than the input, Poly's ``task_ids``, is
+    left out with the reason)."""
+
+    def __init__(self, peft: Any, version: str, known: frozenset[str]) -> None:
+        self.peft, self.version, self.known = peft, version, known
+        self._found: dict[str, tuple[Any, frozenset[str]]] | None = None
+        self.excluded: dict[str, str] = {}
+
+    def found(self) -> dict[str, tuple[Any, frozenset[str]]]:
+        """Tuner name (PEFT's ``PeftType`` value, lower case) -> (its config class, the operations it has densely)."""
+        if self._found is None:
+            self._found = self._probe()
+        return self._found
+
+    def _probe(self) -> dict[str, tuple[Any, frozenset[str]]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self._probe_all()
+
+    def _probe_all(self) -> dict[str, tuple[Any, frozenset[str]]]:
+        import dataclasses
+
+        mapping = getattr(importlib.import_module("peft.mapping"), "PEFT_TYPE_TO_CONFIG_MAPPING", {})
+        found: dict[str, tuple[Any, frozenset[str]]] = {}
+        for peft_type, cfg in sorted(mapping.items(), key=lambda kv: str(kv[0])):
+            name = str(getattr(peft_type, "value", peft_type)).lower()
+            if name in self.known:
+                continue
+            if "target_modules" not in {f.name for f in dataclasses.fields(cfg)}:
+                self.excluded[name] = f"{cfg.__name__} has no target_modules (it does not put layers on nn.Linear)"
+                continue
+            try:
+                ops = frozenset.intersection(*(self._dense_ops(name, cfg, shape) for shape in PROBE_SHAPES))
+            except Exception as exc:  # noqa: BLE001 - a tuner that does not run on nn.Linear is out of scope
+                self.excluded[name] = (f"does not build and run forward on a dense nn.Linear with its defaults: "
+                                       f"{type(exc).__name__}: {str(exc)[:160]}")
+                continue
+            found[name] = (cfg, ops)
+        return found
+
+    def _dense_ops(self, name: str, cfg: Any, shape: tuple[int, int]) -> frozenset[str]:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):  # some tuners draw progress bars
+            layer = inject(self.peft, cfg(**OTHER_CONFIG.get(name, {})), nn.Linear(*shape), "default")
+        with torch.no_grad():
+            layer(torch.randn(2, shape[0]))
+        ops: set[str] = set()
+        for op, call in (("merge", lambda: layer.merge()), ("unmerge", lambda: layer.unmerge()),
+                         ("safe_merge", lambda: layer.merge(safe_merge=True))):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    call()
+            except Exception:  # noqa: BLE001 - an operation the tuner does not have densely
+                break
+            ops.add(op)
+        return frozenset(ops)
+
+    def operations(self) -> dict[str, frozenset[str]]:
+        return {name: ops for name, (_cfg, ops) in self.found().items()}
+
+    def build(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
+        cfg = self.found()[spec.method][0]
+        params = {**OTHER_CONFIG.get(spec.method, {}), **dict(spec.params)}
+        return PeftTunerLayer(inject(self.peft, cfg(**params), base_layer, spec.adapter_name), spec.method)
 
 
 class TunerApi:

@@ -13,6 +13,7 @@ from conformance.clauses.clause import check
 from conformance.clauses.observe import recorded_warnings
 from conformance.clauses.twin import cases as tcases
 from conformance.core.methods import TwinRule, row
+from conformance.core.vocabulary import Method
 from conformance.numerics import twin as ntwin
 from conformance.numerics.rounding import cast_error, gamma_n
 from conformance.quant import bounds as qbounds
@@ -47,7 +48,7 @@ def _create(ctx: CheckContext, method: str, case: Any, label: str) -> tuple[torc
     base = ctx.make_base(case)
     before = qlayers.snapshot(base)
     try:
-        layer = ctx.make_layer(base, method, **tcases.params(method))
+        layer = ctx.make_layer(base, method, **_params_of(method))
     except Exception as exc:  # noqa: BLE001 - every exception at creation is judged here
         kind = type(exc).__name__
         if not isinstance(exc, REFUSALS):
@@ -81,70 +82,102 @@ def _finite(ctx: CheckContext, label: str, what: str, y: torch.Tensor, want: tup
     ctx.check(bool(torch.isfinite(y).all()), f"{label}: {what} gives non-finite values")
 
 
+def _targets(ctx: CheckContext, method: str) -> list[tuple[str, Callable[[str], bool]]]:
+    """What family ``method`` builds: the method itself, or for ``other`` each of the implementation's other methods
+    (``other_methods()``), each with what says whether it has an optional operation."""
+    if method != "other":
+        return [(method, lambda op: ctx.has(op, method))]
+    others = getattr(ctx.impl, "other_methods", lambda: {})()
+    if not others:
+        ctx.skip(f"{ctx.impl.name} has no other methods (other_methods() is empty)")
+    return [(name, lambda op, ops=frozenset(ops): op in ops) for name, ops in sorted(others.items())]
+
+
+def _params_of(name: str) -> dict[str, Any]:
+    return tcases.params(name) if name in {m.value for m in Method} else {}
+
+
 @check("TWIN-CREATE")
 def check_create(ctx: CheckContext) -> None:
     refused = 0
     for method, bits in ctx.cases():
-        for i, case in enumerate(tcases.BASES[bits]):
-            label = _label(method, case)
-            with ctx.case(label):
-                layer, why = _create(ctx, method, case, label)
-                if layer is None:
-                    refused += 1
-                    ctx.note(f"{label}: refused at create ({why})")
-                    continue
-                x = _x(ctx, case, offset=i)
-                want = (x.shape[0], case.out_features)
-                layer.eval()
-                with torch.no_grad():
-                    _finite(ctx, label, "the eval forward", _step(ctx, label, "the eval forward", lambda: layer(x)),
-                            want)
-                layer.train()
-                xg = x.clone().requires_grad_(True)
-                y = _step(ctx, label, "the train forward", lambda: layer(xg))
-                _finite(ctx, label, "the train forward", y, want)
-                _step(ctx, label, "backward", lambda: y.float().square().sum().backward())
-                ctx.check(xg.grad is not None and bool(torch.isfinite(xg.grad).all()),
-                          f"{label}: backward gives no finite input gradient")
-                layer.eval()
-                if ctx.has("merge", method):
-                    before = qvalidate.expected_of(layer.base_layer, at_merge=True)
-                    _step(ctx, label, "merge()", lambda: layer.merge())
-                    _valid(ctx, layer, label, "merge()", before)
-                    with torch.no_grad():
-                        _finite(ctx, label, "the merged forward",
-                                _step(ctx, label, "the merged forward", lambda: layer(x)), want)
-                    if ctx.has("unmerge", method):
-                        before = qvalidate.expected_of(layer.base_layer, at_merge=True)
-                        _step(ctx, label, "unmerge()", lambda: layer.unmerge())
-                        _valid(ctx, layer, label, "unmerge()", before)
-                        with torch.no_grad():
-                            _finite(ctx, label, "the forward after unmerge",
-                                    _step(ctx, label, "the forward after unmerge", lambda: layer(x)), want)
-                        if ctx.has("safe_merge", method):
-                            before = qvalidate.expected_of(layer.base_layer, at_merge=True)
-                            _step(ctx, label, "merge(safe_merge=True)", lambda: layer.merge(safe_merge=True))
-                            _valid(ctx, layer, label, "merge(safe_merge=True)", before)
+        for name, has in _targets(ctx, method):
+            tally = {"works": 0, "refused": 0, "failed": 0}
+            for i, case in enumerate(tcases.BASES[bits]):
+                label = _label(name, case)
+                outcome = "failed"  # unless the case gets to its end
+                with ctx.case(label):
+                    layer, why = _create(ctx, name, case, label)
+                    if layer is None:
+                        refused += 1
+                        outcome = "refused"
+                        ctx.note(f"{label}: refused at create ({why})")
+                    else:
+                        _steps(ctx, layer, case, label, has, i)
+                        outcome = "works"
+                tally[outcome] += 1
+            ctx.measure(f"outcomes.{name}.{bits}bit", tally)
     ctx.measure("refused", refused)
+
+
+def _steps(ctx: CheckContext, layer: torch.nn.Module, case: Any, label: str, has: Callable[[str], bool],
+           i: int) -> None:
+    """Every step after create, in the order a user takes them; the first that raises fails the case, named."""
+    x = _x(ctx, case, offset=i)
+    want = (x.shape[0], case.out_features)
+    layer.eval()
+    with torch.no_grad():
+        _finite(ctx, label, "the eval forward", _step(ctx, label, "the eval forward", lambda: layer(x)), want)
+    layer.train()
+    xg = x.clone().requires_grad_(True)
+    y = _step(ctx, label, "the train forward", lambda: layer(xg))
+    _finite(ctx, label, "the train forward", y, want)
+    _step(ctx, label, "backward", lambda: y.float().square().sum().backward())
+    ctx.check(xg.grad is not None and bool(torch.isfinite(xg.grad).all()),
+              f"{label}: backward gives no finite input gradient")
+    layer.eval()
+    if not has("merge"):
+        return
+    before = qvalidate.expected_of(layer.base_layer, at_merge=True)
+    _step(ctx, label, "merge()", lambda: layer.merge())
+    _valid(ctx, layer, label, "merge()", before)
+    with torch.no_grad():
+        _finite(ctx, label, "the merged forward", _step(ctx, label, "the merged forward", lambda: layer(x)), want)
+    if not has("unmerge"):
+        return
+    before = qvalidate.expected_of(layer.base_layer, at_merge=True)
+    _step(ctx, label, "unmerge()", lambda: layer.unmerge())
+    _valid(ctx, layer, label, "unmerge()", before)
+    with torch.no_grad():
+        _finite(ctx, label, "the forward after unmerge",
+                _step(ctx, label, "the forward after unmerge", lambda: layer(x)), want)
+    if has("safe_merge"):
+        before = qvalidate.expected_of(layer.base_layer, at_merge=True)
+        _step(ctx, label, "merge(safe_merge=True)", lambda: layer.merge(safe_merge=True))
+        _valid(ctx, layer, label, "merge(safe_merge=True)", before)
 
 
 @check("TWIN-CREATE-NAMES")
 def check_create_names(ctx: CheckContext) -> None:
     refusals = 0
     for method, bits in ctx.cases():
-        for case in tcases.BASES[bits]:
-            label = _label(method, case)
-            with ctx.case(label):
-                base = ctx.make_base(case)
-                try:
-                    ctx.make_layer(base, method, **tcases.params(method))
-                except (ValueError, TypeError, NotImplementedError) as exc:
-                    refusals += 1
-                    text = str(exc).lower()
-                    ctx.check(bool(text.strip()), f"{label}: refused with {type(exc).__name__} and no message")
-                    ctx.check(any(w in text for w in CAUSE_WORDS),
-                              f"{label}: the refusal does not name its cause (the quantized layer type, bitsandbytes "
-                              f"or quantization): {type(exc).__name__}: {exc}")
+        for name, _has in _targets(ctx, method):
+            for case in tcases.BASES[bits]:
+                label = _label(name, case)
+                with ctx.case(label):
+                    base = ctx.make_base(case)
+                    try:
+                        ctx.make_layer(base, name, **_params_of(name))
+                    except Exception as exc:  # noqa: BLE001 - only a refusal is judged here
+                        if not isinstance(exc, REFUSALS):
+                            ctx.skip_this_case(f"{name} raised {type(exc).__name__} at create, no refusal: "
+                                               "TWIN-CREATE judges it")
+                        refusals += 1
+                        text = str(exc).lower()
+                        ctx.check(bool(text.strip()), f"{label}: refused with {type(exc).__name__} and no message")
+                        ctx.check(any(w in text for w in CAUSE_WORDS),
+                                  f"{label}: the refusal does not name its cause (the quantized layer type, "
+                                  f"bitsandbytes or quantization): {type(exc).__name__}: {exc}")
     ctx.measure("refusals", refusals)
     if not refusals:
         ctx.note("nothing refused at create: no refusal to name its cause")
