@@ -27,7 +27,19 @@ BROKEN = twins(AREAS)
 def test_every_method_has_a_table_row_and_twin_methods_are_the_rest() -> None:
     mtable.check_complete()
     assert TWIN_METHODS == frozenset(Method) - ORACLE_METHODS
-    assert {m for m, r in mtable.TABLE.items() if r.rule is mtable.TwinRule.STRUCTURAL} == {Method.DORA}
+    structural = {m for m, r in mtable.TABLE.items() if r.rule is mtable.TwinRule.STRUCTURAL}
+    assert structural == {Method.DORA, Method.BOFT, Method.OTHER}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_fixed_bases_are_valid_for_merges(bits: int) -> None:
+    """The merge clauses' bases keep bitsandbytes' CPU dequantize right (in_features a multiple of the blocksize)."""
+    from conformance.clauses.twin import cases as tcases
+
+    for case in tcases.BASES[bits]:
+        combo = {"shape": (case.in_features, case.out_features), "blocksize": case.blocksize,
+                 "cpu_packed": case.cpu_packed}
+        assert cases.base_invalid(bits, combo, merges=True) is None, case.label
 
 
 def test_linear_map_is_exact_for_an_affine_function() -> None:

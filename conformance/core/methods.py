@@ -98,10 +98,12 @@ TABLE: Mapping[Method, MethodRow] = {row.method: row for row in (
     MethodRow(Method.ROAD, TwinRule.TRANSFORM,
               "y = R(theta, alpha) base(x): 2x2 scaled rotations of output pairs, S = R, T = I "
               "(peft/tuners/road/bnb.py)", "RoadConfig", "src/peft/tuners/road/bnb.py", {"group_size": 8}),
-    MethodRow(Method.BOFT, TwinRule.TRANSFORM,
-              "y = s * base(x R), R a product of butterfly Cayley rotations and s a per-output scale: T = R, "
-              "S = diag(s) (peft/tuners/boft/layer.py Linear.forward with a quantization backend)", "BOFTConfig",
-              _GENERIC, {"boft_block_size": 8}),
+    MethodRow(Method.BOFT, TwinRule.STRUCTURAL,
+              "y = s * (base(x R) - b) + b, R a product of butterfly Cayley rotations and s a per-output scale "
+              "(peft/tuners/boft/layer.py Linear.forward with a quantization backend): the bias is taken back out of "
+              "the rounded base output before the scale and added again, a cancellation the transform rule (whose S "
+              "acts on the bias too) does not model, so the structural checks only until BOFT gets its own "
+              "derivation", "BOFTConfig", _GENERIC, {"boft_block_size": 8}),
     MethodRow(Method.MISS, TwinRule.ADDITIVE,
               "y = base(x) + (x summed over blocks of r) miss_block: dW is miss_block tiled over the input "
               "(peft/tuners/miss/layer.py, default init)", "MissConfig", _GENERIC, {"r": 8}),

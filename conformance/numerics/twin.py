@@ -104,30 +104,31 @@ def transforms(twin: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return s, t
 
 
-def additive_expected(base: nn.Module, x: torch.Tensor, y_twin: torch.Tensor, delta: torch.Tensor,
-                      adapter_dtype: torch.dtype, *, training: bool | None = None) -> Expected:
-    """Expected quantized output ``base(x) + x dW^T`` against the twin's ``y_twin`` (the ``additive`` rule)."""
+def additive_expected(base: nn.Module, x: torch.Tensor, y_twin: torch.Tensor, twin_base: torch.Tensor,
+                      delta: torch.Tensor, adapter_dtype: torch.dtype, *, training: bool | None = None) -> Expected:
+    """Expected quantized output ``base(x) + x dW^T`` (the ``additive`` rule): the twin's adapter term ``y_twin -
+    twin_base`` (``twin_base``: the twin's base output, ``x W0^T + b``) added to the quantized base's expected output,
+    which reads the base as it is stored now (bitsandbytes' CPU repack moves it a little from the twin's ``W0``)."""
     y0 = base_expected(base, x, training=training)
     xv = x.detach().double().cpu()
-    yt = y_twin.detach().double().cpu().reshape(y0.value.shape)
-    a = yt - y0.value                                                  # the twin's adapter term
+    a = (y_twin.detach().double().cpu() - twin_base.detach().double().cpu()).reshape(y0.value.shape)
     mag = xv.abs() @ delta.double().cpu().abs().t()
     n = chain_length(delta.shape[1], delta.shape[0])
     e_in = cast_error(x.dtype, adapter_dtype)
     e = e_in * mag + gamma_n(n, adapter_dtype) * mag * (1 + e_in)
     e = e + cast_error(adapter_dtype, x.dtype) * (a.abs() + e)
     add = qbounds.unit_roundoff(x.dtype) * (y0.value.abs() + y0.bound + a.abs() + e)
-    return Expected(yt, y0.bound + e + add)
+    return Expected(y0.value + a, y0.bound + e + add)
 
 
 def nnz(m: torch.Tensor, dim: int) -> int:
     return max(int((m != 0).sum(dim=dim).max()), 1)
 
 
-def transform_expected(base: nn.Module, x: torch.Tensor, y_twin: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
-                       s_err: torch.Tensor, t_err: torch.Tensor, adapter_dtype: torch.dtype, *,
-                       training: bool | None = None) -> Expected:
-    """Expected quantized output ``S base(x T)`` against the twin's ``y_twin`` (the ``transform`` rule)."""
+def transform_expected(base: nn.Module, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, s_err: torch.Tensor,
+                       t_err: torch.Tensor, adapter_dtype: torch.dtype, *, training: bool | None = None) -> Expected:
+    """Expected quantized output ``S base(x T)`` (the ``transform`` rule), ``S`` and ``T`` the twin's, the base as it is
+    stored now."""
     d = adapter_dtype
     xv = x.detach().double().cpu()
     xt = xv @ t
@@ -141,7 +142,7 @@ def transform_expected(base: nn.Module, x: torch.Tensor, y_twin: torch.Tensor, s
     e_out = cast_error(x.dtype, d)
     bound = y1.bound @ s.abs().t() + e_out * mag_s + gamma_n(nnz(s, 1), d) * mag_s * (1 + e_out)
     bound = bound + y1_abs @ s_err.t()
-    value = y_twin.detach().double().cpu().reshape(y1.value.shape)
+    value = y1.value @ s.t()
     bound = bound + cast_error(d, x.dtype) * (value.abs() + bound)
     return Expected(value, bound)
 

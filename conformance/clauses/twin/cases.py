@@ -31,11 +31,13 @@ if TYPE_CHECKING:
 
 NAME = "default"
 #: the bases of the clauses that are not tiered: a plain one, one that differs in every axis it can, and a square one
-#: (a method may handle square layers only, or those alone)
+#: (a method may handle square layers only, or those alone); every 4-bit one has in_features a multiple of its
+#: blocksize, as merges need on the CPU (``cases.base_invalid(merges=True)``: bitsandbytes 0.50.2's CPU
+#: dequantize_4bit)
 BASES: dict[int, tuple[cases.BaseCase, ...]] = {
-    4: (cases.BaseCase(4), cases.BaseCase(4, in_features=48, out_features=64, quant_type="fp4", double_quant=True,
-                                          compute_dtype=torch.bfloat16),
-        cases.BaseCase(4, in_features=64, out_features=64, blocksize=128)),
+    4: (cases.BaseCase(4), cases.BaseCase(4, in_features=96, out_features=64, quant_type="fp4", double_quant=True,
+                                          blocksize=32, compute_dtype=torch.bfloat16),
+        cases.BaseCase(4, in_features=64, out_features=64, blocksize=32)),
     8: (cases.BaseCase(8), cases.BaseCase(8, in_features=48, out_features=64, threshold=6.0),
         cases.BaseCase(8, in_features=64, out_features=64)),
 }
@@ -130,12 +132,14 @@ class Twin:
     def expected(self, x: torch.Tensor, training: bool) -> Any:
         """The quantized layer's expected output for ``x`` (``numerics.twin``, by rule)."""
         self.dense.eval()
-        y = self(x)
         base = self.layer.base_layer
         if self.rule is TwinRule.ADDITIVE:
-            return ntwin.additive_expected(base, x, y, self.delta, self.adapter_dtype, training=training)
+            with torch.no_grad():
+                twin_base = self.dense.base_layer(x.detach().double().cpu())
+            return ntwin.additive_expected(base, x, self(x), twin_base, self.delta, self.adapter_dtype,
+                                           training=training)
         s, t, se, te = self.transforms
-        return ntwin.transform_expected(base, x, y, s, t, se, te, self.adapter_dtype, training=training)
+        return ntwin.transform_expected(base, x, s, t, se, te, self.adapter_dtype, training=training)
 
     def grad_expected(self, g: torch.Tensor, x_dtype: torch.dtype) -> Any:
         m = self.map[0]

@@ -12,6 +12,7 @@ from conformance.clauses import cases
 from conformance.clauses.clause import check
 from conformance.clauses.observe import recorded_warnings
 from conformance.clauses.twin import cases as tcases
+from conformance.core import upstream
 from conformance.core.methods import TwinRule, row
 from conformance.core.vocabulary import Method
 from conformance.numerics import twin as ntwin
@@ -189,33 +190,46 @@ def _rule_cases(ctx: CheckContext, method: str, bits: int, tiered: bool = False)
 
 @check("TWIN-FORWARD")
 def check_forward(ctx: CheckContext) -> None:
+    """Each forward of a case is a case of its own (one layer through all of them), so a listed bitsandbytes failure
+    (``xfails/bitsandbytes.ini`` cpu-packed-train-grad: once repacked, a forward whose input requires grad raises)
+    ends only that step."""
     for method, bits in ctx.cases():
         sampled = row(method).sampled_training
         if sampled:
             ctx.note(f"{method}: eval-mode forwards only ({sampled})")
+        steps: list[tuple[str, bool, bool]] = [
+            ("eval, first no-grad forward", False, False), ("eval, second no-grad forward", False, False),
+            ("eval, grad enabled", False, True)]
+        if not sampled:
+            steps += [("train, no grad", True, False), ("train, grad enabled", True, True)]
         for i, case in enumerate(_rule_cases(ctx, method, bits, tiered=True)):
             label = _label(method, case)
-            with ctx.case(label):
+            built: list[tuple[torch.nn.Module, tcases.Twin]] = []
+            with ctx.case(f"{label}: build"):
                 layer, why = _create(ctx, method, case, label)
                 if layer is None:
                     ctx.skip_this_case(f"{method} refused at create ({why}): TWIN-CREATE judges the refusal")
-                twin = tcases.Twin.of(ctx, layer, method, label)
-                x = _x(ctx, case, offset=i)
-                steps: list[tuple[str, bool, bool]] = [
-                    ("eval, first no-grad forward", False, False), ("eval, second no-grad forward", False, False),
-                    ("eval, grad enabled", False, True)]
-                if not sampled:
-                    steps += [("train, no grad", True, False), ("train, grad enabled", True, True)]
-                for what, training, grad in steps:
-                    layer.train(training)
-                    xin = x.clone().requires_grad_(grad)
-                    with torch.set_grad_enabled(grad):
-                        y = _step(ctx, label, f"the forward ({what})", lambda xin=xin: layer(xin))
-                    exp = twin.expected(x, training)
-                    r = exp.ratio(y)
-                    ctx.bounded(f"ratio.{method}.{bits}bit", r,
-                                lambda what=what, y=y, exp=exp: f"{label} ({what}): outside the twin bound "
-                                                                f"{exp.describe(y)}")
+                built.append((layer, tcases.Twin.of(ctx, layer, method, label)))
+            if not built:
+                continue
+            layer, twin = built[0]
+            x = _x(ctx, case, offset=i)
+            for what, training, grad in steps:
+                packed = qlayers.bits_of(layer.base_layer) == 4 and qlayers.is_cpu_packed(layer.base_layer)
+                known = ctx.known_upstream(upstream.CPU_PACKED_TRAIN_GRAD) if packed and grad else None
+                with ctx.case(f"{label} ({what})", known=known):
+                    _forward_step(ctx, layer, twin, x, f"{label} ({what})", method, bits, training, grad)
+
+
+def _forward_step(ctx: CheckContext, layer: torch.nn.Module, twin: tcases.Twin, x: torch.Tensor, label: str,
+                  method: str, bits: int, training: bool, grad: bool) -> None:
+    layer.train(training)
+    xin = x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        y = _step(ctx, label, "the forward", lambda: layer(xin))
+    exp = twin.expected(x, training)
+    r = exp.ratio(y)
+    ctx.bounded(f"ratio.{method}.{bits}bit", r, lambda: f"{label}: outside the twin bound {exp.describe(y)}")
 
 
 @check("TWIN-BACKWARD")
@@ -238,9 +252,9 @@ def check_backward(ctx: CheckContext) -> None:
                 r = exp.ratio(x.grad)
                 ctx.bounded(f"ratio.grad_x.{method}.{bits}bit", r,
                             lambda: f"{label}: input gradient outside the twin bound {exp.describe(x.grad)}")
-                xd = x.detach().double().requires_grad_(True)
+                xd = x.detach().double().cpu().requires_grad_(True)  # the twin lives on the CPU, in float64
                 twin.dense.zero_grad(set_to_none=True)
-                (twin.dense(xd) * g.double()).sum().backward()
+                (twin.dense(xd) * g.detach().double().cpu()).sum().backward()
                 mine = tcases.trainable(layer)  # the twin's own requires_grad flags are not the question here
                 theirs = twin.dense.adapter_parameters(tcases.NAME)
                 got = {k for k, t in mine.items() if t.grad is not None and bool(t.grad.any())}
