@@ -22,6 +22,11 @@ def warning_texts(caught: Iterable[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught]
 
 
+def user_warnings(caught: Iterable[warnings.WarningMessage]) -> list[str]:
+    """Texts of the ``UserWarning``s (and subclasses) among ``caught``."""
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
 _LIBRARIES = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, bnb))
 
 

@@ -35,7 +35,7 @@ from conformance.clauses.merge.cases import (
     merge_known,
 )
 from conformance.clauses.merge.declare import CYCLES, ROUNDING_WORDS
-from conformance.clauses.observe import recorded_warnings, warning_texts
+from conformance.clauses.observe import recorded_warnings, user_warnings, warning_texts
 from conformance.numerics.merge import dora_pair_merged
 from conformance.quant import bounds as qbounds
 from conformance.quant import layers as qlayers
@@ -252,11 +252,6 @@ def check_cycles(ctx: CheckContext) -> None:
                             f"{label}: after {k} merge/unmerge cycles the weight drifted {drift.max():.3g}, beyond "
                             f"the sum of {k} cycle bounds (ratio {ratio:.3g})"))
                         w_prev, b_prev = w_k, b_k
-
-
-def user_warnings(caught: list[Any]) -> list[str]:
-    """Texts of the ``UserWarning``s (and subclasses) among ``caught``."""
-    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
 def _check_rounding_warning(ctx: CheckContext) -> None:

@@ -48,6 +48,13 @@ def merge_delta_twice(layer: nn.Module, spec: AdapterSpec) -> None:
             w + 2 * self.get_delta_weight(name).detach().float(), b))
 
 
+@twin("TWIN-MERGE-WARNS", "merge-silent")
+def merge_silent(layer: nn.Module, spec: AdapterSpec) -> None:
+    """The merge into a quantized base says nothing about rounding."""
+    if _quantized_lora(layer, spec):
+        layer.merge_warning = ""
+
+
 @twin("TWIN-UNMERGE", "unmerge-partial")
 def unmerge_partial(layer: nn.Module, spec: AdapterSpec) -> None:
     """The unmerge subtracts 0.9 of the delta."""

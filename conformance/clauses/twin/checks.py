@@ -10,7 +10,8 @@ import torch
 from conformance import numerics
 from conformance.clauses import cases
 from conformance.clauses.clause import check
-from conformance.clauses.observe import recorded_warnings
+from conformance.clauses.merge.declare import ROUNDING_WORDS
+from conformance.clauses.observe import recorded_warnings, user_warnings, warning_texts
 from conformance.clauses.twin import cases as tcases
 from conformance.core import upstream
 from conformance.core.methods import TwinRule, row
@@ -311,6 +312,28 @@ def _bias_error(twin: Any, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         mag = s.abs() @ b.abs()
         err = err + gamma_n(ntwin.nnz(s, 1), twin.adapter_dtype) * mag + se @ b.abs()
     return err
+
+
+@check("TWIN-MERGE-WARNS")
+def check_merge_warns(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        for case in tcases.BASES[bits]:
+            label = _label(method, case)
+            with ctx.case(label):
+                layer, why = _create(ctx, method, case, label)
+                if layer is None:
+                    ctx.skip_this_case(f"{method} refused at create ({why}): TWIN-CREATE judges the refusal")
+                with recorded_warnings() as caught:  # _step would record (and hide) them itself
+                    try:
+                        layer.merge()
+                    except Exception as exc:  # noqa: BLE001 - the step named, as _step names it
+                        ctx.fail(f"{label}: accepted the quantized base at create, then merge() raised "
+                                 f"{type(exc).__name__}: {exc}")
+                got = user_warnings(caught)
+                ctx.measure(f"warnings.{method}.{bits}bit", got)
+                if not any(word in t.lower() for t in got for word in ROUNDING_WORDS):
+                    ctx.fail(f"{label}: merge() emitted no UserWarning naming rounding or quantization; warnings: "
+                             f"{warning_texts(caught)}")
 
 
 @check("TWIN-UNMERGE")

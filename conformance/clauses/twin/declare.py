@@ -66,6 +66,14 @@ declare(
 )
 
 declare(
+    "TWIN-MERGE-WARNS", "MUST",
+    "merge() into a 4-bit or 8-bit base emits a UserWarning about rounding (its text names rounding or "
+    "quantization), as the LoRA and OFT merge clauses (MERGE-WARNS-LORA, MERGE-WARNS-OFT) require.",
+    source=SOURCE + "; peft v0.21.2 src/peft/tuners/lora/bnb.py merge (the warning each bnb.py repeats)",
+    methods=TABLED, requires=["merge"], area="twin",
+)
+
+declare(
     "TWIN-UNMERGE", "MUST",
     "merge() then unmerge() returns the dequantized weight within the bound of two requantizations plus the "
     "merge and unmerge arithmetic of the additive rule of the original, and the layer reports merged=False "
