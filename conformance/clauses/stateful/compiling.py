@@ -34,7 +34,7 @@ from conformance.clauses.compile.counting import CountingBackend
 from conformance.clauses.interface import Implementation, declared
 from conformance.quant import layers as qlayers
 
-from .config import VIOLATIONS, Stats, Violation, configs_for
+from .config import VIOLATIONS, Stats, Violation, configs_for, machine_cases
 from .declare import COMPILE, COMPILE_FLOOR
 from .driver import Driver
 from .machine import make_machine
@@ -148,8 +148,7 @@ def run(impl: Implementation, device: str = "cpu", *, examples: int, steps: int,
     from . import run as sr
 
     if cases is None:
-        decl = declared(impl)
-        cases = [(str(m), b) for m in sorted(decl.methods) for b in sorted(decl.bits)]
+        cases = machine_cases(declared(impl))
     out = CompileRun(examples, steps)
     holder = sr.RunResult(impl.name, str(impl.version()), device, examples, steps, [f"{m}/{b}bit" for m, b in cases])
     start = time.perf_counter()

@@ -137,6 +137,16 @@ def seed_for(device: str, seed: int) -> None:
         torch.random.default_generator.manual_seed(seed)
 
 
+#: the methods the machine models (each with its adapter variants below); an implementation's others (the methods
+#: judged against their dense twin, TWIN-*) are not run by it
+MACHINE_METHODS: frozenset[str] = frozenset({"lora", "dora", "oft"})
+
+
+def machine_cases(decl: Any) -> list[tuple[str, int]]:
+    """The (method, bits) cases the machine runs for a declaration: its methods the machine models, each bit width."""
+    return [(str(m), b) for m in sorted(decl.methods) if str(m) in MACHINE_METHODS for b in sorted(decl.bits)]
+
+
 def variants(method: str) -> tuple[dict[str, Any], ...]:
     """The adapter variants a ``method`` machine draws from (a clear error for a method the machine does not know)."""
     try:

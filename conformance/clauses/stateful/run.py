@@ -43,7 +43,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from conformance.clauses.budget import CI
 from conformance.clauses.interface import Implementation, declared
 
-from .config import Stats, StopRun, Violation, configs_for
+from .config import Stats, StopRun, Violation, configs_for, machine_cases
 from .machine import make_machine
 from .ops import render_step
 from .shrink import delete_steps, seed_dependence
@@ -152,8 +152,7 @@ def run(impl: Implementation, device: str = "cpu", *, examples: int | None = Non
     n_steps = max(1, steps if steps is not None else CI.stateful_steps)
     shrink = shrink_s if shrink_s is not None else CI.stateful_shrink_s
     if cases is None:
-        decl = declared(impl)
-        cases = [(str(m), b) for m in sorted(decl.methods) for b in sorted(decl.bits)]
+        cases = machine_cases(declared(impl))
     pairs = list(cases)
     if seed is None and not derandomize:
         seed = random.SystemRandom().randrange(2**32)  # the shrink passes replay the exploring pass's examples
