@@ -29,16 +29,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
 from conformance.core.vocabulary import LORA_LIKE, ORACLE_METHODS, TWIN_METHODS, Capability, Method
-from conformance.impls.library import LibraryImplementation, LibraryLayer
-from conformance.impls.peft_tuners import OtherTuners, TunerApi, inject
+from conformance.impls.library import LibraryImplementation
+from conformance.impls.peft_tuners import OtherTuners, PeftLayer, TunerApi, inject
 from conformance.quant.layers import bits_of, is_dense
 from conformance.reference.lora import LoraConfig as _RefLoraConfig
 from conformance.reference.oft import OftConfig as _RefOftConfig
@@ -297,8 +295,8 @@ class PeftApi:
             update(name, p["r"], **kwargs)
 
 
-class PeftAdapterLayer(LibraryLayer):
-    """Protocol wrapper around one PEFT tuner layer (``self.layer``); every call goes to PEFT."""
+class PeftAdapterLayer(PeftLayer):
+    """Protocol wrapper around one PEFT LoRA/OFT/DoRA layer (``self.layer``); every call goes to PEFT."""
 
     def __init__(self, layer: nn.Module, method: str, api: PeftApi) -> None:
         super().__init__()
@@ -312,30 +310,8 @@ class PeftAdapterLayer(LibraryLayer):
 
         return PeftAdapterLayer(copy.deepcopy(self.layer, memo), self.method, self._api)
 
-    # -- forward / merge --------------------------------------------------------------
-    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
-        self.layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-
-    def unmerge(self) -> None:
-        self.layer.unmerge()
-
-    @property
-    def merged_adapters(self) -> list[str]:
-        return self.layer.merged_adapters
-
-    def get_delta_weight(self, name: str) -> torch.Tensor:
-        return self.layer.get_delta_weight(name)
-
-    # -- adapters ---------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, **params: Any) -> None:
         self._api.add_adapter(self.layer, self.method, adapter_name, params)
-
-    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
-        self.layer.set_adapter(adapter_names if isinstance(adapter_names, str) else list(adapter_names))
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self.layer.active_adapters)
 
     @property
     def active_adapter(self) -> str | list[str]:
@@ -357,29 +333,9 @@ class PeftAdapterLayer(LibraryLayer):
             return out
         return {"oft_R.weight": self.layer.oft_R[name].weight}
 
-    def enable_adapters(self, enabled: bool) -> None:
-        self.layer.enable_adapters(enabled)
-
     @property
     def disable_adapters(self) -> bool:
         return bool(self.layer.disable_adapters)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self.layer.delete_adapter(adapter_name)
-
-    # -- base layer -------------------------------------------------------------------
-    @property
-    def base_layer(self) -> nn.Module:
-        """PEFT's current base layer (merges replace its ``weight``; read it fresh each time)."""
-        return self.layer.get_base_layer()
-
-    @property
-    def in_features(self) -> int:
-        return self.layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.layer.out_features
 
     def extra_repr(self) -> str:
         return f"peft {self._api.version}, method={self.method}"

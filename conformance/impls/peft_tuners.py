@@ -214,13 +214,9 @@ class TunerApi:
         return PeftTunerLayer(inject(self.peft, config, base_layer, spec.adapter_name), str(method))
 
 
-class PeftTunerLayer(LibraryLayer):
-    """Protocol wrapper around one PEFT tuner layer of a method without a hand oracle; every call goes to PEFT."""
-
-    def __init__(self, layer: nn.Module, method: str) -> None:
-        super().__init__()
-        self.layer = layer
-        self.method = method
+class PeftLayer(LibraryLayer):
+    """What every wrapper of one PEFT tuner layer (``self.layer``) passes straight to PEFT: every PEFT tuner layer
+    (``BaseTunerLayer``) has these under these names."""
 
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         self.layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
@@ -248,6 +244,28 @@ class PeftTunerLayer(LibraryLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         self.layer.delete_adapter(adapter_name)
 
+    @property
+    def base_layer(self) -> nn.Module:
+        """PEFT's current base layer (merges may replace its ``weight``; read it fresh each time)."""
+        return self.layer.get_base_layer()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+
+class PeftTunerLayer(PeftLayer):
+    """Protocol wrapper around one PEFT tuner layer of a method without a hand oracle; every call goes to PEFT."""
+
+    def __init__(self, layer: nn.Module, method: str) -> None:
+        super().__init__()
+        self.layer = layer
+        self.method = method
+
     def adapter_parameters(self, name: str) -> dict[str, torch.Tensor]:
         """Every parameter and buffer of adapter ``name`` (PEFT's own tensors), named by PEFT's attribute path with
         the adapter key taken out (``vera_lambda_b``, ``vera_A``, ``lora_A.weight``); shared projections included."""
@@ -259,18 +277,6 @@ class PeftTunerLayer(LibraryLayer):
                     continue
                 out[".".join(p for p in parts if p != name)] = t
         return out
-
-    @property
-    def base_layer(self) -> nn.Module:
-        return self.layer.get_base_layer()
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def extra_repr(self) -> str:
         return f"peft tuner {self.method}"

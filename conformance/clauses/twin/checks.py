@@ -64,6 +64,14 @@ def _create(ctx: CheckContext, method: str, case: Any, label: str) -> tuple[torc
     return layer, ""
 
 
+def _created(ctx: CheckContext, method: str, case: Any, label: str) -> torch.nn.Module:
+    """The perturbed quantized layer; a refusal at creation skips the case (TWIN-CREATE judges refusals)."""
+    layer, why = _create(ctx, method, case, label)
+    if layer is None:
+        ctx.skip_this_case(f"{method} refused at create ({why}): TWIN-CREATE judges the refusal")
+    return layer
+
+
 def _step(ctx: CheckContext, label: str, what: str, fn: Callable[[], Any]) -> Any:
     try:
         with recorded_warnings():
@@ -207,9 +215,7 @@ def check_forward(ctx: CheckContext) -> None:
             label = _label(method, case)
             built: list[tuple[torch.nn.Module, tcases.Twin]] = []
             with ctx.case(f"{label}: build"):
-                layer, why = _create(ctx, method, case, label)
-                if layer is None:
-                    ctx.skip_this_case(f"{method} refused at create ({why}): TWIN-CREATE judges the refusal")
+                layer = _created(ctx, method, case, label)
                 built.append((layer, tcases.Twin.of(ctx, layer, method, label)))
             if not built:
                 continue
@@ -239,9 +245,7 @@ def check_backward(ctx: CheckContext) -> None:
         for i, case in enumerate(_rule_cases(ctx, method, bits)):
             label = _label(method, case)
             with ctx.case(label):
-                layer, why = _create(ctx, method, case, label)
-                if layer is None:
-                    ctx.skip_this_case(f"{method} refused at create ({why}): TWIN-CREATE judges the refusal")
+                layer = _created(ctx, method, case, label)
                 twin = tcases.Twin.of(ctx, layer, method, label)
                 layer.eval()
                 x = _x(ctx, case, offset=i).requires_grad_(True)
@@ -266,9 +270,7 @@ def check_backward(ctx: CheckContext) -> None:
 
 def _merged(ctx: CheckContext, method: str, case: Any, label: str) -> tuple[Any, Any, torch.Tensor, Any] | None:
     """(layer, twin, original dequantized weight, bound on |stored merged - twin merged|) after both merged."""
-    layer, why = _create(ctx, method, case, label)
-    if layer is None:
-        ctx.skip_this_case(f"{method} refused at create ({why}): TWIN-CREATE judges the refusal")
+    layer = _created(ctx, method, case, label)
     twin = tcases.Twin.of(ctx, layer, method, label)
     layer.eval()
     w0 = qlayers.dequantize(layer.base_layer).double().cpu()
@@ -320,9 +322,7 @@ def check_merge_warns(ctx: CheckContext) -> None:
         for case in tcases.BASES[bits]:
             label = _label(method, case)
             with ctx.case(label):
-                layer, why = _create(ctx, method, case, label)
-                if layer is None:
-                    ctx.skip_this_case(f"{method} refused at create ({why}): TWIN-CREATE judges the refusal")
+                layer = _created(ctx, method, case, label)
                 with recorded_warnings() as caught:  # _step would record (and hide) them itself
                     try:
                         layer.merge()
@@ -362,9 +362,7 @@ def check_safe_merge(ctx: CheckContext) -> None:
         for case in tcases.BASES[bits]:
             label = _label(method, case)
             with ctx.case(label):
-                layer, why = _create(ctx, method, case, label)
-                if layer is None:
-                    ctx.skip_this_case(f"{method} refused at create ({why}): TWIN-CREATE judges the refusal")
+                layer = _created(ctx, method, case, label)
                 with torch.no_grad():
                     for t in tcases.trainable(layer).values():
                         t.view(-1)[0] = float("nan")
