@@ -195,3 +195,34 @@ def transform_grad_expected(base: nn.Module, g: torch.Tensor, x_dtype: torch.dty
     e3 = e3 + (mag_b + e2) @ t_err.t()
     e3 = e3 + cast_error(d, x_dtype) * (mag3 + e3)
     return Expected(gv @ m.double().cpu(), e3)
+
+
+def magnitude_grads(twin: nn.Module, x: torch.Tensor, g: torch.Tensor, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The magnitude graph of the twin's adapter gradients (``numerics.grads``' model, read off the twin): a copy of
+    the float64 twin whose base weight, bias and adapter tensors (``adapter_parameters``) are replaced by their
+    absolute values, run on ``|x|`` with upstream ``|g|``. For a graph of sums and products (and divisions by positive
+    constants), every gradient entry is then the sum of the absolute values of its terms, which bounds what any
+    rounding of those terms adds (the additive rule's methods; a Cayley solve or a norm is no such graph)."""
+    probe = copy.deepcopy(twin)
+    base = _dense_base(probe)
+    with torch.no_grad():
+        base.weight.abs_()
+        if base.bias is not None:
+            base.bias.abs_()
+        tensors = probe.adapter_parameters("default")
+        for t in tensors.values():
+            if t.is_floating_point():
+                t.abs_()
+    for t in tensors.values():
+        t.grad = None
+    xa = x.detach().double().cpu().abs()
+    (probe(xa) * g.detach().double().cpu().abs()).sum().backward()
+    return {k: (tensors[k].grad if tensors[k].grad is not None else torch.zeros_like(tensors[k])).detach().double()
+            for k in keys}
+
+
+def adapter_grad_bound(magnitude: torch.Tensor, in_features: int, out_features: int,
+                       adapter_dtype: torch.dtype) -> torch.Tensor:
+    """Bound on how far an adapter gradient computed in ``adapter_dtype`` is from the float64 twin's: the forward chain
+    and the backward chain, each at most ``chain_length`` roundings, on the magnitude graph ``magnitude``."""
+    return gamma_n(2 * chain_length(in_features, out_features), adapter_dtype) * magnitude

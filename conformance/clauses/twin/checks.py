@@ -266,6 +266,31 @@ def check_backward(ctx: CheckContext) -> None:
                 want = {k for k in mine if theirs[k].grad is not None and bool(theirs[k].grad.any())}
                 ctx.check(got == want, f"{label}: adapter tensors with a gradient {sorted(got)}, on the dense twin "
                                        f"{sorted(want)}")
+                if twin.rule is TwinRule.ADDITIVE:  # a graph of sums and products: its magnitude graph bounds it
+                    _adapter_grads(ctx, label, method, bits, twin, mine, theirs, x, g, case)
+
+
+def _adapter_grads(ctx: CheckContext, label: str, method: str, bits: int, twin: tcases.Twin,
+                   mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], x: torch.Tensor, g: torch.Tensor,
+                   case: Any) -> None:
+    """Each trainable adapter tensor's gradient within the magnitude-graph bound of the twin's
+    (``numerics.twin.adapter_grad_bound``)."""
+    keys = sorted(k for k, t in mine.items() if t.grad is not None)
+    # the coarsest dtype the adapter path may compute in: its own or the input's (numerics.grads takes the same)
+    d = max((twin.adapter_dtype, x.dtype), key=qbounds.unit_roundoff)
+    if 2 * ntwin.chain_length(case.in_features, case.out_features) * qbounds.unit_roundoff(d) >= 1:
+        ctx.note(f"{method}: adapter-gradient values compared only where the path computes in float32 or finer (in "
+                 f"{d} the magnitude-graph bound is vacuous); which tensors get a gradient is checked everywhere")
+        return
+    mags = ntwin.magnitude_grads(twin.dense, x, g, keys)
+    for k in keys:
+        bound = ntwin.adapter_grad_bound(mags[k], case.in_features, case.out_features, d)
+        want = theirs[k].grad.detach().double() if theirs[k].grad is not None else torch.zeros_like(bound)
+        got = mine[k].grad.detach().double().cpu()
+        r = numerics.observed(got, want, bound)
+        ctx.bounded(f"ratio.grad_adapter.{method}.{bits}bit", r, lambda k=k, r=r, got=got, want=want: (
+            f"{label}: the gradient of {k} is {float((got - want).abs().max()):.3g} from the dense twin's, beyond "
+            f"the magnitude-graph bound (ratio {r:.3g})"))
 
 
 def _merged(ctx: CheckContext, method: str, case: Any, label: str) -> tuple[Any, Any, torch.Tensor, Any] | None:

@@ -52,8 +52,9 @@ declare(
 declare(
     "TWIN-BACKWARD", "MUST",
     "The input gradient matches the dense twin's within the twin-rule bound of the transposed map "
-    "(conformance.numerics.twin input_grad_expected / transform_grad_expected), and the adapter tensors that get a "
-    "gradient are those that get one on the twin.",
+    "(conformance.numerics.twin input_grad_expected / transform_grad_expected), the adapter tensors that get a "
+    "gradient are those that get one on the twin, and for the additive rule each adapter gradient is within the "
+    "magnitude-graph bound of the twin's (the twin on absolute values; in float32 or finer, where it is not vacuous).",
     source=SOURCE, methods=RULED, requires=["dense_twin"], area="twin",
 )
 
