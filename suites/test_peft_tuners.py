@@ -59,3 +59,51 @@ def test_bnb_class_chosen_and_tensors_named_alike_on_both_bases(impl: PeftImplem
     assert q and set(q) == set(d)
     assert all(q[k].shape == d[k].shape for k in q)
     assert all(t.dtype == torch.float64 for t in d.values() if t.is_floating_point())
+
+
+#: PEFT 0.21.2's forwards that raise on the suite's plain bases (docs/findings.md, PEFT 23: SHiRA's eval forward on an
+#: 8-bit base multiplies bitsandbytes' float16 output by its float32 weight)
+FORWARD_RAISES = {("shira", 8): "findings PEFT 23: SHiRA's 8-bit eval forward raises (Half and Float)"}
+
+
+def _smoke_cases() -> list:
+    out = []
+    for m in sorted(str(m) for m in TWIN_METHODS | {Method.LORA, Method.OFT, Method.DORA}):
+        for bits in (4, 8):
+            reason = FORWARD_RAISES.get((m, bits))
+            marks = [pytest.mark.xfail(strict=True, raises=RuntimeError, reason=reason)] if reason else []
+            out.append(pytest.param(m, bits, marks=marks, id=f"{m}-{bits}bit"))
+    return out
+
+
+@pytest.mark.parametrize(("method", "bits"), _smoke_cases())
+def test_copied_tensors_reach_the_float64_twin(impl: PeftImplementation, method: str, bits: int) -> None:
+    """A smoke test of the wrapper, not a clause: the quantized layer's (perturbed) adapter tensors copied into the
+    dense twin through ``adapter_parameters`` are the twin's live tensors (read back), the twin runs in float64, and
+    its eval output is nearer the quantized layer's than a twin left at PEFT's initial values is."""
+    if Method(method) not in impl.methods:
+        pytest.skip(f"peft {peft.__version__} has no {method}")
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    base = cases.BaseCase(bits).build()
+    q = impl.create(base, AdapterSpec(method, params=tcases.params(method)))
+    spec = AdapterSpec(method, params=tcases.params(method), dtype="float64")
+    twin, fresh = impl.create(tcases.dense_base(base), spec), impl.create(tcases.dense_base(base), spec)
+    for _ in range(6):  # far from the initial values, so the adapter's effect stands out of int8's input rounding
+        tcases.perturb(q, gen)
+    with torch.no_grad():
+        for k, t in q.adapter_parameters("default").items():
+            twin.adapter_parameters("default")[k].copy_(t)
+    for k, t in q.adapter_parameters("default").items():
+        assert torch.equal(twin.adapter_parameters("default")[k], t.detach().double()), f"{method}: {k} not live"
+    x = torch.randn(3, q.in_features, generator=gen)
+    for layer in (q, twin, fresh):
+        layer.eval()
+    with torch.no_grad():
+        yt, yf = twin(x.double()), fresh(x.double())
+        yq = q(x)
+    assert yt.dtype == torch.float64 and yt.shape == yq.shape == (3, q.out_features)
+    assert torch.isfinite(yq).all() and torch.isfinite(yt).all()
+    near, far = float((yq.double() - yt).abs().max()), float((yq.double() - yf).abs().max())
+    print(f"{method} {bits}-bit eval: max|quantized - twin| = {near:.3e}; against an uncopied twin {far:.3e}")
+    assert near < far, f"{method} {bits}-bit: the copied twin is no nearer ({near:.3e}) than an uncopied one ({far:.3e})"
