@@ -2,9 +2,10 @@
 
 The bookkeeping mirrors PEFT's ``BaseTunerLayer`` (``peft/tuners/tuners_utils.py``): merging an
 already merged adapter warns and skips, unmerging with nothing merged warns, unmerge walks
-``merged_adapters`` in reverse. Merging itself is always dequantize -> apply -> requantize with
-the original settings (``conformance.quant.layers``), computed on a copy so a failed (safe) merge
-leaves the base layer bit-identical.
+``merged_adapters`` in reverse. Merging into a bitsandbytes base is dequantize -> apply -> requantize with
+the original settings (``conformance.quant.layers``); into a plain ``nn.Linear`` (the dense twin, ``bits`` ``DENSE``)
+the merged weight is written into its weight in its dtype, silently (PEFT's dense layers have no rounding to warn
+about). Either way it is computed on a copy so a failed (safe) merge leaves the base layer bit-identical.
 """
 
 from __future__ import annotations
@@ -203,7 +204,8 @@ class QuantAdapterLayer(nn.Module):
         return w, None if base_bias is None else base_bias.detach().to(w.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
-        """Merge adapters into the quantized base weights (dequantize, apply, requantize).
+        """Merge adapters into the base weights (quantized: dequantize, apply, requantize; dense: in place, in the
+        weight's dtype).
 
         ``safe_merge=True`` checks the merged weights for NaN/Inf before anything is written
         and raises ``ValueError`` with PEFT's message; the base layer then stays bit-identical
@@ -252,7 +254,13 @@ class QuantAdapterLayer(nn.Module):
 
         bitsandbytes 0.50's CUDA int8 matmul rejects 1-D inputs ("Only two or three dimensional
         matrices are supported for argument A", backends/cuda/ops.py), as does its CPU eval path.
+        A dense base (the twin) computes ``F.linear`` with its weight and bias in the input's dtype (a float64 twin
+        computes in float64 throughout).
         """
+        if self.bits == DENSE:
+            bias = self.base_layer.bias
+            return torch.nn.functional.linear(
+                x, self.base_layer.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         if x.dim() == 1:
             return self.base_layer(x.unsqueeze(0)).squeeze(0)
         return self.base_layer(x)
