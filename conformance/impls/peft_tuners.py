@@ -172,15 +172,18 @@ class TunerApi:
                 self.unsupported[str(method)] = f"peft {version} has no {r.peft_config}"
                 continue
             self.configs[method] = cfg
-            for cls_name, cls in self._bnb_classes(method, base_cls):
-                for cap, op in ((Capability.MERGE, "merge"), (Capability.UNMERGE, "unmerge")):
-                    if not _own(cls, op, base_cls):
-                        self.limitations.setdefault(cap, {})[method] = (
-                            f"peft {version}: {cls.__module__}.{cls_name} has no {op}() of its own (BaseTunerLayer's "
-                            "raises)")
-                if _own(cls, "merge", base_cls) and "safe_merge" not in inspect.signature(cls.merge).parameters:
-                    self.limitations.setdefault(Capability.SAFE_MERGE, {})[method] = (
-                        f"peft {version}: {cls.__module__}.{cls_name}.merge takes no safe_merge")
+            classes = self._bnb_classes(method, base_cls)
+            for cap, op in ((Capability.MERGE, "merge"), (Capability.UNMERGE, "unmerge")):
+                lacking = [f"{c.__module__}.{n}" for n, c in classes if not _own(c, op, base_cls)]
+                if lacking:
+                    self.limitations.setdefault(cap, {})[method] = (
+                        f"peft {version}: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no {op}() "
+                        "of its own (BaseTunerLayer's raises)")
+            no_safe = [f"{c.__module__}.{n}" for n, c in classes
+                       if _own(c, "merge", base_cls) and "safe_merge" not in inspect.signature(c.merge).parameters]
+            if no_safe:
+                self.limitations.setdefault(Capability.SAFE_MERGE, {})[method] = (
+                    f"peft {version}: {', '.join(no_safe)}.merge takes no safe_merge")
         if Capability.MERGE in self.limitations:
             for method in self.limitations[Capability.MERGE]:
                 for cap in (Capability.UNMERGE, Capability.SAFE_MERGE):

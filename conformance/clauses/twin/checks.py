@@ -37,11 +37,7 @@ def _label(method: str, case: Any) -> str:
 
 def _x(ctx: CheckContext, case: Any, offset: int = 0) -> torch.Tensor:
     x = ctx.randn(tcases.INPUT_ROWS, case.in_features, dtype=case.compute_dtype, offset=offset)
-    return numerics_outliers(x, case)
-
-
-def numerics_outliers(x: torch.Tensor, case: Any) -> torch.Tensor:
-    return cases.with_outliers(x, case.threshold) if getattr(case, "threshold", 0) else x
+    return cases.with_outliers(x, case.threshold) if case.threshold else x
 
 
 def _create(ctx: CheckContext, method: str, case: Any, label: str) -> tuple[torch.nn.Module | None, str]:
@@ -193,7 +189,7 @@ def check_create_names(ctx: CheckContext) -> None:
         ctx.note("nothing refused at create: no refusal to name its cause")
 
 
-def _rule_cases(ctx: CheckContext, method: str, bits: int, tiered: bool = False) -> list[Any]:
+def _rule_cases(ctx: CheckContext, bits: int, tiered: bool = False) -> list[Any]:
     return list(ctx.base_matrix(bits)) if tiered else list(tcases.BASES[bits])
 
 
@@ -211,7 +207,7 @@ def check_forward(ctx: CheckContext) -> None:
             ("eval, grad enabled", False, True)]
         if not sampled:
             steps += [("train, no grad", True, False), ("train, grad enabled", True, True)]
-        for i, case in enumerate(_rule_cases(ctx, method, bits, tiered=True)):
+        for i, case in enumerate(_rule_cases(ctx, bits, tiered=True)):
             label = _label(method, case)
             built: list[tuple[torch.nn.Module, tcases.Twin]] = []
             with ctx.case(f"{label}: build"):
@@ -242,7 +238,7 @@ def _forward_step(ctx: CheckContext, layer: torch.nn.Module, twin: tcases.Twin, 
 @check("TWIN-BACKWARD")
 def check_backward(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
-        for i, case in enumerate(_rule_cases(ctx, method, bits)):
+        for i, case in enumerate(_rule_cases(ctx, bits)):
             label = _label(method, case)
             with ctx.case(label):
                 layer = _created(ctx, method, case, label)
@@ -309,7 +305,7 @@ def _merged(ctx: CheckContext, method: str, case: Any, label: str) -> tuple[Any,
 @check("TWIN-MERGE")
 def check_merge(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
-        for case in _rule_cases(ctx, method, bits):
+        for case in _rule_cases(ctx, bits):
             label = _label(method, case)
             with ctx.case(label):
                 layer, twin, _w0, arith = _merged(ctx, method, case, label)
@@ -364,7 +360,7 @@ def check_merge_warns(ctx: CheckContext) -> None:
 @check("TWIN-UNMERGE")
 def check_unmerge(ctx: CheckContext) -> None:
     for method, bits in ctx.cases():
-        for case in _rule_cases(ctx, method, bits):
+        for case in _rule_cases(ctx, bits):
             label = _label(method, case)
             with ctx.case(label):
                 layer, twin, w0, arith = _merged(ctx, method, case, label)
