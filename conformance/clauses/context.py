@@ -248,13 +248,14 @@ class CheckContext:
         return got
 
     # -- builders ----------------------------------------------------------------------
-    def make_base(self, case: BaseCase, *, seed: int | None = None) -> nn.Module:
-        """The quantized base layer of ``case`` on this context's device (``seed``: the context's by default); a
-        case that cannot be built here (``BaseCase.unavailable``: the CPU packed layout elsewhere) is skipped."""
+    def make_base(self, case: BaseCase, *, seed: int | None = None, weight: torch.Tensor | None = None) -> nn.Module:
+        """The quantized base layer of ``case`` on this context's device (``seed``: the context's by default;
+        ``weight``: the float weight to quantize, drawn from the seed when None); a case that cannot be built here
+        (``BaseCase.unavailable``: the CPU packed layout elsewhere) is skipped."""
         why = case.unavailable(self.device)
         if why is not None:
             self.skip_this_case(why)
-        return case.build(self.device, seed=self.seed if seed is None else seed)
+        return case.build(self.device, seed=self.seed if seed is None else seed, weight=weight)
 
     def adapter_dtype(self, base: nn.Module) -> torch.dtype:
         """The adapter dtype a layer over ``base`` is built in: float32 when the implementation casts its

@@ -131,6 +131,12 @@ class ImplementationBase:
         work"; none here."""
         return {}
 
+    def init_unavailable(self, init: str, device: str) -> str | None:
+        """Why the declared initialization ``init`` (an ``init_lora_weights`` value, ``conformance.core.inits``)
+        cannot run on ``device`` here (e.g. a library that computes it on a GPU only); None when it can. The INIT-*
+        clauses skip those cases with the reason."""
+        return None
+
 
 class ImplementationNotFound(LookupError):
     """The name does not resolve to an implementation; the message lists what does."""

@@ -80,6 +80,13 @@ class Capability(str, enum.Enum):
     # dense twins (the TWIN-* clauses)
     DENSE_TWIN = "dense_twin"
     MERGE = "merge"
+    # initializations that read or rewrite the base weight (the INIT-* clauses; ``conformance.core.inits.TABLE``)
+    INIT_PISSA = "init_pissa"
+    INIT_PISSA_NITER = "init_pissa_niter"
+    INIT_OLORA = "init_olora"
+    INIT_CORDA = "init_corda"
+    INIT_LORA_GA = "init_lora_ga"
+    INIT_LOFTQ = "init_loftq"
 
     def __str__(self) -> str:
         return self.value
@@ -112,6 +119,12 @@ DOCS: dict[Capability, str] = {
     Capability.DENSE_TWIN: "create() also takes a plain torch.nn.Linear base (the same method's dense layer, the "
                            "TWIN-* clauses' yardstick), and adapter_parameters(name) gives every tensor of the "
                            "adapter (parameters and buffers) under names that are the same on both bases",
+    **{c: f"LoRA with init_lora_weights={c.value[5:]!r} on a 4-bit or 8-bit base: it refuses at creation, or the base "
+          "becomes what the initialization promises (INIT-* clauses; conformance.core.inits.TABLE)"
+       for c in (Capability.INIT_PISSA, Capability.INIT_OLORA, Capability.INIT_CORDA, Capability.INIT_LORA_GA,
+                 Capability.INIT_LOFTQ)},
+    Capability.INIT_PISSA_NITER: "LoRA with init_lora_weights='pissa_niter_4' (PiSSA by torch.svd_lowrank) on a 4-bit "
+                                 "or 8-bit base (INIT-* clauses; conformance.core.inits.TABLE)",
     Capability.MERGE: "merge() folds the adapter into the base weights (the TWIN-MERGE* clauses ask; the LoRA, OFT "
                       "and DoRA clauses take merge() as given)",
 }

@@ -126,6 +126,9 @@ class LitgptApi:
             self._gap("8bit", "lightning.fabric's BitsandbytesPrecision (LitGPT's --quantize bnb.*) does not import")
         self._gap("dense_twin", "this wrapper builds LoRALinear over bitsandbytes layers only (the TWIN-* clauses "
                                 "are PEFT's and the reference's for now)")
+        for cap in ("init_pissa", "init_pissa_niter", "init_olora", "init_corda", "init_lora_ga", "init_loftq"):
+            # LoRALinear.reset_parameters: kaiming A, zero B; litgpt/lora.py has no init option that reads the base
+            self._gap(cap, "LoRALinear initializes A (kaiming) and B (zeros) only; no initialization reads the base")
         self.clone_base_output_settable = False
         self.unsupported["clone_base_output=False"] = (
             f"litgpt {self.version}: LoRALinear.forward returns `pretrained + lora` (never writes the base output "

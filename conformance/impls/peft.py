@@ -34,8 +34,10 @@ from typing import Any
 from torch import nn
 
 from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
+from conformance.core.inits import LOFTQ_WEIGHT, of_value
 from conformance.core.vocabulary import LORA_LIKE, ORACLE_METHODS, TWIN_METHODS, Capability, Method
 from conformance.impls.library import LibraryImplementation
+from conformance.impls.peft_inits import InitApi
 from conformance.impls.peft_tuners import OtherTuners, PeftLayer, TunerApi, inject
 from conformance.quant.layers import bits_of, is_dense
 from conformance.reference.lora import LoraConfig as _RefLoraConfig
@@ -91,6 +93,9 @@ class PeftApi:
         #: every other tuner of the installed release that targets nn.Linear (refuse or work only; found lazily)
         self.others = OtherTuners(self.peft, self.version, frozenset(m.value for m in Method))
         self.unsupported.update(self.tuners.unsupported)
+        #: LoRA initializations that read the base (``conformance.impls.peft_inits``)
+        self.inits = InitApi(self.peft, self.version)
+        self.unsupported.update(self.inits.unsupported)
         for cap, per_method in self.tuners.limitations.items():
             self.limitations.setdefault(cap, {}).update(per_method)
 
@@ -209,14 +214,14 @@ class PeftApi:
     def _params(method: str, params: dict[str, Any]) -> dict[str, Any]:
         lora = method in LORA_LIKE
         allowed = LORA_PARAMS if lora else OFT_PARAMS
-        extra = set(params) - set(allowed) - ({"clone_base_output"} if lora else set())
+        extra = set(params) - set(allowed) - ({"clone_base_output"} if lora else set()) - {LOFTQ_WEIGHT}
         if extra:
             raise TypeError(
                 f"unknown {method} parameter(s) {sorted(extra)}; the protocol's {method} parameters are {sorted(allowed)}"
             )
         if lora and params.get("clone_base_output", True) is not True:
             raise ImplementationUnsupported(CLONE_MSG)
-        return {k: params.get(k, v) for k, v in allowed.items()}
+        return {k: params.get(k, v) for k, v in allowed.items() if k != LOFTQ_WEIGHT}
 
     def config(self, method: str, params: dict[str, Any]) -> Any:
         """PEFT's own ``LoraConfig``/``OFTConfig`` for the protocol's parameters (PEFT validates them); DoRA is
@@ -251,6 +256,9 @@ class PeftApi:
             raise ImplementationUnsupported(f"peft {self.version} has no {method} layer for {bits}-bit bnb layers")
         p = self._params(method, dict(spec.params))
         name = spec.adapter_name
+        if lora and of_value(p["init_lora_weights"]) is not None:  # an initialization that reads the base
+            return PeftAdapterLayer(self.inits.build(base_layer, self.config(method, p), name,
+                                                     spec.params.get(LOFTQ_WEIGHT)), method, self)
         if lora:
             if self.lora_config_api:
                 layer = cls(base_layer, name, config=self.config(method, p), r=p["r"], lora_alpha=p["lora_alpha"])
@@ -356,6 +364,9 @@ class PeftImplementation(LibraryImplementation):
         """The installed PEFT's tuners left out of ``other_methods``, with why."""
         self._api.others.found()
         return dict(self._api.others.excluded)
+
+    def init_unavailable(self, init: str, device: str) -> str | None:
+        return self._api.inits.unavailable(init, device)
 
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
         from conformance.impls.reference import cast_adapter

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from conformance.core.inits import Init, of_value
+
 from .adapter_layer import BASE_ADAPTER, DENSE, QuantAdapterLayer
+from .inits import initialize
 
 
 @dataclass(frozen=True)
@@ -24,19 +27,27 @@ class LoraConfig:
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
-    init_lora_weights: bool = True
+    #: True (B = 0), False (B random), or an initialization that reads the base (``conformance.core.inits``:
+    #: 'pissa', 'pissa_niter_N', 'olora', 'loftq'; ``conformance.reference.inits``)
+    init_lora_weights: bool | str = True
     use_rslora: bool = False
     lora_bias: bool = False
+    #: LoftQ's float weight (out x in), the one the base was quantized from
+    loftq_weight: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer (the rank of the update), got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if not isinstance(self.init_lora_weights, bool):
+        if not isinstance(self.init_lora_weights, bool) and of_value(self.init_lora_weights) in (
+                None, Init.CORDA, Init.LORA_GA):
             raise ValueError(
-                f"init_lora_weights must be True (B = 0) or False (random B), got {self.init_lora_weights!r}"
+                f"init_lora_weights must be True (B = 0), False (random B), 'pissa', 'pissa_niter_N', 'olora' or "
+                f"'loftq', got {self.init_lora_weights!r}"
             )
+        if self.loftq_weight is not None and self.init_lora_weights != "loftq":
+            raise ValueError("loftq_weight is read by init_lora_weights='loftq' only")
 
     @property
     def scaling(self) -> float:
@@ -53,10 +64,11 @@ class LoraLinearQuant(QuantAdapterLayer):
         r: int = 8,
         lora_alpha: float = 8,
         lora_dropout: float = 0.0,
-        init_lora_weights: bool = True,
+        init_lora_weights: bool | str = True,
         use_rslora: bool = False,
         lora_bias: bool = False,
         clone_base_output: bool = True,
+        loftq_weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__(base_layer)
         self.clone_base_output = clone_base_output
@@ -67,6 +79,7 @@ class LoraLinearQuant(QuantAdapterLayer):
         self.add_adapter(
             adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             init_lora_weights=init_lora_weights, use_rslora=use_rslora, lora_bias=lora_bias,
+            **({} if loftq_weight is None else {"loftq_weight": loftq_weight}),
         )
         self.set_adapter(adapter_name)
 
@@ -86,6 +99,8 @@ class LoraLinearQuant(QuantAdapterLayer):
         self.lora_dropout[name] = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
         self.configs[name] = cfg
         self.scaling[name] = cfg.scaling
+        if isinstance(cfg.init_lora_weights, str):
+            initialize(self, name, cfg.init_lora_weights, cfg.loftq_weight)
         for p in (*a.parameters(), *b.parameters()):
             p.requires_grad_(name in self.active_adapters)
 
