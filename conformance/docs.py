@@ -69,6 +69,19 @@ def method_table() -> str:
     return "\n".join(lines)
 
 
+def init_table() -> str:
+    """The init clauses' table (``conformance.core.inits.TABLE``): value, rule, capability, preparation, source."""
+    from conformance.core.inits import TABLE
+
+    lines = ["**The initialization table** (`conformance.core.inits.TABLE`: what `AdapterSpec.params"
+             "['init_lora_weights']` carries, the rule the INIT-* clauses hold it to, the capability that declares it, "
+             "what the implementation prepares itself):", ""]
+    lines += _table(["init", "`init_lora_weights`", "rule", "capability", "the implementation prepares", "source"],
+                    ((f"`{i.value}`", f"`{r.value}`", f"`{r.rule.value}`", f"`{r.capability.value}`", r.needs or "-",
+                      r.source) for i, r in TABLE.items()))
+    return "\n".join(lines)
+
+
 # -- the report format (docs/running.md) -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -177,6 +190,7 @@ def clauses_markdown(clauses: Iterable[Any] | None = None) -> str:
 SECTIONS: dict[str, tuple[str, Callable[[], str]]] = {
     "implementing": ("docs/implementing.md", vocabulary_tables),
     "methods": ("docs/implementing.md", method_table),
+    "inits": ("docs/implementing.md", init_table),
     "report-format": ("docs/running.md", report_format),
 }
 

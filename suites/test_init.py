@@ -9,20 +9,30 @@ import torch
 from torch import nn
 
 from conformance.clauses import cases
-from conformance.clauses.broken import twins
+from conformance.clauses.broken import more_twins, twins
+from conformance.clauses.clause import get
 from conformance.clauses.init import cases as icases
 from conformance.core import inits
 from conformance.core.vocabulary import Capability
 from conformance.impls.reference import ReferenceImplementation
 from conformance.reference import LoraLinearDense
 from conformance.reference import inits as rinits
-from conformance.testing import broken_twin_tests
+from conformance.testing import broken_twin_tests, run_clause
 
 AREAS = {"init"}
 BROKEN = twins(AREAS)
 
 (test_every_clause_of_these_areas_has_a_broken_fixture, test_passes_on_reference,
  test_fails_on_broken) = broken_twin_tests(BROKEN, AREAS)
+
+
+@pytest.mark.parametrize(("clause_id", "impl"), more_twins(AREAS), ids=[b.name for _, b in more_twins(AREAS)])
+def test_more_twins_fail(clause_id: str, impl: object) -> None:
+    """LoftQ's rule fails a fit that ignores the scaling (with alpha / r = 2 the quantization error is exactly as
+    large as without the adapter: only the best-fit bound catches it)."""
+    res = run_clause(get(clause_id), impl)
+    assert res.outcome == "failed", res.message
+    assert "loftq" in res.message and "best rank" in res.message
 
 
 def test_every_init_has_a_row_and_a_capability_of_its_own() -> None:

@@ -48,9 +48,9 @@ class InitRule(str, enum.Enum):
     #: scaling * B A`` equals the original dequantized weight within the requantization bound of the residual, and the
     #: output at init equals the original output within the matching forward bound
     RESIDUAL = "residual"
-    #: the base stays the quantization ``Q`` of the float weight ``W`` (bit-identical) and ``scaling * B A`` is a
-    #: rank-r approximation of ``W - dequant(Q)``: ``||W - dequant(Q) - scaling B A||_F <= ||W - dequant(Q)||_F`` (the
-    #: truncated SVD is never worse than no adapter: Eckart-Young), plus the arithmetic's rounding
+    #: the base stays the quantization ``Q`` of the float weight ``W`` (bit-identical) and ``scaling * B A`` is the
+    #: best rank-r fit of ``W - dequant(Q)``: ``||W - dequant(Q) - scaling B A||_F`` at most the truncated SVD's
+    #: (Eckart-Young; one LoftQ step with ``Q`` kept is exactly that fit), plus the arithmetic's rounding
     QUANT_ERROR = "quant_error"
 
     def __str__(self) -> str:

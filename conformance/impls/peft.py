@@ -34,7 +34,7 @@ from typing import Any
 from torch import nn
 
 from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
-from conformance.core.inits import LOFTQ_WEIGHT, of_value
+from conformance.core.inits import LOFTQ_WEIGHT, Init, of_value
 from conformance.core.vocabulary import LORA_LIKE, ORACLE_METHODS, TWIN_METHODS, Capability, Method
 from conformance.impls.library import LibraryImplementation
 from conformance.impls.peft_inits import InitApi
@@ -256,9 +256,11 @@ class PeftApi:
             raise ImplementationUnsupported(f"peft {self.version} has no {method} layer for {bits}-bit bnb layers")
         p = self._params(method, dict(spec.params))
         name = spec.adapter_name
-        if lora and of_value(p["init_lora_weights"]) is not None:  # an initialization that reads the base
-            return PeftAdapterLayer(self.inits.build(base_layer, self.config(method, p), name,
-                                                     spec.params.get(LOFTQ_WEIGHT)), method, self)
+        init = of_value(p["init_lora_weights"]) if lora else None
+        if init is not None:  # an initialization that reads the base (LoftQ's replaces a default one afterwards)
+            config = self.config(method, {**p, "init_lora_weights": True} if init is Init.LOFTQ else p)
+            return PeftAdapterLayer(self.inits.build(base_layer, config, init, name, spec.params.get(LOFTQ_WEIGHT)),
+                                    method, self)
         if lora:
             if self.lora_config_api:
                 layer = cls(base_layer, name, config=self.config(method, p), r=p["r"], lora_alpha=p["lora_alpha"])

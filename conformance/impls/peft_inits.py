@@ -76,10 +76,11 @@ class InitApi:
                     f"_loftq_init_new: compute_device), not on {torch.device(device).type}")
         return None
 
-    def build(self, base: nn.Module, config: Any, adapter_name: str, loftq_weight: torch.Tensor | None,
+    def build(self, base: nn.Module, config: Any, init: Init, adapter_name: str, loftq_weight: torch.Tensor | None,
               seed: int = 0) -> nn.Module:
-        """PEFT's LoRA layer over ``base`` for ``config`` (a ``LoraConfig`` whose ``init_lora_weights`` reads the base)."""
-        init = of_value(config.init_lora_weights)
+        """PEFT's LoRA layer over ``base`` for ``config`` and ``init`` (LoftQ's config has the default init: the
+        documented path replaces it after ``get_peft_model``; ``LoraConfig(init_lora_weights='loftq')`` is LoftQ on
+        a float model, which asks for a ``loftq_config`` and quantizes by itself)."""
         config.target_modules = [TARGET]
         holder = OneLayer(base)
         gen = torch.Generator().manual_seed(seed)
@@ -96,8 +97,6 @@ class InitApi:
                 config.lora_ga_config = importlib.import_module("peft.tuners.lora.config").LoraGAConfig()
                 _find(WHERE[Init.LORA_GA])(holder, config,
                                            train_step=lambda: holder(rows).float().square().mean().backward())
-            elif init is Init.LOFTQ:
-                config.init_lora_weights = True
             model = self.peft.get_peft_model(holder, config, adapter_name=adapter_name)
             if init is Init.LOFTQ:
                 self._loftq(model, adapter_name, base, loftq_weight)

@@ -15,6 +15,8 @@ from conformance.quant import layers as qlayers
 
 #: one broken twin per clause of the area (``@twin``)
 BROKEN: dict[str, Broken] = {}
+#: further (clause, twin) pairs (``@twin(..., more=True)``)
+MORE: list[tuple[str, Broken]] = []
 
 
 def _initialized(layer: nn.Module, spec: AdapterSpec) -> bool:
@@ -61,3 +63,13 @@ def forward_scaling_twice(layer: nn.Module, spec: AdapterSpec) -> None:
     singular values by the scaling in one place and not the other)."""
     if _initialized(layer, spec):
         layer.scaling = {k: 2 * v for k, v in layer.scaling.items()}
+
+
+@twin("INIT-RESIDUAL", "loftq-ignores-scaling", more=True)
+def loftq_ignores_scaling(layer: nn.Module, spec: AdapterSpec) -> None:
+    """LoftQ's factors fit the quantization error as B A, and the forward scales them by alpha / r on top (what a
+    decomposition that never divides by the scaling gives: scaling 2 doubles the fitted error)."""
+    if _initialized(layer, spec) and spec.params["init_lora_weights"] == "loftq":
+        name = spec.adapter_name
+        with torch.no_grad():
+            layer.lora_B[name].weight.mul_(layer.scaling[name])

@@ -37,9 +37,10 @@ declare(
     "INIT-RESIDUAL", "MUST",
     "An initialization that rewrites the base (PiSSA, OLoRA, CorDA, LoRA-GA) leaves dequant(base) + scaling * B A "
     "within the requantization bound of the residual (weight_bound of the stored base, plus the rounding of "
-    "scaling * B A and of the subtraction in float32) of the original dequantized weight. LoftQ leaves the base "
-    "bit-identical and ||W - dequant(base) - scaling * B A||_F no larger than ||W - dequant(base)||_F (plus the same "
-    "rounding), W the float weight the base was quantized from.",
+    "scaling * B A and of the subtraction in float32) of the original dequantized weight. LoftQ (one step, the base "
+    "kept) leaves the base bit-identical and scaling * B A the best rank-r fit of the quantization error: "
+    "||W - dequant(base) - scaling * B A||_F no larger than the truncated SVD's (Eckart-Young) plus the same "
+    "rounding, W the float weight the base was quantized from.",
     source=SOURCE, methods=["lora"], area="init",
 )
 
