@@ -17,7 +17,8 @@ from .matrix import ROOT
 
 BASE_ENV = {"BITSANDBYTES_NOWELCOME": "1", "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "ci")}
 LINT_PATHS = ("conformance", "suites", "examples", "noxfile.py")
-PYTEST_DEFAULTS = ("-q", "-ra", "-p", "no:cacheprovider")
+#: -q and the reasons of skips and xfails (-ra); the 25 slowest tests at the end, so a CI log shows where the time went
+PYTEST_DEFAULTS = ("-q", "-ra", "-p", "no:cacheprovider", "--durations=25")
 
 
 def checkout_env() -> dict[str, str]:
