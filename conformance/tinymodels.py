@@ -112,15 +112,43 @@ def bnb_config(bits: int, *, quant_type: str = "nf4", double_quant: bool = False
     raise ValueError(f"bits must be 4 or 8, got {bits}")
 
 
+def _device_map(device: str) -> Any:
+    """``device_map`` for ``from_pretrained``: ``"cpu"``, or the whole model on one CUDA device."""
+    return "cpu" if torch.device(device).type == "cpu" else {"": torch.device(device).index or 0}
+
+
 @functools.cache
 def _loaded(arch: str, bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
-            seed: int) -> nn.Module:
+            seed: int, device: str = "cpu") -> nn.Module:
     with quiet_transformers():
         return _model_class(arch).from_pretrained(
             saved_model_dir(arch, seed), quantization_config=bnb_config(
                 bits, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype),
-            device_map="cpu", local_files_only=True, **dtype_kwarg(torch.float32),
+            device_map=_device_map(device), local_files_only=True, **dtype_kwarg(torch.float32),
         )
+
+
+@functools.cache
+def quantized_checkpoint_dir(arch: str, bits: int, seed: int = 0, device: str = "cpu") -> Path:
+    """Directory holding the tiny ``arch`` model quantized at load (``bits``, NF4 for 4-bit) and saved with
+    ``save_pretrained``: a quantized checkpoint, as users publish one (once per process)."""
+    path = tmp_dir() / f"{arch}-seed{seed}-{bits}bit-{torch.device(device).type}"
+    with quiet_transformers():
+        _loaded(arch, bits, "nf4", False, torch.float32, seed, device).save_pretrained(path)
+    return path
+
+
+def load_from_quantized_checkpoint(arch: str, bits: int, *, seed: int = 0, device: str = "cpu") -> nn.Module:
+    """A fresh tiny ``arch`` model read back from its quantized checkpoint (``quantized_checkpoint_dir``): the
+    ``quantization_config`` comes from the checkpoint's config, none is passed."""
+    with quiet_transformers():
+        return _model_class(arch).from_pretrained(quantized_checkpoint_dir(arch, bits, seed, device),
+                                                  device_map=_device_map(device), local_files_only=True)
+
+
+def model_class(arch: str) -> Any:
+    """The transformers class of the tiny ``arch`` model (what reloads a saved one)."""
+    return _model_class(arch)
 
 
 #: First transformers release whose ``from_pretrained`` takes ``dtype=`` (earlier ones: ``torch_dtype=``,
@@ -139,13 +167,13 @@ def dtype_kwarg(dtype: torch.dtype, version: str | None = None) -> dict[str, tor
 
 
 def load_quantized(arch: str, bits: int, *, quant_type: str = "nf4", double_quant: bool = False,
-                   compute_dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """A fresh (deep-copied) tiny ``arch`` causal LM loaded with a bitsandbytes ``bits``-bit config on the CPU.
+                   compute_dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu") -> nn.Module:
+    """A fresh (deep-copied) tiny ``arch`` causal LM loaded with a bitsandbytes ``bits``-bit config on ``device``.
 
-    The first call per setting runs ``from_pretrained(quantization_config=..., device_map="cpu")``;
+    The first call per setting runs ``from_pretrained(quantization_config=..., device_map=...)``;
     later calls copy that model, so callers may mutate what they get.
     """
-    model = _loaded(arch, bits, quant_type, double_quant, compute_dtype, seed)
+    model = _loaded(arch, bits, quant_type, double_quant, compute_dtype, seed, device)
     return copy.deepcopy(model)
 
 

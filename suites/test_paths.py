@@ -131,7 +131,8 @@ def test_shipped_list_parses_and_names_existing_reproducers() -> None:
     root = upstream.LIST_PATH.parents[1]
     for e in entries:
         assert (root / e.reproducer).is_file(), e.reproducer
-        assert upstream.in_range(bnb.__version__, e.bitsandbytes) in (True, False)
+        assert e.library in upstream.LIBRARIES and e.versions
+        assert upstream.in_range("0.50.2" if e.library == "bitsandbytes" else "5.25.0", e.versions) in (True, False)
 
 
 @pytest.mark.parametrize(("version", "spec", "want"), [
@@ -149,6 +150,8 @@ def test_version_ranges(version: str, spec: str, want: bool) -> None:
     ("[k]\nbitsandbytes = >=0.50\ncpu_feature = amx\nerror = e\nreason = r\nreproducer = p\n", "unknown cpu_feature"),
     ("bitsandbytes = 1\n", "not a valid list"),
     ("[k]\nbitsandbytes = >=0.50\nerror = e\nreason = r\nreproducer = p\navoidable = maybe\n", "avoidable must be yes or no"),
+    ("[k]\nbitsandbytes = >=0.50\ntransformers = >=5\nerror = e\nreason = r\nreproducer = p\n", "exactly one version range"),
+    ("[k]\nerror = e\nreason = r\nreproducer = p\n", "exactly one version range"),
 ])
 def test_malformed_list_entries_are_named(text: str, needle: str) -> None:
     with pytest.raises(upstream.UpstreamListError, match=".*") as err:

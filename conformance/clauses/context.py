@@ -321,14 +321,21 @@ class CheckContext:
         return sum(self.skip_reasons.values())
 
     def known_upstream(self, key: str) -> KnownFailure | None:
-        """The shipped bitsandbytes known failure listing ``key`` for the running bitsandbytes on this CPU
+        """The shipped known failure listing ``key`` for the running bitsandbytes (or transformers) on this CPU
         (``conformance.core.upstream``), for ``case(..., known=...)``; None when it is not listed."""
         import bitsandbytes
 
         from conformance.quant import layers as qlayers
 
         features = {"avx512_bf16": qlayers.cpu_packed_layout_available}
-        return upstream.find(_known_list(), key, bitsandbytes.__version__, lambda f: features[f]())
+        versions = {"bitsandbytes": bitsandbytes.__version__}
+        try:
+            from importlib.metadata import version
+
+            versions["transformers"] = version("transformers")
+        except Exception:  # noqa: BLE001 - not installed: no transformers entry applies
+            pass
+        return upstream.find(_known_list(), key, versions, lambda f: features[f]())
 
     @contextlib.contextmanager
     def case(self, label: str, *, isolate: bool = True, known: KnownFailure | None = None) -> Iterator[None]:

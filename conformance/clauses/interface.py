@@ -111,6 +111,27 @@ class Implementation(Protocol):
         """An adapter layer (``AdapterLayer``) over ``base_layer`` with the adapter ``spec`` added and active."""
 
 
+class ModelEntry(Protocol):
+    """The optional model-level part of an implementation (capability ``model``; ``implementation.model``): what a
+    library that attaches adapters to whole models does with them. The MODEL-* clauses ask it."""
+
+    def attach(self, model: nn.Module, targets: list[str], spec: AdapterSpec) -> nn.Module:
+        """``model`` with adapter ``spec`` on every ``nn.Linear``-like module whose name ends in one of ``targets``
+        (what the user then calls: a wrapper, or the model itself with modules replaced)."""
+
+    def adapter_layers(self, adapted: nn.Module) -> dict[str, nn.Module]:
+        """The adapted modules of ``adapted``, each as an ``AdapterLayer``, by their qualified name in the base model."""
+
+    def merge_and_unload(self, adapted: nn.Module) -> nn.Module:
+        """The base model with every adapter merged into its layer and no adapter module left."""
+
+    def save_adapter(self, adapted: nn.Module, path: str) -> None:
+        """Write the adapter (its tensors and its spec) to the directory ``path``."""
+
+    def load_adapter(self, model: nn.Module, path: str) -> nn.Module:
+        """``model`` (a freshly loaded base) with the adapter saved at ``path`` attached."""
+
+
 class ImplementationBase:
     """Convenience base with the protocol's attributes (no method, no capability, no limitation)."""
 

@@ -1,11 +1,14 @@
-"""bitsandbytes' own known failures: the shipped list every implementation is checked against.
+"""bitsandbytes' and transformers' own known failures: the shipped lists every implementation is checked against.
 
 Some cases fail inside bitsandbytes whatever adapter sits on the layer (its CPU packed layout asserts on some
 shapes, a train-mode forward after a repack raises). Such a case still runs and is reported ``xfailed`` when it
 fails *as listed* (its error text contains the entry's ``error``), ``xpassed`` when it passes (an upstream fix:
 remove the entry), and ``failed`` when it fails some other way. The list is ``xfails/bitsandbytes.ini``
 (documented in ``xfails/README.md``); each entry is keyed by a bitsandbytes version range and the CPU feature
-the failing path needs, and names a standalone reproducer that uses bitsandbytes and torch alone.
+the failing path needs, and names a standalone reproducer that uses bitsandbytes and torch alone. Failures inside
+transformers' loading and saving (whatever adapter library sits on the model) are listed the same way in
+``xfails/transformers.ini``, keyed by a transformers version range, with reproducers using transformers, bitsandbytes
+and torch alone.
 
 A check names the situation of a case by ``key`` (``ctx.known_upstream(key)``); this module decides whether the
 running bitsandbytes on this CPU has that situation listed. Torch-free: the CLI lists the entries without it.
@@ -15,12 +18,16 @@ from __future__ import annotations
 
 import configparser
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 #: the shipped list (in the checkout: the project runs from it, see noxfile.py)
 LIST_PATH = Path(__file__).resolve().parents[2] / "xfails" / "bitsandbytes.ini"
+#: the shipped list of transformers' own failures (the same format, a ``transformers`` version range)
+TRANSFORMERS_LIST_PATH = LIST_PATH.with_name("transformers.ini")
+#: the libraries an entry may be keyed by: each entry names exactly one, with its version range
+LIBRARIES = ("bitsandbytes", "transformers")
 
 #: the situations the checks name (one constant each; every one has an entry in the shipped list for the
 #: bitsandbytes versions it is known for: suites/test_paths.py)
@@ -30,13 +37,15 @@ FLOAT_STORAGE_CAST = "float-storage-cast"  #: a module dtype cast of a 4-bit pay
 INT8_STATE_CUDA = "int8-state-cuda"  #: a CUDA move of an 8-bit layer whose int8 state a CPU forward filled
 INT8_FP16_WEIGHTS_TO_DEVICE = "int8-fp16-weights-to-device"  #: a float16 Int8Params built on the CPU, moved to CUDA
 COMPILE_BIAS_CAST = "compile-bias-cast"  #: inductor over a forward that casts the layer's bias to the input dtype
+#: transformers' save_pretrained of a model read back from a bitsandbytes-quantized checkpoint
+QUANTIZED_CHECKPOINT_RESAVE = "quantized-checkpoint-resave"
 SITUATIONS = (CPU_PACKED_SHAPE, CPU_PACKED_TRAIN_GRAD, FLOAT_STORAGE_CAST, INT8_STATE_CUDA, INT8_FP16_WEIGHTS_TO_DEVICE,
-              COMPILE_BIAS_CAST)
+              COMPILE_BIAS_CAST, QUANTIZED_CHECKPOINT_RESAVE)
 
 #: CPU features an entry may need, each answered by bitsandbytes itself (``conformance.quant.layers``)
 CPU_FEATURES = ("avx512_bf16",)
 
-_FIELDS = {"key", "bitsandbytes", "cpu_feature", "error", "reason", "reproducer", "upstream", "avoidable"}
+_FIELDS = {"key", *LIBRARIES, "cpu_feature", "error", "reason", "reproducer", "upstream", "avoidable"}
 
 
 class UpstreamListError(ValueError):
@@ -45,29 +54,42 @@ class UpstreamListError(ValueError):
 
 @dataclass(frozen=True)
 class KnownFailure:
-    """One listed bitsandbytes failure."""
+    """One listed bitsandbytes (or transformers) failure."""
 
     key: str  #: the situation a check names (``cpu-packed-shape``)
-    bitsandbytes: str  #: version range (``>=0.50,<0.51``; ``in_range``)
-    error: str  #: text the failure's message contains (another failure is not this one)
-    reason: str  #: what bitsandbytes does
-    reproducer: str  #: standalone script (bitsandbytes + torch), relative to the checkout
+    bitsandbytes: str = ""  #: version range (``>=0.50,<0.51``; ``in_range``) of a bitsandbytes failure
+    error: str = ""  #: text the failure's message contains (another failure is not this one)
+    reason: str = ""  #: what the library does
+    reproducer: str = ""  #: standalone script (the library + torch), relative to the checkout
     cpu_feature: str | None = None  #: the CPU feature the failing path needs (None: any CPU)
     upstream: str = ""  #: where upstream it lives (file, function)
     #: an implementation can work around it (``avoidable = yes``): a case that passes is a pass, with a note,
     #: never an xpass (the reference does, so the entry must stay listed for those that don't)
     avoidable: bool = False
+    transformers: str = ""  #: version range of a transformers failure (an entry names one library's range)
 
-    def applies(self, bnb_version: str, has_feature: Callable[[str], bool]) -> bool:
-        """Whether this entry covers a run with ``bnb_version`` on a CPU answering ``has_feature``."""
-        return in_range(bnb_version, self.bitsandbytes) and (self.cpu_feature is None or has_feature(self.cpu_feature))
+    @property
+    def library(self) -> str:
+        return "transformers" if self.transformers else "bitsandbytes"
+
+    @property
+    def versions(self) -> str:
+        return self.transformers or self.bitsandbytes
+
+    def applies(self, versions: Mapping[str, str] | str, has_feature: Callable[[str], bool]) -> bool:
+        """Whether this entry covers a run with ``versions`` (library -> installed version; a string: the
+        bitsandbytes version) on a CPU answering ``has_feature``."""
+        installed = {"bitsandbytes": versions} if isinstance(versions, str) else versions
+        version = installed.get(self.library)
+        return (version is not None and in_range(version, self.versions)
+                and (self.cpu_feature is None or has_feature(self.cpu_feature)))
 
     def matches(self, message: str) -> bool:
         """Whether a failure with ``message`` is this known one."""
         return self.error.lower() in message.lower()
 
     def describe(self) -> str:
-        return (f"bitsandbytes known failure {self.key} (bitsandbytes {self.bitsandbytes}"
+        return (f"{self.library} known failure {self.key} ({self.library} {self.versions}"
                 + (f", {self.cpu_feature}" if self.cpu_feature else "") + f"): {self.reason}; reproducer "
                 + self.reproducer)
 
@@ -117,13 +139,16 @@ def parse(text: str, source: str = "<bitsandbytes.ini>") -> list[KnownFailure]:
         entry = {"key": name, **dict(parser[name])}
         where = f"{source}: [{name}]"
         unknown = sorted(set(entry) - _FIELDS)
-        missing = sorted({"bitsandbytes", "error", "reason", "reproducer"} - set(entry))
+        missing = sorted({"error", "reason", "reproducer"} - set(entry))
+        ranges = [lib for lib in LIBRARIES if lib in entry]
+        if len(ranges) != 1:
+            missing.append(f"exactly one version range of {list(LIBRARIES)} (got {ranges})")
         if unknown or missing:
             raise UpstreamListError(f"{where}: " + "; ".join(
                 ([f"unknown field(s) {unknown}"] if unknown else []) + ([f"missing field(s) {missing}"] if missing else []))
                 + f"; the fields are {sorted(_FIELDS - {'key'})}")
         try:
-            in_range("0", entry["bitsandbytes"])
+            in_range("0", entry[ranges[0]])
         except ValueError as exc:
             raise UpstreamListError(f"{where}: {exc}") from None
         feature = entry.get("cpu_feature")
@@ -136,18 +161,20 @@ def parse(text: str, source: str = "<bitsandbytes.ini>") -> list[KnownFailure]:
     return out
 
 
-def load(path: str | Path = LIST_PATH) -> list[KnownFailure]:
-    """The shipped list (empty when the checkout has none: then nothing is known and such cases fail)."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    return parse(p.read_text(encoding="utf-8"), str(p))
+def load(*paths: str | Path) -> list[KnownFailure]:
+    """The shipped lists (default: bitsandbytes' and transformers'; a missing file lists nothing: then nothing is
+    known and such cases fail)."""
+    out: list[KnownFailure] = []
+    for p in map(Path, paths or (LIST_PATH, TRANSFORMERS_LIST_PATH)):
+        if p.exists():
+            out += parse(p.read_text(encoding="utf-8"), str(p))
+    return out
 
 
-def find(entries: Iterable[KnownFailure], key: str, bnb_version: str,
+def find(entries: Iterable[KnownFailure], key: str, versions: Mapping[str, str] | str,
          has_feature: Callable[[str], bool]) -> KnownFailure | None:
-    """The entry listing ``key`` for this bitsandbytes version and CPU, if any."""
+    """The entry listing ``key`` for these library versions (a string: the bitsandbytes version) and CPU, if any."""
     for e in entries:
-        if e.key == key and e.applies(bnb_version, has_feature):
+        if e.key == key and e.applies(versions, has_feature):
             return e
     return None

@@ -76,6 +76,7 @@ class Capability(str, enum.Enum):
     INPUT_CAST = "input_cast"
     # whole models
     PEFT_MODEL = "peft_model"
+    MODEL = "model"
     DISTRIBUTED = "distributed"
     # dense twins (the TWIN-* clauses)
     DENSE_TWIN = "dense_twin"
@@ -113,6 +114,9 @@ DOCS: dict[Capability, str] = {
     Capability.INPUT_CAST: "the layer casts its input to the adapter dtype (AdapterSpec.dtype) before the adapter "
                            "path, so inputs of any float dtype work with float32 adapters",
     Capability.PEFT_MODEL: "builds whole PEFT models (transformers Trainer clauses)",
+    Capability.MODEL: "a model-level entry (implementation.model, a ModelEntry): attaches adapters to a transformers "
+                      "model by target module names, merges and unloads, saves and loads the adapter (the MODEL-* "
+                      "clauses)",
     Capability.DISTRIBUTED: "layers built by create() train under torch DistributedDataParallel (adapter tensors "
                             "registered as parameters, deterministic under torch.manual_seed, implementation "
                             "object picklable for spawned ranks)",

@@ -103,6 +103,8 @@ class LitgptApi:
         self._gap("mixed_batch", "LoRALinear.forward(x) takes no adapter_names")
         self._gap("delete_adapter", "LoRALinear has no delete_adapter")
         self._gap("peft_model", "not a PEFT model; LitGPT builds its own GPT (litgpt.lora.GPT), no transformers Trainer")
+        self._gap("model", "LitGPT's models are its own GPT (litgpt.lora.GPT), not transformers models: no model-level "
+                           "entry over a transformers model")
         self._gap("distributed", "not declared: LitGPT trains through lightning Fabric strategies; LoRALinear layers "
                   "under plain DistributedDataParallel have not been checked")
         if not hasattr(cls, "unmerge"):

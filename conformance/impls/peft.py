@@ -38,6 +38,7 @@ from conformance.core.inits import LOFTQ_WEIGHT, Init, of_value
 from conformance.core.vocabulary import LORA_LIKE, ORACLE_METHODS, TWIN_METHODS, Capability, Method
 from conformance.impls.library import LibraryImplementation
 from conformance.impls.peft_inits import InitApi
+from conformance.impls.peft_model import PeftModelEntry
 from conformance.impls.peft_tuners import OtherTuners, PeftLayer, TunerApi, inject
 from conformance.quant.layers import bits_of, is_dense
 from conformance.reference.lora import LoraConfig as _RefLoraConfig
@@ -366,6 +367,11 @@ class PeftImplementation(LibraryImplementation):
         """The installed PEFT's tuners left out of ``other_methods``, with why."""
         self._api.others.found()
         return dict(self._api.others.excluded)
+
+    @property
+    def model(self) -> PeftModelEntry:
+        """The model-level entry (capability ``model``): get_peft_model, merge_and_unload, save/load_pretrained."""
+        return PeftModelEntry(self._api)
 
     def init_unavailable(self, init: str, device: str) -> str | None:
         return self._api.inits.unavailable(init, device)

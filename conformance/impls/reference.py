@@ -9,6 +9,7 @@ from conformance.clauses.interface import AdapterSpec, ImplementationBase
 from conformance.core.vocabulary import LORA_LIKE, ORACLE_METHODS, Capability, Method
 from conformance.quant.layers import bits_of, is_dense
 from conformance.reference import DENSE, layer_class
+from conformance.reference.model import ReferenceModelEntry
 
 
 class ReferenceImplementation(ImplementationBase):
@@ -28,6 +29,11 @@ class ReferenceImplementation(ImplementationBase):
 
     def __init__(self, clone_base_output: bool = True) -> None:
         self.clone_base_output = clone_base_output
+
+    @property
+    def model(self) -> ReferenceModelEntry:
+        """The model-level entry (capability ``model``): this implementation's layers attached by target names."""
+        return ReferenceModelEntry(self.create, AdapterSpec)
 
     def version(self) -> str:
         return conformance.__version__

@@ -1,0 +1,2 @@
+"""Area ``model``: adapters on whole transformers models, as users load, merge, save and reload them (declare, cases,
+checks, broken)."""

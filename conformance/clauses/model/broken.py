@@ -1,0 +1,97 @@
+"""Broken twins of the model clauses: the reference with one bug each, in a layer or in its model-level entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from conformance.clauses.broken import Broken, twin
+from conformance.clauses.interface import AdapterSpec
+from conformance.reference.model import ADAPTER_FILE, ReferenceModelEntry
+
+#: one broken twin per clause of the area (``@twin`` or ``BrokenEntry``)
+BROKEN: dict[str, Broken] = {}
+#: further (clause, twin) pairs
+MORE: list[tuple[str, Broken]] = []
+
+
+@twin("MODEL-ATTACH", "attach-random-b")
+def attach_random_b(layer: nn.Module, spec: AdapterSpec) -> None:
+    """LoRA's B starts random instead of zero (an init_lora_weights=False default)."""
+    if spec.method == "lora":
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for b in layer.lora_B.values():
+                b.weight.copy_(torch.randn(b.weight.shape, generator=gen).to(b.weight) * 0.01)
+
+
+class _Entry(ReferenceModelEntry):
+    bug = ""
+
+    def merge_and_unload(self, adapted: nn.Module) -> nn.Module:
+        names = sorted(self.adapter_layers(adapted))
+        if self.bug == "leave-one":  # the last adapted module is merged but stays wrapped
+            adapted.get_submodule(names[-1]).merge()
+            keep = adapted.get_submodule(names[-1])
+            out = super().merge_and_unload(adapted)
+            head, _, leaf = names[-1].rpartition(".")
+            setattr(out.get_submodule(head), leaf, keep)
+            return out
+        out = super().merge_and_unload(adapted)
+        if self.bug == "wrong-module":  # the first two modules get each other's merged weight
+            a, b = out.get_submodule(names[0]), out.get_submodule(names[1])
+            a.weight, b.weight = b.weight, a.weight
+        if self.bug == "in-memory":  # the merged weight lives in the forward only; the payload stays unmerged
+            first = out.get_submodule(names[0])
+            merged_w = first.weight
+            from conformance.quant import layers as qlayers
+
+            w = qlayers.dequantize(first)
+            first.weight = getattr(first, "_pre_merge_weight", merged_w)
+            bias = first.bias
+
+            def forward(x: torch.Tensor, w: torch.Tensor = w, bias: Any = bias) -> torch.Tensor:
+                return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            first.forward = forward
+        return out
+
+    def attach(self, model: nn.Module, targets: list[str], spec: Any) -> nn.Module:
+        out = super().attach(model, targets, spec)
+        if self.bug == "in-memory":
+            for layer in self.adapter_layers(out).values():  # kept outside the module's parameters
+                object.__setattr__(layer.base_layer, "_pre_merge_weight", layer.base_layer.weight)
+        return out
+
+    def save_adapter(self, adapted: nn.Module, path: str) -> None:
+        super().save_adapter(adapted, path)
+        if self.bug == "drop-tensor":  # one module's B is saved as zeros
+            from safetensors.torch import load_file, save_file
+
+            f = str(Path(path) / ADAPTER_FILE)
+            saved = load_file(f)
+            key = sorted(k for k in saved if k.endswith("lora_B.weight") or k.endswith("oft_R.weight"))[-1]
+            saved[key] = torch.zeros_like(saved[key])
+            save_file(saved, f)
+
+
+class BrokenEntry(Broken):
+    """The reference whose model-level entry has ``bug``."""
+
+    def __init__(self, name: str, bug: str) -> None:
+        super().__init__(name)
+        self.bug = bug
+
+    @property
+    def model(self) -> ReferenceModelEntry:
+        entry = _Entry(self.create, AdapterSpec)
+        entry.bug = self.bug
+        return entry
+
+
+BROKEN["MODEL-MERGE-UNLOAD"] = BrokenEntry("merge-into-wrong-module", "wrong-module")
+MORE.append(("MODEL-MERGE-UNLOAD", BrokenEntry("unload-leaves-an-adapter", "leave-one")))
+BROKEN["MODEL-SAVE-ADAPTER"] = BrokenEntry("save-drops-a-tensor", "drop-tensor")
+BROKEN["MODEL-SAVE-MERGED"] = BrokenEntry("merged-weight-only-in-memory", "in-memory")

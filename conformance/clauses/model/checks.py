@@ -1,0 +1,203 @@
+"""Model clauses: the model-level entry (``implementation.model``) on tiny quantized causal LMs.
+
+Each case is one (method, bits) family on one load path (``cases.LOAD_PATHS``), from a freshly loaded model. The
+adapter is perturbed away from its init before a merge or a save (``twin.cases.perturb``: most methods start at the
+identity, where a merge or a save that drops the adapter passes).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from conformance.clauses.clause import check
+from conformance.clauses.interface import AdapterSpec
+from conformance.clauses.model import cases as mcases
+from conformance.clauses.observe import recorded_warnings
+from conformance.clauses.twin import cases as tcases
+from conformance.core import upstream
+from conformance.numerics import max_ratio
+from conformance.numerics.merge import merge_target
+from conformance.quant import bounds as qbounds
+from conformance.quant import layers as qlayers
+from conformance.quant import validate as qvalidate
+
+if TYPE_CHECKING:
+    from conformance.clauses.context import CheckContext
+
+NAME = "default"
+#: parameter names that only an adapter has (what "no adapter tensor left" looks for after an unload)
+ADAPTER_KEYS = ("lora_", "oft_", "magnitude_vector")
+
+
+def _step(ctx: CheckContext, label: str, what: str, fn: Callable[[], Any]) -> Any:
+    try:
+        with recorded_warnings():
+            return fn()
+    except Exception as exc:  # noqa: BLE001 - a step that raises fails the clause, named
+        ctx.fail(f"{label}: {what} raised {type(exc).__name__}: {exc}")
+
+
+def _walk(ctx: CheckContext) -> Iterator[tuple[str, int, str, str]]:
+    for method, bits in ctx.cases():
+        for path in mcases.LOAD_PATHS:
+            yield method, bits, path, f"{method}/{bits}bit, {path}"
+
+
+def _spec(method: str) -> AdapterSpec:
+    return AdapterSpec(method, NAME, mcases.params(method))
+
+
+def _adapted(ctx: CheckContext, method: str, bits: int, path: str, label: str, *, perturb: bool
+             ) -> tuple[Any, torch.nn.Module, dict[str, torch.nn.Module]]:
+    entry = ctx.impl.model
+    model = _step(ctx, label, "loading the model", lambda: mcases.load(path, bits, ctx.seed, ctx.device))
+    adapted = _step(ctx, label, "attach", lambda: entry.attach(model, mcases.TARGETS, _spec(method)))
+    layers = _step(ctx, label, "adapter_layers", lambda: entry.adapter_layers(adapted))
+    if perturb:
+        gen = ctx.generator(offset=11)
+        for _, layer in sorted(layers.items()):
+            tcases.perturb(layer, gen)
+    return entry, adapted, layers
+
+
+@check("MODEL-ATTACH")
+def check_attach(ctx: CheckContext) -> None:
+    for method, bits, path, label in _walk(ctx):
+        with ctx.case(label):
+            entry = ctx.impl.model
+            model = _step(ctx, label, "loading the model", lambda: mcases.load(path, bits, ctx.seed, ctx.device))
+            ids = mcases.input_ids(ctx.device, ctx.seed)
+            y0 = mcases.logits(model, ids)
+            want = mcases.targeted(model)
+            records = {n: qvalidate.expected_of(model.get_submodule(n)) for n in want}
+            adapted = _step(ctx, label, "attach", lambda: entry.attach(model, mcases.TARGETS, _spec(method)))
+            layers = _step(ctx, label, "adapter_layers", lambda: entry.adapter_layers(adapted))
+            ctx.check(sorted(layers) == want, f"{label}: adapted modules {sorted(layers)}, the targets name {want}")
+            for n, layer in sorted(layers.items()):
+                bad = qvalidate.problems(layer, records[n])
+                ctx.check(not bad, f"{label}: {n}: the base is no longer the layer it was: {'; '.join(bad)}")
+            y1 = _step(ctx, label, "the forward at init", lambda: mcases.logits(adapted, ids))
+            diff = float((y1.double() - y0.double()).abs().max())
+            ctx.measure_max(f"init_logit_max_diff.{method}", diff)
+            if method == "lora":
+                ctx.check(torch.equal(y1, y0), f"{label}: the logits at init differ from the base model's (max "
+                                               f"|diff| {diff:.3g}); LoRA's path adds exact zeros at init (B = 0)")
+
+
+def _merge_targets(layers: dict[str, torch.nn.Module], method: str) -> dict[str, tuple[Any, ...]]:
+    """Per adapted module: its validity record and what its merge should store (``merge_target``), read before the
+    merge."""
+    out = {}
+    for n, layer in layers.items():
+        base = layer.base_layer
+        w0 = qlayers.dequantize(base).double().cpu()
+        b = getattr(base, "bias", None)
+        b0 = None if b is None else b.detach().double().cpu()
+        out[n] = (qvalidate.expected_of(base, at_merge=True),
+                  *merge_target(layer, method, NAME, mcases.params(method), w0, b0))
+    return out
+
+
+def _leftovers(model: torch.nn.Module, entry: Any) -> list[str]:
+    left = sorted(entry.adapter_layers(model))
+    left += [k for k in model.state_dict() if any(a in k for a in ADAPTER_KEYS)]
+    return left
+
+
+@check("MODEL-MERGE-UNLOAD")
+def check_merge_unload(ctx: CheckContext) -> None:
+    for method, bits, path, label in _walk(ctx):
+        with ctx.case(label):
+            entry, adapted, layers = _adapted(ctx, method, bits, path, label, perturb=True)
+            ids = mcases.input_ids(ctx.device, ctx.seed)
+            y_adapted = mcases.logits(adapted, ids)
+            targets = _merge_targets(layers, method)
+            merged = _step(ctx, label, "merge_and_unload", lambda: entry.merge_and_unload(adapted))
+            left = _leftovers(merged, entry)
+            ctx.check(not left, f"{label}: adapter modules or tensors left after merge_and_unload: {left[:4]}")
+            for n, (record, w, w_err, _b, _b_err) in sorted(targets.items()):
+                module = merged.get_submodule(n)
+                bad = qvalidate.base_problems(module, record)
+                ctx.check(not bad, f"{label}: {n} after merge_and_unload: {'; '.join(bad)}")
+                err = (qlayers.dequantize(module).double().cpu() - w).abs()
+                bound = qbounds.weight_bound(module).double() + w_err
+                ctx.bounded(f"merge_ratio.{method}", max_ratio(err, bound), lambda n=n, err=err: (
+                    f"{label}: {n} does not hold the requantization of its merged weight: max |diff| "
+                    f"{float(err.max()):.3g}"))
+            y_merged = _step(ctx, label, "the merged forward", lambda: mcases.logits(merged, ids))
+            ctx.measure_max(f"merged_vs_adapted_logit_max_diff.{method}",
+                            float((y_merged.double() - y_adapted.double()).abs().max()))
+
+
+@check("MODEL-SAVE-ADAPTER")
+def check_save_adapter(ctx: CheckContext) -> None:
+    for method, bits, path, label in _walk(ctx):
+        with ctx.case(label):
+            entry, adapted, _ = _adapted(ctx, method, bits, path, label, perturb=True)
+            ids = mcases.input_ids(ctx.device, ctx.seed)
+            y_adapted = mcases.logits(adapted, ids)
+            with tempfile.TemporaryDirectory(prefix="conformance-adapter-") as tmp:
+                _step(ctx, label, "save_adapter", lambda tmp=tmp: entry.save_adapter(adapted, tmp))
+                fresh = _step(ctx, label, "loading a fresh base",
+                              lambda: mcases.load(path, bits, ctx.seed, ctx.device))
+                again = _step(ctx, label, "load_adapter", lambda tmp=tmp: entry.load_adapter(fresh, tmp))
+            again.eval()
+            y_again = _step(ctx, label, "the forward after reload", lambda: mcases.logits(again, ids))
+            diff = float((y_again.double() - y_adapted.double()).abs().max())
+            ctx.check(torch.equal(y_again, y_adapted), f"{label}: the reloaded adapter's logits differ from the "
+                                                       f"adapted model's (max |diff| {diff:.3g})")
+
+
+def _payload(model: torch.nn.Module) -> dict[str, qlayers.LayerSnapshot]:
+    return {n: qlayers.snapshot(m) for n, m in sorted(qlayers_of(model).items())}
+
+
+def qlayers_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    from conformance import tinymodels
+
+    return tinymodels.bnb_layers(model)
+
+
+@check("MODEL-SAVE-MERGED")
+def check_save_merged(ctx: CheckContext) -> None:
+    from conformance import tinymodels
+
+    for method, bits, path, label in _walk(ctx):
+        # transformers cannot re-save a model read back from a quantized checkpoint (xfails/transformers.ini)
+        known = ctx.known_upstream(upstream.QUANTIZED_CHECKPOINT_RESAVE) if path == "quantized-checkpoint" else None
+        with ctx.case(label, known=known):
+            entry, adapted, _ = _adapted(ctx, method, bits, path, label, perturb=True)
+            ids = mcases.input_ids(ctx.device, ctx.seed)
+            tokens_adapted = _step(ctx, label, "generate (adapted)", lambda: mcases.greedy(adapted, ids))
+            merged = _step(ctx, label, "merge_and_unload", lambda: entry.merge_and_unload(adapted))
+            merged.eval()
+            y_merged = _step(ctx, label, "the merged forward", lambda: mcases.logits(merged, ids))
+            tokens = _step(ctx, label, "generate (merged)", lambda: mcases.greedy(merged, ids))
+            payload = _payload(merged)
+            with tempfile.TemporaryDirectory(prefix="conformance-merged-") as tmp:
+                _step(ctx, label, "save_pretrained (merged)", lambda tmp=tmp: merged.save_pretrained(tmp))
+                with tinymodels.quiet_transformers():
+                    back = _step(ctx, label, "from_pretrained (merged)", lambda tmp=tmp: tinymodels.model_class(
+                        mcases.ARCH).from_pretrained(tmp, device_map=tinymodels._device_map(ctx.device),
+                                                     local_files_only=True))
+            back.eval()
+            now = _payload(back)
+            ctx.check(sorted(now) == sorted(payload), f"{label}: the reloaded model's bitsandbytes layers "
+                                                      f"{sorted(now)[:3]}... differ from the merged model's")
+            changed = {n: payload[n].differences(now[n]) for n in payload if n in now}
+            changed = {n: d for n, d in changed.items() if d}
+            ctx.check(not changed, f"{label}: save/reload changed the payload of {len(changed)} layer(s), e.g. "
+                                   f"{next(iter(changed.items()), None)}")
+            y_back = _step(ctx, label, "the reloaded forward", lambda: mcases.logits(back, ids))
+            diff = float((y_back.double() - y_merged.double()).abs().max())
+            ctx.check(torch.equal(y_back, y_merged), f"{label}: the reloaded merged model's logits differ from the "
+                                                     f"merged model's (max |diff| {diff:.3g})")
+            tokens_back = _step(ctx, label, "generate (reloaded)", lambda: mcases.greedy(back, ids))
+            ctx.check(torch.equal(tokens_back, tokens), f"{label}: greedy tokens after reload {tokens_back.tolist()} "
+                                                        f"differ from the merged model's {tokens.tolist()}")
+            agree = float((tokens == tokens_adapted).double().mean())
+            ctx.measure(f"merged_vs_adapted_token_agreement.{method}.{bits}bit.{path}", agree)

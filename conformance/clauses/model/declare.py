@@ -1,0 +1,45 @@
+"""Clauses of area ``model``: the model-level entry (capability ``model``; checks: ``conformance.clauses.model.checks``).
+
+Tiny random causal LMs built in process (``conformance.tinymodels``), 4-bit (NF4) and 8-bit, LoRA, OFT and DoRA, on
+both load paths (``cases.LOAD_PATHS``): quantized at load time from a float checkpoint, and read back from a quantized
+checkpoint. A step that raises fails the clause, naming the step. Merged-versus-unmerged logits and greedy tokens are
+measurements, not verdicts: no bound through a whole network is derived here.
+"""
+
+from conformance.clauses.clause import declare
+
+SOURCE = ("peft v0.21.2 src/peft/mapping_func.py get_peft_model, src/peft/peft_model.py (save_pretrained, "
+          "PeftModel.from_pretrained), src/peft/tuners/tuners_utils.py merge_and_unload; transformers 5.x "
+          "modeling_utils.py save_pretrained / from_pretrained with a BitsAndBytesConfig "
+          "(quantizers/quantizer_bnb_4bit.py, quantizer_bnb_8bit.py); QLoRA arXiv:2305.14314")
+
+declare(
+    "MODEL-ATTACH", "MUST",
+    "Attaching adapters to the target modules of a quantized model adapts exactly the bitsandbytes layers the targets "
+    "name, each over a base with its original validity record, and the model's logits at init equal the base model's: "
+    "bit-identical for LoRA (B = 0: its path adds exact zeros); for OFT and DoRA, whose init is the identity up to "
+    "rounding, the largest logit difference is reported.",
+    source=SOURCE, requires=["model"], area="model",
+)
+
+declare(
+    "MODEL-MERGE-UNLOAD", "MUST",
+    "merge_and_unload() leaves every adapted module a valid bitsandbytes layer with its original validity record "
+    "holding the requantization of its merged weight (the layer merge bound: weight_bound of the stored layer plus "
+    "the merge arithmetic, conformance.numerics.merge.merge_target), and no adapter module or tensor in the model.",
+    source=SOURCE, requires=["model"], area="model",
+)
+
+declare(
+    "MODEL-SAVE-ADAPTER", "MUST",
+    "The adapter saved and loaded onto a freshly loaded base (the same load path) gives logits bit-identical to the "
+    "adapted model's.",
+    source=SOURCE, requires=["model"], area="model",
+)
+
+declare(
+    "MODEL-SAVE-MERGED", "MUST",
+    "The merged model saved with save_pretrained and read back with from_pretrained has every bitsandbytes layer's "
+    "payload and quant state byte-identical, bit-identical logits, and the same greedy tokens.",
+    source=SOURCE, requires=["model"], area="model",
+)
