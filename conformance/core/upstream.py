@@ -39,8 +39,10 @@ INT8_FP16_WEIGHTS_TO_DEVICE = "int8-fp16-weights-to-device"  #: a float16 Int8Pa
 COMPILE_BIAS_CAST = "compile-bias-cast"  #: inductor over a forward that casts the layer's bias to the input dtype
 #: transformers' save_pretrained of a model read back from a bitsandbytes-quantized checkpoint
 QUANTIZED_CHECKPOINT_RESAVE = "quantized-checkpoint-resave"
+#: transformers' save_pretrained of a 4-bit model that bitsandbytes repacked into its CPU layout
+CPU_PACKED_SAVE = "cpu-packed-save"
 SITUATIONS = (CPU_PACKED_SHAPE, CPU_PACKED_TRAIN_GRAD, FLOAT_STORAGE_CAST, INT8_STATE_CUDA, INT8_FP16_WEIGHTS_TO_DEVICE,
-              COMPILE_BIAS_CAST, QUANTIZED_CHECKPOINT_RESAVE)
+              COMPILE_BIAS_CAST, QUANTIZED_CHECKPOINT_RESAVE, CPU_PACKED_SAVE)
 
 #: CPU features an entry may need, each answered by bitsandbytes itself (``conformance.quant.layers``)
 CPU_FEATURES = ("avx512_bf16",)
