@@ -18,14 +18,13 @@ the suite asks for, never what a release has.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from conformance.core.vocabulary import Capability
+from conformance.core.vocabulary import Capability, NamedEnum
 
 
-class Init(str, enum.Enum):
+class Init(NamedEnum):
     """A LoRA initialization that reads the base weight (``AdapterSpec.params['init_lora_weights']``)."""
 
     PISSA = "pissa"  #: PiSSA (Meng et al., arXiv:2404.02948): the top-r singular triplets into the adapter
@@ -35,13 +34,8 @@ class Init(str, enum.Enum):
     LORA_GA = "lora_ga"  #: LoRA-GA (Wang et al., arXiv:2407.05000): SVD of the estimated weight gradient
     LOFTQ = "loftq"  #: LoftQ (Li et al., arXiv:2310.08659): the adapter takes the low-rank part of W - Q(W)
 
-    def __str__(self) -> str:
-        return self.value
 
-    __format__ = str.__format__
-
-
-class InitRule(str, enum.Enum):
+class InitRule(NamedEnum):
     """What an initialization that accepts a quantized base must leave."""
 
     #: the base becomes the residual ``W - scaling * B A`` requantized with the base's own settings: ``dequant(base') +
@@ -52,11 +46,6 @@ class InitRule(str, enum.Enum):
     #: best rank-r fit of ``W - dequant(Q)``: ``||W - dequant(Q) - scaling B A||_F`` at most the truncated SVD's
     #: (Eckart-Young; one LoftQ step with ``Q`` kept is exactly that fit), plus the arithmetic's rounding
     QUANT_ERROR = "quant_error"
-
-    def __str__(self) -> str:
-        return self.value
-
-    __format__ = str.__format__
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,14 @@ what the suite asks for, never what a release has.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from conformance.core.vocabulary import Method
+from conformance.core.vocabulary import Method, NamedEnum
 
 
-class TwinRule(str, enum.Enum):
+class TwinRule(NamedEnum):
     """How the forward of a quantized layer is bounded against its dense twin (``conformance.numerics.twin``)."""
 
     #: ``y = base(x) + x dW^T``: the suite's forward bound of the base matmul, plus the rounding of the adapter term in
@@ -39,11 +38,6 @@ class TwinRule(str, enum.Enum):
     #: the method fits neither rule: only the structural checks (create refuses or works, every later step runs, merge
     #: keeps the base's validity record, safe merge refuses non-finite weights); its own oracle, if any, is elsewhere
     STRUCTURAL = "structural"
-
-    def __str__(self) -> str:
-        return self.value
-
-    __format__ = str.__format__
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class Method(str, enum.Enum):
+class NamedEnum(str, enum.Enum):
+    """A closed set of names: a member equals, prints and formats as its string (``f"{Method.LORA}"`` is ``lora``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class Method(NamedEnum):
     """An adapter method the suite has a yardstick for (``AdapterSpec.method``)."""
 
     LORA = "lora"  #: LoRA (Hu et al., arXiv:2106.09685; PEFT ``src/peft/tuners/lora``)
@@ -49,13 +58,8 @@ class Method(str, enum.Enum):
     #: rest of the installed release's tuners that target ``nn.Linear``), held to "refuse or work" only (TWIN-CREATE)
     OTHER = "other"
 
-    def __str__(self) -> str:
-        return self.value
 
-    __format__ = str.__format__
-
-
-class Capability(str, enum.Enum):
+class Capability(NamedEnum):
     """What an implementation may declare besides its methods (``DOCS`` says what each promises)."""
 
     # bases and devices
@@ -88,11 +92,6 @@ class Capability(str, enum.Enum):
     INIT_CORDA = "init_corda"
     INIT_LORA_GA = "init_lora_ga"
     INIT_LOFTQ = "init_loftq"
-
-    def __str__(self) -> str:
-        return self.value
-
-    __format__ = str.__format__
 
 
 #: What declaring each capability promises (docs/implementing.md's capability table is made from this: ``conformance.docs``).

@@ -51,17 +51,20 @@ def _spec(method: str) -> AdapterSpec:
     return AdapterSpec(method, NAME, mcases.params(method))
 
 
-def _adapted(ctx: CheckContext, method: str, bits: int, path: str, label: str, *, perturb: bool
-             ) -> tuple[Any, torch.nn.Module, dict[str, torch.nn.Module]]:
+def _adapted(ctx: CheckContext, method: str, bits: int, path: str, label: str
+             ) -> tuple[Any, torch.nn.Module, dict[str, torch.nn.Module], torch.Tensor, torch.Tensor]:
+    """(entry, adapted model, its adapter layers, the input ids, the adapted logits): the adapter attached and
+    perturbed away from its init."""
     entry = ctx.impl.model
     model = _step(ctx, label, "loading the model", lambda: mcases.load(path, bits, ctx.seed, ctx.device))
     adapted = _step(ctx, label, "attach", lambda: entry.attach(model, mcases.TARGETS, _spec(method)))
     layers = _step(ctx, label, "adapter_layers", lambda: entry.adapter_layers(adapted))
-    if perturb:
-        gen = ctx.generator(offset=11)
-        for _, layer in sorted(layers.items()):
-            tcases.perturb(layer, gen)
-    return entry, adapted, layers
+    gen = ctx.generator(offset=11)
+    for _, layer in sorted(layers.items()):
+        tcases.perturb(layer, gen)
+    ids = mcases.input_ids(ctx.device, ctx.seed)
+    y = _step(ctx, label, "the adapted forward", lambda: mcases.logits(adapted, ids))
+    return entry, adapted, layers, ids, y
 
 
 @check("MODEL-ATTACH")
@@ -112,9 +115,7 @@ def _leftovers(model: torch.nn.Module, entry: Any) -> list[str]:
 def check_merge_unload(ctx: CheckContext) -> None:
     for method, bits, path, label in _walk(ctx):
         with ctx.case(label):
-            entry, adapted, layers = _adapted(ctx, method, bits, path, label, perturb=True)
-            ids = mcases.input_ids(ctx.device, ctx.seed)
-            y_adapted = mcases.logits(adapted, ids)
+            entry, adapted, layers, ids, y_adapted = _adapted(ctx, method, bits, path, label)
             targets = _merge_targets(layers, method)
             merged = _step(ctx, label, "merge_and_unload", lambda: entry.merge_and_unload(adapted))
             left = _leftovers(merged, entry)
@@ -137,9 +138,7 @@ def check_merge_unload(ctx: CheckContext) -> None:
 def check_save_adapter(ctx: CheckContext) -> None:
     for method, bits, path, label in _walk(ctx):
         with ctx.case(label):
-            entry, adapted, _ = _adapted(ctx, method, bits, path, label, perturb=True)
-            ids = mcases.input_ids(ctx.device, ctx.seed)
-            y_adapted = mcases.logits(adapted, ids)
+            entry, adapted, _, ids, y_adapted = _adapted(ctx, method, bits, path, label)
             with tempfile.TemporaryDirectory(prefix="conformance-adapter-") as tmp:
                 _step(ctx, label, "save_adapter", lambda tmp=tmp: entry.save_adapter(adapted, tmp))
                 fresh = _step(ctx, label, "loading a fresh base",
@@ -192,8 +191,7 @@ def check_save_merged(ctx: CheckContext) -> None:
         else:
             known = ctx.known_upstream(upstream.CPU_PACKED_SAVE) if bits == 4 and ctx.device == "cpu" else None
         with ctx.case(label, known=known):
-            entry, adapted, _ = _adapted(ctx, method, bits, path, label, perturb=True)
-            ids = mcases.input_ids(ctx.device, ctx.seed)
+            entry, adapted, _, ids, _ = _adapted(ctx, method, bits, path, label)
             tokens_adapted = _step(ctx, label, "generate (adapted)", lambda: mcases.greedy(adapted, ids))
             merged = _step(ctx, label, "merge_and_unload", lambda: entry.merge_and_unload(adapted))
             merged.eval()
