@@ -140,10 +140,12 @@ def quantized_checkpoint_dir(arch: str, bits: int, seed: int = 0, device: str = 
 
 def load_from_quantized_checkpoint(arch: str, bits: int, *, seed: int = 0, device: str = "cpu") -> nn.Module:
     """A fresh tiny ``arch`` model read back from its quantized checkpoint (``quantized_checkpoint_dir``): the
-    ``quantization_config`` comes from the checkpoint's config, none is passed."""
+    ``quantization_config`` comes from the checkpoint's config, none is passed; the dtype of the rest is float32, as
+    at the first load (transformers 4.x would otherwise take float16 for a bitsandbytes model)."""
     with quiet_transformers():
         return _model_class(arch).from_pretrained(quantized_checkpoint_dir(arch, bits, seed, device),
-                                                  device_map=_device_map(device), local_files_only=True)
+                                                  device_map=_device_map(device), local_files_only=True,
+                                                  **dtype_kwarg(torch.float32))
 
 
 def model_class(arch: str) -> Any:

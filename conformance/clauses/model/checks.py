@@ -203,7 +203,7 @@ def check_save_merged(ctx: CheckContext) -> None:
                 with tinymodels.quiet_transformers():
                     back = _step(ctx, label, "from_pretrained (merged)", lambda tmp=tmp: tinymodels.model_class(
                         mcases.ARCH).from_pretrained(tmp, device_map=tinymodels._device_map(ctx.device),
-                                                     local_files_only=True))
+                                                     local_files_only=True, **tinymodels.dtype_kwarg(torch.float32)))
             back.eval()
             now = _payload(back)
             ctx.check(sorted(now) == sorted(payload), f"{label}: the reloaded model's bitsandbytes layers "
