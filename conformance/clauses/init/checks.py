@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from conformance import numerics
+from conformance.clauses.attribution import CaseSkipped
 from conformance.clauses.clause import check
 from conformance.clauses.init import cases as icases
+from conformance.clauses.interface import ImplementationUnsupported
 from conformance.clauses.observe import recorded_warnings
 from conformance.clauses.twin.checks import CAUSE_WORDS, REFUSALS
 from conformance.core.inits import TABLE, Init, InitRule
@@ -111,7 +113,9 @@ def _create(ctx: CheckContext, init: Init, start: Start, label: str) -> Made:
     try:
         with recorded_warnings():
             layer = ctx.make_layer(start.base, "lora", **icases.params(init, start.wf))
-    except Exception as exc:  # noqa: BLE001 - every exception at creation is judged (INIT-CREATE)
+    except (CaseSkipped, ImplementationUnsupported):
+        raise  # the case does not apply (an undeclared option, or the implementation says it cannot): skipped
+    except Exception as exc:  # noqa: BLE001 - every other exception at creation is judged (INIT-CREATE)
         text = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, REFUSALS):
             return Made(None, refusal=text)
