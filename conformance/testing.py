@@ -257,6 +257,31 @@ def parametrize_with_checks(
                                                     xfail_strict=xfail_strict))
 
 
+def reference_result(clause_id: str, cache: dict[str, Result] | None = None) -> Result:
+    """The reference's CPU result of ``clause_id`` in the default tier; with ``cache`` (a test session's dict: the
+    suite's fixture ``reference_results``), run once and shared by every test that judges it (``suites/test_clauses.py``
+    and the areas' ``broken_twin_tests``)."""
+    if cache is not None and clause_id in cache:
+        return cache[clause_id]
+    from conformance.clauses.clause import get
+    from conformance.impls.reference import ReferenceImplementation
+
+    res = run_clause(get(clause_id), ReferenceImplementation())
+    if cache is not None:
+        cache[clause_id] = res
+    return res
+
+
+def _session_cache(request: Any) -> dict[str, Result] | None:
+    """The session's ``reference_results`` fixture where the suite defines one (suites/conftest.py), else None."""
+    import pytest
+
+    try:
+        return request.getfixturevalue("reference_results")
+    except pytest.FixtureLookupError:
+        return None
+
+
 def broken_twin_tests(broken: Mapping[str, Any], areas: Iterable[str]) -> tuple[Callable[..., None], ...]:
     """The suite's own evidence that its clauses can fail: three pytest test functions for a test module to bind at
     top level. Every clause of ``areas`` has a broken twin in ``broken`` (clause ID -> implementation, e.g.
@@ -265,7 +290,6 @@ def broken_twin_tests(broken: Mapping[str, Any], areas: Iterable[str]) -> tuple[
     import pytest
 
     from conformance.clauses.clause import get, registry
-    from conformance.impls.reference import ReferenceImplementation
 
     areas = frozenset(areas)
 
@@ -274,8 +298,9 @@ def broken_twin_tests(broken: Mapping[str, Any], areas: Iterable[str]) -> tuple[
         assert mine == set(broken), f"missing: {sorted(mine - set(broken))}, extra: {sorted(set(broken) - mine)}"
 
     @pytest.mark.parametrize("clause_id", sorted(broken))
-    def test_passes_on_reference(clause_id: str, record_property: Callable[[str, object], None]) -> None:
-        res = run_clause(get(clause_id), ReferenceImplementation())
+    def test_passes_on_reference(clause_id: str, record_property: Callable[[str, object], None],
+                                 request: Any) -> None:
+        res = reference_result(clause_id, _session_cache(request))
         record_property("measurements", res.measurements)
         # xfailed: every case passed but those bitsandbytes itself fails as xfails/bitsandbytes.ini lists
         assert res.outcome in ("passed", "xfailed"), res.message

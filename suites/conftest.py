@@ -149,6 +149,14 @@ def fork_server() -> Iterator[Callable[[str], Any]]:
 
 
 @pytest.fixture(scope="session")
+def reference_results() -> dict[str, Any]:
+    """The reference's CPU results in the default tier, by clause, each run once per session
+    (``conformance.testing.reference_result``): suites/test_clauses.py and every area's broken-twin tests
+    (``conformance.testing.broken_twin_tests``: test_passes_on_reference) judge the same run."""
+    return {}
+
+
+@pytest.fixture(scope="session")
 def ddp_reference_result() -> Any:
     """DIST-DDP-GRADS-AGREE for the reference on the CPU, run once per session (two gloo ranks started with
     ``mp.spawn``, each importing torch): suites/test_distributed.py and the clause's test in suites/test_clauses.py

@@ -37,7 +37,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         for tid, fn, clause, impl in testing.iter_checks(_impl_names(config), device=device, tier=tier,
                                                          xfails=config.getoption("--xfails")):
             params.append(_param(tid, fn, clause, impl, device, slow=clause.slow or tier == "slow"))
-    metafunc.parametrize(("check", "shared"), params)
+    metafunc.parametrize(("check", "shared", "clause_id"), params)
+
+
+#: areas whose clauses share work through the implementation's budget (the state machine's run): run as the
+#: implementation's checks, never from the session's reference results
+OWN_RUN_AREAS = frozenset({"stateful"})
 
 
 def _param(tid: str, fn: Any, clause: Clause, impl: Any, device: str, *, slow: bool) -> Any:
@@ -46,13 +51,20 @@ def _param(tid: str, fn: Any, clause: Clause, impl: Any, device: str, *, slow: b
         marks.append(pytest.mark.e2e)
     if device == "cuda":
         marks.append(pytest.mark.gpu)
-    shared = SHARED.get(clause.id) if device == "cpu" and type(impl) is ReferenceImplementation else None
-    return pytest.param(fn, shared, id=tid, marks=marks)
+    shared = None
+    if device == "cpu" and type(impl) is ReferenceImplementation:
+        shared = SHARED.get(clause.id)
+        if shared is None and not slow and clause.area not in OWN_RUN_AREAS:
+            shared = "reference_results"  # the session's run of it, which the area's broken-twin tests judge too
+    return pytest.param(fn, shared, clause.id, id=tid, marks=marks)
 
 
-def test_clause(check, shared: str | None, request: pytest.FixtureRequest) -> None:  # noqa: ANN001 - a check
-    """``check``: a zero-argument check from conformance.testing; ``shared``: the fixture with its result, if any."""
-    if shared:
+def test_clause(check, shared: str | None, clause_id: str, request: pytest.FixtureRequest) -> None:  # noqa: ANN001
+    """``check``: a zero-argument check from conformance.testing; ``shared``: the fixture with its result, if any
+    (``reference_results``: the session's dict of reference results, by clause)."""
+    if shared == "reference_results":
+        check(result=testing.reference_result(clause_id, request.getfixturevalue(shared)))
+    elif shared:
         check(result=request.getfixturevalue(shared))
     else:
         check()
