@@ -138,14 +138,18 @@ def quantized_checkpoint_dir(arch: str, bits: int, seed: int = 0, device: str = 
     return path
 
 
-def load_from_quantized_checkpoint(arch: str, bits: int, *, seed: int = 0, device: str = "cpu") -> nn.Module:
-    """A fresh tiny ``arch`` model read back from its quantized checkpoint (``quantized_checkpoint_dir``): the
-    ``quantization_config`` comes from the checkpoint's config, none is passed; the dtype of the rest is float32, as
-    at the first load (transformers 4.x would otherwise take float16 for a bitsandbytes model)."""
+def load_saved(arch: str, path: str | Path, *, device: str = "cpu") -> nn.Module:
+    """The tiny ``arch`` model saved (quantized) at ``path``, read back: the ``quantization_config`` comes from the
+    checkpoint's config, none is passed; the dtype of the rest is float32, as at the first load (transformers 4.x
+    would otherwise take float16 for a bitsandbytes model)."""
     with quiet_transformers():
-        return _model_class(arch).from_pretrained(quantized_checkpoint_dir(arch, bits, seed, device),
-                                                  device_map=_device_map(device), local_files_only=True,
+        return _model_class(arch).from_pretrained(path, device_map=_device_map(device), local_files_only=True,
                                                   **dtype_kwarg(torch.float32))
+
+
+def load_from_quantized_checkpoint(arch: str, bits: int, *, seed: int = 0, device: str = "cpu") -> nn.Module:
+    """A fresh tiny ``arch`` model read back from its quantized checkpoint (``quantized_checkpoint_dir``)."""
+    return load_saved(arch, quantized_checkpoint_dir(arch, bits, seed, device), device=device)
 
 
 def model_class(arch: str) -> Any:

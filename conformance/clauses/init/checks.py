@@ -109,7 +109,7 @@ def _start(ctx: CheckContext, case: icases.InitCase, i: int) -> Start:
                  qlayers.dequantize(base).double().cpu(), qbounds.fp16_master_gap(base), wf, x, y0, e0)
 
 
-def _create(ctx: CheckContext, init: Init, start: Start, label: str) -> Made:
+def _create(ctx: CheckContext, init: Init, start: Start) -> Made:
     try:
         with recorded_warnings():
             layer = ctx.make_layer(start.base, "lora", **icases.params(init, start.wf))
@@ -126,7 +126,7 @@ def _create(ctx: CheckContext, init: Init, start: Start, label: str) -> Made:
 def _accepted(ctx: CheckContext, init: Init, start: Start, label: str) -> torch.nn.Module:
     """The layer over a valid base; a refusal or crash at creation, or a base that is no longer a valid quantized
     layer, skips the case (INIT-CREATE judges each)."""
-    made = _create(ctx, init, start, label)
+    made = _create(ctx, init, start)
     if made.layer is None:
         what = "refused" if made.refusal else "raised"
         ctx.skip_this_case(f"{init} {what} at create ({made.refusal or made.crash}): INIT-CREATE judges it")
@@ -169,7 +169,7 @@ def check_create(ctx: CheckContext) -> None:
 def _create_case(ctx: CheckContext, c: Case, tally: dict[str, int]) -> None:
     init, label = c.init, c.label
     start = _start(ctx, c.case, c.index)
-    made = _create(ctx, init, start, label)
+    made = _create(ctx, init, start)
     if made.crash:
         ctx.fail(f"{label}: create raised {made.crash} (a refusal is ValueError, TypeError or "
                  "NotImplementedError)")
@@ -200,7 +200,7 @@ def check_names(ctx: CheckContext) -> None:
     for c in _cases(ctx):
         with ctx.case(c.label):
             _available(ctx, c)
-            made = _create(ctx, c.init, _start(ctx, c.case, c.index), c.label)
+            made = _create(ctx, c.init, _start(ctx, c.case, c.index))
             if made.crash:
                 ctx.skip_this_case(f"{c.init} raised {made.crash} at create, no refusal: INIT-CREATE judges it")
             if made.layer is not None:

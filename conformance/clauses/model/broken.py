@@ -10,6 +10,7 @@ from torch import nn
 
 from conformance.clauses.broken import Broken, twin
 from conformance.clauses.interface import AdapterSpec
+from conformance.quant import layers as qlayers
 from conformance.reference.model import ADAPTER_FILE, ReferenceModelEntry
 
 #: one broken twin per clause of the area (``@twin`` or ``BrokenEntry``)
@@ -46,11 +47,8 @@ class _Entry(ReferenceModelEntry):
             a.weight, b.weight = b.weight, a.weight
         if self.bug == "in-memory":  # the merged weight lives in the forward only; the payload stays unmerged
             first = out.get_submodule(names[0])
-            merged_w = first.weight
-            from conformance.quant import layers as qlayers
-
             w = qlayers.dequantize(first)
-            first.weight = getattr(first, "_pre_merge_weight", merged_w)
+            first.weight = first._pre_merge_weight
             bias = first.bias
 
             def forward(x: torch.Tensor, w: torch.Tensor = w, bias: Any = bias) -> torch.Tensor:

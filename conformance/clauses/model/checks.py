@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from conformance import tinymodels
 from conformance.clauses.clause import check
 from conformance.clauses.interface import AdapterSpec
 from conformance.clauses.model import cases as mcases
@@ -156,7 +157,7 @@ def _payload(model: torch.nn.Module) -> dict[str, tuple[qlayers.LayerSnapshot | 
     layout, repacked by an eval forward on a CPU with AVX512-BF16: a save writes the standard layout), the weight it
     decodes to, and its validity record."""
     out = {}
-    for n, m in sorted(qlayers_of(model).items()):
+    for n, m in sorted(tinymodels.bnb_layers(model).items()):
         packed = qlayers.bits_of(m) == 4 and qlayers.is_cpu_packed(m)
         out[n] = (None if packed else qlayers.snapshot(m), qlayers.dequantize(m).cpu(), qvalidate.expected_of(m))
     return out
@@ -173,16 +174,8 @@ def _payload_differences(before: tuple[Any, ...], after: tuple[Any, ...]) -> lis
     return out
 
 
-def qlayers_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    from conformance import tinymodels
-
-    return tinymodels.bnb_layers(model)
-
-
 @check("MODEL-SAVE-MERGED")
 def check_save_merged(ctx: CheckContext) -> None:
-    from conformance import tinymodels
-
     for method, bits, path, label in _walk(ctx):
         # transformers cannot re-save a model read back from a quantized checkpoint, nor round-trip a 4-bit model
         # bitsandbytes repacked for the CPU (xfails/transformers.ini)
@@ -200,10 +193,8 @@ def check_save_merged(ctx: CheckContext) -> None:
             payload = _payload(merged)
             with tempfile.TemporaryDirectory(prefix="conformance-merged-") as tmp:
                 _step(ctx, label, "save_pretrained (merged)", lambda tmp=tmp: merged.save_pretrained(tmp))
-                with tinymodels.quiet_transformers():
-                    back = _step(ctx, label, "from_pretrained (merged)", lambda tmp=tmp: tinymodels.model_class(
-                        mcases.ARCH).from_pretrained(tmp, device_map=tinymodels._device_map(ctx.device),
-                                                     local_files_only=True, **tinymodels.dtype_kwarg(torch.float32)))
+                back = _step(ctx, label, "from_pretrained (merged)",
+                             lambda tmp=tmp: tinymodels.load_saved(mcases.ARCH, tmp, device=ctx.device))
             back.eval()
             now = _payload(back)
             ctx.check(sorted(now) == sorted(payload), f"{label}: the reloaded model's bitsandbytes layers "
