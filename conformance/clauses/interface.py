@@ -19,6 +19,7 @@ with the reason, never ``failed`` or ``error`` (``conformance.core.applicability
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -130,6 +131,20 @@ class ModelEntry(Protocol):
 
     def load_adapter(self, model: nn.Module, path: str) -> nn.Module:
         """``model`` (a freshly loaded base) with the adapter saved at ``path`` attached."""
+
+    # the model-level bookkeeping (clauses MODEL-SET-ADAPTER, MODEL-DISABLE, MODEL-DELETE-ADAPTER; each also needs
+    # the layer capability of the same name: multi_adapter, disable_adapters, delete_adapter)
+    def add_adapter(self, adapted: nn.Module, targets: list[str], spec: AdapterSpec) -> None:
+        """A further adapter ``spec`` (a new ``adapter_name``) on the modules ``targets`` name; not made active."""
+
+    def set_adapter(self, adapted: nn.Module, name: str) -> None:
+        """Make the adapter ``name`` the one active adapter of every adapted module."""
+
+    def disabled(self, adapted: nn.Module) -> AbstractContextManager[Any]:
+        """A context in which the model runs without its adapters (enabled again on exit)."""
+
+    def delete_adapter(self, adapted: nn.Module, name: str) -> None:
+        """Remove the adapter ``name`` (its modules and tensors) from every adapted module."""
 
 
 class ImplementationBase:

@@ -4,12 +4,15 @@
 layer wrapper maps them, ``PeftApi.config``) and ``target_modules`` set; ``adapter_layers``: every ``BaseTunerLayer``
 of the ``PeftModel`` wrapped as a protocol layer (``PeftAdapterLayer``), named as in the base model (PEFT's
 ``base_model.model.`` prefix taken off); ``merge_and_unload``: ``PeftModel.merge_and_unload()``; ``save_adapter``:
-``PeftModel.save_pretrained(path)``; ``load_adapter``: ``PeftModel.from_pretrained(model, path)``.
+``PeftModel.save_pretrained(path)``; ``load_adapter``: ``PeftModel.from_pretrained(model, path)``; ``add_adapter``:
+``PeftModel.add_adapter(name, config)``; ``set_adapter``: ``PeftModel.set_adapter(name)``; ``disabled``:
+``PeftModel.disable_adapter()`` (a context manager); ``delete_adapter``: ``PeftModel.delete_adapter(name)``.
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -24,12 +27,29 @@ class PeftModelEntry:
     def __init__(self, api: PeftApi) -> None:
         self.api = api
 
-    def attach(self, model: nn.Module, targets: list[str], spec: Any) -> nn.Module:
+    def _config(self, targets: list[str], spec: Any) -> Any:
         config = self.api.config(spec.method, dict(spec.params))
         config.target_modules = list(targets)
+        return config
+
+    def attach(self, model: nn.Module, targets: list[str], spec: Any) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return self.api.peft.get_peft_model(model, config, adapter_name=spec.adapter_name)
+            return self.api.peft.get_peft_model(model, self._config(targets, spec), adapter_name=spec.adapter_name)
+
+    def add_adapter(self, adapted: nn.Module, targets: list[str], spec: Any) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adapted.add_adapter(spec.adapter_name, self._config(targets, spec))
+
+    def set_adapter(self, adapted: nn.Module, name: str) -> None:
+        adapted.set_adapter(name)
+
+    def disabled(self, adapted: nn.Module) -> AbstractContextManager[Any]:
+        return adapted.disable_adapter()
+
+    def delete_adapter(self, adapted: nn.Module, name: str) -> None:
+        adapted.delete_adapter(name)
 
     @staticmethod
     def _method(adapted: nn.Module) -> str:

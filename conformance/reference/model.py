@@ -5,13 +5,22 @@ small: ``attach`` replaces each target ``bnb.nn.Linear4bit`` / ``bnb.nn.Linear8b
 ends in a target) with the layer ``create`` builds over it, in place; ``merge_and_unload`` merges each one (dequantize,
 apply, requantize with the base's settings) and puts its base layer back; the adapter is saved as
 ``adapter.safetensors`` (every adapter tensor, ``<module>.<tensor>``) next to ``adapter.json`` (method, parameters,
-targets, adapter name) and loaded by attaching that spec and copying the tensors in.
+targets, adapter name) and loaded by attaching that spec and copying the tensors in. ``add_adapter`` /
+``set_adapter`` / ``disabled`` / ``delete_adapter`` apply the layers' own calls to every adapted module.
+
+An attached model is marked the way transformers marks a model with adapters injected in place
+(``_hf_peft_config_loaded``, set by ``integrations/peft.py PeftAdapterMixin.add_adapter``), which is what
+``Trainer`` reads to tell a model with trainable adapters from a purely quantized one
+(``trainer_utils.py validate_quantization_for_training``, transformers 5.x; inline in ``Trainer.__init__`` in 4.x);
+libraries outside PEFT that train with ``Trainer`` set the same flag (ms-swift ``swift/trainers/mixin.py``).
+``merge_and_unload`` takes the mark off again (``save_pretrained`` of a marked model writes adapters only).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +35,8 @@ from .adapter_layer import QuantAdapterLayer
 
 ADAPTER_FILE = "adapter.safetensors"
 SPEC_FILE = "adapter.json"
+#: transformers' mark of a model with adapters injected in place (read by Trainer's quantized-model check)
+ADAPTERS_MARK = "_hf_peft_config_loaded"
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -50,8 +61,49 @@ class ReferenceModelEntry:
         for name in names:
             parent, leaf = _parent(model, name)
             setattr(parent, leaf, self.create(getattr(parent, leaf), spec))
-        model._conformance_adapter = {"spec": spec, "targets": list(targets)}  # what save_adapter writes
+        model._conformance_adapter = {"specs": {spec.adapter_name: spec}, "active": spec.adapter_name,
+                                      "targets": list(targets)}  # what save_adapter writes
+        setattr(model, ADAPTERS_MARK, True)
         return model
+
+    def _meta(self, adapted: nn.Module) -> dict[str, Any]:
+        meta = adapted.__dict__.get("_conformance_adapter")
+        if meta is None:
+            raise ValueError("the model has no adapter attached by this entry (attach() first)")
+        return meta
+
+    def add_adapter(self, adapted: nn.Module, targets: list[str], spec: Any) -> None:
+        meta = self._meta(adapted)
+        if sorted(targets) != sorted(meta["targets"]):
+            raise ValueError(f"a further adapter goes on the attached targets {meta['targets']}, not {targets}")
+        for layer in self.adapter_layers(adapted).values():
+            layer.add_adapter(spec.adapter_name, **dict(spec.params))
+            for p in layer.adapter_parameters(spec.adapter_name).values():
+                if p.is_floating_point():
+                    p.data = p.data.to(spec.torch_dtype)
+        meta["specs"][spec.adapter_name] = spec
+
+    def set_adapter(self, adapted: nn.Module, name: str) -> None:
+        for layer in self.adapter_layers(adapted).values():
+            layer.set_adapter(name)
+        self._meta(adapted)["active"] = name
+
+    @contextmanager
+    def disabled(self, adapted: nn.Module) -> Iterator[None]:
+        layers = list(self.adapter_layers(adapted).values())
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    def delete_adapter(self, adapted: nn.Module, name: str) -> None:
+        for layer in self.adapter_layers(adapted).values():
+            layer.delete_adapter(name)
+        meta = self._meta(adapted)
+        meta["specs"].pop(name, None)
 
     def adapter_layers(self, adapted: nn.Module) -> dict[str, nn.Module]:
         return {n: m for n, m in adapted.named_modules() if isinstance(m, QuantAdapterLayer)}
@@ -63,15 +115,15 @@ class ReferenceModelEntry:
             parent, leaf = _parent(adapted, name)
             setattr(parent, leaf, layer.base_layer)
         adapted.__dict__.pop("_conformance_adapter", None)
+        if ADAPTERS_MARK in adapted.__dict__:
+            delattr(adapted, ADAPTERS_MARK)
         return adapted
 
     def save_adapter(self, adapted: nn.Module, path: str) -> None:
         from safetensors.torch import save_file
 
-        meta = adapted.__dict__.get("_conformance_adapter")
-        if meta is None:
-            raise ValueError("the model has no adapter attached by this entry (attach() first)")
-        spec = meta["spec"]
+        meta = self._meta(adapted)
+        spec = meta["specs"][meta["active"]]
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {f"{n}.{k}": t.detach().cpu().contiguous()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,29 @@ class _Entry(ReferenceModelEntry):
             save_file(saved, f)
 
 
+    def set_adapter(self, adapted: nn.Module, name: str) -> None:
+        if self.bug != "set-adds":
+            return super().set_adapter(adapted, name)
+        for layer in self.adapter_layers(adapted).values():  # activates name next to the active ones
+            layer.set_adapter(list(dict.fromkeys([*layer.active_adapters, name])))
+        return None
+
+    @contextmanager
+    def disabled(self, adapted: nn.Module) -> Iterator[None]:
+        with super().disabled(adapted):
+            if self.bug == "disable-skips-one":  # the last adapted module stays enabled
+                last = self.adapter_layers(adapted)[sorted(self.adapter_layers(adapted))[-1]]
+                last.enable_adapters(True)
+            yield
+
+    def delete_adapter(self, adapted: nn.Module, name: str) -> None:
+        if self.bug != "delete-deactivates":
+            return super().delete_adapter(adapted, name)
+        for layer in self.adapter_layers(adapted).values():  # taken off the active list, its tensors kept
+            layer.active_adapters = [n for n in layer.active_adapters if n != name]
+        return None
+
+
 class BrokenEntry(Broken):
     """The reference whose model-level entry has ``bug``."""
 
@@ -93,3 +118,6 @@ BROKEN["MODEL-MERGE-UNLOAD"] = BrokenEntry("merge-into-wrong-module", "wrong-mod
 MORE.append(("MODEL-MERGE-UNLOAD", BrokenEntry("unload-leaves-an-adapter", "leave-one")))
 BROKEN["MODEL-SAVE-ADAPTER"] = BrokenEntry("save-drops-a-tensor", "drop-tensor")
 BROKEN["MODEL-SAVE-MERGED"] = BrokenEntry("merged-weight-only-in-memory", "in-memory")
+BROKEN["MODEL-SET-ADAPTER"] = BrokenEntry("set-adapter-adds", "set-adds")
+BROKEN["MODEL-DISABLE"] = BrokenEntry("disable-skips-a-module", "disable-skips-one")
+BROKEN["MODEL-DELETE-ADAPTER"] = BrokenEntry("delete-only-deactivates", "delete-deactivates")

@@ -212,3 +212,93 @@ def check_save_merged(ctx: CheckContext) -> None:
                                                         f"differ from the merged model's {tokens.tolist()}")
             agree = float((tokens == tokens_adapted).double().mean())
             ctx.measure(f"merged_vs_adapted_token_agreement.{method}.{bits}bit.{path}", agree)
+
+
+# -- the model-level bookkeeping: a second adapter, the active one, disabled adapters, a deleted adapter -------------
+SECOND = "second"
+
+
+def _with_second(ctx: CheckContext, method: str, bits: int, path: str, label: str
+                 ) -> tuple[Any, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """(entry, adapted model, input ids, logits with the first adapter alone): the first adapter attached and
+    perturbed, then a second one added on the same targets, made active and perturbed (other values)."""
+    entry, adapted, _, ids, y_first = _adapted(ctx, method, bits, path, label)
+    spec = AdapterSpec(method, SECOND, mcases.params(method))
+    _step(ctx, label, "add_adapter", lambda: entry.add_adapter(adapted, mcases.TARGETS, spec))
+    _step(ctx, label, f"set_adapter({SECOND!r})", lambda: entry.set_adapter(adapted, SECOND))
+    gen = ctx.generator(offset=12)
+    for _, layer in sorted(_step(ctx, label, "adapter_layers", lambda: entry.adapter_layers(adapted)).items()):
+        tcases.perturb(layer, gen, SECOND)
+    return entry, adapted, ids, y_first
+
+
+def _alone(ctx: CheckContext, adapted: torch.nn.Module, method: str, bits: int, path: str, label: str,
+           ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a freshly loaded base with only the adapter ``SECOND``, its tensors copied from ``adapted``."""
+    entry = ctx.impl.model
+    layers = entry.adapter_layers(adapted)
+    fresh = _step(ctx, label, "loading a fresh base", lambda: mcases.load(path, bits, ctx.seed, ctx.device))
+    alone = _step(ctx, label, "attach (the second adapter alone)",
+                  lambda: entry.attach(fresh, mcases.TARGETS, AdapterSpec(method, SECOND, mcases.params(method))))
+    with torch.no_grad():
+        for n, layer in entry.adapter_layers(alone).items():
+            for k, t in layer.adapter_parameters(SECOND).items():
+                t.copy_(layers[n].adapter_parameters(SECOND)[k])
+    return _step(ctx, label, "the forward (the second adapter alone)", lambda: mcases.logits(alone, ids))
+
+
+def _same(ctx: CheckContext, label: str, got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    diff = float((got.double() - want.double()).abs().max())
+    ctx.check(torch.equal(got, want), f"{label}: {what} (max |diff| {diff:.3g})")
+
+
+@check("MODEL-SET-ADAPTER")
+def check_set_adapter(ctx: CheckContext) -> None:
+    for method, bits, path, label in _walk(ctx):
+        with ctx.case(label):
+            entry, adapted, ids, y_first = _with_second(ctx, method, bits, path, label)
+            y_second = _step(ctx, label, f"the forward ({SECOND!r} active)", lambda: mcases.logits(adapted, ids))
+            _same(ctx, label, y_second, _alone(ctx, adapted, method, bits, path, label, ids),
+                  f"with {SECOND!r} active the logits differ from a base with {SECOND!r} alone")
+            _step(ctx, label, f"set_adapter({NAME!r})", lambda: entry.set_adapter(adapted, NAME))
+            y_back = _step(ctx, label, f"the forward ({NAME!r} active)", lambda: mcases.logits(adapted, ids))
+            _same(ctx, label, y_back, y_first, f"with {NAME!r} active again the logits differ from those before "
+                                               f"{SECOND!r} was added")
+
+
+@check("MODEL-DISABLE")
+def check_disable(ctx: CheckContext) -> None:
+    for method, bits, path, label in _walk(ctx):
+        with ctx.case(label):
+            base = _step(ctx, label, "loading the model", lambda: mcases.load(path, bits, ctx.seed, ctx.device))
+            ids = mcases.input_ids(ctx.device, ctx.seed)
+            y_base = _step(ctx, label, "the base forward", lambda: mcases.logits(base, ids))
+            entry, adapted, _, _, y_adapted = _adapted(ctx, method, bits, path, label)
+            context = _step(ctx, label, "disabled()", lambda: entry.disabled(adapted))
+            with context:
+                y_off = _step(ctx, label, "the forward with adapters disabled", lambda: mcases.logits(adapted, ids))
+            y_on = _step(ctx, label, "the forward after enabling", lambda: mcases.logits(adapted, ids))
+            _same(ctx, label, y_off, y_base, "with adapters disabled the logits differ from the base model's")
+            _same(ctx, label, y_on, y_adapted, "after the disabled context the logits differ from the adapted model's")
+
+
+def _mentions(adapted: torch.nn.Module, name: str) -> list[str]:
+    """State-dict keys and module paths with a component ``name``."""
+    keys = list(adapted.state_dict()) + [n for n, _ in adapted.named_modules()]
+    return sorted({k for k in keys if name in k.split(".")})
+
+
+@check("MODEL-DELETE-ADAPTER")
+def check_delete_adapter(ctx: CheckContext) -> None:
+    for method, bits, path, label in _walk(ctx):
+        with ctx.case(label):
+            entry, adapted, ids, y_first = _with_second(ctx, method, bits, path, label)
+            ctx.check(bool(_mentions(adapted, SECOND)), f"{label}: no state-dict key or module path names the added "
+                                                        f"adapter {SECOND!r}")
+            _step(ctx, label, f"set_adapter({NAME!r})", lambda: entry.set_adapter(adapted, NAME))
+            _step(ctx, label, f"delete_adapter({SECOND!r})", lambda: entry.delete_adapter(adapted, SECOND))
+            left = _mentions(adapted, SECOND)
+            ctx.check(not left, f"{label}: after delete_adapter({SECOND!r}) {len(left)} key(s) or module(s) still "
+                                f"name it, e.g. {left[:3]}")
+            y = _step(ctx, label, "the forward after the delete", lambda: mcases.logits(adapted, ids))
+            _same(ctx, label, y, y_first, f"after deleting {SECOND!r} the logits differ from those with {NAME!r} alone")

@@ -43,3 +43,27 @@ declare(
     "payload and quant state byte-identical, bit-identical logits, and the same greedy tokens.",
     source=SOURCE, requires=["model"], area="model",
 )
+
+declare(
+    "MODEL-SET-ADAPTER", "MUST",
+    "With a second adapter added on the same targets, set_adapter on the model makes exactly one adapter active: the "
+    "logits with either one active are bit-identical to those of a freshly loaded base with that adapter alone.",
+    source=SOURCE + "; peft v0.21.2 src/peft/peft_model.py PeftModel.add_adapter / set_adapter",
+    requires=["model", "multi_adapter"], area="model",
+)
+
+declare(
+    "MODEL-DISABLE", "MUST",
+    "Inside the model's disabled-adapters context the logits are bit-identical to the base model's, and on leaving it "
+    "bit-identical to the adapted model's again.",
+    source=SOURCE + "; peft v0.21.2 src/peft/peft_model.py PeftModel.disable_adapter (a context manager)",
+    requires=["model", "disable_adapters"], area="model",
+)
+
+declare(
+    "MODEL-DELETE-ADAPTER", "MUST",
+    "Deleting the inactive one of two adapters removes its modules and tensors from the model (no state-dict key or "
+    "module path names it) and leaves the logits of the active one bit-identical.",
+    source=SOURCE + "; peft v0.21.2 src/peft/peft_model.py PeftModel.delete_adapter",
+    requires=["model", "multi_adapter", "delete_adapter"], area="model",
+)
