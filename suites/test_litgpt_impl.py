@@ -55,7 +55,7 @@ def test_capabilities_are_exactly_litgpts() -> None:
     impl = _impl()
     assert impl.capabilities == frozenset({"lora", "4bit", "8bit", "cuda", "dropout"})
     for gap in ("oft", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters", "delete_adapter",
-                "peft_model", "unmerge", "safe_merge", "rslora", "input_cast"):
+                "model", "unmerge", "safe_merge", "rslora", "input_cast"):
         assert gap not in impl.capabilities
         assert impl.unsupported[gap].startswith(f"litgpt {impl.version()}: "), gap
     assert declared(impl).methods == frozenset({"lora"}) and declared(impl).bits == frozenset({4, 8})

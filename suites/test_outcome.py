@@ -172,7 +172,7 @@ def test_a_run_that_checked_nothing_exits_3_and_says_why(merge_only: str, tmp_pa
     printed = capsys.readouterr().out
     assert status == EXIT_NOTHING_CHECKED == 3, printed
     line = next(ln for ln in printed.splitlines() if ln.startswith("nothing checked for merge_only"))
-    assert "declare capability" in line and "safe_merge" in line and "peft_model" in line, line
+    assert "declare capability" in line and "safe_merge" in line and "model" in line, line
     assert "result: NOTHING CHECKED" in printed and "result: OK" not in printed
     doc = json.loads(out.read_text())
     assert doc["summary"]["exit_status"] == 3 and set(doc["summary"]["nothing_checked"]) == {"merge_only"}

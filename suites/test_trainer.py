@@ -2,8 +2,8 @@
 
 The clauses test the installed transformers + PEFT + bitsandbytes, so they run here against a
 tiny in-test implementation that only declares capabilities (the checks build whole models with
-``conformance.tinymodels`` and ``peft.get_peft_model``). Each clause is also shown to fail on a
-deliberately broken environment (the Trainer's validator patched away or weakened, a quantizer's
+``conformance.tinymodels``; PEFT's model entry, ``peft.get_peft_model``, attaches the adapters). Each clause is
+also shown to fail on a deliberately broken environment (the Trainer's validator patched away or weakened, a quantizer's
 ``is_trainable`` flipped, the learning rate zeroed, ...) and, for the clauses that fail here, to
 pass on a fixed one: a clause that cannot change its verdict checks nothing.
 
@@ -34,7 +34,7 @@ import transformers.trainer as hf_trainer  # noqa: E402
 #: transformers 5.x's validator function; None on 4.x, whose Trainer.__init__ checks inline.
 ORIGINAL_VALIDATOR = getattr(hf_trainer, "validate_quantization_for_training", None)
 
-ALL_CAPS = frozenset({"lora", "oft", "4bit", "8bit", "peft_model"})
+ALL_CAPS = frozenset({"lora", "oft", "4bit", "8bit", "model"})
 
 
 @pytest.fixture(autouse=True)
@@ -46,11 +46,18 @@ def _cpu_only_seeding() -> object:
 
 
 class EnvImpl(ImplementationBase):
-    """The environment under test: transformers + PEFT; builds no layers itself."""
+    """The environment under test: transformers + PEFT, whose model entry (``get_peft_model``) attaches the adapters;
+    builds no layers itself."""
 
     def __init__(self, caps: frozenset[str] = ALL_CAPS, name: str = "env") -> None:
         self.capabilities = frozenset(caps)
         self.name = name
+
+    @property
+    def model(self) -> object:
+        from conformance.impls.peft import PeftImplementation
+
+        return PeftImplementation().model
 
     def version(self) -> str:
         return f"transformers {transformers.__version__}"
@@ -97,17 +104,17 @@ TRAINER_IDS = [
 
 
 @pytest.mark.parametrize("cid", TRAINER_IDS)
-def test_registered_with_peft_model_requirement(cid: str) -> None:
+def test_registered_with_model_requirement(cid: str) -> None:
     c = clauses.get(cid)
     assert c.area == "trainer"
-    assert "peft_model" in c.requires
+    assert "model" in c.requires
     assert c.devices == frozenset({"cpu"})
     assert "transformers" in c.source
 
 
-def test_skipped_without_peft_model_capability() -> None:
+def test_skipped_without_model_capability() -> None:
     res = run("TRAINER-REJECT-PURELY-QUANTIZED", frozenset({"lora", "oft", "4bit", "8bit"}))
-    assert res.outcome == "skipped" and "peft_model" in res.message
+    assert res.outcome == "skipped" and "model" in res.message
 
 
 def test_validator_location_recorded() -> None:
@@ -145,7 +152,7 @@ def test_validator_location_finds_an_inline_check(monkeypatch: pytest.MonkeyPatc
 def test_skipped_with_reason_where_transformers_has_no_check(monkeypatch: pytest.MonkeyPatch, cid: str) -> None:
     monkeypatch.delattr(hf_trainer, "validate_quantization_for_training", raising=False)
     monkeypatch.setattr(hf_trainer.Trainer, "__init__", _unchecked_init)
-    res = run(cid, frozenset({"lora", "4bit", "peft_model"}))
+    res = run(cid, frozenset({"lora", "4bit", "model"}))
     assert res.outcome == "skipped", (res.outcome, res.message)
     assert "no quantized-model check" in res.message and transformers.__version__ in res.message
 
@@ -187,7 +194,7 @@ def test_purely_quantized_rejected_here() -> None:
 
 def test_peft_trains_here() -> None:
     """Two trainings (lora-4bit on llama, oft-4bit on opt); 8-bit is in the slow full matrix."""
-    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "oft", "4bit", "peft_model"}))
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "oft", "4bit", "model"}))
     assert res.outcome == "passed", res.message
     assert res.measurements["loss_after_over_before.lora.4bit"] < 1
     assert res.details["cases_passed"] == ["lora-4bit", "oft-4bit"]
@@ -225,13 +232,13 @@ def test_compiled_finding_here() -> None:
     catches what the compile rule misses); with PEFT adapters, in-place ``.compile()`` and compiled
     submodules are accepted. This is a finding about transformers, so the clause fails.
     """
-    res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "peft_model"}))
+    res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "model"}))
     assert res.outcome in ("passed", "failed"), res.message
     rejected = res.details["rejected_ways"]
     assert rejected["torch.compile(model)"] == ["torch.compile"]
-    assert rejected["torch.compile(peft_model)"] == ["torch.compile"]
+    assert rejected["torch.compile(adapted)"] == ["torch.compile"]
     if res.outcome == "failed":
-        assert set(res.details["slipped_ways"]) <= {w for w, (peft, _) in tc._compile_ways().items() if peft}
+        assert set(res.details["slipped_ways"]) <= {w for w, (peft, _) in tc._compile_ways(EnvImpl().model).items() if peft}
         for way in res.details["slipped_ways"]:
             assert way in res.message
 
@@ -244,27 +251,27 @@ def test_compiled_crash_and_unbuildable_way_hide_no_other_way(monkeypatch: pytes
         ORIGINAL_VALIDATOR(model)
 
     set_validator(monkeypatch, crashing)
-    ways = tc._compile_ways()
+    ways = tc._compile_ways(EnvImpl().model)
 
     def unbuildable(arch: str, bits: int, method: str, seed: int) -> torch.nn.Module:
         raise NotImplementedError("cannot build this here")
 
-    monkeypatch.setattr(tc, "_compile_ways", lambda: {**ways, "unbuildable way": (True, unbuildable)})
-    res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "peft_model"}))
+    monkeypatch.setattr(tc, "_compile_ways", lambda entry: {**ways, "unbuildable way": (True, unbuildable)})
+    res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "model"}))
     assert res.outcome in ("passed", "failed"), res.message
     assert "unbuildable way" in res.details["unbuildable_ways"]
     assert "NotImplementedError" in res.details["unbuildable_ways"]["unbuildable way"][0]
-    crashed = res.details["rejected_ways"]["peft_model.compile()"]
+    crashed = res.details["rejected_ways"]["adapted.compile()"]
     assert any("crashed: KeyError" in r for r in crashed)
     assert res.details["rejected_ways"]["torch.compile(model)"] == ["torch.compile"]
-    assert "peft_model.compile()" not in res.details["slipped_ways"]
+    assert "adapted.compile()" not in res.details["slipped_ways"]
 
 
 def test_eval_then_train_here() -> None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first evaluation: a finding."""
     from bitsandbytes.functional import has_avx512bf16
 
-    res = run("TRAINER-EVAL-THEN-TRAIN", frozenset({"lora", "4bit", "8bit", "peft_model"}))
+    res = run("TRAINER-EVAL-THEN-TRAIN", frozenset({"lora", "4bit", "8bit", "model"}))
     assert res.outcome in ("passed", "failed"), res.message
     assert "lora-8bit" in res.details["cases_passed"]
     if has_avx512bf16():
@@ -277,7 +284,7 @@ def test_eval_then_train_here() -> None:
 # -- each clause can fail (and the failing ones can pass) ----------------------------------------
 def test_purely_quantized_fails_without_validator(monkeypatch: pytest.MonkeyPatch) -> None:
     set_validator(monkeypatch, no_validator)
-    res = run("TRAINER-REJECT-PURELY-QUANTIZED", frozenset({"lora", "8bit", "peft_model"}))
+    res = run("TRAINER-REJECT-PURELY-QUANTIZED", frozenset({"lora", "8bit", "model"}))
     assert res.outcome == "failed" and "accepted a purely quantized model" in res.message
 
 
@@ -286,7 +293,7 @@ def test_purely_quantized_fails_on_wrong_message(monkeypatch: pytest.MonkeyPatch
         raise ValueError("cannot train this")
 
     set_validator(monkeypatch, vague)
-    res = run("TRAINER-REJECT-PURELY-QUANTIZED", frozenset({"lora", "4bit", "peft_model"}))
+    res = run("TRAINER-REJECT-PURELY-QUANTIZED", frozenset({"lora", "4bit", "model"}))
     assert res.outcome == "failed" and "does not name 'purely quantized'" in res.message
 
 
@@ -294,23 +301,23 @@ def test_peft_trains_fails_when_bnb_declared_untrainable(monkeypatch: pytest.Mon
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
     monkeypatch.setattr(Bnb4BitHfQuantizer, "is_trainable", property(lambda self: False))
-    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "4bit", "peft_model"}))
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "4bit", "model"}))
     assert res.outcome == "failed" and "Trainer rejected" in res.message
 
 
 def test_peft_trains_fails_when_base_parameters_train(monkeypatch: pytest.MonkeyPatch) -> None:
     """An environment that leaves the (non-quantized) norm weights trainable changes non-adapter parameters."""
-    original = tc.make_peft_model
+    original = tc.make_adapted
 
-    def leaky(model: torch.nn.Module, method: str, arch: str) -> torch.nn.Module:
-        out = original(model, method, arch)
+    def leaky(entry: object, model: torch.nn.Module, method: str, arch: str) -> torch.nn.Module:
+        out = original(entry, model, method, arch)
         for name, p in out.named_parameters():
             if "norm" in name:
                 p.requires_grad_(True)
         return out
 
-    monkeypatch.setattr(tc, "make_peft_model", leaky)
-    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "8bit", "peft_model"}))
+    monkeypatch.setattr(tc, "make_adapted", leaky)
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "8bit", "model"}))
     assert res.outcome == "failed" and "non-adapter parameters" in res.message
 
 
@@ -332,13 +339,13 @@ def test_peft_trains_fails_when_quantized_weights_change(monkeypatch: pytest.Mon
         return t
 
     monkeypatch.setattr(tc, "make_trainer", with_callback)
-    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "8bit", "peft_model"}))
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "8bit", "model"}))
     assert res.outcome == "failed" and "quantized weights of" in res.message, res.message
 
 
 def test_peft_trains_fails_when_nothing_learns(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tc, "LEARNING_RATE", 0.0)
-    res = run("TRAINER-PEFT-TRAINS", frozenset({"oft", "8bit", "peft_model"}))
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"oft", "8bit", "model"}))
     assert res.outcome == "failed" and "did not fall" in res.message, res.message
 
 
@@ -354,26 +361,26 @@ def test_eval_then_train_passes_without_cpu_repacking(monkeypatch: pytest.Monkey
         return model
 
     monkeypatch.setattr(tinymodels, "load_quantized", no_repack)
-    res = run("TRAINER-EVAL-THEN-TRAIN", frozenset({"lora", "4bit", "peft_model"}))
+    res = run("TRAINER-EVAL-THEN-TRAIN", frozenset({"lora", "4bit", "model"}))
     assert res.outcome == "passed", res.message
 
 
 def test_compiled_fails_without_validator(monkeypatch: pytest.MonkeyPatch) -> None:
     set_validator(monkeypatch, no_validator)
-    res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "peft_model"}))
+    res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "4bit", "model"}))
     assert res.outcome == "failed" and "torch.compile(model)" in res.details["slipped_ways"]
 
 
 def test_compiled_passes_with_strict_validator(monkeypatch: pytest.MonkeyPatch) -> None:
     set_validator(monkeypatch, strict_compile_validator)
-    res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "oft", "4bit", "8bit", "peft_model"}))
+    res = run("TRAINER-REJECT-COMPILED", frozenset({"lora", "oft", "4bit", "8bit", "model"}))
     assert res.outcome == "passed", res.message
     assert res.details["slipped_ways"] == []
 
 
 def test_not_trainable_fails_without_trainability_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     set_validator(monkeypatch, rule1_only_validator)
-    res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"lora", "4bit", "peft_model"}))
+    res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"lora", "4bit", "model"}))
     # the QAT-but-untrainable fp_quant is now rejected by the wrong rule; with adapters, nothing rejects
     assert res.outcome == "failed", res.message
     assert "accepted a model quantized with" in res.message or "does not support training" in res.message
@@ -389,18 +396,18 @@ def test_not_trainable_fails_on_wrong_message(monkeypatch: pytest.MonkeyPatch) -
         ORIGINAL_VALIDATOR(model)
 
     set_validator(monkeypatch, terse)
-    res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"lora", "4bit", "peft_model"}))
+    res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"lora", "4bit", "model"}))
     assert res.outcome == "failed" and "does not support training" in res.message
 
 
 def test_accept_qat_fails_without_qat_exemption(monkeypatch: pytest.MonkeyPatch) -> None:
     set_validator(monkeypatch, rule1_only_validator)
-    res = run("TRAINER-ACCEPT-QAT", frozenset({"lora", "4bit", "peft_model"}))
+    res = run("TRAINER-ACCEPT-QAT", frozenset({"lora", "4bit", "model"}))
     assert res.outcome == "failed" and "QAT-trainable" in res.message
 
 
 # -- DoRA (LoraConfig(use_dora=True)): the magnitude vectors learn -------------------------------
-DORA_4BIT = frozenset({"dora", "4bit", "peft_model"})
+DORA_4BIT = frozenset({"dora", "4bit", "model"})
 
 
 def test_dora_trains_here() -> None:
@@ -414,23 +421,25 @@ def test_dora_trains_here() -> None:
 
 
 def test_dora_config_is_lora_with_use_dora() -> None:
-    cfg = trainer_helpers.peft_config("dora", "llama")
-    assert cfg.use_dora is True and cfg.r == trainer_helpers.peft_config("lora", "llama").r
-    assert trainer_helpers.peft_config("lora", "llama").use_dora is False
+    """Through PEFT's entry the trainer's DoRA spec is LoraConfig(use_dora=True) with LoRA's rank."""
+    entry = EnvImpl().model
+    cfg = entry._config(["q_proj"], trainer_helpers.adapter_spec("dora"))
+    assert cfg.use_dora is True and cfg.r == entry._config(["q_proj"], trainer_helpers.adapter_spec("lora")).r
+    assert entry._config(["q_proj"], trainer_helpers.adapter_spec("lora")).use_dora is False
 
 
 def _dora_twin(monkeypatch: pytest.MonkeyPatch, spoil: object) -> None:
     """PEFT models whose DoRA magnitude vectors ``spoil(param)`` changes after get_peft_model."""
-    original = tc.make_peft_model
+    original = tc.make_adapted
 
-    def make(model: torch.nn.Module, method: str, arch: str) -> torch.nn.Module:
-        out = original(model, method, arch)
+    def make(entry: object, model: torch.nn.Module, method: str, arch: str) -> torch.nn.Module:
+        out = original(entry, model, method, arch)
         for name, p in out.named_parameters():
-            if trainer_helpers._is_magnitude_param(name):
+            if "lora_magnitude_vector" in name.split("."):
                 spoil(p)  # type: ignore[operator]
         return out
 
-    monkeypatch.setattr(tc, "make_peft_model", make)
+    monkeypatch.setattr(tc, "make_adapted", make)
 
 
 def test_dora_fails_when_magnitudes_are_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -490,7 +499,7 @@ def test_dora_8bit_verdict_follows_the_peft_int8_rewrap(monkeypatch: pytest.Monk
         _keep_int8_scales(monkeypatch)
     bug = _peft_dora_int8_cpu_rewrap_bug()
     assert not (fixed and bug)
-    res = run("TRAINER-PEFT-TRAINS", frozenset({"dora", "8bit", "peft_model"}))
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"dora", "8bit", "model"}))
     if bug:
         assert res.outcome == "failed", res.message
         assert "Trainer.train() raised AttributeError" in res.message and "peft/tuners/lora/" in res.message
@@ -514,27 +523,80 @@ def test_full_training_matrix(request: pytest.FixtureRequest, arch: str, method:
 
 def _oft_unbuildable(monkeypatch: pytest.MonkeyPatch) -> None:
     """PEFT 0.20.0 on bnb: get_peft_model(OFT) raises TypeError (Linear4bit.__init__() missing 'config')."""
-    original = tc.make_peft_model
+    original = tc.make_adapted
 
-    def make(model: torch.nn.Module, method: str, arch: str) -> torch.nn.Module:
+    def make(entry: object, model: torch.nn.Module, method: str, arch: str) -> torch.nn.Module:
         if method == "oft":
             raise TypeError("Linear4bit.__init__() missing 1 required positional argument: 'config'")
-        return original(model, method, arch)
+        return original(entry, model, method, arch)
 
-    monkeypatch.setattr(tc, "make_peft_model", make)
+    monkeypatch.setattr(tc, "make_adapted", make)
 
 
 def test_an_unbuildable_method_fails_its_family_and_hides_no_other(monkeypatch: pytest.MonkeyPatch) -> None:
     _oft_unbuildable(monkeypatch)
-    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "oft", "8bit", "peft_model"}))
+    res = run("TRAINER-PEFT-TRAINS", frozenset({"lora", "oft", "8bit", "model"}))
     assert res.outcome == "failed", res.message
     assert res.family_texts()["lora/8bit"] == "passed"
-    assert "get_peft_model(oft) raised TypeError" in res.family_texts()["oft/8bit"]
+    assert "attach(oft) raised TypeError" in res.family_texts()["oft/8bit"]
 
 
 def test_not_trainable_checks_the_pure_model_when_adapters_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
     _oft_unbuildable(monkeypatch)
-    res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"oft", "4bit", "peft_model"}))
+    res = run("TRAINER-REJECT-NOT-TRAINABLE", frozenset({"oft", "4bit", "model"}))
     assert res.outcome == "passed", res.message
-    assert "get_peft_model(oft) raised TypeError" in res.details["not_built.oft"]
+    assert "attach(oft) raised TypeError" in res.details["not_built.oft"]
     assert any("not checked with adapters" in n for n in res.notes)
+
+
+# -- the reference's model entry: marked as transformers marks in-place adapters ----------------------------------
+def _reference(caps: frozenset[str]) -> object:
+    from conformance.impls.reference import ReferenceImplementation
+
+    impl = ReferenceImplementation()
+    impl.methods = frozenset(c for c in caps if c in ("lora", "oft", "dora"))
+    impl.capabilities = frozenset(c for c in caps if c not in impl.methods)
+    return impl
+
+
+def test_reference_entry_marks_the_model_and_unload_unmarks_it() -> None:
+    from conformance.impls.reference import ReferenceImplementation
+
+    entry = ReferenceImplementation().model
+    model = tc.make_adapted(entry, tinymodels.load_quantized("llama", 4), "lora", "llama")
+    assert tc.carries_mark(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(trainer_helpers.adapter_params(entry, model)) and trainable
+    assert not tc.carries_mark(entry.merge_and_unload(model))
+
+
+def test_reference_trains_through_its_entry() -> None:
+    res = run_clause(clauses.get("TRAINER-PEFT-TRAINS"), _reference(frozenset({"lora", "4bit", "model"})))
+    assert res.outcome == "passed", res.message
+
+
+def test_without_the_mark_the_reference_is_purely_quantized_to_the_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why the reference marks its models: unmarked, Trainer takes them for purely quantized ones."""
+    from conformance.reference import model as ref_model
+
+    monkeypatch.setattr(ref_model, "ADAPTERS_MARK", "_not_the_mark")
+    res = run_clause(clauses.get("TRAINER-PEFT-TRAINS"), _reference(frozenset({"lora", "4bit", "model"})))
+    assert res.outcome == "failed" and "purely quantized" in res.message, res.message
+
+
+@pytest.mark.parametrize("mark", [True, False], ids=["marked", "unmarked"])
+def test_compiled_reference_models_slip_only_with_the_mark(monkeypatch: pytest.MonkeyPatch, mark: bool) -> None:
+    """transformers skips its compile rule for marked models (xfails/transformers.ini adapter-mark-skips-rules): the
+    reference's result is that known failure with the mark, and a pass without it."""
+    from conformance.reference import model as ref_model
+
+    if not mark:
+        monkeypatch.setattr(ref_model, "ADAPTERS_MARK", "_not_the_mark")
+    res = run_clause(clauses.get("TRAINER-REJECT-COMPILED"), _reference(frozenset({"lora", "4bit", "model"})))
+    if mark:
+        assert res.outcome == "xfailed", res.message
+        assert "torch.compile(adapted)" in res.details["slipped_ways_with_adapter_mark"]
+    else:
+        assert res.outcome == "passed", res.message
+        assert "slipped_ways_with_adapter_mark" not in res.details
+        assert res.details["rejected_ways"]["torch.compile(adapted)"] == ["torch.compile"]

@@ -41,8 +41,10 @@ COMPILE_BIAS_CAST = "compile-bias-cast"  #: inductor over a forward that casts t
 QUANTIZED_CHECKPOINT_RESAVE = "quantized-checkpoint-resave"
 #: transformers' save_pretrained of a 4-bit model that bitsandbytes repacked into its CPU layout
 CPU_PACKED_SAVE = "cpu-packed-save"
+#: transformers' Trainer rules skipped for a model marked as carrying adapters (``_hf_peft_config_loaded``)
+ADAPTER_MARK_SKIPS_RULES = "adapter-mark-skips-rules"
 SITUATIONS = (CPU_PACKED_SHAPE, CPU_PACKED_TRAIN_GRAD, FLOAT_STORAGE_CAST, INT8_STATE_CUDA, INT8_FP16_WEIGHTS_TO_DEVICE,
-              COMPILE_BIAS_CAST, QUANTIZED_CHECKPOINT_RESAVE, CPU_PACKED_SAVE)
+              COMPILE_BIAS_CAST, QUANTIZED_CHECKPOINT_RESAVE, CPU_PACKED_SAVE, ADAPTER_MARK_SKIPS_RULES)
 
 #: CPU features an entry may need, each answered by bitsandbytes itself (``conformance.quant.layers``)
 CPU_FEATURES = ("avx512_bf16",)

@@ -79,7 +79,6 @@ class Capability(NamedEnum):
     DROPOUT = "dropout"
     INPUT_CAST = "input_cast"
     # whole models
-    PEFT_MODEL = "peft_model"
     MODEL = "model"
     DISTRIBUTED = "distributed"
     # dense twins (the TWIN-* clauses)
@@ -112,7 +111,6 @@ DOCS: dict[Capability, str] = {
                         "mode), the identity in eval mode",
     Capability.INPUT_CAST: "the layer casts its input to the adapter dtype (AdapterSpec.dtype) before the adapter "
                            "path, so inputs of any float dtype work with float32 adapters",
-    Capability.PEFT_MODEL: "builds whole PEFT models (transformers Trainer clauses)",
     Capability.MODEL: "a model-level entry (implementation.model, a ModelEntry): attaches adapters to a transformers "
                       "model by target module names, merges and unloads, saves and loads the adapter (the MODEL-* "
                       "clauses)",

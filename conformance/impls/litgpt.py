@@ -102,7 +102,6 @@ class LitgptApi:
         self._gap("multi_adapter", "LoRALinear holds one unnamed adapter (lora_A/lora_B), no add_adapter/set_adapter")
         self._gap("mixed_batch", "LoRALinear.forward(x) takes no adapter_names")
         self._gap("delete_adapter", "LoRALinear has no delete_adapter")
-        self._gap("peft_model", "not a PEFT model; LitGPT builds its own GPT (litgpt.lora.GPT), no transformers Trainer")
         self._gap("model", "LitGPT's models are its own GPT (litgpt.lora.GPT), not transformers models: no model-level "
                            "entry over a transformers model")
         self._gap("distributed", "not declared: LitGPT trains through lightning Fabric strategies; LoRALinear layers "

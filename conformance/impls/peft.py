@@ -195,7 +195,6 @@ class PeftApi:
         if base is None or not hasattr(base, "delete_adapter"):
             self.unsupported["delete_adapter"] = f"peft {self.version}: BaseTunerLayer has no delete_adapter"
         if _import("transformers") is None or not hasattr(self.peft, "get_peft_model"):
-            self.unsupported["peft_model"] = "transformers does not import, so whole PEFT models cannot be built"
             self.unsupported["model"] = "transformers does not import: no model-level entry (get_peft_model on a model)"
         if not self.lora_classes.get(4) and not self.oft_classes.get(4):
             self.unsupported["4bit"] = f"peft {self.version}: no adapter layer for bnb.nn.Linear4bit"

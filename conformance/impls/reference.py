@@ -18,7 +18,7 @@ class ReferenceImplementation(ImplementationBase):
     #: every capability but whole PEFT models (the reference is layers only) and the initializations that need the
     #: implementation's own preparation step (CorDA's calibration, LoRA-GA's gradient: the yardstick has PiSSA, OLoRA
     #: and LoftQ, ``conformance.reference.inits``)
-    capabilities = frozenset(Capability) - {Capability.PEFT_MODEL, Capability.INIT_CORDA, Capability.INIT_LORA_GA}
+    capabilities = frozenset(Capability) - {Capability.INIT_CORDA, Capability.INIT_LORA_GA}
     #: what DoRA leaves out, as PEFT does (``conformance.reference.dora``)
     limitations = {
         Capability.MIXED_BATCH: {Method.DORA: "DoRA takes no adapter_names (PEFT 0.21 peft/tuners/lora/layer.py: "

@@ -58,9 +58,14 @@ class ReferenceModelEntry:
                  and any(n == t or n.endswith("." + t) for t in targets)]
         if not names:
             raise ValueError(f"no bitsandbytes layer of the model matches the targets {targets}")
+        for p in model.parameters():  # only the adapter trains (PEFT: BaseTuner._mark_only_adapters_as_trainable)
+            p.requires_grad_(False)
         for name in names:
             parent, leaf = _parent(model, name)
-            setattr(parent, leaf, self.create(getattr(parent, leaf), spec))
+            layer = self.create(getattr(parent, leaf), spec)
+            for t in layer.adapter_parameters(spec.adapter_name).values():
+                t.requires_grad_(t.is_floating_point())
+            setattr(parent, leaf, layer)
         model._conformance_adapter = {"specs": {spec.adapter_name: spec}, "active": spec.adapter_name,
                                       "targets": list(targets)}  # what save_adapter writes
         setattr(model, ADAPTERS_MARK, True)

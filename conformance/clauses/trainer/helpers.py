@@ -13,19 +13,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from conformance import tinymodels
-from conformance.core.vocabulary import LORA_LIKE
+from conformance.clauses.interface import AdapterSpec
 
 if TYPE_CHECKING:
     from conformance.clauses.context import CheckContext
 
 
-#: Path components that mark a PEFT adapter parameter (PEFT's ``adapter_layer_names`` for LoRA/OFT; DoRA's
-#: ``lora_magnitude_vector`` is one of LoRA's, peft/tuners/lora/layer.py ``LoraLayer.adapter_layer_names``).
-ADAPTER_PREFIXES: tuple[str, ...] = ("lora_", "oft_")
+#: The adapters the trainer clauses train: r=4 LoRA and DoRA (alpha 8), OFT with 8-wide blocks, dropout off; the
+#: protocol's parameters (``AdapterSpec.params``), attached by the implementation's model entry.
+TRAINER_PARAMS: dict[str, dict[str, Any]] = {
+    "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+    "dora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+    "oft": {"r": 0, "oft_block_size": 8, "module_dropout": 0.0},
+}
 
-#: Path component of DoRA's magnitude vectors in a PEFT model (``LoraLayer.lora_magnitude_vector``).
-MAGNITUDE_PREFIX = "lora_magnitude_vector"
+#: The canonical name of DoRA's magnitude vector among a layer's ``adapter_parameters``.
+MAGNITUDE_KEY = "lora_magnitude_vector.weight"
 
 
 #: Configs under which a registered QAT quantizer also declares itself trainable (transformers 5.23:
@@ -97,18 +100,20 @@ def _record_source(ctx: CheckContext) -> None:
         ctx.skip(where["missing"])
 
 
-def peft_config(method: str, arch: str) -> Any:
-    """A small LoRA (r=4), DoRA (LoRA r=4 with ``use_dora=True``) or OFT (block size 8) config over the tiny
-    model's attention projections."""
-    import peft
+def adapter_spec(method: str) -> AdapterSpec:
+    """The trainer clauses' adapter ``method`` (``TRAINER_PARAMS``) as the protocol's spec."""
+    if method not in TRAINER_PARAMS:
+        raise ValueError(f"unknown method {method!r}; the trainer clauses train {sorted(TRAINER_PARAMS)}")
+    return AdapterSpec(method, "default", dict(TRAINER_PARAMS[method]))
 
-    targets = tinymodels.ATTENTION_TARGETS[arch]
-    if method in LORA_LIKE:
-        dora = {"use_dora": True} if method == "dora" else {}
-        return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, **dora)
-    if method == "oft":
-        return peft.OFTConfig(r=0, oft_block_size=8, module_dropout=0.0, target_modules=targets)
-    raise ValueError(f"unknown method {method!r}")
+
+def adapter_params(entry: Any, model: nn.Module, key: str | None = None) -> dict[str, nn.Parameter]:
+    """The parameters of ``model`` (by their names in it) that its implementation says are adapter tensors: every
+    ``adapter_parameters("default")`` of the entry's ``adapter_layers`` (only those under ``key`` when given), matched
+    by identity, so ownership comes from the implementation, not from parameter names."""
+    owned = {id(t) for layer in entry.adapter_layers(model).values()
+             for k, t in layer.adapter_parameters("default").items() if key is None or k == key}
+    return {n: p for n, p in model.named_parameters() if id(p) in owned}
 
 
 def _short(msg: str) -> str:
@@ -161,14 +166,6 @@ def _probe_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
         loss = model(**batch).loss.item()
     model.train(was)
     return loss
-
-
-def _is_adapter_param(name: str) -> bool:
-    return any(part.startswith(ADAPTER_PREFIXES) for part in name.split("."))
-
-
-def _is_magnitude_param(name: str) -> bool:
-    return MAGNITUDE_PREFIX in name.split(".")
 
 
 def _param_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -233,5 +230,6 @@ def _names_method(msg: str, q: Any) -> bool:
 
 
 def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (where ``hf_quantizer`` lives), or the model itself."""
+    """The transformers model inside a wrapper (``PeftModel.get_base_model()``; where ``hf_quantizer`` lives), or
+    the model itself (an entry that replaces modules in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
