@@ -98,14 +98,15 @@ def saved_model_dir(arch: str, seed: int = 0) -> Path:
 
 
 def bnb_config(bits: int, *, quant_type: str = "nf4", double_quant: bool = False,
-               compute_dtype: torch.dtype = torch.float32) -> Any:
-    """The ``BitsAndBytesConfig`` users pass for 4-bit (NF4/FP4) or 8-bit loading."""
+               compute_dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8) -> Any:
+    """The ``BitsAndBytesConfig`` users pass for 4-bit (NF4/FP4) or 8-bit loading (``quant_storage``: the 4-bit
+    payload's dtype, a float one as FSDP-QLoRA loads it)."""
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage,
         )
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -119,11 +120,12 @@ def _device_map(device: str) -> Any:
 
 @functools.cache
 def _loaded(arch: str, bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
-            seed: int, device: str = "cpu") -> nn.Module:
+            seed: int, device: str = "cpu", quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     with quiet_transformers():
         return _model_class(arch).from_pretrained(
             saved_model_dir(arch, seed), quantization_config=bnb_config(
-                bits, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype),
+                bits, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
+                quant_storage=quant_storage),
             device_map=_device_map(device), local_files_only=True, **dtype_kwarg(torch.float32),
         )
 
@@ -173,13 +175,14 @@ def dtype_kwarg(dtype: torch.dtype, version: str | None = None) -> dict[str, tor
 
 
 def load_quantized(arch: str, bits: int, *, quant_type: str = "nf4", double_quant: bool = False,
-                   compute_dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu") -> nn.Module:
+                   compute_dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu",
+                   quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """A fresh (deep-copied) tiny ``arch`` causal LM loaded with a bitsandbytes ``bits``-bit config on ``device``.
 
     The first call per setting runs ``from_pretrained(quantization_config=..., device_map=...)``;
     later calls copy that model, so callers may mutate what they get.
     """
-    model = _loaded(arch, bits, quant_type, double_quant, compute_dtype, seed, device)
+    model = _loaded(arch, bits, quant_type, double_quant, compute_dtype, seed, device, quant_storage)
     return copy.deepcopy(model)
 
 

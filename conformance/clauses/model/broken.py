@@ -31,6 +31,17 @@ def attach_random_b(layer: nn.Module, spec: AdapterSpec) -> None:
                 b.weight.copy_(torch.randn(b.weight.shape, generator=gen).to(b.weight) * 0.01)
 
 
+class _Wrapper(nn.Module):
+    """A wrapper that passes the forward through and casts like any ``nn.Module`` (as ``PeftModel`` does)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.model(**kwargs)
+
+
 class _Entry(ReferenceModelEntry):
     bug = ""
 
@@ -60,6 +71,8 @@ class _Entry(ReferenceModelEntry):
 
     def attach(self, model: nn.Module, targets: list[str], spec: Any) -> nn.Module:
         out = super().attach(model, targets, spec)
+        if self.bug == "bypass":  # a plain nn.Module wrapper: its .to/.half/.float skip transformers' refusals
+            return _Wrapper(out)
         if self.bug == "in-memory":
             for layer in self.adapter_layers(out).values():  # kept outside the module's parameters
                 object.__setattr__(layer.base_layer, "_pre_merge_weight", layer.base_layer.weight)
@@ -121,3 +134,4 @@ BROKEN["MODEL-SAVE-MERGED"] = BrokenEntry("merged-weight-only-in-memory", "in-me
 BROKEN["MODEL-SET-ADAPTER"] = BrokenEntry("set-adapter-adds", "set-adds")
 BROKEN["MODEL-DISABLE"] = BrokenEntry("disable-skips-a-module", "disable-skips-one")
 BROKEN["MODEL-DELETE-ADAPTER"] = BrokenEntry("delete-only-deactivates", "delete-deactivates")
+BROKEN["MODEL-DTYPE-MOVE"] = BrokenEntry("wrapper-bypasses-the-refusal", "bypass")

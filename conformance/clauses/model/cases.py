@@ -51,3 +51,21 @@ def greedy(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                          min_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[:, ids.shape[1]:]
+
+
+#: the 4-bit payload dtypes of the dtype-move clause (``bnb_4bit_quant_storage``); 8-bit bases have one
+QUANT_STORAGES = (torch.uint8, torch.bfloat16, torch.float32)
+
+#: the dtype moves users call on a model: name -> (the call, the dtype it casts floating tensors to)
+DTYPE_MOVES: dict[str, tuple[Any, torch.dtype]] = {
+    "to(torch.float16)": (lambda m: m.to(torch.float16), torch.float16),
+    "half()": (lambda m: m.half(), torch.float16),
+    "bfloat16()": (lambda m: m.bfloat16(), torch.bfloat16),
+    "float()": (lambda m: m.float(), torch.float32),
+}
+
+
+def load_stored(bits: int, storage: torch.dtype, seed: int, device: str) -> nn.Module:
+    """A fresh tiny model quantized at load time, its 4-bit payload stored as ``storage``, in eval mode."""
+    kw = {"quant_storage": storage} if bits == 4 else {}
+    return tinymodels.load_quantized(ARCH, bits, seed=seed, device=device, **kw).eval()

@@ -302,3 +302,60 @@ def check_delete_adapter(ctx: CheckContext) -> None:
                                 f"name it, e.g. {left[:3]}")
             y = _step(ctx, label, "the forward after the delete", lambda: mcases.logits(adapted, ids))
             _same(ctx, label, y, y_first, f"after deleting {SECOND!r} the logits differ from those with {NAME!r} alone")
+
+
+# -- dtype moves on the model the entry returns -------------------------------------------------------------------
+def _bare_refuses(move: Any, bits: int, storage: torch.dtype, ctx: CheckContext) -> bool:
+    """Whether transformers refuses ``move`` on the bare quantized model (a throwaway copy)."""
+    try:
+        move(mcases.load_stored(bits, storage, ctx.seed, ctx.device))
+    except (TypeError, ValueError, NotImplementedError):
+        return True
+    return False
+
+
+def _snapshots(model: torch.nn.Module) -> dict[str, qlayers.LayerSnapshot]:
+    return {n: qlayers.snapshot(m) for n, m in sorted(tinymodels.bnb_layers(model).items())}
+
+
+def _changed(before: dict[str, qlayers.LayerSnapshot], model: torch.nn.Module) -> dict[str, list[str]]:
+    now = tinymodels.bnb_layers(model)
+    out = {n: before[n].differences(qlayers.snapshot(now[n])) if n in now else ["gone"] for n in before}
+    return {n: d for n, d in out.items() if d}
+
+
+@check("MODEL-DTYPE-MOVE")
+def check_dtype_move(ctx: CheckContext) -> None:
+    for method, bits in ctx.cases():
+        for storage in (mcases.QUANT_STORAGES if bits == 4 else (torch.int8,)):
+            for move_name, (move, dtype) in mcases.DTYPE_MOVES.items():
+                label = f"{method}/{bits}bit, quant_storage {str(storage).removeprefix('torch.')}, adapted.{move_name}"
+                bare_refuses = _bare_refuses(move, bits, storage, ctx)
+                # what transformers lets through on the bare model reaches bitsandbytes' cast of a float payload
+                known = (ctx.known_upstream(upstream.FLOAT_STORAGE_CAST)
+                         if bits == 4 and storage.is_floating_point and storage != dtype and not bare_refuses else None)
+                with ctx.case(label, known=known):
+                    entry = ctx.impl.model
+                    model = _step(ctx, label, "loading the model",
+                                  lambda storage=storage: mcases.load_stored(bits, storage, ctx.seed, ctx.device))
+                    adapted = _step(ctx, label, "attach", lambda: entry.attach(model, mcases.TARGETS, _spec(method)))
+                    before = _snapshots(adapted)
+                    try:
+                        moved = move(adapted)
+                    except (TypeError, ValueError, NotImplementedError) as exc:
+                        changed = _changed(before, adapted)
+                        ctx.measure("refused", int(ctx.measurements.get("refused", 0)) + 1)
+                        ctx.check(not changed, f"{label}: refused ({type(exc).__name__}), but the cast changed the "
+                                               f"quantized base of {len(changed)} layer(s), e.g. "
+                                               f"{next(iter(changed.items()), None)}")
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - neither a refusal nor a move: fails, named
+                        ctx.fail(f"{label}: raised {type(exc).__name__}: {exc}")
+                    changed = _changed(before, moved)
+                    ctx.check(not changed, f"{label}: the cast changed the quantized base of {len(changed)} layer(s) "
+                                           f"(e.g. {next(iter(changed.items()), None)})"
+                                           + ("; transformers refuses this move on the bare model, the returned "
+                                              "model let it through" if bare_refuses else ""))
+                    y = _step(ctx, label, "the forward after the move",
+                              lambda moved=moved: mcases.logits(moved, mcases.input_ids(ctx.device, ctx.seed)))
+                    ctx.check(bool(torch.isfinite(y).all()), f"{label}: non-finite logits after the move")
