@@ -33,6 +33,7 @@ LIBRARIES = ("bitsandbytes", "transformers")
 #: bitsandbytes versions it is known for: suites/test_paths.py)
 CPU_PACKED_SHAPE = "cpu-packed-shape"  #: an eval forward repacks a shape the repack refuses
 CPU_PACKED_TRAIN_GRAD = "cpu-packed-train-grad"  #: a forward with grad whose base input requires grad, once repacked
+CPU_PACKED_NO_GRAD = "cpu-packed-no-grad"  #: a bias-free train-mode forward, once repacked: no gradient to its input
 FLOAT_STORAGE_CAST = "float-storage-cast"  #: a module dtype cast of a 4-bit payload stored as a float
 INT8_STATE_CUDA = "int8-state-cuda"  #: a CUDA move of an 8-bit layer whose int8 state a CPU forward filled
 INT8_FP16_WEIGHTS_TO_DEVICE = "int8-fp16-weights-to-device"  #: a float16 Int8Params built on the CPU, moved to CUDA
@@ -43,7 +44,7 @@ QUANTIZED_CHECKPOINT_RESAVE = "quantized-checkpoint-resave"
 CPU_PACKED_SAVE = "cpu-packed-save"
 #: transformers' Trainer rules skipped for a model marked as carrying adapters (``_hf_peft_config_loaded``)
 ADAPTER_MARK_SKIPS_RULES = "adapter-mark-skips-rules"
-SITUATIONS = (CPU_PACKED_SHAPE, CPU_PACKED_TRAIN_GRAD, FLOAT_STORAGE_CAST, INT8_STATE_CUDA, INT8_FP16_WEIGHTS_TO_DEVICE,
+SITUATIONS = (CPU_PACKED_SHAPE, CPU_PACKED_TRAIN_GRAD, CPU_PACKED_NO_GRAD, FLOAT_STORAGE_CAST, INT8_STATE_CUDA, INT8_FP16_WEIGHTS_TO_DEVICE,
               COMPILE_BIAS_CAST, QUANTIZED_CHECKPOINT_RESAVE, CPU_PACKED_SAVE, ADAPTER_MARK_SKIPS_RULES)
 
 #: CPU features an entry may need, each answered by bitsandbytes itself (``conformance.quant.layers``)

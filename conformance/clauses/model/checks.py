@@ -283,8 +283,11 @@ def check_disable(ctx: CheckContext) -> None:
 
 
 def _mentions(adapted: torch.nn.Module, name: str) -> list[str]:
-    """State-dict keys and module paths with a component ``name``."""
-    keys = list(adapted.state_dict()) + [n for n, _ in adapted.named_modules()]
+    """Parameter, buffer and module paths with a component ``name`` (not ``state_dict()``: on a CPU with AVX512-BF16
+    it un-packs every repacked 4-bit layer in place, and the next forward packs it again with other weights;
+    xfails/bitsandbytes/cpu_packed_state_dict.py)."""
+    keys = [n for n, _ in adapted.named_parameters()] + [n for n, _ in adapted.named_buffers()]
+    keys += [n for n, _ in adapted.named_modules()]
     return sorted({k for k in keys if name in k.split(".")})
 
 
@@ -293,7 +296,7 @@ def check_delete_adapter(ctx: CheckContext) -> None:
     for method, bits, path, label in _walk(ctx):
         with ctx.case(label):
             entry, adapted, ids, y_first = _with_second(ctx, method, bits, path, label)
-            ctx.check(bool(_mentions(adapted, SECOND)), f"{label}: no state-dict key or module path names the added "
+            ctx.check(bool(_mentions(adapted, SECOND)), f"{label}: no parameter, buffer or module path names the added "
                                                         f"adapter {SECOND!r}")
             _step(ctx, label, f"set_adapter({NAME!r})", lambda: entry.set_adapter(adapted, NAME))
             _step(ctx, label, f"delete_adapter({SECOND!r})", lambda: entry.delete_adapter(adapted, SECOND))

@@ -62,8 +62,8 @@ declare(
 
 declare(
     "MODEL-DELETE-ADAPTER", "MUST",
-    "Deleting the inactive one of two adapters removes its modules and tensors from the model (no state-dict key or "
-    "module path names it) and leaves the logits of the active one bit-identical.",
+    "Deleting the inactive one of two adapters removes its modules and tensors from the model (no parameter, buffer "
+    "or module path names it) and leaves the logits of the active one bit-identical.",
     source=SOURCE + "; peft v0.21.2 src/peft/peft_model.py PeftModel.delete_adapter",
     requires=["model", "multi_adapter", "delete_adapter"], area="model",
 )

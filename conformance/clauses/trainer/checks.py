@@ -39,6 +39,7 @@ All clauses run on the CPU (``use_cpu=True``, ``device_map="cpu"``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import warnings
@@ -133,13 +134,18 @@ def trainer_verdict(model: nn.Module) -> tuple[bool, str]:
     return True, ""
 
 
-def _each_case(ctx: CheckContext, run: Callable[[str, int], None]) -> None:
-    """Run every (method, bits) case, then fail once listing every failing case (not just the first)."""
+def _each_case(ctx: CheckContext, run: Callable[[str, int], None], known: Any = None) -> None:
+    """Run every (method, bits) case, then fail once listing every failing case (not just the first). ``known``: a
+    listed upstream failure (``ctx.known_upstream``) the 4-bit cases may meet: those run as cases of their own, an
+    ``xfailed`` while the entry's error shows."""
     failures, passed = [], []
     for method, bits in ctx.cases():
         try:
-            with tinymodels.cpu_rng():  # CPU-only clauses: Trainer's set_seed must not touch CUDA
-                run(method, bits)
+            with contextlib.ExitStack() as stack:
+                if known is not None and bits == 4:
+                    stack.enter_context(ctx.case(f"{method}-{bits}bit", known=known))
+                with tinymodels.cpu_rng():  # CPU-only clauses: Trainer's set_seed must not touch CUDA
+                    run(method, bits)
         except AssertionError as exc:  # ClauseFailure included
             failures.append(str(exc))
         else:
@@ -308,7 +314,10 @@ def check_peft_trains(ctx: CheckContext) -> None:
 def check_eval_then_train(ctx: CheckContext) -> None:
     """Trainer.evaluate runs ``model.eval()`` + no-grad forwards, then training resumes in train mode."""
     _record_source(ctx)
-    _each_case(ctx, lambda method, bits: train_and_check(ctx, "llama", method, bits, eval_steps=2))
+    # on a CPU with AVX512-BF16 the evaluation repacks every 4-bit layer, and no gradient crosses a repacked layer
+    # any more (xfails/bitsandbytes.ini cpu-packed-no-grad)
+    _each_case(ctx, lambda method, bits: train_and_check(ctx, "llama", method, bits, eval_steps=2),
+               known=ctx.known_upstream(upstream.CPU_PACKED_NO_GRAD))
 
 
 def _compile_ways(entry: Any) -> dict[str, tuple[bool, Callable[[str, int, str, int], nn.Module]]]:
