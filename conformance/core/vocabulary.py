@@ -112,8 +112,8 @@ DOCS: dict[Capability, str] = {
     Capability.INPUT_CAST: "the layer casts its input to the adapter dtype (AdapterSpec.dtype) before the adapter "
                            "path, so inputs of any float dtype work with float32 adapters",
     Capability.MODEL: "a model-level entry (implementation.model, a ModelEntry): attaches adapters to a transformers "
-                      "model by target module names, merges and unloads, saves and loads the adapter (the MODEL-* "
-                      "clauses)",
+                      "model by target module names, merges and unloads, saves and loads the adapter, adds, "
+                      "activates, disables and deletes adapters (the MODEL-* and TRAINER-* clauses)",
     Capability.DISTRIBUTED: "layers built by create() train under torch DistributedDataParallel (adapter tensors "
                             "registered as parameters, deterministic under torch.manual_seed, implementation "
                             "object picklable for spawned ranks)",
