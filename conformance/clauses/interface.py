@@ -146,6 +146,12 @@ class ModelEntry(Protocol):
     def delete_adapter(self, adapted: nn.Module, name: str) -> None:
         """Remove the adapter ``name`` (its modules and tensors) from every adapted module."""
 
+    # capability ``prepare`` (clauses MODEL-PREPARE, MODEL-GRAD-CHECKPOINT, MODEL-FIRST-STEPS)
+    def prepare(self, model: nn.Module, gradient_checkpointing: dict[str, Any] | None = None) -> nn.Module:
+        """``model`` (freshly loaded, before ``attach``) made ready for training the adapters: every base parameter
+        frozen, and with ``gradient_checkpointing`` (the kwargs of ``torch.utils.checkpoint``, e.g.
+        ``{"use_reentrant": False}``) checkpointing on and the input embeddings' output requiring grad."""
+
 
 class ImplementationBase:
     """Convenience base with the protocol's attributes (no method, no capability, no limitation)."""

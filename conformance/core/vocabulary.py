@@ -80,6 +80,7 @@ class Capability(NamedEnum):
     INPUT_CAST = "input_cast"
     # whole models
     MODEL = "model"
+    PREPARE = "prepare"
     DISTRIBUTED = "distributed"
     # dense twins (the TWIN-* clauses)
     DENSE_TWIN = "dense_twin"
@@ -114,6 +115,8 @@ DOCS: dict[Capability, str] = {
     Capability.MODEL: "a model-level entry (implementation.model, a ModelEntry): attaches adapters to a transformers "
                       "model by target module names, merges and unloads, saves and loads the adapter, adds, "
                       "activates, disables and deletes adapters (the MODEL-* and TRAINER-* clauses)",
+    Capability.PREPARE: "the model entry prepares a quantized model for training (ModelEntry.prepare: PEFT's "
+                        "prepare_model_for_kbit_training; MODEL-PREPARE, MODEL-GRAD-CHECKPOINT, MODEL-FIRST-STEPS)",
     Capability.DISTRIBUTED: "layers built by create() train under torch DistributedDataParallel (adapter tensors "
                             "registered as parameters, deterministic under torch.manual_seed, implementation "
                             "object picklable for spawned ranks)",

@@ -6,7 +6,9 @@ of the ``PeftModel`` wrapped as a protocol layer (``PeftAdapterLayer``), named a
 ``base_model.model.`` prefix taken off); ``merge_and_unload``: ``PeftModel.merge_and_unload()``; ``save_adapter``:
 ``PeftModel.save_pretrained(path)``; ``load_adapter``: ``PeftModel.from_pretrained(model, path)``; ``add_adapter``:
 ``PeftModel.add_adapter(name, config)``; ``set_adapter``: ``PeftModel.set_adapter(name)``; ``disabled``:
-``PeftModel.disable_adapter()`` (a context manager); ``delete_adapter``: ``PeftModel.delete_adapter(name)``.
+``PeftModel.disable_adapter()`` (a context manager); ``delete_adapter``: ``PeftModel.delete_adapter(name)``;
+``prepare``: ``peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=...,
+gradient_checkpointing_kwargs=...)``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ class PeftModelEntry:
 
     def delete_adapter(self, adapted: nn.Module, name: str) -> None:
         adapted.delete_adapter(name)
+
+    def prepare(self, model: nn.Module, gradient_checkpointing: dict[str, Any] | None = None) -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.api.peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=gradient_checkpointing is not None,
+                gradient_checkpointing_kwargs=gradient_checkpointing)
 
     @staticmethod
     def _method(adapted: nn.Module) -> str:

@@ -37,6 +37,8 @@ ADAPTER_FILE = "adapter.safetensors"
 SPEC_FILE = "adapter.json"
 #: transformers' mark of a model with adapters injected in place (read by Trainer's quantized-model check)
 ADAPTERS_MARK = "_hf_peft_config_loaded"
+#: the quantized payloads ``prepare`` never casts
+QUANTIZED_PARAMS = (bnb.nn.Params4bit, bnb.nn.Int8Params)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -103,6 +105,22 @@ class ReferenceModelEntry:
         finally:
             for layer in layers:
                 layer.enable_adapters(True)
+
+    def prepare(self, model: nn.Module, gradient_checkpointing: dict[str, Any] | None = None) -> nn.Module:
+        """What PEFT's ``prepare_model_for_kbit_training`` does for a bitsandbytes model, written out: freeze every
+        parameter, cast float16/bfloat16 parameters that are not quantized payloads to float32 (layer norms, the
+        embeddings, the head), and with ``gradient_checkpointing`` turn transformers' checkpointing on with those
+        kwargs and make the input embeddings' output require grad (reentrant checkpointing passes no gradient into
+        a segment whose inputs do not require it: the adapters inside would get none)."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+            if p.dtype in (torch.float16, torch.bfloat16) and not isinstance(p, QUANTIZED_PARAMS):
+                p.data = p.data.to(torch.float32)
+        if gradient_checkpointing is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(gradient_checkpointing))
+            if getattr(model, "_require_grads_hook", None) is None:  # transformers 5.x registers it itself above
+                model.enable_input_require_grads()
+        return model
 
     def delete_adapter(self, adapted: nn.Module, name: str) -> None:
         for layer in self.adapter_layers(adapted).values():

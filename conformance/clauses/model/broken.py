@@ -69,8 +69,25 @@ class _Entry(ReferenceModelEntry):
             first.forward = forward
         return out
 
+    def prepare(self, model: nn.Module, gradient_checkpointing: dict[str, Any] | None = None) -> nn.Module:
+        out = super().prepare(model, gradient_checkpointing)
+        if self.bug == "cast-payload":  # every parameter to float32, the quantized payloads too
+            for p in out.parameters():
+                p.data = p.data.to(torch.float32)
+        if self.bug == "no-input-grads" and gradient_checkpointing is not None:  # the embeddings' hook removed
+            out.disable_input_require_grads()
+        return out
+
     def attach(self, model: nn.Module, targets: list[str], spec: Any) -> nn.Module:
         out = super().attach(model, targets, spec)
+        if self.bug == "norms-trainable":  # the layer norms left trainable next to the adapter
+            for n, p in out.named_parameters():
+                if "norm" in n:
+                    p.requires_grad_(True)
+        if self.bug == "frozen-adapter":  # the adapter's tensors frozen
+            for layer in self.adapter_layers(out).values():
+                for t in layer.adapter_parameters(spec.adapter_name).values():
+                    t.requires_grad_(False)
         if self.bug == "bypass":  # a plain nn.Module wrapper: its .to/.half/.float skip transformers' refusals
             return _Wrapper(out)
         if self.bug == "in-memory":
@@ -135,3 +152,7 @@ BROKEN["MODEL-SET-ADAPTER"] = BrokenEntry("set-adapter-adds", "set-adds")
 BROKEN["MODEL-DISABLE"] = BrokenEntry("disable-skips-a-module", "disable-skips-one")
 BROKEN["MODEL-DELETE-ADAPTER"] = BrokenEntry("delete-only-deactivates", "delete-deactivates")
 BROKEN["MODEL-DTYPE-MOVE"] = BrokenEntry("wrapper-bypasses-the-refusal", "bypass")
+BROKEN["MODEL-PREPARE"] = BrokenEntry("prepare-casts-the-payload", "cast-payload")
+MORE.append(("MODEL-PREPARE", BrokenEntry("attach-leaves-norms-trainable", "norms-trainable")))
+BROKEN["MODEL-GRAD-CHECKPOINT"] = BrokenEntry("checkpointing-without-input-grads", "no-input-grads")
+BROKEN["MODEL-FIRST-STEPS"] = BrokenEntry("adapter-frozen-at-attach", "frozen-adapter")

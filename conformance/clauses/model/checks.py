@@ -8,7 +8,6 @@ identity, where a merge or a save that drops the adapter passes).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,7 +16,14 @@ from conformance import tinymodels
 from conformance.clauses.clause import check
 from conformance.clauses.interface import AdapterSpec
 from conformance.clauses.model import cases as mcases
-from conformance.clauses.observe import recorded_warnings
+from conformance.clauses.model import training  # noqa: F401  (binds the training-path checks)
+from conformance.clauses.model.steps import ADAPTER_KEYS, NAME
+from conformance.clauses.model.steps import adapted_model as _adapted
+from conformance.clauses.model.steps import changed as _changed
+from conformance.clauses.model.steps import snapshots as _snapshots
+from conformance.clauses.model.steps import spec as _spec
+from conformance.clauses.model.steps import step as _step
+from conformance.clauses.model.steps import walk as _walk
 from conformance.clauses.twin import cases as tcases
 from conformance.core import upstream
 from conformance.numerics import max_ratio
@@ -28,45 +34,6 @@ from conformance.quant import validate as qvalidate
 
 if TYPE_CHECKING:
     from conformance.clauses.context import CheckContext
-
-NAME = "default"
-#: parameter names that only an adapter has (what "no adapter tensor left" looks for after an unload)
-ADAPTER_KEYS = ("lora_", "oft_", "magnitude_vector")
-
-
-def _step(ctx: CheckContext, label: str, what: str, fn: Callable[[], Any]) -> Any:
-    try:
-        with recorded_warnings():
-            return fn()
-    except Exception as exc:  # noqa: BLE001 - a step that raises fails the clause, named
-        ctx.fail(f"{label}: {what} raised {type(exc).__name__}: {exc}")
-
-
-def _walk(ctx: CheckContext) -> Iterator[tuple[str, int, str, str]]:
-    for method, bits in ctx.cases():
-        for path in mcases.LOAD_PATHS:
-            yield method, bits, path, f"{method}/{bits}bit, {path}"
-
-
-def _spec(method: str) -> AdapterSpec:
-    return AdapterSpec(method, NAME, mcases.params(method))
-
-
-def _adapted(ctx: CheckContext, method: str, bits: int, path: str, label: str
-             ) -> tuple[Any, torch.nn.Module, dict[str, torch.nn.Module], torch.Tensor, torch.Tensor]:
-    """(entry, adapted model, its adapter layers, the input ids, the adapted logits): the adapter attached and
-    perturbed away from its init."""
-    entry = ctx.impl.model
-    model = _step(ctx, label, "loading the model", lambda: mcases.load(path, bits, ctx.seed, ctx.device))
-    adapted = _step(ctx, label, "attach", lambda: entry.attach(model, mcases.TARGETS, _spec(method)))
-    layers = _step(ctx, label, "adapter_layers", lambda: entry.adapter_layers(adapted))
-    gen = ctx.generator(offset=11)
-    for _, layer in sorted(layers.items()):
-        tcases.perturb(layer, gen)
-    ids = mcases.input_ids(ctx.device, ctx.seed)
-    y = _step(ctx, label, "the adapted forward", lambda: mcases.logits(adapted, ids))
-    return entry, adapted, layers, ids, y
-
 
 @check("MODEL-ATTACH")
 def check_attach(ctx: CheckContext) -> None:
@@ -315,16 +282,6 @@ def _bare_refuses(move: Any, bits: int, storage: torch.dtype, ctx: CheckContext)
     except (TypeError, ValueError, NotImplementedError):
         return True
     return False
-
-
-def _snapshots(model: torch.nn.Module) -> dict[str, qlayers.LayerSnapshot]:
-    return {n: qlayers.snapshot(m) for n, m in sorted(tinymodels.bnb_layers(model).items())}
-
-
-def _changed(before: dict[str, qlayers.LayerSnapshot], model: torch.nn.Module) -> dict[str, list[str]]:
-    now = tinymodels.bnb_layers(model)
-    out = {n: before[n].differences(qlayers.snapshot(now[n])) if n in now else ["gone"] for n in before}
-    return {n: d for n, d in out.items() if d}
 
 
 @check("MODEL-DTYPE-MOVE")

@@ -81,3 +81,31 @@ declare(
     "bitsandbytes 0.50.2 nn/modules.py Params4bit.to",
     requires=["model"], area="model",
 )
+
+TRAIN_SOURCE = ("peft v0.21.2 src/peft/utils/other.py prepare_model_for_kbit_training; transformers 5.x "
+                "modeling_utils.py gradient_checkpointing_enable / enable_input_require_grads; torch 2.13 "
+                "torch/utils/checkpoint.py (use_reentrant); QLoRA arXiv:2305.14314 Sec. 3 (gradient checkpointing)")
+
+declare(
+    "MODEL-PREPARE", "MUST",
+    "Preparing a quantized model for training (the entry's prepare, then attach) leaves every bitsandbytes layer's "
+    "payload and quant state bit-identical and exactly the adapter's tensors trainable; the model's parameter dtypes "
+    "after preparation are reported.",
+    source=TRAIN_SOURCE, requires=["model", "prepare"], area="model",
+)
+
+declare(
+    "MODEL-GRAD-CHECKPOINT", "MUST",
+    "With gradient checkpointing on (reentrant and non-reentrant), the adapter gradients of a loss on a fixed batch "
+    "are bit-identical to those without it on the CPU (the recomputed forward is the same computation), and every "
+    "adapter tensor gets a gradient.",
+    source=TRAIN_SOURCE, requires=["model", "prepare"], area="model",
+)
+
+declare(
+    "MODEL-FIRST-STEPS", "MUST",
+    "The first optimizer steps (SGD on a fixed batch, non-reentrant gradient checkpointing) give a finite loss and "
+    "finite adapter gradients that are not all zero, change the adapter, and leave every bitsandbytes layer "
+    "bit-identical; the memory preparation and a step take is reported (resident-set growth; the CUDA peak on CUDA).",
+    source=TRAIN_SOURCE, requires=["model", "prepare"], area="model",
+)
