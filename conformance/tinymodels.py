@@ -149,9 +149,15 @@ def load_saved(arch: str, path: str | Path, *, device: str = "cpu") -> nn.Module
                                                   **dtype_kwarg(torch.float32))
 
 
-def load_from_quantized_checkpoint(arch: str, bits: int, *, seed: int = 0, device: str = "cpu") -> nn.Module:
-    """A fresh tiny ``arch`` model read back from its quantized checkpoint (``quantized_checkpoint_dir``)."""
+@functools.cache
+def _read_back(arch: str, bits: int, seed: int, device: str) -> nn.Module:
     return load_saved(arch, quantized_checkpoint_dir(arch, bits, seed, device), device=device)
+
+
+def load_from_quantized_checkpoint(arch: str, bits: int, *, seed: int = 0, device: str = "cpu") -> nn.Module:
+    """A fresh tiny ``arch`` model read back from its quantized checkpoint (``quantized_checkpoint_dir``): read once
+    per process, then deep-copied as ``load_quantized`` does, so callers may mutate what they get."""
+    return copy.deepcopy(_read_back(arch, bits, seed, device))
 
 
 def model_class(arch: str) -> Any:
