@@ -35,6 +35,7 @@ from conformance.quant import validate as qvalidate
 if TYPE_CHECKING:
     from conformance.clauses.context import CheckContext
 
+
 @check("MODEL-ATTACH")
 def check_attach(ctx: CheckContext) -> None:
     for method, bits, path, label in _walk(ctx):
