@@ -216,6 +216,18 @@ def _in_env(ctx: CheckContext, what: str, fn: Callable[[], Any]) -> Any:
         ctx.fail(f"{what} raised {raised(exc)}")
 
 
+#: Which load path builds each (method, bits) case (the model area's builders, ``tinymodels``): quantized at load time
+#: from a float checkpoint, or read back from a quantized checkpoint; each path meets every method and bit width.
+CHECKPOINT_CASES: frozenset[tuple[str, int]] = frozenset({("lora", 8), ("oft", 4), ("dora", 8)})
+
+
+def load_for(arch: str, method: str, bits: int, seed: int) -> tuple[nn.Module, str]:
+    """(a fresh tiny model, its load path) for the (method, bits) case (``CHECKPOINT_CASES``)."""
+    if (method, bits) in CHECKPOINT_CASES:
+        return tinymodels.load_from_quantized_checkpoint(arch, bits, seed=seed), "quantized checkpoint"
+    return tinymodels.load_quantized(arch, bits, seed=seed), "quantized at load"
+
+
 def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eval_steps: int = 0) -> None:
     """Train a quantized ``arch`` model with ``method`` adapters for TRAIN_STEPS steps and check the outcome.
 
@@ -223,11 +235,13 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
     only adapter parameters changed, every bitsandbytes layer bit-identical. With ``eval_steps``
     the Trainer also evaluates on the same batch every ``eval_steps`` steps (``eval_strategy``).
     """
-    label = _label(arch, bits, method) + (f" (evaluating every {eval_steps} steps)" if eval_steps else "")
+    base, path = load_for(arch, method, bits, ctx.seed)
+    label = (_label(arch, bits, method) + f" ({path}" + (f", evaluating every {eval_steps} steps)" if eval_steps
+                                                          else ")"))
     batch = tinymodels.fixed_batch(seed=ctx.seed)
     dataset = tinymodels.as_dataset(batch)
     entry = ctx.impl.model
-    model, why = adapted_or_why(entry, tinymodels.load_quantized(arch, bits, seed=ctx.seed), method, arch)
+    model, why = adapted_or_why(entry, base, method, arch)
     if model is None:  # the user cannot train this combination with the installed library: a failure, not a crash
         ctx.fail(f"{label}: {why}")
     layers = tinymodels.bnb_layers(model)
