@@ -32,7 +32,7 @@ pytestmark = pytest.mark.cpu_only
 ROOT = Path(__file__).resolve().parents[1]
 SESSIONS = ("tests", "report", "lint", "gpu", "matrix_report", "regress", "bench", "compare", "stateful",
             "compare_impls")
-COMMANDS = (*SESSIONS, "matrix", "list", "impl")
+COMMANDS = (*SESSIONS, "matrix", "list", "impl", "joined")
 GPU_LABELS = ["self-hosted", "linux", "x64", "gpu"]
 
 
@@ -85,7 +85,7 @@ def test_every_command_answers_help(command: str, capsys: pytest.CaptureFixture[
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert text.startswith(f"usage: python -m conformance.ci {command}"), text[:200]
-    assert "--fresh" in text or command in ("matrix_report", "list")
+    assert "--fresh" in text or command in ("matrix_report", "list", "joined")
 
 
 @pytest.mark.e2e
