@@ -15,6 +15,26 @@ def version_tuple(v: object) -> tuple[int, ...]:
     return tuple(int(x) for x in str(v or "").split("+")[0].split(".") if x.isdigit())
 
 
+def _device_of(path: Path, doc: object) -> str | None:
+    env = doc.get("environment", {}) if isinstance(doc, dict) else {}
+    name = path.name.lower()
+    return env.get("device") or ("cuda" if "cuda" in name else "cpu" if "cpu" in name else None)
+
+
+def device_baselines(directory: Path, device: str) -> list[Path]:
+    """Every JSON in ``directory`` recorded on ``device``, ordered by the torch, then the bitsandbytes, it ran on."""
+    found = []
+    for p in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if _device_of(p, doc) == device:
+            pk = (doc.get("environment", {}) if isinstance(doc, dict) else {}).get("packages", {})
+            found.append((tuple(version_tuple(pk.get(k)) for k in ("torch", "bitsandbytes")), p))
+    return [p for _, p in sorted(found)]
+
+
 def newest_baseline(directory: Path, device: str) -> Path | None:
     """Newest JSON in ``directory`` recorded on ``device`` (its environment.device, else the file name).
 
@@ -25,11 +45,9 @@ def newest_baseline(directory: Path, device: str) -> Path | None:
             doc = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        env = doc.get("environment", {}) if isinstance(doc, dict) else {}
-        name = p.name.lower()
-        dev = env.get("device") or ("cuda" if "cuda" in name else "cpu" if "cpu" in name else None)
-        if dev != device:
+        if _device_of(p, doc) != device:
             continue
+        env = doc.get("environment", {}) if isinstance(doc, dict) else {}
         pk = env.get("packages", {})
         vers = tuple(version_tuple(pk.get(k)) for k in ("torch", "bitsandbytes"))
         key = (str(doc.get("generated_at") or env.get("generated_at") or ""), vers, p.stat().st_mtime, p)

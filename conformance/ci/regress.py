@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from . import envs
-from .baselines import CLONE_PROBE_BASELINES, newest_baseline
+from .baselines import CLONE_PROBE_BASELINES, device_baselines, newest_baseline
 from .interpreters import gpu_visible, pick_interpreter, require_cuda, torch_info, torch_label
 from .log import banner, log, warn
 from .matrix import CPU_CONSTRAINTS, CPU_TORCH, torch_cell
@@ -69,7 +69,8 @@ def main(opts: argparse.Namespace) -> int:
             ["run", "--impl", "reference", "--impl", "peft", "--device", device, "--clauses", "BACKPROP-*",
              "--report", str(out / "backprop.json"), "--markdown", str(out / "backprop.md")],
             success=(0, 1), artefacts=("backprop.json", "backprop.md"), expect=("backprop.json",))
-    line = verdict_line(out / "clone.json", device, baseline)
+    # the banner: per case against the baseline above, then the count against every other stored one of the device
+    line = verdict_line(out / "clone.json", device, baseline, device_baselines(CLONE_PROBE_BASELINES, device))
     if line:
         banner(line)
     else:
