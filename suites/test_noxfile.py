@@ -286,6 +286,22 @@ def test_steps_fail_loudly_on_a_missing_module(tmp_path: Path, capsys: pytest.Ca
     assert [r["status"] for r in summary] == ["missing module", "ok", "ok", "failed (rc=2)", "failed (no out.json)"]
 
 
+def test_a_gpu_cell_asked_for_the_cpu_runs_there() -> None:
+    """`nox -s "matrix(<torch-axis cell>)" -- --device cpu` is not skipped where the cell's bitsandbytes has the CPU
+    backend (the noxfile asked the skip with device cuda for every GPU cell before)."""
+    gpu_cell = next(c for c in mx.CELLS if c.needs_gpu and c.cpu_runnable)
+    cpu_cell = next(c for c in mx.CELLS if not c.needs_gpu)
+    assert ci_cell.requested_device(gpu_cell, []) == "cuda" and ci_cell.requested_device(cpu_cell, []) == "cpu"
+    assert ci_cell.requested_device(gpu_cell, ["--strict", "--device", "cpu"]) == "cpu"
+    assert ci_cell.requested_device(gpu_cell, ["--device=cpu"]) == "cpu"
+    assert ci_cell.requested_device(cpu_cell, ["--device", "cuda"]) == "cuda"
+    assert ci_cell.skip_reason(gpu_cell, ci_cell.requested_device(gpu_cell, ["--device", "cpu"])) is None
+    assert "skip_reason(\n        c, requested_device(c, session.posargs))" in (ROOT / "noxfile.py").read_text()
+    old = next((c for c in mx.CELLS if c.needs_gpu and not c.cpu_runnable), None)
+    if old is not None and not ci_cell.gpu_visible()[0]:
+        assert "no CPU backend" in ci_cell.skip_reason(old, ci_cell.requested_device(old, ["--device", "cpu"]))
+
+
 def test_newest_baseline_picks_the_device(tmp_path: Path) -> None:
     assert newest_baseline(tmp_path / "none", "cuda") is None
     for name, dev, when in (("a.json", "cuda", "2026-01-01"), ("b.json", "cuda", "2026-03-01"),
