@@ -40,7 +40,8 @@ def test_banner_compares_with_every_stored_baseline_of_the_device(tmp_path: Path
     stored = device_baselines(store, "cpu")
     assert [p.name for p in stored] == ["a.json", "b.json"], "cpu only, ordered by torch"
     new = _probe(tmp_path / "new.json", "2.14.1", {"a": True, "b": False})
-    lines = verdict_line(new, "cpu", store / "b.json", stored).splitlines()
+    (store / "sub").mkdir()
+    lines = verdict_line(new, "cpu", store / "sub" / ".." / "b.json", stored).splitlines()  # b.json spelt otherwise
     assert len(lines) == 3 and lines[0].startswith("VERDICT torch 2.14.1")
     assert lines[1].startswith("vs baseline torch 2.15.0") and "clone required for 0 -> 1 cases" in lines[1]
     assert lines[2].startswith("vs baseline torch 2.13.0+cpu") and "0 no longer need it, 0 newly need it" in lines[2]

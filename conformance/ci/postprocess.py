@@ -36,7 +36,8 @@ def verdict_line(clone_json: Path, device: str, baseline: Path | None, others: S
     if not baseline:
         return head + "\nbaseline: none stored for this device"
     now = {c["id"]: bool(c.get("clone_required")) for c in doc.get("cases", [])}
-    return "\n".join([head, *(_vs(now, Path(b)) for b in (baseline, *(o for o in others if Path(o) != Path(baseline))))])
+    same = Path(baseline).resolve()
+    return "\n".join([head, *(_vs(now, Path(b)) for b in (baseline, *(o for o in others if Path(o).resolve() != same)))])
 
 
 def _vs(now: dict[str, bool], baseline: Path) -> str:
