@@ -10,6 +10,8 @@ view made inside bitsandbytes' ``torch.autograd.Function`` (``MatMul4Bit``, ``Ma
 input layout the probe's "clone required" cases differ in, and prints one JSON object:
 
 - ``is_view``: ``out._is_view()``; ``base``: ``out._base is not None``; ``grad_fn``: ``type(out.grad_fn).__name__``;
+- ``torch_alone``: the same for ``torch.nn.functional.linear`` with and without a bias on a plain weight (no
+  bitsandbytes), which is what bitsandbytes' CPU forward calls;
 - ``inplace``: what ``out += delta`` does, ``delta`` an output that needs grad as an adapter's does (``works``, or the
   exception's first line).
 
@@ -66,6 +68,19 @@ def measure(m: torch.nn.Module, shape: tuple[int, ...], dtype: torch.dtype, x_gr
     return row
 
 
+def torch_alone() -> list[dict]:
+    """The same question of ``torch.nn.functional.linear`` with a bias on a plain float weight (no bitsandbytes):
+    bitsandbytes' CPU forward returns what it returns, so a change here is torch's."""
+    torch.manual_seed(0)
+    w, b = torch.randn(OUT, IN), torch.randn(OUT)
+    out = []
+    for shape in SHAPES:
+        for bias in (True, False):
+            y = torch.nn.functional.linear(torch.randn(*shape), w, b if bias else None)
+            out.append({"rank": len(shape), "bias": bias, "is_view": y._is_view(), "base": y._base is not None})
+    return out
+
+
 def main() -> int:
     dtype = torch.float32
     doc = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "bitsandbytes": bnb.__version__,
@@ -78,6 +93,7 @@ def main() -> int:
                     doc["cases"].append({"quant": quant, "rank": len(shape), "shape": list(shape),
                                          "x_requires_grad": x_grad, "mode": mode,
                                          **measure(m, shape, dtype, x_grad, mode)})
+    doc["torch_alone"] = torch_alone()
     views = [c for c in doc["cases"] if c["is_view"]]
     doc["summary"] = {"cases": len(doc["cases"]), "views": len(views), "base_set": sum(c["base"] for c in doc["cases"]),
                       "inplace_raises": sum(c["inplace"] != "works" for c in doc["cases"]),
@@ -93,6 +109,8 @@ def main() -> int:
           f"`out += delta` raises for {s['inplace_raises']}")
     for v in s["view_cases"]:
         print("  view:", v)
+    for c in doc["torch_alone"]:
+        print(f"  torch alone: F.linear(rank-{c['rank']} input, bias={c['bias']}) is a view: {c['is_view']}")
     for c in doc["cases"]:
         if c["inplace"] != "works":
             print(f"  raises: {c['quant']} rank{c['rank']} x_requires_grad={c['x_requires_grad']} {c['mode']}: "
