@@ -40,6 +40,14 @@ def test_banner_compares_with_every_stored_baseline_of_the_device(tmp_path: Path
     stored = device_baselines(store, "cpu")
     assert [p.name for p in stored] == ["a.json", "b.json"], "cpu only, ordered by torch"
     new = _probe(tmp_path / "new.json", "2.14.1", {"a": True, "b": False})
+    # the per-case baseline of a run: the newest torch not newer than the one that runs, else the newest
+    from conformance.ci.baselines import previous_baseline
+
+    assert previous_baseline(store, "cpu", "2.14.1+cu130").name == "a.json"
+    assert previous_baseline(store, "cpu", "2.16.0").name == "b.json"
+    assert previous_baseline(store, "cpu", "2.15.0").name == "b.json"
+    assert previous_baseline(store, "cpu", "2.1.0").name == "b.json", "none older: the newest"
+    assert previous_baseline(store, "cuda", "2.14.1").name == "g.json"
     (store / "sub").mkdir()
     lines = verdict_line(new, "cpu", store / "sub" / ".." / "b.json", stored).splitlines()  # b.json spelt otherwise
     assert len(lines) == 3 and lines[0].startswith("VERDICT torch 2.14.1")

@@ -35,6 +35,23 @@ def device_baselines(directory: Path, device: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _torch_of(path: Path) -> tuple[int, ...]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ()
+    return version_tuple(((doc.get("environment") or {}).get("packages") or {}).get("torch")) if isinstance(doc, dict) \
+        else ()
+
+
+def previous_baseline(directory: Path, device: str, torch: object) -> Path | None:
+    """The stored baseline of ``device`` a run on ``torch`` is compared with case by case: the one of the newest torch
+    not newer than ``torch`` (what changed since the release before), else the newest (:func:`newest_baseline`)."""
+    target = version_tuple(torch)
+    older = [p for p in device_baselines(directory, device) if target and _torch_of(p) and _torch_of(p) <= target]
+    return older[-1] if older else newest_baseline(directory, device)
+
+
 def newest_baseline(directory: Path, device: str) -> Path | None:
     """Newest JSON in ``directory`` recorded on ``device`` (its environment.device, else the file name).
 

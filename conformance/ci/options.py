@@ -105,7 +105,8 @@ def build() -> argparse.ArgumentParser:
     rg.add_argument("--interpreter", default=None, help="without --torch: the python that has torch")
     rg.add_argument("--index-url", default=None, help="extra index for the torch install (e.g. "
                     "https://download.pytorch.org/whl/cpu)")
-    rg.add_argument("--baseline", default=None, help="default: the newest baselines/clone_probe/*.json of the device")
+    rg.add_argument("--baseline", default=None, help="default: the baselines/clone_probe/*.json of the device whose "
+                    "torch is the newest not newer than this one (else the newest); the banner counts against all")
     rg.add_argument("--out", default="reports/regress", help="default reports/regress")
     rg.add_argument("--plan", action="store_true", help="print the pins and the steps; exit")
     _fresh(rg)
