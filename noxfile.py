@@ -16,7 +16,7 @@ import nox
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # conformance.ci is stdlib-only: nox's interpreter needs no torch for it
-from conformance.ci.cell import skip_reason  # noqa: E402
+from conformance.ci.cell import requested_device, skip_reason  # noqa: E402
 from conformance.ci.impls import IMPL_ENVS  # noqa: E402
 from conformance.ci.matrix import CELLS, cell  # noqa: E402
 
@@ -59,7 +59,7 @@ def matrix(session: nox.Session, cell_id: str) -> None:
     """One version-matrix cell (conformance/ci/matrix.py) in its own reused environment -> reports/matrix/<cell>/."""
     c = cell(cell_id)
     why = None if "--help" in session.posargs or "-h" in session.posargs else skip_reason(
-        c, "cuda" if c.needs_gpu or "cuda" in session.posargs else "cpu")
+        c, requested_device(c, session.posargs))
     if why:
         session.skip(why)
     _ci(session, "matrix", cell_id)

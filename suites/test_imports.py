@@ -254,6 +254,8 @@ LIGHT_IMPORTS = [
     ("import conformance.core.report, conformance.core.join",
      ["torch", "bitsandbytes", "conformance.harness", "conformance.clauses", "conformance.ci", "conformance.quant"]),
     ("import conformance.ci.matrix_report, conformance.ci.gpu", ["torch", "conformance.harness", "conformance.clauses"]),
+    ("from conformance.ci.__main__ import main; main(['joined', '--check'])",
+     ["torch", "bitsandbytes", "peft", "conformance.harness", "conformance.clauses"]),
     ("from conformance import docs; docs.clauses_markdown(); docs.vocabulary_tables(); docs.report_format()",
      ["torch", "bitsandbytes", "hypothesis", "conformance.harness", "conformance.impls"]),
 ]

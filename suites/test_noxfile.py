@@ -32,7 +32,7 @@ pytestmark = pytest.mark.cpu_only
 ROOT = Path(__file__).resolve().parents[1]
 SESSIONS = ("tests", "report", "lint", "gpu", "matrix_report", "regress", "bench", "compare", "stateful",
             "compare_impls")
-COMMANDS = (*SESSIONS, "matrix", "list", "impl")
+COMMANDS = (*SESSIONS, "matrix", "list", "impl", "joined")
 GPU_LABELS = ["self-hosted", "linux", "x64", "gpu"]
 
 
@@ -85,7 +85,7 @@ def test_every_command_answers_help(command: str, capsys: pytest.CaptureFixture[
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert text.startswith(f"usage: python -m conformance.ci {command}"), text[:200]
-    assert "--fresh" in text or command in ("matrix_report", "list")
+    assert "--fresh" in text or command in ("matrix_report", "list", "joined")
 
 
 @pytest.mark.e2e
@@ -284,6 +284,22 @@ def test_steps_fail_loudly_on_a_missing_module(tmp_path: Path, capsys: pytest.Ca
         steps.finish("t")
     summary = json.loads((tmp_path / "steps.json").read_text())["steps"]
     assert [r["status"] for r in summary] == ["missing module", "ok", "ok", "failed (rc=2)", "failed (no out.json)"]
+
+
+def test_a_gpu_cell_asked_for_the_cpu_runs_there() -> None:
+    """`nox -s "matrix(<torch-axis cell>)" -- --device cpu` is not skipped where the cell's bitsandbytes has the CPU
+    backend (the noxfile asked the skip with device cuda for every GPU cell before)."""
+    gpu_cell = next(c for c in mx.CELLS if c.needs_gpu and c.cpu_runnable)
+    cpu_cell = next(c for c in mx.CELLS if not c.needs_gpu)
+    assert ci_cell.requested_device(gpu_cell, []) == "cuda" and ci_cell.requested_device(cpu_cell, []) == "cpu"
+    assert ci_cell.requested_device(gpu_cell, ["--strict", "--device", "cpu"]) == "cpu"
+    assert ci_cell.requested_device(gpu_cell, ["--device=cpu"]) == "cpu"
+    assert ci_cell.requested_device(cpu_cell, ["--device", "cuda"]) == "cuda"
+    assert ci_cell.skip_reason(gpu_cell, ci_cell.requested_device(gpu_cell, ["--device", "cpu"])) is None
+    assert "skip_reason(\n        c, requested_device(c, session.posargs))" in (ROOT / "noxfile.py").read_text()
+    old = next((c for c in mx.CELLS if c.needs_gpu and not c.cpu_runnable), None)
+    if old is not None and not ci_cell.gpu_visible()[0]:
+        assert "no CPU backend" in ci_cell.skip_reason(old, ci_cell.requested_device(old, ["--device", "cpu"]))
 
 
 def test_newest_baseline_picks_the_device(tmp_path: Path) -> None:

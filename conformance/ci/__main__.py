@@ -47,7 +47,29 @@ def _matrix_report(opts) -> int:  # noqa: ANN001
         for src in (js, md):
             shutil.copyfile(src, dest / f"{opts.save}{src.suffix}")
         log(f"saved {dest / opts.save}.json and .md")
+        if opts.joined:
+            _joined_write(dest)
     return 0
+
+
+def _joined_write(directory: Path) -> None:
+    from .joined import write
+
+    changed = write(directory)
+    log(f"joined every stored axis: {', '.join(str(p) for p in changed) or 'unchanged'}")
+
+
+def _joined(opts) -> int:  # noqa: ANN001
+    from .joined import DIRECTORY, write
+
+    directory = Path(opts.dir) if opts.dir else DIRECTORY
+    if not opts.check:
+        _joined_write(directory)
+        return 0
+    stale = write(directory, check=True)
+    for p in stale:
+        print(f"{p}: not what the stored axis tables give; run `python -m conformance.ci joined`", file=sys.stderr)
+    return 1 if stale else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             return regress.main(opts)
         if opts.cmd == "matrix_report":
             return _matrix_report(opts)
+        if opts.cmd == "joined":
+            return _joined(opts)
         return _list(opts)
     except CIError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ import argparse
 import datetime as _dt
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import envs
@@ -30,6 +31,17 @@ def cell_env(c: Cell, device: str) -> envs.EnvSpec:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def requested_device(c: Cell, args: Sequence[str]) -> str:
+    """The device a run of ``c`` with these command-line arguments asks for: ``--device X`` (or ``--device=X``) when
+    given, else cuda for a GPU cell and cpu for the others (what :func:`main` defaults to)."""
+    for i, a in enumerate(args):
+        if a == "--device" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+    return "cuda" if c.needs_gpu else "cpu"
 
 
 def skip_reason(c: Cell, device: str) -> str | None:

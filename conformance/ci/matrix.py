@@ -79,6 +79,8 @@ COMPANIONS: dict[str, Companions] = {
     "2.12.0": Companions(peft="0.19.1", transformers="5.10.4", accelerate="1.14.0", bnb="0.49.2"),
     "2.13.0": Companions(peft="0.21.2", transformers="5.23.0", accelerate="1.15.0", bnb="0.50.2",
                          note="the local CPU build (constraints/cpu.txt)"),
+    "2.14.1": Companions(peft="0.21.2", transformers="5.23.0", accelerate="1.15.0", bnb="0.50.2",
+                         note="between 2.13.0 and 2.15.0 with their companions: only torch changes along the axis"),
     "2.15.0": Companions(peft="0.21.2", transformers="5.23.0", accelerate="1.15.0", bnb="0.50.2",
                          note="newest torch: the cell that answers 'is the clone still needed?'"),
 }
@@ -86,7 +88,7 @@ COMPANIONS: dict[str, Companions] = {
 #: bitsandbytes releases of the bnb axis (latest patch of each minor that has the CPU backend).
 BNB_AXIS: tuple[str, ...] = ("0.48.2", "0.49.2", "0.50.2")
 #: torch releases of the torch axis (each with COMPANIONS[torch]).
-TORCH_AXIS: tuple[str, ...] = ("2.6.0", "2.11.0", "2.12.0", "2.13.0", "2.15.0")
+TORCH_AXIS: tuple[str, ...] = ("2.6.0", "2.11.0", "2.12.0", "2.13.0", "2.14.1", "2.15.0")
 #: PEFT releases of the PEFT axis: (peft, transformers, accelerate), on CPU_TORCH and
 #: COMPANIONS[CPU_TORCH].bnb. The last row is the current stack (the bnb axis' newest cell).
 PEFT_AXIS: tuple[tuple[str, str, str], ...] = (

@@ -76,6 +76,14 @@ def build() -> argparse.ArgumentParser:
     mr.add_argument("--in", dest="root", default="reports/matrix", help="directory of cell directories")
     mr.add_argument("--save", default=None, metavar="NAME", help="also copy to baselines/matrix/NAME.{json,md}")
     mr.add_argument("--tag", default=None, help="only the cells with this tag (e.g. peft-axis); others are left out")
+    mr.add_argument("--no-joined", dest="joined", action="store_false", help="with --save: do not regenerate "
+                    "baselines/matrix/joined.{json,md} (every stored axis joined)")
+
+    jo = add("joined", "every stored axis table of baselines/matrix/ joined into baselines/matrix/joined.{json,md}: "
+             "outcomes per cell and, per clause, the first cell where it changes along each axis and what changed")
+    jo.add_argument("--check", action="store_true", help="write nothing; exit 1 when the stored joined table is not "
+                    "what the stored axis tables give")
+    jo.add_argument("--dir", default=None, help="directory of the axis tables (default baselines/matrix)")
 
     im = add("impl", "one implementation in its own environment (.nox/impl-NAME) -> reports/impls/NAME.{json,md}")
     im.add_argument("name", metavar="NAME", help="implementation with its own environment, e.g. litgpt")
@@ -97,7 +105,8 @@ def build() -> argparse.ArgumentParser:
     rg.add_argument("--interpreter", default=None, help="without --torch: the python that has torch")
     rg.add_argument("--index-url", default=None, help="extra index for the torch install (e.g. "
                     "https://download.pytorch.org/whl/cpu)")
-    rg.add_argument("--baseline", default=None, help="default: the newest baselines/clone_probe/*.json of the device")
+    rg.add_argument("--baseline", default=None, help="default: the baselines/clone_probe/*.json of the device whose "
+                    "torch is the newest not newer than this one (else the newest); the banner counts against all")
     rg.add_argument("--out", default="reports/regress", help="default reports/regress")
     rg.add_argument("--plan", action="store_true", help="print the pins and the steps; exit")
     _fresh(rg)

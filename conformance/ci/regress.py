@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from . import envs
-from .baselines import CLONE_PROBE_BASELINES, newest_baseline
+from .baselines import CLONE_PROBE_BASELINES, device_baselines, previous_baseline
 from .interpreters import gpu_visible, pick_interpreter, require_cuda, torch_info, torch_label
 from .log import banner, log, warn
 from .matrix import CPU_CONSTRAINTS, CPU_TORCH, torch_cell
@@ -41,7 +41,7 @@ def main(opts: argparse.Namespace) -> int:
     spec = regress_env(opts.torch, opts.index_url, gpu_visible()[0]) if opts.torch else None
     if opts.plan:
         print(f"regress plan: {'env ' + str(spec.path) + ', pip install ' + ' '.join(spec.pip_args()) if spec else 'installed packages (nothing installed)'}\n"
-              "  steps clone_probe (vs the newest baseline of the device), backprop_clauses (BACKPROP-*, reference+peft)",
+              "  steps clone_probe (vs the stored baseline of the device's newest torch not newer than this one), backprop_clauses (BACKPROP-*, reference+peft)",
               flush=True)
         return 0
     if spec:
@@ -57,7 +57,8 @@ def main(opts: argparse.Namespace) -> int:
         require_cuda(python, env)
     out = Path(opts.out).resolve() / f"{device}-torch{info.get('torch')}"
     out.mkdir(parents=True, exist_ok=True)
-    baseline = Path(opts.baseline) if opts.baseline else newest_baseline(CLONE_PROBE_BASELINES, device)
+    baseline = Path(opts.baseline) if opts.baseline else previous_baseline(CLONE_PROBE_BASELINES, device,
+                                                                           info.get("torch"))
     run = Steps(python, env, out)
     probe = ["probe", "clone", "--device", device, "--quiet", "--json", str(out / "clone.json")]
     if baseline:
@@ -69,7 +70,8 @@ def main(opts: argparse.Namespace) -> int:
             ["run", "--impl", "reference", "--impl", "peft", "--device", device, "--clauses", "BACKPROP-*",
              "--report", str(out / "backprop.json"), "--markdown", str(out / "backprop.md")],
             success=(0, 1), artefacts=("backprop.json", "backprop.md"), expect=("backprop.json",))
-    line = verdict_line(out / "clone.json", device, baseline)
+    # the banner: per case against the baseline above, then the count against every other stored one of the device
+    line = verdict_line(out / "clone.json", device, baseline, device_baselines(CLONE_PROBE_BASELINES, device))
     if line:
         banner(line)
     else:
