@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 #: (id(impl), device, seed) -> (impl, {world size: {case: rank records or an error string}})
 _RUNS: dict[tuple[int, str, int], tuple[Any, dict[int, dict[fsdp.Case, Any]]]] = {}
+#: the clauses this module checks (they share one spawned run per implementation object)
+CLAUSES = ("DIST-FSDP2-BASE-KEPT", "DIST-FSDP2-FORWARD", "DIST-FSDP2-GRADS-AGREE", "DIST-FSDP2-STATE-DICT",
+           "DIST-FSDP2-MERGE")
 #: words that make an exception raised by merge() of a sharded layer a clear refusal: it names the sharding
 CLEAR_REFUSAL = ("shard", "dtensor", "fsdp")
 
