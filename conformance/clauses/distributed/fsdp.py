@@ -53,7 +53,8 @@ from conformance.quant.torchnames import dtype_name
 #: training rows per rank: the batch of a world of W ranks has ROWS_PER_RANK * W rows, rank r takes its r-th block
 ROWS_PER_RANK = 4
 LR = 0.01
-PG_TIMEOUT_S = 120
+#: how long a rank waits in a collective for the others (a hang ends there; the clause's timeout bounds the run)
+PG_TIMEOUT_S = 300
 #: the adapters of the fresh stack the state dict is loaded into are drawn from the case's seed plus this
 FRESH_ADAPTER_SEED = 500
 #: the bases, by their label (``storage_label``)
@@ -338,7 +339,9 @@ def case_file(out_dir: str, world: int, case: Case, rank: int) -> Path:
 def rank_main(rank: int, worlds: tuple[int, ...], port: int, backend: str, device: str, impl: Any, cases: list[Case],
               seed: int, out_dir: str) -> None:
     """One rank of a process group of ``max(worlds)`` ranks: for each world size ``w``, the ranks below ``w`` run every
-    case in a subgroup of their own (a 1-D device mesh over it) while the others wait at the barrier that ends it."""
+    case in a subgroup of their own (a 1-D device mesh over it). Every subgroup is made first (by every rank, in the
+    same order), then the world sizes run largest first, so a rank never waits for cases it takes no part in: rank 1
+    is done when the 2-rank cases are, while rank 0 goes on alone."""
     import warnings
 
     import torch.distributed as dist
@@ -353,19 +356,20 @@ def rank_main(rank: int, worlds: tuple[int, ...], port: int, backend: str, devic
     dist.init_process_group(backend, rank=rank, world_size=max(worlds), timeout=timedelta(seconds=PG_TIMEOUT_S))
     impl = stack.rank_impl(impl)
     try:
-        for world in worlds:
-            group = dist.new_group(list(range(world)))  # every rank takes part in creating it
-            if rank < world:
-                mesh = DeviceMesh.from_group(group, device.split(":")[0])
-                for case in cases:
-                    ckpt = str(Path(out_dir) / f"{case_name(world, case)}.checkpoint")
-                    try:
-                        rec: Any = run_case(rank, world, mesh, group, impl, case, seed, device, ckpt)
-                    except Exception as exc:  # noqa: BLE001 - saved and reported by the parent as the case's failure
-                        rec = f"{type(exc).__name__}: {exc}"
-                    torch.save(rec, case_file(out_dir, world, case, rank))
-                    dist.barrier(group=group)
-            dist.barrier()
+        groups = {world: dist.new_group(list(range(world))) for world in worlds}
+        for world in sorted(worlds, reverse=True):
+            if rank >= world:
+                continue
+            group = groups[world]
+            mesh = DeviceMesh.from_group(group, device.split(":")[0])
+            for case in cases:
+                ckpt = str(Path(out_dir) / f"{case_name(world, case)}.checkpoint")
+                try:
+                    rec: Any = run_case(rank, world, mesh, group, impl, case, seed, device, ckpt)
+                except Exception as exc:  # noqa: BLE001 - saved and reported by the parent as the case's failure
+                    rec = f"{type(exc).__name__}: {exc}"
+                torch.save(rec, case_file(out_dir, world, case, rank))
+                dist.barrier(group=group)
     finally:
         dist.destroy_process_group()
 
