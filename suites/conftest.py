@@ -166,3 +166,17 @@ def ddp_reference_result() -> Any:
     from conformance.impls.reference import ReferenceImplementation
 
     return run_clause(get("DIST-DDP-GRADS-AGREE"), ReferenceImplementation())
+
+
+@pytest.fixture(scope="session")
+def fsdp_reference_results() -> dict[str, Any]:
+    """The DIST-FSDP2-* clauses for the reference on the CPU, by clause, run once per session with one implementation
+    object, so the five share one spawned process group (``conformance.clauses.distributed.fsdp_checks``):
+    suites/test_fsdp.py and the clauses' tests in suites/test_clauses.py judge these results."""
+    from conformance.clauses.clause import registry
+    from conformance.clauses.distributed.fsdp_checks import CLAUSES
+    from conformance.harness.execute import run_clause
+    from conformance.impls.reference import ReferenceImplementation
+
+    impl, clauses = ReferenceImplementation(), registry()
+    return {cid: run_clause(clauses[cid], impl) for cid in CLAUSES}

@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 
 from conformance import testing
+from conformance.clauses.distributed.fsdp_checks import CLAUSES as FSDP_CLAUSES
 from conformance.core.clause import Clause
 from conformance.impls.reference import ReferenceImplementation
 
-#: clause -> the session fixture (suites/conftest.py) holding its CPU run for the reference, shared with the
-#: clause's own tests: the DDP clause starts two ranks, run once per session
-SHARED = {"DIST-DDP-GRADS-AGREE": "ddp_reference_result"}
+#: clause -> the session fixture (suites/conftest.py) holding its CPU run for the reference (a result, or a dict of
+#: results by clause), shared with the clause's own tests: the distributed clauses start ranks, run once per session
+SHARED = {"DIST-DDP-GRADS-AGREE": "ddp_reference_result",
+          **dict.fromkeys(FSDP_CLAUSES, "fsdp_reference_results")}
 
 
 def _impl_names(config: pytest.Config) -> list[str]:
@@ -65,6 +67,7 @@ def test_clause(check, shared: str | None, clause_id: str, request: pytest.Fixtu
     if shared == "reference_results":
         check(result=testing.reference_result(clause_id, request.getfixturevalue(shared)))
     elif shared:
-        check(result=request.getfixturevalue(shared))
+        got = request.getfixturevalue(shared)
+        check(result=got[clause_id] if isinstance(got, dict) else got)
     else:
         check()

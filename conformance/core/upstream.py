@@ -44,8 +44,13 @@ QUANTIZED_CHECKPOINT_RESAVE = "quantized-checkpoint-resave"
 CPU_PACKED_SAVE = "cpu-packed-save"
 #: transformers' Trainer rules skipped for a model marked as carrying adapters (``_hf_peft_config_loaded``)
 ADAPTER_MARK_SKIPS_RULES = "adapter-mark-skips-rules"
-SITUATIONS = (CPU_PACKED_SHAPE, CPU_PACKED_TRAIN_GRAD, CPU_PACKED_NO_GRAD, FLOAT_STORAGE_CAST, INT8_STATE_CUDA, INT8_FP16_WEIGHTS_TO_DEVICE,
-              COMPILE_BIAS_CAST, QUANTIZED_CHECKPOINT_RESAVE, CPU_PACKED_SAVE, ADAPTER_MARK_SKIPS_RULES)
+#: a state dict of a 4-bit layer FSDP2 has sharded (its weight a DTensor without quant state)
+FSDP2_STATE_DICT_QUANT_STATE = "fsdp2-state-dict-quant-state"
+#: an 8-bit layer under FSDP2: the weight it gathers has none of Int8Params' CB/SCB attributes
+FSDP2_INT8_WEIGHT_ATTRS = "fsdp2-int8-weight-attrs"
+SITUATIONS = (CPU_PACKED_SHAPE, CPU_PACKED_TRAIN_GRAD, CPU_PACKED_NO_GRAD, FLOAT_STORAGE_CAST, INT8_STATE_CUDA,
+              INT8_FP16_WEIGHTS_TO_DEVICE, COMPILE_BIAS_CAST, QUANTIZED_CHECKPOINT_RESAVE, CPU_PACKED_SAVE,
+              ADAPTER_MARK_SKIPS_RULES, FSDP2_STATE_DICT_QUANT_STATE, FSDP2_INT8_WEIGHT_ATTRS)
 
 #: CPU features an entry may need, each answered by bitsandbytes itself (``conformance.quant.layers``)
 CPU_FEATURES = ("avx512_bf16",)

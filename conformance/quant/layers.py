@@ -45,19 +45,46 @@ def has_fp16_weights(layer: nn.Module) -> bool:
     return bits_of(layer) == 8 and bool(getattr(layer.weight, "has_fp16_weights", False))
 
 
+def is_sharded(layer: nn.Module) -> bool:
+    """Whether the layer's weight is a shard: a ``DTensor``, what torch's FSDP2 (``fully_shard``) leaves in the module
+    between forwards. Its bytes are this rank's part of the payload and it carries no quant state."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed: nothing is sharded
+        return False
+    return isinstance(getattr(layer, "weight", None), DTensor)
+
+
+def quant_state_of(layer: nn.Module) -> Any:
+    """The quant state of a 4-bit layer where bitsandbytes looks for it: on the weight (``Params4bit.quant_state``), else
+    on the module (``Linear4bit.quant_state``), which bitsandbytes 0.50.2 keeps for a weight that lost its own: FSDP
+    puts a plain tensor in the module, and ``Linear4bit.forward`` reattaches the module's state to it
+    (``nn/modules.py fix_4bit_weight_quant_state_from_module``). None when neither has one."""
+    qs = getattr(getattr(layer, "weight", None), "quant_state", None)
+    return qs if qs is not None else getattr(layer, "quant_state", None)
+
+
 def is_quantized(layer: nn.Module) -> bool:
     """True once bitsandbytes has packed the weight (it does so on the first ``.to(device)``). An 8-bit layer with
     ``has_fp16_weights`` never packs it: its floating weight is quantized by every forward that needs it
-    (``autograd/_functions.py``), so it is ready as it is."""
+    (``autograd/_functions.py``), so it is ready as it is. A 4-bit weight FSDP gathered back into a plain tensor
+    is quantized when the module keeps its quant state (``quant_state_of``); a sharded one is not readable here."""
     w = layer.weight
     if bits_of(layer) == 4:
-        return bool(getattr(w, "bnb_quantized", False)) and w.quant_state is not None
+        if isinstance(w, bnb.nn.Params4bit):
+            return bool(getattr(w, "bnb_quantized", False)) and w.quant_state is not None
+        return not is_sharded(layer) and quant_state_of(layer) is not None
     if has_fp16_weights(layer):
         return w.is_floating_point()
     return w.dtype == torch.int8
 
 
 def require_quantized(layer: nn.Module) -> None:
+    if is_sharded(layer):
+        raise BaseLayerError(
+            f"the base layer {type(layer).__name__} holds a shard of its weight (a DTensor: the module is sharded by "
+            "FSDP2's fully_shard), not the whole payload; unshard() the module first"
+        )
     if not is_quantized(layer):
         raise BaseLayerError(
             f"the base layer {type(layer).__name__} holds an unquantized weight; bitsandbytes quantizes "
@@ -225,7 +252,7 @@ def cpu_packed_shape_refusal(in_features: int, out_features: int, blocksize: int
 
 def is_cpu_packed(layer: nn.Module) -> bool:
     """True once bitsandbytes has repacked the 4-bit weight into its CPU layout (``packing_format_for_cpu``)."""
-    qs = getattr(getattr(layer, "weight", None), "quant_state", None)
+    qs = quant_state_of(layer)
     return bool(getattr(qs, "packing_format_for_cpu", False))
 
 
@@ -251,7 +278,7 @@ def standard_layout(layer: nn.Module) -> tuple[torch.Tensor, Any]:
     kernel multiplies by: the repack stored it as bfloat16 (and dropped double quantization), so the weight this
     describes is the one the layer computes with now, not the one it was quantized to."""
     w = layer.weight
-    qs = w.quant_state
+    qs = quant_state_of(layer)
     if not is_cpu_packed(layer):
         return w.data, qs
     state = copy.copy(qs)
@@ -267,13 +294,13 @@ def standard_layout(layer: nn.Module) -> tuple[torch.Tensor, Any]:
 def weight_dtype_of(layer: nn.Module) -> torch.dtype:
     """The dtype a 4-bit layer was quantized from (``quant_state.dtype``; a repack overwrites it with bfloat16
     and keeps the original as ``original_dtype``)."""
-    qs = layer.weight.quant_state
+    qs = quant_state_of(layer)
     return getattr(qs, "original_dtype", qs.dtype) if is_cpu_packed(layer) else qs.dtype
 
 
 def double_quant_of(layer: nn.Module) -> bool:
     """Whether a 4-bit layer was quantized with double quantization (a repack sets ``nested`` False)."""
-    qs = layer.weight.quant_state
+    qs = quant_state_of(layer)
     return bool(getattr(qs, "original_nested", qs.nested)) if is_cpu_packed(layer) else bool(qs.nested)
 
 
@@ -294,6 +321,21 @@ def dequantize(layer: nn.Module, *, on: str | torch.device | None = None) -> tor
     return bnb.functional.int8_vectorwise_dequant(*int8_of(layer, on=on)).float()
 
 
+def params4bit_settings(layer: nn.Module) -> dict[str, Any]:
+    """The ``Params4bit`` settings a 4-bit layer was quantized with (blocksize, double quant, quant type, quant storage):
+    the weight's own, or, for a weight FSDP gathered back into a plain tensor, its quant state's and the module's
+    ``quant_storage`` (``quant_state_of``). bitsandbytes' own reattachment leaves a ``Params4bit`` with its constructor
+    defaults (fp4, blocksize 64, double quant) and no ``module``, whatever the state says, so a ``Params4bit`` without
+    ``module`` is read through its state too."""
+    w = layer.weight
+    if isinstance(w, bnb.nn.Params4bit) and getattr(w, "module", None) is not None:
+        return {"blocksize": w.blocksize, "compress_statistics": w.compress_statistics, "quant_type": w.quant_type,
+                "quant_storage": w.quant_storage}
+    qs = quant_state_of(layer)
+    return {"blocksize": qs.blocksize, "compress_statistics": double_quant_of(layer), "quant_type": qs.quant_type,
+            "quant_storage": layer.quant_storage}
+
+
 def requantize(layer: nn.Module, weight: torch.Tensor) -> None:
     """Replace the layer's weight by ``weight`` quantized with the layer's original settings.
 
@@ -309,21 +351,11 @@ def requantize(layer: nn.Module, weight: torch.Tensor) -> None:
     require_quantized(layer)
     device = layer.weight.device
     if bits_of(layer) == 4:
-        old = layer.weight
         data = weight.detach().to(dtype=weight_dtype_of(layer), device="cpu").contiguous()
-        new = bnb.nn.Params4bit(
-            data,
-            requires_grad=False,
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-            module=layer,
-        )
+        new = bnb.nn.Params4bit(data, requires_grad=False, module=layer, **params4bit_settings(layer))
         layer.weight = new.to(device)
     else:
-        old = layer.weight
-        if old.has_fp16_weights:
+        if has_fp16_weights(layer):
             # built where it lives: bitsandbytes 0.50.2 ``Int8Params._quantize`` returns ``super().to(device)`` for a
             # float16 weight, a plain tensor no module takes as its parameter (xfails/bitsandbytes.ini
             # int8-fp16-weights-to-device)
@@ -367,7 +399,7 @@ def snapshot(layer: nn.Module) -> LayerSnapshot:
     if getattr(layer, "bias", None) is not None:
         t["bias"] = _flat_bytes(layer.bias.data)
     if bits_of(layer) == 4:
-        qs = layer.weight.quant_state
+        qs = quant_state_of(layer)
         for key, value in qs.as_dict(packed=False).items():
             if isinstance(value, torch.Tensor):
                 t[f"quant_state.{key}"] = _flat_bytes(value)

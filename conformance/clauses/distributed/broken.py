@@ -1,6 +1,7 @@
-"""Broken twins of the distributed clause: LoRA and DoRA broken one way per family, so one spawned process group
-shows every breakage (``suites/test_distributed.py``). Defined in the package so they pickle into the spawned ranks,
-which import this module by name."""
+"""Broken twins of the distributed clauses: LoRA and DoRA broken one way per family, so one spawned process group
+shows every breakage (DDP: ``OneBreakagePerFamily``, ``suites/test_distributed.py``; FSDP2: ``FsdpBreakages``,
+``suites/test_fsdp.py``). Defined in the package so they pickle into the spawned ranks, which import this module by
+name."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from conformance.core.vocabulary import LORA_LIKE
 from conformance.impls.reference import ReferenceImplementation
+from conformance.quant import layers as qlayers
 
 
 def per_rank_state(layer: nn.Module, base_layer: nn.Module) -> nn.Module:
@@ -45,4 +47,42 @@ class OneBreakagePerFamily(ReferenceImplementation):
             return hidden_from_ddp(layer, "lora_magnitude_vector")
         if isinstance(base_layer, bnb.nn.Linear4bit):
             return per_rank_state(layer, base_layer)
+        return hidden_from_ddp(layer)
+
+
+def merge_reads_the_shard(layer: nn.Module) -> nn.Module:
+    """``merge()`` that, on a base FSDP2 has sharded, takes the rank's shard for the whole payload: it wraps the local
+    shard in a ``Params4bit`` with the module's quant state (what bitsandbytes' own reattachment does with whatever
+    weight the module holds) and merges that. Right on one rank, where the shard is the whole payload; wrong as soon
+    as the payload is split."""
+    merge = layer.merge
+
+    def merge_local(*args: object, **kwargs: object) -> None:
+        base = layer.base_layer
+        if qlayers.is_sharded(base):
+            qs = base.quant_state
+            base.weight = bnb.nn.Params4bit(base.weight.to_local(), requires_grad=False, quant_state=qs,
+                                            blocksize=qs.blocksize, compress_statistics=qs.nested,
+                                            quant_type=qs.quant_type, quant_storage=base.quant_storage, module=base,
+                                            bnb_quantized=True)
+        merge(*args, **kwargs)
+
+    object.__setattr__(layer, "merge", merge_local)
+    return layer
+
+
+class FsdpBreakages(ReferenceImplementation):
+    """The DIST-FSDP2-* clauses' broken twin, one breakage per family so one spawned group shows both (4-bit only:
+    8-bit bases fail in bitsandbytes whatever the adapter): LoRA's lora_B created outside the wrapped module tree (a
+    plain attribute: FSDP2 neither shards it nor reduces its gradient, and the model's state dict does not hold it);
+    DoRA's merge reads the rank's shard as the whole payload (``merge_reads_the_shard``)."""
+
+    name = "fsdp2-breakages"
+    methods = frozenset({"lora", "dora"})
+    capabilities = frozenset({"4bit", "distributed"})
+
+    def create(self, base_layer, spec):
+        layer = super().create(base_layer, spec)
+        if spec.method == "dora":
+            return merge_reads_the_shard(layer)
         return hidden_from_ddp(layer)

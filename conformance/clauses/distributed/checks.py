@@ -1,11 +1,8 @@
 """Checks of area ``distributed``: adapter layers under DistributedDataParallel (2 ranks).
 
-How the ranks get the implementation: the clauses may not import the harness (so it cannot resolve a
-target string the way the loader does), hence the check pickles the implementation *object* itself
-into ``torch.multiprocessing.spawn`` (start method ``spawn``: each rank re-imports its class's module
-and unpickles it). An object that does not pickle (PEFT's wrapper holds imported modules) is sent as its
-class instead, which each rank instantiates with no arguments (a note says so); when neither works (a
-class defined in a closure, one needing constructor arguments) the clause is ``skipped`` with both errors.
+The stack, its loss and how the implementation reaches the ranks are shared with the FSDP2 clauses
+(``conformance.clauses.distributed.stack``); this module also binds those clauses' checks
+(``fsdp_checks``), the area's second checks module.
 
 One process group per implementation, device and seed: the first case family to run spawns the two
 ranks for every (method, bits) family the implementation covers and the results are kept in
@@ -45,8 +42,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import socket
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -55,11 +50,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from conformance.clauses.cases import AdapterCase, BaseCase, trained_magnitude
 from conformance.clauses.clause import check
-from conformance.clauses.interface import AdapterSpec
+from conformance.clauses.distributed import fsdp_checks  # noqa: F401 - binds the DIST-FSDP2-* checks
+from conformance.clauses.distributed.stack import (
+    DIMS,
+    INNER,
+    adapter_tensors,
+    build_stack,
+    differ,
+    free_port,
+    loss_of,
+    portable,
+    rank_impl,
+)
 from conformance.numerics import ratio as nratio
-from conformance.numerics.dora import DORA_STORE_ROUNDINGS
 from conformance.numerics.rounding import gamma_n
 from conformance.quant import layers as qlayers
 
@@ -68,54 +72,12 @@ if TYPE_CHECKING:
 
 WORLD = 2
 BATCH = 8  # per step, split in halves over the ranks
-DIMS = (32, 32, 16)  # in -> hidden -> out
 STEPS = 3
 LR = 0.01
-#: the stack's adapters, one per method
-ADAPTERS: dict[str, AdapterCase] = {
-    "lora": AdapterCase("lora", {"r": 4, "lora_alpha": 8.0, "init_lora_weights": False}),
-    "oft": AdapterCase("oft", {"r": 0, "oft_block_size": 8, "init_weights": False}),
-    "dora": AdapterCase("dora", {"r": 4, "lora_alpha": 8.0, "init_lora_weights": False}),
-}
-#: the adapter's own accumulation length (rank, OFT block size) plus, for DoRA, the values it stores along its
-#: longest forward+backward path (``conformance.numerics.dora.DORA_STORE_ROUNDINGS``: the norm's factor, ``f - 1``,
-#: the products, sums and casts its rescaling adds to LoRA's path)
-INNER = {"lora": ADAPTERS["lora"].params["r"], "oft": ADAPTERS["oft"].params["oft_block_size"],
-         "dora": ADAPTERS["dora"].params["r"] + DORA_STORE_ROUNDINGS}
 PG_TIMEOUT_S = 120
 
 #: (id(impl), device, seed) -> (impl, {(method, bits): rank records or an error string})
 _RUNS: dict[tuple[int, str, int], tuple[Any, dict[tuple[str, int], Any]]] = {}
-
-
-class _Stack(nn.Module):
-    def __init__(self, first: nn.Module, second: nn.Module) -> None:
-        super().__init__()
-        self.first, self.second = first, second
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
-
-
-def build_stack(impl: Any, method: str, bits: int, seed: int, device: str) -> tuple[_Stack, list[nn.Module]]:
-    """The 2-layer stack every rank and the parent build identically (fixed seeds, float32 adapters). A DoRA
-    magnitude is moved off the row norms (``cases.trained_magnitude``, seeded), so ``m / n != 1`` and every term of
-    DoRA's gradient matters."""
-    layers = []
-    for i, (fan_in, fan_out) in enumerate(zip(DIMS, DIMS[1:])):
-        base = BaseCase(bits, fan_in, fan_out).build(device, seed=seed + 11 * i)
-        torch.manual_seed(seed + i)
-        adapter = ADAPTERS[method]
-        layer = impl.create(base, AdapterSpec(method=adapter.method, params=dict(adapter.params), dtype="float32"))
-        if method == "dora":
-            trained_magnitude(layer, "default", torch.Generator().manual_seed(seed + 7 + i))
-        layers.append(layer)
-    return _Stack(*layers), layers
-
-
-def adapter_tensors(layers: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """The stack's adapter tensors (through the protocol's ``adapter_parameters``), by stable names."""
-    return {f"{i}.{k}": p for i, layer in enumerate(layers) for k, p in sorted(layer.adapter_parameters("default").items())}
 
 
 def base_bytes(layers: list[nn.Module]) -> dict[str, torch.Tensor]:
@@ -127,11 +89,6 @@ def batch(seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(STEPS, BATCH, DIMS[0], generator=gen)
     t = torch.randn(STEPS, BATCH, DIMS[-1], generator=gen)
     return x.to(device), t.to(device)
-
-
-def loss_of(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of the per-sample squared error (sum over outputs)."""
-    return ((y - t) ** 2).sum(-1).mean()
 
 
 def _run_case(rank: int, impl: Any, method: str, bits: int, seed: int, device: str) -> dict[str, Any]:
@@ -172,7 +129,7 @@ def _rank_main(rank: int, port: int, backend: str, device: str, impl: Any, cases
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
     dist.init_process_group(backend, rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S))
-    impl = _rank_impl(impl)
+    impl = rank_impl(impl)
     try:
         for method, bits in cases:
             try:
@@ -183,12 +140,6 @@ def _rank_main(rank: int, port: int, backend: str, device: str, impl: Any, cases
             dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spawn_ranks(impl: Any, cases: list[tuple[str, int]], seed: int, device: str) -> dict[tuple[str, int], Any]:
@@ -205,40 +156,6 @@ def spawn_ranks(impl: Any, cases: list[tuple[str, int]], seed: int, device: str)
             errs = [r for r in recs if isinstance(r, str)]
             got[(method, bits)] = f"rank raised {errs[0]}" if errs else recs
         return got
-
-
-def _differ(a: dict[str, torch.Tensor | None], b: dict[str, torch.Tensor | None]) -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if x is None or y is None:
-            if x is not y:
-                out.append(k)
-        elif x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
-            out.append(k)
-    return out
-
-
-def portable(impl: Any) -> Any:
-    """What the ranks get: the object if it pickles, else its class (built with no arguments in each rank),
-    else a string saying why neither can be sent."""
-    try:
-        pickle.dumps(impl)
-        return impl
-    except Exception as exc:  # noqa: BLE001 - any pickling error means the object cannot be sent
-        why = f"{type(exc).__name__}: {exc}"
-    cls = type(impl)
-    try:
-        pickle.dumps(cls)
-        cls()
-    except Exception as exc:  # noqa: BLE001 - neither the object nor a fresh instance of its class can be sent
-        return (f"the implementation cannot be sent to spawned ranks: the object does not pickle ({why}) and its "
-                f"class cannot be rebuilt there with no arguments ({type(exc).__name__}: {exc})")
-    return cls
-
-
-def _rank_impl(sent: Any) -> Any:
-    return sent() if isinstance(sent, type) else sent
 
 
 def _runs(ctx: CheckContext) -> dict[tuple[str, int], Any]:
@@ -315,16 +232,16 @@ def ddp_grads_agree(ctx: CheckContext) -> None:
         r0, r1 = recs
         for step in range(STEPS):
             for what in ("params", "grads"):
-                bad = _differ(r0[what][step], r1[what][step])
+                bad = differ(r0[what][step], r1[what][step])
                 ctx.check(not bad, f"{method}/{bits}bit step {step}: {what} differ between rank 0 and rank 1: "
                                    f"{', '.join(bad)}")
-        bad = _differ(r0["final"], r1["final"])
+        bad = differ(r0["final"], r1["final"])
         ctx.check(not bad, f"{method}/{bits}bit: final adapter parameters differ between ranks: {', '.join(bad)}")
         for rank, rec in enumerate(recs):
-            changed = _differ(rec["base_before"], rec["base_after"])
+            changed = differ(rec["base_before"], rec["base_after"])
             ctx.check(not changed, f"{method}/{bits}bit rank {rank}: base bytes changed by training: "
                                    f"{', '.join(changed)}")
-        bad = _differ(r0["base_after"], r1["base_after"])
+        bad = differ(r0["base_after"], r1["base_after"])
         ctx.check(not bad, f"{method}/{bits}bit: base bytes differ between ranks: {', '.join(bad)}")
         moved = max(float((r0["final"][k] - r0["params"][0][k]).abs().max()) for k in r0["final"])
         ctx.check(moved > 0 and math.isfinite(moved), f"{method}/{bits}bit: the adapter did not train "
