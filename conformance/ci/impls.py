@@ -25,10 +25,17 @@ from .sessions import checkout_env, run
 #: (litgpt 0.5.13 pins huggingface-hub<0.33 and more that the suite does not need).
 LITGPT_PINS = ("litgpt==0.5.13", "lightning==2.6.6", "lightning-utilities==0.15.3", "torchmetrics==1.9.0",
                "tqdm==4.70.1", "pyyaml==6.0.4", "safetensors==0.8.0", "psutil==7.2.2")
+#: AdapterHub's adapters 1.3.0 requires transformers~=4.57.6 (the main environment has transformers 5): the
+#: newest 4.57 release; its own dependencies (huggingface-hub<1.0, tokenizers<=0.23) resolved by pip. The suite
+#: itself goes in with --no-deps (no peft, no accelerate: the adapters wrapper needs neither).
+ADAPTERS_PINS = ("transformers==4.57.6", "adapters==1.3.0")
 IMPL_ENVS: dict[str, envs.EnvSpec] = {
     "litgpt": envs.EnvSpec(
         "impl-litgpt", (f"torch=={CPU_TORCH}", "bitsandbytes==0.50.2"), (CPU_CONSTRAINTS,),
         then=(("--no-deps", *LITGPT_PINS), ("hypothesis", "pytest", "pytest-benchmark"), ("--no-deps", "-e", "."))),
+    "adapters": envs.EnvSpec(
+        "impl-adapters", (f"torch=={CPU_TORCH}", "bitsandbytes==0.50.2", *ADAPTERS_PINS), (CPU_CONSTRAINTS,),
+        then=(("hypothesis", "pytest"), ("--no-deps", "-e", "."))),
 }
 #: what compare_impls runs in the shared CPU environment
 MAIN_IMPLS = ("reference", "peft")
