@@ -16,7 +16,7 @@ DIRECTORY = ROOT / "baselines" / "conformance"
 README = DIRECTORY / "README.md"
 BEGIN, END = "<!-- summary-table: begin (python -m conformance.ci.baseline_table --write) -->", \
     "<!-- summary-table: end -->"
-_NAMES = {"peft": "PEFT", "litgpt": "LitGPT", "reference": "reference"}
+_NAMES = {"peft": "PEFT", "litgpt": "LitGPT", "adapters": "adapters", "reference": "reference"}
 _COLUMNS = ("passed", "failed", "error", "inconclusive", "skipped", "xfailed", "xpassed")
 
 

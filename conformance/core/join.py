@@ -28,7 +28,7 @@ MARKS = TEXT_MARKS
 FINDINGS = tuple(o for o in OUTCOMES if o.is_finding)
 #: packages an environment label names, with their short names
 LABEL_PACKAGES = (("torch", "torch"), ("bitsandbytes", "bnb"), ("transformers", "transformers"), ("peft", "peft"),
-                  ("litgpt", "litgpt"))
+                  ("litgpt", "litgpt"), ("adapters", "adapters"))
 
 
 class JoinError(ValueError):

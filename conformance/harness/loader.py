@@ -25,6 +25,7 @@ BUILTIN = {
     "reference": "conformance.impls.reference:ReferenceImplementation",
     "peft": "conformance.impls.peft:PeftImplementation",
     "litgpt": "conformance.impls.litgpt:LitgptImplementation",
+    "adapters": "conformance.impls.adapters:AdaptersImplementation",
 }
 
 

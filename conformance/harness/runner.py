@@ -53,7 +53,7 @@ class ImplInfo:
 
 #: Packages whose versions describe an implementation's own environment (``--impl NAME@PYTHON``).
 ENV_PACKAGES = ("torch", "bitsandbytes", "transformers", "peft", "accelerate", "litgpt", "lightning",
-                "huggingface-hub")
+                "huggingface-hub", "adapters")
 _PROBE = ("import json, sys\nfrom importlib import metadata\nimport conformance\n"
           "import conformance.harness.worker, torch, bitsandbytes, hypothesis\nv = {}\n"
           "for p in sys.argv[1:]:\n    try: v[p] = metadata.version(p)\n"
