@@ -52,6 +52,10 @@ from conformance.core.vocabulary import Capability, Declaration, capability, par
 from conformance.quant import validate
 from conformance.quant.torchnames import dtype_name
 
+#: settings the suite puts on a base it builds that a library rebuilding the layer may not carry over (bitsandbytes
+#: 0.50.2 nn/modules.py Linear4bit.__init__ sets the CPU layout switch from the CPU; the base case sets it)
+BASE_SETTINGS = ("support_avx512bf16_for_cpu", "compute_dtype", "quant_storage", "threshold")
+
 #: how many case failures a family's message quotes (the count says how many there were)
 QUOTED_FAILURES = 3
 
@@ -297,12 +301,28 @@ class CheckContext:
             _cases.trained_magnitude(layer, adapter_name, self.generator(offset=7))
         self.layers_built += 1
         self.impl_objects.append(layer)
+        self._note_rebuilt_base(base, layer)
         if exp is not None and isinstance(layer, nn.Module):
             self.built.append((layer, exp))
         if not self.declaration.has(Capability.INPUT_CAST) and isinstance(layer, nn.Module):
             layer.register_forward_pre_hook(self._input_dtype_gate(dtype))
             self._input_dtypes[id(layer)] = dtype
         return layer
+
+    def _note_rebuilt_base(self, given: nn.Module, layer: nn.Module) -> None:
+        """Count a ``base_layer`` that is not the object handed over (a library that rebuilds the quantized layer, or
+        whose layer *is* it) and the base settings it does not carry over; every check reads the returned one
+        (``conformance.clauses.ownership``)."""
+        returned = getattr(layer, "base_layer", None)
+        if returned is None or returned is given:
+            return
+        self.measurements["bases_rebuilt"] = self.measurements.get("bases_rebuilt", 0) + 1
+        changed = {k: [getattr(given, k), getattr(returned, k, None)] for k in BASE_SETTINGS
+                   if hasattr(given, k) and getattr(returned, k, None) != getattr(given, k)}
+        if changed:
+            seen = self.measurements.setdefault("base_settings_not_carried_over", {})
+            for k, pair in changed.items():
+                seen.setdefault(k, str(pair))
 
     def admit_input(self, layer: nn.Module, x: torch.Tensor) -> None:
         """The input gate of ``make_layer``, applied before the call: a check that runs ``layer`` where the pre-hook

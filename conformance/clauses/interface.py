@@ -71,10 +71,17 @@ class AdapterLayer(Protocol):
     ``active_adapters``, ``base_layer`` (the possibly rewritten bitsandbytes layer).
 
     Optional, each tied to a capability (``conformance.core.vocabulary.LAYER_API``): ``unmerge()`` (``unmerge``),
-    ``merge(safe_merge=True)`` (``safe_merge``), ``add_adapter``/``set_adapter([...])``/
-    ``merge(adapter_names=...)`` (``multi_adapter``), ``forward(x, adapter_names=[...])``
-    (``mixed_batch``), ``enable_adapters(bool)`` (``disable_adapters``), ``delete_adapter(name)``
-    (``delete_adapter``). A layer without the capability may leave the method out.
+    ``merge(safe_merge=True)`` (``safe_merge``), ``add_adapter``/``set_adapter(name)``/
+    ``merge(adapter_names=[name])`` (``multi_adapter``: several named adapters, one active), ``set_adapter([...])``
+    with several names whose deltas add up (``additive_adapters``), several merged at once (``multi_merge``),
+    ``forward(x, adapter_names=[...])`` (``mixed_batch``), ``enable_adapters(bool)`` (``disable_adapters``),
+    ``delete_adapter(name)`` (``delete_adapter``). A layer without the capability may leave the method out.
+
+    ``base_layer`` is the bitsandbytes layer that holds the (possibly rewritten) quantized weight and quant state. It
+    may also hold the adapter: a library whose layer subclasses the bitsandbytes layer and takes over its weight
+    (AdapterHub ``adapters``' ``LoRALinear4bit``) returns that module. The checks read the weight and the quant state
+    from it, take the adapter's tensors from ``adapter_parameters`` (never from the module tree), and compute the base
+    output with the bitsandbytes class's own forward (``conformance.clauses.ownership``).
     """
 
     base_layer: nn.Module

@@ -70,6 +70,8 @@ class Capability(NamedEnum):
     UNMERGE = "unmerge"
     SAFE_MERGE = "safe_merge"
     MULTI_ADAPTER = "multi_adapter"
+    ADDITIVE_ADAPTERS = "additive_adapters"
+    MULTI_MERGE = "multi_merge"
     MIXED_BATCH = "mixed_batch"
     DISABLE_ADAPTERS = "disable_adapters"
     DELETE_ADAPTER = "delete_adapter"
@@ -101,8 +103,16 @@ DOCS: dict[Capability, str] = {
     Capability.CUDA: "runs on CUDA devices",
     Capability.UNMERGE: "unmerge() undoes merge() (dequantize, remove the adapters, requantize)",
     Capability.SAFE_MERGE: "merge(safe_merge=True) checks the merged weights and refuses non-finite ones",
-    Capability.MULTI_ADAPTER: "several adapters on one layer: add_adapter(name, ...), set_adapter([names]), "
-                              "merge(adapter_names=[...])",
+    Capability.MULTI_ADAPTER: "several named adapters on one layer: add_adapter(name, ...), set_adapter(name) makes "
+                              "one of them the active one, merge(adapter_names=[name]) merges that one (whatever "
+                              "several active or merged adapters mean is declared apart: additive_adapters, "
+                              "multi_merge)",
+    Capability.ADDITIVE_ADAPTERS: "set_adapter([names]) activates several adapters at once and the output is the "
+                                  "base's plus the sum of their deltas (PEFT's composition; a library that stacks "
+                                  "them in sequence does not declare it)",
+    Capability.MULTI_MERGE: "several adapters merged into the base at once: merge() with several active, "
+                            "merge(adapter_names=[a, b]); merged_adapters lists each (a library that holds one "
+                            "merged adapter at a time does not declare it)",
     Capability.MIXED_BATCH: "forward(x, adapter_names=[...]) with one adapter name per sample ('__base__' = none)",
     Capability.DISABLE_ADAPTERS: "enable_adapters(False) / enable_adapters(True)",
     Capability.DELETE_ADAPTER: "delete_adapter(name)",
@@ -161,7 +171,9 @@ METHOD_DOCS: dict[Method, str] = {
 LAYER_API: dict[Capability, str] = {
     Capability.UNMERGE: "AdapterLayer.unmerge",
     Capability.SAFE_MERGE: "AdapterLayer.merge(safe_merge=True)",
-    Capability.MULTI_ADAPTER: "AdapterLayer.add_adapter / set_adapter([...]) / merge(adapter_names=...)",
+    Capability.MULTI_ADAPTER: "AdapterLayer.add_adapter / set_adapter(name) / merge(adapter_names=[name])",
+    Capability.ADDITIVE_ADAPTERS: "AdapterLayer.set_adapter([name, ...])",
+    Capability.MULTI_MERGE: "AdapterLayer.merge(adapter_names=[name, ...])",
     Capability.MIXED_BATCH: "AdapterLayer.forward(x, adapter_names=[...])",
     Capability.DISABLE_ADAPTERS: "AdapterLayer.enable_adapters",
     Capability.DELETE_ADAPTER: "AdapterLayer.delete_adapter",

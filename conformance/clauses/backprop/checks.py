@@ -37,7 +37,7 @@ def _build(ctx: CheckContext, case: GradCase) -> tuple[nn.Module, dict[str, dict
     params = {"default": dict(case.adapter.params)}
     names = None
     if case.mixed:
-        if ctx.has("multi_adapter") and case.second is not None:
+        if ctx.has("multi_adapter") and ctx.has("additive_adapters") and case.second is not None:
             torch.manual_seed(ctx.seed + 1)
             layer.add_adapter("other", **case.second.params)
             params["other"] = dict(case.second.params)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from conformance import numerics
-from conformance.clauses import cases
+from conformance.clauses import cases, ownership
 from conformance.clauses.clause import check
 from conformance.clauses.observe import recorded_warnings
 from conformance.numerics import dora as ndora
@@ -217,7 +217,7 @@ def check_mixed_batch(ctx: CheckContext) -> None:
                     with torch.no_grad():
                         if name == "__base__":
                             exp = numerics.base_expected(layer.base_layer, xs)
-                            single = layer.base_layer(xs)
+                            single = ownership.base_output(layer, xs, ["default", "other"])
                         else:
                             layer.set_adapter(name)
                             exp = numerics.layer_expected(layer, method, name, acase.params, xs)
@@ -250,7 +250,7 @@ def check_disabled(ctx: CheckContext) -> None:
                     y_on = layer(x)
                     layer.enable_adapters(False)
                     y_off = layer(x)
-                    y_base = layer.base_layer(x)
+                    y_base = ownership.base_output(layer, x)
                     layer.enable_adapters(True)
                     y_on2 = layer(x)
                     exp = numerics.layer_expected(layer, method, "default", acase.params, x)

@@ -34,7 +34,7 @@ declare(
     "LIFECYCLE-SUBSET-UNMERGE", "MUST",
     "After merge(adapter_names=[a subset]) then unmerge(), the base weight is back within the round-trip bound, "
     "merged is False, merged_adapters is empty, every adapter's tensors are bit-identical to before, and the active "
-    "adapters' forward matches the oracle.",
+    "adapters' forward matches the oracle (the case with two active adapters needs additive_adapters).",
     source=SOURCE_BNB + " (merge(adapter_names=...), unmerge pops merged_adapters)",
     requires=["multi_adapter", "unmerge"], area="lifecycle",
 )
@@ -58,8 +58,9 @@ declare(
 
 declare(
     "LIFECYCLE-TRAINABLE", "MUST",
-    "After create, add_adapter and set_adapter (one name or several), exactly the active adapters' tensors require "
-    "grad, every other adapter's are frozen, and no base-layer parameter requires grad.",
+    "After create, add_adapter and set_adapter (one name; several with additive_adapters), exactly the active "
+    "adapters' tensors require grad, every other adapter's are frozen, and no base-layer parameter requires grad "
+    "(the base's parameters: base_layer's other than the adapters' tensors, which adapter_parameters names).",
     source=SOURCE_TUNER + " set_adapter ('requires_grad_(True)' for the active adapters, False for the others); "
     "peft v0.21.2 src/peft/tuners/lora/layer.py LoraLayer.update_layer (set_adapter(self.active_adapters))",
     requires=["multi_adapter"], area="lifecycle",

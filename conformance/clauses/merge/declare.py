@@ -96,7 +96,7 @@ declare(
     "bound does not add.",
     source=SOURCE_MERGE + "; peft v0.21.2 src/peft/tuners/tuners_utils.py (merge loops over active adapters); peft v0.21.2 "
     "src/peft/tuners/lora/layer.py _unmerged_base_weight, src/peft/tuners/lora/variants.py DoraLinearVariant",
-    requires=["multi_adapter"],
+    requires=["multi_adapter", "additive_adapters", "multi_merge"],
     area='merge',
 )
 

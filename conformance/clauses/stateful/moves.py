@@ -6,9 +6,8 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from conformance import numerics
+from conformance.clauses import ownership
 from conformance.clauses.interface import AdapterSpec
 from conformance.clauses.stateful.declare import ADAPTERS, BASE, VALID
 from conformance.quant import layers as qlayers
@@ -21,19 +20,14 @@ if TYPE_CHECKING:
     from .ops import Args
 
 
-def _module_prefix(root: nn.Module, target: nn.Module) -> str | None:
-    for name, mod in root.named_modules():
-        if mod is target:
-            return name
-    return None
-
-
 def state_dict_roundtrip(d: Driver, a: Args) -> None:
     """state_dict() of the adapter tensors, loaded into a fresh layer over a fresh base."""
-    base_prefix = _module_prefix(d.layer, d.layer.base_layer)
-    sd = {k: v for k, v in d.layer.state_dict().items()
-          if base_prefix is None or not (k == base_prefix or k.startswith(base_prefix + "."))}
     names = d.names
+    full = d.layer.state_dict()
+    sd = {k: full[k] for k in ownership.adapter_state_keys(d.layer, names, full)}
+    if not sd:
+        d.fail(ADAPTERS, "state_dict round trip: layer.state_dict() holds none of the adapters' tensors (the saved "
+                         "state would restore nothing)")
     first = d.model.adapters[names[0]]
     holder: dict[str, Any] = {}
 
@@ -55,9 +49,7 @@ def state_dict_roundtrip(d: Driver, a: Args) -> None:
 
     d.call("build a fresh layer and load_state_dict", go)
     res, fresh = holder["res"], holder["layer"]
-    fresh_prefix = _module_prefix(fresh, fresh.base_layer)
-    missing = [k for k in res.missing_keys
-               if fresh_prefix is None or not (k == fresh_prefix or k.startswith(fresh_prefix + "."))]
+    missing = ownership.adapter_state_keys(fresh, names, res.missing_keys)
     if missing or res.unexpected_keys:
         d.fail(ADAPTERS, f"state_dict round trip: keys missing in the saved state {missing}, unexpected "
                          f"{list(res.unexpected_keys)}")

@@ -131,16 +131,25 @@ DORA_MERGES_ONE = "dora: the machine merges one DoRA adapter at a time into an u
                   "are not modelled: ops.DORA_MERGES_ONE)"
 
 
+ONE_MERGED = "merges one adapter at a time into an unmerged layer: the implementation does not declare multi_merge"
+
+
+def _one_at_a_time(d: Driver) -> bool:
+    """Whether the machine merges one adapter at a time into an unmerged layer (DoRA, ``DORA_MERGES_ONE``; or an
+    implementation without ``multi_merge``, which holds one merged adapter at a time)."""
+    return d.method == "dora" or not d.has("multi_merge")
+
+
 def _merge_applies(d: Driver) -> bool:
-    if d.method == "dora":
+    if _one_at_a_time(d):
         return not d.merged and bool(d.names)
     return bool(_unmerged(d))
 
 
 def _draw_merge(data: st.DataObject, d: Driver) -> Args:
     safe = data.draw(st.booleans(), label="safe_merge") if d.has("safe_merge") else False
-    if d.method == "dora":
-        d.stats.notes.add(DORA_MERGES_ONE)
+    if _one_at_a_time(d):
+        d.stats.notes.add(DORA_MERGES_ONE if d.method == "dora" else ONE_MERGED)
         if len(d.model.active) == 1 and data.draw(st.booleans(), label="adapter_names=None"):
             return {"adapter_names": None, "safe_merge": safe}
         return {"adapter_names": [data.draw(st.sampled_from(_unmerged(d)), label="adapter_names")],
@@ -157,7 +166,7 @@ def _accepts_merge(d: Driver, a: Args) -> bool:
     if a["safe_merge"] and not d.has("safe_merge"):
         return False
     names = a["adapter_names"]
-    if d.method == "dora":
+    if _one_at_a_time(d):
         todo = list(d.model.active) if names is None else list(names or [])
         return not d.merged and len(todo) == 1 and todo[0] in d.names
     if names is None:
@@ -291,7 +300,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("add_adapter", 2, add_adapter, _draw_add, _render_add,
        needs=("multi_adapter",), applies=lambda d: len(d.names) < MAX_ADAPTERS, accepts=_accepts_add),
     Op("set_adapter", 2, set_adapter,
-       lambda data, d: {"adapter_names": data.draw(st.lists(st.sampled_from(d.names), min_size=1, max_size=2,
+       lambda data, d: {"adapter_names": data.draw(st.lists(st.sampled_from(d.names), min_size=1,
+                                                            max_size=2 if d.has("additive_adapters") else 1,
                                                             unique=True), label="adapter_names")},
        _fmt("layer.set_adapter({adapter_names})"), needs=("multi_adapter",),
        accepts=lambda d, a: bool(a["adapter_names"]) and all(n in d.names for n in a["adapter_names"])),
