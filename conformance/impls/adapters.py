@@ -101,14 +101,13 @@ class AdaptersApi:
             why = self._dora_on_bnb()
             if why:
                 self._gap("dora", why)
-        # TODO(protocol split, issue 32): once main has additive_adapters/multi_merge, declare multi_adapter (add,
-        # activate one, delete: the model's calls) and leave these two missing with the reasons below.
-        self._gap("multi_adapter", "set_adapter([a, b]) is the model's Stack composition (sequential: the second "
-                  "LoRA takes the first's output, methods/lora.py LoRA.forward), not the sum of deltas the "
-                  "capability checks; and one merged LoRA at a time (LoRALinear4bit.merge_adapter: 'LoRALayer "
-                  "already has a merged LoRA module. Please reset it first.')")
-        # additive_adapters: "set_adapter([a, b]) is Stack composition (sequential), not base + sum of deltas"
-        # multi_merge: "one merged LoRA per layer ('LoRALayer already has a merged LoRA module ...')"
+        # multi_adapter (several named adapters, one active: add_adapter, set_active_adapters(name), merge_adapter(name),
+        # delete_adapter) is the model's; what several active or merged adapters mean is not PEFT's:
+        self._gap("additive_adapters", "set_adapter([a, b]) is the model's Stack composition (adapters/composition.py "
+                  "parse_composition): sequential, the second LoRA takes the first's output (methods/lora.py "
+                  "LoRA.forward, LoRALinear.compose_single), not base + the sum of the deltas")
+        self._gap("multi_merge", "one merged LoRA per layer: LoRALinear4bit/LoRALinear8bitLt.merge_adapter raises "
+                  "'LoRALayer already has a merged LoRA module. Please reset it first.' for a second name")
         self._gap("mixed_batch", "LoRALinear.forward(input_states) takes no per-sample adapter names (BatchSplit "
                                  "composition splits by batch sizes)")
         self._gap("disable_adapters", "no switch to disable the adapters: set_active_adapters(None) deactivates by "
