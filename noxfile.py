@@ -80,7 +80,7 @@ def impl(session: nox.Session, name: str) -> None:
 
 @nox.session(venv_backend="none")
 def compare_impls(session: nox.Session) -> None:
-    """reference+peft here, litgpt in .nox/impl-litgpt, joined: reports/impls/comparison.{json,md}."""
+    """reference+peft here, litgpt and adapters in .nox/impl-<name>, joined: reports/impls/comparison.{json,md}."""
     _ci(session, "compare_impls")
 
 

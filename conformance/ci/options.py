@@ -89,7 +89,7 @@ def build() -> argparse.ArgumentParser:
     im.add_argument("name", metavar="NAME", help="implementation with its own environment, e.g. litgpt")
     im.add_argument("--plan", action="store_true", help="ensure the environment, print its python; exit")
     _fresh(im)
-    ci = add("compare_impls", "reference+peft here, litgpt in .nox/impl-litgpt, joined side by side -> "
+    ci = add("compare_impls", "reference+peft here, litgpt and adapters in .nox/impl-NAME, joined side by side -> "
              "reports/impls/comparison.{json,md}")
     _fresh(ci)
 
