@@ -59,9 +59,9 @@ def _layer(bits: int = 4, **params):
 def test_capabilities_are_exactly_the_librarys() -> None:
     impl = _impl()
     assert impl.capabilities == frozenset({"4bit", "8bit", "cuda", "unmerge", "multi_adapter", "delete_adapter",
-                                           "dropout", "merge"})
+                                           "dropout", "merge", "model"})
     for gap in ("oft", "dora", "additive_adapters", "multi_merge", "mixed_batch", "disable_adapters", "safe_merge",
-                "rslora", "lora_bias", "input_cast", "model", "prepare", "dense_twin"):
+                "rslora", "lora_bias", "input_cast", "prepare", "dense_twin"):
         assert gap not in impl.capabilities
         assert impl.unsupported[gap].startswith(f"adapters {impl.version()}: "), gap
     assert declared(impl).methods == frozenset({"lora"}) and declared(impl).bits == frozenset({4, 8})
@@ -232,6 +232,43 @@ def test_finding_8bit_merge_calls_a_removed_bitsandbytes_api() -> None:
 @needs_adapters
 def test_finding_dora_on_bnb_is_declared_missing_with_the_librarys_error() -> None:
     assert "linalg.vector_norm" in _impl().unsupported["dora"] and "dora" not in declared(_impl()).methods
+
+
+@needs_adapters
+def test_finding_delete_of_the_merged_adapter_raises_key_error_half_way() -> None:
+    _, layer = _layer()
+    layer.merge()
+    with pytest.raises(KeyError, match="default"):
+        layer.delete_adapter("default")
+    assert layer.adapter_names == [] and layer.layer.merged == "default"  # left merged with a LoRA it lost
+
+
+# -- the model entry ------------------------------------------------------------------------------
+@needs_adapters
+def test_model_entry_attaches_through_adapters_init_on_the_tiny_llama() -> None:
+    from adapters.methods.lora import LoRALinear4bit
+
+    from conformance.clauses.model import cases as mcases
+
+    entry = _impl().model
+    model = mcases.load(mcases.LOAD_PATHS[0], 4, 0, "cpu")
+    want = mcases.targeted(model)
+    adapted = entry.attach(model, mcases.TARGETS, AdapterSpec("lora", "default", dict(PARAMS)))
+    layers = entry.adapter_layers(adapted)
+    assert adapted is model and sorted(layers) == want
+    for name, layer in layers.items():
+        assert type(layer.base_layer) is LoRALinear4bit and layer.base_layer is model.get_submodule(name)
+        assert torch.count_nonzero(layer.adapter_parameters("default")["lora_B.weight"]) > 0
+    assert all(p.requires_grad == (".loras." in n) for n, p in model.named_parameters())
+
+
+@needs_adapters
+def test_model_entry_refuses_targets_adapters_cannot_name() -> None:
+    from conformance.clauses.model import cases as mcases
+
+    model = mcases.load(mcases.LOAD_PATHS[0], 4, 0, "cpu")
+    with pytest.raises(ImplementationUnsupported, match="o_proj"):
+        _impl().model.attach(model, ["q_proj", "o_proj"], AdapterSpec("lora", "default", dict(PARAMS)))
 
 
 @needs_adapters

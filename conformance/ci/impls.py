@@ -26,9 +26,10 @@ from .sessions import checkout_env, run
 LITGPT_PINS = ("litgpt==0.5.13", "lightning==2.6.6", "lightning-utilities==0.15.3", "torchmetrics==1.9.0",
                "tqdm==4.70.1", "pyyaml==6.0.4", "safetensors==0.8.0", "psutil==7.2.2")
 #: AdapterHub's adapters 1.3.0 requires transformers~=4.57.6 (the main environment has transformers 5): the
-#: newest 4.57 release; its own dependencies (huggingface-hub<1.0, tokenizers<=0.23) resolved by pip. The suite
-#: itself goes in with --no-deps (no peft, no accelerate: the adapters wrapper needs neither).
-ADAPTERS_PINS = ("transformers==4.57.6", "adapters==1.3.0")
+#: newest 4.57 release; its own dependencies (huggingface-hub<1.0, tokenizers<=0.23) resolved by pip; accelerate
+#: for transformers' bitsandbytes loading (the MODEL-* and TRAINER-* models: from_pretrained with device_map),
+#: 1.12.0 as the PEFT axis pairs it with transformers 4.57.6. The suite itself goes in with --no-deps (no peft).
+ADAPTERS_PINS = ("transformers==4.57.6", "adapters==1.3.0", "accelerate==1.12.0")
 IMPL_ENVS: dict[str, envs.EnvSpec] = {
     "litgpt": envs.EnvSpec(
         "impl-litgpt", (f"torch=={CPU_TORCH}", "bitsandbytes==0.50.2"), (CPU_CONSTRAINTS,),

@@ -44,6 +44,7 @@ from torch import nn
 
 from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
 from conformance.core.vocabulary import ORACLE_METHODS, Capability, Method
+from conformance.impls.adapters_model import AdaptersModelEntry
 from conformance.impls.library import LibraryImplementation, LibraryLayer
 from conformance.quant.layers import bits_of
 
@@ -121,8 +122,6 @@ class AdaptersApi:
             self._gap("dropout", "LoRAConfig has no dropout")
         # LoRA.forward: `self.lora_dropout(hidden_states) @ torch.t(self.lora_A)`: x as it comes
         self._gap("input_cast", "LoRA.forward multiplies x with lora_A without casting x to the adapter dtype")
-        self._gap("model", "model-level entry not declared: the layer is checked inside a one-layer BERT; the "
-                           "MODEL-* clauses' tiny Llama through adapters.init has not been wired")
         self._gap("prepare", "no counterpart of PEFT's prepare_model_for_kbit_training (train_adapter freezes the "
                              "base only)")
         self._gap("distributed", "not declared: LoRA layers under DistributedDataParallel have not been checked")
@@ -153,9 +152,10 @@ class AdaptersApi:
         return frozenset(c for c in Capability if c not in self.unsupported)
 
     # -- building ---------------------------------------------------------------------
-    def config(self, params: dict[str, Any], dtype: str, use_dora: bool = False) -> tuple[Any, bool]:
-        """The ``LoRAConfig`` for the protocol's parameters (targeting the intermediate linear only), and whether
-        B starts random."""
+    def config(self, params: dict[str, Any], dtype: str, use_dora: bool = False,
+               attn_matrices: list[str] | None = None) -> tuple[Any, bool]:
+        """The ``LoRAConfig`` for the protocol's parameters, and whether B starts random: on the intermediate linear
+        only, or (``attn_matrices``, the model entry) on those self-attention projections only."""
         extra = set(params) - set(LORA_PARAMS)
         if extra:
             raise TypeError(f"unknown lora parameter(s) {sorted(extra)}; the protocol's lora parameters are "
@@ -171,6 +171,8 @@ class AdaptersApi:
         kw: dict[str, Any] = {"r": params.get("r", 8), "alpha": params.get("lora_alpha", 8),
                               "dropout": params.get("lora_dropout", 0.0), "selfattn_lora": False,
                               "intermediate_lora": True, "output_lora": False, "init_weights": "lora", "dtype": dtype}
+        if attn_matrices is not None:
+            kw.update(selfattn_lora=True, intermediate_lora=False, attn_matrices=list(attn_matrices))
         if use_dora:
             kw["use_dora"] = True
         return self.adapters.LoRAConfig(**kw), init is False
@@ -198,10 +200,8 @@ class AdaptersApi:
         self.adapters.init(model)
         model.add_adapter(spec.adapter_name, config=config)
         model.train_adapter(spec.adapter_name)
-        layer = model.get_submodule(SLOT)
         if random_b:
-            with torch.no_grad():
-                nn.init.kaiming_uniform_(layer.loras[spec.adapter_name].lora_B, a=math.sqrt(5))
+            random_b_for(model, spec.adapter_name)
         return AdaptersLayer(self, model, spec.dtype)
 
 
@@ -211,9 +211,9 @@ class AdaptersLayer(LibraryLayer):
     The model is kept outside the module tree (it holds the layer; its other modules are meta tensors), so the
     parameters, buffers and state dict of this wrapper are the library layer's."""
 
-    def __init__(self, api: AdaptersApi, model: nn.Module, dtype: str) -> None:
+    def __init__(self, api: AdaptersApi, model: nn.Module, dtype: str, path: str = SLOT) -> None:
         super().__init__()
-        self.layer = model.get_submodule(SLOT)
+        self.layer = model.get_submodule(path)
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "_api", api)
         self._dtype = dtype
@@ -245,8 +245,7 @@ class AdaptersLayer(LibraryLayer):
         config, random_b = self._api.config(params, self._dtype)
         self.model.add_adapter(adapter_name, config=config)
         if random_b:
-            with torch.no_grad():
-                nn.init.kaiming_uniform_(self.layer.loras[adapter_name].lora_B, a=math.sqrt(5))
+            random_b_for(self.model, adapter_name)
 
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         self.model.set_active_adapters(adapter_names if isinstance(adapter_names, str) else list(adapter_names))
@@ -291,6 +290,15 @@ class AdaptersLayer(LibraryLayer):
         return f"adapters {self._api.version}, adapters {self.adapter_names}"
 
 
+def random_b_for(model: nn.Module, name: str) -> None:
+    """The protocol's ``init_lora_weights=False``: every ``lora_B`` of adapter ``name`` drawn like ``lora_A``."""
+    with torch.no_grad():
+        for module in model.modules():
+            loras = getattr(module, "loras", None)
+            if isinstance(loras, nn.ModuleDict) and name in loras:
+                nn.init.kaiming_uniform_(loras[name].lora_B, a=math.sqrt(5))
+
+
 def _names(setup: Any) -> list[str]:
     """The adapter names of an adapters composition block (``Stack``, ...), in order; [] for None."""
     if setup is None:
@@ -308,3 +316,8 @@ class AdaptersImplementation(LibraryImplementation):
 
     name = "adapters"
     api_class = AdaptersApi
+
+    @property
+    def model(self) -> AdaptersModelEntry:
+        """The model-level entry (capability ``model``): ``adapters.init`` on the whole model."""
+        return AdaptersModelEntry(self._api)
