@@ -153,6 +153,11 @@ class ModelEntry(Protocol):
     def delete_adapter(self, adapted: nn.Module, name: str) -> None:
         """Remove the adapter ``name`` (its modules and tensors) from every adapted module."""
 
+    # optional: the Trainer the library's users train with (the TRAINER-* clauses hand it the model; without this
+    # method, ``transformers.Trainer``)
+    def trainer_class(self) -> type:
+        """A subclass of ``transformers.Trainer`` (AdapterHub ``adapters``: ``AdapterTrainer``)."""
+
     # capability ``prepare`` (clauses MODEL-PREPARE, MODEL-GRAD-CHECKPOINT, MODEL-FIRST-STEPS)
     def prepare(self, model: nn.Module, gradient_checkpointing: dict[str, Any] | None = None) -> nn.Module:
         """``model`` (freshly loaded, before ``attach``) made ready for training the adapters: every base parameter

@@ -72,6 +72,7 @@ class Capability(NamedEnum):
     MULTI_ADAPTER = "multi_adapter"
     ADDITIVE_ADAPTERS = "additive_adapters"
     MULTI_MERGE = "multi_merge"
+    ACTIVE_TRAINABLE = "active_trainable"
     MIXED_BATCH = "mixed_batch"
     DISABLE_ADAPTERS = "disable_adapters"
     DELETE_ADAPTER = "delete_adapter"
@@ -113,6 +114,10 @@ DOCS: dict[Capability, str] = {
     Capability.MULTI_MERGE: "several adapters merged into the base at once: merge() with several active, "
                             "merge(adapter_names=[a, b]); merged_adapters lists each (a library that holds one "
                             "merged adapter at a time does not declare it)",
+    Capability.ACTIVE_TRAINABLE: "set_adapter makes exactly the active adapters trainable and freezes the others "
+                                 "(PEFT's set_adapter: 'will set the specified adapters to trainable'); a library "
+                                 "that trains an adapter by a call of its own (adapters' train_adapter) does not "
+                                 "declare it",
     Capability.MIXED_BATCH: "forward(x, adapter_names=[...]) with one adapter name per sample ('__base__' = none)",
     Capability.DISABLE_ADAPTERS: "enable_adapters(False) / enable_adapters(True)",
     Capability.DELETE_ADAPTER: "delete_adapter(name)",
@@ -174,6 +179,7 @@ LAYER_API: dict[Capability, str] = {
     Capability.MULTI_ADAPTER: "AdapterLayer.add_adapter / set_adapter(name) / merge(adapter_names=[name])",
     Capability.ADDITIVE_ADAPTERS: "AdapterLayer.set_adapter([name, ...])",
     Capability.MULTI_MERGE: "AdapterLayer.merge(adapter_names=[name, ...])",
+    Capability.ACTIVE_TRAINABLE: "AdapterLayer.set_adapter (requires_grad of every adapter's tensors)",
     Capability.MIXED_BATCH: "AdapterLayer.forward(x, adapter_names=[...])",
     Capability.DISABLE_ADAPTERS: "AdapterLayer.enable_adapters",
     Capability.DELETE_ADAPTER: "AdapterLayer.delete_adapter",

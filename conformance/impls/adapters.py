@@ -109,6 +109,9 @@ class AdaptersApi:
                   "LoRA.forward, LoRALinear.compose_single), not base + the sum of the deltas")
         self._gap("multi_merge", "one merged LoRA per layer: LoRALinear4bit/LoRALinear8bitLt.merge_adapter raises "
                   "'LoRALayer already has a merged LoRA module. Please reset it first.' for a second name")
+        self._gap("active_trainable", "set_active_adapters changes no requires_grad (add_adapter makes the new LoRA's "
+                  "tensors trainable whether active or not); the model's train_adapter(name) is the call that freezes "
+                  "everything but that adapter (model_mixin.py ModelAdaptersMixin.train_adapter)")
         self._gap("mixed_batch", "LoRALinear.forward(input_states) takes no per-sample adapter names (BatchSplit "
                                  "composition splits by batch sizes)")
         self._gap("disable_adapters", "no switch to disable the adapters: set_active_adapters(None) deactivates by "

@@ -67,6 +67,10 @@ class AdaptersModelEntry:
         if random_b:
             random_b_for(adapted, spec.adapter_name)
 
+    def trainer_class(self) -> type:
+        """``adapters.AdapterTrainer`` (adapters 1.3.0 ``src/adapters/trainer.py``), what the library trains with."""
+        return self.api.adapters.AdapterTrainer
+
     def set_adapter(self, adapted: nn.Module, name: str) -> None:
         adapted.set_active_adapters(name)
 

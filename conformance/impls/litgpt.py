@@ -102,6 +102,7 @@ class LitgptApi:
         self._gap("multi_adapter", "LoRALinear holds one unnamed adapter (lora_A/lora_B), no add_adapter/set_adapter")
         self._gap("additive_adapters", "one adapter per layer: nothing to activate together")
         self._gap("multi_merge", "one adapter per layer: nothing to merge together")
+        self._gap("active_trainable", "one adapter per layer: no set_adapter to make it trainable or not")
         self._gap("mixed_batch", "LoRALinear.forward(x) takes no adapter_names")
         self._gap("delete_adapter", "LoRALinear has no delete_adapter")
         self._gap("model", "LitGPT's models are its own GPT (litgpt.lora.GPT), not transformers models: no model-level "

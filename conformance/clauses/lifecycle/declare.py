@@ -63,5 +63,5 @@ declare(
     "(the base's parameters: base_layer's other than the adapters' tensors, which adapter_parameters names).",
     source=SOURCE_TUNER + " set_adapter ('requires_grad_(True)' for the active adapters, False for the others); "
     "peft v0.21.2 src/peft/tuners/lora/layer.py LoraLayer.update_layer (set_adapter(self.active_adapters))",
-    requires=["multi_adapter"], area="lifecycle",
+    requires=["multi_adapter", "active_trainable"], area="lifecycle",
 )

@@ -42,7 +42,15 @@ def input_ids(device: str, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits.detach()
+    """The model's eval-mode logits (its mode restored after): a library whose attach puts the model in train mode
+    (AdapterHub ``adapters``' ``train_adapter`` calls ``model.train()``) is compared with the base in the same mode;
+    bitsandbytes' 8-bit forward with an outlier threshold differs between the modes by itself."""
+    was = model.training
+    model.eval()
+    try:
+        return model(input_ids=ids).logits.detach()
+    finally:
+        model.train(was)
 
 
 @torch.no_grad()

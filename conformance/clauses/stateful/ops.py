@@ -79,7 +79,15 @@ class Op:
         object.__setattr__(self, "needs", tuple(capability(c) for c in self.needs))
 
 
+#: without ``input_cast`` the layer is fed what it takes: inputs in the adapters' dtype (the machine builds them in
+#: float32), and no dtype move of the adapters (the checks elsewhere leave such cases out: ``CheckContext.make_layer``)
+NO_INPUT_CAST = "inputs in the adapters' float32 only and no adapter dtype moves: input_cast is not declared"
+
+
 def _in_dtypes(d: Driver) -> tuple[str, ...]:
+    if not d.has("input_cast"):
+        d.stats.notes.add(NO_INPUT_CAST)
+        return ("float32",)
     return INPUT_DTYPES_8BIT if d.config.bits == 8 else INPUT_DTYPES
 
 
@@ -333,7 +341,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
        applies=lambda d: not d.merged),
     Op("deepcopy", 1, deepcopy, lambda data, d: {}, _fmt("layer = copy.deepcopy(layer)")),
     Op("dtype_move", 1, dtype_move, lambda data, d: {"dtype": data.draw(st.sampled_from(ADAPTER_DTYPES[d.method]))},
-       _fmt("for every adapter parameter p: p.data = p.data.to(torch.{dtype})"), applies=lambda d: not d.merged,
+       _fmt("for every adapter parameter p: p.data = p.data.to(torch.{dtype})"), needs=("input_cast",),
+       applies=lambda d: not d.merged,
        accepts=lambda d, a: a["dtype"] in ADAPTER_DTYPES[d.method]),
     # CPU<->CUDA moves only in a machine run for CUDA: a CPU run on a GPU host stays on the CPU
     Op("device_move", 1, device_move, lambda data, d: {"device": _other_device(d)}, _fmt("layer = layer.to({device})"),

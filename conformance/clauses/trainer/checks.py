@@ -98,9 +98,19 @@ def adapted_or_why(entry: Any, model: nn.Module, method: str, arch: str) -> tupl
         return None, f"attach({method}) raised {type(exc).__name__}: {_short(str(exc))}"
 
 
+def trainer_class(impl: Any) -> type | None:
+    """The ``Trainer`` subclass the implementation's users train with (``ModelEntry.trainer_class()``, e.g. AdapterHub
+    ``adapters``' ``AdapterTrainer``); None: ``transformers.Trainer`` itself."""
+    entry = getattr(impl, "model", None)
+    get = getattr(entry, "trainer_class", None)
+    return get() if callable(get) else None
+
+
 def make_trainer(model: nn.Module, dataset: list[dict[str, torch.Tensor]] | None = None,
-                 max_steps: int = TRAIN_STEPS, learning_rate: float | None = None, eval_steps: int = 0) -> Any:
-    """A real ``transformers.Trainer`` on the CPU: no saving, no reporting, no progress output.
+                 max_steps: int = TRAIN_STEPS, learning_rate: float | None = None, eval_steps: int = 0,
+                 cls: type | None = None) -> Any:
+    """A real ``transformers.Trainer`` (or the implementation's subclass ``cls``) on the CPU: no saving, no reporting,
+    no progress output.
 
     With ``eval_steps`` it also evaluates on the training data every ``eval_steps`` steps; set in
     ``TrainingArguments`` (4.x releases ignore ``eval_strategy`` assigned after construction).
@@ -118,17 +128,19 @@ def make_trainer(model: nn.Module, dataset: list[dict[str, torch.Tensor]] | None
     )
     train = dataset or tinymodels.as_dataset(tinymodels.fixed_batch())
     with tinymodels.quiet_transformers():  # the validator logs warnings (FPQuant, MXFP4 is_trainable)
-        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=train if eval_steps else None)
+        trainer = (cls or Trainer)(model=model, args=args, train_dataset=train,
+                                   eval_dataset=train if eval_steps else None)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     return trainer
 
 
-def trainer_verdict(model: nn.Module) -> tuple[bool, str]:
-    """(accepted, message): whether ``Trainer(model=...)`` accepts the model; only ValueError is a rejection."""
+def trainer_verdict(model: nn.Module, cls: type | None = None) -> tuple[bool, str]:
+    """(accepted, message): whether ``Trainer(model=...)`` (or ``cls``) accepts the model; only ValueError is a
+    rejection."""
     try:
         with tinymodels.cpu_rng():
-            make_trainer(model)
+            make_trainer(model, cls=cls)
     except ValueError as exc:
         return False, str(exc)
     return True, ""
@@ -175,7 +187,7 @@ def check_reject_purely_quantized(ctx: CheckContext) -> None:
             label = _label(arch, bits)
             model = tinymodels.load_quantized(arch, bits, seed=ctx.seed)
             ctx.check(getattr(model, "is_quantized", False), f"{label}: the loaded model is not marked is_quantized")
-            accepted, msg = trainer_verdict(model)
+            accepted, msg = trainer_verdict(model, trainer_class(ctx.impl))
             ctx.check(not accepted, f"{label}: Trainer accepted a purely quantized model (no adapters); "
                                     "expected ValueError('... purely quantized models ...')")
             ctx.check("purely quantized" in msg, f"{label}: Trainer rejected the model but the message does not "
@@ -258,7 +270,8 @@ def train_and_check(ctx: CheckContext, arch: str, method: str, bits: int, *, eva
                               f"{' ...' if len(frozen) > 4 else ''}")
     loss_before = _in_env(ctx, f"{label}: the forward before training", lambda: _probe_loss(model, batch))
     try:
-        trainer = make_trainer(model, dataset, max_steps=TRAIN_STEPS, eval_steps=eval_steps)
+        trainer = make_trainer(model, dataset, max_steps=TRAIN_STEPS, eval_steps=eval_steps,
+                               cls=trainer_class(ctx.impl))
     except ValueError as exc:
         ctx.fail(f"{label}: Trainer rejected a quantized model with {method} adapters: {_short(str(exc))!r}")
     after_first: dict[str, torch.Tensor] = {}
@@ -396,7 +409,7 @@ def check_reject_compiled(ctx: CheckContext) -> None:
                 unbuilt.setdefault(way, []).append(f"{label}: {type(exc).__name__}: {_short(str(exc))}")
                 continue
             try:
-                accepted, msg = trainer_verdict(model)
+                accepted, msg = trainer_verdict(model, trainer_class(ctx.impl))
             except Exception as exc:  # noqa: BLE001 - Trainer() crashed: not accepted, but not the rule's message
                 accepted, msg = False, f"Trainer() crashed: {type(exc).__name__}: {_short(str(exc))}"
             if accepted:
@@ -454,7 +467,7 @@ def check_reject_not_trainable(ctx: CheckContext) -> None:
             with ctx.case(label, known=known):
                 for q in untrainable:
                     _hf_model(model).hf_quantizer = q
-                    accepted, msg = trainer_verdict(model)
+                    accepted, msg = trainer_verdict(model, trainer_class(ctx.impl))
                     qat = _flags(q)[1]
                     ctx.check(not accepted, f"{label}: Trainer accepted a model quantized with {q._conformance_tag} "
                                             f"(is_trainable False{', is_qat_trainable True' if qat else ''})")
@@ -478,7 +491,7 @@ def check_accept_qat(ctx: CheckContext) -> None:
         model = tinymodels.load_quantized("llama", bits, seed=ctx.seed)
         for q in qat:
             model.hf_quantizer = q
-            accepted, msg = trainer_verdict(model)
+            accepted, msg = trainer_verdict(model, trainer_class(ctx.impl))
             ctx.check(accepted, f"{_label('llama', bits)}: Trainer rejected a model whose quantizer "
                                 f"{q._conformance_tag} is QAT-trainable and trainable: {_short(msg)!r}")
 
