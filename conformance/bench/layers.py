@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from conformance.clauses.interface import AdapterSpec, Implementation
+from conformance.clauses.interface import AdapterSpec, Implementation, ImplementationUnsupported
 from conformance.core.vocabulary import LORA_LIKE
 from conformance.harness.loader import load
 from conformance.impls.library import LibraryLayer
@@ -115,9 +115,10 @@ def _is_magnitude(name: str) -> bool:
     return "lora_magnitude_vector" in name.split(".")
 
 
-def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1, impl: Implementation | None = None
-                       ) -> nn.Module:
-    """The adapter layer of a case over ``base``, random adapter tensors (never time on zeros).
+def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1, impl: Implementation | None = None,
+                       unwrap: bool = True) -> nn.Module:
+    """The adapter layer of a case over ``base``, random adapter tensors (never time on zeros); ``unwrap``: a library's
+    own layer instead of its protocol wrapper (forwards; a timed merge calls the protocol's ``merge``/``unmerge``).
 
     LoRA and DoRA adapters are held in the compute dtype; OFT's rotation parameters stay float32 (the Cayley solve
     needs it). A DoRA magnitude keeps the layer's own initial value (the row norms of ``W0 + s B A`` at its initial
@@ -137,7 +138,7 @@ def make_adapter_layer(case: BenchCase, base: nn.Module, seed: int = 1, impl: Im
     else:
         impl = impl or implementation(case.impl)
         layer = impl.create(base, AdapterSpec(case.method, "default", params, adapter_dtype))
-        if isinstance(layer, LibraryLayer):  # time the library's own layer, not the protocol wrapper
+        if unwrap and isinstance(layer, LibraryLayer):  # time the library's own layer, not the protocol wrapper
             layer = layer.layer
     with torch.no_grad():
         for name, p in _adapter_tensors(layer).items():
@@ -274,11 +275,11 @@ class Builder:
     def _prepare_merge(self, case: BenchCase) -> Prepared:
         impl = self.implementation(case.impl)
         if impl is not None and "unmerge" not in impl.capabilities:
-            raise ValueError(f"{case.impl} is benchmarked for fwd/fwdbwd only: it declares no unmerge (a timed merge "
-                             "round unmerges before each merge)")
+            raise ImplementationUnsupported(f"{case.impl} is benchmarked for fwd/fwdbwd only: it declares no unmerge "
+                                            "(a timed merge round unmerges before each merge)")
         # merge mutates the base: a private copy, so the shared base of the run cases stays pristine
         base = copy.deepcopy(self.base(case))
-        layer = make_adapter_layer(case, base, impl=impl)
+        layer = make_adapter_layer(case, base, impl=impl, unwrap=False)
         static = sum(stored_bytes(base).values()) + _param_bytes(layer) - _param_bytes(base)
         if case.op == "merge":
             def setup() -> None:

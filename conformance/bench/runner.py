@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from conformance.clauses.interface import ImplementationUnsupported
 from conformance.core.vocabulary import LORA_LIKE
 from conformance.harness.environment import fingerprint, slug
 from conformance.harness.files import write_atomic
@@ -85,6 +86,9 @@ def run_case(builder: Builder, case: BenchCase, device: str, quick: bool, flushe
         if prep.notes:
             rec["notes"] = prep.notes
         rec["status"] = "ok"
+    except ImplementationUnsupported as exc:  # what the implementation declares it lacks: not timed, not an error
+        rec["status"] = "skipped"
+        rec["error"] = str(exc)
     except Exception as exc:
         rec["status"] = "error"
         rec["error"] = f"{type(exc).__name__}: {exc}"
@@ -204,7 +208,7 @@ def time_cases(builder: Builder, cases: list[BenchCase], device: str, quick: boo
             log(f"[{n + 1}/{len(cases)}] {case.key:70s} {t['median_s'] * 1e3:10.4f} ms  ci {t['ci_rel']:.3f}  "
                 f"n={t['rounds']}")
         else:
-            log(f"[{n + 1}/{len(cases)}] {case.key:70s} ERROR {rec['error'][:200]}")
+            log(f"[{n + 1}/{len(cases)}] {case.key:70s} {rec['status'].upper()} {rec['error'][:200]}")
         if partial_path is not None and (n % 25 == 0):
             write_atomic(partial_path, json.dumps({"format": FORMAT, "partial": True, "results": records}, default=str))
     return records

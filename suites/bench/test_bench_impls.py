@@ -18,7 +18,9 @@ from conformance.bench import __main__ as bench_main
 from conformance.bench import runner
 from conformance.bench.cases import BenchCase, matrix
 from conformance.bench.layers import Builder
+from conformance.clauses.interface import ImplementationUnsupported
 from conformance.harness.runner import UsageError
+from conformance.impls.library import LibraryLayer
 from conformance.impls.reference import ReferenceImplementation
 from conformance.reference import LoraLinear4bit
 
@@ -59,10 +61,43 @@ def test_library_wrapper_is_unwrapped() -> None:
     assert type(layer).__module__.startswith("peft."), type(layer)
 
 
+class NoOft(ReferenceImplementation):
+    """The reference without OFT: ``create`` refuses it, as a LoRA-only library's does."""
+
+    name = "no-oft"
+    methods = ReferenceImplementation.methods - {"oft"}
+
+    def create(self, base_layer, spec):  # noqa: ANN001, ANN201
+        if spec.method == "oft":
+            raise ImplementationUnsupported("no-oft: has no OFT")
+        return super().create(base_layer, spec)
+
+
 def test_merge_rounds_need_unmerge() -> None:
     case = MERGE.with_impl(f"{__name__}:NoUnmerge")
-    with pytest.raises(ValueError, match="declares no unmerge"):
+    with pytest.raises(ImplementationUnsupported, match="declares no unmerge"):
         Builder("cpu").prepare(case)
+
+
+def test_what_an_implementation_lacks_is_skipped_not_an_error() -> None:
+    oft = next(c for c in QUICK if (c.impl, c.method, c.op) == ("reference", "oft", "fwd"))
+    cases = [MERGE.with_impl(f"{__name__}:NoUnmerge"), oft.with_impl(f"{__name__}:NoOft")]
+    recs = runner.time_cases(Builder("cpu"), cases, "cpu", quick=True, log=lambda _: None)
+    assert [r["status"] for r in recs] == ["skipped", "skipped"], recs
+    assert "declares no unmerge" in recs[0]["error"] and "has no OFT" in recs[1]["error"]
+
+
+def test_a_library_merge_round_calls_the_protocol_merge() -> None:
+    """Forwards time the library's own layer; a merge round calls the wrapper's ``merge``/``unmerge`` (the library's
+    own layer may name them otherwise: adapters' ``merge_adapter``/``reset_adapter``)."""
+    pytest.importorskip("peft")
+    warnings.simplefilter("ignore")
+    prep = Builder("cpu").prepare(MERGE.with_impl("peft"))
+    layer = prep.fn.__self__
+    assert isinstance(layer, LibraryLayer), type(layer)
+    prep.setup()
+    prep.fn()
+    assert layer.merged
 
 
 def test_bad_impl_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
