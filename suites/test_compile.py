@@ -123,3 +123,15 @@ def test_the_input_gate_is_applied_before_the_compiled_call() -> None:
     res = run_clause(get("COMPILE-FORWARD"), _NoInputCast())
     assert res.outcome == "passed", res.message
     assert res.families["lora/8bit"].skip_reasons == {"input_cast not declared": res.families["lora/8bit"].skipped}
+
+
+def test_a_twin_shown_on_one_family_names_a_family_of_its_clause() -> None:
+    """test_fails_on_broken runs COMPILE-MERGE-CYCLE's twin on the family its bug shows on (``Broken.shows_on``)."""
+    from conformance.testing import on_family
+
+    family = BROKEN["COMPILE-MERGE-CYCLE"].shows_on
+    clause = on_family("COMPILE-MERGE-CYCLE", family)
+    assert (clause.methods, clause.bits) == ({family.split("/")[0]}, {int(family.split("/")[1][:-3])})
+    for bad, words in (("lora", "METHOD/<bits>bit"), ("lora/2bit", "no case family"), ("shira/4bit", "no case family")):
+        with pytest.raises(ValueError, match=words):
+            on_family("COMPILE-MERGE-CYCLE", bad)

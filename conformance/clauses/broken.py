@@ -30,11 +30,14 @@ class Broken(ReferenceImplementation):
     """The reference with one deliberate bug: ``patch(layer, spec)`` and/or ``spec_hook(spec)``."""
 
     def __init__(self, name: str, patch: Patch | None = None,
-                 spec_hook: Callable[[AdapterSpec], AdapterSpec] | None = None) -> None:
+                 spec_hook: Callable[[AdapterSpec], AdapterSpec] | None = None, shows_on: str | None = None) -> None:
         super().__init__()
         self.name = f"broken-{name}"
         self.patch = patch
         self.spec_hook = spec_hook
+        #: one case family (``"lora/4bit"``) the bug shows on: the suite's test that the twin fails runs its clause
+        #: on that family alone (``conformance.testing.broken_twin_tests``), the reference runs every family
+        self.shows_on = shows_on
 
     def create(self, base_layer: nn.Module, spec: AdapterSpec) -> nn.Module:
         if self.spec_hook is not None:
@@ -61,18 +64,19 @@ def with_params(**changes: Any) -> Callable[[AdapterSpec], AdapterSpec]:
     return hook
 
 
-def twin(clause: str, name: str, *, more: bool = False) -> Callable[[Patch], Patch]:
+def twin(clause: str, name: str, *, more: bool = False, shows_on: str | None = None) -> Callable[[Patch], Patch]:
     """Declare the decorated patch the broken twin ``name`` of ``clause``, next to its code: it is entered into its
-    module's ``BROKEN`` table (one twin per clause) or, with ``more``, appended to its ``MORE`` list."""
+    module's ``BROKEN`` table (one twin per clause) or, with ``more``, appended to its ``MORE`` list. ``shows_on``:
+    a case family the bug shows on (``"lora/4bit"``; ``Broken.shows_on``), for a clause slow to run on every family."""
 
     def record(patch: Patch) -> Patch:
         tables = sys.modules[patch.__module__].__dict__
         if more:
-            tables["MORE"].append((clause, Broken(name, patch)))
+            tables["MORE"].append((clause, Broken(name, patch, shows_on=shows_on)))
         elif clause in tables["BROKEN"]:
             raise ValueError(f"{patch.__module__}: a second broken twin for {clause} ({name}); use more=True")
         else:
-            tables["BROKEN"][clause] = Broken(name, patch)
+            tables["BROKEN"][clause] = Broken(name, patch, shows_on=shows_on)
         return patch
 
     return record

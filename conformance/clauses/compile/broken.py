@@ -26,7 +26,7 @@ def forward_compiler_disabled(layer: nn.Module, spec: AdapterSpec) -> None:
     bind(layer, "forward", forward)
 
 
-@twin("COMPILE-MERGE-CYCLE", "unmerge-keeps-cached-weight")
+@twin("COMPILE-MERGE-CYCLE", "unmerge-keeps-cached-weight", shows_on="lora/4bit")
 def unmerge_keeps_cached_weight(layer: nn.Module, spec: AdapterSpec) -> None:
     """The base output comes from a dequantized weight cached at the first forward; merge() drops the cache but
     unmerge() does not, so the forward after unmerge reads the merged weight and adds the adapter a second time."""
