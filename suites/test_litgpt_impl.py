@@ -53,9 +53,10 @@ def _layer(bits: int = 4, **params):
 @needs_litgpt
 def test_capabilities_are_exactly_litgpts() -> None:
     impl = _impl()
-    assert impl.capabilities == frozenset({"lora", "4bit", "8bit", "cuda", "dropout"})
-    for gap in ("oft", "multi_adapter", "mixed_batch", "lora_bias", "disable_adapters", "delete_adapter",
-                "model", "unmerge", "safe_merge", "rslora", "input_cast"):
+    assert impl.capabilities == frozenset({"4bit", "8bit", "cuda", "dropout", "merge"})
+    for gap in ("oft", "multi_adapter", "additive_adapters", "multi_merge", "active_trainable", "mixed_batch",
+                "lora_bias", "disable_adapters", "delete_adapter", "model", "prepare", "unmerge", "safe_merge",
+                "rslora", "input_cast"):
         assert gap not in impl.capabilities
         assert impl.unsupported[gap].startswith(f"litgpt {impl.version()}: "), gap
     assert declared(impl).methods == frozenset({"lora"}) and declared(impl).bits == frozenset({4, 8})

@@ -107,6 +107,7 @@ class LitgptApi:
         self._gap("delete_adapter", "LoRALinear has no delete_adapter")
         self._gap("model", "LitGPT's models are its own GPT (litgpt.lora.GPT), not transformers models: no model-level "
                            "entry over a transformers model")
+        self._gap("prepare", "no model-level entry (above): nothing to prepare for training")
         self._gap("distributed", "not declared: LitGPT trains through lightning Fabric strategies; LoRALinear layers "
                   "under plain DistributedDataParallel have not been checked")
         if not hasattr(cls, "unmerge"):
