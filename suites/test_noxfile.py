@@ -510,8 +510,12 @@ def test_compare_impls_runs_each_environment_then_joins(monkeypatch: pytest.Monk
     assert impls.compare_impls(argparse.Namespace(fresh=False), ["--clauses", "FWD-*"]) == 0  # a finding is not a crash
     main = f"/envs/cpu-torch{mx.CPU_TORCH}/bin/python"
     assert calls[0][:7] == [main, "-m", "conformance", "run", "--impl", "reference", "--impl"]
-    assert calls[1][:6] == [main, "-m", "conformance", "run", "--impl", "litgpt@/envs/impl-litgpt/bin/python"]
-    assert all(c[-2:] == ["--clauses", "FWD-*"] for c in calls[:2])
-    assert calls[2][:4] == [main, "-m", "conformance", "join"]
-    assert calls[2][4:6] == [str(tmp_path / "main.json"), str(tmp_path / "litgpt.json")]
-    assert calls[2][-4:] == ["--json", f"{tmp_path / 'comparison'}.json", "--markdown", f"{tmp_path / 'comparison'}.md"]
+    others = list(impls.IMPL_ENVS)
+    assert others[:2] == ["litgpt", "adapters"], others  # each third-party library in an environment of its own
+    for call, name in zip(calls[1:], others):
+        assert call[:6] == [main, "-m", "conformance", "run", "--impl", f"{name}@/envs/impl-{name}/bin/python"]
+    n = 1 + len(others)
+    assert all(c[-2:] == ["--clauses", "FWD-*"] for c in calls[:n])
+    assert calls[n][:4] == [main, "-m", "conformance", "join"]
+    assert calls[n][4:4 + n] == [str(tmp_path / f"{r}.json") for r in ("main", *others)]
+    assert calls[n][-4:] == ["--json", f"{tmp_path / 'comparison'}.json", "--markdown", f"{tmp_path / 'comparison'}.md"]
