@@ -45,7 +45,7 @@ from torch import nn
 from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
 from conformance.core.vocabulary import ORACLE_METHODS, Capability, Method
 from conformance.impls.adapters_model import AdaptersModelEntry
-from conformance.impls.library import LibraryImplementation, LibraryLayer
+from conformance.impls.library import LibraryImplementation, LibraryLayer, check_lora_params
 from conformance.quant.layers import bits_of
 
 INSTALL = ("pip install adapters==1.3.0 transformers==4.57.6 (in a venv of its own: adapters 1.3.0 requires "
@@ -159,15 +159,7 @@ class AdaptersApi:
                attn_matrices: list[str] | None = None) -> tuple[Any, bool]:
         """The ``LoRAConfig`` for the protocol's parameters, and whether B starts random: on the intermediate linear
         only, or (``attn_matrices``, the model entry) on those self-attention projections only."""
-        extra = set(params) - set(LORA_PARAMS)
-        if extra:
-            raise TypeError(f"unknown lora parameter(s) {sorted(extra)}; the protocol's lora parameters are "
-                            f"{sorted(LORA_PARAMS)}")
-        for key, capability in (("use_rslora", "rslora"), ("lora_bias", "lora_bias")):
-            if params.get(key, False) and capability in self.unsupported:
-                raise ImplementationUnsupported(self.unsupported[capability])
-        if params.get("clone_base_output", True) is not True:
-            raise ImplementationUnsupported(self.unsupported["clone_base_output=False"])
+        check_lora_params(params, LORA_PARAMS, self.unsupported)
         init = params.get("init_lora_weights", True)
         if not isinstance(init, bool):
             raise ImplementationUnsupported(self.unsupported["init_pissa"] + f" (asked: {init!r})")

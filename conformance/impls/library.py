@@ -14,7 +14,22 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from conformance.clauses.interface import AdapterSpec, ImplementationBase
+from conformance.clauses.interface import AdapterSpec, ImplementationBase, ImplementationUnsupported
+
+
+def check_lora_params(params: dict[str, Any], allowed: dict[str, Any], unsupported: dict[str, str]) -> None:
+    """The protocol's LoRA parameters against a library's: an unknown name is a ``TypeError`` naming the valid ones; a
+    parameter that asks for what the library lacks (``unsupported``: capability -> reason; rsLoRA, a LoRA bias,
+    ``clone_base_output=False``) raises ``ImplementationUnsupported`` with the reason."""
+    extra = set(params) - set(allowed)
+    if extra:
+        raise TypeError(f"unknown lora parameter(s) {sorted(extra)}; the protocol's lora parameters are "
+                        f"{sorted(allowed)}")
+    for key, capability in (("use_rslora", "rslora"), ("lora_bias", "lora_bias")):
+        if params.get(key, False) and capability in unsupported:
+            raise ImplementationUnsupported(unsupported[capability])
+    if params.get("clone_base_output", True) is not True:
+        raise ImplementationUnsupported(unsupported["clone_base_output=False"])
 
 
 class LibraryImplementation(ImplementationBase):

@@ -47,7 +47,7 @@ from torch import nn
 
 from conformance.clauses.interface import AdapterSpec, ImplementationUnsupported
 from conformance.core.vocabulary import ORACLE_METHODS, Capability, Method
-from conformance.impls.library import LibraryImplementation, LibraryLayer
+from conformance.impls.library import LibraryImplementation, LibraryLayer, check_lora_params
 from conformance.quant.layers import bits_of
 from conformance.quant.torchnames import dtype_of
 
@@ -148,15 +148,7 @@ class LitgptApi:
 
     def kwargs(self, params: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """LoRALinear keyword arguments for the protocol's parameters, and whether B starts random."""
-        extra = set(params) - set(LORA_PARAMS)
-        if extra:
-            raise TypeError(f"unknown lora parameter(s) {sorted(extra)}; the protocol's lora parameters are "
-                            f"{sorted(LORA_PARAMS)}")
-        for key, capability in (("use_rslora", "rslora"), ("lora_bias", "lora_bias")):
-            if params.get(key, False) and capability in self.unsupported:
-                raise ImplementationUnsupported(self.unsupported[capability])
-        if params.get("clone_base_output", True) is not True:
-            raise ImplementationUnsupported(self.unsupported["clone_base_output=False"])
+        check_lora_params(params, LORA_PARAMS, self.unsupported)
         if params.get("lora_dropout", 0.0) and "dropout" in self.unsupported:
             raise ImplementationUnsupported(self.unsupported["dropout"])
         kw = {"r": params.get("r", 8), "lora_alpha": params.get("lora_alpha", 8)}
